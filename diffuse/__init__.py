@@ -1,0 +1,1 @@
+"""diffuse: Stable Diffusion from its parts."""
