@@ -1,0 +1,268 @@
+"""The UNet's checkpoint layouts: the original CompVis/ldm names (ours) and diffusers' names,
+and how to read the architecture from either.
+
+Our UNet uses the original names, so a single-file checkpoint needs only its
+`model.diffusion_model.` prefix stripped. A diffusers `unet/` folder is renamed module
+by module with the tables below; no tensor changes shape (both layouts store the
+transformer projections as 1x1 convs for SD1 and as Linear for SD2).
+
+The original numbers its blocks flat: input_blocks.0 is conv_in, then per level
+num_res_blocks blocks of [ResBlock, SpatialTransformer?] and one [Downsample]
+(not after the last level); output_blocks run num_res_blocks+1 per level, lowest
+resolution first, with the Upsample as the block's last layer. diffusers groups the
+same modules per level: down_blocks.{level}.resnets.{j} / attentions.{j} /
+downsamplers.0, mid_block, up_blocks.{level}.resnets.{j} / attentions.{j} / upsamplers.0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from diffuse.checkpoints.keymap import PrefixPairs, invert, rename_prefixes
+from diffuse.models.configs import UNetConfig
+
+# Modules outside the blocks: (diffusers, original).
+TOP_LEVEL_PAIRS: PrefixPairs = [
+    ("time_embedding.linear_1", "time_embed.0"),
+    ("time_embedding.linear_2", "time_embed.2"),
+    ("conv_in", "input_blocks.0.0"),
+    ("conv_norm_out", "out.0"),
+    ("conv_out", "out.2"),
+]
+
+# Inside a ResBlock: (diffusers, original). The original wraps its layers in
+# Sequentials, hence the indices (SiLU and dropout take the missing ones).
+RESNET_PARTS: PrefixPairs = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+]
+
+# Inside a SpatialTransformer every name agrees (norm, proj_in, transformer_blocks.*,
+# proj_out), so one pair per transformer renames everything under it.
+
+# The sampler conv: diffusers' name, and the original's name relative to its layer.
+DOWNSAMPLE_CONV = ("downsamplers.0.conv", "op")
+UPSAMPLE_CONV = ("upsamplers.0.conv", "conv")
+
+
+def resnet_pairs(diffusers: str, original: str) -> PrefixPairs:
+    return [(f"{diffusers}.{d}", f"{original}.{o}") for d, o in RESNET_PARTS]
+
+
+def diffusers_pairs(cfg: UNetConfig) -> PrefixPairs:
+    """(diffusers module prefix, original/our module prefix) for every module of the UNet."""
+    levels, n = len(cfg.channel_mult), cfg.num_res_blocks
+    pairs = list(TOP_LEVEL_PAIRS)
+    for level in range(levels):
+        for j in range(n):
+            block = 1 + level * (n + 1) + j
+            pairs += resnet_pairs(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{block}.0")
+            if cfg.attention_levels[level]:
+                pairs.append((f"down_blocks.{level}.attentions.{j}", f"input_blocks.{block}.1"))
+        if level < levels - 1:
+            block = 1 + level * (n + 1) + n
+            pairs.append((f"down_blocks.{level}.{DOWNSAMPLE_CONV[0]}", f"input_blocks.{block}.0.{DOWNSAMPLE_CONV[1]}"))
+
+    pairs += resnet_pairs("mid_block.resnets.0", "middle_block.0")
+    pairs.append(("mid_block.attentions.0", "middle_block.1"))
+    pairs += resnet_pairs("mid_block.resnets.1", "middle_block.2")
+
+    # Both layouts run the up path lowest resolution first: up level u mirrors down level levels-1-u.
+    for up in range(levels):
+        attention = cfg.attention_levels[levels - 1 - up]
+        for j in range(n + 1):
+            block = up * (n + 1) + j
+            pairs += resnet_pairs(f"up_blocks.{up}.resnets.{j}", f"output_blocks.{block}.0")
+            if attention:
+                pairs.append((f"up_blocks.{up}.attentions.{j}", f"output_blocks.{block}.1"))
+        if up < levels - 1:
+            block = up * (n + 1) + n
+            position = 2 if attention else 1  # after the ResBlock and, if present, the transformer
+            pairs.append((f"up_blocks.{up}.{UPSAMPLE_CONV[0]}", f"output_blocks.{block}.{position}.{UPSAMPLE_CONV[1]}"))
+    return pairs
+
+
+def from_diffusers(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    return rename_prefixes(state, diffusers_pairs(cfg))
+
+
+def to_diffusers(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    return rename_prefixes(state, invert(diffusers_pairs(cfg)))
+
+
+# diffusers config fields that, set otherwise, describe a network this UNet does not
+# build (SDXL's added conditioning, class labels, other time embeddings or blocks):
+# field -> the values SD 1.x/2.x use (diffusers' defaults, which a config may omit).
+SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "addition_embed_type": (None,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "mid_block_scale_factor": (1,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "cross_attention_norm": (None,),
+    "attention_type": ("default",),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,),
+    "act_fn": ("silu",),
+    "downsample_padding": (1,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "reverse_transformer_layers_per_block": (None,),
+    "class_embeddings_concat": (False,),
+}
+DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
+
+
+def refuse(field: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"unsupported diffusers UNet config: {field}={value!r} ({why})")
+
+
+def uniform(config: Mapping[str, Any], field: str, default: Any) -> Any:
+    """The one value of a field that diffusers allows per level (int or list); refuses differing levels."""
+    value = config.get(field, default)
+    if not isinstance(value, (list, tuple)):
+        return value
+    flat = [v for item in value for v in (item if isinstance(item, (list, tuple)) else [item])]
+    if len(set(flat)) != 1:
+        raise refuse(field, value, "this UNet needs the same value at every level")
+    return flat[0]
+
+
+def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
+    """Our UNetConfig from a diffusers `unet/config.json` dict; ValueError naming the field it cannot run."""
+    for field, allowed in SUPPORTED_VALUES.items():
+        if field in config and config[field] not in allowed:
+            raise refuse(field, config[field], f"this UNet runs SD 1.x/2.x, which use {allowed[0]!r}")
+    if uniform(config, "only_cross_attention", False):
+        raise refuse("only_cross_attention", config["only_cross_attention"], "every transformer here has self-attention")
+    norm_groups = config.get("norm_num_groups", 32)
+    if norm_groups is None:
+        raise refuse("norm_num_groups", None, "this UNet normalises with GroupNorm")
+
+    down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+    up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+    for block_type in down:
+        if block_type not in DOWN_BLOCKS:
+            raise refuse("down_block_types", down, f"{block_type} is not one of {sorted(DOWN_BLOCKS)}")
+    if up != [t.replace("Down", "Up") for t in reversed(down)]:
+        raise refuse("up_block_types", up, "must mirror down_block_types")
+
+    channels = list(config.get("block_out_channels", [320, 640, 1280, 1280]))
+    if len(channels) != len(down) or any(c % channels[0] for c in channels):
+        raise refuse("block_out_channels", channels, "one per level, each a multiple of the first")
+    if config.get("time_embedding_dim") not in (None, 4 * channels[0]):
+        raise refuse("time_embedding_dim", config["time_embedding_dim"], "must be 4 * block_out_channels[0]")
+
+    # diffusers' naming quirk: with num_attention_heads unset, attention_head_dim holds
+    # the number of heads (SD1: 8; SD2: [5, 10, 20, 20]), not their width.
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(down)
+    if len(heads) != len(down):
+        raise refuse("attention_head_dim", heads, "one head count per level")
+
+    return UNetConfig(
+        in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4),
+        model_channels=channels[0],
+        channel_mult=tuple(c // channels[0] for c in channels),
+        num_res_blocks=uniform(config, "layers_per_block", 2),
+        attention_levels=tuple(DOWN_BLOCKS[t] for t in down),
+        heads=heads,
+        transformer_depth=uniform(config, "transformer_layers_per_block", 1),
+        context_dim=uniform(config, "cross_attention_dim", 1280),
+        use_linear_projection=bool(config.get("use_linear_projection", False)),
+        norm_groups=norm_groups,
+        norm_eps=config.get("norm_eps", 1e-5),
+    )
+
+
+def block_indices(state: Mapping[str, torch.Tensor], name: str) -> list[int]:
+    """The block numbers present under `name` (input_blocks / output_blocks), sorted."""
+    pattern = re.compile(rf"^{name}\.(\d+)\.")
+    return sorted({int(m.group(1)) for key in state if (m := pattern.match(key))})
+
+
+def config_from_original(
+    state: Mapping[str, torch.Tensor], *, num_heads: int | None = None, head_dim: int | None = None
+) -> UNetConfig:
+    """The architecture of an original-layout UNet state dict (prefix already stripped).
+
+    Head counts are not in the weights: pass `num_heads` (the same at every level, SD1: 8)
+    or `head_dim` (channels per head, SD2: 64).
+    """
+    if (num_heads is None) == (head_dim is None):
+        raise ValueError("give exactly one of num_heads (SD1: 8) or head_dim (SD2: 64)")
+    required = ["time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.1.proj_in.weight",
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "out.2.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"does not look like a Stable Diffusion UNet: no {', '.join(missing)}")
+    if any(k.startswith("label_emb.") for k in state):
+        raise ValueError("the UNet has label_emb (class labels or SDXL's size conditioning), which diffuse does not run")
+
+    conv_in = state["input_blocks.0.0.weight"]
+    model_channels = conv_in.shape[0]
+    inputs = block_indices(state, "input_blocks")
+    downsamples = [i for i in inputs if f"input_blocks.{i}.0.op.weight" in state]
+    levels = len(downsamples) + 1
+    # Each level is num_res_blocks blocks plus a downsample (but the last), after conv_in.
+    num_res_blocks, extra = divmod(len(inputs) - 1 - len(downsamples), levels)
+    expected_downsamples = [(level + 1) * (num_res_blocks + 1) for level in range(levels - 1)]
+    if extra or num_res_blocks == 0 or downsamples != expected_downsamples or inputs != list(range(len(inputs))):
+        raise ValueError(f"input_blocks {inputs} with downsamples at {downsamples} do not form SD's level structure")
+    if block_indices(state, "output_blocks") != list(range(levels * (num_res_blocks + 1))):
+        raise ValueError(f"expected {levels * (num_res_blocks + 1)} output_blocks for {levels} levels of {num_res_blocks}")
+
+    channel_mult, attention_levels = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        channels = state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]
+        if channels % model_channels:
+            raise ValueError(f"level {level} has {channels} channels, not a multiple of {model_channels}")
+        channel_mult.append(channels // model_channels)
+        attention_levels.append(f"input_blocks.{first}.1.proj_in.weight" in state)
+
+    # Every transformer must have the same depth (SDXL's do not).
+    depth_of: dict[str, int] = {}
+    for key in state:
+        if m := re.match(r"^(.*)\.transformer_blocks\.(\d+)\.", key):
+            depth_of[m.group(1)] = max(depth_of.get(m.group(1), 0), int(m.group(2)) + 1)
+    if len(set(depth_of.values())) != 1:
+        raise ValueError(f"transformer depths differ between blocks ({sorted(set(depth_of.values()))}); diffuse needs one depth")
+
+    widths = [model_channels * m for m in channel_mult]
+    if head_dim is not None and any(w % head_dim for w in widths):
+        raise ValueError(f"level widths {widths} are not multiples of head_dim {head_dim}")
+    return UNetConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=state["out.2.weight"].shape[0],
+        model_channels=model_channels,
+        channel_mult=tuple(channel_mult),
+        num_res_blocks=num_res_blocks,
+        attention_levels=tuple(attention_levels),
+        heads=tuple(num_heads if num_heads is not None else w // head_dim for w in widths),
+        transformer_depth=next(iter(depth_of.values())),
+        context_dim=state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        # SD2 stores the transformer's in/out projections as Linear [C, C], SD1 as 1x1 conv [C, C, 1, 1].
+        use_linear_projection=state["middle_block.1.proj_in.weight"].ndim == 2,
+    )

@@ -1,0 +1,279 @@
+"""The UNet that predicts noise: given a noisy latent, the timestep it was noised to,
+and the text encoder's output, it predicts the noise that was added (or, for v-models,
+the velocity; the arithmetic is the same, only the training target differs).
+
+Shape of the network, for SD (model_channels 320, channel_mult (1, 2, 4, 4)):
+
+    latent [B, 4, 64, 64] --conv_in--> 320 ch
+    down path: per level, num_res_blocks x (ResBlock [+ SpatialTransformer]),
+               then a stride-2 conv (except after the last level); every output is
+               kept as a skip connection
+    middle:    ResBlock, SpatialTransformer, ResBlock at the lowest resolution
+    up path:   per level, num_res_blocks+1 x (concat a skip, ResBlock [+ SpatialTransformer]),
+               then a 2x nearest upsample + conv (except after the last level)
+    out:       GroupNorm, SiLU, conv --> [B, 4, 64, 64]
+
+The timestep enters every ResBlock (as a per-channel bias); the text enters every
+SpatialTransformer (through cross-attention, queries from the image, keys and values
+from the text).
+
+Parameter names follow the original CompVis/ldm layout (time_embed, input_blocks,
+middle_block, output_blocks, out), so the tensors under `model.diffusion_model.` in a
+single-file checkpoint load with only that prefix stripped. diffusers' names are mapped
+in diffuse.checkpoints.unet_layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffuse.models.configs import UNetConfig
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of the timestep, [cos | sin], at frequencies max_period**(-i/half).
+
+    Computed in fp32: in fp16, t * freq for t near 1000 loses the precision the
+    high-frequency features need.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    angles = timesteps[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """norm-SiLU-conv, add the projected timestep embedding, norm-SiLU-conv, plus a residual."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int, cfg: UNetConfig):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, in_channels, eps=cfg.norm_eps),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, out_channels, eps=cfg.norm_eps),
+            nn.SiLU(),
+            nn.Identity(),  # dropout during training; kept so the conv is `out_layers.3` as in checkpoints
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        # The residual needs a 1x1 conv only where the block changes the channel count.
+        self.skip_connection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]  # the timestep shifts every channel
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when context is None, else cross-attention to context."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential so the names read `to_out.0`
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        # [B, N, heads*d] -> [B, heads, N, d]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """One projection gives a value half and a gate half; the output is value * gelu(gate)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # Index 1 was dropout in training; the output projection stays `net.2`.
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention over image positions, cross-attention to the text, feed-forward."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Treats the H*W positions of a feature map as a sequence and runs transformer blocks on it.
+
+    SD1 projects in and out with 1x1 convs (before flattening), SD2 with Linear layers
+    (after flattening); the two are the same map, stored with different weight shapes.
+    """
+
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels do not split into {heads} attention heads")
+        self.linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, cfg.context_dim, heads) for _ in range(cfg.transformer_depth)
+        )
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if self.linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = self.proj_out(x)
+        # Back to [B, C, H, W] in standard memory order (the conv below and the
+        # next block's GroupNorm would otherwise run on a strided view).
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
+        # Upsampling to the size of the skip it will meet (2x, or 2x-1 where the
+        # down path halved an odd side) lets any latent size through.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+def run_block(
+    block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor, upsample_size: torch.Size | None = None
+) -> Tensor:
+    """One input/middle/output block: each layer takes what it needs of (timestep, text)."""
+    for layer in block:
+        if isinstance(layer, ResBlock):
+            h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, context)
+        elif isinstance(layer, Upsample):
+            h = layer(h, upsample_size)
+        else:
+            h = layer(h)
+    return h
+
+
+class UNet(nn.Module):
+    """The noise predictor; see the module docstring for its shape."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch0, emb_dim = cfg.model_channels, cfg.time_embed_dim
+        levels = len(cfg.channel_mult)
+
+        self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        # Down path. skip_channels records each block's output width, which the up
+        # path meets again, in reverse, through its skip connections.
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)])])
+        skip_channels, ch = [ch0], ch0
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                out_ch = ch0 * mult
+                block = nn.ModuleList([ResBlock(ch, out_ch, emb_dim, cfg)])
+                ch = out_ch
+                if cfg.attention_levels[level]:
+                    block.append(SpatialTransformer(ch, cfg.heads[level], cfg))
+                self.input_blocks.append(block)
+                skip_channels.append(ch)
+            if level < levels - 1:
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = nn.ModuleList([
+            ResBlock(ch, ch, emb_dim, cfg),
+            SpatialTransformer(ch, cfg.mid_heads, cfg),
+            ResBlock(ch, ch, emb_dim, cfg),
+        ])
+
+        # Up path: one more block per level than the down path, so every skip is consumed.
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            for i in range(cfg.num_res_blocks + 1):
+                out_ch = ch0 * cfg.channel_mult[level]
+                block = nn.ModuleList([ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, cfg)])
+                ch = out_ch
+                if cfg.attention_levels[level]:
+                    block.append(SpatialTransformer(ch, cfg.heads[level], cfg))
+                if level > 0 and i == cfg.num_res_blocks:
+                    block.append(Upsample(ch))
+                self.output_blocks.append(block)
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
+
+    def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor) -> Tensor:
+        """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
+        -> noise prediction [B, out_channels, H, W]."""
+        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        t_features = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(t_features)
+
+        skips, h = [], latents
+        for block in self.input_blocks:
+            h = run_block(block, h, emb, context)
+            skips.append(h)
+        h = run_block(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An upsample at the end of this block must reach the next skip's size.
+            h = run_block(block, h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
