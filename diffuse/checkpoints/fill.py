@@ -1,0 +1,64 @@
+"""Filling a network built on the meta device with a checkpoint's tensors.
+
+Networks are built without memory (`torch.device("meta")`) and then take the
+checkpoint's tensors directly, so loading a 4 GB checkpoint costs no random
+initialisation and no second copy. Every mismatch is reported by name before
+anything is assigned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .reader import check_finite
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def build_and_fill(
+    make: Callable[[], M],
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    component: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> M:
+    """Build `make()` on the meta device and load `state` into it, strictly.
+
+    Raises CheckpointError naming the file, the component and the offending
+    tensors for missing, unexpected, mis-shaped or non-finite weights.
+    """
+    with torch.device("meta"):
+        module = make()
+    expected = module.state_dict()
+
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(path, f"{component}: missing tensor(s) {_listing(missing)}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointError(path, f"{component}: unexpected tensor(s) {_listing(unexpected)}; "
+                                    "the checkpoint does not match the detected architecture")
+    for name, want in expected.items():
+        got = state[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(path, f"{component}: tensor {name} has shape {tuple(got.shape)}, "
+                                        f"expected {tuple(want.shape)}")
+        if not got.is_floating_point():
+            raise CheckpointError(path, f"{component}: tensor {name} has dtype {got.dtype}, expected floating point")
+    check_finite({f"{component}.{k}": v for k, v in state.items()}, path)
+
+    ready = {k: state[k].to(device=device, dtype=dtype).contiguous() for k in expected}
+    module.load_state_dict(ready, strict=True, assign=True)
+    return module.eval().requires_grad_(False)

@@ -1,0 +1,126 @@
+"""Original (CompVis / A1111-style) single-file checkpoints: one .safetensors or .ckpt
+holding all three networks under fixed prefixes.
+
+Our UNet and VAE use the original parameter names, so those two are a plain
+prefix strip. The text encoder differs by family: SD1 stores transformers'
+CLIP-L names, SD2 stores OpenCLIP-H names (clip_layout maps both).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..models.configs import SD1, SD2, PipelineConfig
+from . import clip_layout, unet_layout, vae_layout
+from .errors import CheckpointError
+from .keymap import strip_prefix
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+
+# Head counts are not stored in weights: SD1's UNet uses 8 heads at every level,
+# SD2's uses 64 channels per head. Both text encoders use 64 channels per head.
+SD1_UNET_HEADS = 8
+SD2_UNET_HEAD_DIM = 64
+
+# Tensors real checkpoints carry that no network here uses (the VAE's training loss).
+_UNUSED_VAE_PREFIXES = ("loss.",)
+
+
+def detect_family(state: dict[str, torch.Tensor], path: Path) -> str:
+    """"sd1" or "sd2", from which text encoder the checkpoint carries."""
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
+        return "sd2"
+    if any(k.startswith(SD1_TEXT_PREFIX) for k in state):
+        return "sd1"
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise CheckpointError(path, "this is an SDXL checkpoint; diffuse runs SD 1.x and 2.x")
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError(path, f"no Stable Diffusion UNet found (no tensor starts with {UNET_PREFIX!r})")
+    raise CheckpointError(path, "no text encoder found (neither cond_stage_model.transformer. nor cond_stage_model.model.)")
+
+
+def split_single_file(
+    state: dict[str, torch.Tensor], path: Path, config: PipelineConfig | None = None
+) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
+    """Split a single-file state dict into our three networks' state dicts and detect the architecture.
+
+    `config` overrides detection (for architectures whose head counts differ from SD's).
+    """
+    family = detect_family(state, path)
+    preset = SD1 if family == "sd1" else SD2
+    unet_state = strip_prefix(state, UNET_PREFIX)
+    vae_state = {k: v for k, v in strip_prefix(state, VAE_PREFIX).items() if not k.startswith(_UNUSED_VAE_PREFIXES)}
+    if family == "sd1":
+        text_state = clip_layout.from_transformers(strip_prefix(state, SD1_TEXT_PREFIX))
+    else:
+        open_clip_state = strip_prefix(state, SD2_TEXT_PREFIX)
+        text_state = clip_layout.from_open_clip(open_clip_state, layers=clip_layout.sd2_layers(open_clip_state))
+    networks = {"unet": unet_state, "vae": vae_state, "text_encoder": text_state}
+    if config is not None:
+        return config, networks
+
+    try:
+        heads = {"num_heads": SD1_UNET_HEADS} if family == "sd1" else {"head_dim": SD2_UNET_HEAD_DIM}
+        unet_cfg = unet_layout.config_from_original(unet_state, **heads)
+        vae_cfg = vae_layout.config_from_original(vae_state)
+        text_cfg = clip_layout.config_from_weights(text_state, activation=preset.text_encoder.activation)
+    except ValueError as e:
+        raise CheckpointError(path, f"unrecognized {family.upper()} architecture: {e}") from None
+    config = PipelineConfig(name=path.stem, text_encoder=text_cfg, unet=unet_cfg, vae=vae_cfg,
+                            prediction_type=sidecar_prediction_type(path) or preset.prediction_type,
+                            pad_token_id=preset.pad_token_id, sample_size=preset.sample_size)
+    return config, networks
+
+
+def sidecar_prediction_type(path: Path) -> str | None:
+    """Whether an inference .yaml beside the checkpoint (the A1111 convention) says v-prediction.
+
+    The weights cannot tell an SD2 v-model (768-v) from an epsilon model (512-base).
+    """
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    text = yaml.read_text(encoding="utf-8", errors="replace")
+    return "v_prediction" if "parameterization: \"v\"" in text or "parameterization: v" in text else "epsilon"
+
+
+def join_single_file(
+    family: str, unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Our three state dicts as one original-layout state dict (the inverse of split_single_file)."""
+    if family == "sd1":
+        text = {SD1_TEXT_PREFIX + k: v for k, v in clip_layout.to_transformers(text_encoder).items()}
+    else:
+        text = {SD2_TEXT_PREFIX + k: v for k, v in clip_layout.to_open_clip(text_encoder).items()}
+    return {**{UNET_PREFIX + k: v for k, v in unet.items()}, **{VAE_PREFIX + k: v for k, v in vae.items()}, **text}
+
+
+def save_single_file(state: dict[str, torch.Tensor], path: str | Path, fmt: str = "safetensors") -> Path:
+    """Write a single-file checkpoint atomically: to a temporary file beside it, then rename.
+
+    fmt "safetensors" or "ckpt" (torch's zip format, tensors under "state_dict").
+    """
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if fmt == "safetensors":
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        elif fmt == "ckpt":
+            torch.save({"state_dict": tensors}, tmp)
+        else:
+            raise ValueError(f"unknown checkpoint format {fmt!r}; use 'safetensors' or 'ckpt'")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
