@@ -52,7 +52,7 @@ def reference_tokenizer(vocab_dir: Path, style: str):
     from transformers import CLIPTokenizer
 
     pad = "<|endoftext|>" if style == "sd1" else "!"
-    return CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), pad_token=pad)
+    return CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), pad_token=pad, model_max_length=77)
 
 
 # Tiny but structurally complete: three levels, attention on two of them, skip
