@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from parity import TOL, max_err
 from diffuse.checkpoints import clip_layout
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import SD1, TextEncoderConfig
 
-TOLERANCE = 1e-4  # max abs error, fp32
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -43,10 +43,6 @@ def encoders(reference_pipes, reference_folders):
     return result
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 # ---------------------------------------------------------------- parity
 
 
@@ -63,7 +59,7 @@ def test_hidden_states_match_transformers(encoders, style, clip_skip):
     assert got.shape == (len(PROMPTS), 77, ours.cfg.width)
     err = max_err(got, expected)
     print(f"{style} clip_skip={clip_skip}: max abs err {err:.2e}")
-    assert err <= TOLERANCE
+    assert err <= TOL
 
 
 def test_pooled_matches_transformers(encoders, style):
@@ -71,7 +67,7 @@ def test_pooled_matches_transformers(encoders, style):
     with torch.no_grad():
         expected = reference(ids).pooler_output
         got = ours.pooled(ours(ids), ids)
-    assert max_err(got, expected) <= TOLERANCE
+    assert max_err(got, expected) <= TOL
 
 
 def test_config_from_weights_matches_folder_config(encoders, style):
@@ -225,4 +221,4 @@ def test_full_sd1_text_encoder(reference_pipes):
         err = max_err(ours(ids), out.last_hidden_state)
         err_skip = max_err(ours(ids, clip_skip=2), reference.final_layer_norm(out.hidden_states[-2]))
     print(f"full SD1 CLIP-L: max abs err {err:.2e}, clip_skip=2 {err_skip:.2e}")
-    assert err <= TOLERANCE and err_skip <= TOLERANCE
+    assert err <= TOL and err_skip <= TOL

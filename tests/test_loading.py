@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import diffuse
 from diffuse.checkpoints.single_file import join_single_file, save_single_file, split_single_file
+from parity import TOL
 
-TOL = 1e-4
+
 
 
 def pipeline_state(pipe) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 
+from parity import TOL, max_err
 from diffuse.checkpoints.unet_layout import (
     config_from_diffusers,
     config_from_original,
@@ -25,12 +26,6 @@ from diffuse.checkpoints.unet_layout import (
 from diffuse.models.configs import SD1, SD2, UNetConfig
 from diffuse.models.unet import UNet
 
-TOL = 1e-4
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def ours_from(reference) -> UNet:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parity import TOL, max_err
 from diffuse.checkpoints.vae_layout import (
     config_from_diffusers,
     config_from_original,
@@ -23,12 +24,6 @@ from diffuse.checkpoints.vae_layout import (
 from diffuse.models.configs import SD1
 from diffuse.models.vae import AutoencoderKL
 
-TOL = 1e-4
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def ours_from(reference) -> AutoencoderKL:
