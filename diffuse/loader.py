@@ -65,8 +65,7 @@ def load_pipeline(
         files = {name: file for name, (_, file) in weights.items()}
         states = {name: state for name, (state, _) in weights.items()}
     else:
-        detected, states = split_single_file(read_state_dict(path), path, config)
-        config = detected
+        config, states = split_single_file(read_state_dict(path), path, config)
         tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
         files = dict.fromkeys(states, path)
 

@@ -14,7 +14,7 @@ import torch
 
 from ..models.clip import ACTIVATIONS
 from ..models.configs import TextEncoderConfig
-from .keymap import PrefixPairs, invert, rename_prefixes
+from .keymap import PrefixPairs, count_numbered, invert, rename_prefixes
 
 # (transformers prefix, our prefix). Keys without "text_model." (older SD1 single files,
 # and what transformers 5 itself saves) match no pair and already have our names.
@@ -68,12 +68,10 @@ def to_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def count_layers(state: Mapping[str, torch.Tensor]) -> int:
     """How many encoder layers our-layout state holds (numbered 0..n-1)."""
-    indices = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
-    if not indices:
+    layers = count_numbered(state, "encoder.layers.")
+    if not layers:
         raise ValueError("no encoder.layers.* tensors in the text encoder state")
-    if indices != set(range(len(indices))):
-        raise ValueError(f"text encoder layers are not numbered 0..{len(indices) - 1}: found {sorted(indices)}")
-    return len(indices)
+    return layers
 
 
 # ---------------------------------------------------------------- OpenCLIP
@@ -86,12 +84,10 @@ def _block_index(key: str) -> int | None:
 
 def open_clip_layers(state: Mapping[str, torch.Tensor]) -> int:
     """How many transformer blocks an OpenCLIP text tower state holds (numbered 0..n-1)."""
-    indices = {_block_index(k) for k in state} - {None}
-    if not indices:
+    blocks = count_numbered(state, OPEN_CLIP_BLOCKS)
+    if not blocks:
         raise ValueError(f"no {OPEN_CLIP_BLOCKS}* tensors: this is not an OpenCLIP text tower")
-    if indices != set(range(len(indices))):
-        raise ValueError(f"OpenCLIP blocks are not numbered 0..{len(indices) - 1}: found {sorted(indices)}")
-    return len(indices)
+    return blocks
 
 
 def sd2_layers(state: Mapping[str, torch.Tensor]) -> int:

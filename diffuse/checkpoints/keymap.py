@@ -39,6 +39,25 @@ def invert(pairs: Iterable[tuple[str, str]]) -> PrefixPairs:
     return [(b, a) for a, b in pairs]
 
 
+def child_indices(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+    """The sorted numbers n for which some key starts with f"{prefix}{n}." (e.g. prefix "encoder.layers.")."""
+    indices = set()
+    for key in state:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                indices.add(int(head))
+    return sorted(indices)
+
+
+def count_numbered(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many children, numbered 0..n-1, stand under `prefix`; ValueError if the numbering has gaps."""
+    indices = child_indices(state, prefix)
+    if indices != list(range(len(indices))):
+        raise ValueError(f"{prefix}* are not numbered 0..{len(indices) - 1}: found {indices}")
+    return len(indices)
+
+
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` (e.g. "model.diffusion_model."), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from diffuse.checkpoints.keymap import PrefixPairs, invert, rename_prefixes
+from diffuse.checkpoints.keymap import PrefixPairs, child_indices, invert, rename_prefixes
 from diffuse.models.configs import UNetConfig
 
 # Modules outside the blocks: (diffusers, original).
@@ -196,12 +196,6 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     )
 
 
-def block_indices(state: Mapping[str, torch.Tensor], name: str) -> list[int]:
-    """The block numbers present under `name` (input_blocks / output_blocks), sorted."""
-    pattern = re.compile(rf"^{name}\.(\d+)\.")
-    return sorted({int(m.group(1)) for key in state if (m := pattern.match(key))})
-
-
 def config_from_original(
     state: Mapping[str, torch.Tensor], *, num_heads: int | None = None, head_dim: int | None = None
 ) -> UNetConfig:
@@ -222,7 +216,7 @@ def config_from_original(
 
     conv_in = state["input_blocks.0.0.weight"]
     model_channels = conv_in.shape[0]
-    inputs = block_indices(state, "input_blocks")
+    inputs = child_indices(state, "input_blocks.")
     downsamples = [i for i in inputs if f"input_blocks.{i}.0.op.weight" in state]
     levels = len(downsamples) + 1
     # Each level is num_res_blocks blocks plus a downsample (but the last), after conv_in.
@@ -230,7 +224,7 @@ def config_from_original(
     expected_downsamples = [(level + 1) * (num_res_blocks + 1) for level in range(levels - 1)]
     if extra or num_res_blocks == 0 or downsamples != expected_downsamples or inputs != list(range(len(inputs))):
         raise ValueError(f"input_blocks {inputs} with downsamples at {downsamples} do not form SD's level structure")
-    if block_indices(state, "output_blocks") != list(range(levels * (num_res_blocks + 1))):
+    if child_indices(state, "output_blocks.") != list(range(levels * (num_res_blocks + 1))):
         raise ValueError(f"expected {levels * (num_res_blocks + 1)} output_blocks for {levels} levels of {num_res_blocks}")
 
     channel_mult, attention_levels = [], []

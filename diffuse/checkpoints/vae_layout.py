@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from diffuse.checkpoints.keymap import PrefixPairs, invert, rename_prefixes
+from diffuse.checkpoints.keymap import PrefixPairs, count_numbered, invert, rename_prefixes
 from diffuse.models.configs import VAEConfig
 
 # Modules found under both `encoder.` and `decoder.`: (diffusers, original).
@@ -112,7 +112,7 @@ def config_from_diffusers(config: Mapping) -> VAEConfig:
         if config.get(field) is not None:
             refuse(field, "only a plain scaling_factor is supported for latent normalisation")
     # force_upcast only concerns running in half precision; it changes nothing here.
-    scaling = config.get("scaling_factor")
+    scaling = config.get("scaling_factor")  # absent or null in some folders: SD's default then
     return VAEConfig(
         in_channels=config.get("in_channels", 3),
         out_channels=config.get("out_channels", 3),
@@ -121,7 +121,7 @@ def config_from_diffusers(config: Mapping) -> VAEConfig:
         channel_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=config.get("layers_per_block", 1),
         norm_groups=config.get("norm_num_groups", 32),
-        scaling_factor=0.18215 if scaling is None else float(scaling),
+        **({} if scaling is None else {"scaling_factor": float(scaling)}),
     )
 
 
@@ -142,20 +142,13 @@ def config_from_original(state: Mapping[str, torch.Tensor]) -> VAEConfig:
             hint = " (these are diffusers names; use config_from_diffusers / from_diffusers)"
         raise ValueError(f"not an original-layout SD VAE state dict: missing {', '.join(missing)}{hint}")
 
-    def count(prefix: str) -> int:
-        """How many consecutive indices n have some key starting with f'{prefix}{n}.'."""
-        n = 0
-        while any(k.startswith(f"{prefix}{n}.") for k in state):
-            n += 1
-        return n
-
-    levels = count("encoder.down.")
-    num_res_blocks = count("encoder.down.0.block.")
+    levels = count_numbered(state, "encoder.down.")
+    num_res_blocks = count_numbered(state, "encoder.down.0.block.")
     if levels == 0 or num_res_blocks == 0:
         raise ValueError("not an original-layout SD VAE state dict: no encoder.down.{i}.block.{j} tensors")
     if any(".attn." in k for k in state if k.startswith(("encoder.down.", "decoder.up."))):
         raise ValueError("VAE has attention inside its resolution levels (attn_resolutions); SD's VAE has none")
-    if count("decoder.up.") != levels or count("decoder.up.0.block.") != num_res_blocks + 1:
+    if count_numbered(state, "decoder.up.") != levels or count_numbered(state, "decoder.up.0.block.") != num_res_blocks + 1:
         raise ValueError(f"VAE decoder does not mirror the encoder ({levels} levels of {num_res_blocks} blocks)")
 
     base_channels, in_channels = state["encoder.conv_in.weight"].shape[:2]
