@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (each sets up .venv first):
-#   make run MODEL=path/to/model   the main job
-#   make test                      the test suite
+#   make run [MODEL=path] [PROMPT=...]   the main job: txt2img into ./outputs
+#   make test                            the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,13 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+PROMPT ?= a red circle above a blue square
 run: $(BIN)/.installed
-ifndef MODEL
-	@echo "usage: make run MODEL=<diffusers folder | model.safetensors | model.ckpt>"; \
-	 echo "(the shipped default model and txt2img arrive with the training and generation work)"; exit 2
-else
-	$(BIN)/diffuse info "$(MODEL)"
-endif
+	$(BIN)/diffuse txt2img "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --out outputs
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,9 @@
 
     import diffuse
     pipe = diffuse.load_pipeline("path/to/model.safetensors")   # or a diffusers folder
-    context = pipe.encode_prompt("a photo of a cat")             # [1, 77, 768]
+    result = pipe.txt2img("a red circle above a blue square", steps=20, seed=42)
+    result.images[0].save("out.png")                            # result.seeds, result.info, result.infotexts
+    context = pipe.encode_prompt("a photo of a cat")             # the parts: [1, 77, 768] text conditioning
     noise = pipe.unet(latents, timesteps, context)               # noise prediction
     images = pipe.vae.decode(latents / pipe.config.vae.scaling_factor)
 """
@@ -10,6 +12,8 @@
 from .checkpoints.errors import CheckpointError, UnsafeCheckpointError
 from .loader import load_pipeline
 from .models.configs import PipelineConfig
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Result, Step
+from .samplers import SAMPLER_NAMES
 
-__all__ = ["CheckpointError", "Pipeline", "PipelineConfig", "UnsafeCheckpointError", "load_pipeline"]
+__all__ = ["CheckpointError", "Pipeline", "PipelineConfig", "Result", "SAMPLER_NAMES", "Step", "UnsafeCheckpointError",
+           "load_pipeline"]

@@ -1,12 +1,15 @@
-"""The `diffuse` command line."""
+"""The `diffuse` command line: txt2img, img2img, inpaint, pnginfo and info."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def _count(module: torch.nn.Module) -> str:
@@ -15,12 +18,8 @@ def _count(module: torch.nn.Module) -> str:
 
 def info(args: argparse.Namespace) -> int:
     """Load a checkpoint, print what was detected, and run each network once on a small input."""
-    from .loader import load_pipeline
-
-    start = time.perf_counter()
-    pipe = load_pipeline(args.model, dtype=args.dtype)
+    pipe = _load(args)
     cfg = pipe.config
-    print(f"{pipe.source}: loaded in {time.perf_counter() - start:.1f} s ({pipe.dtype})")
     print(f"  text encoder  {_count(pipe.text_encoder):>7}  width {cfg.text_encoder.width}, "
           f"{cfg.text_encoder.layers} layers, {cfg.text_encoder.activation}, pad id {cfg.pad_token_id}")
     print(f"  unet          {_count(pipe.unet):>7}  {cfg.unet.in_channels} in-channels, model channels "
@@ -40,11 +39,136 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from .loader import load_pipeline
+
+    model = args.model
+    if model is None:
+        if not DEFAULT_MODEL.exists():
+            raise ValueError(f"no --model given, and the default model ({DEFAULT_MODEL}) is not in this checkout; "
+                             "pass --model PATH (a diffusers folder, .safetensors or .ckpt)")
+        model = DEFAULT_MODEL
+    start = time.perf_counter()
+    pipe = load_pipeline(model, dtype=args.dtype)
+    print(f"{pipe.source}: loaded in {time.perf_counter() - start:.1f} s ({pipe.dtype})", file=sys.stderr)
+    return pipe
+
+
+def generate(args: argparse.Namespace) -> int:
+    """txt2img / img2img / inpaint: generate, show progress, write PNGs that carry their parameters."""
+    from tqdm import tqdm
+
+    from .metadata import numbered_path, save_png
+    from .preview import StepRecorder, to_pil
+
+    pipe = _load(args)
+    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
+                    sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
+                    clip_skip=args.clip_skip)
+    if args.command == "txt2img":
+        settings.update(width=args.width or 512, height=args.height or 512)
+    else:
+        settings.update(width=args.width, height=args.height, strength=args.strength)
+    if args.command == "inpaint":
+        settings.update(keep_unmasked=not args.no_keep_unmasked)
+    seed = args.seed
+    written = []
+    for batch in range(args.n_iter):
+        recorder = None
+        if args.save_steps:
+            folder = Path(args.save_steps) / (f"batch{batch + 1}" if args.n_iter > 1 else "")
+            recorder = StepRecorder(folder, decode=lambda latents: to_pil(pipe.decode_latents(latents)))
+        bar = None  # created at the first step, so a rejected request prints no empty bar
+
+        def on_step(step) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=step.total, desc=f"{args.command} {batch + 1}/{args.n_iter}", unit="step",
+                           file=sys.stderr)
+            bar.update(1)
+            if recorder is not None:
+                recorder(step.index, step.timestep, step.latents)
+
+        if args.command == "txt2img":
+            result = pipe.txt2img(args.prompt, seed=seed, callback=on_step, **settings)
+        elif args.command == "img2img":
+            result = pipe.img2img(args.image, args.prompt, seed=seed, callback=on_step, **settings)
+        else:
+            result = pipe.inpaint(args.image, args.mask, args.prompt, seed=seed, callback=on_step, **settings)
+        if bar is not None:
+            bar.close()
+        if recorder is not None:
+            print(f"steps: {recorder.finish()}")
+        for image, image_seed, text in zip(result.images, result.seeds, result.infotexts):
+            # overwrite=False: a second process writing the same number gets an error, not our file
+            path = save_png(image, numbered_path(args.out, image_seed), text, overwrite=False)
+            written.append(path)
+            print(path)
+        seed = result.seeds[-1] + 1  # the next batch continues the seed sequence, as A1111 does
+    return 0
+
+
+def pnginfo(args: argparse.Namespace) -> int:
+    """Print the generation parameters a PNG carries."""
+    from .metadata import read_parameters
+
+    text = read_parameters(args.image)
+    if text is None:
+        print(f"{args.image}: no generation parameters in this image", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("prompt", help="what to draw; (word:1.3) and [word] weights and BREAK work as in A1111")
+    if kind != "txt2img":
+        p.add_argument("--image", required=True, help="the input image (PNG, JPEG, ...)")
+    if kind == "inpaint":
+        p.add_argument("--mask", required=True, help="mask image, same size as --image: white = repaint")
+        p.add_argument("--no-keep-unmasked", action="store_true",
+                       help="do not paste the original pixels back outside the mask")
+    p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the shipped model)")
+    p.add_argument("-W", "--width", type=int, default=None,
+                   help="pixels, a multiple of 8 (default 512; img2img/inpaint: the image's size)")
+    p.add_argument("-H", "--height", type=int, default=None, help="pixels, a multiple of 8")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", default="DPM++ 2M Karras", help='A1111 name, e.g. "Euler a", "DDIM", "UniPC"')
+    p.add_argument("--schedule-type", default=None, help='"Automatic" (default), "Karras" or "Exponential"')
+    p.add_argument("--seed", type=int, default=-1, help="-1 (default) picks one; image i of a batch uses seed + i")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch")
+    p.add_argument("--n-iter", type=_positive_int, default=1, help="number of batches")
+    p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's n-th last layer (default 1)")
+    if kind != "txt2img":
+        p.add_argument("--strength", type=float, default=0.75 if kind == "img2img" else 1.0,
+                       help="how much to change the image, 0..1")
+    p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    p.add_argument("--save-steps", metavar="DIR", default=None,
+                   help="also write every step's decoded latents and a filmstrip.png here")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.set_defaults(run=generate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffuse", description="Stable Diffusion from its parts.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for kind, text in (("txt2img", "generate images from a prompt"), ("img2img", "repaint an image guided by a prompt"),
+                       ("inpaint", "repaint the masked part of an image")):
+        _add_generation_options(commands.add_parser(kind, help=text), kind)
+    p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
+    p.add_argument("image")
+    p.set_defaults(run=pnginfo)
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")
-    p.add_argument("model", help="a diffusers folder, or a single-file .safetensors/.ckpt checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--prompt", default="a photo of a cat")
     p.set_defaults(run=info)
@@ -54,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"diffuse: error: {e}", file=sys.stderr)
         return 2
 

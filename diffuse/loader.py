@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+from .checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder, read_json
 from .checkpoints.errors import CheckpointError
 from .checkpoints.fill import build_and_fill
 from .checkpoints.reader import read_state_dict
@@ -64,10 +64,13 @@ def load_pipeline(
         config = config or detected
         files = {name: file for name, (_, file) in weights.items()}
         states = {name: state for name, (state, _) in weights.items()}
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else {}
     else:
         config, states = split_single_file(read_state_dict(path), path, config)
         tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
         files = dict.fromkeys(states, path)
+        scheduler_config = {}  # Stable Diffusion's defaults
 
     def fill(name, make):
         return build_and_fill(make, states[name], files[name], name, dtype=dtype, device=device)
@@ -79,4 +82,5 @@ def load_pipeline(
         vae=fill("vae", lambda: AutoencoderKL(config.vae)),
         config=config,
         source=path,
+        scheduler_config=scheduler_config,
     )

@@ -1,24 +1,88 @@
-"""The Stable Diffusion pipeline: the tokenizer, the three networks and their config, together."""
+"""The Stable Diffusion pipeline: prompt (and image, mask) in, images out.
+
+    prompt ─tokenizer/text encoder─▶ context ─┐
+    seed ─▶ noise latents ─▶ sampler loop: x ← step(x, unet(x, t, context)) ─▶ vae.decode ─▶ images
+    (img2img / inpaint: vae.encode(image) plus a noise slice at the strength's step)
+
+Everything a run used — seeds included — comes back in `Result.info`, so any
+image can be made again.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+from PIL import Image
 
+from . import inputs
+from .metadata import infotext, model_hash
 from .models.clip import CLIPTextEncoder
 from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .preview import latents_to_rgb_cheap, to_pil
+from .prompts import encode_prompt_pair, encode_prompts
+from .samplers import Sampler, get_sampler
+from .samplers.schedule import make_denoiser
 from .tokenizer import CLIPTokenizer
+
+VERSION = "diffuse 0.1.0"
+
+
+@dataclass
+class Step:
+    """What a per-step callback sees: step `index` of `total`, the timestep the UNet was told,
+    the current noisy `latents` (in the UNet's scale) and the sampler's clean estimate `denoised`."""
+
+    index: int
+    total: int
+    timestep: float
+    latents: torch.Tensor
+    denoised: torch.Tensor
+
+    def preview(self) -> list[Image.Image]:
+        """A cheap look at the image emerging: a linear map from latents to RGB, no VAE (latent-sized)."""
+        rgb = latents_to_rgb_cheap(self.denoised.float())
+        return to_pil(rgb * 2 - 1)
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    seeds: list[int]
+    info: dict  # the settings used (seed = the first image's)
+    infotexts: list[str]  # A1111 "parameters" text per image, for PNG metadata
+
+
+@dataclass
+class _Job:
+    """One validated request: everything the denoising loop needs, checked before any heavy work."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+    seeds: list[int]
+    clip_skip: int
+    strength: float = 1.0
+    image: Optional[torch.Tensor] = None  # [1, 3, H, W] in [-1, 1]
+    mask: Optional[torch.Tensor] = None  # [1, 1, H, W] in {0, 1}; 1 = paint here
+    keep_unmasked: bool = True
 
 
 @dataclass
 class Pipeline:
-    """Prompt → tokenizer → text_encoder → context; unet predicts noise in the vae's latent space.
+    """The tokenizer, the three networks and their config, and the generation entry points.
 
-    `source` is the checkpoint file or folder the weights came from.
+    `source` is the checkpoint file or folder the weights came from; `scheduler_config`
+    the model's diffusers scheduler settings (empty: Stable Diffusion's defaults).
     """
 
     tokenizer: CLIPTokenizer
@@ -27,6 +91,7 @@ class Pipeline:
     vae: AutoencoderKL
     config: PipelineConfig
     source: Path
+    scheduler_config: dict = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -36,8 +101,200 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @functools.cached_property
+    def model_hash(self) -> str:
+        """A1111's short model hash (sha256 of the checkpoint file), computed once."""
+        return model_hash(self.source)
+
+    @property
+    def model_name(self) -> str:
+        return self.source.stem if self.source.is_file() else self.source.name
+
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Text conditioning: prompts → token ids [B,77] → context [B,77,D]."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)
+        """Text conditioning: prompts → token ids (75-token chunks, (word:1.2) weights) → context [B, 77·k, D]."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip=clip_skip)
+
+    def get_sampler(self, name: str, schedule_type: str | None = None) -> Sampler:
+        """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
+        config = {**self.scheduler_config, "prediction_type": self.config.prediction_type}
+        return get_sampler(name, scheduler_config=config, schedule_type=schedule_type)
+
+    # ---- the three entry points -------------------------------------------------------------
+
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int = 512,
+                height: int = 512, steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
+                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None) -> Result:
+        """Generate images from text, starting from pure noise."""
+        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
+                        seed, batch_size, clip_skip)
+        return self._run(job, callback)
+
+    def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
+                negative_prompt: str | list[str] = "", width: int | None = None, height: int | None = None,
+                steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
+                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None) -> Result:
+        """Repaint an image: encode it, add the noise of step `strength`·steps, and denoise from there.
+
+        Width and height default to the image's own size (rounded down to a multiple of 8)."""
+        picture = inputs.open_image(image)
+        width, height = self._size_for(picture, width, height)
+        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
+                        seed, batch_size, clip_skip, strength=strength)
+        job.image = inputs.image_to_tensor(picture, width, height)
+        return self._run(job, callback)
+
+    def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
+                strength: float = 1.0, negative_prompt: str | list[str] = "", width: int | None = None,
+                height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
+                sampler: str = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                keep_unmasked: bool = True) -> Result:
+        """Repaint only where the mask is white.
+
+        A 9-channel inpainting UNet sees the mask and the masked image directly; a
+        normal one is steered by putting the known region back (noised to the
+        current step) after every step. With `keep_unmasked` the original pixels
+        outside the mask are pasted back over the decoded result."""
+        picture = inputs.open_image(image)
+        mask_picture = inputs.open_image(mask, what="mask")
+        inputs.check_mask_matches(picture, mask_picture)
+        width, height = self._size_for(picture, width, height)
+        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
+                        seed, batch_size, clip_skip, strength=strength)
+        job.image = inputs.image_to_tensor(picture, width, height)
+        job.mask = inputs.mask_to_tensor(mask_picture, width, height)
+        job.keep_unmasked = keep_unmasked
+        return self._run(job, callback)
+
+    # ---- checking a request -----------------------------------------------------------------
+
+    def _size_for(self, picture: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+        own_w, own_h = inputs.default_size(picture, self.config.vae.downsample_factor)
+        return (own_w if width is None else width), (own_h if height is None else height)
+
+    def _job(self, prompt, negative_prompt, width, height, steps, guidance_scale, sampler_name, schedule_type,
+             seed, batch_size, clip_skip, strength: float = 1.0) -> _Job:
+        inputs.check_size(width, height, self.config.vae.downsample_factor)
+        inputs.check_steps(steps)
+        guidance_scale = inputs.check_number("guidance_scale", guidance_scale, 0.0, 100.0)
+        strength = inputs.check_number("strength", strength, 0.0, 1.0)
+        inputs.check_batch_size(batch_size)
+        inputs.check_clip_skip(clip_skip, self.config.text_encoder.layers)
+        if int(steps * strength) < 1:
+            raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step "
+                             f"(int(steps x strength) = 0); raise the strength or the steps")
+        prompts = inputs.prompt_list(prompt, "prompt")
+        prompts = [p for p in prompts for _ in range(batch_size)]
+        negatives = inputs.prompt_list(negative_prompt, "negative_prompt", count=len(prompts) // batch_size)
+        negatives = [n for n in negatives for _ in range(batch_size)]
+        if len(prompts) > inputs.MAX_BATCH:
+            raise ValueError(f"{len(prompts)} images requested at once; the limit is {inputs.MAX_BATCH}")
+        first = inputs.resolve_seed(seed)
+        sampler = self.get_sampler(sampler_name, schedule_type)
+        return _Job(prompts=prompts, negative_prompts=negatives, width=width, height=height, steps=steps,
+                    guidance_scale=guidance_scale, sampler=sampler, seeds=[first + i for i in range(len(prompts))],
+                    clip_skip=clip_skip, strength=strength)
+
+    # ---- the denoising loop -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def _run(self, job: _Job, callback: Callable[[Step], None] | None) -> Result:
+        device, latent_scale = self.device, self.config.vae.scaling_factor
+        factor = self.config.vae.downsample_factor
+        shape = (self.config.vae.latent_channels, job.height // factor, job.width // factor)
+        # One CPU generator per image, seeded seed + i (as A1111 does): image i is the same
+        # whatever the batch size or device.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+
+        def draw_noise() -> torch.Tensor:
+            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+        def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+            """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
+            posterior = self.vae.encode(pixels.to(device, self.dtype))
+            return torch.cat([posterior.sample(g).float() for g in generators]) * latent_scale
+
+        cond, uncond = self._conditioning(job)
+        # txt2img, and inpainting at full strength, start from pure noise; img2img and
+        # partial inpainting from the image plus the noise slice of the strength's step.
+        from_noise = job.image is None or (job.mask is not None and job.strength == 1.0)
+        plan = job.sampler.plan(job.steps)
+        if not from_noise:
+            plan = plan.from_strength(job.strength)
+        sigmas = plan.sigmas.to(device)
+
+        inpaint_unet = self.config.unet.in_channels == 9
+        image_latents = mask_latents = masked_latents = None
+        if job.image is not None and not (inpaint_unet and from_noise):
+            image_latents = encode_image(job.image)
+        noise = draw_noise()
+        x = noise * plan.init_noise_scale if from_noise else image_latents + sigmas[0] * noise
+        if job.mask is not None:
+            mask_latents = torch.nn.functional.interpolate(job.mask, size=shape[1:]).to(device)
+            if inpaint_unet:
+                masked = job.image * (job.mask < 0.5)
+                masked_latents = encode_image(masked)
+
+        def predict(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """The UNet's noise (or v) prediction with classifier-free guidance, as one batch of 2."""
+            if inpaint_unet:
+                x_vp = torch.cat([x_vp, mask_latents.expand(len(x_vp), -1, -1, -1), masked_latents], dim=1)
+            if uncond is None:
+                return self.unet(x_vp.to(self.dtype), t, cond).float()
+            out = self.unet(torch.cat([x_vp, x_vp]).to(self.dtype), t, torch.cat([uncond, cond])).float()
+            out_uncond, out_cond = out.chunk(2)
+            return out_uncond + job.guidance_scale * (out_cond - out_uncond)
+
+        def after_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
+            if image_latents is not None and job.mask is not None and not inpaint_unet:
+                # Keep the known region on track: the original latents, noised to the next step's level.
+                s = sigmas[i + 1]
+                last = i == plan.steps - 1
+                known = image_latents * (1 + s**2) ** 0.5 if last else image_latents + s * noise
+                x = (1 - mask_latents) * known + mask_latents * x
+            if callback is not None:
+                scale = (1 + sigmas[i + 1] ** 2) ** -0.5
+                callback(Step(i, plan.steps, float(plan.timesteps[i]), x * scale, denoised))
+            return x
+
+        denoise = make_denoiser(predict, job.sampler.schedule.prediction_type)
+        x = job.sampler.run(denoise, x, plan, draw_noise, after_step)
+        latents = x / (1 + sigmas[-1] ** 2) ** 0.5
+        images = [to_pil(self.decode_latents(latents[i : i + 1]))[0] for i in range(len(latents))]
+        if job.mask is not None and job.keep_unmasked:
+            images = [_paste_unmasked(img, job.image, job.mask) for img in images]
+        return self._result(job, images)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (UNet scale) → pixels in [-1, 1], [B, 3, H, W]."""
+        return self.vae.decode((latents / self.config.vae.scaling_factor).to(self.dtype)).float()
+
+    def _conditioning(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context for the prompts and, when guidance is on, for the negative prompts (same length)."""
+        if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
+            return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
+        return encode_prompt_pair(self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts,
+                                  clip_skip=job.clip_skip)
+
+    def _result(self, job: _Job, images: list[Image.Image]) -> Result:
+        info = {
+            "prompt": job.prompts[0], "negative_prompt": job.negative_prompts[0], "steps": job.steps,
+            "sampler": job.sampler.name, "schedule_type": job.sampler.schedule_type, "cfg_scale": job.guidance_scale,
+            "seed": job.seeds[0], "width": job.width, "height": job.height, "model_hash": self.model_hash,
+            "model": self.model_name, "clip_skip": job.clip_skip,
+            "denoising_strength": job.strength if job.image is not None else None, "version": VERSION,
+        }
+        texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s})
+                 for p, n, s in zip(job.prompts, job.negative_prompts, job.seeds)]
+        return Result(images=images, seeds=list(job.seeds), info=info, infotexts=texts)
+
+
+def _paste_unmasked(generated: Image.Image, image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
+    """The original pixels outside the mask, the new ones inside (A1111's overlay)."""
+    original = to_pil(image)[0]
+    keep = Image.fromarray(((1 - mask[0, 0]) * 255).to(torch.uint8).numpy(), mode="L")
+    return Image.composite(original, generated, keep)

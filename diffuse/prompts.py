@@ -1,0 +1,247 @@
+"""Prompt text -> text conditioning, the way AUTOMATIC1111's web UI reads prompts.
+
+Three steps, each reproducing A1111's behaviour so its prompts give the same context:
+  1. parse_attention: emphasis syntax. "(word)" weights a span x1.1, "[word]" /1.1,
+     "(word:1.3)" sets a factor, nesting multiplies, "\\(" etc. are literal brackets,
+     and the keyword BREAK becomes its own segment.
+  2. prompt_chunks: the segments' token ids are packed into chunks of 75 (CLIP sees 77
+     positions: BOS + 75 + EOS), so a prompt is not cut off at 77 tokens. A full chunk
+     is broken after a recent comma rather than mid-phrase, and BREAK starts a new one.
+  3. encode_prompts: every chunk goes through the text encoder on its own; each token's
+     hidden state is scaled by its weight, the chunk rescaled to keep its mean, and the
+     chunks are laid end to end: context [B, 77*k, D] that the UNet cross-attends to.
+     Cross-attention does not care about the context's length, so longer prompts just
+     give the UNet more tokens to look at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .models.clip import CLIPTextEncoder
+from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+
+CHUNK_TOKENS = CONTEXT_LENGTH - 2  # prompt tokens per chunk, between BOS and EOS
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack: how far back a comma may end a full chunk
+ROUND_FACTOR = 1.1  # "(word)"; "[word]" divides by it
+BREAK_WEIGHT = -1.0  # marks the BREAK segment, as in A1111
+
+# One emphasis token per match; alternatives are tried in this order. An escaped bracket
+# or backslash, a lone backslash (dropped), an opening bracket, ":number)" closing a
+# round bracket with an explicit factor, a closing bracket, plain text, a lone colon.
+_EMPHASIS_TOKEN = re.compile(r"""
+    (?P<escaped>\\[()\[\]\\]) | (?P<backslash>\\)
+  | (?P<open>[(\[])
+  | :(?P<factor>[+-]?[.\d]+)\)
+  | (?P<close>[)\]])
+  | (?P<text>[^\\()\[\]:]+ | :)
+""", re.VERBOSE)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) segments by A1111's emphasis rules.
+
+    >>> parse_attention("an (important) word")
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+
+    A bracket left open at the end still applies to everything after it (round ones
+    first, then square ones); a closing bracket with nothing open is plain text.
+    BREAK (upper case, a word on its own) outside brackets becomes ("BREAK", -1.0).
+    Inside brackets its marker weight gets multiplied like any other and it is then
+    read as the word "break", exactly as A1111 does. Neighbouring segments of equal
+    weight are merged; an empty prompt is [("", 1.0)].
+    """
+    segments: list[list] = []  # [text, weight], mutable while brackets close
+    open_round: list[int] = []  # where each open bracket's span starts in `segments`
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for segment in segments[start:]:
+            segment[1] *= factor
+
+    for match in _EMPHASIS_TOKEN.finditer(text):
+        kind, token = match.lastgroup, match.group(0)
+        if kind == "escaped":
+            segments.append([token[1], 1.0])
+        elif kind == "backslash":
+            continue
+        elif kind == "open":
+            (open_round if token == "(" else open_square).append(len(segments))
+        elif kind == "factor" and open_round:
+            try:
+                factor = float(match.group("factor"))
+            except ValueError:
+                raise ValueError(f"prompt weight {match.group('factor')!r} in {text!r} is not a number") from None
+            scale_from(open_round.pop(), factor)
+        elif token == ")" and open_round:
+            scale_from(open_round.pop(), ROUND_FACTOR)
+        elif token == "]" and open_square:
+            scale_from(open_square.pop(), 1 / ROUND_FACTOR)
+        else:  # plain text, including brackets and ":1.2)" that close nothing
+            for k, part in enumerate(_BREAK.split(token)):
+                if k > 0:
+                    segments.append(["BREAK", BREAK_WEIGHT])
+                segments.append([part, 1.0])
+
+    for start in open_round:
+        scale_from(start, ROUND_FACTOR)
+    for start in open_square:
+        scale_from(start, 1 / ROUND_FACTOR)
+
+    merged: list[list] = []
+    for segment in segments or [["", 1.0]]:
+        if merged and merged[-1][1] == segment[1]:
+            merged[-1][0] += segment[0]
+        else:
+            merged.append(segment)
+    return [(segment_text, weight) for segment_text, weight in merged]
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """One pass of the text encoder: BOS + 75 prompt tokens (EOS-padded) + EOS, and per-token weights."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+def prompt_chunks(tokenizer: CLIPTokenizer, text: str) -> list[PromptChunk]:
+    """A prompt's token ids and weights in chunks of 77, as A1111 packs them.
+
+    Each segment from parse_attention is tokenized on its own (so BPE never merges
+    across an emphasis boundary). When a chunk is full and the next token is not a
+    comma, the tokens after the last comma are moved on to the next chunk if that
+    comma is at most COMMA_BACKTRACK tokens back, so a phrase is not split between
+    two encoder passes. An empty prompt still gives one chunk.
+    """
+    comma = _comma_id(tokenizer)
+    chunks: list[PromptChunk] = []
+    ids: list[int] = []  # the chunk being filled, without BOS/EOS
+    weights: list[float] = []
+    last_comma = -1  # index in `ids` of the chunk's last comma
+
+    def finish_chunk() -> None:
+        nonlocal ids, weights, last_comma
+        chunks.append(_framed(tokenizer, ids, weights))
+        ids, weights, last_comma = [], [], -1
+
+    for segment, weight in parse_attention(text):
+        if segment == "BREAK" and weight == BREAK_WEIGHT:
+            finish_chunk()
+            continue
+        for token in tokenizer.encode(segment):
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                moved_ids, moved_weights = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                finish_chunk()
+                ids, weights = moved_ids, moved_weights
+            if len(ids) == CHUNK_TOKENS:
+                finish_chunk()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        finish_chunk()
+    return chunks
+
+
+def _comma_id(tokenizer: CLIPTokenizer) -> int | None:
+    ids = tokenizer.encode(",")
+    return ids[0] if len(ids) == 1 else None
+
+
+def _framed(tokenizer: CLIPTokenizer, ids: list[int], weights: list[float]) -> PromptChunk:
+    """BOS + ids + EOS padding to 77; after the first EOS, the tokenizer's pad id.
+
+    SD1 pads with EOS itself; SD2 was trained with "!" (id 0) after the EOS, so those
+    positions must hold the pad id for its text encoder to see what it was trained on.
+    """
+    fill = CHUNK_TOKENS - len(ids)
+    framed = [tokenizer.bos_token_id, *ids, *[tokenizer.eos_token_id] * (fill + 1)]
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        first_eos = framed.index(tokenizer.eos_token_id)
+        framed[first_eos + 1 :] = [tokenizer.pad_token_id] * (len(framed) - first_eos - 1)
+    return PromptChunk(ids=tuple(framed), weights=(1.0, *weights, *[1.0] * (fill + 1)))
+
+
+def encode_chunks(text_encoder: CLIPTextEncoder, chunks: list[PromptChunk], clip_skip: int = 1) -> torch.Tensor:
+    """Chunks -> weighted hidden states [N, 77, D], all in one encoder call.
+
+    A1111's "Original" emphasis: multiply each token's hidden state by its weight, then
+    rescale the chunk so its mean over tokens and channels is what it was, which keeps
+    the overall magnitude the UNet was trained on. Done in float32 whatever the encoder's
+    dtype; a chunk with no weights other than 1 comes back bit for bit unchanged.
+    Unlike A1111, the mean is taken per chunk rather than over the whole batch, so a
+    prompt's conditioning does not depend on the other prompts encoded with it.
+    """
+    if not chunks:
+        raise ValueError("no prompt chunks to encode")
+    device = next(text_encoder.parameters()).device
+    ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=device)
+    hidden = text_encoder(ids, clip_skip=clip_skip)
+    weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32, device=device)
+    weighted_rows = (weights != 1.0).any(dim=1)
+    if not bool(weighted_rows.any()):
+        return hidden
+    z = hidden[weighted_rows].float()
+    scaled = z * weights[weighted_rows, :, None]
+    scaled = scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
+    hidden = hidden.clone()
+    hidden[weighted_rows] = scaled.to(hidden.dtype)
+    return hidden
+
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, prompts: list[str],
+                   clip_skip: int = 1) -> torch.Tensor:
+    """Prompts -> text conditioning [B, 77*k, D], k the largest chunk count among them.
+
+    A prompt with fewer chunks is filled up with the empty prompt's encoding, which is
+    what A1111 appends when a conditioning has to be made longer.
+    """
+    return _encode_padded(tokenizer, text_encoder, _checked(prompts, "prompts"), clip_skip)
+
+
+def encode_prompt_pair(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, prompts: list[str],
+                       negative_prompts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) for classifier-free guidance, both [B, 77*k, D] with the same k.
+
+    The shorter side is filled with empty-prompt chunks so the two can be stacked into
+    one UNet batch; both are encoded in the same encoder call.
+    """
+    prompts, negative_prompts = _checked(prompts, "prompts"), _checked(negative_prompts, "negative_prompts")
+    if len(prompts) != len(negative_prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; they must pair up")
+    both = _encode_padded(tokenizer, text_encoder, prompts + negative_prompts, clip_skip)
+    return both[: len(prompts)], both[len(prompts) :]
+
+
+def _encode_padded(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, texts: list[str],
+                   clip_skip: int) -> torch.Tensor:
+    unique = list(dict.fromkeys(texts))  # a batch often repeats one prompt: encode it once
+    per_text = [prompt_chunks(tokenizer, text) for text in unique]
+    count = max(len(chunks) for chunks in per_text)
+    needs_padding = any(len(chunks) < count for chunks in per_text)
+    flat = [chunk for chunks in per_text for chunk in chunks]
+    empty = prompt_chunks(tokenizer, "") if needs_padding else []  # one chunk, encoded once, reused
+    hidden = encode_chunks(text_encoder, flat + empty, clip_skip)
+
+    rows, start = {}, 0
+    for text, chunks in zip(unique, per_text):
+        parts = list(hidden[start : start + len(chunks)]) + [hidden[-1]] * (count - len(chunks))
+        rows[text] = torch.cat(parts, dim=0)
+        start += len(chunks)
+    return torch.stack([rows[text] for text in texts])
+
+
+def _checked(prompts: list[str], name: str) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a non-empty list of strings, got {prompts!r}")
+    return list(prompts)

@@ -1,0 +1,45 @@
+"""Run a diffusers scheduler and one of our samplers on the same toy model, for the sampler tests.
+
+The toy model is a smooth deterministic function of (latents, timestep), so both
+loops see the same model output whenever they are at the same point: any
+difference in the result is a difference in the samplers themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffuse.samplers.schedule import Algorithm, NoiseSchedule, SamplerOptions, make_denoiser
+
+SHAPE = (2, 4, 8, 8)
+
+
+def toy_model(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A stand-in UNet: depends on the input and (smoothly) on the timestep, like a real one."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    phase = torch.linspace(0, 1, x_vp.shape[1]).reshape(1, -1, 1, 1)
+    return 0.8 * x_vp * torch.cos(t / 700 + phase) + 0.3 * torch.sin(3 * x_vp + t / 300)
+
+
+def start_noise(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def run_reference(scheduler, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """The diffusers denoising loop, as its StableDiffusionPipeline runs it (no guidance)."""
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = toy_model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def run_ours(algorithm: Algorithm, schedule: NoiseSchedule, options: SamplerOptions, steps: int,
+             noise: torch.Tensor, fresh_noise=None, callback=None) -> torch.Tensor:
+    """Our loop, returned in the UNet's (variance-preserving) scale like the reference's result."""
+    plan = algorithm.plan(schedule, steps, options)
+    denoise = make_denoiser(toy_model, schedule.prediction_type)
+    x = noise * plan.init_noise_scale
+    x = algorithm.run(denoise, x, plan, fresh_noise, callback, options)
+    return x / (1 + plan.sigmas[-1] ** 2) ** 0.5

@@ -1,0 +1,76 @@
+"""The command line end to end on a tiny model: PNGs with parameters, step pictures, errors."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from diffuse.cli import main
+from diffuse.metadata import info_from_infotext, read_parameters
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_txt2img_writes_pngs_carrying_their_parameters(reference_folders, tmp_path, capsys):
+    model = str(reference_folders["sd1"])
+    code, out, err = run(["txt2img", "a red circle", "-n", "blue", "--model", model, "-W", "32", "-H", "24",
+                          "--steps", "3", "--sampler", "Euler a", "--seed", "42", "--batch-size", "2",
+                          "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    paths = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in paths] == ["00000-42.png", "00001-43.png"]
+    assert out.split() == [str(p) for p in paths]
+    assert "3/3" in err  # the progress bar reached the last step
+    image = Image.open(paths[1])
+    assert image.size == (32, 24)
+    info = info_from_infotext(read_parameters(paths[1]))
+    assert (info["prompt"], info["negative_prompt"], info["seed"], info["steps"]) == ("a red circle", "blue", 43, 3)
+    assert (info["sampler"], info["width"], info["height"], info["model"]) == ("Euler a", 32, 24, "tiny_sd10")
+
+    code, out, _ = run(["pnginfo", str(paths[1])], capsys)
+    assert code == 0 and out.splitlines()[-1].startswith("Steps: 3, Sampler: Euler a")
+
+
+def test_save_steps_writes_every_step_and_a_filmstrip(reference_folders, tmp_path, capsys):
+    steps_dir = tmp_path / "steps"
+    code, _, err = run(["txt2img", "a cat", "--model", str(reference_folders["sd2"]), "-W", "32", "-H", "32",
+                        "--steps", "4", "--seed", "1", "--out", str(tmp_path / "out"), "--save-steps", str(steps_dir)],
+                       capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in steps_dir.glob("*.png"))
+    assert len([n for n in names if n.startswith("step_")]) == 4
+    assert "filmstrip.png" in names
+    assert Image.open(steps_dir / "filmstrip.png").width >= 4 * 32 // 2
+
+
+def test_n_iter_continues_the_seed_sequence(reference_folders, tmp_path, capsys):
+    code, _, err = run(["txt2img", "a cat", "--model", str(reference_folders["sd1"]), "-W", "16", "-H", "16",
+                        "--steps", "1", "--seed", "10", "--n-iter", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-10.png", "00001-11.png"]
+
+
+def test_img2img_and_inpaint_from_files(reference_folders, tmp_path, capsys):
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+    Image.new("L", (32, 32), 255).save(mask)
+    model = str(reference_folders["sd1"])
+    code, _, err = run(["img2img", "a cat", "--image", str(image), "--model", model, "--steps", "4", "--strength",
+                        "0.5", "--seed", "3", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert "Denoising strength: 0.5" in read_parameters(next((tmp_path / "a").glob("*.png")))
+    code, _, err = run(["inpaint", "a cat", "--image", str(image), "--mask", str(mask), "--model", model,
+                        "--steps", "2", "--seed", "3", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "b").glob("*.png"))) == 1
+
+
+def test_missing_model_and_bad_sampler_are_clear(reference_folders, tmp_path, capsys):
+    code, _, err = run(["txt2img", "a cat", "--model", str(tmp_path / "nope.safetensors")], capsys)
+    assert code == 2 and "nope.safetensors" in err
+    code, _, err = run(["txt2img", "a cat", "--model", str(reference_folders["sd1"]), "--sampler", "k_bogus",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 2 and "k_bogus" in err
