@@ -64,7 +64,7 @@ def generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
-                    clip_skip=args.clip_skip)
+                    clip_skip=args.clip_skip, eta=args.eta)
     if args.command == "txt2img":
         settings.update(width=args.width or 512, height=args.height or 512)
     else:
@@ -144,6 +144,8 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default="DPM++ 2M Karras", help='A1111 name, e.g. "Euler a", "DDIM", "UniPC"')
     p.add_argument("--schedule-type", default=None, help='"Automatic" (default), "Karras" or "Exponential"')
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta, or the fresh-noise share of ancestral/SDE samplers (0..1)")
     p.add_argument("--seed", type=int, default=-1, help="-1 (default) picks one; image i of a batch uses seed + i")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch")
     p.add_argument("--n-iter", type=_positive_int, default=1, help="number of batches")

@@ -8,6 +8,7 @@ and nothing half-loaded is ever returned.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from .checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_fo
 from .checkpoints.errors import CheckpointError
 from .checkpoints.fill import build_and_fill
 from .checkpoints.reader import read_state_dict
-from .checkpoints.single_file import split_single_file
+from .checkpoints.single_file import detect_family, sidecar_prediction_type, split_single_file
 from .models.clip import CLIPTextEncoder
 from .models.configs import PipelineConfig
 from .models.unet import UNet
@@ -66,8 +67,12 @@ def load_pipeline(
         states = {name: state for name, (state, _) in weights.items()}
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else {}
+        probe = False  # the folder's scheduler config says which
     else:
-        config, states = split_single_file(read_state_dict(path), path, config)
+        state = read_state_dict(path)
+        # SD2 weights do not say whether they predict noise (512-base) or v (768-v).
+        probe = config is None and detect_family(state, path) == "sd2" and sidecar_prediction_type(path) is None
+        config, states = split_single_file(state, path, config)
         tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
         files = dict.fromkeys(states, path)
         scheduler_config = {}  # Stable Diffusion's defaults
@@ -75,12 +80,27 @@ def load_pipeline(
     def fill(name, make):
         return build_and_fill(make, states[name], files[name], name, dtype=dtype, device=device)
 
+    unet = fill("unet", lambda: UNet(config.unet))
+    if probe and predicts_v(unet):
+        config = replace(config, prediction_type="v_prediction")
     return Pipeline(
         tokenizer=tokenizer,
         text_encoder=fill("text_encoder", lambda: CLIPTextEncoder(config.text_encoder)),
-        unet=fill("unet", lambda: UNet(config.unet)),
+        unet=unet,
         vae=fill("vae", lambda: AutoencoderKL(config.vae)),
         config=config,
         source=path,
         scheduler_config=scheduler_config,
     )
+
+
+@torch.no_grad()
+def predicts_v(unet: UNet) -> bool:
+    """A1111's test for SD2 v-models: at the last timestep, given a flat grey latent, a noise
+    predictor answers with something like the latent itself, while a v-predictor answers with
+    roughly minus the clean image, far below it (mean difference under -1)."""
+    param = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, dtype=param.dtype, device=param.device)
+    context = torch.full((1, 2, unet.cfg.context_dim), 0.5, dtype=param.dtype, device=param.device)
+    out = unet(x, torch.tensor([999], device=param.device), context)
+    return (out.float() - x[:, : out.shape[1]].float()).mean().item() < -1

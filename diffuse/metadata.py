@@ -42,6 +42,7 @@ _LABELS = {
     "model": "Model",
     "denoising_strength": "Denoising strength",
     "clip_skip": "Clip skip",
+    "eta": "Eta",  # DDIM's eta or the ancestral noise share, written only when asked for
     "mask_blur": "Mask blur",
     "version": "Version",
 }
@@ -156,6 +157,7 @@ _FROM_LABEL = {
     "Model": ("model", str),
     "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
+    "Eta": ("eta", float),
     "Mask blur": ("mask_blur", int),
     "Version": ("version", str),
 }

@@ -75,6 +75,7 @@ class _Job:
     image: Optional[torch.Tensor] = None  # [1, 3, H, W] in [-1, 1]
     mask: Optional[torch.Tensor] = None  # [1, 1, H, W] in {0, 1}; 1 = paint here
     keep_unmasked: bool = True
+    eta: Optional[float] = None  # as asked for (None: the sampler's default)
 
 
 @dataclass
@@ -116,34 +117,36 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip=clip_skip)
 
-    def get_sampler(self, name: str, schedule_type: str | None = None) -> Sampler:
+    def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
         """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
         config = {**self.scheduler_config, "prediction_type": self.config.prediction_type}
-        return get_sampler(name, scheduler_config=config, schedule_type=schedule_type)
+        return get_sampler(name, scheduler_config=config, schedule_type=schedule_type, eta=eta)
 
     # ---- the three entry points -------------------------------------------------------------
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int = 512,
                 height: int = 512, steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
                 seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None) -> Result:
+                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                eta: float | None = None) -> Result:
         """Generate images from text, starting from pure noise."""
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip)
+                        seed, batch_size, clip_skip, eta=eta)
         return self._run(job, callback)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
                 negative_prompt: str | list[str] = "", width: int | None = None, height: int | None = None,
                 steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
                 seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None) -> Result:
+                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                eta: float | None = None) -> Result:
         """Repaint an image: encode it, add the noise of step `strength`·steps, and denoise from there.
 
         Width and height default to the image's own size (rounded down to a multiple of 8)."""
         picture = inputs.open_image(image)
         width, height = self._size_for(picture, width, height)
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength)
+                        seed, batch_size, clip_skip, strength=strength, eta=eta)
         job.image = inputs.image_to_tensor(picture, width, height)
         return self._run(job, callback)
 
@@ -152,7 +155,7 @@ class Pipeline:
                 height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
                 sampler: str = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
                 callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
-                keep_unmasked: bool = True) -> Result:
+                eta: float | None = None, keep_unmasked: bool = True) -> Result:
         """Repaint only where the mask is white.
 
         A 9-channel inpainting UNet sees the mask and the masked image directly; a
@@ -164,7 +167,7 @@ class Pipeline:
         inputs.check_mask_matches(picture, mask_picture)
         width, height = self._size_for(picture, width, height)
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength)
+                        seed, batch_size, clip_skip, strength=strength, eta=eta)
         job.image = inputs.image_to_tensor(picture, width, height)
         job.mask = inputs.mask_to_tensor(mask_picture, width, height)
         job.keep_unmasked = keep_unmasked
@@ -177,7 +180,7 @@ class Pipeline:
         return (own_w if width is None else width), (own_h if height is None else height)
 
     def _job(self, prompt, negative_prompt, width, height, steps, guidance_scale, sampler_name, schedule_type,
-             seed, batch_size, clip_skip, strength: float = 1.0) -> _Job:
+             seed, batch_size, clip_skip, strength: float = 1.0, eta: float | None = None) -> _Job:
         inputs.check_size(width, height, self.config.vae.downsample_factor)
         inputs.check_steps(steps)
         guidance_scale = inputs.check_number("guidance_scale", guidance_scale, 0.0, 100.0)
@@ -194,10 +197,12 @@ class Pipeline:
         if len(prompts) > inputs.MAX_BATCH:
             raise ValueError(f"{len(prompts)} images requested at once; the limit is {inputs.MAX_BATCH}")
         first = inputs.resolve_seed(seed)
-        sampler = self.get_sampler(sampler_name, schedule_type)
+        if eta is not None:
+            eta = inputs.check_number("eta", eta, 0.0, 1.0)
+        sampler = self.get_sampler(sampler_name, schedule_type, eta)
         return _Job(prompts=prompts, negative_prompts=negatives, width=width, height=height, steps=steps,
                     guidance_scale=guidance_scale, sampler=sampler, seeds=[first + i for i in range(len(prompts))],
-                    clip_skip=clip_skip, strength=strength)
+                    clip_skip=clip_skip, strength=strength, eta=eta)
 
     # ---- the denoising loop -----------------------------------------------------------------
 
@@ -286,7 +291,8 @@ class Pipeline:
             "sampler": job.sampler.name, "schedule_type": job.sampler.schedule_type, "cfg_scale": job.guidance_scale,
             "seed": job.seeds[0], "width": job.width, "height": job.height, "model_hash": self.model_hash,
             "model": self.model_name, "clip_skip": job.clip_skip,
-            "denoising_strength": job.strength if job.image is not None else None, "version": VERSION,
+            "denoising_strength": job.strength if job.image is not None else None, "eta": job.eta,
+            "version": VERSION,
         }
         texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s})
                  for p, n, s in zip(job.prompts, job.negative_prompts, job.seeds)]

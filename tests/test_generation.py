@@ -35,6 +35,16 @@ DETERMINISTIC = {
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 
+# Samplers that add fresh noise every step. They draw it from the same per-image CPU
+# generator as the start noise, after it, as diffusers does: so these match too.
+STOCHASTIC = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DDPM": ("DDPMScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+
 # Where we follow the original samplers (CompVis / k-diffusion, as A1111 runs them) and
 # diffusers does something else; the sampler unit tests pin our behaviour in both cases.
 DIVERGES = {
@@ -59,7 +69,7 @@ def reference(reference_pipes, style: str, sampler: str, kind: str = "txt2img"):
     import diffusers
 
     base = reference_pipes[style]
-    class_name, extra = DETERMINISTIC.get(sampler, (None, {}))
+    class_name, extra = {**DETERMINISTIC, **STOCHASTIC}[sampler]
     scheduler = getattr(diffusers, class_name).from_config(base.scheduler.config, **extra)
     pipeline_class = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
                       "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
@@ -91,6 +101,16 @@ def test_txt2img_matches_diffusers(style, sampler, ours, reference_pipes):
                    width=SIZE, generator=torch.Generator("cpu").manual_seed(1234)).images
     result = ours[style].txt2img(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, guidance_scale=7.5, width=SIZE,
                                  height=SIZE, sampler=sampler, seed=1234)
+    assert_same_images(result.images, expected)
+
+
+@pytest.mark.parametrize("sampler", list(STOCHASTIC))
+def test_stochastic_samplers_match_diffusers_given_the_same_seed(style, sampler, ours, reference_pipes):
+    ref = reference(reference_pipes, style, sampler)
+    expected = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
+                   width=SIZE, generator=torch.Generator("cpu").manual_seed(4321)).images
+    result = ours[style].txt2img(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, guidance_scale=7.5, width=SIZE,
+                                 height=SIZE, sampler=sampler, seed=4321)
     assert_same_images(result.images, expected)
 
 
@@ -200,3 +220,14 @@ def test_result_info_describes_the_run(ours):
     assert (info["sampler"], info["schedule_type"], info["cfg_scale"]) == ("DPM++ 2M", "Karras", 5.0)
     assert (info["width"], info["height"], info["denoising_strength"]) == (SIZE, SIZE, 0.5)
     assert result.infotexts[0].splitlines()[-1].startswith("Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras")
+
+
+def test_ddim_eta_matches_diffusers(ours, reference_pipes):
+    ref = reference(reference_pipes, "sd1", "DDIM")
+    expected = ref(PROMPT, num_inference_steps=STEPS, eta=0.6, height=SIZE, width=SIZE,
+                   generator=torch.Generator("cpu").manual_seed(8)).images
+    result = ours["sd1"].txt2img(PROMPT, steps=STEPS, width=SIZE, height=SIZE, sampler="DDIM", eta=0.6, seed=8)
+    assert_same_images(result.images, expected)
+    assert "Eta: 0.6" in result.infotexts[0]
+    plain = ours["sd1"].txt2img(PROMPT, steps=STEPS, width=SIZE, height=SIZE, sampler="DDIM", seed=8)
+    assert not np.array_equal(pixels(plain.images), pixels(result.images))

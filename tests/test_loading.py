@@ -205,3 +205,20 @@ def test_not_a_model(tmp_path, reference_folders):
     with pytest.raises(diffuse.CheckpointError, match=r"unet.*no weights file"):
         diffuse.load_pipeline(folder)
 
+
+
+def test_v_prediction_probe_reads_the_models_answer_at_the_last_timestep(loaded):
+    """SD2 single files without a .yaml: the probe looks at what the UNet predicts for a grey
+    latent at t=999. Its last convolution is set so the answer is known."""
+    import copy
+
+    from diffuse.loader import predicts_v
+
+    unet = copy.deepcopy(loaded["sd2"].unet)
+    final = unet.out[-1]
+    with torch.no_grad():
+        final.weight.zero_()
+        final.bias.fill_(0.4)  # answers ≈ the latent (0.5): a noise predictor
+        assert not predicts_v(unet)
+        final.bias.fill_(-2.0)  # answers far below it, like minus a clean image: a v-predictor
+        assert predicts_v(unet)

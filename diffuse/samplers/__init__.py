@@ -58,6 +58,8 @@ _TYPE_OF_SIGMA_SCHEDULE = {v: k for k, v in _SIGMA_SCHEDULE_OF_TYPE.items()}
 _SCHEDULE_SUFFIXES = {"karras": "karras", "ka": "karras", "exponential": "exponential"}
 # The samplers whose sigmas can follow a Karras or exponential ramp (the rest visit whole timesteps).
 _RAMPED = set(K_ALGORITHMS) | set(MULTISTEP_ALGORITHMS)
+# The samplers whose fresh-noise share SamplerOptions.eta_ancestral sets.
+_ANCESTRAL = {"euler_ancestral", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde"}
 
 
 def _compact(text: str) -> str:
@@ -175,13 +177,15 @@ def _checked(sampler: Sampler) -> Sampler:
     return sampler
 
 
-def get_sampler(name: str, scheduler_config: Optional[dict] = None, schedule_type: Optional[str] = None) -> Sampler:
+def get_sampler(name: str, scheduler_config: Optional[dict] = None, schedule_type: Optional[str] = None,
+                eta: Optional[float] = None) -> Sampler:
     """A sampler by A1111 name: "Euler a", "dpm++ 2m karras", "k_dpmpp_2m", "euler_ancestral", ...
 
     A trailing "Karras"/"Exponential" or `schedule_type` picks the sigma ramp ("Automatic": the
     sampler's default, or what scheduler_config asks for). `scheduler_config` (a model's diffusers
     scheduler_config.json) supplies the training schedule and the options it sets; without it,
-    Stable Diffusion's.
+    Stable Diffusion's. `eta` (A1111's field) is DDIM's eta, or the share of fresh noise of the
+    ancestral and SDE samplers; samplers without one ignore it, as A1111 does.
     """
     label, from_name = _parse_name(name)
     from_type = _parse_schedule_type(schedule_type)
@@ -198,6 +202,11 @@ def get_sampler(name: str, scheduler_config: Optional[dict] = None, schedule_typ
         options = replace(options, sigma_schedule=chosen)
     elif algorithm not in _RAMPED:
         options = replace(options, sigma_schedule="default")  # a model's Karras setting is for ramped samplers
+    if eta is not None:
+        if algorithm == "ddim":
+            options = replace(options, eta=eta)
+        elif algorithm in _ANCESTRAL:
+            options = replace(options, eta_ancestral=eta)
     return _checked(Sampler(algorithm, options, _schedule_from_config(config)))
 
 
