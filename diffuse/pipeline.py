@@ -125,9 +125,9 @@ class Pipeline:
     # ---- the three entry points -------------------------------------------------------------
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int = 512,
-                height: int = 512, steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
-                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                height: int = 512, steps: int = 20, guidance_scale: float = 7.5,
+                sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
+                clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
                 eta: float | None = None) -> Result:
         """Generate images from text, starting from pure noise."""
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
@@ -136,7 +136,7 @@ class Pipeline:
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
                 negative_prompt: str | list[str] = "", width: int | None = None, height: int | None = None,
-                steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
+                steps: int = 20, guidance_scale: float = 7.5, sampler: str | Sampler = "DPM++ 2M Karras",
                 seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
                 callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
                 eta: float | None = None) -> Result:
@@ -153,8 +153,8 @@ class Pipeline:
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 strength: float = 1.0, negative_prompt: str | list[str] = "", width: int | None = None,
                 height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
-                sampler: str = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
+                clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
                 eta: float | None = None, keep_unmasked: bool = True) -> Result:
         """Repaint only where the mask is white.
 
@@ -199,7 +199,8 @@ class Pipeline:
         first = inputs.resolve_seed(seed)
         if eta is not None:
             eta = inputs.check_number("eta", eta, 0.0, 1.0)
-        sampler = self.get_sampler(sampler_name, schedule_type, eta)
+        # A ready Sampler (e.g. from sampler_from_diffusers_config) is used as it is.
+        sampler = sampler_name if isinstance(sampler_name, Sampler) else self.get_sampler(sampler_name, schedule_type, eta)
         return _Job(prompts=prompts, negative_prompts=negatives, width=width, height=height, steps=steps,
                     guidance_scale=guidance_scale, sampler=sampler, seeds=[first + i for i in range(len(prompts))],
                     clip_skip=clip_skip, strength=strength, eta=eta)
@@ -266,7 +267,7 @@ class Pipeline:
                 callback(Step(i, plan.steps, float(plan.timesteps[i]), x * scale, denoised))
             return x
 
-        denoise = make_denoiser(predict, job.sampler.schedule.prediction_type)
+        denoise = make_denoiser(predict, self.config.prediction_type)  # what the model predicts is the model's fact
         x = job.sampler.run(denoise, x, plan, draw_noise, after_step)
         latents = x / (1 + sigmas[-1] ** 2) ** 0.5
         images = [to_pil(self.decode_latents(latents[i : i + 1]))[0] for i in range(len(latents))]

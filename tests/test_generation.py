@@ -231,3 +231,18 @@ def test_ddim_eta_matches_diffusers(ours, reference_pipes):
     assert "Eta: 0.6" in result.infotexts[0]
     plain = ours["sd1"].txt2img(PROMPT, steps=STEPS, width=SIZE, height=SIZE, sampler="DDIM", seed=8)
     assert not np.array_equal(pixels(plain.images), pixels(result.images))
+
+
+def test_a_diffusers_scheduler_config_gives_the_same_sampler(ours, reference_folders, reference_pipes):
+    """A scheduler_config.json (here DPM++ 2M with Karras sigmas) drives our pipeline like the name does."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffuse.samplers import sampler_from_diffusers_config
+
+    scheduler = DPMSolverMultistepScheduler.from_config(reference_pipes["sd2"].scheduler.config, use_karras_sigmas=True)
+    config = {**scheduler.config, "_class_name": "DPMSolverMultistepScheduler"}
+    sampler = sampler_from_diffusers_config(config)
+    by_config = ours["sd2"].txt2img(PROMPT, steps=6, width=SIZE, height=SIZE, sampler=sampler, seed=2)
+    by_name = ours["sd2"].txt2img(PROMPT, steps=6, width=SIZE, height=SIZE, sampler="DPM++ 2M Karras", seed=2)
+    assert np.array_equal(pixels(by_config.images), pixels(by_name.images))
+    assert by_config.info["sampler"] == "DPM++ 2M" and by_config.info["schedule_type"] == "Karras"
