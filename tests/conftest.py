@@ -34,10 +34,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-@pytest.fixture(scope="session")
-def clip_vocab_dir(tmp_path_factory) -> Path:
+def write_clip_vocab(out: Path) -> Path:
     """vocab.json + merges.txt as OpenAI's CLIP defines them, for transformers' CLIPTokenizer."""
-    out = tmp_path_factory.mktemp("clip_vocab")
+    out.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(bytes_to_unicode().values())
@@ -46,6 +45,11 @@ def clip_vocab_dir(tmp_path_factory) -> Path:
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_dir(tmp_path_factory) -> Path:
+    return write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))
 
 
 def reference_tokenizer(vocab_dir: Path, style: str):
