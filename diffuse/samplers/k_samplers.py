@@ -27,6 +27,7 @@ from .schedule import (
     Plan,
     SamplerOptions,
     StepCallback,
+    after_step,
     karras_sigmas,
 )
 
@@ -115,9 +116,6 @@ def dpm2_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> P
 # ---------------------------------------------------------------- shared step pieces
 
 
-def _after_step(callback: Optional[StepCallback], i: int, x: Tensor, denoised: Tensor) -> Tensor:
-    replaced = callback(i, x, denoised) if callback is not None else None
-    return x if replaced is None else replaced
 
 
 def _timestep_at(plan: Plan, sigma: Tensor) -> Tensor:
@@ -163,7 +161,7 @@ def sample_euler(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[Noise
         sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
         denoised = denoise(x, sigma, plan.timesteps[i])
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -179,7 +177,7 @@ def sample_euler_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Opti
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_up > 0:
             x = x + noise() * (options.s_noise * sigma_up)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -199,7 +197,7 @@ def sample_heun(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
             t_next = plan.timesteps[i + 1] if i + 1 < plan.steps else _timestep_at(plan, sigma_next)
             slope_next = (x_euler - denoise(x_euler, sigma_next, t_next)) / sigma_next
             x = x + (slope + slope_next) / 2 * (sigma_next - sigma)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -232,7 +230,7 @@ def sample_lms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSo
         current = min(i + 1, order)
         weights = [_lagrange_weight(sigmas, i, j, current) for j in range(current)]
         x = x + sum(w * s for w, s in zip(weights, reversed(slopes)))
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -260,7 +258,7 @@ def sample_dpm2(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
             x = x + slope * (sigma_next - sigma)
         else:
             x = _dpm2_step(denoise, plan, x, slope, sigma, sigma_next)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -280,7 +278,7 @@ def sample_dpm2_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optio
             x = _dpm2_step(denoise, plan, x, slope, sigma, sigma_down)
         if sigma_up > 0:
             x = x + noise() * (options.s_noise * sigma_up)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -306,7 +304,7 @@ def sample_dpmpp_2s_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: O
             x = _toward(denoised_mid, x, sigma_down / sigma)
         if sigma_up > 0:
             x = x + noise() * (options.s_noise * sigma_up)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -339,7 +337,7 @@ def sample_dpmpp_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[N
             x = _toward(denoised_mid, x, down / sigma)
             if up > 0:
                 x = x + noise() * (options.s_noise * up)
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 

@@ -28,6 +28,7 @@ from .schedule import (
     Plan,
     SamplerOptions,
     StepCallback,
+    after_step,
     karras_sigmas,
 )
 
@@ -131,11 +132,6 @@ def plan_unipc(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> 
 # ---------------------------------------------------------------- samplers
 
 
-def _after_step(callback: Optional[StepCallback], i: int, x: Tensor, denoised: Tensor) -> Tensor:
-    if callback is None:
-        return x
-    replaced = callback(i, x, denoised)
-    return x if replaced is None else replaced
 
 
 def _log_snr_step(sigma: Tensor, sigma_next: Tensor) -> float:
@@ -177,7 +173,7 @@ def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[No
             keep = (sigma_next / sigma).item()  # exp(-h)
             x = keep * x + (1 - keep) * _dpmpp_x0_estimate(plan, i, denoised, previous, options)
         previous = denoised
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -207,7 +203,7 @@ def sample_dpmpp_2m_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optiona
             fresh = sigma_next.item() * math.sqrt(-math.expm1(-2 * eta * h)) * options.s_noise
             x = x + fresh * noise()
         previous = denoised
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -269,7 +265,7 @@ def sample_unipc(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[Noise
             if order == 2 and h > 0:  # (h = 0: a repeated final level, nothing moves)
                 r = (lam[i - 1] - lam[i]) / h
                 x = x - b_h * 0.5 * (x0s[-2] - denoised) / r
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 

@@ -160,6 +160,12 @@ class Algorithm:
     stochastic: bool
 
 
+def after_step(callback: Optional[StepCallback], i: int, x: Tensor, denoised: Tensor) -> Tensor:
+    """Hand step i's result to the callback; continue from its replacement if it returns one."""
+    replaced = callback(i, x, denoised) if callback is not None else None
+    return x if replaced is None else replaced
+
+
 def make_denoiser(predict: Callable[[Tensor, Tensor], Tensor], prediction_type: str) -> Denoiser:
     """Wrap a UNet-style predictor (x_vp, t) -> epsilon or v into a Denoiser (x, sigma, t) -> x0.
 

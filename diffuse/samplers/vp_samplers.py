@@ -27,6 +27,7 @@ from .schedule import (
     Plan,
     SamplerOptions,
     StepCallback,
+    after_step,
 )
 
 # ---------------------------------------------------------------- plans
@@ -169,9 +170,6 @@ def _ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, target: Tensor, eta: 
     return denoised + kept * eps + fresh * noise()
 
 
-def _after_step(callback: Optional[StepCallback], i: int, x: Tensor, denoised: Tensor) -> Tensor:
-    replaced = callback(i, x, denoised) if callback is not None else None
-    return x if replaced is None else replaced
 
 
 def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
@@ -185,7 +183,7 @@ def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
         denoised = denoise(x, sigma, plan.timesteps[i])
         x = _ddim_step(x, denoised, sigma, landing[i], options.eta, noise)
         x = _reinterpret(x, landing[i], plan.sigmas[i + 1])
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -220,6 +218,7 @@ def sample_plms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
     landing = plan.landing_sigmas if plan.landing_sigmas is not None else plan.sigmas[1:]
     restart = plan.restart_sigmas if plan.restart_sigmas is not None else plan.sigmas[:-1].roll(1)
     slopes: list[Tensor] = []  # noise predictions of the calls that feed the extrapolation
+    first_x = x  # the warm-up redoes the first step from here
     for i in range(plan.steps):
         sigma = plan.sigmas[i]
         denoised = denoise(x, sigma, plan.timesteps[i])
@@ -229,13 +228,11 @@ def sample_plms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
             start, end = restart[1], sigma
             x = _reinterpret(first_x, plan.sigmas[0], start) + (end - start) * (slopes[0] + eps) / 2
         else:
-            if i == 0:
-                first_x = x
             slopes = slopes[-3:] + [eps]
             start, end = sigma, landing[i]
             x = x + (end - start) * _adams_bashforth(slopes)
         x = _reinterpret(x, end, plan.sigmas[i + 1])
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
@@ -265,7 +262,7 @@ def sample_lcm(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSo
             x = denoised + target * noise()
         else:
             x = denoised
-        x = _after_step(callback, i, x, denoised)
+        x = after_step(callback, i, x, denoised)
     return x
 
 
