@@ -1,0 +1,1 @@
+"""Training diffuse's own small default model from scratch on a generated shapes world."""

@@ -1,0 +1,356 @@
+"""The training loop every part of the model shares: AdamW, warmup + cosine, resumable, data-parallel.
+
+A component trainer (autoencoder, text encoder, UNet) supplies three things:
+
+    config      a frozen dataclass that subclasses LoopConfig, adding its own fields
+                (or one that holds a LoopConfig in a field named `loop`);
+    make_batch  make_batch(start, count) -> batch: the samples with global indices
+                start .. start+count-1, a pure function of the index (tensors, or dicts,
+                lists or tuples of them; moved to the training device here);
+    loss_fn     loss_fn(models, batch, random) -> (loss, logs): the mean loss over the batch
+                as a scalar tensor, and a dict of extra floats to log. All randomness of a
+                step (noise, timesteps, caption dropout) comes from `random`, a BatchRandom:
+                per-sample draws through random.randn / rand / randint are the same whatever
+                the number of processes; random.generator (checkpointed too) suits draws that
+                do not belong to one sample, since every process holds it in the same state.
+
+The data stream is one endless sequence of sample indices: step s trains on indices
+[s*B, (s+1)*B), so the position in the stream is just a number, saved in each checkpoint,
+and make_batch decides how an index maps to a sample (index % dataset size for epochs).
+
+Every step appends one JSON line to out_dir/log.jsonl; checkpoints go to
+out_dir/checkpoint-<step>.pt. A run started again in the same folder resumes from its
+latest checkpoint and, because every RNG state is restored, logs the same losses bit for
+bit as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from diffuse.train import distributed
+from diffuse.train.distributed import DistInfo
+from diffuse.train.state import (
+    capture_rng_state,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resumable,
+    save_checkpoint,
+)
+
+LOG_NAME = "log.jsonl"
+OPTIMIZER_NAME = "adamw"
+GENERATOR_NAME = "batch"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How to optimise. Fields marked resumable may change when a run resumes; the rest may not."""
+
+    steps: int = resumable(1000)  # total optimizer steps; raise it to train a finished run further
+    batch_size: int = 32  # the global batch, over all processes
+    lr: float = 1e-4  # peak learning rate, reached at the end of warmup
+    final_lr_fraction: float = 0.1  # the cosine decays to lr * this at the last step
+    warmup_steps: int = 100
+    weight_decay: float = 0.01  # on weight matrices and kernels only, never on biases or norm scales
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    seed: int = 0
+    log_every: int = resumable(10)  # progress-bar refresh and log flush, in steps
+    checkpoint_every: int = resumable(500)
+    keep_checkpoints: int = resumable(2)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must be between 0 and 1, not {self.final_lr_fraction}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps, weight_decay and grad_clip must not be negative: "
+                             f"{self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), not {self.betas}")
+
+
+def learning_rate(config: LoopConfig, step: int) -> float:
+    """The learning rate of the update that follows `step` completed steps.
+
+    Linear warmup from lr/warmup to lr (a fresh AdamW's first updates are about lr in size
+    whatever the gradient, so starting small keeps them from wrecking the initialisation),
+    then a half cosine from lr down to lr * final_lr_fraction at the last step.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    floor = config.lr * config.final_lr_fraction
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class BatchRandom:
+    """A step's randomness for this process's rows of the global batch.
+
+    Each draw is made for the whole global batch from one generator that every process
+    holds in the same state, and each process keeps its own rows. So a sample's noise
+    depends only on the step and its place in the batch, never on how many processes share
+    the batch: 2 processes x B/2 draw exactly what 1 process x B draws. The generator's
+    state is checkpointed, so a resumed run draws what an uninterrupted one would.
+    """
+
+    generator: torch.Generator  # the shared generator; direct draws must be the same on every process
+    offset: int  # this process's first row of the global batch
+    count: int  # how many rows it holds
+    global_batch: int
+    device: torch.device
+
+    def randn(self, *sample_shape: int) -> Tensor:
+        """Standard normal noise of shape [count, *sample_shape]."""
+        return self._rows(torch.randn((self.global_batch, *sample_shape), generator=self.generator))
+
+    def rand(self, *sample_shape: int) -> Tensor:
+        """Uniform [0, 1) values of shape [count, *sample_shape]."""
+        return self._rows(torch.rand((self.global_batch, *sample_shape), generator=self.generator))
+
+    def randint(self, low: int, high: int, *sample_shape: int) -> Tensor:
+        """Integers in [low, high) of shape [count, *sample_shape] (e.g. diffusion timesteps)."""
+        return self._rows(torch.randint(low, high, (self.global_batch, *sample_shape), generator=self.generator))
+
+    def _rows(self, values: Tensor) -> Tensor:
+        return values[self.offset:self.offset + self.count].to(self.device)
+
+
+LossFn = Callable[[dict[str, nn.Module], Any, BatchRandom], tuple[Tensor, dict[str, Any]]]
+MakeBatch = Callable[[int, int], Any]
+
+
+def train(
+    config: Any,
+    models: dict[str, nn.Module],
+    loss_fn: LossFn,
+    make_batch: MakeBatch,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> list[float]:
+    """Train `models` for config.steps steps in `out_dir`; returns the loss of every step so far.
+
+    Models with parameters that require grad are trained: put in train mode, optimised by
+    one AdamW, checkpointed, and (under torchrun) wrapped in DistributedDataParallel before
+    loss_fn sees them; call each such model once per step, through its forward. The rest
+    (a frozen autoencoder, say) are passed through untouched. Models are moved to the
+    training device; the caller builds them, seeded, before calling.
+
+    With resume=True a folder holding checkpoints continues from the latest one (which must
+    have been written with the same config, resumable fields aside); with resume=False such
+    a folder is refused rather than overwritten.
+    """
+    loop = _loop_config(config)
+    out_dir = Path(out_dir)
+    started_group = not distributed.is_initialized()
+    info = distributed.setup()
+    try:
+        return _train(config, loop, models, loss_fn, make_batch, out_dir, info, resume, progress)
+    finally:
+        if started_group:
+            distributed.teardown()
+
+
+def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn: LossFn, make_batch: MakeBatch,
+           out_dir: Path, info: DistInfo, resume: bool, progress: bool) -> list[float]:
+    trainable = {name: m for name, m in models.items() if any(p.requires_grad for p in m.parameters())}
+    if not trainable:
+        raise ValueError(f"none of the models {sorted(models)} has parameters that require grad: nothing to train")
+    for model in models.values():
+        model.to(info.device)
+    for model in trainable.values():
+        model.train()
+
+    _seed_process(loop.seed, info.rank)
+    # One stream for all processes (same seed everywhere): see BatchRandom.
+    batch_generator = torch.Generator().manual_seed(loop.seed)
+    optimizer = _make_optimizer(loop, trainable)
+    optimizers, generators = {OPTIMIZER_NAME: optimizer}, {GENERATOR_NAME: batch_generator}
+
+    step, data_position = 0, 0
+    latest = latest_checkpoint(out_dir)
+    if latest is not None:
+        if not resume:
+            raise ValueError(f"{out_dir} already holds checkpoints (latest {latest.name}); "
+                             "resume from them or train in another folder")
+        state = load_checkpoint(latest, config=config, models=trainable, optimizers=optimizers,
+                                generators=generators, rank=info.rank)
+        step, data_position = state.step, state.data_position
+
+    log_path = out_dir / LOG_NAME
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+    distributed.barrier()  # the others read the log only once it is cut back to the checkpoint
+    losses = _logged_losses(log_path)
+
+    wrapped = {name: distributed.wrap(m, info) if name in trainable else m for name, m in models.items()}
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+    offset, count = distributed.shard(loop.batch_size, info)
+    weight = distributed.shard_weight(loop.batch_size, info)
+    max_norm = loop.grad_clip if loop.grad_clip > 0 else math.inf
+
+    bar = tqdm(total=loop.steps, initial=min(step, loop.steps), unit="step", desc=out_dir.name,
+               disable=not (progress and info.is_main))
+    log = open(log_path, "a", encoding="utf-8") if info.is_main else None
+
+    def save() -> None:
+        if log is not None:
+            # The log must reach the checkpoint's step before the checkpoint exists.
+            log.flush()
+            os.fsync(log.fileno())
+        rng_states = distributed.gather_objects(capture_rng_state(), info)
+        if info.is_main:
+            save_checkpoint(checkpoint_path(out_dir, step), config=config, models=trainable, optimizers=optimizers,
+                            step=step, data_position=data_position, generators=generators,
+                            rng_states=rng_states, extra={"world_size": info.world_size})
+            prune_checkpoints(out_dir, loop.keep_checkpoints)
+        distributed.barrier()
+
+    try:
+        while step < loop.steps:
+            lr = learning_rate(loop, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = _to_device(make_batch(data_position + offset, count), info.device)
+            batch_random = BatchRandom(batch_generator, offset, count, loop.batch_size, info.device)
+            loss, logs = loss_fn(wrapped, batch, batch_random)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn must return the batch's mean loss as a scalar tensor, not {what}")
+
+            optimizer.zero_grad(set_to_none=True)
+            (loss * weight).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            means = _global_means(loss, logs, count, loop.batch_size, info.device)
+            if not math.isfinite(means["loss"]):
+                raise ValueError(f"the loss became {means['loss']} at step {step + 1}; "
+                                 f"not updating the models (latest checkpoint: {latest_checkpoint(out_dir)})")
+            optimizer.step()
+            step += 1
+            data_position += loop.batch_size
+
+            record = {"step": step, **means, "lr": lr, "grad_norm": float(grad_norm)}
+            losses.append(record["loss"])
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+            bar.update(1)
+            if step % loop.log_every == 0:
+                if log is not None:
+                    log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.3g}")
+            if step % loop.checkpoint_every == 0 or step == loop.steps:
+                save()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return losses
+
+
+def _loop_config(config: Any) -> LoopConfig:
+    if isinstance(config, LoopConfig):
+        return config
+    if isinstance(getattr(config, "loop", None), LoopConfig):
+        return config.loop
+    raise ValueError(f"config must be a LoopConfig, a subclass of it, or hold one in a field named 'loop'; "
+                     f"got {type(config).__name__}")
+
+
+def _seed_process(seed: int, rank: int) -> None:
+    """Seed this process's global RNGs (dropout and anything else drawing implicitly).
+
+    Each process gets its own stream, so two processes' dropout masks differ as two halves
+    of one batch's would.
+    """
+    process_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+    torch.manual_seed(process_seed)
+
+
+def _make_optimizer(config: LoopConfig, models: dict[str, nn.Module]) -> torch.optim.AdamW:
+    # Weight decay shrinks weights toward zero to regularise them; on biases and norm scales
+    # (the 1-d parameters) it only fights the values the layer needs, so they are exempt.
+    decay, no_decay = [], []
+    for model in models.values():
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+
+
+def _global_means(loss: Tensor, logs: dict[str, Any], count: int, global_batch: int,
+                  device: torch.device) -> dict[str, float]:
+    """The loss and logs averaged over the whole global batch, as one process would compute them."""
+    # A loss_fn may log its own "loss"; the loop's (averaged over all processes) replaces it.
+    logs = {name: value for name, value in logs.items() if name != "loss"}
+    reserved = {"step", "lr", "grad_norm"} & set(logs)
+    if reserved:
+        raise ValueError(f"loss_fn logs {sorted(reserved)}, names the loop writes itself")
+    names = ["loss", *logs]
+    values = [loss.detach()] + [torch.as_tensor(v).detach() for v in logs.values()]
+    if not distributed.is_initialized():
+        return {name: float(v) for name, v in zip(names, values)}
+    # Weighted by each process's share of the batch, summed in float64 over the processes.
+    stacked = torch.stack([v.to(device=device, dtype=torch.float64) for v in values]) * count
+    totals = distributed.all_sum(stacked) / global_batch
+    return {name: float(v) for name, v in zip(names, totals.tolist())}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_to_device(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Cut the log back to the lines of steps 1..step: a killed run may have logged past its last checkpoint."""
+    if not path.exists():
+        return
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                complete = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                complete = False  # a line cut short by the kill
+            if not complete:
+                break
+            keep += len(line)
+    os.truncate(path, keep)
+
+
+def _logged_losses(path: Path) -> list[float]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["loss"] for line in f]

@@ -1,0 +1,276 @@
+"""The three training losses, one plain function each: no loops, no optimizers.
+
+Each returns (loss, logs): the batch's mean loss as a scalar tensor to backpropagate,
+and a dict of floats to print.
+
+    vae_loss   the autoencoder: reconstruct images through a sampled latent, KL to N(0, I)
+    clip_loss  the text encoder: captions and images pulled together in a joint space
+    unet_loss  the noise predictor: noise a latent to a random step, predict that noise
+
+plus the glue the training of each stage needs: `encode_latents` (images -> the
+UNet's latents), `scaling_factor_for` (how SD picked 0.18215) and `drop_captions`
+(the empty prompts that classifier-free guidance is later steered against).
+
+Randomness. Every draw comes from the `random` passed in, in a documented order:
+either a CPU `torch.Generator` (the whole batch is drawn from it) or a per-sample
+source such as diffuse.train.loop.BatchRandom, which draws for the global batch
+and hands this process its rows, so 2 processes with B/2 each draw exactly what
+1 process with B draws. For one process with the whole batch, both give the same
+numbers from the same generator state. Either way, a run resumed with the saved
+generator state computes exactly the losses an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.image_encoder import ImageEncoder, LogitScale, TextProjection
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
+from diffuse.samplers.schedule import NoiseSchedule
+
+# SD's kl-f8 autoencoder weight. With reconstruction and KL both summed per image
+# (as SD sums them), the balance depends only on the pixels-per-latent ratio, which
+# f=8 and 3 -> 4 channels fix at 48 whatever the image size: 64x64 keeps SD's trade-off.
+# So weak a KL barely regularises: latents stay sharp (what flat shapes need) and
+# come out with a std far from 1, which scaling_factor_for then measures.
+DEFAULT_KL_WEIGHT = 1e-6
+
+
+class SampleRandom(Protocol):
+    """Per-sample draws for the rows of the batch this process holds: [rows, *sample_shape]."""
+
+    def randn(self, *sample_shape: int) -> Tensor: ...
+
+    def rand(self, *sample_shape: int) -> Tensor: ...
+
+    def randint(self, low: int, high: int, *sample_shape: int) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class WholeBatch:
+    """A plain generator as a SampleRandom: every row of the batch is drawn here, in one draw."""
+
+    generator: torch.Generator
+    rows: int
+
+    def randn(self, *sample_shape: int) -> Tensor:
+        return torch.randn((self.rows, *sample_shape), generator=self.generator, device=self.generator.device)
+
+    def rand(self, *sample_shape: int) -> Tensor:
+        return torch.rand((self.rows, *sample_shape), generator=self.generator, device=self.generator.device)
+
+    def randint(self, low: int, high: int, *sample_shape: int) -> Tensor:
+        return torch.randint(low, high, (self.rows, *sample_shape), generator=self.generator,
+                             device=self.generator.device)
+
+
+Random = torch.Generator | SampleRandom
+
+
+def per_sample(random: Random, rows: int) -> SampleRandom:
+    return WholeBatch(random, rows) if isinstance(random, torch.Generator) else random
+
+
+def _checked(draw: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
+    # A per-sample source built for another batch size would otherwise broadcast silently.
+    if tuple(draw.shape) != tuple(shape):
+        raise ValueError(f"the random source gave {what} of shape {tuple(draw.shape)} for a batch needing {tuple(shape)}")
+    return draw
+
+
+# ---------------------------------------------------------------- the autoencoder
+
+
+def vae_loss(
+    vae: AutoencoderKL, images: Tensor, generator: torch.Generator, kl_weight: float = DEFAULT_KL_WEIGHT
+) -> tuple[Tensor, dict[str, float]]:
+    """L1 reconstruction of a posterior sample plus kl_weight x KL(posterior || N(0, I)), both per image.
+
+    L1, as SD's autoencoder uses: on flat colour regions with hard edges it drives
+    colours to exact values (its gradient does not fade near zero error as L2's does)
+    and does not average an edge into a blur the way L2's mean-seeking does.
+    Left out of SD's recipe: the LPIPS perceptual term (it needs a pretrained VGG,
+    which training from scratch cannot use) and the patch-GAN discriminator (SD
+    switches it on only after 50k steps, far beyond a CPU budget). SD's learned
+    output log-variance is left out too: its training code never gives it to the
+    optimizer, so it stays 0 and changes nothing.
+
+    The one draw is the posterior sample's noise, made inside the autoencoder's own
+    forward (the call a data-parallel wrapper needs), hence a plain generator here:
+    across processes each draws its own rows' noise, so unlike the other losses a
+    2-process run does not repeat a 1-process run's samples exactly.
+    """
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+    reconstruction, posterior = vae(images, sample=True, generator=generator)
+    abs_error = (reconstruction - images).abs()
+    rec = abs_error.sum(dim=[1, 2, 3]).mean()  # per-image sum, batch mean: SD's scale, so kl_weight keeps its meaning
+    kl = posterior.kl().mean()
+    loss = rec + kl_weight * kl
+    with torch.no_grad():
+        logs = {
+            "loss": loss.item(),
+            "rec_l1": abs_error.mean().item(),  # per pixel value, in [-1, 1] units
+            "rec_mse": (reconstruction - images).pow(2).mean().item(),
+            "kl": kl.item(),
+            "latent_std": posterior.mean.std().item(),
+        }
+    return loss, logs
+
+
+def encode_latents(vae: AutoencoderKL, images: Tensor, random: Random, scaling_factor: float) -> Tensor:
+    """Images -> the latents the UNet trains on: a posterior sample times the scaling factor.
+
+    A sample rather than the mean, as latent diffusion trains: the UNet then learns
+    the whole small cloud each image maps to, not one point of it. One draw (the
+    sample's noise; from a generator, the same numbers DiagonalGaussian.sample takes).
+    No gradient: the autoencoder is frozen by the time the UNet trains.
+    """
+    with torch.no_grad():
+        posterior = vae.encode(images)
+        noise = _checked(per_sample(random, len(images)).randn(*posterior.mean.shape[1:]), posterior.mean.shape, "noise")
+        return (posterior.mean + posterior.std * noise.to(posterior.mean)) * scaling_factor
+
+
+def scaling_factor_for(latents: Tensor) -> float:
+    """1 / std of a batch of raw latents: what makes the UNet's latents unit-variance.
+
+    This is how SD arrived at 0.18215 (its `scale_by_std`: 1 / std of the first
+    batch's latents, all elements together), measured once after the autoencoder
+    is trained and then fixed in the model's config.
+    """
+    std = latents.detach().float().flatten().std().item()
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"latents have std {std}; a scaling factor needs a finite, positive spread")
+    return 1.0 / std
+
+
+# ---------------------------------------------------------------- the text encoder
+
+
+def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, ids: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Symmetric InfoNCE: each image must pick its caption among the batch's, and each caption its image.
+
+    Logits are cosine similarities times `scale` (LogitScale's output). Split from
+    clip_loss so a multi-process run can gather every process's embeddings and ids
+    first and compute the loss over the global batch, as CLIP does.
+
+    A procedural dataset repeats captions within a batch. The loss needs no special
+    case for that: copies of a caption have identical text embeddings, so an image
+    gives them equal probability and the loss is the same as if every copy were
+    counted a match; it only cannot fall below log(copies). The accuracies do count
+    a copy of the right caption (rows of identical `ids`) as right.
+    """
+    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be [B, D], got {tuple(image_embeds.shape)} "
+                         f"and {tuple(text_embeds.shape)}")
+    if ids.shape[0] != image_embeds.shape[0]:
+        raise ValueError(f"{ids.shape[0]} caption id rows for {image_embeds.shape[0]} embeddings")
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    logits_per_image = scale.float() * image_embeds @ text_embeds.T  # [images, captions]
+    labels = torch.arange(len(ids), device=logits_per_image.device)  # image i belongs with caption i
+    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+    with torch.no_grad():
+        matches = (ids[:, None, :] == ids[None, :, :]).all(dim=-1).to(labels.device)  # same caption, token for token
+        logs = {
+            "loss": loss.item(),
+            "acc_image_to_text": matches[labels, logits_per_image.argmax(dim=1)].float().mean().item(),
+            "acc_text_to_image": matches[labels, logits_per_image.argmax(dim=0)].float().mean().item(),
+            "logit_scale": scale.item(),
+            "duplicate_caption_pairs": (matches.sum().item() - len(ids)) / 2,
+        }
+    return loss, logs
+
+
+def clip_loss(
+    text_encoder: CLIPTextEncoder,
+    text_projection: TextProjection,
+    image_encoder: ImageEncoder,
+    logit_scale: LogitScale,
+    ids: Tensor,
+    images: Tensor,
+    eos_token_id: int = 49407,
+) -> tuple[Tensor, dict[str, float]]:
+    """CLIP's objective on one batch of (caption ids [B, T], images [B, 3, H, W]); no randomness.
+
+    The text side is read where CLIP reads it: the final-layer-normed hidden state
+    at the first end-of-text token, projected into the joint space. Each module is
+    called once, through its forward, as a data-parallel wrapper requires.
+    """
+    if ids.shape[0] != images.shape[0]:
+        raise ValueError(f"{ids.shape[0]} captions for {images.shape[0]} images")
+    hidden = text_encoder(ids)
+    # Picking the end-of-text state uses no weights: call it on the encoder itself, not
+    # on a data-parallel wrapper, which does not pass methods through.
+    pooled = _unwrapped(text_encoder).pooled(hidden, ids, eos_token_id)
+    return contrastive_loss(image_encoder(images), text_projection(pooled), logit_scale(), ids)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def drop_captions(captions: Sequence[str], p: float, random: Random) -> list[str]:
+    """Replace each caption by "" with probability p (one uniform draw per caption, all drawn).
+
+    Training on some empty prompts is what gives classifier-free guidance its
+    unconditional prediction to steer away from. One draw per caption whatever p
+    is, so the generator advances the same way at every p.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption drop probability must be in [0, 1], got {p}")
+    draws = _checked(per_sample(random, len(captions)).rand(), (len(captions),), "caption draws")
+    return ["" if drop else caption for caption, drop in zip(captions, (draws < p).tolist())]
+
+
+# ---------------------------------------------------------------- the noise predictor
+
+
+def unet_loss(
+    unet: UNet, context: Tensor, latents: Tensor, schedule: NoiseSchedule, random: Random
+) -> tuple[Tensor, dict[str, float]]:
+    """Forward diffusion, then denoising: MSE between the UNet's prediction and its target.
+
+    Draws, in this order: a timestep per latent, uniform in [0, T), then noise eps
+    shaped like the latents. The latent is cut to the noise slice of its step,
+
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+
+    and the UNet, told t and the text context, predicts eps (or, for a v-prediction
+    schedule, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0). `latents` are already
+    scaled by the autoencoder's scaling factor (see encode_latents).
+    """
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be [B, C, h, w], got {tuple(latents.shape)}")
+    if context.shape[0] != latents.shape[0]:
+        raise ValueError(f"{context.shape[0]} text contexts for {latents.shape[0]} latents")
+    batch = latents.shape[0]
+    draws = per_sample(random, batch)
+    timesteps = _checked(draws.randint(0, schedule.num_train_timesteps), (batch,), "timesteps").to(latents.device)
+    noise = _checked(draws.randn(*latents.shape[1:]), latents.shape, "noise").to(latents.device, torch.float32)
+
+    abar = schedule.alphas_cumprod().to(latents.device)[timesteps].view(batch, 1, 1, 1)
+    x0 = latents.float()
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    if schedule.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    dtype = next(unet.parameters()).dtype
+    prediction = unet(noisy.to(dtype), timesteps, context.to(dtype)).float()
+    loss = F.mse_loss(prediction, target)
+    with torch.no_grad():
+        logs = {"loss": loss.item(), "mean_timestep": timesteps.float().mean().item()}
+    return loss, logs

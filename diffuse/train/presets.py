@@ -1,0 +1,94 @@
+"""The proposed architecture of diffuse's own small default model, trained from scratch on a CPU.
+
+Sized for 64x64 images of flat-colour shapes, a 2-core CPU, ~3 hours of training for
+all of it, and one <= 60 MB fp16 file. Measured on a 2-core CPU (fp32, torch 2.13),
+parameters / fp16 size / forward time:
+
+    text encoder  7.13 M  14.3 MB   ~2.5 ms for 2 prompts of 77 tokens
+                  (of which the 49408 x 128 token table is 6.32 M, 12.6 MB)
+    UNet         10.57 M  21.1 MB   ~23 ms per step at 8x8 latents, batch 2 (guidance)
+    VAE           3.00 M   6.0 MB   ~14 ms to decode one 8x8x4 latent to 64x64
+    total        20.69 M  41.4 MB   txt2img 64x64, 20 steps with guidance: 0.55-0.65 s
+
+The choices, each for a reason:
+  - VAE: SD's f=8, 4-channel latent, so 4 levels (3 halvings): 64x64 -> 8x8x4.
+    Widths 32/64/64/128 with one block per level: flat shapes need little capacity,
+    and the VAE is the most expensive network to train per image (it works at 64x64).
+    8 norm groups, i.e. 4 channels per group as in SD's VAE (128 / 32): with 32 groups
+    on 32 channels each channel would be normalised on its own, and a flat-colour
+    feature map would lose its absolute level, i.e. its colour.
+  - Text encoder: vocabulary and 77 positions stay CLIP's, so SD's tokenizer and
+    prompt handling work unchanged; that fixes the 49408-row token table, which at
+    width 128 is already 89% of the encoder. 4 layers to bind attributes to objects
+    ("a red circle left of a blue square"); 2 heads of 64 channels, CLIP's head size.
+  - UNet: 3 levels (8x8, 4x4, 2x2), 64/128/128 channels, cross-attention to the text
+    at every level (positions in the captions need it at 8x8), 2 heads of 32 channels
+    at the first level. 16 norm groups (4 channels per group, not 2) for the same
+    reason as the VAE's. context_dim is the text encoder's width.
+
+GroupNorm group counts (and the UNet's head counts) are not stored in tensor shapes:
+the shipped model must carry this config (a diffusers folder's config.json does);
+reading the weights alone would assume SD's 32 groups and 8 heads.
+
+The VAE's scaling factor is SD's until the autoencoder is trained; it is then
+measured with diffuse.train.objectives.scaling_factor_for and set with
+dataclasses.replace(TINY_VAE, scaling_factor=...).
+"""
+
+from __future__ import annotations
+
+from diffuse.models.configs import PipelineConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from diffuse.models.image_encoder import ImageEncoderConfig
+
+TINY_TEXT = TextEncoderConfig(
+    vocab_size=49408,
+    max_length=77,
+    width=128,
+    layers=4,
+    heads=2,
+    mlp_width=512,
+    activation="quick_gelu",  # SD1's; the pipeline pads with <|endoftext|> as SD1 does
+)
+
+TINY_UNET = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=64,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=2,
+    attention_levels=(True, True, True),
+    heads=(2, 4, 4),  # 32 channels per head
+    transformer_depth=1,
+    context_dim=TINY_TEXT.width,
+    use_linear_projection=False,
+    norm_groups=16,
+)
+
+TINY_VAE = VAEConfig(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    base_channels=32,
+    channel_mult=(1, 2, 2, 4),
+    num_res_blocks=1,
+    norm_groups=8,
+)
+
+# Training-time only: the image tower the text encoder is trained against (CLIP's loss).
+TINY_IMAGE_ENCODER = ImageEncoderConfig(
+    image_size=64,
+    stage_channels=(32, 64, 128, 128),
+    blocks_per_stage=1,
+    norm_groups=8,
+    embed_dim=128,
+)
+
+TINY = PipelineConfig(
+    name="tiny",
+    text_encoder=TINY_TEXT,
+    unet=TINY_UNET,
+    vae=TINY_VAE,
+    prediction_type="epsilon",
+    pad_token_id=49407,
+    sample_size=8,  # latent side: 64 px / 8
+)
