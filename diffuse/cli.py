@@ -108,6 +108,17 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    """Write any loadable checkpoint as a diffusers folder (optionally cast, e.g. to float16)."""
+    from .checkpoints.export import save_diffusers_folder
+    from .loader import resolve_dtype
+
+    pipe = _load(args)
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    print(save_diffusers_folder(pipe, args.out, dtype=dtype, overwrite=args.overwrite))
+    return 0
+
+
 def pnginfo(args: argparse.Namespace) -> int:
     """Print the generation parameters a PNG carries."""
     from .metadata import read_parameters
@@ -166,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     for kind, text in (("txt2img", "generate images from a prompt"), ("img2img", "repaint an image guided by a prompt"),
                        ("inpaint", "repaint the masked part of an image")):
         _add_generation_options(commands.add_parser(kind, help=text), kind)
+    p = commands.add_parser("convert", help="write a checkpoint as a diffusers folder")
+    p.add_argument("model", help="a diffusers folder, or a single-file .safetensors/.ckpt")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--dtype", default=None, help="cast the weights: float16, bfloat16 or float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.set_defaults(run=convert)
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")
     p.set_defaults(run=pnginfo)

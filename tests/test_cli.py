@@ -74,3 +74,20 @@ def test_missing_model_and_bad_sampler_are_clear(reference_folders, tmp_path, ca
     code, _, err = run(["txt2img", "a cat", "--model", str(reference_folders["sd1"]), "--sampler", "k_bogus",
                         "--out", str(tmp_path)], capsys)
     assert code == 2 and "k_bogus" in err
+
+
+def test_convert_writes_a_loadable_diffusers_folder(reference_folders, tmp_path, capsys):
+    import torch
+    from safetensors import safe_open
+
+    import diffuse
+
+    out = tmp_path / "converted"
+    code, printed, err = run(["convert", str(reference_folders["sd2"]), str(out), "--dtype", "float16"], capsys)
+    assert code == 0, err
+    assert printed.strip() == str(out)
+    with safe_open(out / "unet" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
+    assert diffuse.load_pipeline(out).config.prediction_type == "v_prediction"
+    code, _, err = run(["convert", str(reference_folders["sd2"]), str(out)], capsys)
+    assert code == 2 and "converted" in err  # an existing folder is not replaced without --overwrite

@@ -166,6 +166,30 @@ def config_from_transformers(config: Mapping) -> TextEncoderConfig:
     )
 
 
+def config_to_transformers(cfg: TextEncoderConfig, *, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
+    """A transformers CLIPTextConfig dict (text_encoder/config.json) for ours; the inverse of
+    config_from_transformers. The special-token ids come from the tokenizer the encoder is used with."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_length,
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.mlp_width,
+        "hidden_act": cfg.activation,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        # Only CLIPTextModelWithProjection has a projection; SD uses the hidden states, so it
+        # is sized like them (as CLIP-L's 768 and OpenCLIP-H's 1024 are).
+        "projection_dim": cfg.width,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+    }
+
+
 def config_from_weights(state: Mapping[str, torch.Tensor], *, activation: str, head_dim: int = 64) -> TextEncoderConfig:
     """Detect the architecture from our-layout tensors (after from_transformers / from_open_clip).
 

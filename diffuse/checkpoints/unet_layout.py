@@ -196,6 +196,37 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     )
 
 
+def config_to_diffusers(cfg: UNetConfig, *, sample_size: int) -> dict[str, Any]:
+    """A diffusers `unet/config.json` dict for our UNetConfig (the inverse of config_from_diffusers).
+
+    `sample_size` is the latent side the model was trained at (PipelineConfig.sample_size).
+    Every field of SUPPORTED_VALUES is written out with SD's value, so the file states the
+    whole architecture instead of leaning on diffusers' defaults.
+    """
+    down = [next(t for t, attends in DOWN_BLOCKS.items() if attends == a) for a in cfg.attention_levels]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": down,
+        "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
+        # diffusers' naming quirk again: per-level head COUNTS go in attention_head_dim.
+        "attention_head_dim": list(cfg.heads),
+        "num_attention_heads": None,
+        "transformer_layers_per_block": cfg.transformer_depth,
+        "cross_attention_dim": cfg.context_dim,
+        "use_linear_projection": cfg.use_linear_projection,
+        "only_cross_attention": False,
+        "norm_num_groups": cfg.norm_groups,
+        "norm_eps": cfg.norm_eps,
+        "time_embedding_dim": None,  # 4 * block_out_channels[0], as config_from_diffusers requires
+        **{field: allowed[0] for field, allowed in SUPPORTED_VALUES.items()},
+    }
+
+
 def config_from_original(
     state: Mapping[str, torch.Tensor], *, num_heads: int | None = None, head_dim: int | None = None
 ) -> UNetConfig:

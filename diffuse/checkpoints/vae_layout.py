@@ -125,6 +125,31 @@ def config_from_diffusers(config: Mapping) -> VAEConfig:
     )
 
 
+def config_to_diffusers(cfg: VAEConfig, *, sample_size: int) -> dict:
+    """A diffusers `vae/config.json` dict for our VAEConfig (the inverse of config_from_diffusers).
+
+    `sample_size` is the image side in pixels the model was trained at.
+    """
+    levels = len(cfg.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL",
+        "sample_size": sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "latent_channels": cfg.latent_channels,
+        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": cfg.num_res_blocks,
+        "norm_num_groups": cfg.norm_groups,
+        "act_fn": "silu",
+        "scaling_factor": cfg.scaling_factor,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+        "mid_block_add_attention": True,
+    }
+
+
 def config_from_original(state: Mapping[str, torch.Tensor]) -> VAEConfig:
     """VAEConfig read off an original-layout VAE state dict (`first_stage_model.` stripped).
 

@@ -1,0 +1,188 @@
+"""Writing a loaded Pipeline back out as a standard diffusers model folder.
+
+    model_index.json
+    scheduler/scheduler_config.json
+    text_encoder/config.json + model.safetensors                (transformers' CLIPTextModel)
+    tokenizer/vocab.json, merges.txt, tokenizer_config.json
+    unet/config.json + diffusion_pytorch_model.safetensors
+    vae/config.json  + diffusion_pytorch_model.safetensors
+
+The configs are the inverses of the ones the loader reads (unet_layout, vae_layout,
+clip_layout), each checked to read back as the architecture it came from, so the
+folder rebuilds exactly this pipeline in diffuse and in diffusers.
+
+Everything is written into a hidden sibling folder and renamed into place at the end:
+the target path holds either nothing, the old folder, or the complete new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from ..metadata import atomic_write
+from ..pipeline import Pipeline
+from ..samplers.schedule import NoiseSchedule, SamplerOptions
+from . import clip_layout, unet_layout, vae_layout
+
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors"}
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def save_diffusers_folder(pipe: Pipeline, folder: str | Path, *, dtype: torch.dtype | None = None,
+                          overwrite: bool = False) -> Path:
+    """Write `pipe` as a diffusers folder at `folder` and return its path.
+
+    `dtype` casts the weights as they are written (e.g. torch.float16 to ship half the
+    size); None keeps the pipeline's own. An existing non-empty folder is refused unless
+    `overwrite`, in which case it is replaced only once the new one is complete.
+    """
+    folder = Path(folder).expanduser()
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"unsupported save dtype {dtype}; use one of float32, float16, bfloat16")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    if not overwrite and folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
+    configs = component_configs(pipe)  # before any writing: an unexpressible pipeline fails here
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.partial"
+    staging.mkdir()
+    try:
+        write_json(staging / "model_index.json", model_index(pipe))
+        write_json(staging / "scheduler" / "scheduler_config.json", scheduler_config(pipe))
+        pipe.tokenizer.save(staging / "tokenizer")
+        states = component_states(pipe)
+        for name, config in configs.items():
+            write_json(staging / name / "config.json", config)
+            write_safetensors(staging / name / WEIGHTS[name], states.pop(name), dtype)
+        move_into_place(staging, folder, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+# ---------------------------------------------------------------- what goes in the files
+
+
+def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
+    """Each network's config.json, checked to describe exactly the network it came from."""
+    cfg, tokenizer = pipe.config, pipe.tokenizer
+    if tokenizer.pad_token_id != cfg.pad_token_id:
+        # The folder states the pad token once, in the tokenizer; the two must agree.
+        raise ValueError(f"the tokenizer pads with id {tokenizer.pad_token_id} but the pipeline config says "
+                         f"pad_token_id={cfg.pad_token_id}")
+    configs = {
+        "unet": unet_layout.config_to_diffusers(cfg.unet, sample_size=cfg.sample_size),
+        # The VAE works in pixels: the trained image side is the latent side times its downsampling.
+        "vae": vae_layout.config_to_diffusers(cfg.vae, sample_size=cfg.sample_size * cfg.vae.downsample_factor),
+        "text_encoder": clip_layout.config_to_transformers(
+            cfg.text_encoder, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id),
+    }
+    read_back = {
+        "unet": (unet_layout.config_from_diffusers(configs["unet"]), cfg.unet),
+        "vae": (vae_layout.config_from_diffusers(configs["vae"]), cfg.vae),
+        "text_encoder": (clip_layout.config_from_transformers(configs["text_encoder"]), cfg.text_encoder),
+    }
+    for name, (got, want) in read_back.items():
+        if got != want:
+            raise ValueError(f"{name}: the diffusers config cannot express this architecture ({want} reads back as {got})")
+    return configs
+
+
+def component_states(pipe: Pipeline) -> dict[str, dict[str, torch.Tensor]]:
+    """Each network's tensors under diffusers' / transformers' names."""
+    return {
+        "unet": unet_layout.to_diffusers(pipe.unet.state_dict(), pipe.config.unet),
+        "vae": vae_layout.to_diffusers(pipe.vae.state_dict(), pipe.config.vae),
+        "text_encoder": clip_layout.to_transformers(pipe.text_encoder.state_dict()),
+    }
+
+
+def model_index(pipe: Pipeline) -> dict[str, Any]:
+    """Which class reads each subfolder; the optional safety components are absent."""
+    # A 9-channel UNet takes the mask and the masked image: diffusers' inpainting pipeline.
+    inpaint = pipe.config.unet.in_channels == 9
+    return {
+        "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+        "scheduler": ["diffusers", scheduler_config(pipe)["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def scheduler_config(pipe: Pipeline) -> dict[str, Any]:
+    """The model's own scheduler settings, or SD's (PNDM) when it has none; the prediction
+    type is always the model's, since that is what the loader reads it from."""
+    if pipe.scheduler_config:
+        config = dict(pipe.scheduler_config)
+        config.setdefault("_class_name", "PNDMScheduler")
+    else:
+        options = SamplerOptions()
+        config = {
+            "_class_name": "PNDMScheduler",
+            **dataclasses.asdict(NoiseSchedule()),
+            "trained_betas": None,
+            "clip_sample": False,
+            "set_alpha_to_one": options.set_alpha_to_one,
+            "skip_prk_steps": options.skip_prk_steps,
+            "steps_offset": options.steps_offset,
+            "timestep_spacing": options.timestep_spacing,
+        }
+    config["prediction_type"] = pipe.config.prediction_type
+    return config
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+    # Contiguous CPU tensors, as safetensors stores each one's bytes; only floating weights are cast.
+    tensors = {k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state.items()}
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})  # transformers insists on the format tag
+    del tensors
+    atomic_write(path, lambda f: f.write(data))
+
+
+def move_into_place(staging: Path, folder: Path, overwrite: bool) -> None:
+    """Rename the finished folder to its name; with `overwrite`, the old one is set aside
+    first and deleted only after the new one is in place."""
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
+        old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
+        os.rename(folder, old)
+        try:
+            os.rename(staging, folder)
+        except BaseException:
+            os.rename(old, folder)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        # An empty folder (or none) is replaced by the rename itself.
+        os.replace(staging, folder)
