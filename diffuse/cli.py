@@ -172,11 +172,18 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from .train.__main__ import main_train
+
+        return main_train(argv[1:])
     parser = argparse.ArgumentParser(prog="diffuse", description="Stable Diffusion from its parts.")
     commands = parser.add_subparsers(dest="command", required=True)
     for kind, text in (("txt2img", "generate images from a prompt"), ("img2img", "repaint an image guided by a prompt"),
                        ("inpaint", "repaint the masked part of an image")):
         _add_generation_options(commands.add_parser(kind, help=text), kind)
+    # Listed here for `diffuse --help`; its own options are parsed by the training entry point.
+    commands.add_parser("train", help="train vae | clip | unet from scratch on the shapes dataset", add_help=False)
     p = commands.add_parser("convert", help="write a checkpoint as a diffusers folder")
     p.add_argument("model", help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("out", help="the folder to write")

@@ -91,3 +91,10 @@ def test_convert_writes_a_loadable_diffusers_folder(reference_folders, tmp_path,
     assert diffuse.load_pipeline(out).config.prediction_type == "v_prediction"
     code, _, err = run(["convert", str(reference_folders["sd2"]), str(out)], capsys)
     assert code == 2 and "converted" in err  # an existing folder is not replaced without --overwrite
+
+
+def test_train_is_reachable_from_the_main_command(tmp_path, capsys):
+    code, _, err = run(["train", "vae", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "run")],
+                       capsys)
+    assert code == 2 and "missing.json" in err
+    assert not (tmp_path / "run").exists()

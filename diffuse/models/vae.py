@@ -44,12 +44,21 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """mean + std * noise. The noise is drawn on the generator's device, so a CPU
-        generator gives the same latent whatever device the model runs on."""
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        generator gives the same latent whatever device the model runs on.
+
+        `noise` (standard normal, shaped like the mean) replaces the draw: training passes
+        noise drawn per sample, so a data-parallel run samples what one process would.
+        """
+        if noise is None:
+            device = generator.device if generator is not None else self.mean.device
+            noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        elif generator is not None:
+            raise ValueError("pass either a generator or ready noise to DiagonalGaussian.sample, not both")
+        elif noise.shape != self.mean.shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for latents of shape {tuple(self.mean.shape)}")
+        return self.mean + self.std * noise.to(self.mean)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -247,9 +256,13 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(
-        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction and posterior, for training: decode a sample (or the mean) of encode(images)."""
+        """Reconstruction and posterior, for training: decode a sample (or the mean) of encode(images).
+
+        The sample's noise is drawn from `generator`, or given ready as `noise` [B, 4, H/f, W/f].
+        """
         posterior = self.encode(images)
-        latents = posterior.sample(generator) if sample else posterior.mode()
+        latents = posterior.sample(generator, noise) if sample else posterior.mode()
         return self.decode(latents), posterior

@@ -91,7 +91,7 @@ def _checked(draw: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
 
 
 def vae_loss(
-    vae: AutoencoderKL, images: Tensor, generator: torch.Generator, kl_weight: float = DEFAULT_KL_WEIGHT
+    vae: AutoencoderKL, images: Tensor, random: Random, kl_weight: float = DEFAULT_KL_WEIGHT
 ) -> tuple[Tensor, dict[str, float]]:
     """L1 reconstruction of a posterior sample plus kl_weight x KL(posterior || N(0, I)), both per image.
 
@@ -104,14 +104,18 @@ def vae_loss(
     output log-variance is left out too: its training code never gives it to the
     optimizer, so it stays 0 and changes nothing.
 
-    The one draw is the posterior sample's noise, made inside the autoencoder's own
-    forward (the call a data-parallel wrapper needs), hence a plain generator here:
-    across processes each draws its own rows' noise, so unlike the other losses a
-    2-process run does not repeat a 1-process run's samples exactly.
+    The one draw is the posterior sample's noise, shaped like the latents (from a
+    generator, the same numbers DiagonalGaussian.sample would take). It is drawn here
+    and handed to the autoencoder's forward (the call a data-parallel wrapper needs),
+    so with a BatchRandom a 2-process run samples exactly what a 1-process run does.
     """
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
-    reconstruction, posterior = vae(images, sample=True, generator=generator)
+    cfg = _unwrapped(vae).cfg
+    f = cfg.downsample_factor
+    latent_shape = (len(images), cfg.latent_channels, images.shape[2] // f, images.shape[3] // f)
+    noise = _checked(per_sample(random, len(images)).randn(*latent_shape[1:]), latent_shape, "noise")
+    reconstruction, posterior = vae(images, sample=True, noise=noise.to(images.device))
     abs_error = (reconstruction - images).abs()
     rec = abs_error.sum(dim=[1, 2, 3]).mean()  # per-image sum, batch mean: SD's scale, so kl_weight keeps its meaning
     kl = posterior.kl().mean()
@@ -138,7 +142,7 @@ def encode_latents(vae: AutoencoderKL, images: Tensor, random: Random, scaling_f
     with torch.no_grad():
         posterior = vae.encode(images)
         noise = _checked(per_sample(random, len(images)).randn(*posterior.mean.shape[1:]), posterior.mean.shape, "noise")
-        return (posterior.mean + posterior.std * noise.to(posterior.mean)) * scaling_factor
+        return posterior.sample(noise=noise) * scaling_factor
 
 
 def scaling_factor_for(latents: Tensor) -> float:

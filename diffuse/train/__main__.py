@@ -1,0 +1,52 @@
+"""Train one stage of diffuse's own model:  python -m diffuse.train {vae,clip,unet} --config FILE --out DIR
+
+Under torchrun (`torchrun --standalone --nproc_per_node=2 -m diffuse.train ...`) the
+processes share each global batch. A stage started again with the same --out resumes
+from its latest checkpoint; see diffuse.train.trainers for the files a stage leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from diffuse.train.clip_trainer import CLIPTrainConfig, train_clip
+from diffuse.train.trainers import read_config
+from diffuse.train.unet_trainer import UNetTrainConfig, train_unet
+from diffuse.train.vae_trainer import VAETrainConfig, train_vae
+
+STAGES: dict[str, tuple[type, Callable[..., list[float]]]] = {
+    "vae": (VAETrainConfig, train_vae),
+    "clip": (CLIPTrainConfig, train_clip),
+    "unet": (UNetTrainConfig, train_unet),
+}
+
+
+def main_train(argv: list[str]) -> int:
+    """Parse `argv` (stage first), train that stage; 0 on success, 2 with a message on a bad config."""
+    parser = argparse.ArgumentParser(prog="diffuse train", description="Train one stage of the model from scratch.")
+    parser.add_argument("stage", choices=sorted(STAGES), help="vae first, then clip, then unet (needs both)")
+    parser.add_argument("--config", type=Path, help="JSON file with the stage's config fields (others keep defaults)")
+    parser.add_argument("--out", type=Path, required=True, help="the run's folder: checkpoints, log.jsonl, final.*")
+    parser.add_argument("--steps", type=int, help="train to this many steps instead of the config's")
+    parser.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    config_cls, train_stage = STAGES[args.stage]
+    try:
+        config = read_config(config_cls, args.config) if args.config is not None else config_cls()
+        if args.steps is not None:
+            config = dataclasses.replace(config, steps=args.steps)
+        train_stage(config, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    except ValueError as error:
+        print(f"diffuse train {args.stage}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_train(sys.argv[1:]))

@@ -1,0 +1,124 @@
+"""Stage 2: the text encoder, trained CLIP's way against a small image tower.
+
+Captions and images are embedded into one joint space (diffuse.models.image_encoder) and
+the symmetric contrastive loss pulls each caption toward its own image and away from the
+batch's others. Only the text encoder is kept; the image tower, the text projection and
+the temperature are training-time parts (they stay in the checkpoints).
+
+Under torchrun every process embeds its own rows, then the embeddings of all processes
+are gathered, with gradients, so the loss compares every image with every caption of the
+global batch, exactly as one process holding the whole batch does. That needs the same
+number of rows on every process: the global batch must be a multiple of the process count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.configs import TextEncoderConfig
+from diffuse.models.image_encoder import ImageEncoder, ImageEncoderConfig, LogitScale, TextProjection
+from diffuse.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+from diffuse.train import distributed
+from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.train.loop import BatchRandom, LoopConfig, train
+from diffuse.train.objectives import contrastive_loss
+from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT
+from diffuse.train.trainers import is_main_process, save_final
+
+
+@dataclass(frozen=True)
+class CLIPTrainConfig(LoopConfig):
+    text_encoder: TextEncoderConfig = TINY_TEXT
+    image_encoder: ImageEncoderConfig = TINY_IMAGE_ENCODER  # its embed_dim is the joint space's size
+    data: DataConfig = DataConfig()
+    # How captions are padded to 77 tokens: 49407 (<|endoftext|>) as SD1, 0 ("!") as SD2.
+    # The UNet stage and the shipped pipeline read it from the finished encoder.
+    pad_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_encoder.image_size != self.data.image_size:
+            raise ValueError(f"image_encoder.image_size {self.image_encoder.image_size} differs from "
+                             f"data.image_size {self.data.image_size}")
+        if self.text_encoder.max_length != CONTEXT_LENGTH:
+            raise ValueError(f"text_encoder.max_length must be the tokenizer's {CONTEXT_LENGTH} positions, "
+                             f"not {self.text_encoder.max_length}")
+
+
+def build_models(config: CLIPTrainConfig) -> dict[str, nn.Module]:
+    torch.manual_seed(config.seed)  # the same starting weights for every run of this config
+    return {
+        "text_encoder": CLIPTextEncoder(config.text_encoder),
+        "text_projection": TextProjection(config.text_encoder.width, config.image_encoder.embed_dim),
+        "image_encoder": ImageEncoder(config.image_encoder),
+        "logit_scale": LogitScale(),
+    }
+
+
+def make_batch(dataset: ShapesDataset, tokenizer: CLIPTokenizer, start: int, count: int) -> dict[str, Tensor]:
+    images, captions, _ = dataset.batch(start, count)
+    return {"images": images, "ids": tokenizer(captions)}
+
+
+class _GatherRows(torch.autograd.Function):
+    """All processes' rows, concatenated in rank order; gradients flow back to this process's rows."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.start, ctx.count, ctx.world = rank * len(rows), len(rows), world
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every process computes the same global loss, so the gradient for its own rows is
+        # complete here. DDP then averages the parameter gradients over the processes, so
+        # scale by the process count to end with the global loss's gradient.
+        return grad[ctx.start:ctx.start + ctx.count] * ctx.world
+
+
+def gather_global_batch(rows: Tensor) -> Tensor:
+    """This process's rows -> the global batch's (identity in a single process)."""
+    if not distributed.is_initialized():
+        return rows
+    return _GatherRows.apply(rows)
+
+
+def loss_fn(eos_token_id: int, models: dict[str, nn.Module], batch: dict[str, Tensor],
+            random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
+    ids, images = batch["ids"], batch["images"]
+    if distributed.is_initialized() and random.global_batch % dist.get_world_size():
+        raise ValueError(f"CLIP training gathers equal shares from every process: batch_size {random.global_batch} "
+                         f"must be a multiple of the {dist.get_world_size()} processes")
+    text_encoder = models["text_encoder"]
+    hidden = text_encoder(ids)
+    # Reading the end-of-text state uses no weights: call it on the encoder, not on a DDP wrapper.
+    pooled = getattr(text_encoder, "module", text_encoder).pooled(hidden, ids, eos_token_id)
+    text_embeds = models["text_projection"](pooled)
+    image_embeds = models["image_encoder"](images)
+    scale = models["logit_scale"]()
+    return contrastive_loss(gather_global_batch(image_embeds), gather_global_batch(text_embeds), scale,
+                            gather_global_batch(ids))
+
+
+def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = True,
+               progress: bool = True) -> list[float]:
+    """Train the text encoder in `out_dir`, then write it as final.safetensors / final.json; returns every step's loss."""
+    models = build_models(config)
+    tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
+    dataset = ShapesDataset(config.data)
+    losses = train(config, models, partial(loss_fn, tokenizer.eos_token_id), partial(make_batch, dataset, tokenizer),
+                   out_dir, resume=resume, progress=progress)
+    if is_main_process():
+        save_final(out_dir, "text_encoder", models["text_encoder"].eval(), config.text_encoder, config,
+                   extra={"pad_token_id": config.pad_token_id})
+    return losses

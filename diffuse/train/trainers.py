@@ -1,0 +1,188 @@
+"""What the three component trainers share: config files, and the finished component each one leaves.
+
+The model is trained in three stages, each in its own folder, each on the shared loop
+(diffuse.train.loop):
+
+    vae   diffuse.train.vae_trainer    the autoencoder, on images alone
+    clip  diffuse.train.clip_trainer   the text encoder, against a small image tower (CLIP's loss)
+    unet  diffuse.train.unet_trainer   the noise predictor, conditioned on the two above, frozen
+
+Besides the loop's checkpoint-<step>.pt files and log.jsonl, a finished stage writes the
+component the next stage (and the step that ships the default model) reads:
+
+    out_dir/final.safetensors   the component's state dict (float32, the model's own names)
+    out_dir/final.json          {"format", "component", "config": the architecture config's
+                                 fields, "extra": what else a reader needs (the autoencoder's
+                                 measured scaling factor is inside its config; the tokenizer's
+                                 pad id; the noise schedule), "trained_with": the training
+                                 config's fields}
+
+`load_final(folder, component)` builds the component back from those two files.
+
+A training config is a frozen dataclass; a config file is a JSON object with its fields
+(nested objects for nested configs, lists for tuples, or a preset's name such as "tiny"
+in place of an architecture config). Unknown keys are refused by name, so a typo never
+silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import nn
+
+from diffuse.metadata import atomic_write
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
+from diffuse.models.image_encoder import ImageEncoderConfig
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
+from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT, TINY_UNET, TINY_VAE
+
+FINAL_WEIGHTS = "final.safetensors"
+FINAL_INFO = "final.json"
+FINAL_FORMAT = "diffuse-trained-component"
+
+# component name in final.json -> (architecture config class, model class)
+COMPONENTS: dict[str, tuple[type, type[nn.Module]]] = {
+    "vae": (VAEConfig, AutoencoderKL),
+    "text_encoder": (TextEncoderConfig, CLIPTextEncoder),
+    "unet": (UNetConfig, UNet),
+}
+
+# Names a config file may use in place of a whole architecture config.
+PRESETS_BY_TYPE: dict[type, dict[str, Any]] = {
+    VAEConfig: {"tiny": TINY_VAE},
+    TextEncoderConfig: {"tiny": TINY_TEXT},
+    UNetConfig: {"tiny": TINY_UNET},
+    ImageEncoderConfig: {"tiny": TINY_IMAGE_ENCODER},
+}
+
+
+# ---- config files ----------------------------------------------------------------------------------
+
+
+def read_config(cls: type, path: str | Path) -> Any:
+    """The training config `cls` from the JSON file at `path` (fields not in the file keep their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+    return config_from_dict(cls, values, where=str(path))
+
+
+def config_from_dict(cls: type, values: Any, where: str = "config") -> Any:
+    """Build the frozen dataclass `cls` from plain JSON values, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a JSON object with {cls.__name__}'s fields, not {type(values).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; its fields are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    converted = {name: _from_json(hints[name], value, f"{where}: {name}") for name, value in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _from_json(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, str):
+            presets = PRESETS_BY_TYPE.get(hint, {})
+            if value not in presets:
+                raise ValueError(f"{where}: no {hint.__name__} preset named {value!r}; known: {sorted(presets)}")
+            return presets[value]
+        return config_from_dict(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], item, where) for item in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_from_json(arg, item, where) for arg, item in zip(args, value))
+    # JSON's true/false are Python bools, which are also ints: refuse them where a number belongs.
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+# ---- the finished component ---------------------------------------------------------------------
+
+
+def save_final(out_dir: str | Path, component: str, model: nn.Module, model_config: Any, train_config: Any,
+               extra: dict | None = None) -> Path:
+    """Write out_dir/final.safetensors and out_dir/final.json (weights first: the json marks it complete)."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; expected one of {sorted(COMPONENTS)}")
+    out_dir = Path(out_dir)
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    # One metadata entry only: safetensors writes the entries in hash-map order, which varies
+    # between runs, and the same weights should always make the same file.
+    data = safetensors.torch.save(weights, metadata={"component": component})
+    atomic_write(out_dir / FINAL_WEIGHTS, lambda f: f.write(data))
+    info = {
+        "format": FINAL_FORMAT,
+        "component": component,
+        "config": dataclasses.asdict(model_config),
+        "extra": dict(extra or {}),
+        "trained_with": dataclasses.asdict(train_config),
+    }
+    text = json.dumps(info, indent=2) + "\n"
+    return atomic_write(out_dir / FINAL_INFO, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_final_info(folder: str | Path, component: str) -> dict:
+    """final.json of a finished stage, checked to hold `component`."""
+    path = Path(folder) / FINAL_INFO
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no finished {component} ({FINAL_INFO} is missing): train that stage first")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(info, dict) or info.get("format") != FINAL_FORMAT:
+        raise ValueError(f"{path} is not a trained component's description")
+    if info.get("component") != component:
+        raise ValueError(f"{folder} holds a trained {info.get('component')!r}, not the {component!r} asked for")
+    return info
+
+
+def load_final(folder: str | Path, component: str) -> tuple[nn.Module, Any, dict]:
+    """(model in eval mode with grads off, its architecture config, final.json's extra) from a finished stage."""
+    info = read_final_info(folder, component)
+    config_cls, model_cls = COMPONENTS[component]
+    config = config_from_dict(config_cls, info["config"], where=f"{Path(folder) / FINAL_INFO}: config")
+    model = model_cls(config)
+    weights = safetensors.torch.load_file(Path(folder) / FINAL_WEIGHTS)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"{folder}: the {component} weights do not fit its config: {error}") from None
+    model.eval().requires_grad_(False)
+    return model, config, info["extra"]
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or a plain single process): the one that writes final files."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,87 @@
+"""Stage 1: the autoencoder, trained on shape images alone (no captions).
+
+Each step reconstructs a batch of images through a posterior sample (diffuse.train.objectives.
+vae_loss). When training ends, the scaling factor that brings the latents to unit variance
+is measured on the trained encoder (as SD measured 0.18215) and stored in the finished
+VAE's config, where the UNet stage reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffuse.models.configs import VAEConfig
+from diffuse.models.vae import AutoencoderKL
+from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.train.loop import BatchRandom, LoopConfig, train
+from diffuse.train.objectives import DEFAULT_KL_WEIGHT, scaling_factor_for, vae_loss
+from diffuse.train.presets import TINY_VAE
+from diffuse.train.trainers import is_main_process, save_final
+
+
+@dataclass(frozen=True)
+class VAETrainConfig(LoopConfig):
+    vae: VAEConfig = TINY_VAE
+    data: DataConfig = DataConfig()
+    kl_weight: float = DEFAULT_KL_WEIGHT
+    scaling_samples: int = 256  # images the finished encoder's latent std is measured on
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        f = self.vae.downsample_factor
+        if self.data.image_size % f:
+            raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of the VAE's "
+                             f"downsampling factor {f}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must not be negative, not {self.kl_weight}")
+        if self.scaling_samples < 2:
+            raise ValueError(f"scaling_samples must be at least 2 (a std needs two values), not {self.scaling_samples}")
+
+
+def build_models(config: VAETrainConfig) -> dict[str, nn.Module]:
+    torch.manual_seed(config.seed)  # the same starting weights for every run of this config
+    return {"vae": AutoencoderKL(config.vae)}
+
+
+def make_batch(dataset: ShapesDataset, start: int, count: int) -> Tensor:
+    images, _, _ = dataset.batch(start, count)
+    return images
+
+
+def loss_fn(config: VAETrainConfig, models: dict[str, nn.Module], images: Tensor,
+            random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
+    return vae_loss(models["vae"], images, random, config.kl_weight)
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, dataset: ShapesDataset, samples: int, seed: int,
+                           chunk: int = 32) -> float:
+    """1 / std of posterior samples of the first `samples` images: SD's scale_by_std, on a fixed set."""
+    device = next(vae.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    latents = []
+    for start in range(0, samples, chunk):
+        images, _, _ = dataset.batch(start, min(chunk, samples - start))
+        latents.append(vae.encode(images.to(device)).sample(generator).cpu())
+    return scaling_factor_for(torch.cat(latents))
+
+
+def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = True,
+              progress: bool = True) -> list[float]:
+    """Train the autoencoder in `out_dir`, then write final.safetensors / final.json there; returns every step's loss."""
+    models = build_models(config)
+    dataset = ShapesDataset(config.data)
+    losses = train(config, models, partial(loss_fn, config), partial(make_batch, dataset), out_dir,
+                   resume=resume, progress=progress)
+    if is_main_process():
+        vae = models["vae"].eval()
+        factor = measure_scaling_factor(vae, dataset, config.scaling_samples, config.seed)
+        save_final(out_dir, "vae", vae, dataclasses.replace(config.vae, scaling_factor=factor), config,
+                   extra={"image_size": config.data.image_size})
+    return losses
