@@ -25,14 +25,36 @@ def start_noise(seed: int = 0) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def run_reference(scheduler, steps: int, noise: torch.Tensor) -> torch.Tensor:
-    """The diffusers denoising loop, as its StableDiffusionPipeline runs it (no guidance)."""
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+def seeded_noise(seed: int):
+    """A NoiseSource drawing from its own seeded generator: the draws diffusers makes from one."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda: torch.randn(SHAPE, generator=generator)
+
+
+def reference_loop(scheduler, timesteps, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The diffusers denoising loop over `timesteps` from x (no guidance); stochastic
+    schedulers draw their fresh noise from `generator`."""
+    extra = {} if generator is None else {"generator": generator}
+    for t in timesteps:
         out = toy_model(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out, t, x, **extra).prev_sample
     return x
+
+
+def run_reference(scheduler, steps: int, noise: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """The diffusers loop as its StableDiffusionPipeline runs it, from noise * init_noise_sigma."""
+    scheduler.set_timesteps(steps)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return reference_loop(scheduler, scheduler.timesteps, noise * scheduler.init_noise_sigma, generator)
+
+
+def reference_img2img(scheduler, steps: int, strength: float, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """diffusers' img2img: skip steps - int(steps * strength) steps and noise the image to that level."""
+    scheduler.set_timesteps(steps)
+    start = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    scheduler.set_begin_index(start * scheduler.order)
+    return reference_loop(scheduler, timesteps, scheduler.add_noise(x0, noise, timesteps[:1]))
 
 
 def run_ours(algorithm: Algorithm, schedule: NoiseSchedule, options: SamplerOptions, steps: int,

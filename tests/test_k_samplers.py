@@ -20,7 +20,7 @@ import torch
 
 from diffuse.samplers.k_samplers import K_ALGORITHMS
 from diffuse.samplers.schedule import NoiseSchedule, Plan, SamplerOptions, make_denoiser
-from sampler_harness import SHAPE, run_ours, run_reference, start_noise, toy_model
+from sampler_harness import reference_img2img, run_ours, run_reference, seeded_noise, start_noise, toy_model
 
 # Final latents: the toy model's latents reach ~10-200, and every step divides by sigma (down to
 # 0.03), so float32 rounding differs by up to ~4e-6 of the result's size between the two loops.
@@ -178,19 +178,8 @@ def test_model_is_told_the_reference_timesteps(name, ramp, make_reference):
 # ---------------------------------------------------------------- ancestral runs, same noise as the reference
 
 
-def reference_ancestral_run(scheduler, steps: int, x: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(steps)
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        out = toy_model(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
-    return x
 
 
-def seeded_noise(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return lambda: torch.randn(SHAPE, generator=generator)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -205,22 +194,12 @@ def test_ancestral_trajectory_matches_reference_given_its_noise(name, ramp, spac
     for steps in (2, 10):
         x = start_noise(steps)
         assert_close_latents(run_ours(algorithm, schedule, options, steps, x, fresh_noise=seeded_noise(7)),
-                             reference_ancestral_run(reference, steps, x, seed=7))
+                             run_reference(reference, steps, x, seed=7))
 
 
 # ---------------------------------------------------------------- img2img
 
 
-def reference_img2img(scheduler, steps: int, strength: float, x0, noise) -> torch.Tensor:
-    """diffusers' img2img: skip steps - int(steps * strength) steps and noise the image to that level."""
-    scheduler.set_timesteps(steps)
-    start = steps - min(int(steps * strength), steps)
-    timesteps = scheduler.timesteps[start * scheduler.order:]
-    scheduler.set_begin_index(start * scheduler.order)
-    x = scheduler.add_noise(x0, noise, timesteps[:1])
-    for t in timesteps:
-        x = scheduler.step(toy_model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 def reference_lms_from(scheduler, steps: int, strength: float, x0, noise) -> torch.Tensor:

@@ -19,7 +19,8 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffuse.samplers.multistep import MULTISTEP_ALGORITHMS, grid_timesteps
 from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, make_denoiser
 
-from sampler_harness import SHAPE, run_ours, run_reference, start_noise, toy_model
+from sampler_harness import (SHAPE, reference_img2img, run_ours, run_reference, seeded_noise, start_noise,
+                             toy_model)
 
 SCALED_TOL = 1e-5
 
@@ -169,16 +170,6 @@ def test_callback_sees_every_step_and_can_replace_latents(key):
 # ---------------------------------------------------------------- img2img
 
 
-def reference_img2img(scheduler, steps: int, strength: float, x0: torch.Tensor, noise: torch.Tensor):
-    """diffusers' img2img procedure: truncate the timesteps, noise x0 to the first kept one."""
-    scheduler.set_timesteps(steps)
-    t_start = steps - min(int(steps * strength), steps)
-    timesteps = scheduler.timesteps[t_start * scheduler.order:]
-    scheduler.set_begin_index(t_start * scheduler.order)
-    x = scheduler.add_noise(x0, noise, timesteps[:1])
-    for t in timesteps:
-        x = scheduler.step(toy_model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 @pytest.mark.parametrize("key", ["dpmpp_2m", "unipc"])
@@ -203,20 +194,8 @@ def test_img2img_matches_reference(key, options):
 # ---------------------------------------------------------------- DPM++ 2M SDE
 
 
-def seeded(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return lambda: torch.randn(SHAPE, generator=generator)
 
 
-def reference_sde(scheduler, steps: int, noise: torch.Tensor, seed: int) -> torch.Tensor:
-    """The reference loop with a seeded generator: each step draws randn(shape) from it, in order."""
-    generator = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        out = toy_model(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
-    return x
 
 
 @pytest.mark.parametrize("prediction_type,options,step_counts", [
@@ -228,19 +207,19 @@ def test_sde_run_with_the_same_noise_matches_reference(prediction_type, options,
     schedule = NoiseSchedule(prediction_type=prediction_type)
     for steps in step_counts:
         noise = start_noise(steps)
-        ref = reference_sde(reference("dpmpp_2m_sde", options, prediction_type), steps, noise, seed=100 + steps)
+        ref = run_reference(reference("dpmpp_2m_sde", options, prediction_type), steps, noise, seed=100 + steps)
         ours = run_ours(MULTISTEP_ALGORITHMS["dpmpp_2m_sde"], schedule, options, steps, noise,
-                        fresh_noise=seeded(100 + steps))
+                        fresh_noise=seeded_noise(100 + steps))
         assert scaled_err(ours, ref) <= SCALED_TOL, steps
 
 
 def test_sde_reproduces_per_seed_and_reduces_to_2m_without_renewal():
     sde, schedule, noise = MULTISTEP_ALGORITHMS["dpmpp_2m_sde"], NoiseSchedule(), start_noise()
-    first = run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded(1))
-    assert torch.equal(first, run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded(1)))
-    assert (first - run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded(2))).abs().max() > 1e-2
+    first = run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(1))
+    assert torch.equal(first, run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(1)))
+    assert (first - run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(2))).abs().max() > 1e-2
     ode = run_ours(MULTISTEP_ALGORITHMS["dpmpp_2m"], schedule, SamplerOptions(), 10, noise)
-    no_renewal = run_ours(sde, schedule, SamplerOptions(eta_ancestral=0.0), 10, noise, fresh_noise=seeded(1))
+    no_renewal = run_ours(sde, schedule, SamplerOptions(eta_ancestral=0.0), 10, noise, fresh_noise=seeded_noise(1))
     assert scaled_err(no_renewal, ode) <= SCALED_TOL
 
 

@@ -22,7 +22,8 @@ from parity import TOL
 
 from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, make_denoiser
 from diffuse.samplers.vp_samplers import VP_ALGORITHMS
-from sampler_harness import SHAPE, run_ours, run_reference, start_noise, toy_model
+from sampler_harness import (SHAPE, reference_loop, run_ours, run_reference, seeded_noise, start_noise,
+                             toy_model)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 PREDICTIONS = ["epsilon", "v_prediction"]
@@ -60,20 +61,12 @@ def max_diff(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return ((ours - expected).abs().max() / expected.abs().max().clamp(min=1)).item()
 
 
-def seeded_noise(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return lambda: torch.randn(SHAPE, generator=generator)
 
 
 def run_reference_seeded(scheduler, timesteps, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """The reference loop, with its fresh noise drawn from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    stochastic = not isinstance(scheduler, PNDMScheduler)  # PNDM's step takes no generator
-    for t in timesteps:
-        out = toy_model(scheduler.scale_model_input(x, t), t)
-        extra = {"generator": generator} if stochastic else {}
-        x = scheduler.step(out, t, x, **extra).prev_sample
-    return x
+    """The reference loop, with its fresh noise drawn from a seeded generator (PNDM's step takes none)."""
+    generator = None if isinstance(scheduler, PNDMScheduler) else torch.Generator().manual_seed(seed)
+    return reference_loop(scheduler, timesteps, x, generator)
 
 
 # ---------------------------------------------------------------- plans
