@@ -73,11 +73,14 @@ def read_config(cls: type, path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
+    return config_from_dict(cls, _read_json(path, f"config file {path}"), where=str(path))
+
+
+def _read_json(path: Path, what: str) -> Any:
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-    return config_from_dict(cls, values, where=str(path))
+        raise ValueError(f"{what} is not valid JSON: {error}") from None
 
 
 def config_from_dict(cls: type, values: Any, where: str = "config") -> Any:
@@ -157,10 +160,7 @@ def read_final_info(folder: str | Path, component: str) -> dict:
     path = Path(folder) / FINAL_INFO
     if not path.is_file():
         raise ValueError(f"{folder} holds no finished {component} ({FINAL_INFO} is missing): train that stage first")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    info = _read_json(path, str(path))
     if not isinstance(info, dict) or info.get("format") != FINAL_FORMAT:
         raise ValueError(f"{path} is not a trained component's description")
     if info.get("component") != component:
