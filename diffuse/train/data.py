@@ -20,10 +20,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .. import inputs
 from .captions import caption, parse_caption
 from .scenes import (BACKGROUNDS, COLOURS, INVERSE_RELATION, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, Shape,
                      backgrounds_for, bounds, cell_centre, render)
@@ -176,9 +176,8 @@ def _pair_scene(rng: random.Random, holdout: Holdout, jitter: float,
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [3, H, W] float tensor in [-1, 1], the range the autoencoder works in."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    """RGB PIL image -> [3, H, W] float tensor in [-1, 1]: the same pixels the pipeline gives the autoencoder."""
+    return inputs.image_to_tensor(image, *image.size)[0]
 
 
 class ShapesDataset:
