@@ -1,10 +1,12 @@
-"""The `diffuse` command line: txt2img, img2img, inpaint, pnginfo and info."""
+"""The `diffuse` command line: txt2img, img2img, inpaint, convert, pnginfo, info, and for diffuse's own
+model: train, assemble (three trained stages -> the model folder) and eval (measure a model)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +68,9 @@ def generate(args: argparse.Namespace) -> int:
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
                     clip_skip=args.clip_skip, eta=args.eta)
     if args.command == "txt2img":
-        settings.update(width=args.width or 512, height=args.height or 512)
+        # The size the model was trained at: 512 for SD 1.x, 768 for SD 2.x-v, 64 for the shipped model.
+        native = pipe.config.sample_size * pipe.config.vae.downsample_factor
+        settings.update(width=args.width or native, height=args.height or native)
     else:
         settings.update(width=args.width, height=args.height, strength=args.strength)
     if args.command == "inpaint":
@@ -119,6 +123,40 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def assemble(args: argparse.Namespace) -> int:
+    """Build the model folder from the finished vae, clip and unet stages."""
+    from .loader import resolve_dtype
+    from .train.assemble import AssemblyWarning, assemble as assemble_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AssemblyWarning)
+        try:
+            folder = assemble_model(args.vae, args.clip, args.unet, args.out, dtype=resolve_dtype(args.dtype),
+                                    overwrite=args.overwrite)
+        finally:
+            for warning in caught:
+                print(f"diffuse assemble: warning: {warning.message}", file=sys.stderr)
+    print(folder)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Measure a model: prompt adherence on held-out prompts, VAE PSNR, caption retrieval, speed."""
+    from .evaluate import EvalSettings, evaluate as evaluate_model, format_report, write_report
+
+    settings = EvalSettings(singles=args.singles, pairs=args.pairs, images=args.images, steps=args.steps,
+                            sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
+                            batch_size=args.batch_size)
+    if args.json is not None and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give the file to write")
+    pipe = _load(args)
+    results = evaluate_model(pipe, settings, progress=True)
+    print(format_report(results))
+    if args.json is not None:
+        print(f"wrote {write_report(results, args.json)}", file=sys.stderr)
+    return 0
+
+
 def pnginfo(args: argparse.Namespace) -> int:
     """Print the generation parameters a PNG carries."""
     from .metadata import read_parameters
@@ -138,6 +176,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("prompt", help="what to draw; (word:1.3) and [word] weights and BREAK work as in A1111")
     if kind != "txt2img":
@@ -149,7 +194,8 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the shipped model)")
     p.add_argument("-W", "--width", type=int, default=None,
-                   help="pixels, a multiple of 8 (default 512; img2img/inpaint: the image's size)")
+                   help="pixels, a multiple of 8 (default: the model's native size, e.g. 512 for SD 1.x; "
+                        "img2img/inpaint: the image's size)")
     p.add_argument("-H", "--height", type=int, default=None, help="pixels, a multiple of 8")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -190,6 +236,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="cast the weights: float16, bfloat16 or float32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.set_defaults(run=convert)
+    p = commands.add_parser("assemble", help="build a model folder from the finished vae, clip and unet stages")
+    p.add_argument("--vae", required=True, help="the finished VAE stage's folder (e.g. runs/vae)")
+    p.add_argument("--clip", required=True, help="the finished CLIP stage's folder (e.g. runs/clip)")
+    p.add_argument("--unet", required=True, help="the finished UNet stage's folder (e.g. runs/unet)")
+    p.add_argument("--out", required=True, help="the model folder to write (e.g. models/default)")
+    p.add_argument("--dtype", default="float16", help="weights as written: float16 (default), bfloat16 or float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.set_defaults(run=assemble)
+
+    from .evaluate import EvalSettings
+
+    p = commands.add_parser("eval", help="measure a model: held-out prompt adherence, VAE PSNR, caption "
+                                         "retrieval, generation time")
+    p.add_argument("--model", default=None, help="a model folder or file (default: the shipped model)")
+    p.add_argument("--singles", type=_count, default=EvalSettings.singles,
+                   help=f"held-out one-object prompts (default {EvalSettings.singles})")
+    p.add_argument("--pairs", type=_count, default=EvalSettings.pairs,
+                   help=f"held-out two-object prompts (default {EvalSettings.pairs})")
+    p.add_argument("--images", type=_positive_int, default=EvalSettings.images,
+                   help=f"rendered images for the VAE's PSNR and caption retrieval (default {EvalSettings.images})")
+    p.add_argument("--steps", type=_positive_int, default=EvalSettings.steps,
+                   help=f"sampling steps (default {EvalSettings.steps})")
+    p.add_argument("--sampler", default=EvalSettings.sampler, help=f"A1111 sampler name (default {EvalSettings.sampler!r})")
+    p.add_argument("--cfg-scale", type=float, default=EvalSettings.cfg_scale,
+                   help=f"classifier-free guidance scale (default {EvalSettings.cfg_scale})")
+    p.add_argument("--seed", type=_count, default=EvalSettings.seed,
+                   help=f"prompt i is drawn with seed + i (default {EvalSettings.seed})")
+    p.add_argument("--batch-size", type=_positive_int, default=EvalSettings.batch_size,
+                   help=f"prompts per generation call, for speed only (default {EvalSettings.batch_size})")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
+    p.set_defaults(run=evaluate)
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")
     p.set_defaults(run=pnginfo)

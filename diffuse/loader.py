@@ -1,7 +1,8 @@
 """`load_pipeline`: any supported checkpoint path → a ready Pipeline.
 
 A diffusers folder or an original single-file checkpoint (.safetensors or .ckpt,
-format decided from the bytes). Networks are built on the meta device and filled
+format decided from the bytes); a folder's vae/latent_rgb.json, where diffuse wrote one,
+sets the step-preview matrix. Networks are built on the meta device and filled
 strictly, so a bad file fails with a CheckpointError naming it and the tensor,
 and nothing half-loaded is ever returned.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder, read_json
+from .checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder, read_json, read_preview_matrix
 from .checkpoints.errors import CheckpointError
 from .checkpoints.fill import build_and_fill
 from .checkpoints.reader import read_state_dict
@@ -67,6 +68,7 @@ def load_pipeline(
         states = {name: state for name, (state, _) in weights.items()}
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else {}
+        preview_matrix = read_preview_matrix(path, config.vae.latent_channels)
         probe = False  # the folder's scheduler config says which
     else:
         state = read_state_dict(path)
@@ -76,6 +78,7 @@ def load_pipeline(
         tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
         files = dict.fromkeys(states, path)
         scheduler_config = {}  # Stable Diffusion's defaults
+        preview_matrix = None  # nor does a single file carry a preview matrix: SD's
 
     def fill(name, make):
         return build_and_fill(make, states[name], files[name], name, dtype=dtype, device=device)
@@ -91,6 +94,7 @@ def load_pipeline(
         config=config,
         source=path,
         scheduler_config=scheduler_config,
+        preview_matrix=preview_matrix,
     )
 
 

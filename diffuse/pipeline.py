@@ -36,17 +36,19 @@ VERSION = "diffuse 0.1.0"
 @dataclass
 class Step:
     """What a per-step callback sees: step `index` of `total`, the timestep the UNet was told,
-    the current noisy `latents` (in the UNet's scale) and the sampler's clean estimate `denoised`."""
+    the current noisy `latents` (in the UNet's scale) and the sampler's clean estimate `denoised`;
+    `preview_matrix` is the model's latent -> RGB map (None: SD's)."""
 
     index: int
     total: int
     timestep: float
     latents: torch.Tensor
     denoised: torch.Tensor
+    preview_matrix: Optional[torch.Tensor] = None
 
     def preview(self) -> list[Image.Image]:
         """A cheap look at the image emerging: a linear map from latents to RGB, no VAE (latent-sized)."""
-        rgb = latents_to_rgb_cheap(self.denoised.float())
+        rgb = latents_to_rgb_cheap(self.denoised.float(), self.preview_matrix)
         return to_pil(rgb * 2 - 1)
 
 
@@ -83,7 +85,9 @@ class Pipeline:
     """The tokenizer, the three networks and their config, and the generation entry points.
 
     `source` is the checkpoint file or folder the weights came from; `scheduler_config`
-    the model's diffusers scheduler settings (empty: Stable Diffusion's defaults).
+    the model's diffusers scheduler settings (empty: Stable Diffusion's defaults);
+    `preview_matrix` the latent -> RGB map fitted to this model's VAE for step previews
+    (diffuse.preview; None: SD 1.x/2.x's, right only for their VAE).
     """
 
     tokenizer: CLIPTokenizer
@@ -93,6 +97,7 @@ class Pipeline:
     config: PipelineConfig
     source: Path
     scheduler_config: dict = field(default_factory=dict)
+    preview_matrix: Optional[torch.Tensor] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,7 +269,7 @@ class Pipeline:
                 x = (1 - mask_latents) * known + mask_latents * x
             if callback is not None:
                 scale = (1 + sigmas[i + 1] ** 2) ** -0.5
-                callback(Step(i, plan.steps, float(plan.timesteps[i]), x * scale, denoised))
+                callback(Step(i, plan.steps, float(plan.timesteps[i]), x * scale, denoised, self.preview_matrix))
             return x
 
         denoise = make_denoiser(predict, self.config.prediction_type)  # what the model predicts is the model's fact

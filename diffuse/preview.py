@@ -3,7 +3,8 @@
 A full VAE decode per sampling step is slow, so A1111's "Approx cheap" live preview
 projects the 4 latent channels straight to RGB with a fixed 4×3 matrix: every latent
 pixel becomes one (blurry, 8× smaller) image pixel. The matrix is only right for the VAE
-it was fitted to (SD 1.x/2.x's); `fit_preview_matrix` fits one for any other VAE.
+it was fitted to (SD 1.x/2.x's); `fit_preview_matrix` fits one for any other VAE, and a
+model folder can carry its own (Pipeline.preview_matrix, vae/latent_rgb.json).
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ def latents_to_rgb_cheap(latents: torch.Tensor, matrix: torch.Tensor | None = No
         raise ValueError(f"latents must be [B, C, h, w], got shape {tuple(latents.shape)}")
     matrix = SD_LATENT_RGB if matrix is None else matrix
     channels = latents.shape[1]
-    if matrix.ndim != 2 or matrix.shape[1] != 3 or matrix.shape[0] not in (channels, channels + 1):
-        raise ValueError(f"preview matrix must be [{channels}, 3] or [{channels + 1}, 3] for {channels}-channel "
-                         f"latents, got {tuple(matrix.shape)}")
+    check_preview_matrix(matrix, channels)
     matrix = matrix.to(latents.device, latents.dtype)
     rgb = torch.einsum("bchw,cr->brhw", latents, matrix[:channels])
     if matrix.shape[0] == channels + 1:
         rgb = rgb + matrix[channels].view(1, 3, 1, 1)
     return (rgb * 0.5 + 0.5).clamp(0, 1)
+
+
+def check_preview_matrix(matrix: torch.Tensor, channels: int) -> None:
+    """Refuse a matrix that does not map `channels`-channel latents to RGB: [C, 3], or [C + 1, 3] with a bias row."""
+    if matrix.ndim != 2 or matrix.shape[1] != 3 or matrix.shape[0] not in (channels, channels + 1):
+        raise ValueError(f"preview matrix must be [{channels}, 3] or [{channels + 1}, 3] for {channels}-channel "
+                         f"latents, got {tuple(matrix.shape)}")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("preview matrix holds a non-finite value")
 
 
 def fit_preview_matrix(latents: torch.Tensor, images: torch.Tensor, bias: bool = True) -> torch.Tensor:

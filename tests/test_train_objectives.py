@@ -175,8 +175,13 @@ def test_vae_loss_terms_match_a_hand_computation():
     assert abs(loss.item() - (rec.sum(dim=[1, 2, 3]).mean() + 0.5 * kl).item()) < 1e-3
     again, _ = vae_loss(vae, x, gen(7), kl_weight=0.5)
     assert again.item() == loss.item()
+    mixed, _ = vae_loss(vae, x, gen(7), kl_weight=0.5, l1_weight=0.25, l2_weight=2.0)
+    want = (0.25 * rec + 2.0 * rec.square()).sum(dim=[1, 2, 3]).mean() + 0.5 * kl
+    assert abs(mixed.item() - want.item()) < 1e-3
     with pytest.raises(ValueError, match="kl_weight"):
         vae_loss(vae, x, gen(7), kl_weight=-1.0)
+    with pytest.raises(ValueError, match="l2_weight"):
+        vae_loss(vae, x, gen(7), l2_weight=-1.0)
 
 
 def test_encode_latents_and_scaling_factor():
@@ -229,6 +234,32 @@ def test_unet_loss_is_the_noising_formula(prediction_type):
     assert again.item() == loss.item()
     other, _ = unet_loss(model, context, latents, schedule, gen(12))
     assert other.item() != loss.item()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unet_loss_min_snr_weighting(prediction_type):
+    schedule = NoiseSchedule(prediction_type=prediction_type)
+    model = StandInUNet()
+    latents = torch.randn(3, 4, 4, 4, generator=gen(9))
+    context = torch.randn(3, 5, 8, generator=gen(10))
+    loss, _ = unet_loss(model, context, latents, schedule, gen(11), min_snr_gamma=0.5)
+
+    g = gen(11)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    abar = schedule.alphas_cumprod()[t]
+    noisy = abar.sqrt().view(3, 1, 1, 1) * latents + (1 - abar).sqrt().view(3, 1, 1, 1) * noise
+    target = noise if prediction_type == "epsilon" else (abar.sqrt().view(3, 1, 1, 1) * noise
+                                                         - (1 - abar).sqrt().view(3, 1, 1, 1) * latents)
+    snr = abar / (1 - abar)
+    weight = torch.minimum(snr, torch.tensor(0.5)) / (snr if prediction_type == "epsilon" else snr + 1)
+    want = (weight * ((model(noisy, t, context) - target) ** 2).mean(dim=[1, 2, 3])).mean()
+    assert abs(loss.item() - want.item()) < 1e-6
+    assert (weight != 1).any()  # the draws include steps the weighting changes
+    plain, _ = unet_loss(model, context, latents, schedule, gen(11))
+    assert abs(plain.item() - loss.item()) > 1e-4
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        unet_loss(model, context, latents, schedule, gen(11), min_snr_gamma=0.0)
 
 
 def test_unet_loss_with_the_real_unet():

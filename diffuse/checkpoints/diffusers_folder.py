@@ -13,9 +13,14 @@ from pathlib import Path
 import torch
 
 from ..models.configs import PipelineConfig
+from ..preview import check_preview_matrix
 from . import clip_layout, unet_layout, vae_layout
 from .errors import CheckpointError
 from .reader import read_state_dict
+
+# diffuse's own addition to the convention: the latent -> RGB step-preview matrix fitted to the
+# folder's VAE (diffuse.preview). diffusers ignores it, as it ignores any file it does not ask for.
+PREVIEW_MATRIX_FILE = Path("vae") / "latent_rgb.json"
 
 # Weight file names a diffusers/transformers save may use, best first. Variants
 # (".fp16") come after the full-precision file so the original weights win.
@@ -86,3 +91,27 @@ def read_diffusers_folder(root: Path, pad_token_id: int) -> tuple[PipelineConfig
         sample_size=int(sample_size if isinstance(sample_size, int) else sample_size[0]),
     )
     return config, weights
+
+
+def preview_matrix_json(matrix: torch.Tensor) -> dict:
+    """What PREVIEW_MATRIX_FILE holds: the [C, 3] or [C + 1, 3] matrix as rows of numbers."""
+    return {
+        "_description": "latent -> RGB preview: one row per latent channel (UNet scale), then an optional bias "
+                        "row; rgb = latents @ rows, in [-1, 1]",
+        "matrix": [[float(v) for v in row] for row in matrix.tolist()],
+    }
+
+
+def read_preview_matrix(root: Path, latent_channels: int) -> torch.Tensor | None:
+    """The folder's own preview matrix, or None when it has none (SD's is then used)."""
+    path = root / PREVIEW_MATRIX_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    rows = data.get("matrix") if isinstance(data, dict) else None
+    try:
+        matrix = torch.tensor(rows, dtype=torch.float32)
+        check_preview_matrix(matrix, latent_channels)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(path, f"not a preview matrix for {latent_channels}-channel latents: {e}") from None
+    return matrix

@@ -6,6 +6,10 @@
     tokenizer/vocab.json, merges.txt, tokenizer_config.json
     unet/config.json + diffusion_pytorch_model.safetensors
     vae/config.json  + diffusion_pytorch_model.safetensors
+    vae/latent_rgb.json     the step-preview matrix, when the pipeline has its own (diffuse only)
+
+plus any `extra_files` the caller adds (files diffusers and the loader do not read, such
+as the shipped model's CLIP image tower).
 
 The configs are the inverses of the ones the loader reads (unet_layout, vae_layout,
 clip_layout), each checked to read back as the architecture it came from, so the
@@ -31,8 +35,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..metadata import atomic_write
 from ..pipeline import Pipeline
+from ..preview import check_preview_matrix
 from ..samplers.schedule import NoiseSchedule, SamplerOptions
 from . import clip_layout, unet_layout, vae_layout
+from .diffusers_folder import PREVIEW_MATRIX_FILE, preview_matrix_json
 
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}
@@ -40,12 +46,14 @@ SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def save_diffusers_folder(pipe: Pipeline, folder: str | Path, *, dtype: torch.dtype | None = None,
-                          overwrite: bool = False) -> Path:
+                          overwrite: bool = False, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write `pipe` as a diffusers folder at `folder` and return its path.
 
     `dtype` casts the weights as they are written (e.g. torch.float16 to ship half the
     size); None keeps the pipeline's own. An existing non-empty folder is refused unless
     `overwrite`, in which case it is replaced only once the new one is complete.
+    `extra_files` (relative path -> bytes) are written into the same new folder, so they
+    appear together with it or not at all; they may not replace a file of the folder's own.
     """
     folder = Path(folder).expanduser()
     if dtype is not None and dtype not in SAVE_DTYPES:
@@ -55,6 +63,9 @@ def save_diffusers_folder(pipe: Pipeline, folder: str | Path, *, dtype: torch.dt
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
     configs = component_configs(pipe)  # before any writing: an unexpressible pipeline fails here
+    extras = {_extra_path(name): data for name, data in (extra_files or {}).items()}
+    if pipe.preview_matrix is not None:
+        check_preview_matrix(pipe.preview_matrix, pipe.config.vae.latent_channels)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.partial"
@@ -67,6 +78,12 @@ def save_diffusers_folder(pipe: Pipeline, folder: str | Path, *, dtype: torch.dt
         for name, config in configs.items():
             write_json(staging / name / "config.json", config)
             write_safetensors(staging / name / WEIGHTS[name], states.pop(name), dtype)
+        if pipe.preview_matrix is not None:
+            write_json(staging / PREVIEW_MATRIX_FILE, preview_matrix_json(pipe.preview_matrix))
+        for relative, data in extras.items():
+            if (staging / relative).exists():
+                raise ValueError(f"extra file {relative} would replace the folder's own file of that name")
+            atomic_write(staging / relative, lambda f, data=data: f.write(data))
         move_into_place(staging, folder, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -153,6 +170,14 @@ def scheduler_config(pipe: Pipeline) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- writing
+
+
+def _extra_path(name: str | Path) -> Path:
+    """An extra file's place in the folder: a relative path that stays inside it."""
+    path = Path(name)
+    if path.is_absolute() or not path.parts or ".." in path.parts:
+        raise ValueError(f"extra file {str(name)!r} must be a relative path inside the folder")
+    return path
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -8,7 +8,8 @@ To train our own text encoder from scratch we rebuild that arrangement:
     ids    -> CLIPTextEncoder -> pooled end-of-text state -> TextProjection -> text embedding
     images -> ImageEncoder                                                   -> image embedding
 
-and keep only the text encoder afterwards; this module is training-time only.
+and generate with the text encoder alone. The image side (ImageTower) is kept only to
+score that text encoder later (caption retrieval); generation never runs it.
 
 Why a small conv net rather than a ViT: the training images are 64x64 flat-colour
 shapes, and everything a caption says about them (colour, shape, where) is local
@@ -159,3 +160,35 @@ class LogitScale(nn.Module):
 
     def forward(self) -> Tensor:
         return self.log_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """The image side CLIP training leaves beside its text encoder: the image encoder, and the
+    width of the text encoder whose pooled state the text projection reads."""
+
+    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    text_width: int = 128
+
+
+class ImageTower(nn.Module):
+    """Image encoder + text projection + temperature: what it takes, with the trained text
+    encoder, to put an image and a caption into the joint space and compare them.
+
+    Kept after training to score the text encoder (caption retrieval), never for generation.
+    """
+
+    def __init__(self, cfg: ImageTowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg.image_encoder)
+        self.text_projection = TextProjection(cfg.text_width, cfg.image_encoder.embed_dim)
+        self.logit_scale = LogitScale()
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> unit-length joint-space embeddings [B, embed_dim]."""
+        return F.normalize(self.image_encoder(images), dim=-1)
+
+    def text_embeddings(self, pooled: Tensor) -> Tensor:
+        """The text encoder's pooled end-of-text states [B, width] -> unit-length embeddings [B, embed_dim]."""
+        return F.normalize(self.text_projection(pooled), dim=-1)

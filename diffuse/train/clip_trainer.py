@@ -2,8 +2,10 @@
 
 Captions and images are embedded into one joint space (diffuse.models.image_encoder) and
 the symmetric contrastive loss pulls each caption toward its own image and away from the
-batch's others. Only the text encoder is kept; the image tower, the text projection and
-the temperature are training-time parts (they stay in the checkpoints).
+batch's others. The text encoder is the stage's product (final.*); the image encoder, the
+text projection and the temperature are left beside it as the image tower
+(final_image_tower.*), which generation never uses but which measures the text encoder
+later (caption retrieval).
 
 Under torchrun every process embeds its own rows, then the embeddings of all processes
 are gathered, with gradients, so the loss compares every image with every caption of the
@@ -23,7 +25,8 @@ from torch import Tensor, nn
 
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig
-from diffuse.models.image_encoder import ImageEncoder, ImageEncoderConfig, LogitScale, TextProjection
+from diffuse.models.image_encoder import (ImageEncoder, ImageEncoderConfig, ImageTower, ImageTowerConfig, LogitScale,
+                                          TextProjection)
 from diffuse.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from diffuse.train import distributed
 from diffuse.train.data import DataConfig, ShapesDataset
@@ -60,6 +63,14 @@ def build_models(config: CLIPTrainConfig) -> dict[str, nn.Module]:
         "image_encoder": ImageEncoder(config.image_encoder),
         "logit_scale": LogitScale(),
     }
+
+
+def image_tower(config: CLIPTrainConfig, models: dict[str, nn.Module]) -> ImageTower:
+    """The trained image side, as one module: the parts of `models` under the same names."""
+    tower = ImageTower(ImageTowerConfig(image_encoder=config.image_encoder, text_width=config.text_encoder.width))
+    for name, part in tower.named_children():
+        part.load_state_dict(models[name].state_dict())
+    return tower.eval()
 
 
 def make_batch(dataset: ShapesDataset, tokenizer: CLIPTokenizer, start: int, count: int) -> dict[str, Tensor]:
@@ -112,13 +123,17 @@ def loss_fn(eos_token_id: int, models: dict[str, nn.Module], batch: dict[str, Te
 
 def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = True,
                progress: bool = True) -> list[float]:
-    """Train the text encoder in `out_dir`, then write it as final.safetensors / final.json; returns every step's loss."""
+    """Train the text encoder in `out_dir`, then write it as final.safetensors / final.json (and the image
+    tower as final_image_tower.*); returns every step's loss."""
     models = build_models(config)
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
     dataset = ShapesDataset(config.data)
     losses = train(config, models, partial(loss_fn, tokenizer.eos_token_id), partial(make_batch, dataset, tokenizer),
                    out_dir, resume=resume, progress=progress)
     if is_main_process():
+        # The tower first: the text encoder's final.json is what marks the stage finished.
+        tower = image_tower(config, models)
+        save_final(out_dir, "image_tower", tower, tower.cfg, config)
         save_final(out_dir, "text_encoder", models["text_encoder"].eval(), config.text_encoder, config,
                    extra={"pad_token_id": config.pad_token_id})
     return losses

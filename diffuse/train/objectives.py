@@ -91,13 +91,20 @@ def _checked(draw: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
 
 
 def vae_loss(
-    vae: AutoencoderKL, images: Tensor, random: Random, kl_weight: float = DEFAULT_KL_WEIGHT
+    vae: AutoencoderKL, images: Tensor, random: Random, kl_weight: float = DEFAULT_KL_WEIGHT,
+    l1_weight: float = 1.0, l2_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """L1 reconstruction of a posterior sample plus kl_weight x KL(posterior || N(0, I)), both per image.
+    """Reconstruction of a posterior sample (l1_weight x L1 + l2_weight x squared error) plus
+    kl_weight x KL(posterior || N(0, I)), all summed per image.
 
-    L1, as SD's autoencoder uses: on flat colour regions with hard edges it drives
-    colours to exact values (its gradient does not fade near zero error as L2's does)
-    and does not average an edge into a blur the way L2's mean-seeking does.
+    L1 is what SD's autoencoder uses: on flat colour regions with hard edges it drives
+    colours to exact values (its gradient does not fade near zero error as L2's does).
+    But its gradient is the same +-1 for a pixel that is a little off as for a pixel of
+    a missing object, so while the background fills most of the image, the background's
+    small errors outvote the objects and the decoder learns an empty canvas first. The
+    squared error pulls on a pixel in proportion to how wrong it is: with it the shapes
+    (a few percent of the pixels here) form within a few hundred steps instead of
+    staying blank (measured; see the default model's card).
     Left out of SD's recipe: the LPIPS perceptual term (it needs a pretrained VGG,
     which training from scratch cannot use) and the patch-GAN discriminator (SD
     switches it on only after 50k steps, far beyond a CPU budget). SD's learned
@@ -109,22 +116,23 @@ def vae_loss(
     and handed to the autoencoder's forward (the call a data-parallel wrapper needs),
     so with a BatchRandom a 2-process run samples exactly what a 1-process run does.
     """
-    if kl_weight < 0:
-        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+    if min(kl_weight, l1_weight, l2_weight) < 0:
+        raise ValueError(f"kl_weight, l1_weight and l2_weight must be >= 0, got {kl_weight}, {l1_weight}, {l2_weight}")
     cfg = _unwrapped(vae).cfg
     f = cfg.downsample_factor
     latent_shape = (len(images), cfg.latent_channels, images.shape[2] // f, images.shape[3] // f)
     noise = _checked(per_sample(random, len(images)).randn(*latent_shape[1:]), latent_shape, "noise")
     reconstruction, posterior = vae(images, sample=True, noise=noise.to(images.device))
     abs_error = (reconstruction - images).abs()
-    rec = abs_error.sum(dim=[1, 2, 3]).mean()  # per-image sum, batch mean: SD's scale, so kl_weight keeps its meaning
+    per_pixel = l1_weight * abs_error + l2_weight * abs_error.square()
+    rec = per_pixel.sum(dim=[1, 2, 3]).mean()  # per-image sum, batch mean: SD's scale, so kl_weight keeps its meaning
     kl = posterior.kl().mean()
     loss = rec + kl_weight * kl
     with torch.no_grad():
         logs = {
             "loss": loss.item(),
             "rec_l1": abs_error.mean().item(),  # per pixel value, in [-1, 1] units
-            "rec_mse": (reconstruction - images).pow(2).mean().item(),
+            "rec_mse": abs_error.square().mean().item(),
             "kl": kl.item(),
             "latent_std": posterior.mean.std().item(),
         }
@@ -242,7 +250,8 @@ def drop_captions(captions: Sequence[str], p: float, random: Random) -> list[str
 
 
 def unet_loss(
-    unet: UNet, context: Tensor, latents: Tensor, schedule: NoiseSchedule, random: Random
+    unet: UNet, context: Tensor, latents: Tensor, schedule: NoiseSchedule, random: Random,
+    min_snr_gamma: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Forward diffusion, then denoising: MSE between the UNet's prediction and its target.
 
@@ -254,6 +263,13 @@ def unet_loss(
     and the UNet, told t and the text context, predicts eps (or, for a v-prediction
     schedule, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0). `latents` are already
     scaled by the autoencoder's scaling factor (see encode_latents).
+
+    With `min_snr_gamma` each sample's squared error is weighted by the Min-SNR rule
+    (Hang et al., 2023): min(SNR_t, gamma) / SNR_t for epsilon targets and
+    min(SNR_t, gamma) / (SNR_t + 1) for v, where SNR_t = abar_t / (1 - abar_t). The
+    nearly clean steps, where predicting the noise is easy and its gradients large,
+    stop crowding out the noisy ones that decide layout and colour; the paper measures
+    several times faster convergence, which a CPU budget needs. None: SD's plain mean.
     """
     if latents.ndim != 4:
         raise ValueError(f"latents must be [B, C, h, w], got {tuple(latents.shape)}")
@@ -274,7 +290,15 @@ def unet_loss(
 
     dtype = next(unet.parameters()).dtype
     prediction = unet(noisy.to(dtype), timesteps, context.to(dtype)).float()
-    loss = F.mse_loss(prediction, target)
+    if min_snr_gamma is None:
+        loss = F.mse_loss(prediction, target)
+    else:
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        snr = abar.flatten() / (1 - abar.flatten())
+        weight = snr.clamp(max=min_snr_gamma) / (snr if schedule.prediction_type == "epsilon" else snr + 1)
+        per_latent = (prediction - target).square().mean(dim=[1, 2, 3])
+        loss = (weight * per_latent).mean()
     with torch.no_grad():
         logs = {"loss": loss.item(), "mean_timestep": timesteps.float().mean().item()}
     return loss, logs

@@ -17,6 +17,10 @@ component the next stage (and the step that ships the default model) reads:
                                  pad id; the noise schedule), "trained_with": the training
                                  config's fields}
 
+The CLIP stage also leaves, beside its text encoder, the image tower it was trained against
+(image encoder, text projection, temperature) as final_image_tower.safetensors / .json in the
+same format: the shipped model keeps it to measure its text encoder by caption retrieval.
+
 `load_final(folder, component)` builds the component back from those two files.
 
 A training config is a frozen dataclass; a config file is a JSON object with its fields
@@ -40,7 +44,7 @@ from torch import nn
 from diffuse.metadata import atomic_write
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
-from diffuse.models.image_encoder import ImageEncoderConfig
+from diffuse.models.image_encoder import ImageEncoderConfig, ImageTower, ImageTowerConfig
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT, TINY_UNET, TINY_VAE
@@ -48,12 +52,15 @@ from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT, TINY_UNET, TINY
 FINAL_WEIGHTS = "final.safetensors"
 FINAL_INFO = "final.json"
 FINAL_FORMAT = "diffuse-trained-component"
+# A stage's own component is final.*; one it leaves beside that gets a name of its own.
+SIDE_COMPONENT_STEMS = {"image_tower": "final_image_tower"}
 
 # component name in final.json -> (architecture config class, model class)
 COMPONENTS: dict[str, tuple[type, type[nn.Module]]] = {
     "vae": (VAEConfig, AutoencoderKL),
     "text_encoder": (TextEncoderConfig, CLIPTextEncoder),
     "unet": (UNetConfig, UNet),
+    "image_tower": (ImageTowerConfig, ImageTower),
 }
 
 # Names a config file may use in place of a whole architecture config.
@@ -133,17 +140,27 @@ def _from_json(hint: Any, value: Any, where: str) -> Any:
 # ---- the finished component ---------------------------------------------------------------------
 
 
+def final_files(folder: str | Path, component: str) -> tuple[Path, Path]:
+    """(weights file, info file) of `component` in a stage's folder."""
+    folder = Path(folder)
+    stem = SIDE_COMPONENT_STEMS.get(component)
+    if stem is None:
+        return folder / FINAL_WEIGHTS, folder / FINAL_INFO
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+
 def save_final(out_dir: str | Path, component: str, model: nn.Module, model_config: Any, train_config: Any,
                extra: dict | None = None) -> Path:
-    """Write out_dir/final.safetensors and out_dir/final.json (weights first: the json marks it complete)."""
+    """Write the component's weights and info (final.safetensors / final.json for a stage's own
+    component; weights first: the json marks it complete)."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {sorted(COMPONENTS)}")
-    out_dir = Path(out_dir)
+    weights_path, info_path = final_files(out_dir, component)
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     # One metadata entry only: safetensors writes the entries in hash-map order, which varies
     # between runs, and the same weights should always make the same file.
     data = safetensors.torch.save(weights, metadata={"component": component})
-    atomic_write(out_dir / FINAL_WEIGHTS, lambda f: f.write(data))
+    atomic_write(weights_path, lambda f: f.write(data))
     info = {
         "format": FINAL_FORMAT,
         "component": component,
@@ -152,14 +169,14 @@ def save_final(out_dir: str | Path, component: str, model: nn.Module, model_conf
         "trained_with": dataclasses.asdict(train_config),
     }
     text = json.dumps(info, indent=2) + "\n"
-    return atomic_write(out_dir / FINAL_INFO, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(info_path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_final_info(folder: str | Path, component: str) -> dict:
-    """final.json of a finished stage, checked to hold `component`."""
-    path = Path(folder) / FINAL_INFO
+    """The info file (final.json) of a finished component, checked to hold `component`."""
+    path = final_files(folder, component)[1]
     if not path.is_file():
-        raise ValueError(f"{folder} holds no finished {component} ({FINAL_INFO} is missing): train that stage first")
+        raise ValueError(f"{folder} holds no finished {component} ({path.name} is missing): train that stage first")
     info = _read_json(path, str(path))
     if not isinstance(info, dict) or info.get("format") != FINAL_FORMAT:
         raise ValueError(f"{path} is not a trained component's description")
@@ -172,9 +189,10 @@ def load_final(folder: str | Path, component: str) -> tuple[nn.Module, Any, dict
     """(model in eval mode with grads off, its architecture config, final.json's extra) from a finished stage."""
     info = read_final_info(folder, component)
     config_cls, model_cls = COMPONENTS[component]
-    config = config_from_dict(config_cls, info["config"], where=f"{Path(folder) / FINAL_INFO}: config")
+    weights_path, info_path = final_files(folder, component)
+    config = config_from_dict(config_cls, info["config"], where=f"{info_path}: config")
     model = model_cls(config)
-    weights = safetensors.torch.load_file(Path(folder) / FINAL_WEIGHTS)
+    weights = safetensors.torch.load_file(weights_path)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:

@@ -39,12 +39,15 @@ class UNetTrainConfig(LoopConfig):
     text_encoder_dir: str = "runs/clip"  # a finished CLIP stage's folder
     data: DataConfig = DataConfig()
     caption_dropout: float = 0.1  # SD's rate of empty prompts
+    min_snr_gamma: float | None = None  # Min-SNR loss weighting (see objectives.unet_loss); None: SD's plain MSE
     schedule: NoiseSchedule = NoiseSchedule()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], not {self.caption_dropout}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive or null, not {self.min_snr_gamma}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def loss_fn(config: UNetTrainConfig, conditioning: Conditioning, models: dict[st
     with torch.no_grad():
         context = models["text_encoder"](ids)
     latents = encode_latents(models["vae"], images, random, conditioning.scaling_factor)
-    loss, logs = unet_loss(models["unet"], context, latents, config.schedule, random)
+    loss, logs = unet_loss(models["unet"], context, latents, config.schedule, random, config.min_snr_gamma)
     logs["captions_dropped"] = sum(caption == "" for caption in captions) / len(captions)
     return loss, logs
 

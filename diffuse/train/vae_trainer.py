@@ -30,6 +30,9 @@ class VAETrainConfig(LoopConfig):
     vae: VAEConfig = TINY_VAE
     data: DataConfig = DataConfig()
     kl_weight: float = DEFAULT_KL_WEIGHT
+    l1_weight: float = 1.0  # reconstruction terms; see diffuse.train.objectives.vae_loss for why both exist
+    l2_weight: float = 0.0
+    initial_logvar: float = 0.0  # the posterior's log-variance at step 0 (see build_models)
     scaling_samples: int = 256  # images the finished encoder's latent std is measured on
 
     def __post_init__(self) -> None:
@@ -38,15 +41,25 @@ class VAETrainConfig(LoopConfig):
         if self.data.image_size % f:
             raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of the VAE's "
                              f"downsampling factor {f}")
-        if self.kl_weight < 0:
-            raise ValueError(f"kl_weight must not be negative, not {self.kl_weight}")
+        if min(self.kl_weight, self.l1_weight, self.l2_weight) < 0:
+            raise ValueError(f"kl_weight, l1_weight and l2_weight must not be negative, not {self.kl_weight}, "
+                             f"{self.l1_weight}, {self.l2_weight}")
+        if self.l1_weight == 0 and self.l2_weight == 0:
+            raise ValueError("l1_weight and l2_weight are both 0: nothing would teach the autoencoder to reconstruct")
         if self.scaling_samples < 2:
             raise ValueError(f"scaling_samples must be at least 2 (a std needs two values), not {self.scaling_samples}")
 
 
 def build_models(config: VAETrainConfig) -> dict[str, nn.Module]:
     torch.manual_seed(config.seed)  # the same starting weights for every run of this config
-    return {"vae": AutoencoderKL(config.vae)}
+    vae = AutoencoderKL(config.vae)
+    # A fresh encoder's log-variance is about 0: its samples carry noise of std 1 on latents of
+    # similar size, so the decoder first learns to ignore the latent and paint the average
+    # image. Starting the log-variance low (e.g. -8, std 0.02) lets the decoder read the latent
+    # from the first step; with so small a KL weight the posterior would shrink there anyway.
+    with torch.no_grad():
+        vae.quant_conv.bias[config.vae.latent_channels:] += config.initial_logvar
+    return {"vae": vae}
 
 
 def make_batch(dataset: ShapesDataset, start: int, count: int) -> Tensor:
@@ -56,7 +69,7 @@ def make_batch(dataset: ShapesDataset, start: int, count: int) -> Tensor:
 
 def loss_fn(config: VAETrainConfig, models: dict[str, nn.Module], images: Tensor,
             random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
-    return vae_loss(models["vae"], images, random, config.kl_weight)
+    return vae_loss(models["vae"], images, random, config.kl_weight, config.l1_weight, config.l2_weight)
 
 
 @torch.no_grad()

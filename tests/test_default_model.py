@@ -1,0 +1,29 @@
+"""The shipped model: it loads through the same path as real checkpoints, fits its size budget,
+and follows the prompt in what it reliably learned (the background; see models/README.md for
+the measured adherence of everything else)."""
+
+from pathlib import Path
+
+import pytest
+
+from diffuse.cli import DEFAULT_MODEL
+from diffuse.loader import load_pipeline
+from diffuse.train.analyze import analyze
+
+pytestmark = pytest.mark.skipif(not Path(DEFAULT_MODEL).is_dir(), reason="the default model is not in this checkout")
+
+
+def test_default_model_fits_the_size_budget():
+    total = sum(path.stat().st_size for path in Path(DEFAULT_MODEL).rglob("*") if path.is_file())
+    assert total <= 60e6, total
+
+
+def test_default_model_draws_the_background_the_prompt_asks_for():
+    pipe = load_pipeline(DEFAULT_MODEL)
+    assert pipe.config.sample_size * pipe.config.vae.downsample_factor == 64
+    backgrounds = ["white", "black", "gray", "beige"]
+    prompts = [f"a large yellow square in the center on a {bg} background" for bg in backgrounds]
+    result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=7.5, sampler="Euler a", seed=0)
+    assert [analyze(image).background for image in result.images] == backgrounds
+    again = pipe.txt2img(prompts[:1], width=64, height=64, steps=20, guidance_scale=7.5, sampler="Euler a", seed=0)
+    assert again.images[0].tobytes() == result.images[0].tobytes()  # a seed reproduces its image
