@@ -75,7 +75,7 @@ class EvalSettings:
 def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progress: bool = False) -> dict:
     """All the measurements of `pipe` (a loaded model folder or file) as one JSON-ready dict."""
     pipe.get_sampler(settings.sampler)  # an unknown sampler fails here, before any image is drawn
-    size = native_size(pipe)
+    size = pipe.config.image_size
     adherence = {}
     for kind in PROMPT_KINDS:
         prompts = heldout_prompts(kind, getattr(settings, kind))
@@ -98,11 +98,6 @@ def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progres
     }
 
 
-def native_size(pipe: Pipeline) -> int:
-    """The image side the model was trained at: its latent sample size times the VAE's downsampling."""
-    return pipe.config.sample_size * pipe.config.vae.downsample_factor
-
-
 # ---- prompt adherence ----------------------------------------------------------------------------
 
 
@@ -115,7 +110,7 @@ def heldout_prompts(kind: str, count: int) -> list[str]:
 def generate(pipe: Pipeline, prompts: list[str], settings: EvalSettings, *, progress: bool = False,
              label: str = "") -> list[Image.Image]:
     """One image per prompt at the native size, prompt i with seed settings.seed + i."""
-    size = native_size(pipe)
+    size = pipe.config.image_size
     images: list[Image.Image] = []
     with tqdm(total=len(prompts), desc=label, unit="image", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(prompts), settings.batch_size):
@@ -150,7 +145,7 @@ def score_adherence(prompts: list[str], images: list[Image.Image]) -> dict:
 
 
 def eval_dataset(pipe: Pipeline) -> ShapesDataset:
-    return ShapesDataset(DataConfig(seed=EVAL_DATA_SEED, image_size=native_size(pipe)))
+    return ShapesDataset(DataConfig(seed=EVAL_DATA_SEED, image_size=pipe.config.image_size))
 
 
 @torch.no_grad()
@@ -178,7 +173,7 @@ def load_image_tower(model: Path) -> ImageTower | None:
 @torch.no_grad()
 def caption_retrieval(pipe: Pipeline, tower: ImageTower, count: int) -> dict:
     """Top-1 image -> caption retrieval among `count` held-out images and their captions."""
-    size = native_size(pipe)
+    size = pipe.config.image_size
     if tower.cfg.image_encoder.image_size != size or tower.cfg.text_width != pipe.config.text_encoder.width:
         return {"skipped": f"the image tower reads {tower.cfg.image_encoder.image_size}px images and "
                            f"{tower.cfg.text_width}-wide text states; the model draws {size}px images and its "
@@ -197,7 +192,7 @@ def caption_retrieval(pipe: Pipeline, tower: ImageTower, count: int) -> dict:
 
 def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict:
     """Seconds for one native-size txt2img at the evaluation's settings: median of TIMED_RUNS after a warm-up."""
-    size = native_size(pipe)
+    size = pipe.config.image_size
 
     def run() -> float:
         start = time.perf_counter()

@@ -104,7 +104,7 @@ def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     configs = {
         "unet": unet_layout.config_to_diffusers(cfg.unet, sample_size=cfg.sample_size),
         # The VAE works in pixels: the trained image side is the latent side times its downsampling.
-        "vae": vae_layout.config_to_diffusers(cfg.vae, sample_size=cfg.sample_size * cfg.vae.downsample_factor),
+        "vae": vae_layout.config_to_diffusers(cfg.vae, sample_size=cfg.image_size),
         "text_encoder": clip_layout.config_to_transformers(
             cfg.text_encoder, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id),

@@ -81,6 +81,11 @@ class PipelineConfig:
     pad_token_id: int = 49407  # SD1 pads with <|endoftext|>, SD2 with "!" (id 0)
     sample_size: int = 64  # latent side the UNet was trained at (512 px / 8)
 
+    @property
+    def image_size(self) -> int:
+        """The image side the model was trained at, its native size: 512 for SD 1.x, 768 for SD 2.x-v."""
+        return self.sample_size * self.vae.downsample_factor
+
 
 SD1 = PipelineConfig(name="sd1")
 

@@ -100,10 +100,9 @@ def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Pa
     config = PipelineConfig(name=source.name, text_encoder=text_config, unet=unet_config, vae=vae_config,
                             prediction_type=unet_extra["prediction_type"], pad_token_id=text_extra["pad_token_id"],
                             sample_size=unet_extra["sample_size"])
-    image_size = config.sample_size * vae_config.downsample_factor
     pipe = Pipeline(tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id), text_encoder=text_encoder,
                     unet=unet, vae=vae, config=config, source=source,
-                    preview_matrix=fit_vae_preview(vae, vae_config, image_size, preview_samples))
+                    preview_matrix=fit_vae_preview(vae, vae_config, config.image_size, preview_samples))
     pipe.scheduler_config = trained_scheduler_config(pipe, unet_dir)
     return pipe
 
@@ -165,7 +164,7 @@ def check_image_tower(clip_dir: str | Path, config: PipelineConfig) -> None:
     if tower_config.text_width != config.text_encoder.width:
         raise ValueError(f"the image tower in {clip_dir} projects {tower_config.text_width}-wide text states, but the "
                          f"text encoder is {config.text_encoder.width} wide")
-    image_size = config.sample_size * config.vae.downsample_factor
+    image_size = config.image_size
     if tower_config.image_encoder.image_size != image_size:
         warnings.warn(f"the image tower in {clip_dir} reads {tower_config.image_encoder.image_size}px images, the "
                       f"model draws {image_size}px ones: caption retrieval will be skipped", AssemblyWarning,
