@@ -68,8 +68,7 @@ def generate(args: argparse.Namespace) -> int:
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
                     clip_skip=args.clip_skip, eta=args.eta)
     if args.command == "txt2img":
-        # The size the model was trained at: 512 for SD 1.x, 768 for SD 2.x-v, 64 for the shipped model.
-        native = pipe.config.sample_size * pipe.config.vae.downsample_factor
+        native = pipe.config.image_size  # 64 for the shipped model
         settings.update(width=args.width or native, height=args.height or native)
     else:
         settings.update(width=args.width, height=args.height, strength=args.strength)
@@ -169,18 +168,20 @@ def pnginfo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(text: str, minimum: int) -> int:
+    value = int(text)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+    return value
+
+
+# argparse names the type function in its "invalid ... value" message, so each bound gets a named one.
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
@@ -250,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("eval", help="measure a model: held-out prompt adherence, VAE PSNR, caption "
                                          "retrieval, generation time")
     p.add_argument("--model", default=None, help="a model folder or file (default: the shipped model)")
-    p.add_argument("--singles", type=_count, default=EvalSettings.singles,
+    p.add_argument("--singles", type=_non_negative_int, default=EvalSettings.singles,
                    help=f"held-out one-object prompts (default {EvalSettings.singles})")
-    p.add_argument("--pairs", type=_count, default=EvalSettings.pairs,
+    p.add_argument("--pairs", type=_non_negative_int, default=EvalSettings.pairs,
                    help=f"held-out two-object prompts (default {EvalSettings.pairs})")
     p.add_argument("--images", type=_positive_int, default=EvalSettings.images,
                    help=f"rendered images for the VAE's PSNR and caption retrieval (default {EvalSettings.images})")
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=EvalSettings.sampler, help=f"A1111 sampler name (default {EvalSettings.sampler!r})")
     p.add_argument("--cfg-scale", type=float, default=EvalSettings.cfg_scale,
                    help=f"classifier-free guidance scale (default {EvalSettings.cfg_scale})")
-    p.add_argument("--seed", type=_count, default=EvalSettings.seed,
+    p.add_argument("--seed", type=_non_negative_int, default=EvalSettings.seed,
                    help=f"prompt i is drawn with seed + i (default {EvalSettings.seed})")
     p.add_argument("--batch-size", type=_positive_int, default=EvalSettings.batch_size,
                    help=f"prompts per generation call, for speed only (default {EvalSettings.batch_size})")

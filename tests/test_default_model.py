@@ -20,10 +20,18 @@ def test_default_model_fits_the_size_budget():
 
 def test_default_model_draws_the_background_the_prompt_asks_for():
     pipe = load_pipeline(DEFAULT_MODEL)
-    assert pipe.config.sample_size * pipe.config.vae.downsample_factor == 64
+    assert pipe.config.image_size == 64
     backgrounds = ["white", "black", "gray", "beige"]
     prompts = [f"a large yellow square in the center on a {bg} background" for bg in backgrounds]
     result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=7.5, sampler="Euler a", seed=0)
     assert [analyze(image).background for image in result.images] == backgrounds
     again = pipe.txt2img(prompts[:1], width=64, height=64, steps=20, guidance_scale=7.5, sampler="Euler a", seed=0)
     assert again.images[0].tobytes() == result.images[0].tobytes()  # a seed reproduces its image
+
+
+def test_info_reports_the_default_model(capsys):
+    from diffuse.cli import main
+
+    assert main(["info", str(DEFAULT_MODEL)]) == 0
+    out = capsys.readouterr().out
+    assert "width 128" in out and "4 latent channels" in out
