@@ -88,7 +88,9 @@ def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progres
         retrieval = caption_retrieval(pipe, tower, settings.images)
     timing_prompt = heldout_prompts("singles", 1)[0]
     return {
-        "model": str(pipe.source),
+        # The name and A1111's hash identify the weights wherever the folder is (a path would not).
+        "model": pipe.model_name,
+        "model_hash": pipe.model_hash,
         "settings": {**dataclasses.asdict(settings), "width": size, "height": size, "dtype": str(pipe.dtype),
                      "eval_data_seed": EVAL_DATA_SEED},
         "prompt_adherence": adherence,
@@ -211,7 +213,7 @@ def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict
 def format_report(results: dict) -> str:
     """The results as a table a person reads."""
     s = results["settings"]
-    lines = [f"model: {results['model']}",
+    lines = [f"model: {results['model']} [{results['model_hash']}]",
              f"  {s['width']}x{s['height']}, {s['sampler']}, {s['steps']} steps, cfg {s['cfg_scale']}, "
              f"seed {s['seed']}, {s['dtype'].replace('torch.', '')}",
              "",

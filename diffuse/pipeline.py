@@ -108,8 +108,13 @@ class Pipeline:
         return next(self.unet.parameters()).device
 
     @functools.cached_property
-    def model_hash(self) -> str:
-        """A1111's short model hash (sha256 of the checkpoint file), computed once."""
+    def model_hash(self) -> Optional[str]:
+        """A1111's short model hash (sha256 of the checkpoint file), computed once.
+
+        None for weights built in memory (no file at `source`): generating must not fail at
+        the end, after the work, over a label."""
+        if not self.source.exists():
+            return None
         return model_hash(self.source)
 
     @property

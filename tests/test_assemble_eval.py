@@ -250,6 +250,7 @@ def test_evaluate_a_random_model(folder32, tmp_path):
     timing = results["generation_time"]
     assert len(timing["runs_s"]) == 3 and timing["median_s"] > 0 and timing["torch_threads"] >= 1
     assert results["settings"]["width"] == 32 and results["settings"]["sampler"] == "Euler a"
+    assert results["model"] == folder32.name and results["model_hash"] == pipe.model_hash  # no machine's path
     # Everything but the clock comes out the same again.
     again = evaluate(pipe, settings)
     del results["generation_time"], again["generation_time"]

@@ -208,3 +208,11 @@ def test_unsaveable_requests_are_refused(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         save_diffusers_folder(tiny_pipe, tmp_path / "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_weights_built_in_memory_generate_without_a_model_hash(tiny_pipe, tmp_path):
+    # Nothing on disk to hash: the image and its parameters still come back, without "Model hash".
+    pipe = replace(tiny_pipe, source=tmp_path / "never-saved")
+    result = pipe.txt2img("a red circle", width=32, height=32, steps=1, seed=3)
+    assert result.info["model_hash"] is None and result.images[0].size == (32, 32)
+    assert "Model hash" not in result.infotexts[0] and "Seed: 3" in result.infotexts[0]
