@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 import train_worker
-from diffuse.train import loop
+from diffuse.train import loop, state
+from diffuse.train.ema import WeightAverage
 from diffuse.train.distributed import DistInfo, shard, shard_weight
 from diffuse.train.loop import BatchRandom, LoopConfig, learning_rate, train
 from diffuse.train.state import (
@@ -262,6 +263,61 @@ def test_checkpoint_folder_keeps_the_newest_and_resumes_further(tmp_path, one_th
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(train_worker.config(9, 2), {"net": train_worker.make_net(0.2)}, train_worker.loss_fn,
               train_worker.make_batch, out, resume=False, progress=False)
+
+
+def test_weight_average_follows_the_formula():
+    live = nn.Linear(2, 1)
+    average = WeightAverage({"net": live}, decay=0.5)
+    start = live.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.fill_(1.0)
+    average.update(step=0)  # decay min(0.5, 1/10) = 0.1: 90% of the way to the live weights
+    assert torch.allclose(average.averages["net.ema"].weight, 0.1 * start + 0.9)
+    with torch.no_grad():
+        live.weight.fill_(3.0)
+    average.update(step=20)  # decay min(0.5, 21/30) = 0.5
+    assert torch.allclose(average.averages["net.ema"].weight, 0.5 * (0.1 * start + 0.9) + 1.5)
+    assert not any(p.requires_grad for p in average.averages["net.ema"].parameters())
+    average.copy_to_live()
+    assert torch.equal(live.weight, average.averages["net.ema"].weight)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightAverage({"net": live}, decay=1.0)
+
+
+def test_ema_run_ends_with_the_average_and_resumes_it_exactly(tmp_path, one_thread):
+    config = dataclasses.replace(train_worker.config(steps=8, checkpoint_every=4), ema_decay=0.8)
+
+    def run(folder: Path) -> tuple[list[float], nn.Module]:
+        net = train_worker.make_net(0.2)
+        return train(config, {"net": net}, train_worker.loss_fn, train_worker.make_batch, folder, progress=False), net
+
+    losses, net = run(tmp_path / "whole")
+    final = read_checkpoint(tmp_path / "whole" / "checkpoint-00000008.pt")["models"]
+    assert sorted(final) == ["net", "net.ema"]
+    for name, tensor in net.state_dict().items():  # the model handed back is the average, not the last step
+        assert torch.equal(tensor, final["net.ema"][name]), name
+    assert any(not torch.equal(final["net"][k], final["net.ema"][k]) for k in final["net"])
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    (tmp_path / "cut" / "checkpoint-00000008.pt").unlink()  # as if killed after step 4's checkpoint
+    resumed, resumed_net = run(tmp_path / "cut")
+    assert resumed == losses
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(resumed_net.state_dict()[name], tensor), name
+
+
+def test_a_field_added_since_the_checkpoint_is_accepted_at_its_default(tmp_path, one_thread):
+    model, optimizer = tiny_model_and_optimizer()
+    models, optimizers = {"net": model}, {"adamw": optimizer}
+    path = save_checkpoint(tmp_path / "old.pt", config=LoopConfig(), models=models, optimizers=optimizers, step=1,
+                           data_position=8)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["fields"]["ema_decay"], payload["sha256"]  # written before the field existed
+    payload["sha256"] = state._content_digest(payload)
+    torch.save(payload, path)
+    assert load_checkpoint(path, config=LoopConfig(), models=models, optimizers=optimizers).step == 1
+    with pytest.raises(ValueError, match=r"ema_decay: checkpoint \(absent\), now 0.9"):
+        load_checkpoint(path, config=LoopConfig(ema_decay=0.9), models=models, optimizers=optimizers)
 
 
 def test_frozen_models_pass_through_and_bad_losses_stop_the_run(tmp_path, one_thread):

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from diffuse.train import distributed
 from diffuse.train.distributed import DistInfo
+from diffuse.train.ema import WeightAverage
 from diffuse.train.state import (
     capture_rng_state,
     checkpoint_path,
@@ -68,6 +69,7 @@ class LoopConfig:
     weight_decay: float = 0.01  # on weight matrices and kernels only, never on biases or norm scales
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    ema_decay: float = 0.0  # 0: off; else the finished models hold this moving average of their weights (ema.py)
     seed: int = 0
     log_every: int = resumable(10)  # progress-bar refresh and log flush, in steps
     checkpoint_every: int = resumable(500)
@@ -81,6 +83,8 @@ class LoopConfig:
             raise ValueError(f"lr must be positive, not {self.lr}")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"final_lr_fraction must be between 0 and 1, not {self.final_lr_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns the average off), not {self.ema_decay}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps, weight_decay and grad_clip must not be negative: "
                              f"{self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")
@@ -155,7 +159,9 @@ def train(
     one AdamW, checkpointed, and (under torchrun) wrapped in DistributedDataParallel before
     loss_fn sees them; call each such model once per step, through its forward. The rest
     (a frozen autoencoder, say) are passed through untouched. Models are moved to the
-    training device; the caller builds them, seeded, before calling.
+    training device; the caller builds them, seeded, before calling. With ema_decay > 0
+    the trained models return holding the moving average of their weights (ema.py), which
+    is what the caller then saves; the raw weights stay in the checkpoints.
 
     With resume=True a folder holding checkpoints continues from the latest one (which must
     have been written with the same config, resumable fields aside); with resume=False such
@@ -187,6 +193,8 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
     batch_generator = torch.Generator().manual_seed(loop.seed)
     optimizer = _make_optimizer(loop, trainable)
     optimizers, generators = {OPTIMIZER_NAME: optimizer}, {GENERATOR_NAME: batch_generator}
+    average = WeightAverage(trainable, loop.ema_decay) if loop.ema_decay > 0 else None
+    checkpointed = {**trainable, **(average.averages if average is not None else {})}
 
     step, data_position = 0, 0
     latest = latest_checkpoint(out_dir)
@@ -194,7 +202,7 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
         if not resume:
             raise ValueError(f"{out_dir} already holds checkpoints (latest {latest.name}); "
                              "resume from them or train in another folder")
-        state = load_checkpoint(latest, config=config, models=trainable, optimizers=optimizers,
+        state = load_checkpoint(latest, config=config, models=checkpointed, optimizers=optimizers,
                                 generators=generators, rank=info.rank)
         step, data_position = state.step, state.data_position
 
@@ -222,7 +230,7 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
             os.fsync(log.fileno())
         rng_states = distributed.gather_objects(capture_rng_state(), info)
         if info.is_main:
-            save_checkpoint(checkpoint_path(out_dir, step), config=config, models=trainable, optimizers=optimizers,
+            save_checkpoint(checkpoint_path(out_dir, step), config=config, models=checkpointed, optimizers=optimizers,
                             step=step, data_position=data_position, generators=generators,
                             rng_states=rng_states, extra={"world_size": info.world_size})
             prune_checkpoints(out_dir, loop.keep_checkpoints)
@@ -248,6 +256,8 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
                 raise ValueError(f"the loss became {means['loss']} at step {step + 1}; "
                                  f"not updating the models (latest checkpoint: {latest_checkpoint(out_dir)})")
             optimizer.step()
+            if average is not None:
+                average.update(step)
             step += 1
             data_position += loop.batch_size
 
@@ -266,6 +276,8 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
         bar.close()
         if log is not None:
             log.close()
+    if average is not None:
+        average.copy_to_live()
     return losses
 
 

@@ -210,7 +210,9 @@ def config_differences(saved: dict, config: Any) -> list[str]:
     """One line per non-resumable field whose value differs: "lr: checkpoint 0.001, now 0.002".
 
     `saved` is a checkpoint's {"class", "fields"} record. Nested dataclasses are compared
-    field by field under dotted names ("unet.model_channels").
+    field by field under dotted names ("unet.model_channels"). A field the checkpoint lacks
+    counts as unchanged while it holds its default: fields are added with the default that
+    keeps the old behaviour.
     """
     lines = []
     class_now = type(config).__qualname__
@@ -218,14 +220,24 @@ def config_differences(saved: dict, config: Any) -> list[str]:
         lines.append(f"config class: checkpoint {saved['class']}, now {class_now}")
     old = _flatten(saved["fields"])
     new = _flatten(dataclasses.asdict(config))
+    defaults = _default_fields(config) if saved["class"] == class_now else {}
     may_change = _resumable_names(config)
     for name in list(new) + [name for name in old if name not in new]:
         if any(name == allowed or name.startswith(allowed + ".") for allowed in may_change):
             continue
         before, after = old.get(name, _ABSENT), new.get(name, _ABSENT)
+        if before is _ABSENT and name in defaults and _as_plain(after) == _as_plain(defaults[name]):
+            continue  # a field added since the checkpoint, left at its default: the behaviour it was trained with
         if _as_plain(before) != _as_plain(after):
             lines.append(f"{name}: checkpoint {_show(before)}, now {_show(after)}")
     return lines
+
+
+def _default_fields(config: Any) -> dict[str, Any]:
+    try:
+        return _flatten(dataclasses.asdict(type(config)()))
+    except TypeError:  # a config class with required fields has no defaults to fall back on
+        return {}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
