@@ -9,7 +9,10 @@
                        reported apart: the fraction all-correct, and each attribute's rate among the
                        prompts that state it.
     VAE reconstruction PSNR (dB, pixels in [0, 1]) of posterior-mean reconstructions of shape images
-                       drawn with a data seed no training config uses (they use 0, 1 and 2).
+                       drawn with a data seed no training config uses (they use 0, 1 and 2), and how
+                       many reconstructions the analyzer still reads as their scene, one- and two-object
+                       scenes apart: an image the UNet draws reaches the page through the same decoder,
+                       so this is about the most adherence the model could show.
     caption retrieval  with the CLIP image tower a model folder may carry (image_tower/): for M of those
                        images and their M captions, how often an image's own caption is the most similar
                        one (a duplicate of its caption counts as its own). Skipped, with a note, without one.
@@ -94,7 +97,7 @@ def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progres
         "settings": {**dataclasses.asdict(settings), "width": size, "height": size, "dtype": str(pipe.dtype),
                      "eval_data_seed": EVAL_DATA_SEED},
         "prompt_adherence": adherence,
-        "vae_reconstruction": vae_psnr(pipe, settings.images),
+        "vae_reconstruction": vae_reconstruction(pipe, settings.images),
         "caption_retrieval": retrieval,
         "generation_time": generation_time(pipe, settings, timing_prompt),
     }
@@ -151,16 +154,23 @@ def eval_dataset(pipe: Pipeline) -> ShapesDataset:
 
 
 @torch.no_grad()
-def vae_psnr(pipe: Pipeline, count: int, chunk: int = 32) -> dict:
-    """PSNR of the VAE's reconstructions (decode of the posterior mean) of `count` held-out images."""
-    dataset, values = eval_dataset(pipe), []
+def vae_reconstruction(pipe: Pipeline, count: int, chunk: int = 32) -> dict:
+    """PSNR of the VAE's reconstructions (decode of the posterior mean) of `count` held-out images,
+    and the fraction of one- and two-object reconstructions the analyzer reads as their scene."""
+    dataset, values, read_right = eval_dataset(pipe), [], {"singles": [], "pairs": []}
     for start in range(0, count, chunk):
-        images, _, _ = dataset.batch(start, min(chunk, count - start))
+        images, _, scenes = dataset.batch(start, min(chunk, count - start))
         mean = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).mean
         rebuilt = pipe.vae.decode(mean).float().cpu().clamp(-1, 1)
         mse = ((rebuilt - images) / 2).pow(2).mean(dim=(1, 2, 3))  # [-1, 1] -> [0, 1] halves the differences
         values.extend((10 * torch.log10(1 / mse.clamp(min=1e-10))).tolist())  # 100 dB at most: exact stays finite
-    return {"images": count, "psnr_db_mean": statistics.fmean(values), "psnr_db_worst": min(values)}
+        as_saved = ((rebuilt + 1) * 127.5).round().to(torch.uint8)  # judged as 8-bit pixels, like generated images
+        for scene, pixels in zip(scenes, as_saved.permute(0, 2, 3, 1).numpy()):
+            kind = "singles" if len(scene.objects) == 1 else "pairs"
+            read_right[kind].append(all(matches(scene, analyze(pixels)).values()))
+    return {"images": count, "psnr_db_mean": statistics.fmean(values), "psnr_db_worst": min(values),
+            "read_right": {kind: statistics.fmean(v) if v else None for kind, v in read_right.items()},
+            "read_right_images": {kind: len(v) for kind, v in read_right.items()}}
 
 
 def load_image_tower(model: Path) -> ImageTower | None:
@@ -232,6 +242,8 @@ def format_report(results: dict) -> str:
     vae = results["vae_reconstruction"]
     lines.append(f"{'VAE reconstruction PSNR':<30}{vae['psnr_db_mean']:.2f} dB mean, {vae['psnr_db_worst']:.2f} dB "
                  f"worst ({vae['images']} images)")
+    lines.append(f"{'  read back right':<30}" + "".join(cell(vae["read_right"][kind]) for kind in PROMPT_KINDS)
+                 + "   (" + ", ".join(f"{n} {kind}" for kind, n in vae["read_right_images"].items()) + ")")
     retrieval = results["caption_retrieval"]
     if "skipped" in retrieval:
         lines.append(f"{'caption retrieval':<30}skipped: {retrieval['skipped']}")

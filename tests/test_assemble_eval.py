@@ -13,6 +13,7 @@ import math
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ import torch
 import diffuse
 from diffuse.cli import main
 from diffuse.evaluate import (EvalSettings, evaluate, format_report, heldout_prompts, load_image_tower,
-                              score_adherence, write_report)
+                              score_adherence, vae_reconstruction, write_report)
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from diffuse.models.image_encoder import ImageEncoderConfig, ImageTowerConfig
 from diffuse.models.unet import UNet
@@ -245,6 +246,7 @@ def test_evaluate_a_random_model(folder32, tmp_path):
     assert "relation" not in results["prompt_adherence"]["singles"]["attributes"]
     vae = results["vae_reconstruction"]
     assert vae["images"] == 6 and math.isfinite(vae["psnr_db_mean"]) and vae["psnr_db_worst"] <= vae["psnr_db_mean"]
+    assert sum(vae["read_right_images"].values()) == 6 and all(0 <= v <= 1 for v in vae["read_right"].values())
     retrieval = results["caption_retrieval"]
     assert retrieval["images"] == 6 and 0 <= retrieval["top1"] <= 1 and 0 < retrieval["chance"] <= 1
     timing = results["generation_time"]
@@ -272,6 +274,24 @@ def test_an_analyzer_perfect_generator_scores_one():
         assert perfect["stated"]["colour"] == 12 and perfect["stated"]["background"] == 12
         shifted = score_adherence(prompts, images[1:] + images[:1])
         assert shifted["all_correct"] < 0.5
+
+
+def test_a_lossless_autoencoder_reads_back_perfectly(folder32):
+    """vae_reconstruction's scoring alone: an autoencoder that hands the image through unchanged."""
+    class Lossless(torch.nn.Module):
+        def encode(self, images):
+            return SimpleNamespace(mean=images)
+
+        def decode(self, latents):
+            return latents
+
+    pipe = diffuse.load_pipeline(folder32)
+    # At 64 px, the size the analyzer is checked at (this random model's own is 32).
+    pipe = dataclasses.replace(pipe, vae=Lossless(), config=dataclasses.replace(pipe.config, sample_size=64 // pipe.config.vae.downsample_factor))
+    assert pipe.config.image_size == 64
+    measured = vae_reconstruction(pipe, count=40, chunk=16)
+    assert measured["read_right"] == {"singles": 1.0, "pairs": 1.0} and measured["psnr_db_worst"] > 50
+    assert sum(measured["read_right_images"].values()) == 40 and min(measured["read_right_images"].values()) > 0
 
 
 def test_evaluation_settings_are_checked():
