@@ -33,7 +33,7 @@ from diffuse.train.assemble import IMAGE_TOWER_DIR, AssemblyWarning, assemble, b
 from diffuse.train.clip_trainer import CLIPTrainConfig, build_models, train_clip
 from diffuse.train.data import DataConfig, heldout_pair_scenes, heldout_single_scenes, render
 from diffuse.train.state import capture_rng_state, restore_rng_state
-from diffuse.train.trainers import final_files, load_final, save_final
+from diffuse.train.trainers import final_files, load_final, save_final, weights_sha256
 from diffuse.train.unet_trainer import UNetTrainConfig
 from diffuse.train.vae_trainer import VAETrainConfig
 
@@ -67,12 +67,17 @@ def write_vae_stage(folder: Path, config: VAEConfig = MICRO_VAE, seed: int = 0) 
     return folder
 
 
-def write_unet_stage(folder: Path, vae_dir: Path, clip_dir: Path, config: UNetConfig = MICRO_UNET) -> Path:
+def write_unet_stage(folder: Path, vae_dir: Path, clip_dir: Path, config: UNetConfig = MICRO_UNET,
+                     fingerprints: bool = False) -> Path:
+    """A finished UNet stage; with fingerprints it records the weights it was trained on as the trainer
+    does now, without them only their folders, as stages trained before that did."""
     torch.manual_seed(1)
     train_config = UNetTrainConfig(unet=config, vae_dir=str(vae_dir), text_encoder_dir=str(clip_dir), data=DATA,
                                    steps=1)
-    save_final(folder, "unet", jittered(UNet(config), 1), config, train_config, extra={
-        "prediction_type": "epsilon", "sample_size": 8, "vae_dir": str(vae_dir), "text_encoder_dir": str(clip_dir)})
+    extra = {"prediction_type": "epsilon", "sample_size": 8, "vae_dir": str(vae_dir), "text_encoder_dir": str(clip_dir)}
+    if fingerprints:
+        extra.update(vae_sha256=weights_sha256(vae_dir, "vae"), text_encoder_sha256=weights_sha256(clip_dir, "text_encoder"))
+    save_final(folder, "unet", jittered(UNet(config), 1), config, train_config, extra=extra)
     return folder
 
 
@@ -217,6 +222,20 @@ def test_the_unet_must_get_the_stages_it_was_trained_on(stages, tmp_path):
     moved = write_unet_stage(tmp_path / "unet_elsewhere", tmp_path / "gone_vae", stages["clip"])
     with pytest.warns(AssemblyWarning, match="gone_vae, which is not there"):
         assemble(stages["vae"], stages["clip"], moved, tmp_path / "out2", preview_samples=2)
+
+
+def test_a_stage_retrained_in_its_recorded_folder_is_caught_by_its_weights(stages, tmp_path):
+    vae = Path(shutil.copytree(stages["vae"], tmp_path / "vae"))
+    unet = write_unet_stage(tmp_path / "unet", vae, stages["clip"], fingerprints=True)
+    moved = Path(shutil.copytree(vae, tmp_path / "vae_moved"))
+    shutil.rmtree(vae)
+    with warnings.catch_warnings():  # the recorded folder is gone, but the weights say it is the same VAE
+        warnings.simplefilter("error", AssemblyWarning)
+        assemble(moved, stages["clip"], unet, tmp_path / "out", preview_samples=2)
+    write_vae_stage(vae, seed=7)  # the recorded folder again, retrained
+    with pytest.raises(ValueError, match=r"trained on another vae than the one in .*vae \(its weights' sha256"):
+        assemble(vae, stages["clip"], unet, tmp_path / "out2", preview_samples=2)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_a_clip_stage_without_its_tower_gives_a_model_without_one(stages, tmp_path):

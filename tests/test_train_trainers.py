@@ -213,7 +213,7 @@ def test_unet_resume_matches_a_straight_run(stages, tmp_path):
     unet, unet_cfg, extra = load_final(tmp_path / "straight", "unet")
     assert unet_cfg == MICRO_UNET and extra["sample_size"] == 8 and extra["prediction_type"] == "epsilon"
     assert [file_digest(Path(folder) / FINAL_WEIGHTS) for folder in (config.vae_dir, config.text_encoder_dir)] \
-        == frozen_files
+        == frozen_files == [extra["vae_sha256"], extra["text_encoder_sha256"]]  # recorded: what it trained on
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train_unet(config, tmp_path / "straight", resume=False, progress=False)
 

@@ -21,17 +21,18 @@ What must agree, and what happens when it does not:
   - the UNet's in/out channels and the VAE's latent channels, the UNet's context_dim and the
     text encoder's width, the image tower's text width and the text encoder's: errors, since
     the networks could not run together;
-  - the VAE and text encoder given and the ones the UNet run recorded (its vae_dir and
-    text_encoder_dir, relative to where training ran): the same folder, or one holding the
-    same weights and config, is fine. A recorded folder that holds a different component is
-    an error: the UNet learned another latent space or other text states, and would run and
-    draw noise. A recorded folder that is gone cannot be checked: an AssemblyWarning.
+  - the VAE and text encoder given and the ones the UNet run recorded: the sha256 of the
+    weights it trained on must match (a UNet trained on another latent space or other text
+    states would run and draw noise, so a mismatch is an error, also when the stage was
+    retrained in the same folder). UNet stages from before that record only the folders
+    (vae_dir, text_encoder_dir, relative to where training ran): the same folder, or one
+    holding the same weights and config, is fine, another is an error, and a recorded folder
+    that is gone cannot be checked: an AssemblyWarning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from diffuse.preview import fit_preview_matrix
 from diffuse.samplers.schedule import NoiseSchedule
 from diffuse.tokenizer import CLIPTokenizer
 from diffuse.train.data import DataConfig, ShapesDataset
-from diffuse.train.trainers import config_from_dict, final_files, load_final, read_final_info
+from diffuse.train.trainers import config_from_dict, final_files, load_final, read_final_info, weights_sha256
 
 IMAGE_TOWER_DIR = "image_tower"  # the model folder's copy of the CLIP stage's image tower
 PREVIEW_SAMPLES = 256  # dataset images the preview matrix is fitted on
@@ -94,8 +95,8 @@ def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Pa
             raise ValueError(f"{final_files(unet_dir, 'unet')[1]} does not record the UNet's {key}")
     if "pad_token_id" not in text_extra:
         raise ValueError(f"{final_files(clip_dir, 'text_encoder')[1]} does not record the tokenizer's pad_token_id")
-    check_recorded_stage(unet_extra.get("vae_dir"), vae_dir, "vae", unet_dir)
-    check_recorded_stage(unet_extra.get("text_encoder_dir"), clip_dir, "text_encoder", unet_dir)
+    for component, given in (("vae", vae_dir), ("text_encoder", clip_dir)):
+        check_recorded_stage(unet_extra, given, component, unet_dir)
 
     config = PipelineConfig(name=source.name, text_encoder=text_config, unet=unet_config, vae=vae_config,
                             prediction_type=unet_extra["prediction_type"], pad_token_id=text_extra["pad_token_id"],
@@ -132,8 +133,21 @@ def fit_vae_preview(vae: AutoencoderKL, config: VAEConfig, image_size: int, samp
     return fit_preview_matrix(torch.cat(latents), torch.cat(decodes))
 
 
-def check_recorded_stage(recorded: str | None, given: Path, component: str, unet_dir: Path) -> None:
-    """Refuse a `component` other than the one the UNet was trained on; warn where that cannot be told."""
+def check_recorded_stage(unet_extra: dict, given: Path, component: str, unet_dir: Path) -> None:
+    """Refuse a `component` other than the one the UNet was trained on; warn where that cannot be told.
+
+    The UNet stage records the sha256 of the weights it trained on, which settles it wherever the
+    folders are now. Stages trained before that record only the folder: the same folder passes
+    (even if retrained since, which cannot be told), another must hold the same weights and config.
+    """
+    recorded_sha = unet_extra.get(f"{component}_sha256")
+    if recorded_sha is not None:
+        if weights_sha256(given, component) != recorded_sha:
+            raise ValueError(f"the UNet in {unet_dir} was trained on another {component} than the one in {given} "
+                             f"(its weights' sha256 differs: retrained since, or another run's); assemble it with "
+                             f"the {component} it was trained on")
+        return
+    recorded = unet_extra.get(f"{component}_dir")
     if recorded is None:
         warnings.warn(f"{unet_dir} does not record which {component} it was trained on: cannot check {given}",
                       AssemblyWarning, stacklevel=3)
@@ -153,8 +167,7 @@ def check_recorded_stage(recorded: str | None, given: Path, component: str, unet
 
 def _fingerprint(folder: Path, component: str) -> tuple[str, dict]:
     """What makes two finished components the same: their weights' bytes and their architecture config."""
-    weights, _ = final_files(folder, component)
-    return hashlib.sha256(weights.read_bytes()).hexdigest(), read_final_info(folder, component)["config"]
+    return weights_sha256(folder, component), read_final_info(folder, component)["config"]
 
 
 def check_image_tower(clip_dir: str | Path, config: PipelineConfig) -> None:

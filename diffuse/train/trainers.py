@@ -32,6 +32,7 @@ silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import typing
@@ -147,6 +148,11 @@ def final_files(folder: str | Path, component: str) -> tuple[Path, Path]:
     if stem is None:
         return folder / FINAL_WEIGHTS, folder / FINAL_INFO
     return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+
+def weights_sha256(folder: str | Path, component: str) -> str:
+    """The sha256 of a finished component's weights file: which weights a later stage was trained on."""
+    return hashlib.sha256(final_files(folder, component)[0].read_bytes()).hexdigest()
 
 
 def save_final(out_dir: str | Path, component: str, model: nn.Module, model_config: Any, train_config: Any,

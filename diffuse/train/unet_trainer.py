@@ -29,7 +29,7 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import drop_captions, encode_latents, unet_loss
 from diffuse.train.presets import TINY_UNET
-from diffuse.train.trainers import is_main_process, load_final, save_final
+from diffuse.train.trainers import is_main_process, load_final, save_final, weights_sha256
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Conditioning:
     scaling_factor: float
     text_encoder: nn.Module
     tokenizer: CLIPTokenizer
+    fingerprints: dict[str, str]  # sha256 of each stage's weights file, recorded with the UNet for assembly to check
 
 
 def load_conditioning(config: UNetTrainConfig) -> Conditioning:
@@ -74,7 +75,9 @@ def load_conditioning(config: UNetTrainConfig) -> Conditioning:
         raise ValueError(f"data.image_size {config.data.image_size} is not a multiple of the VAE's "
                          f"downsampling factor {vae_config.downsample_factor}")
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=text_extra["pad_token_id"])
-    return Conditioning(vae, vae_config.scaling_factor, text_encoder, tokenizer)
+    fingerprints = {"vae_sha256": weights_sha256(config.vae_dir, "vae"),
+                    "text_encoder_sha256": weights_sha256(config.text_encoder_dir, "text_encoder")}
+    return Conditioning(vae, vae_config.scaling_factor, text_encoder, tokenizer, fingerprints)
 
 
 def build_models(config: UNetTrainConfig, conditioning: Conditioning) -> dict[str, nn.Module]:
@@ -116,5 +119,6 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, *, resume: bool = T
             "sample_size": config.data.image_size // conditioning.vae.cfg.downsample_factor,
             "vae_dir": config.vae_dir,
             "text_encoder_dir": config.text_encoder_dir,
+            **conditioning.fingerprints,
         })
     return losses
