@@ -212,6 +212,17 @@ class StandInUNet(nn.Module):
         return self.weight * x + t.float().view(-1, 1, 1, 1) / 1000 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
 
+def noised_by_hand(schedule: NoiseSchedule, latents: torch.Tensor, g: torch.Generator):
+    """unet_loss's draws in its documented order (timesteps, then noise), and what it makes of them:
+    (timesteps, alpha-bar per sample as [B, 1, 1, 1], noisy latents, the target to predict)."""
+    t = torch.randint(0, 1000, (len(latents),), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    abar = schedule.alphas_cumprod()[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    target = noise if schedule.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    return t, abar, noisy, target
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_unet_loss_is_the_noising_formula(prediction_type):
     schedule = NoiseSchedule(prediction_type=prediction_type)
@@ -220,12 +231,7 @@ def test_unet_loss_is_the_noising_formula(prediction_type):
     context = torch.randn(3, 5, 8, generator=gen(10))
     loss, logs = unet_loss(model, context, latents, schedule, gen(11))
 
-    g = gen(11)  # the same draws, in the documented order: timesteps, then noise
-    t = torch.randint(0, 1000, (3,), generator=g)
-    noise = torch.randn(latents.shape, generator=g)
-    abar = schedule.alphas_cumprod()[t].view(3, 1, 1, 1)
-    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    t, abar, noisy, target = noised_by_hand(schedule, latents, gen(11))
     want = ((model(noisy, t, context) - target) ** 2).mean()
     assert abs(loss.item() - want.item()) < 1e-6
     assert abs(logs["mean_timestep"] - t.float().mean().item()) < 1e-4
@@ -244,14 +250,8 @@ def test_unet_loss_min_snr_weighting(prediction_type):
     context = torch.randn(3, 5, 8, generator=gen(10))
     loss, _ = unet_loss(model, context, latents, schedule, gen(11), min_snr_gamma=0.5)
 
-    g = gen(11)
-    t = torch.randint(0, 1000, (3,), generator=g)
-    noise = torch.randn(latents.shape, generator=g)
-    abar = schedule.alphas_cumprod()[t]
-    noisy = abar.sqrt().view(3, 1, 1, 1) * latents + (1 - abar).sqrt().view(3, 1, 1, 1) * noise
-    target = noise if prediction_type == "epsilon" else (abar.sqrt().view(3, 1, 1, 1) * noise
-                                                         - (1 - abar).sqrt().view(3, 1, 1, 1) * latents)
-    snr = abar / (1 - abar)
+    t, abar, noisy, target = noised_by_hand(schedule, latents, gen(11))
+    snr = abar.flatten() / (1 - abar.flatten())
     weight = torch.minimum(snr, torch.tensor(0.5)) / (snr if prediction_type == "epsilon" else snr + 1)
     want = (weight * ((model(noisy, t, context) - target) ** 2).mean(dim=[1, 2, 3])).mean()
     assert abs(loss.item() - want.item()) < 1e-6

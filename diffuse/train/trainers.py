@@ -32,7 +32,6 @@ silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import typing
@@ -42,7 +41,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from diffuse.metadata import atomic_write
+from diffuse.metadata import atomic_write, sha256_file
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from diffuse.models.image_encoder import ImageEncoderConfig, ImageTower, ImageTowerConfig
@@ -152,7 +151,7 @@ def final_files(folder: str | Path, component: str) -> tuple[Path, Path]:
 
 def weights_sha256(folder: str | Path, component: str) -> str:
     """The sha256 of a finished component's weights file: which weights a later stage was trained on."""
-    return hashlib.sha256(final_files(folder, component)[0].read_bytes()).hexdigest()
+    return sha256_file(final_files(folder, component)[0])
 
 
 def save_final(out_dir: str | Path, component: str, model: nn.Module, model_config: Any, train_config: Any,
