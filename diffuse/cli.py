@@ -114,7 +114,7 @@ def generate(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     """Write any loadable checkpoint as a diffusers folder (optionally cast, e.g. to float16)."""
     from .checkpoints.export import save_diffusers_folder
-    from .loader import resolve_dtype
+    from .runtime import resolve_dtype
 
     pipe = _load(args)
     dtype = resolve_dtype(args.dtype) if args.dtype else None
@@ -124,7 +124,7 @@ def convert(args: argparse.Namespace) -> int:
 
 def assemble(args: argparse.Namespace) -> int:
     """Build the model folder from the finished vae, clip and unet stages."""
-    from .loader import resolve_dtype
+    from .runtime import resolve_dtype
     from .train.assemble import AssemblyWarning, assemble as assemble_model
 
     with warnings.catch_warnings(record=True) as caught:
@@ -214,8 +214,11 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     p.add_argument("--save-steps", metavar="DIR", default=None,
                    help="also write every step's decoded latents and a filmstrip.png here")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.set_defaults(run=generate)
+
+
+AUTO_DTYPE_HELP = "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"prompt i is drawn with seed + i (default {EvalSettings.seed})")
     p.add_argument("--batch-size", type=_positive_int, default=EvalSettings.batch_size,
                    help=f"prompts per generation call, for speed only (default {EvalSettings.batch_size})")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default=None, help="float32 (default: the exact path the model card's figures use), "
+                                                 "auto, bfloat16 or float16")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
     p.set_defaults(run=evaluate)
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=pnginfo)
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")
     p.add_argument("model", nargs="?", default=None, help="a diffusers folder, or a single-file .safetensors/.ckpt")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.add_argument("--prompt", default="a photo of a cat")
     p.set_defaults(run=info)
     args = parser.parse_args(argv)

@@ -24,38 +24,24 @@ from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .pipeline import Pipeline
+from .runtime import prepare_for_inference, resolve_dtype
 from .tokenizer import CLIPTokenizer
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """None means float32: the exact path that matches the reference implementations."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; use one of float32, float16, bfloat16")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
 
 def load_pipeline(
     path: str | Path,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     device: str | torch.device = "cpu",
     config: PipelineConfig | None = None,
 ) -> Pipeline:
     """Load a Stable Diffusion 1.x/2.x model from a diffusers folder or a single-file checkpoint.
 
-    `config` overrides architecture detection for single-file checkpoints (head
-    counts and v-prediction are not stored in the weights).
+    `dtype` "auto" runs the networks in bfloat16 where the CPU (or GPU) computes it
+    natively, else float32 (diffuse.runtime); "float32" (or None) is the exact path that
+    matches the reference implementations. `config` overrides architecture detection for
+    single-file checkpoints (head counts and v-prediction are not stored in the weights).
     """
     path = Path(path).expanduser()
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
     if path.is_dir():
@@ -81,7 +67,7 @@ def load_pipeline(
         preview_matrix = None  # nor does a single file carry a preview matrix: SD's
 
     def fill(name, make):
-        return build_and_fill(make, states[name], files[name], name, dtype=dtype, device=device)
+        return prepare_for_inference(build_and_fill(make, states[name], files[name], name, dtype=dtype, device=device))
 
     unet = fill("unet", lambda: UNet(config.unet))
     if probe and predicts_v(unet):

@@ -130,7 +130,7 @@ def test_clip_stage_leaves_its_trained_image_tower(stages):
 def test_assembled_folder_loads_back_as_the_same_pipeline(stages, folder32):
     ours = build_pipeline(stages["vae"], stages["clip"], stages["unet"], source=folder32,
                           preview_samples=PREVIEW_SAMPLES)
-    loaded = diffuse.load_pipeline(folder32)
+    loaded = diffuse.load_pipeline(folder32, dtype="float32")
     for name in ("text_encoder", "unet", "vae"):
         want, got = getattr(ours, name).state_dict(), getattr(loaded, name).state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
@@ -154,7 +154,7 @@ def test_folder_holds_the_preview_matrix_and_a_copy_of_the_image_tower(stages, f
 
 
 def test_step_previews_use_the_models_own_matrix(folder32):
-    pipe = diffuse.load_pipeline(folder32)
+    pipe = diffuse.load_pipeline(folder32, dtype="float32")
     steps = []
     pipe.txt2img(PROMPT, seed=1, callback=steps.append, **FAST)
     step = steps[-1]
@@ -184,13 +184,13 @@ def test_float16_folder_loads(stages, tmp_path):
     assert all(torch.equal(want[k].half(), got[k]) for k in want)
     image = pixels(half.txt2img(PROMPT, seed=2, **FAST).images)
     assert image.shape == (1, 32, 32, 3)
-    full = pixels(diffuse.load_pipeline(folder).txt2img(PROMPT, seed=2, **FAST).images)
+    full = pixels(diffuse.load_pipeline(folder, dtype="float32").txt2img(PROMPT, seed=2, **FAST).images)
     assert np.abs(image.astype(int) - full.astype(int)).mean() < 8  # fp16 rounding, not another model
 
 
 def test_diffusers_loads_the_assembled_folder(folder32):
     """The preview matrix and the image tower are files diffusers does not ask for: it still loads the folder."""
-    assert_diffusers_agrees(diffuse.load_pipeline(folder32), folder32)
+    assert_diffusers_agrees(diffuse.load_pipeline(folder32, dtype="float32"), folder32)
 
 
 def test_stages_that_do_not_fit_are_refused(stages, tmp_path):
@@ -245,7 +245,7 @@ def test_a_clip_stage_without_its_tower_gives_a_model_without_one(stages, tmp_pa
     with pytest.warns(AssemblyWarning, match="no image tower"):
         folder = assemble(stages["vae"], clip, stages["unet"], tmp_path / "out", preview_samples=2)
     assert not (folder / IMAGE_TOWER_DIR).exists() and load_image_tower(folder) is None
-    results = evaluate(diffuse.load_pipeline(folder), EvalSettings(singles=1, pairs=0, images=2, steps=1))
+    results = evaluate(diffuse.load_pipeline(folder, dtype="float32"), EvalSettings(singles=1, pairs=0, images=2, steps=1))
     assert "no CLIP image tower" in results["caption_retrieval"]["skipped"]
     assert "skipped" in format_report(results)
 
@@ -254,7 +254,7 @@ def test_a_clip_stage_without_its_tower_gives_a_model_without_one(stages, tmp_pa
 
 
 def test_evaluate_a_random_model(folder32, tmp_path):
-    pipe = diffuse.load_pipeline(folder32)
+    pipe = diffuse.load_pipeline(folder32, dtype="float32")
     settings = EvalSettings(singles=2, pairs=2, images=6, steps=2, batch_size=3)
     results = evaluate(pipe, settings)
     for kind in ("singles", "pairs"):
@@ -304,7 +304,7 @@ def test_a_lossless_autoencoder_reads_back_perfectly(folder32):
         def decode(self, latents):
             return latents
 
-    pipe = diffuse.load_pipeline(folder32)
+    pipe = diffuse.load_pipeline(folder32, dtype="float32")
     # At 64 px, the size the analyzer is checked at (this random model's own is 32).
     pipe = dataclasses.replace(pipe, vae=Lossless(), config=dataclasses.replace(pipe.config, sample_size=64 // pipe.config.vae.downsample_factor))
     assert pipe.config.image_size == 64

@@ -19,7 +19,7 @@ def test_default_model_fits_the_size_budget():
 
 
 def test_default_model_draws_the_background_the_prompt_asks_for():
-    pipe = load_pipeline(DEFAULT_MODEL)
+    pipe = load_pipeline(DEFAULT_MODEL)  # as users get it: dtype "auto"
     assert pipe.config.image_size == 64
     backgrounds = ["white", "black", "gray", "beige"]
     prompts = [f"a large yellow square in the center on a {bg} background" for bg in backgrounds]

@@ -63,14 +63,14 @@ def assert_same_pipeline(a: diffuse.Pipeline, b: diffuse.Pipeline, dtype: torch.
 
 def saved_and_loaded(pipe: diffuse.Pipeline, folder: Path) -> diffuse.Pipeline:
     assert save_diffusers_folder(pipe, folder) == folder
-    return diffuse.load_pipeline(folder)
+    return diffuse.load_pipeline(folder, dtype="float32")
 
 
 # ---------------------------------------------------------------- round trips through diffuse
 
 
 def test_reference_folder_round_trips_exactly(reference_folders, style, tmp_path):
-    ours = diffuse.load_pipeline(reference_folders[style])
+    ours = diffuse.load_pipeline(reference_folders[style], dtype="float32")
     again = saved_and_loaded(ours, tmp_path / "export")
     assert_same_pipeline(ours, again)
     assert again.scheduler_config == ours.scheduler_config
@@ -82,7 +82,7 @@ def test_reference_folder_round_trips_exactly(reference_folders, style, tmp_path
 
 
 def test_inpainting_unet_round_trips(inpaint_folder, tmp_path):
-    ours = diffuse.load_pipeline(inpaint_folder)
+    ours = diffuse.load_pipeline(inpaint_folder, dtype="float32")
     assert ours.config.unet.in_channels == 9
     again = saved_and_loaded(ours, tmp_path / "export")
     assert_same_pipeline(ours, again)
@@ -103,7 +103,7 @@ def test_non_sd_architecture_round_trips(tiny_pipe, tmp_path):
 
 
 def test_half_precision_halves_the_weights(reference_folders, tmp_path):
-    ours = diffuse.load_pipeline(reference_folders["sd2"])
+    ours = diffuse.load_pipeline(reference_folders["sd2"], dtype="float32")
     full, half = tmp_path / "fp32", tmp_path / "fp16"
     save_diffusers_folder(ours, full)
     save_diffusers_folder(ours, half, dtype=torch.float16)
@@ -140,7 +140,7 @@ def assert_diffusers_agrees(ours: diffuse.Pipeline, folder: Path) -> None:
 
 
 def test_diffusers_runs_an_exported_reference(reference_folders, style, tmp_path):
-    ours = diffuse.load_pipeline(reference_folders[style])
+    ours = diffuse.load_pipeline(reference_folders[style], dtype="float32")
     assert_diffusers_agrees(ours, save_diffusers_folder(ours, tmp_path / "export"))
 
 

@@ -62,7 +62,7 @@ def skip_known_divergence(*key) -> None:
 
 @pytest.fixture(scope="module")
 def ours(reference_folders):
-    return {name: diffuse.load_pipeline(folder) for name, folder in reference_folders.items()}
+    return {name: diffuse.load_pipeline(folder, dtype="float32") for name, folder in reference_folders.items()}
 
 
 def reference(reference_pipes, style: str, sampler: str, kind: str = "txt2img"):
@@ -169,7 +169,7 @@ def test_inpaint_with_inpainting_unet_matches_diffusers(strength, inpainting_fol
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     expected = ref(PROMPT, image=picture(), mask_image=mask_picture(), strength=strength, num_inference_steps=STEPS,
                    height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(11)).images
-    pipe = diffuse.load_pipeline(inpainting_folder)
+    pipe = diffuse.load_pipeline(inpainting_folder, dtype="float32")
     assert pipe.config.unet.in_channels == 9
     result = pipe.inpaint(picture(), mask_picture(), PROMPT, strength=strength, steps=STEPS, sampler="Euler", seed=11,
                           keep_unmasked=False)

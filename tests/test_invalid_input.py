@@ -13,7 +13,7 @@ import diffuse
 
 @pytest.fixture(scope="module")
 def pipe(reference_folders):
-    pipe = diffuse.load_pipeline(reference_folders["sd1"])
+    pipe = diffuse.load_pipeline(reference_folders["sd1"], dtype="float32")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a network ran before the request was checked")

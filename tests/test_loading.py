@@ -43,7 +43,7 @@ def export_single_file(pipe, path, fmt):
 
 @pytest.fixture(scope="module")
 def loaded(reference_folders):
-    return {style: diffuse.load_pipeline(folder) for style, folder in reference_folders.items()}
+    return {style: diffuse.load_pipeline(folder, dtype="float32") for style, folder in reference_folders.items()}
 
 
 def test_folder_pipeline_matches_reference(style, loaded, reference_pipes):
@@ -71,7 +71,7 @@ def test_folder_pipeline_matches_reference(style, loaded, reference_pipes):
 def test_single_file_loads_bitwise_identical(style, loaded, tmp_path, fmt, name):
     folder_pipe = loaded[style]
     path = export_single_file(folder_pipe, tmp_path / name, fmt)
-    single = diffuse.load_pipeline(path, config=folder_pipe.config)
+    single = diffuse.load_pipeline(path, config=folder_pipe.config, dtype="float32")
     expected, got = pipeline_state(folder_pipe), pipeline_state(single)
     assert expected.keys() == got.keys()
     for k in expected:
@@ -134,7 +134,7 @@ def test_full_size_architectures_are_detected():
 def test_bin_weights_in_folder(reference_pipes, loaded, tmp_path):
     reference_pipes["sd1"].save_pretrained(tmp_path, safe_serialization=False)
     assert list(tmp_path.glob("unet/*.bin"))
-    pipe = diffuse.load_pipeline(tmp_path)
+    pipe = diffuse.load_pipeline(tmp_path, dtype="float32")
     expected, got = pipeline_state(loaded["sd1"]), pipeline_state(pipe)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -163,21 +163,21 @@ def test_missing_tensor_named(single_file):
     path, config = single_file
     rewrite(path, lambda s: s.pop("model.diffusion_model.out.2.weight"))
     with pytest.raises(diffuse.CheckpointError, match=r"broken\.safetensors.*out\.2\.weight"):
-        diffuse.load_pipeline(path, config=config)
+        diffuse.load_pipeline(path, config=config, dtype="float32")
 
 
 def test_misshaped_tensor_named(single_file):
     path, config = single_file
     rewrite(path, lambda s: s.update({"first_stage_model.quant_conv.weight": torch.zeros(8, 8, 3, 3)}))
     with pytest.raises(diffuse.CheckpointError, match=r"broken\.safetensors.*quant_conv\.weight.*shape"):
-        diffuse.load_pipeline(path, config=config)
+        diffuse.load_pipeline(path, config=config, dtype="float32")
 
 
 def test_unexpected_tensor_named(single_file):
     path, config = single_file
     rewrite(path, lambda s: s.update({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}))
     with pytest.raises(diffuse.CheckpointError, match=r"broken\.safetensors.*label_emb"):
-        diffuse.load_pipeline(path, config=config)
+        diffuse.load_pipeline(path, config=config, dtype="float32")
 
 
 def test_nan_weight_named(single_file):
@@ -188,22 +188,22 @@ def test_nan_weight_named(single_file):
 
     rewrite(path, poison)
     with pytest.raises(diffuse.CheckpointError, match=r"broken\.safetensors.*final_layer_norm\.weight"):
-        diffuse.load_pipeline(path, config=config)
+        diffuse.load_pipeline(path, config=config, dtype="float32")
 
 
 def test_not_a_model(tmp_path, reference_folders):
     with pytest.raises(diffuse.CheckpointError, match="no such file"):
-        diffuse.load_pipeline(tmp_path / "nothing.safetensors")
+        diffuse.load_pipeline(tmp_path / "nothing.safetensors", dtype="float32")
     with pytest.raises(diffuse.CheckpointError, match="not a diffusers model folder"):
-        diffuse.load_pipeline(tmp_path)
+        diffuse.load_pipeline(tmp_path, dtype="float32")
     save_file({"foo.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(diffuse.CheckpointError, match=r"other\.safetensors.*no Stable Diffusion UNet"):
-        diffuse.load_pipeline(tmp_path / "other.safetensors")
+        diffuse.load_pipeline(tmp_path / "other.safetensors", dtype="float32")
     folder = tmp_path / "partial"
     shutil.copytree(reference_folders["sd1"], folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(diffuse.CheckpointError, match=r"unet.*no weights file"):
-        diffuse.load_pipeline(folder)
+        diffuse.load_pipeline(folder, dtype="float32")
 
 
 

@@ -74,16 +74,22 @@ def test_matches_diffusers(reference, size, timesteps):
     assert err <= TOL
 
 
-def test_bf16_matches_diffusers(reference):
-    """In bf16 the timestep features are still computed in fp32, then cast, as diffusers does."""
-    reference = copy.deepcopy(reference).to(torch.bfloat16)  # the fixture is shared: cast a copy
-    model = ours_from(reference)
+def test_bf16_is_as_close_to_fp32_as_diffusers_bf16(reference):
+    """In bf16 the timestep features are still computed in fp32, then cast, as diffusers does.
+    Our bf16 path folds the upsample convolutions (diffuse.models.upsample), so it rounds
+    differently from diffusers' bf16: the test is that it lands as close to the exact fp32
+    answer as diffusers' bf16 does (within 1.5x of its error; both are ~2% of the output's range)."""
+    bf16_reference = copy.deepcopy(reference).to(torch.bfloat16)  # the fixture is shared: cast a copy
+    model = ours_from(bf16_reference)
     latents, context = (t.to(torch.bfloat16) for t in inputs(model.cfg, 2, 16, 16))
+    timesteps = torch.tensor([10, 999])
     with torch.no_grad():
-        got = model(latents, torch.tensor([10, 999]), context)
-        want = reference(latents, torch.tensor([10, 999]), context).sample
+        got = model(latents, timesteps, context)
+        want = bf16_reference(latents, timesteps, context).sample
+        exact = reference(latents.float(), timesteps, context.float()).sample
     assert got.dtype == torch.bfloat16
-    assert max_err(got.float(), want.float()) <= 1e-2 * want.float().abs().max().item()
+    assert max_err(got.float(), exact) <= 1.5 * max_err(want.float(), exact)
+    assert max_err(got.float(), exact) <= 0.03 * exact.abs().max().item()
 
 
 def test_diffusers_round_trip_is_exact(reference):

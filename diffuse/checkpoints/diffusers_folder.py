@@ -71,7 +71,8 @@ def read_diffusers_folder(root: Path, pad_token_id: int) -> tuple[PipelineConfig
     text_cfg = clip_layout.config_from_transformers(read_json(root / "text_encoder" / "config.json"))
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     prediction_type = read_json(scheduler_path).get("prediction_type", "epsilon") if scheduler_path.is_file() else "epsilon"
-    sample_size = unet_json.get("sample_size", 64)
+    # A config saved with sample_size null (diffusers' own default) means SD's 64.
+    sample_size = unet_json.get("sample_size") or 64
 
     unet_state, unet_file = read_component_weights(root / "unet")
     vae_state, vae_file = read_component_weights(root / "vae")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.configs import UNetConfig
+from diffuse.models.upsample import memory_layout, upsample_conv
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -165,9 +166,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.linear:
             x = self.proj_out(x)
-        # Back to [B, C, H, W] in standard memory order (the conv below and the
-        # next block's GroupNorm would otherwise run on a strided view).
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        # Back to [B, C, H, W] in the layout the block came in with: [B, H, W, C] permuted
+        # already is channels-last; a standard-layout input gets a standard-layout copy
+        # (the conv below and the next GroupNorm would otherwise run on a strided view).
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_layout(residual))
         if not self.linear:
             x = self.proj_out(x)
         return x + residual
@@ -190,6 +192,8 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, size: torch.Size) -> Tensor:
         # Upsampling to the size of the skip it will meet (2x, or 2x-1 where the
         # down path halved an odd side) lets any latent size through.
+        if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return upsample_conv(x, self.conv)
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 

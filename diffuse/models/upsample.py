@@ -1,0 +1,63 @@
+"""2x nearest-neighbour upsampling followed by a 3x3 convolution, computed at the low resolution.
+
+Both the UNet and the VAE decoder grow their feature maps this way. Upsampling first
+and then convolving spends 9 multiply-adds per output pixel and channel pair, yet
+after a nearest upsample each 3x3 window covers only 2x2 distinct source pixels. So
+each of the four output phases (even/odd row, even/odd column) is a 2x2 convolution
+of the source, with the 3x3 kernel's taps summed where they land on the same source
+pixel. That is 4 multiply-adds instead of 9: the same map, with 56% fewer FLOPs and no
+4x-sized intermediate (in the VAE decoder these convolutions are a quarter of the work).
+
+Rows of a 3x3 kernel w (columns alike), for output row 2i + phase:
+    phase 0 reads source rows i-1, i   with taps  w[0],        w[1] + w[2]
+    phase 1 reads source rows i,   i+1 with taps  w[0] + w[1], w[2]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _fold_rows(weight: Tensor, phase: int, dim: int) -> Tensor:
+    """Sum the kernel taps of one phase along `dim` (2: rows, 3: columns): 3 taps -> 2."""
+    first, middle, last = weight.unbind(dim)
+    taps = (first, middle + last) if phase == 0 else (first + middle, last)
+    return torch.stack(taps, dim)
+
+
+def phase_kernels(weight: Tensor) -> Tensor:
+    """[C_out, C_in, 3, 3] -> [4 * C_out, C_in, 2, 2]: output channel p * C_out + c is phase
+    p = 2 * row_phase + column_phase of channel c. Half-precision taps are summed in float32
+    and rounded once."""
+    folded = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    kernels = [_fold_rows(_fold_rows(folded, a, 2), b, 3) for a in (0, 1) for b in (0, 1)]
+    return torch.cat(kernels).to(weight.dtype)
+
+
+def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, stride-1, padding-1 conv."""
+    if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    b, _, h, w = x.shape
+    c_out = conv.out_channels
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    # One 2x2 convolution computes all four phases at every position of the padded source:
+    # phase (row, col) of output pixel (i, j) is its channels p*C..(p+1)*C at position (i + row, j + col).
+    all_phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_kernels(conv.weight), bias)
+    # The output keeps the layout the convolution chose (channels-last when its weights are).
+    out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=all_phases.dtype, device=x.device,
+                      memory_format=memory_layout(all_phases))
+    for row in (0, 1):
+        for col in (0, 1):
+            p = 2 * row + col
+            out[:, :, row::2, col::2] = all_phases[:, p * c_out : (p + 1) * c_out, row : row + h, col : col + w]
+    return out
+
+
+def memory_layout(x: Tensor) -> torch.memory_format:
+    """channels_last if x is stored that way (and that is not also standard order), else standard."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

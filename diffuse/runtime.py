@@ -1,0 +1,61 @@
+"""How the networks run on this machine: the precision chosen for them and their memory layout.
+
+The one place that decides these, so the model files stay plain PyTorch:
+
+- dtype "auto" (the default of `load_pipeline`) is bfloat16 on a CPU with native bf16
+  dot products (AVX512-BF16 or AMX; oneDNN reports it) and on a CUDA GPU that has it,
+  float16 on an older GPU, float32 otherwise. bf16 keeps float32's range, so the
+  networks need no overflow care; the sampler's arithmetic and the latents stay float32
+  whatever the networks use (diffuse.pipeline converts at the network boundary).
+- Convolution weights are kept channels-last (NHWC) for inference: oneDNN's
+  convolutions read and write that layout directly, where a standard-layout tensor
+  costs a reorder on each side of every convolution (measured: up to 1.6x on the VAE
+  decoder's full-resolution layers). Outputs then stay channels-last all the way through.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls and convolutions natively (not by emulation)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The fastest precision that keeps images close to float32's on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype or its name; "auto" picks by device (see auto_dtype); None means float32, the
+    exact path that matches the reference implementations."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of float32, float16, bfloat16 or auto")
+        return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def prepare_for_inference(module: nn.Module) -> nn.Module:
+    """Inference layout: convolution weights channels-last (see the module docstring)."""
+    return module.to(memory_format=torch.channels_last)

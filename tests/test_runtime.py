@@ -1,0 +1,102 @@
+"""The inference speed-ups that must not change the answer: the dtype choice, the
+channels-last layout and the upsample convolution computed at low resolution."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffuse.models.configs import UNetConfig, VAEConfig
+from diffuse.models.unet import UNet
+from diffuse.models.upsample import phase_kernels, upsample_conv
+from diffuse.models.vae import AutoencoderKL
+from diffuse.runtime import auto_dtype, cpu_has_bf16, prepare_for_inference, resolve_dtype
+
+
+def plain_upsample_conv(x, conv):
+    return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 8, 5, 7), (1, 16, 12, 12)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_is_the_plain_map(shape, channels_last):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 6, 3, padding=1).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    got = upsample_conv(x, conv)
+    assert got.shape == (shape[0], 6, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(got, plain_upsample_conv(x, conv), rtol=0, atol=1e-12)
+    if shape[2] * shape[3] > 1:  # a 1x1 map is in both layouts at once
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_upsample_conv_gradients_match():
+    """The VAE trains through it: weights, bias and input get the same gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 5, 3, padding=1).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fn in (upsample_conv, plain_upsample_conv):
+        conv.zero_grad()
+        x.grad = None
+        (fn(x, conv) ** 2).sum().backward()
+        grads.append([x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()])
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_phase_kernels_sum_the_taps_that_share_a_source_pixel():
+    weight = torch.arange(9.0).reshape(1, 1, 3, 3)  # rows [0 1 2], [3 4 5], [6 7 8]
+    kernels = phase_kernels(weight)
+    # phase (0, 0): rows (w0, w1 + w2), columns likewise
+    assert kernels[0, 0].tolist() == [[0.0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    # phase (1, 1): rows (w0 + w1, w2), columns (c0 + c1, c2)
+    assert kernels[3, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+
+
+def test_unet_keeps_odd_sizes_on_the_plain_path():
+    """A latent side that halves to an odd size upsamples to 2x-1: not the folded map's shape."""
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8,
+                     attention_levels=(False, True))
+    torch.manual_seed(0)
+    unet = UNet(cfg).double().eval()
+    x, context = torch.randn(1, 4, 7, 9, dtype=torch.float64), torch.randn(1, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([10]), context)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_channels_last_changes_nothing_but_the_layout():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)).eval()
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8)
+    unet = UNet(cfg).eval()
+    latents, image = torch.randn(2, 4, 8, 8), torch.rand(1, 3, 16, 16) * 2 - 1
+    context = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = unet(latents, torch.tensor([3, 700]), context), vae.decode(latents), vae.encode(image).mean
+        prepare_for_inference(unet), prepare_for_inference(vae)
+        assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        after = unet(latents, torch.tensor([3, 700]), context), vae.decode(latents), vae.encode(image).mean
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dtype_names_and_the_automatic_choice():
+    assert resolve_dtype(None) == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(torch.float16) == torch.float16
+    assert resolve_dtype("auto") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert auto_dtype("cpu") == resolve_dtype("auto", "cpu")
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        resolve_dtype(torch.int8)
+
+
+def test_load_pipeline_picks_the_dtype_automatically(reference_folders):
+    import diffuse
+
+    pipe = diffuse.load_pipeline(reference_folders["sd1"])
+    assert pipe.dtype == auto_dtype("cpu")
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
