@@ -1,7 +1,8 @@
 """diffuse: Stable Diffusion from its parts.
 
     import diffuse
-    pipe = diffuse.load_pipeline("path/to/model.safetensors")   # or a diffusers folder
+    pipe = diffuse.load_pipeline("path/to/model.safetensors")   # or a diffusers folder; dtype="auto": bf16
+                                                                # where the CPU has it, "float32" is exact
     result = pipe.txt2img("a red circle above a blue square", steps=20, seed=42)
     result.images[0].save("out.png")                            # result.seeds, result.info, result.infotexts
     context = pipe.encode_prompt("a photo of a cat")             # the parts: [1, 77, 768] text conditioning
@@ -14,6 +15,7 @@ from .loader import load_pipeline
 from .models.configs import PipelineConfig
 from .pipeline import Pipeline, Result, Step
 from .samplers import SAMPLER_NAMES
+from .speedups import Speedups
 
-__all__ = ["CheckpointError", "Pipeline", "PipelineConfig", "Result", "SAMPLER_NAMES", "Step", "UnsafeCheckpointError",
-           "load_pipeline"]
+__all__ = ["CheckpointError", "Pipeline", "PipelineConfig", "Result", "SAMPLER_NAMES", "Speedups", "Step",
+           "UnsafeCheckpointError", "load_pipeline"]

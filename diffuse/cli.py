@@ -62,11 +62,15 @@ def generate(args: argparse.Namespace) -> int:
 
     from .metadata import numbered_path, save_png
     from .preview import StepRecorder, to_pil
+    from .speedups import Speedups
 
+    # Checked before the model loads: a bad value costs no loading time.
+    speedups = Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
+                        deep_cache_depth=args.deep_cache_depth)
     pipe = _load(args)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
-                    clip_skip=args.clip_skip, eta=args.eta)
+                    clip_skip=args.clip_skip, eta=args.eta, speedups=speedups)
     if args.command == "txt2img":
         native = pipe.config.image_size  # 64 for the shipped model
         settings.update(width=args.width or native, height=args.height or native)
@@ -215,6 +219,13 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--save-steps", metavar="DIR", default=None,
                    help="also write every step's decoded latents and a filmstrip.png here")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    speed = p.add_argument_group("optional speed-ups (off by default; they change the image a little)")
+    speed.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
+                       help="guide only the first fraction F of the steps; later steps cost half (default 1)")
+    speed.add_argument("--deep-cache", type=_positive_int, default=1, metavar="N",
+                       help="run the UNet's deep blocks only every N-th call, reusing their features (default 1: off)")
+    speed.add_argument("--deep-cache-depth", type=_positive_int, default=1, metavar="D",
+                       help="shallow blocks that still run on the cached calls (default 1)")
     p.set_defaults(run=generate)
 
 

@@ -44,6 +44,8 @@ _LABELS = {
     "clip_skip": "Clip skip",
     "eta": "Eta",  # DDIM's eta or the ancestral noise share, written only when asked for
     "mask_blur": "Mask blur",
+    "guidance_cutoff": "Guidance cutoff",  # diffuse's optional speed-ups, written only when used
+    "deep_cache": "Deep cache",
     "version": "Version",
 }
 

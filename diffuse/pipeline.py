@@ -28,6 +28,7 @@ from .preview import latents_to_rgb_cheap, to_pil
 from .prompts import encode_prompt_pair, encode_prompts
 from .samplers import Sampler, get_sampler
 from .samplers.schedule import make_denoiser
+from .speedups import DeepCache, Speedups
 from .tokenizer import CLIPTokenizer
 
 VERSION = "diffuse 0.1.0"
@@ -78,6 +79,7 @@ class _Job:
     mask: Optional[torch.Tensor] = None  # [1, 1, H, W] in {0, 1}; 1 = paint here
     keep_unmasked: bool = True
     eta: Optional[float] = None  # as asked for (None: the sampler's default)
+    speedups: Speedups = field(default_factory=Speedups)
 
 
 @dataclass
@@ -138,10 +140,12 @@ class Pipeline:
                 height: int = 512, steps: int = 20, guidance_scale: float = 7.5,
                 sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
                 clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
-                eta: float | None = None) -> Result:
-        """Generate images from text, starting from pure noise."""
+                eta: float | None = None, speedups: Speedups | None = None) -> Result:
+        """Generate images from text, starting from pure noise.
+
+        `speedups` (diffuse.speedups, off by default) trade a small change of the image for time."""
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, eta=eta)
+                        seed, batch_size, clip_skip, eta=eta, speedups=speedups)
         return self._run(job, callback)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
@@ -149,14 +153,14 @@ class Pipeline:
                 steps: int = 20, guidance_scale: float = 7.5, sampler: str | Sampler = "DPM++ 2M Karras",
                 seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
                 callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
-                eta: float | None = None) -> Result:
+                eta: float | None = None, speedups: Speedups | None = None) -> Result:
         """Repaint an image: encode it, add the noise of step `strength`·steps, and denoise from there.
 
         Width and height default to the image's own size (rounded down to a multiple of 8)."""
         picture = inputs.open_image(image)
         width, height = self._size_for(picture, width, height)
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength, eta=eta)
+                        seed, batch_size, clip_skip, strength=strength, eta=eta, speedups=speedups)
         job.image = inputs.image_to_tensor(picture, width, height)
         return self._run(job, callback)
 
@@ -165,7 +169,7 @@ class Pipeline:
                 height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
                 sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
                 clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
-                eta: float | None = None, keep_unmasked: bool = True) -> Result:
+                eta: float | None = None, keep_unmasked: bool = True, speedups: Speedups | None = None) -> Result:
         """Repaint only where the mask is white.
 
         A 9-channel inpainting UNet sees the mask and the masked image directly; a
@@ -177,7 +181,7 @@ class Pipeline:
         inputs.check_mask_matches(picture, mask_picture)
         width, height = self._size_for(picture, width, height)
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength, eta=eta)
+                        seed, batch_size, clip_skip, strength=strength, eta=eta, speedups=speedups)
         job.image = inputs.image_to_tensor(picture, width, height)
         job.mask = inputs.mask_to_tensor(mask_picture, width, height)
         job.keep_unmasked = keep_unmasked
@@ -190,7 +194,8 @@ class Pipeline:
         return (own_w if width is None else width), (own_h if height is None else height)
 
     def _job(self, prompt, negative_prompt, width, height, steps, guidance_scale, sampler_name, schedule_type,
-             seed, batch_size, clip_skip, strength: float = 1.0, eta: float | None = None) -> _Job:
+             seed, batch_size, clip_skip, strength: float = 1.0, eta: float | None = None,
+             speedups: Speedups | None = None) -> _Job:
         inputs.check_size(width, height, self.config.vae.downsample_factor)
         inputs.check_steps(steps)
         guidance_scale = inputs.check_number("guidance_scale", guidance_scale, 0.0, 100.0)
@@ -213,7 +218,7 @@ class Pipeline:
         sampler = sampler_name if isinstance(sampler_name, Sampler) else self.get_sampler(sampler_name, schedule_type, eta)
         return _Job(prompts=prompts, negative_prompts=negatives, width=width, height=height, steps=steps,
                     guidance_scale=guidance_scale, sampler=sampler, seeds=[first + i for i in range(len(prompts))],
-                    clip_skip=clip_skip, strength=strength, eta=eta)
+                    clip_skip=clip_skip, strength=strength, eta=eta, speedups=speedups or Speedups())
 
     # ---- the denoising loop -----------------------------------------------------------------
 
@@ -255,13 +260,19 @@ class Pipeline:
                 masked = job.image * (job.mask < 0.5)
                 masked_latents = encode_image(masked)
 
+        speed = job.speedups
+        cache = DeepCache(speed.deep_cache_interval, speed.deep_cache_depth) if speed.deep_cache_interval > 1 else None
+        # Guidance stops once the timestep falls to that of the first unguided step.
+        guided_steps = round(speed.guidance_cutoff * plan.steps)
+        last_guided_t = float(plan.timesteps[guided_steps]) if guided_steps < plan.steps else -1.0
+
         def predict(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             """The UNet's noise (or v) prediction with classifier-free guidance, as one batch of 2."""
             if inpaint_unet:
                 x_vp = torch.cat([x_vp, mask_latents.expand(len(x_vp), -1, -1, -1), masked_latents], dim=1)
-            if uncond is None:
-                return self.unet(x_vp.to(self.dtype), t, cond).float()
-            out = self.unet(torch.cat([x_vp, x_vp]).to(self.dtype), t, torch.cat([uncond, cond])).float()
+            if uncond is None or float(t.reshape(-1)[0]) <= last_guided_t:
+                return self.unet(x_vp.to(self.dtype), t, cond, cache=cache).float()
+            out = self.unet(torch.cat([x_vp, x_vp]).to(self.dtype), t, torch.cat([uncond, cond]), cache=cache).float()
             out_uncond, out_cond = out.chunk(2)
             return out_uncond + job.guidance_scale * (out_cond - out_uncond)
 
@@ -303,7 +314,7 @@ class Pipeline:
             "seed": job.seeds[0], "width": job.width, "height": job.height, "model_hash": self.model_hash,
             "model": self.model_name, "clip_skip": job.clip_skip,
             "denoising_strength": job.strength if job.image is not None else None, "eta": job.eta,
-            "version": VERSION,
+            **job.speedups.info(), "version": VERSION,
         }
         texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s})
                  for p, n, s in zip(job.prompts, job.negative_prompts, job.seeds)]

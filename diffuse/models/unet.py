@@ -26,6 +26,7 @@ in diffuse.checkpoints.unet_layout.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from torch import Tensor, nn
 
 from diffuse.models.configs import UNetConfig
 from diffuse.models.upsample import memory_layout, upsample_conv
+
+if TYPE_CHECKING:
+    from diffuse.speedups import DeepCache
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -264,20 +268,42 @@ class UNet(nn.Module):
             nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
 
-    def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor) -> Tensor:
+    def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor,
+                cache: DeepCache | None = None) -> Tensor:
         """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
-        -> noise prediction [B, out_channels, H, W]."""
+        -> noise prediction [B, out_channels, H, W].
+
+        With a `cache` (diffuse.speedups), the deep blocks run only on the cache's full calls;
+        in between, their last output is reused and only the shallow blocks run."""
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         t_features = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_features)
 
+        # The first `shallow` input blocks and the last `shallow` output blocks (which take
+        # exactly their skips) always run; the rest is the deep part.
+        blocks = len(self.input_blocks)
+        shallow = blocks if cache is None else min(cache.depth, self.cfg.num_res_blocks + 1)
         skips, h = [], latents
-        for block in self.input_blocks:
+        for block in self.input_blocks[:shallow]:
             h = run_block(block, h, emb, context)
             skips.append(h)
-        h = run_block(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
+        if cache is not None and cache.reuse(latents.shape[0]):
+            h = cache.features
+        else:
+            for block in self.input_blocks[shallow:]:
+                h = run_block(block, h, emb, context)
+                skips.append(h)
+            h = run_block(self.middle_block, h, emb, context)
+            h = self._up(self.output_blocks[: blocks - shallow], h, skips, emb, context)
+            if cache is not None:
+                cache.features = h
+        h = self._up(self.output_blocks[blocks - shallow :], h, skips, emb, context)
+        return self.out(h)
+
+    @staticmethod
+    def _up(output_blocks, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor) -> Tensor:
+        for block in output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # An upsample at the end of this block must reach the next skip's size.
             h = run_block(block, h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+        return h

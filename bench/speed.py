@@ -1,0 +1,264 @@
+"""How fast diffuse runs Stable Diffusion 1.5 on this CPU, against diffusers, measured in one run.
+
+Both load the same cached random weights of the full SD1.5 architecture (bench/sd15.py).
+Every figure is a median over repetitions, and the repetitions are interleaved (each
+one times every contender once), so a change in the machine's load hits all of them
+alike. Nothing here passes or fails: it prints times, ratios and differences.
+
+    .venv/bin/python bench/speed.py                  # everything (about 25 minutes on 2 cores)
+    .venv/bin/python bench/speed.py --skip-whole     # components only
+
+Printed:
+  - the matmul peak of this machine (fp32 and bf16 GEMM, 4096^3), measured now;
+  - a guided UNet step (batch 2) at 256x256 and 512x512 and a VAE decode at 512x512, fp32
+    and bf16, with the share of the matmul peak each reaches (FLOPs counted by torch);
+  - a whole 20-step 512x512 guided image (DPM++ 2M), each contender in a fresh process so
+    its peak resident memory is its own, and how far its image is from the fp32 one;
+  - the shipped default model's bf16 images against its fp32 images (same seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd15 import CACHE, sd15_folder  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+WHOLE_STEPS, SEED = 20, 1234
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per contender; one warm-up call each, then `repeats` rounds of one call each."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of one large GEMM: the ceiling a dense network's layers can approach."""
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    seconds = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * 4096**3 / seconds / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call. Attention runs on PyTorch's math backend here, whose matmuls the
+    counter sees (the fused CPU kernel is invisible to it); the count is the same work."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def components(folder: Path, repeats: int, sizes: list[int]) -> dict:
+    """UNet steps and VAE decodes, four contenders, interleaved."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging
+
+    import diffuse
+
+    logging.set_verbosity_error()
+    unets, vaes = {}, {}
+    for name, dtype in DTYPES.items():
+        ours = diffuse.load_pipeline(folder, dtype=dtype)
+        unets[f"diffuse {name}"], vaes[f"diffuse {name}"] = ours.unet, ours.vae
+        unets[f"diffusers {name}"] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+        vaes[f"diffusers {name}"] = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
+
+    def unet_call(name: str, latents: torch.Tensor, context: torch.Tensor) -> Callable[[], object]:
+        unet, dtype = unets[name], DTYPES[name.split()[1]]
+        x, c, t = latents.to(dtype), context.to(dtype), torch.tensor([500, 500])
+        if name.startswith("diffusers"):
+            return lambda: unet(x, t, encoder_hidden_states=c).sample
+        return lambda: unet(x, t, c)
+
+    def vae_call(name: str, latents: torch.Tensor) -> Callable[[], object]:
+        vae, z = vaes[name], latents.to(DTYPES[name.split()[1]])
+        return (lambda: vae.decode(z).sample) if name.startswith("diffusers") else (lambda: vae.decode(z))
+
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randn(2, 77, 768, generator=generator)
+    results = {}
+    with torch.no_grad():
+        for size in sizes:
+            latents = torch.randn(2, 4, size // 8, size // 8, generator=generator)
+            calls = {name: unet_call(name, latents, context) for name in unets}
+            results[f"unet step {size}"] = {"seconds": interleaved(calls, repeats), "tflop": tflops(calls)}
+            print(f"  unet step {size} done", file=sys.stderr)
+        latents = torch.randn(1, 4, 64, 64, generator=generator)
+        calls = {name: vae_call(name, latents) for name in vaes}
+        results["vae decode 512"] = {"seconds": interleaved(calls, repeats), "tflop": tflops(calls)}
+    return results
+
+
+def tflops(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Each implementation's own count: diffuse computes the upsampling convolutions with fewer FLOPs."""
+    return {impl: count_flops(calls[f"{impl} fp32"]) / 1e12 for impl in ("diffusers", "diffuse")}
+
+
+# ---- a whole image, one contender per process ---------------------------------------------------------
+
+# diffuse's optional speed-ups (diffuse.speedups), timed on top of bf16.
+SPEEDUPS = {"deep-cache-3": dict(deep_cache_interval=3), "guidance-cutoff-0.5": dict(guidance_cutoff=0.5)}
+
+
+def whole_image(impl: str, dtype_name: str, out: Path, speedup: str | None = None) -> dict:
+    """Runs in its own process: load, generate one 20-step 512x512 image, report time and peak memory."""
+    dtype = DTYPES[dtype_name]
+    folder = sd15_folder()
+    if impl == "diffusers":
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers.utils import logging
+
+        logging.set_verbosity_error()
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate():
+            generator = torch.Generator("cpu").manual_seed(SEED)
+            return pipe(PROMPT, num_inference_steps=WHOLE_STEPS, guidance_scale=7.5, generator=generator).images[0]
+    else:
+        import diffuse
+
+        pipe = diffuse.load_pipeline(folder, dtype=dtype)
+        speedups = diffuse.Speedups(**SPEEDUPS[speedup]) if speedup else None
+
+        def generate():
+            return pipe.txt2img(PROMPT, steps=WHOLE_STEPS, guidance_scale=7.5, sampler="DPM++ 2M", seed=SEED,
+                                speedups=speedups).images[0]
+
+    start = time.perf_counter()
+    image = generate()
+    seconds = time.perf_counter() - start
+    image.save(out)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+    return {"seconds": seconds, "peak_rss_mb": peak_mb}
+
+
+def whole_images() -> dict:
+    runs = [(impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
+    runs += [("diffuse", "bf16", speedup) for speedup in SPEEDUPS]
+    results = {}
+    for impl, dtype_name, speedup in runs:
+        name = f"{impl} {dtype_name}" + (f" {speedup}" if speedup else "")
+        png = CACHE / f"whole-{name.replace(' ', '-')}.png"
+        command = [sys.executable, __file__, "--whole", impl, dtype_name, str(png)] + ([speedup] if speedup else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results[name] = {**json.loads(done.stdout.strip().splitlines()[-1]), "png": str(png)}
+        print(f"  whole image {name} done", file=sys.stderr)
+    return results
+
+
+def pixels(path: str | Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def default_model_precision(count: int = 8) -> dict:
+    """The shipped model's bf16 images against its fp32 images at the same seeds."""
+    import diffuse
+    from diffuse.cli import DEFAULT_MODEL
+
+    prompts = [f"a {size} {colour} {shape} in the {where} on a {bg} background" for size, colour, shape, where, bg in
+               zip(["small", "large"] * 4, ["red", "green", "blue", "yellow"] * 2,
+                   ["circle", "square", "triangle", "star"] * 2, ["center", "top left", "bottom right", "top right"] * 2,
+                   ["white", "black", "gray", "beige"] * 2)][:count]
+    images = {}
+    for name, dtype in DTYPES.items():
+        pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype=dtype)
+        result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=3.0, seed=SEED)
+        images[name] = np.stack([np.asarray(im, dtype=np.float64) for im in result.images])
+    diff = np.abs(images["bf16"] - images["fp32"])
+    return {"images": count, "mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None) -> None:
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"matmul peak (4096^3 GEMM): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    for what, entry in parts.items():
+        s = entry["seconds"]
+        work = entry["tflop"]
+        print(f"\n{what} (diffusers {work['diffusers']:.2f} TFLOP, diffuse {work['diffuse']:.2f} TFLOP)")
+        for name, seconds in s.items():
+            impl, dtype = name.split()
+            share = work[impl] * 1e3 / seconds / peaks[dtype]
+            print(f"  {name:15s} {seconds:7.2f} s   {share:4.0%} of the {dtype} matmul peak")
+        for dtype in DTYPES:
+            print(f"  diffuse {dtype} is {s[f'diffusers {dtype}'] / s[f'diffuse {dtype}']:.2f}x diffusers {dtype}")
+        print(f"  diffuse bf16 is {s['diffusers fp32'] / s['diffuse bf16']:.2f}x diffusers fp32")
+    if whole:
+        print(f"\nwhole {WHOLE_STEPS}-step 512x512 guided image (DPM++ 2M), one process each")
+        reference = pixels(whole["diffusers fp32"]["png"])
+        ours_fp32 = pixels(whole["diffuse fp32"]["png"])
+        for name, entry in whole.items():
+            diff = np.abs(pixels(entry["png"]) - reference)
+            line = (f"  {name:34s} {entry['seconds']:6.1f} s   peak RSS {entry['peak_rss_mb']:6.0f} MB   "
+                    f"image vs diffusers fp32: mean {diff.mean():5.2f}/255, max {diff.max():3.0f}/255")
+            if name.startswith("diffuse bf16"):
+                diff = np.abs(pixels(entry["png"]) - ours_fp32)
+                line += f"; vs diffuse fp32: mean {diff.mean():.2f}/255"
+            print(line)
+        for dtype in DTYPES:
+            ratio = whole[f"diffusers {dtype}"]["seconds"] / whole[f"diffuse {dtype}"]["seconds"]
+            print(f"  diffuse {dtype} is {ratio:.2f}x diffusers {dtype}")
+    if default:
+        print(f"\nshipped default model, bf16 vs fp32, {default['images']} images at 64x64, same seeds: "
+              f"mean abs difference {default['mean_abs']:.2f}/255, max {default['max_abs']:.0f}/255")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per component (default 3)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="UNet step image sizes")
+    parser.add_argument("--skip-whole", action="store_true", help="skip the whole-image runs")
+    parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.whole:  # the child process of whole_images
+        impl, dtype_name, png, *speedup = args.whole
+        print(json.dumps(whole_image(impl, dtype_name, Path(png), *speedup)))
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    folder = sd15_folder()
+    peaks = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
+    parts = components(folder, args.repeats, args.sizes)
+    whole = None if args.skip_whole else whole_images()
+    default = default_model_precision()
+    report(peaks, parts, whole, default)
+    results = {"peaks_gflops": peaks, "components": parts, "whole": whole, "default_model_bf16": default}
+    (CACHE / "speed-results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
