@@ -56,17 +56,31 @@ def _load(args: argparse.Namespace):
     return pipe
 
 
+def _speedups(args: argparse.Namespace):
+    from .speedups import Speedups
+
+    return Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
+                    deep_cache_depth=args.deep_cache_depth)
+
+
+def _add_speedup_options(p: argparse.ArgumentParser) -> None:
+    speed = p.add_argument_group("optional speed-ups (off by default; they change the image a little)")
+    speed.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
+                       help="guide only the first fraction F of the steps; later steps cost half (default 1)")
+    speed.add_argument("--deep-cache", type=_positive_int, default=1, metavar="N",
+                       help="run the UNet's deep blocks only every N-th call, reusing their features (default 1: off)")
+    speed.add_argument("--deep-cache-depth", type=_positive_int, default=1, metavar="D",
+                       help="shallow blocks that still run on the cached calls (default 1)")
+
+
 def generate(args: argparse.Namespace) -> int:
     """txt2img / img2img / inpaint: generate, show progress, write PNGs that carry their parameters."""
     from tqdm import tqdm
 
     from .metadata import numbered_path, save_png
     from .preview import StepRecorder, to_pil
-    from .speedups import Speedups
 
-    # Checked before the model loads: a bad value costs no loading time.
-    speedups = Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
-                        deep_cache_depth=args.deep_cache_depth)
+    speedups = _speedups(args)  # checked before the model loads: a bad value costs no loading time
     pipe = _load(args)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
@@ -149,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(singles=args.singles, pairs=args.pairs, images=args.images, steps=args.steps,
                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, speedups=_speedups(args))
     if args.json is not None and Path(args.json).is_dir():
         raise ValueError(f"--json {args.json} is a folder; give the file to write")
     pipe = _load(args)
@@ -219,13 +233,7 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--save-steps", metavar="DIR", default=None,
                    help="also write every step's decoded latents and a filmstrip.png here")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
-    speed = p.add_argument_group("optional speed-ups (off by default; they change the image a little)")
-    speed.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
-                       help="guide only the first fraction F of the steps; later steps cost half (default 1)")
-    speed.add_argument("--deep-cache", type=_positive_int, default=1, metavar="N",
-                       help="run the UNet's deep blocks only every N-th call, reusing their features (default 1: off)")
-    speed.add_argument("--deep-cache-depth", type=_positive_int, default=1, metavar="D",
-                       help="shallow blocks that still run on the cached calls (default 1)")
+    _add_speedup_options(p)
     p.set_defaults(run=generate)
 
 
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="float32 (default: the exact path the model card's figures use), "
                                                  "auto, bfloat16 or float16")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
+    _add_speedup_options(p)
     p.set_defaults(run=evaluate)
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

@@ -41,6 +41,7 @@ from . import inputs
 from .metadata import atomic_write
 from .models.image_encoder import ImageTower
 from .pipeline import Pipeline
+from .speedups import Speedups
 from .train.analyze import analyze, matches
 from .train.assemble import IMAGE_TOWER_DIR
 from .train.data import DataConfig, ShapesDataset, caption, heldout_pair_scenes, heldout_single_scenes, parse_caption
@@ -62,6 +63,7 @@ class EvalSettings:
     cfg_scale: float = 7.5
     seed: int = 0  # prompt i of each kind is drawn with seed + i
     batch_size: int = 16  # prompts per txt2img call; each image has its own seed, so this only sets the speed
+    speedups: Speedups = Speedups()  # the optional speed-ups, to measure what they cost in adherence
 
     def __post_init__(self) -> None:
         for name in ("singles", "pairs", "seed"):
@@ -122,7 +124,7 @@ def generate(pipe: Pipeline, prompts: list[str], settings: EvalSettings, *, prog
             chunk = prompts[start:start + settings.batch_size]
             result = pipe.txt2img(chunk, width=size, height=size, steps=settings.steps,
                                   guidance_scale=settings.cfg_scale, sampler=settings.sampler,
-                                  seed=settings.seed + start)
+                                  seed=settings.seed + start, speedups=settings.speedups)
             images.extend(result.images)
             bar.update(len(chunk))
     return images
@@ -209,7 +211,7 @@ def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict
     def run() -> float:
         start = time.perf_counter()
         pipe.txt2img(prompt, width=size, height=size, steps=settings.steps, guidance_scale=settings.cfg_scale,
-                     sampler=settings.sampler, seed=settings.seed)
+                     sampler=settings.sampler, seed=settings.seed, speedups=settings.speedups)
         return time.perf_counter() - start
 
     run()  # the first run pays for allocations and lazy set-up
@@ -220,12 +222,18 @@ def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict
 # ---- the report ------------------------------------------------------------------------------------
 
 
+def _speedups_text(speedups: dict | None) -> str:
+    """", speed-ups: ..." for the ones used (None: a report written before they existed)."""
+    used = {k: v for k, v in Speedups(**speedups).info().items() if v is not None} if speedups else {}
+    return ", speed-ups: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in used.items()) if used else ""
+
+
 def format_report(results: dict) -> str:
     """The results as a table a person reads."""
     s = results["settings"]
     lines = [f"model: {results['model']} [{results['model_hash']}]",
              f"  {s['width']}x{s['height']}, {s['sampler']}, {s['steps']} steps, cfg {s['cfg_scale']}, "
-             f"seed {s['seed']}, {s['dtype'].replace('torch.', '')}",
+             f"seed {s['seed']}, {s['dtype'].replace('torch.', '')}{_speedups_text(s.get('speedups'))}",
              "",
              f"{'prompt adherence (held-out)':<30}{'singles':>10}{'pairs':>10}"]
     kinds = [results["prompt_adherence"][kind] for kind in PROMPT_KINDS]

@@ -104,3 +104,14 @@ def test_cli_refuses_a_bad_cutoff_before_loading(capsys, tmp_path):
     code = main(["txt2img", "x", "--model", str(tmp_path / "absent"), "--guidance-cutoff", "2"])
     assert code == 2
     assert "guidance_cutoff 2.0" in capsys.readouterr().err
+
+
+def test_eval_reports_the_speedups_it_ran_with():
+    import dataclasses
+
+    from diffuse.evaluate import EvalSettings, _speedups_text
+
+    settings = dataclasses.asdict(EvalSettings(speedups=Speedups(deep_cache_interval=3)))
+    assert _speedups_text(settings["speedups"]) == ", speed-ups: deep cache 3/1"
+    assert _speedups_text(dataclasses.asdict(EvalSettings())["speedups"]) == ""
+    assert _speedups_text(None) == ""  # a report written before speed-ups existed
