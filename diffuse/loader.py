@@ -24,7 +24,7 @@ from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .pipeline import Pipeline
-from .runtime import prepare_for_inference, resolve_dtype
+from .runtime import inference_layout, resolve_dtype
 from .tokenizer import CLIPTokenizer
 
 def load_pipeline(
@@ -52,6 +52,7 @@ def load_pipeline(
         config = config or detected
         files = {name: file for name, (_, file) in weights.items()}
         states = {name: state for name, (state, _) in weights.items()}
+        del weights  # `states` alone holds the tensors now: filling releases them one by one
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else {}
         preview_matrix = read_preview_matrix(path, config.vae.latent_channels)
@@ -61,13 +62,15 @@ def load_pipeline(
         # SD2 weights do not say whether they predict noise (512-base) or v (768-v).
         probe = config is None and detect_family(state, path) == "sd2" and sidecar_prediction_type(path) is None
         config, states = split_single_file(state, path, config)
+        del state  # `states` alone holds the tensors now: filling releases them one by one
         tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
         files = dict.fromkeys(states, path)
         scheduler_config = {}  # Stable Diffusion's defaults
         preview_matrix = None  # nor does a single file carry a preview matrix: SD's
 
     def fill(name, make):
-        return prepare_for_inference(build_and_fill(make, states[name], files[name], name, dtype=dtype, device=device))
+        return build_and_fill(make, states.pop(name), files[name], name, dtype=dtype, device=device,
+                              layout=inference_layout)
 
     unet = fill("unet", lambda: UNet(config.unet))
     if probe and predicts_v(unet):

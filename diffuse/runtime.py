@@ -56,6 +56,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = 
     return _DTYPES[dtype]
 
 
+def inference_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A weight in the inference layout: convolution kernels (4-D) channels-last, the rest contiguous."""
+    return weight.contiguous(memory_format=torch.channels_last if weight.dim() == 4 else torch.contiguous_format)
+
+
 def prepare_for_inference(module: nn.Module) -> nn.Module:
-    """Inference layout: convolution weights channels-last (see the module docstring)."""
+    """A network built in memory, put in the inference layout (the loader applies inference_layout
+    tensor by tensor as it fills a network, which needs no second copy of the weights)."""
     return module.to(memory_format=torch.channels_last)

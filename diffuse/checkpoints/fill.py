@@ -8,7 +8,7 @@ anything is assigned.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,16 +28,21 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 def build_and_fill(
     make: Callable[[], M],
-    state: Mapping[str, torch.Tensor],
+    state: MutableMapping[str, torch.Tensor],
     path: str | Path,
     component: str,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    layout: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> M:
     """Build `make()` on the meta device and load `state` into it, strictly.
 
     Raises CheckpointError naming the file, the component and the offending
-    tensors for missing, unexpected, mis-shaped or non-finite weights.
+    tensors for missing, unexpected, mis-shaped or non-finite weights. Once all
+    checks pass, `state` is consumed: each tensor leaves it as its converted copy
+    (dtype, device, then `layout`) is made, so a caller that holds no other
+    reference gets each source tensor's memory back at once and the peak stays
+    near one copy of the weights, not two.
     """
     with torch.device("meta"):
         module = make()
@@ -59,6 +64,9 @@ def build_and_fill(
             raise CheckpointError(path, f"{component}: tensor {name} has dtype {got.dtype}, expected floating point")
     check_finite({f"{component}.{k}": v for k, v in state.items()}, path)
 
-    ready = {k: state[k].to(device=device, dtype=dtype).contiguous() for k in expected}
+    ready = {}
+    for k in expected:
+        tensor = state.pop(k).to(device=device, dtype=dtype)
+        ready[k] = layout(tensor) if layout is not None else tensor.contiguous()
     module.load_state_dict(ready, strict=True, assign=True)
     return module.eval().requires_grad_(False)
