@@ -206,7 +206,16 @@ def default_model_precision(count: int = 8) -> dict:
         result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=3.0, seed=SEED)
         images[name] = np.stack([np.asarray(im, dtype=np.float64) for im in result.images])
     diff = np.abs(images["bf16"] - images["fp32"])
-    return {"images": count, "mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
+    changes = {}
+    for name, settings in DEFAULT_MODEL_SPEEDUPS.items():  # in the default dtype, against its own plain images
+        result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=3.0, seed=SEED,
+                              speedups=diffuse.Speedups(**settings))
+        faster = np.stack([np.asarray(im, dtype=np.float64) for im in result.images])
+        changes[name] = float(np.abs(faster - images["bf16"]).mean())
+    return {"images": count, "mean_abs": float(diff.mean()), "max_abs": float(diff.max()), "speedups_mean_abs": changes}
+
+
+DEFAULT_MODEL_SPEEDUPS = {**SPEEDUPS, "deep-cache-2": dict(deep_cache_interval=2)}
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -214,7 +223,8 @@ def default_model_precision(count: int = 8) -> dict:
 def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None) -> None:
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"matmul peak (4096^3 GEMM): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    if peaks:
+        print(f"matmul peak (4096^3 GEMM): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     for what, entry in parts.items():
         s = entry["seconds"]
         work = entry["tflop"]
@@ -244,6 +254,8 @@ def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None) -
     if default:
         print(f"\nshipped default model, bf16 vs fp32, {default['images']} images at 64x64, same seeds: "
               f"mean abs difference {default['mean_abs']:.2f}/255, max {default['max_abs']:.0f}/255")
+        for name, change in default["speedups_mean_abs"].items():
+            print(f"  bf16 with {name}: mean abs difference {change:.2f}/255 from plain bf16")
 
 
 def main() -> None:
@@ -251,6 +263,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per component (default 3)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="UNet step image sizes")
     parser.add_argument("--skip-whole", action="store_true", help="skip the whole-image runs")
+    parser.add_argument("--default-model-only", action="store_true",
+                        help="only the shipped model's bf16 and speed-up image differences (seconds)")
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.whole:  # the child process of whole_images
@@ -260,6 +274,9 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.default_model_only:
+        report({}, {}, None, default_model_precision())
+        return
     folder = sd15_folder()
     peaks = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
     whole = None if args.skip_whole else whole_images()  # first: this process is still small while they run
