@@ -56,6 +56,9 @@ def _load(args: argparse.Namespace):
     return pipe
 
 
+AUTO_DTYPE_HELP = "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
+
+
 def _speedups(args: argparse.Namespace):
     from .speedups import Speedups
 
@@ -235,9 +238,6 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     _add_speedup_options(p)
     p.set_defaults(run=generate)
-
-
-AUTO_DTYPE_HELP = "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -61,7 +60,9 @@ def inference_layout(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous(memory_format=torch.channels_last if weight.dim() == 4 else torch.contiguous_format)
 
 
-def prepare_for_inference(module: nn.Module) -> nn.Module:
-    """A network built in memory, put in the inference layout (the loader applies inference_layout
-    tensor by tensor as it fills a network, which needs no second copy of the weights)."""
-    return module.to(memory_format=torch.channels_last)
+def memory_layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if x is stored that way (and that is not also standard order), else standard:
+    what a layer's output should keep, so one channels-last tensor keeps the next ones so."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

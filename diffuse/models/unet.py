@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.configs import UNetConfig
-from diffuse.models.upsample import memory_layout, upsample_conv
+from diffuse.models.upsample import upsample_conv
+from diffuse.runtime import memory_layout
 
 if TYPE_CHECKING:
     from diffuse.speedups import DeepCache

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffuse.runtime import memory_layout
+
 
 def _fold_rows(weight: Tensor, phase: int, dim: int) -> Tensor:
     """Sum the kernel taps of one phase along `dim` (2: rows, 3: columns): 3 taps -> 2."""
@@ -79,10 +81,3 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
             cached = (key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
     return cached[1], cached[2]
-
-
-def memory_layout(x: Tensor) -> torch.memory_format:
-    """channels_last if x is stored that way (and that is not also standard order), else standard."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
