@@ -151,7 +151,16 @@ class CLIPTokenizer:
         self._raw_specials = {t: i for t, (i, norm) in self.special_tokens.items() if not norm}
         self._normalized_specials = {normalize(t): i for t, (i, norm) in self.special_tokens.items() if norm}
         # Prompts repeat words constantly; remember each word's BPE result (bounded).
+        self._cache_size = cache_size
         self._word_ids = functools.lru_cache(maxsize=cache_size)(self._bpe)
+
+    # A tokenizer travels to training's data workers by pickling; the word cache is rebuilt there.
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_word_ids"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._word_ids = functools.lru_cache(maxsize=self._cache_size)(self._bpe)
 
     # -- construction ----------------------------------------------------------------
 

@@ -211,3 +211,13 @@ def test_bpe_gz_paths(tmp_path, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
     with pytest.raises(FileNotFoundError, match="openai-clip"):
         CLIPTokenizer.from_bpe_gz()
+
+
+def test_a_pickled_tokenizer_tokenizes_the_same(ours):
+    """Training's data workers receive the tokenizer pickled; its word cache is rebuilt there."""
+    import pickle
+
+    prompts = ["a red circle above a blue square", "a castle on a hill, (sunset:1.3)"]
+    for tokenizer in ours.values():
+        copy = pickle.loads(pickle.dumps(tokenizer))
+        assert torch.equal(copy(prompts), tokenizer(prompts))

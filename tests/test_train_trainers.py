@@ -218,6 +218,19 @@ def test_unet_resume_matches_a_straight_run(stages, tmp_path):
         train_unet(config, tmp_path / "straight", resume=False, progress=False)
 
 
+def test_batches_made_by_worker_processes_train_the_same(stages, tmp_path):
+    """Two spawned workers make the batches ahead (what a GPU run does); the losses are the
+    inline run's, including across a resume, where the stream restarts mid-way (at step 2,
+    where a 2-step run's learning rates still match the 4-step run's, as in the test above)."""
+    config = unet_config(stages, steps=4)
+    inline = train_unet(config, tmp_path / "inline", progress=False)
+    train_unet(dataclasses.replace(config, steps=2), tmp_path / "workers", progress=False, data_workers=2)
+    assert train_unet(config, tmp_path / "workers", progress=False, data_workers=2) == inline
+    # CLIP's make_batch carries the tokenizer to the workers.
+    clip_config = stages["clip_config"]
+    assert train_clip(clip_config, tmp_path / "clip", progress=False, data_workers=1) == stages["clip_losses"]
+
+
 def test_unet_refuses_stages_that_do_not_fit(stages, tmp_path):
     with pytest.raises(ValueError, match="holds a trained 'vae', not the 'text_encoder'"):
         load_conditioning(unet_config(stages, text_encoder_dir=str(stages["root"] / "vae")))

@@ -34,6 +34,8 @@ def main_train(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, help="train to this many steps instead of the config's")
     parser.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--data-workers", type=int, default=0, metavar="N",
+                        help="make batches ahead in N processes (for a GPU; the losses do not change; default 0)")
     args = parser.parse_args(argv)
 
     config_cls, train_stage = STAGES[args.stage]
@@ -41,7 +43,8 @@ def main_train(argv: list[str]) -> int:
         config = read_config(config_cls, args.config) if args.config is not None else config_cls()
         if args.steps is not None:
             config = dataclasses.replace(config, steps=args.steps)
-        train_stage(config, args.out, resume=not args.no_resume, progress=not args.no_progress)
+        train_stage(config, args.out, resume=not args.no_resume, progress=not args.no_progress,
+                    data_workers=args.data_workers)
     except ValueError as error:
         print(f"diffuse train {args.stage}: {error}", file=sys.stderr)
         return 2

@@ -122,14 +122,14 @@ def loss_fn(eos_token_id: int, models: dict[str, nn.Module], batch: dict[str, Te
 
 
 def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = True,
-               progress: bool = True) -> list[float]:
+               progress: bool = True, data_workers: int = 0) -> list[float]:
     """Train the text encoder in `out_dir`, then write it as final.safetensors / final.json (and the image
     tower as final_image_tower.*); returns every step's loss."""
     models = build_models(config)
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
     dataset = ShapesDataset(config.data)
     losses = train(config, models, partial(loss_fn, tokenizer.eos_token_id), partial(make_batch, dataset, tokenizer),
-                   out_dir, resume=resume, progress=progress)
+                   out_dir, resume=resume, progress=progress, data_workers=data_workers)
     if is_main_process():
         # The tower first: the text encoder's final.json is what marks the stage finished.
         tower = image_tower(config, models)

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from diffuse.train import distributed
 from diffuse.train.distributed import DistInfo
 from diffuse.train.ema import WeightAverage
+from diffuse.train.prefetch import batch_stream
 from diffuse.train.state import (
     capture_rng_state,
     checkpoint_path,
@@ -152,6 +153,7 @@ def train(
     *,
     resume: bool = True,
     progress: bool = True,
+    data_workers: int = 0,
 ) -> list[float]:
     """Train `models` for config.steps steps in `out_dir`; returns the loss of every step so far.
 
@@ -166,20 +168,23 @@ def train(
     With resume=True a folder holding checkpoints continues from the latest one (which must
     have been written with the same config, resumable fields aside); with resume=False such
     a folder is refused rather than overwritten.
+
+    data_workers > 0 makes the batches ahead in that many processes (prefetch.py); the
+    losses are the same whatever the number, so it is a run's setting, not the config's.
     """
     loop = _loop_config(config)
     out_dir = Path(out_dir)
     started_group = not distributed.is_initialized()
     info = distributed.setup()
     try:
-        return _train(config, loop, models, loss_fn, make_batch, out_dir, info, resume, progress)
+        return _train(config, loop, models, loss_fn, make_batch, out_dir, info, resume, progress, data_workers)
     finally:
         if started_group:
             distributed.teardown()
 
 
 def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn: LossFn, make_batch: MakeBatch,
-           out_dir: Path, info: DistInfo, resume: bool, progress: bool) -> list[float]:
+           out_dir: Path, info: DistInfo, resume: bool, progress: bool, data_workers: int) -> list[float]:
     trainable = {name: m for name, m in models.items() if any(p.requires_grad for p in m.parameters())}
     if not trainable:
         raise ValueError(f"none of the models {sorted(models)} has parameters that require grad: nothing to train")
@@ -236,12 +241,14 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
             prune_checkpoints(out_dir, loop.keep_checkpoints)
         distributed.barrier()
 
+    batches = batch_stream(make_batch, data_position + offset, loop.batch_size, count,
+                           max(0, loop.steps - step), data_workers)
     try:
         while step < loop.steps:
             lr = learning_rate(loop, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = _to_device(make_batch(data_position + offset, count), info.device)
+            batch = _to_device(next(batches), info.device)
             batch_random = BatchRandom(batch_generator, offset, count, loop.batch_size, info.device)
             loss, logs = loss_fn(wrapped, batch, batch_random)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -273,6 +280,7 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
             if step % loop.checkpoint_every == 0 or step == loop.steps:
                 save()
     finally:
+        batches.close()
         bar.close()
         if log is not None:
             log.close()

@@ -106,13 +106,13 @@ def loss_fn(config: UNetTrainConfig, conditioning: Conditioning, models: dict[st
 
 
 def train_unet(config: UNetTrainConfig, out_dir: str | Path, *, resume: bool = True,
-               progress: bool = True) -> list[float]:
+               progress: bool = True, data_workers: int = 0) -> list[float]:
     """Train the UNet in `out_dir` on the frozen stages, then write final.safetensors / final.json; returns every loss."""
     conditioning = load_conditioning(config)
     models = build_models(config, conditioning)
     dataset = ShapesDataset(config.data)
     losses = train(config, models, partial(loss_fn, config, conditioning), partial(make_batch, dataset), out_dir,
-                   resume=resume, progress=progress)
+                   resume=resume, progress=progress, data_workers=data_workers)
     if is_main_process():
         save_final(out_dir, "unet", models["unet"].eval(), config.unet, config, extra={
             "prediction_type": config.schedule.prediction_type,

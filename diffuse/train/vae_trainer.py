@@ -86,12 +86,12 @@ def measure_scaling_factor(vae: AutoencoderKL, dataset: ShapesDataset, samples: 
 
 
 def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = True,
-              progress: bool = True) -> list[float]:
+              progress: bool = True, data_workers: int = 0) -> list[float]:
     """Train the autoencoder in `out_dir`, then write final.safetensors / final.json there; returns every step's loss."""
     models = build_models(config)
     dataset = ShapesDataset(config.data)
     losses = train(config, models, partial(loss_fn, config), partial(make_batch, dataset), out_dir,
-                   resume=resume, progress=progress)
+                   resume=resume, progress=progress, data_workers=data_workers)
     if is_main_process():
         vae = models["vae"].eval()
         factor = measure_scaling_factor(vae, dataset, config.scaling_samples, config.seed)
