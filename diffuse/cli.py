@@ -88,11 +88,9 @@ def generate(args: argparse.Namespace) -> int:
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
                     clip_skip=args.clip_skip, eta=args.eta, speedups=speedups)
-    if args.command == "txt2img":
-        native = pipe.config.image_size  # 64 for the shipped model
-        settings.update(width=args.width or native, height=args.height or native)
-    else:
-        settings.update(width=args.width, height=args.height, strength=args.strength)
+    settings.update(width=args.width, height=args.height)  # None: the model's own size (txt2img) or the image's
+    if args.command != "txt2img":
+        settings.update(strength=args.strength)
     if args.command == "inpaint":
         settings.update(keep_unmasked=not args.no_keep_unmasked)
     seed = args.seed

@@ -136,14 +136,18 @@ class Pipeline:
 
     # ---- the three entry points -------------------------------------------------------------
 
-    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int = 512,
-                height: int = 512, steps: int = 20, guidance_scale: float = 7.5,
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int | None = None,
+                height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
                 sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
                 clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
                 eta: float | None = None, speedups: Speedups | None = None) -> Result:
         """Generate images from text, starting from pure noise.
 
-        `speedups` (diffuse.speedups, off by default) trade a small change of the image for time."""
+        Width and height default to the size the model was trained at (512 for SD1, 768 for
+        SD2's v-prediction models, 64 for the shipped model). `speedups` (diffuse.speedups,
+        off by default) trade a small change of the image for time."""
+        native = self.config.image_size
+        width, height = (native if width is None else width), (native if height is None else height)
         job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
                         seed, batch_size, clip_skip, eta=eta, speedups=speedups)
         return self._run(job, callback)

@@ -193,6 +193,13 @@ def test_seed_reproduces_and_is_reported(ours):
     assert not np.array_equal(pixels(first.images), pixels(other.images))
 
 
+def test_txt2img_size_defaults_to_the_models_own(ours):
+    for pipe in ours.values():
+        native = pipe.config.image_size  # the tiny reference models' sample size times 8
+        result = pipe.txt2img(PROMPT, steps=1, sampler="Euler", seed=0)
+        assert result.images[0].size == (native, native) and result.info["width"] == native
+
+
 def test_callback_sees_every_step_with_previews(ours):
     seen = []
     ours["sd1"].txt2img(PROMPT, steps=5, width=SIZE, height=SIZE, sampler="Heun", seed=3,
