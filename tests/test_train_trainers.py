@@ -250,9 +250,10 @@ def test_config_files_build_nested_configs_and_presets(tmp_path):
     config = read_config(VAETrainConfig, path)
     assert config.vae == TINY_VAE and config.data.image_size == 32 and config.betas == (0.9, 0.99)
     assert config.data.holdout.shape_colours == (("star", "red"),) and config.lr == 1.0 and config.steps == 7
-    for name, cls in (("vae", VAETrainConfig), ("clip", CLIPTrainConfig), ("unet", UNetTrainConfig)):
-        shipped = read_config(cls, REPO / "configs" / f"train_{name}.json")
-        assert config_from_dict(cls, json_fields(shipped)) == shipped  # round trip through plain JSON
+    for folder in (REPO / "configs", REPO / "configs" / "gpu"):  # the CPU recipe, and the shipped model's
+        for name, cls in (("vae", VAETrainConfig), ("clip", CLIPTrainConfig), ("unet", UNetTrainConfig)):
+            shipped = read_config(cls, folder / f"train_{name}.json")
+            assert config_from_dict(cls, json_fields(shipped)) == shipped  # round trip through plain JSON
 
 
 @pytest.mark.parametrize("content, message", [
