@@ -51,11 +51,12 @@ def _load(args: argparse.Namespace):
                              "pass --model PATH (a diffusers folder, .safetensors or .ckpt)")
         model = DEFAULT_MODEL
     start = time.perf_counter()
-    pipe = load_pipeline(model, dtype=args.dtype)
+    pipe = load_pipeline(model, dtype=args.dtype, device=getattr(args, "device", "cpu"))  # convert: always the CPU
     print(f"{pipe.source}: loaded in {time.perf_counter() - start:.1f} s ({pipe.dtype})", file=sys.stderr)
     return pipe
 
 
+DEVICE_HELP = "where the networks run: cpu (default), cuda, cuda:N or mps; seeds give the same noise on any"
 AUTO_DTYPE_HELP = "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
 
 
@@ -234,6 +235,7 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--save-steps", metavar="DIR", default=None,
                    help="also write every step's decoded latents and a filmstrip.png here")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _add_speedup_options(p)
     p.set_defaults(run=generate)
 
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")
     p.add_argument("model", nargs="?", default=None, help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--prompt", default="a photo of a cat")
     p.set_defaults(run=info)
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .pipeline import Pipeline
-from .runtime import inference_layout, resolve_dtype
+from .runtime import inference_layout, resolve_device, resolve_dtype
 from .tokenizer import CLIPTokenizer
 
 def load_pipeline(
@@ -41,6 +41,7 @@ def load_pipeline(
     single-file checkpoints (head counts and v-prediction are not stored in the weights).
     """
     path = Path(path).expanduser()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")

@@ -29,6 +29,25 @@ def cpu_has_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A device or its name ("cpu", "cuda", "cuda:1", "mps"), checked to exist here, so a
+    missing GPU is one clear message before any weights are read."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but this torch sees no Apple GPU")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
 def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     """The fastest precision that keeps images close to float32's on `device`."""
     device = torch.device(device)

@@ -76,6 +76,15 @@ def test_missing_model_and_bad_sampler_are_clear(reference_folders, tmp_path, ca
     assert code == 2 and "k_bogus" in err
 
 
+def test_device_is_checked_before_loading(reference_folders, tmp_path, capsys):
+    model = str(reference_folders["sd1"])
+    code, _, err = run(["txt2img", "a cat", "--model", model, "--device", "banana", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "unknown device 'banana'" in err
+    code, _, err = run(["txt2img", "a cat", "--model", model, "-W", "32", "-H", "32", "--steps", "1",
+                        "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+
+
 def test_convert_writes_a_loadable_diffusers_folder(reference_folders, tmp_path, capsys):
     import torch
     from safetensors import safe_open

@@ -9,7 +9,7 @@ from diffuse.models.configs import UNetConfig, VAEConfig
 from diffuse.models.unet import UNet
 from diffuse.models.upsample import phase_kernels, upsample_conv
 from diffuse.models.vae import AutoencoderKL
-from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, resolve_dtype
+from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
 
 
 def plain_upsample_conv(x, conv):
@@ -102,3 +102,15 @@ def test_load_pipeline_picks_the_dtype_automatically(reference_folders):
     pipe = diffuse.load_pipeline(reference_folders["sd1"])
     assert pipe.dtype == auto_dtype("cpu")
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_devices_are_named_and_checked():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA GPU\\(s\\) exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
