@@ -24,6 +24,7 @@ Everything but the timings is seeded: the same model and settings give the same 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import statistics
@@ -192,16 +193,31 @@ def caption_retrieval(pipe: Pipeline, tower: ImageTower, count: int) -> dict:
         return {"skipped": f"the image tower reads {tower.cfg.image_encoder.image_size}px images and "
                            f"{tower.cfg.text_width}-wide text states; the model draws {size}px images and its "
                            f"text encoder is {pipe.config.text_encoder.width} wide"}
-    images, captions, _ = eval_dataset(pipe).batch(0, count)
-    ids = pipe.tokenizer(captions)
-    hidden = pipe.text_encoder(ids.to(pipe.device)).float().cpu()
-    pooled = pipe.text_encoder.pooled(hidden, ids, pipe.tokenizer.eos_token_id)
-    similarity = tower.image_embeddings(images) @ tower.text_embeddings(pooled).T  # [images, captions]
+    dataset = eval_dataset(pipe)
+    images, captions, _ = dataset.batch(0, count)
+    similarity = tower.image_embeddings(images) @ _text_embeddings(pipe, tower, captions).T  # [images, captions]
     best = similarity.argmax(dim=1).tolist()
     correct = sum(captions[j] == captions[i] for i, j in enumerate(best))
     copies = Counter(captions)
+    # Which way a relation points: each of `count` two-object images against its own caption
+    # and the same words with the relation reversed (chance 0.5). Contrastive batches rarely
+    # hold both, so a text encoder can do well above and still be blind here.
+    pair_indices = [i for i in itertools.islice(itertools.count(), 20 * count)
+                    if dataset.swapped_caption(i) is not None][:count]
+    pair_images = torch.stack([dataset.sample(i)[0] for i in pair_indices])
+    own = _text_embeddings(pipe, tower, [dataset.describe(i)[1] for i in pair_indices])
+    reversed_ = _text_embeddings(pipe, tower, [dataset.swapped_caption(i) for i in pair_indices])
+    image_embeds = tower.image_embeddings(pair_images)
+    prefers_own = ((image_embeds * own).sum(-1) > (image_embeds * reversed_).sum(-1)).float().mean().item()
     return {"images": count, "top1": correct / count,
-            "chance": statistics.fmean(copies[text] / count for text in captions)}
+            "chance": statistics.fmean(copies[text] / count for text in captions),
+            "relation_vs_reversed": {"pairs": len(pair_indices), "own_caption_preferred": prefers_own}}
+
+
+def _text_embeddings(pipe: Pipeline, tower: ImageTower, captions: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(captions)
+    hidden = pipe.text_encoder(ids.to(pipe.device)).float().cpu()
+    return tower.text_embeddings(pipe.text_encoder.pooled(hidden, ids, pipe.tokenizer.eos_token_id))
 
 
 def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict:
@@ -258,6 +274,10 @@ def format_report(results: dict) -> str:
     else:
         lines.append(f"{'caption retrieval top-1':<30}{retrieval['top1']:.3f} (chance {retrieval['chance']:.3f}, "
                      f"{retrieval['images']} images)")
+        if "relation_vs_reversed" in retrieval:  # absent from reports written before it was measured
+            relation = retrieval["relation_vs_reversed"]
+            lines.append(f"{'  own vs reversed relation':<30}{relation['own_caption_preferred']:.3f} (chance 0.5, "
+                         f"{relation['pairs']} two-object images)")
     timing = results["generation_time"]
     lines.append(f"{'generation time':<30}{timing['median_s']:.3f} s median of {len(timing['runs_s'])} "
                  f"({timing['torch_threads']} torch threads)")

@@ -268,6 +268,8 @@ def test_evaluate_a_random_model(folder32, tmp_path):
     assert sum(vae["read_right_images"].values()) == 6 and all(0 <= v <= 1 for v in vae["read_right"].values())
     retrieval = results["caption_retrieval"]
     assert retrieval["images"] == 6 and 0 <= retrieval["top1"] <= 1 and 0 < retrieval["chance"] <= 1
+    relation = retrieval["relation_vs_reversed"]
+    assert relation["pairs"] == 6 and 0 <= relation["own_caption_preferred"] <= 1
     timing = results["generation_time"]
     assert len(timing["runs_s"]) == 3 and timing["median_s"] > 0 and timing["torch_threads"] >= 1
     assert results["settings"]["width"] == 32 and results["settings"]["sampler"] == "Euler a"
@@ -277,7 +279,7 @@ def test_evaluate_a_random_model(folder32, tmp_path):
     del results["generation_time"], again["generation_time"]
     assert again == results
     report = format_report({**results, "generation_time": timing})
-    assert "all correct" in report and "PSNR" in report and "retrieval top-1" in report
+    assert "all correct" in report and "PSNR" in report and "retrieval top-1" in report and "reversed" in report
     path = write_report(results, tmp_path / "sub" / "eval.json")
     assert json.loads(path.read_text()) == results
 

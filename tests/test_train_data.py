@@ -109,6 +109,23 @@ def test_captions_state_every_attribute(described):
     assert 0.4 < size_words[True] / sum(size_words.values()) < 0.6  # sizes are said about half the time
 
 
+def test_swapped_caption_reverses_the_relation_in_the_same_words():
+    dataset = ShapesDataset(DataConfig(seed=11))
+    seen = 0
+    for index in range(60):
+        scene, text = dataset.describe(index)
+        swapped = dataset.swapped_caption(index)
+        if scene.relation is None:
+            assert swapped is None
+            continue
+        seen += 1
+        said, reversed_ = parse_caption(text), parse_caption(swapped)
+        assert reversed_.objects == said.objects and reversed_.background == said.background
+        a, rel, b = said.relation
+        assert reversed_.relation == (a, INVERSE_RELATION[rel], b)
+    assert seen > 10
+
+
 def test_captions_vary():
     dataset = ShapesDataset(DataConfig(seed=0))
     texts = [dataset.describe(i)[1] for i in range(3000)]

@@ -118,6 +118,26 @@ def test_contrastive_aligned_beats_shuffled_and_matches_clip_formula():
     assert abs(got.item() - want.item()) < 1e-5
 
 
+def test_hard_negatives_join_the_captions_images_choose_among():
+    images, texts, negatives = (torch.randn(6, 16, generator=gen(seed)) for seed in (4, 5, 6))
+    ids, scale = caption_ids(6), LogitScale()()
+    has = torch.tensor([True, False, True, True, False, False])
+    got, logs = contrastive_loss(images, texts, scale, ids, negatives, has)
+    a, b, n = (F.normalize(x, dim=-1) for x in (images, texts, negatives))
+    logits = scale * a @ b.T
+    labels = torch.arange(6)
+    extended = torch.cat([logits, (scale * a @ n.T)[:, has]], dim=1)  # only the rows that have a negative
+    want = (F.cross_entropy(extended, labels) + F.cross_entropy(logits.T, labels)) / 2
+    assert abs(got.item() - want.item()) < 1e-5
+    own, against = logits.diagonal()[has], (scale * a @ n.T).diagonal()[has]
+    assert logs["acc_vs_negative"] == (own > against).float().mean().item()
+    # Rows without a negative add nothing: with none at all it is the plain loss.
+    assert contrastive_loss(images, texts, scale, ids, negatives, torch.zeros(6, dtype=torch.bool))[0] == \
+        contrastive_loss(images, texts, scale, ids)[0]
+    with pytest.raises(ValueError, match="one \\[D\\] row per caption"):
+        contrastive_loss(images, texts, scale, ids, negatives[:3], has)
+
+
 def test_contrastive_counts_repeated_captions_as_matches():
     ids = caption_ids(4)
     ids[3] = ids[0]  # caption 3 repeats caption 0, so its text embedding is caption 0's

@@ -17,6 +17,7 @@ names are re-exported here, so `diffuse.train.data` is the one import a trainer 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -188,6 +189,21 @@ class ShapesDataset:
 
     def describe(self, index: int) -> tuple[Scene, str]:
         """Sample `index`'s scene and caption, without drawing it."""
+        scene, rng = self._scene(index)
+        return scene, caption(scene, rng)
+
+    def swapped_caption(self, index: int) -> str | None:
+        """Sample `index`'s caption with its relation reversed, in the same phrasing ("a red circle
+        right of a blue square" for "a red circle left of a blue square"): a caption of another
+        picture made of the same words. None for a one-object sample."""
+        scene, rng = self._scene(index)
+        if scene.relation is None:
+            return None
+        a, rel, b = scene.relation
+        return caption(dataclasses.replace(scene, relation=(a, INVERSE_RELATION[rel], b)), rng)
+
+    def _scene(self, index: int) -> tuple[Scene, random.Random]:
+        """Sample `index`'s scene, and its generator in the state the caption is drawn from."""
         if not isinstance(index, int) or index < 0:
             raise ValueError(f"sample index must be a non-negative integer, got {index!r}")
         # One generator per sample, seeded from (seed, index) alone: any sample can be redrawn.
@@ -197,7 +213,7 @@ class ShapesDataset:
             scene = _pair_scene(rng, cfg.holdout, cfg.position_jitter)
         else:
             scene = _single_scene(rng, cfg.holdout, cfg.position_jitter)
-        return scene, caption(scene, rng)
+        return scene, rng
 
     def sample(self, index: int) -> tuple[torch.Tensor, str, Scene]:
         """(image [3, H, W] in [-1, 1], caption, scene) of sample `index`."""

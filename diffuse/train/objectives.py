@@ -169,7 +169,9 @@ def scaling_factor_for(latents: Tensor) -> float:
 # ---------------------------------------------------------------- the text encoder
 
 
-def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, ids: Tensor) -> tuple[Tensor, dict[str, float]]:
+def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, ids: Tensor,
+                     negative_embeds: Tensor | None = None,
+                     has_negative: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Symmetric InfoNCE: each image must pick its caption among the batch's, and each caption its image.
 
     Logits are cosine similarities times `scale` (LogitScale's output). Split from
@@ -181,6 +183,11 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
     gives them equal probability and the loss is the same as if every copy were
     counted a match; it only cannot fall below log(copies). The accuracies do count
     a copy of the right caption (rows of identical `ids`) as right.
+
+    `negative_embeds` [B, D] (row i: a wrong caption made from caption i's words, where
+    `has_negative` [B] says there is one) join the captions every image chooses among, as
+    hard negatives; captions still choose only among the images. "acc_vs_negative" logs
+    how often an image scores its own caption above its own negative.
     """
     if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
         raise ValueError(f"image and text embeddings must both be [B, D], got {tuple(image_embeds.shape)} "
@@ -191,7 +198,15 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
     logits_per_image = scale.float() * image_embeds @ text_embeds.T  # [images, captions]
     labels = torch.arange(len(ids), device=logits_per_image.device)  # image i belongs with caption i
-    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+    image_choices = logits_per_image
+    if negative_embeds is not None:
+        if negative_embeds.shape != text_embeds.shape or has_negative is None or has_negative.shape != labels.shape:
+            raise ValueError("hard negatives need one [D] row per caption and a has_negative flag per row")
+        negative_embeds = F.normalize(negative_embeds.float(), dim=-1)
+        negative_logits = scale.float() * image_embeds @ negative_embeds.T  # [images, negatives]
+        negative_logits = negative_logits.masked_fill(~has_negative.to(negative_logits.device)[None, :], -torch.inf)
+        image_choices = torch.cat([logits_per_image, negative_logits], dim=1)
+    loss = (F.cross_entropy(image_choices, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
 
     with torch.no_grad():
         matches = (ids[:, None, :] == ids[None, :, :]).all(dim=-1).to(labels.device)  # same caption, token for token
@@ -202,6 +217,10 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
             "logit_scale": scale.item(),
             "duplicate_caption_pairs": (matches.sum().item() - len(ids)) / 2,
         }
+        if negative_embeds is not None and has_negative.any():
+            own, against = logits_per_image.diagonal(), negative_logits.diagonal()
+            rows = has_negative.to(own.device)
+            logs["acc_vs_negative"] = (own[rows] > against[rows]).float().mean().item()
     return loss, logs
 
 
