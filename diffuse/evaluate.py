@@ -202,16 +202,15 @@ def caption_retrieval(pipe: Pipeline, tower: ImageTower, count: int) -> dict:
     # Which way a relation points: each of `count` two-object images against its own caption
     # and the same words with the relation reversed (chance 0.5). Contrastive batches rarely
     # hold both, so a text encoder can do well above and still be blind here.
-    pair_indices = [i for i in itertools.islice(itertools.count(), 20 * count)
-                    if dataset.swapped_caption(i) is not None][:count]
-    pair_images = torch.stack([dataset.sample(i)[0] for i in pair_indices])
-    own = _text_embeddings(pipe, tower, [dataset.describe(i)[1] for i in pair_indices])
-    reversed_ = _text_embeddings(pipe, tower, [dataset.swapped_caption(i) for i in pair_indices])
-    image_embeds = tower.image_embeddings(pair_images)
+    reversed_captions = {i: text for i in range(20 * count) if (text := dataset.swapped_caption(i)) is not None}
+    pairs = [(dataset.sample(i), text) for i, text in itertools.islice(reversed_captions.items(), count)]
+    image_embeds = tower.image_embeddings(torch.stack([image for (image, _, _), _ in pairs]))
+    own = _text_embeddings(pipe, tower, [caption for (_, caption, _), _ in pairs])
+    reversed_ = _text_embeddings(pipe, tower, [text for _, text in pairs])
     prefers_own = ((image_embeds * own).sum(-1) > (image_embeds * reversed_).sum(-1)).float().mean().item()
     return {"images": count, "top1": correct / count,
             "chance": statistics.fmean(copies[text] / count for text in captions),
-            "relation_vs_reversed": {"pairs": len(pair_indices), "own_caption_preferred": prefers_own}}
+            "relation_vs_reversed": {"pairs": len(pairs), "own_caption_preferred": prefers_own}}
 
 
 def _text_embeddings(pipe: Pipeline, tower: ImageTower, captions: list[str]) -> torch.Tensor:
