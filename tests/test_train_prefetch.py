@@ -30,6 +30,15 @@ def test_a_closed_stream_stops_its_workers():
         next(stream)
 
 
-def test_negative_workers_are_refused():
+def test_negative_workers_are_refused_when_the_stream_is_made():
     with pytest.raises(ValueError, match="data workers"):
-        next(batch_stream(lambda start, count: start, 0, 1, 1, batches=1, workers=-1))
+        batch_stream(lambda start, count: start, 0, 1, 1, batches=1, workers=-1)
+
+
+def test_the_command_refuses_negative_workers_before_training(tmp_path, capsys):
+    from diffuse.train.__main__ import main_train
+
+    with pytest.raises(SystemExit) as stopped:
+        main_train(["vae", "--out", str(tmp_path / "run"), "--data-workers", "-1"])
+    assert stopped.value.code == 2 and "--data-workers must be 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

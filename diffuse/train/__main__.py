@@ -37,6 +37,8 @@ def main_train(argv: list[str]) -> int:
     parser.add_argument("--data-workers", type=int, default=0, metavar="N",
                         help="make batches ahead in N processes (for a GPU; the losses do not change; default 0)")
     args = parser.parse_args(argv)
+    if args.data_workers < 0:
+        parser.error(f"--data-workers must be 0 (inline) or more, not {args.data_workers}")
 
     config_cls, train_stage = STAGES[args.stage]
     try:

@@ -15,6 +15,7 @@ shared memory.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,24 +44,26 @@ def batch_stream(make_batch: Callable[[int, int], Any], first_start: int, stride
     """make_batch(first_start + k * stride, count) for k = 0 .. batches-1, in order.
 
     With workers > 0 that many processes make the batches ahead; make_batch must then be
-    picklable (a module-level function, or a functools.partial of one). The workers are
-    stopped when the stream is exhausted or closed.
+    picklable (a module-level function, or a functools.partial of one). The workers start
+    with the first batch asked for and stop when the stream is exhausted or closed. A bad
+    worker count is refused here, when the stream is made, before any training starts.
     """
     if workers < 0:
         raise ValueError(f"data workers must be 0 (inline) or more, not {workers}")
+    starts = [first_start + k * stride for k in range(batches)]
     if workers == 0:
-        for k in range(batches):
-            yield make_batch(first_start + k * stride, count)
-        return
-    context = torch.multiprocessing.get_context("spawn")
-    pool = context.Pool(workers, initializer=_start_worker, initargs=(make_batch,))
+        return (make_batch(start, count) for start in starts)
+    return _made_ahead(make_batch, starts, count, workers)
+
+
+def _made_ahead(make_batch: Callable[[int, int], Any], starts: list[int], count: int, workers: int) -> Iterator[Any]:
+    pool = torch.multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(make_batch,))
     try:
         pending: deque = deque()
-        next_k = 0
-        for _ in range(batches):
-            while next_k < batches and len(pending) < workers * BATCHES_AHEAD_PER_WORKER:
-                pending.append(pool.apply_async(_make_in_worker, (first_start + next_k * stride, count)))
-                next_k += 1
+        queued = iter(starts)
+        for _ in starts:
+            for start in itertools.islice(queued, workers * BATCHES_AHEAD_PER_WORKER - len(pending)):
+                pending.append(pool.apply_async(_make_in_worker, (start, count)))
             yield pending.popleft().get()
     finally:
         pool.terminate()
