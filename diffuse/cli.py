@@ -159,6 +159,15 @@ def assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def unpack(args: argparse.Namespace) -> int:
+    """Write a model folder's VAE, text encoder and UNet as finished training stages (to train them further)."""
+    from .train.unpack import unpack as unpack_model
+
+    for component, folder in unpack_model(args.model, args.out).items():
+        print(f"{component}: {folder}")
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Measure a model: prompt adherence on held-out prompts, VAE PSNR, caption retrieval, speed."""
     from .evaluate import EvalSettings, evaluate as evaluate_model, format_report, write_report
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("inpaint", "repaint the masked part of an image")):
         _add_generation_options(commands.add_parser(kind, help=text), kind)
     # Listed here for `diffuse --help`; its own options are parsed by the training entry point.
-    commands.add_parser("train", help="train vae | clip | unet from scratch on the shapes dataset", add_help=False)
+    commands.add_parser("train", help="train vae | clip | unet on the shapes dataset", add_help=False)
     p = commands.add_parser("convert", help="write a checkpoint as a diffusers folder")
     p.add_argument("model", help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("out", help="the folder to write")
@@ -267,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", help="weights as written: float16 (default), bfloat16 or float32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.set_defaults(run=assemble)
+    p = commands.add_parser("unpack", help="write a model folder's parts as finished stages, to train them further "
+                                           "(a stage's init_from)")
+    p.add_argument("model", help="a diffusers model folder (e.g. models/default)")
+    p.add_argument("--out", required=True, help="where the stages go: OUT/vae, OUT/clip, OUT/unet")
+    p.set_defaults(run=unpack)
 
     from .evaluate import EvalSettings
 

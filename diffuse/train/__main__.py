@@ -27,7 +27,7 @@ STAGES: dict[str, tuple[type, Callable[..., list[float]]]] = {
 
 def main_train(argv: list[str]) -> int:
     """Parse `argv` (stage first), train that stage; 0 on success, 2 with a message on a bad config."""
-    parser = argparse.ArgumentParser(prog="diffuse train", description="Train one stage of the model from scratch.")
+    parser = argparse.ArgumentParser(prog="diffuse train", description="Train one stage of the model, from scratch or, with the config's init_from, from a finished stage.")
     parser.add_argument("stage", choices=sorted(STAGES), help="vae first, then clip, then unet (needs both)")
     parser.add_argument("--config", type=Path, help="JSON file with the stage's config fields (others keep defaults)")
     parser.add_argument("--out", type=Path, required=True, help="the run's folder: checkpoints, log.jsonl, final.*")

@@ -33,7 +33,7 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import contrastive_loss
 from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT
-from diffuse.train.trainers import is_main_process, save_final
+from diffuse.train.trainers import is_main_process, save_final, starting_weights
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class CLIPTrainConfig(LoopConfig):
     # asks the text encoder which way a relation points: the shipped model's encoder, trained
     # without them, prefers the right one of the two captions 55% of the time (diffuse eval).
     hard_negatives: bool = False
+    # A finished CLIP stage's folder (e.g. one diffuse.train.unpack wrote) to start from: its text
+    # encoder and image tower, instead of random weights. None: from scratch.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,12 +66,25 @@ class CLIPTrainConfig(LoopConfig):
 
 def build_models(config: CLIPTrainConfig) -> dict[str, nn.Module]:
     torch.manual_seed(config.seed)  # the same starting weights for every run of this config
-    return {
+    models = {
         "text_encoder": CLIPTextEncoder(config.text_encoder),
         "text_projection": TextProjection(config.text_encoder.width, config.image_encoder.embed_dim),
         "image_encoder": ImageEncoder(config.image_encoder),
         "logit_scale": LogitScale(),
     }
+    if config.init_from is not None:
+        text_encoder, extra = starting_weights(config.init_from, "text_encoder", config.text_encoder)
+        if extra.get("pad_token_id") != config.pad_token_id:
+            raise ValueError(f"init_from {config.init_from}: its text encoder was trained with pad_token_id "
+                             f"{extra.get('pad_token_id')}, this run pads with {config.pad_token_id}")
+        # Both sides: a trained text encoder against a random image tower would first be pulled
+        # toward whatever the random tower makes of the images.
+        tower, _ = starting_weights(config.init_from, "image_tower", ImageTowerConfig(
+            image_encoder=config.image_encoder, text_width=config.text_encoder.width))
+        models["text_encoder"].load_state_dict(text_encoder.state_dict())
+        for name, part in tower.named_children():
+            models[name].load_state_dict(part.state_dict())
+    return models
 
 
 def image_tower(config: CLIPTrainConfig, models: dict[str, nn.Module]) -> ImageTower:

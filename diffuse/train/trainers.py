@@ -21,7 +21,9 @@ The CLIP stage also leaves, beside its text encoder, the image tower it was trai
 (image encoder, text projection, temperature) as final_image_tower.safetensors / .json in the
 same format: the shipped model keeps it to measure its text encoder by caption retrieval.
 
-`load_final(folder, component)` builds the component back from those two files.
+`load_final(folder, component)` builds the component back from those two files. A stage whose
+config names such a folder as `init_from` starts from its weights instead of random ones
+(fine-tuning; diffuse.train.unpack turns a model folder back into stage folders).
 
 A training config is a frozen dataclass; a config file is a JSON object with its fields
 (nested objects for nested configs, lists for tuples, or a preset's name such as "tiny"
@@ -157,7 +159,8 @@ def weights_sha256(folder: str | Path, component: str) -> str:
 def save_final(out_dir: str | Path, component: str, model: nn.Module, model_config: Any, train_config: Any,
                extra: dict | None = None) -> Path:
     """Write the component's weights and info (final.safetensors / final.json for a stage's own
-    component; weights first: the json marks it complete)."""
+    component; weights first: the json marks it complete). `train_config` is the training config,
+    or, for a component that was not trained here (diffuse.train.unpack), a dict saying where it is from."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {sorted(COMPONENTS)}")
     weights_path, info_path = final_files(out_dir, component)
@@ -171,7 +174,7 @@ def save_final(out_dir: str | Path, component: str, model: nn.Module, model_conf
         "component": component,
         "config": dataclasses.asdict(model_config),
         "extra": dict(extra or {}),
-        "trained_with": dataclasses.asdict(train_config),
+        "trained_with": dict(train_config) if isinstance(train_config, dict) else dataclasses.asdict(train_config),
     }
     text = json.dumps(info, indent=2) + "\n"
     return atomic_write(info_path, lambda f: f.write(text.encode("utf-8")))
@@ -204,6 +207,18 @@ def load_final(folder: str | Path, component: str) -> tuple[nn.Module, Any, dict
         raise ValueError(f"{folder}: the {component} weights do not fit its config: {error}") from None
     model.eval().requires_grad_(False)
     return model, config, info["extra"]
+
+
+def starting_weights(folder: str | Path, component: str, config: Any) -> tuple[nn.Module, dict]:
+    """(model, extra) of the finished component a stage starts from (its init_from) instead of random
+    weights, refused unless it has the run's architecture `config`."""
+    model, loaded_config, extra = load_final(folder, component)
+    if loaded_config != config:
+        differing = [field.name for field in dataclasses.fields(config)
+                     if getattr(config, field.name) != getattr(loaded_config, field.name)]
+        raise ValueError(f"init_from {folder}: its {component} is not this run's architecture (they differ in "
+                         f"{', '.join(differing)})")
+    return model, extra
 
 
 def is_main_process() -> bool:

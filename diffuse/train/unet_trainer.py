@@ -29,7 +29,7 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import drop_captions, encode_latents, unet_loss
 from diffuse.train.presets import TINY_UNET
-from diffuse.train.trainers import is_main_process, load_final, save_final, weights_sha256
+from diffuse.train.trainers import is_main_process, load_final, save_final, starting_weights, weights_sha256
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class UNetTrainConfig(LoopConfig):
     caption_dropout: float = 0.1  # SD's rate of empty prompts
     min_snr_gamma: float | None = None  # Min-SNR loss weighting (see objectives.unet_loss); None: SD's plain MSE
     schedule: NoiseSchedule = NoiseSchedule()
+    # A finished UNet stage's folder (e.g. one diffuse.train.unpack wrote) to start from instead
+    # of random weights. None: from scratch.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,8 +85,11 @@ def load_conditioning(config: UNetTrainConfig) -> Conditioning:
 
 def build_models(config: UNetTrainConfig, conditioning: Conditioning) -> dict[str, nn.Module]:
     torch.manual_seed(config.seed)  # the same starting weights for every run of this config
+    unet = UNet(config.unet)
+    if config.init_from is not None:
+        unet.load_state_dict(starting_weights(config.init_from, "unet", config.unet)[0].state_dict())
     # The loop trains only models with trainable parameters; these two pass through as they are.
-    return {"unet": UNet(config.unet), "vae": conditioning.vae, "text_encoder": conditioning.text_encoder}
+    return {"unet": unet, "vae": conditioning.vae, "text_encoder": conditioning.text_encoder}
 
 
 def make_batch(dataset: ShapesDataset, start: int, count: int) -> dict:
