@@ -21,6 +21,7 @@ run: $(BIN)/.installed
 	$(BIN)/diffuse txt2img "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --cfg-scale $(CFG) --out outputs
 
 test: $(BIN)/.installed
+	scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
 
 test-fast: $(BIN)/.installed

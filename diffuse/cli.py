@@ -168,6 +168,17 @@ def unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """The A1111-compatible HTTP API and the web page."""
+    from .server.serve import serve as run_server
+
+    if args.model is None:
+        if not DEFAULT_MODEL.exists():
+            raise ValueError(f"no --model given, and the default model ({DEFAULT_MODEL}) is not in this checkout")
+        args.model = str(DEFAULT_MODEL)
+    return run_server(args)
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Measure a model: prompt adherence on held-out prompts, VAE PSNR, caption retrieval, speed."""
     from .evaluate import EvalSettings, evaluate as evaluate_model, format_report, write_report
@@ -307,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
     _add_speedup_options(p)
     p.set_defaults(run=evaluate)
+    p = commands.add_parser("serve", help="serve the A1111-compatible HTTP API and the web page")
+    p.add_argument("--model", default=None, help="the model to load (default: the shipped model)")
+    from .server.serve import add_serve_options
+
+    add_serve_options(p)
+    p.set_defaults(run=serve)
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")
     p.set_defaults(run=pnginfo)

@@ -48,6 +48,12 @@ _LABELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "DDPM": ("ddpm", ()),
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(_LABELS)
+
+
+def sampler_aliases(label: str) -> tuple[str, ...]:
+    """A1111's other names for the sampler `label` (what its /sdapi/v1/samplers lists as aliases)."""
+    return _LABELS[label][1]
+
 _LABEL_OF_ALGORITHM = {algorithm: label for label, (algorithm, _) in _LABELS.items()}
 
 # A1111's "Schedule type" <-> SamplerOptions.sigma_schedule ("Automatic": the sampler's own spacing).

@@ -1,0 +1,1 @@
+"""Serving: an AUTOMATIC1111-compatible HTTP API and a web page (`diffuse serve`)."""

@@ -1,0 +1,263 @@
+"""AUTOMATIC1111's /sdapi/v1 request and response bodies, read and written the way its clients expect.
+
+A1111 builds its request model from its processing classes: every field optional, unknown keys
+ignored (clients send many), A1111's own defaults for what is left out. Reading a request here
+checks every value diffuse uses, and the limits the server was started with, before anything
+is decoded or allocated; a bad one is a RequestError (answered 422) that names the field.
+
+What differs from A1111, and why:
+  - width and height default to the model's own size (A1111: 512, which is SD1's own size);
+  - an unknown sampler or schedule type is an error rather than a silent fallback;
+  - image URLs are never fetched, only base64 (raw or as a data URL);
+  - the features diffuse does not have (hires fix, face restoration, tiling, scripts, subseeds,
+    styles) are ignored when switched off and refused when asked for, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from diffuse import inputs
+from diffuse.samplers import SCHEDULE_TYPES
+
+DEFAULT_SAMPLER = "Euler"  # A1111's, when neither sampler_name nor sampler_index is given
+DEFAULT_STEPS = 50
+DEFAULT_CFG = 7.0
+DEFAULT_STRENGTH = 0.75
+
+
+class RequestError(ValueError):
+    """A request field that cannot be used; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the server's --max-* options)."""
+
+    max_side: int = 1024  # width and height, pixels
+    max_steps: int = 150
+    max_images: int = 8  # batch_size x n_iter
+    max_image_pixels: int = 4096 * 4096  # of an uploaded image, read from its header before decoding
+    max_image_bytes: int = 20 * 1024 * 1024  # of an uploaded image, encoded
+    max_prompt_chars: int = 10_000
+
+
+@dataclass
+class GenerationRequest:
+    """One txt2img or img2img request, checked and in diffuse's terms."""
+
+    kind: str  # "txt2img" or "img2img" (inpainting is img2img with a mask)
+    prompt: str
+    negative_prompt: str
+    width: int | None  # None: the model's own size (txt2img) or the image's (img2img)
+    height: int | None
+    steps: int
+    cfg_scale: float
+    sampler: str  # an A1111 sampler label, possibly with a schedule suffix
+    schedule_type: str | None
+    seed: int
+    batch_size: int
+    n_iter: int
+    clip_skip: int = 1
+    eta: float | None = None
+    denoising_strength: float = DEFAULT_STRENGTH
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    send_images: bool = True
+    model: str | None = None  # override_settings.sd_model_checkpoint
+    echo: dict[str, Any] = field(default_factory=dict)  # the request as A1111 echoes it in "parameters"
+
+
+# A1111 fields diffuse has no feature for, and the value that means "off".
+_OFF = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False), "subseed_strength": (None, 0, 0.0),
+        "script_name": (None, ""), "styles": (None, [])}
+
+
+def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
+    """The checked request from a parsed JSON body; RequestError on the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("body", f"must be a JSON object, not {type(body).__name__}")
+    for name, off in _OFF.items():
+        value = body.get(name)
+        if value is not None and value not in (off if isinstance(off, tuple) else (off,)):
+            raise RequestError(name, "is not supported by diffuse; leave it out or switch it off")
+    prompt = _text(body, "prompt", limits)
+    negative = _text(body, "negative_prompt", limits)
+    width, height = _optional_int(body, "width"), _optional_int(body, "height")
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and not 8 <= value <= limits.max_side:
+            raise RequestError(name, f"must be from 8 to {limits.max_side} pixels on this server, got {value}")
+        if value is not None and value % 8:
+            raise RequestError(name, f"must be a multiple of 8, got {value}")
+    steps = _int(body, "steps", DEFAULT_STEPS)
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError("steps", f"must be from 1 to {limits.max_steps} on this server, got {steps}")
+    batch_size, n_iter = _int(body, "batch_size", 1), _int(body, "n_iter", 1)
+    if batch_size < 1 or n_iter < 1 or batch_size * n_iter > limits.max_images:
+        raise RequestError("batch_size", f"batch_size x n_iter must be from 1 to {limits.max_images} images on this "
+                                         f"server, got {batch_size} x {n_iter}")
+    sampler, schedule_type = _sampler(body)
+    request = GenerationRequest(
+        kind=kind, prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+        cfg_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0), sampler=sampler, schedule_type=schedule_type,
+        seed=_seed(body), batch_size=batch_size, n_iter=n_iter, eta=_optional_number(body, "eta", 0.0, 1.0),
+        send_images=_bool(body, "send_images", True), model=_model_override(body))
+    clip_skip = _override(body).get("CLIP_stop_at_last_layers", 1)
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= 12:
+        raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "
+                                                                          f"got {clip_skip!r}")
+    request.clip_skip = clip_skip
+    if kind == "img2img":
+        request.denoising_strength = _number(body, "denoising_strength", DEFAULT_STRENGTH, 0.0, 1.0)
+        images = body.get("init_images")
+        if not isinstance(images, list) or not images:
+            raise RequestError("init_images", "img2img needs one base64 image in init_images")
+        request.init_image = decode_image(images[0], "init_images[0]", limits)
+        if body.get("mask") is not None:
+            mask = decode_image(body["mask"], "mask", limits).convert("L")
+            if body.get("inpainting_mask_invert") in (1, True):
+                mask = Image.eval(mask, lambda value: 255 - value)
+            if mask.size != request.init_image.size:
+                raise RequestError("mask", f"is {mask.size[0]}x{mask.size[1]}, the image "
+                                           f"{request.init_image.size[0]}x{request.init_image.size[1]}")
+            request.mask = mask
+    request.echo = {**body, "sampler_name": sampler, "steps": steps, "seed": request.seed,
+                    "cfg_scale": request.cfg_scale, "batch_size": batch_size, "n_iter": n_iter}
+    for key in ("init_images", "mask"):
+        request.echo.pop(key, None)  # A1111 echoes them too; megabytes of base64 nobody reads back
+    return request
+
+
+def decode_image(value: Any, name: str, limits: Limits) -> Image.Image:
+    """A base64 image (raw, or a data URL as browsers and some clients send), checked before decoding."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(name, "must be a base64-encoded image")
+    if value.startswith(("http://", "https://", "file:")):
+        raise RequestError(name, "URLs are not fetched; send the image itself, base64-encoded")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if ";base64" not in header:
+            raise RequestError(name, "a data URL must be base64-encoded")
+    if len(value) > limits.max_image_bytes * 4 // 3 + 4:
+        raise RequestError(name, f"is larger than this server's {limits.max_image_bytes} bytes")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(name, "is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except (UnidentifiedImageError, OSError):
+        raise RequestError(name, "is not an image PIL can read") from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise RequestError(name, f"is {width}x{height}: more than this server's {limits.max_image_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
+        raise RequestError(name, f"could not be decoded: {error}") from None
+    return image
+
+
+# ---- single fields -------------------------------------------------------------------------------
+
+
+def _text(body: dict, name: str, limits: Limits) -> str:
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(name, f"must be a string, got {type(value).__name__}")
+    if len(value) > limits.max_prompt_chars:
+        raise RequestError(name, f"is {len(value)} characters; this server takes at most {limits.max_prompt_chars}")
+    return value
+
+
+def _int(body: dict, name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # some clients send 20.0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(name, f"must be an integer, got {value!r}")
+    return value
+
+
+def _optional_int(body: dict, name: str) -> int | None:
+    return None if body.get(name) is None else _int(body, name, 0)
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise RequestError(name, f"must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be from {low} to {high}, got {value}")
+    return float(value)
+
+
+def _optional_number(body: dict, name: str, low: float, high: float) -> float | None:
+    return None if body.get(name) is None else _number(body, name, 0.0, low, high)
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _seed(body: dict) -> int:
+    value = body.get("seed")
+    if value in (None, "", -1):
+        return random.randrange(4294967294)  # A1111's range
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= inputs.MAX_SEED:
+        raise RequestError("seed", f"must be -1 (random) or an integer from 0 to {inputs.MAX_SEED}, got {value!r}")
+    return value
+
+
+def _sampler(body: dict) -> tuple[str, str | None]:
+    """(sampler label, schedule type or None): sampler_name, else the legacy sampler_index, else Euler."""
+    name = body.get("sampler_name") or body.get("sampler_index") or DEFAULT_SAMPLER
+    if not isinstance(name, str):
+        raise RequestError("sampler_name", f"must be a string, got {name!r}")
+    scheduler = body.get("scheduler")
+    if scheduler is None:
+        return name, None
+    if not isinstance(scheduler, str):
+        raise RequestError("scheduler", f"must be a string, got {scheduler!r}")
+    for label in SCHEDULE_TYPES:  # A1111 matches a scheduler by name ("karras") or label ("Karras")
+        if scheduler.lower() == label.lower():
+            return name, label
+    raise RequestError("scheduler", f"unknown or unsupported schedule type {scheduler!r}; diffuse has "
+                                    f"{', '.join(SCHEDULE_TYPES)}")
+
+
+def _override(body: dict) -> dict:
+    value = body.get("override_settings") or {}
+    if not isinstance(value, dict):
+        raise RequestError("override_settings", "must be an object of setting names and values")
+    return value
+
+
+def _model_override(body: dict) -> str | None:
+    value = _override(body).get("sd_model_checkpoint")
+    if value is not None and not isinstance(value, str):
+        raise RequestError("override_settings.sd_model_checkpoint", f"must be a model title or name, got {value!r}")
+    return value

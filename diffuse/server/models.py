@@ -1,0 +1,89 @@
+"""The models a server offers, and the one it has loaded.
+
+The list is made when the server starts: the model it was started with, and every checkpoint
+in its --models-dir (diffusers folders, .safetensors and .ckpt files, found by looking, one
+level deep). A request names a model only by something from that list (A1111's title
+"name [hash]", the name, or the short hash); it is never turned into a path, so nothing a
+client sends reaches the filesystem.
+
+Switching loads the new model first and swaps it in only when the load succeeded: a
+checkpoint that fails to load leaves the current model in place, and the error says why.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
+from diffuse.loader import load_pipeline
+from diffuse.metadata import model_hash, sha256_file
+from diffuse.pipeline import Pipeline
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class UnknownModel(LookupError):
+    """No listed model has that title, name or hash."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    path: Path
+    name: str  # the folder's name, or the file's without its extension (A1111's model_name)
+    short_hash: str  # A1111's AutoV2 hash (10 hex digits)
+
+    @property
+    def title(self) -> str:
+        """A1111's "title": the file name (a folder's name) and the short hash."""
+        shown = self.path.name if self.path.is_file() else self.name
+        return f"{shown} [{self.short_hash}]"
+
+    def matches(self, wanted: str) -> bool:
+        wanted = wanted.strip()
+        return wanted in (self.title, self.name, self.path.name, self.short_hash)
+
+
+def find_models(default: Path, models_dir: Path | None) -> list[ModelEntry]:
+    """The model the server starts with, then every checkpoint in `models_dir`, sorted by name."""
+    paths = [default]
+    if models_dir is not None:
+        if not models_dir.is_dir():
+            raise ValueError(f"--models-dir {models_dir} is not a folder")
+        for path in sorted(models_dir.iterdir()):
+            is_file = path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
+            if (is_file or (path.is_dir() and is_diffusers_folder(path))) and path.resolve() != default.resolve():
+                paths.append(path)
+    return [ModelEntry(path, path.stem if path.is_file() else path.name, model_hash(path)) for path in paths]
+
+
+class ModelHost:
+    """The listed models and the loaded pipeline; switch() is safe to call while others read `pipe`."""
+
+    def __init__(self, entries: list[ModelEntry], dtype: str = "auto", device: str = "cpu") -> None:
+        if not entries:
+            raise ValueError("no model to serve")
+        self.entries, self.dtype, self.device = entries, dtype, device
+        self._lock = threading.Lock()
+        self.current = entries[0]
+        self.pipe: Pipeline = load_pipeline(self.current.path, dtype=dtype, device=device)
+
+    def find(self, wanted: str) -> ModelEntry:
+        for entry in self.entries:
+            if entry.matches(wanted):
+                return entry
+        raise UnknownModel(f"no model {wanted!r} on this server; GET /sdapi/v1/sd-models lists them")
+
+    def switch(self, wanted: str) -> ModelEntry:
+        """Load the named model and make it current; on any failure the current one stays."""
+        entry = self.find(wanted)
+        with self._lock:
+            if entry != self.current:
+                pipe = load_pipeline(entry.path, dtype=self.dtype, device=self.device)  # raises: nothing changed
+                self.pipe, self.current = pipe, entry
+        return entry
+
+    def sha256(self, entry: ModelEntry) -> str | None:
+        """The whole file's sha256 for a single-file checkpoint (A1111's sd_checkpoint_hash); None for a folder."""
+        return sha256_file(entry.path) if entry.path.is_file() else None

@@ -1,0 +1,184 @@
+// The diffuse page: submit a job, follow it as server-sent events, keep a gallery.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let kind = "txt2img";
+let maskPainted = false;
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function loadChoices() {
+  const [samplers, models, options] = await Promise.all([
+    getJSON("/sdapi/v1/samplers"), getJSON("/sdapi/v1/sd-models"), getJSON("/sdapi/v1/options")]);
+  for (const sampler of samplers) $("sampler_name").add(new Option(sampler.name, sampler.name));
+  $("sampler_name").value = "Euler a";
+  for (const model of models) $("model").add(new Option(model.title, model.title));
+  $("model").value = options.sd_model_checkpoint;
+  $("model-line").textContent = options.sd_model_checkpoint;
+}
+
+function numberOrNull(id) {
+  const text = $(id).value.trim();
+  return text === "" ? null : Number(text);
+}
+
+function requestBody() {
+  const body = {
+    kind, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
+    steps: numberOrNull("steps"), cfg_scale: numberOrNull("cfg_scale"), sampler_name: $("sampler_name").value,
+    seed: numberOrNull("seed") ?? -1, batch_size: numberOrNull("batch_size") ?? 1,
+    override_settings: {sd_model_checkpoint: $("model").value},
+  };
+  for (const side of ["width", "height"]) if (numberOrNull(side) !== null) body[side] = numberOrNull(side);
+  if (kind === "img2img") {
+    if (!$("init-canvas").dataset.loaded) throw new Error("choose an image first");
+    body.init_images = [$("init-canvas").toDataURL("image/png")];
+    body.denoising_strength = numberOrNull("denoising_strength");
+    if (maskPainted) body.mask = maskDataURL();
+  }
+  return body;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  let body;
+  try { body = requestBody(); } catch (error) { setStatus(error.message, true); return; }
+  $("generate").disabled = true;
+  setStatus("submitting...");
+  try {
+    const {id} = await getJSON("/diffuse/v1/jobs", {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    follow(id);
+  } catch (error) {
+    setStatus(error.message, true);
+    $("generate").disabled = false;
+  }
+}
+
+function follow(id) {
+  const events = new EventSource(`/diffuse/v1/jobs/${id}/events`);
+  const finish = () => { events.close(); $("generate").disabled = false; $("interrupt").disabled = true; };
+  events.addEventListener("queued", (e) => setStatus(`queued (${JSON.parse(e.data).ahead} ahead)`));
+  events.addEventListener("progress", (e) => {
+    const data = JSON.parse(e.data);
+    $("interrupt").disabled = false;
+    $("progress").hidden = false;
+    $("progress").value = data.total ? data.step / data.total : 0;
+    setStatus(`step ${data.step} of ${data.total}, ${data.eta.toFixed(1)} s left`);
+    if (data.preview) {
+      $("preview").src = data.preview;
+      $("preview").hidden = false;
+      $("preview").dataset.updates = String(Number($("preview").dataset.updates || 0) + 1);
+    }
+  });
+  events.addEventListener("done", (e) => {
+    const data = JSON.parse(e.data);
+    finish();
+    $("progress").value = 1;
+    setStatus(data.interrupted ? "interrupted: the image as it was" : "done");
+    showResult(data.images);
+    loadGallery();
+  });
+  events.addEventListener("failed", (e) => { finish(); setStatus(JSON.parse(e.data).detail, true); });
+  events.onerror = () => { if (events.readyState === EventSource.CLOSED) finish(); };
+}
+
+function figure(image) {
+  const item = document.createElement("figure");
+  const link = document.createElement("a");
+  link.href = image.url;
+  link.download = image.url.split("/").pop();
+  link.title = "download the PNG (it carries its parameters)";
+  const img = document.createElement("img");
+  img.src = image.url;
+  img.alt = image.parameters || "";
+  link.append(img);
+  const caption = document.createElement("figcaption");
+  caption.textContent = image.parameters || "";
+  item.append(link, caption);
+  return item;
+}
+
+function showResult(images) {
+  $("result").replaceChildren(...images.map(figure));
+  $("result").dataset.count = String(images.length);
+}
+
+async function loadGallery() {
+  try {
+    const images = await getJSON("/diffuse/v1/gallery");
+    $("gallery").replaceChildren(...images.map(figure));
+  } catch (error) { /* the gallery is a convenience; the result above stands */ }
+}
+
+function selectTab(button) {
+  kind = button.dataset.kind;
+  for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab === button);
+  $("img2img-inputs").hidden = kind !== "img2img";
+}
+
+function loadInitImage(file) {
+  const image = new Image();
+  image.onload = () => {
+    for (const canvas of [$("init-canvas"), $("mask-canvas")]) {
+      canvas.width = image.naturalWidth;
+      canvas.height = image.naturalHeight;
+    }
+    $("init-canvas").getContext("2d").drawImage(image, 0, 0);
+    $("init-canvas").dataset.loaded = "1";
+    clearMask();
+    $("mask-area").hidden = false;
+  };
+  image.src = URL.createObjectURL(file);
+}
+
+function clearMask() {
+  $("mask-canvas").getContext("2d").clearRect(0, 0, $("mask-canvas").width, $("mask-canvas").height);
+  maskPainted = false;
+}
+
+function maskDataURL() {
+  // White where painted, black elsewhere: A1111's mask convention.
+  const out = document.createElement("canvas");
+  out.width = $("mask-canvas").width;
+  out.height = $("mask-canvas").height;
+  const context = out.getContext("2d");
+  context.fillStyle = "black";
+  context.fillRect(0, 0, out.width, out.height);
+  context.drawImage($("mask-canvas"), 0, 0);
+  return out.toDataURL("image/png");
+}
+
+function paint(event) {
+  if (!(event.buttons & 1)) return;
+  const canvas = $("mask-canvas");
+  const box = canvas.getBoundingClientRect();
+  const x = (event.clientX - box.left) * canvas.width / box.width;
+  const y = (event.clientY - box.top) * canvas.height / box.height;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "white";
+  context.beginPath();
+  context.arc(x, y, Number($("brush").value) * canvas.width / box.width / 2, 0, 2 * Math.PI);
+  context.fill();
+  maskPainted = true;
+}
+
+$("settings").addEventListener("submit", generate);
+$("interrupt").addEventListener("click", () => getJSON("/sdapi/v1/interrupt", {method: "POST"}).catch(() => {}));
+for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => selectTab(tab));
+$("init-image").addEventListener("change", (e) => { if (e.target.files[0]) loadInitImage(e.target.files[0]); });
+$("mask-canvas").addEventListener("pointerdown", paint);
+$("mask-canvas").addEventListener("pointermove", paint);
+$("clear-mask").addEventListener("click", clearMask);
+loadChoices().catch((error) => setStatus(error.message, true));
+loadGallery();
