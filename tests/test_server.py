@@ -212,10 +212,18 @@ def test_model_list_and_switching(server):
         status, body, _ = server.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": wanted})
         assert status == 404, body
     assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == second["title"]
-    # A request can ask for its model, A1111's override_settings way.
+    # A request can ask for its model, A1111's override_settings way: for that request only,
+    # unless it says not to restore.
     body = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 1,
                                                      "override_settings": {"sd_model_checkpoint": "default"}})[1]
     assert "Model: default" in json.loads(body["info"])["infotexts"][0]
+    assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == second["title"]
+    server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "override_settings": {"sd_model_checkpoint": "default"},
+                                              "override_settings_restore_afterwards": False})
+    assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("default [")
+    status, body, _ = server.call("POST", "/sdapi/v1/txt2img", {**QUICK,
+                                                                "override_settings": {"sd_model_checkpoint": "x"}})
+    assert status == 404 and "no model 'x'" in body["detail"]
 
 
 def test_a_checkpoint_that_fails_to_load_leaves_the_current_model(server, models_dir):

@@ -76,7 +76,8 @@ class GenerationRequest:
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
     send_images: bool = True
-    model: str | None = None  # override_settings.sd_model_checkpoint
+    model: str | None = None  # override_settings.sd_model_checkpoint: the model for this request
+    restore_model: bool = True  # override_settings_restore_afterwards: back to the previous model after it
     echo: dict[str, Any] = field(default_factory=dict)  # the request as A1111 echoes it in "parameters"
 
 
@@ -113,7 +114,8 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
         kind=kind, prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
         cfg_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0), sampler=sampler, schedule_type=schedule_type,
         seed=_seed(body), batch_size=batch_size, n_iter=n_iter, eta=_optional_number(body, "eta", 0.0, 1.0),
-        send_images=_bool(body, "send_images", True), model=_model_override(body))
+        send_images=_bool(body, "send_images", True), model=_model_override(body),
+        restore_model=_bool(body, "override_settings_restore_afterwards", True))
     clip_skip = _override(body).get("CLIP_stop_at_last_layers", 1)
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= 12:
         raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "

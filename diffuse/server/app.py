@@ -57,13 +57,23 @@ class Server:
         self.queue = JobQueue(settings.queue_capacity)
         self.jobs: dict[str, Job] = {}  # the page's jobs by id, the latest few hundred
 
-    async def generate(self, request: GenerationRequest) -> Generated:
-        """Queue the request (switching model first if it asks for another) and wait for its images."""
+    def submit(self, request: GenerationRequest, finish=lambda generated: generated) -> Job:
+        """Queue the request; its job returns finish(the Generated images). The request's own model,
+        if it names one, is loaded in the same job, so no other job runs on it by mistake."""
         if request.model is not None:
-            await self.switch_model(request.model)
+            self.host.find(request.model)  # unknown: an error now, not after the queue
         self.host.pipe.get_sampler(request.sampler, request.schedule_type)  # an unknown sampler: 422 now
-        job = self.queue.submit(request.kind, lambda job: run_request(self.host.pipe, request, job))
-        return await asyncio.wrap_future(job.future)
+
+        def work(job: Job):
+            generated = self.host.run_on(request.model, request.restore_model,
+                                         lambda pipe: run_request(pipe, request, job))
+            return finish(generated)
+
+        return self.queue.submit(request.kind, work)
+
+    async def generate(self, request: GenerationRequest) -> Generated:
+        """Queue the request and wait for its images."""
+        return await asyncio.wrap_future(self.submit(request).future)
 
     async def switch_model(self, wanted: str) -> None:
         self.host.find(wanted)  # unknown: an error now, not after the queue

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
 from diffuse.loader import load_pipeline
@@ -22,6 +23,7 @@ from diffuse.metadata import model_hash, sha256_file
 from diffuse.pipeline import Pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+T = TypeVar("T")
 
 
 class UnknownModel(LookupError):
@@ -83,6 +85,19 @@ class ModelHost:
                 pipe = load_pipeline(entry.path, dtype=self.dtype, device=self.device)  # raises: nothing changed
                 self.pipe, self.current = pipe, entry
         return entry
+
+    def run_on(self, wanted: str | None, restore: bool, work: Callable[[Pipeline], T]) -> T:
+        """work(pipe) on the named model (None: the current one); with `restore`, the model that was
+        current is loaded back afterwards, as A1111 undoes a request's override_settings."""
+        if wanted is None:
+            return work(self.pipe)
+        previous = self.current
+        self.switch(wanted)
+        try:
+            return work(self.pipe)
+        finally:
+            if restore:
+                self.switch(previous.title)
 
     def sha256(self, entry: ModelEntry) -> str | None:
         """The whole file's sha256 for a single-file checkpoint (A1111's sd_checkpoint_hash); None for a folder."""

@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from diffuse.metadata import numbered_path, read_parameters, save_png
 from diffuse.server.a1111 import read_generation
 from diffuse.server.app import Server, processed_info
-from diffuse.server.generate import run_request
+from diffuse.server.generate import Generated
 from diffuse.server.jobs import Job
 
 OUTPUT_NAME = re.compile(r"^[0-9]{5}-[0-9]+\.png$")  # what numbered_path writes, and nothing else
@@ -61,12 +61,8 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
             return JSONResponse({"error": "RequestError", "detail": "kind must be txt2img or img2img"},
                                 status_code=422)
         generation = read_generation(kind, body, limits)
-        if generation.model is not None:
-            await server.switch_model(generation.model)
-        server.host.pipe.get_sampler(generation.sampler, generation.schedule_type)
 
-        def work(job: Job) -> dict:
-            generated = run_request(server.host.pipe, generation, job)
+        def save(generated: Generated) -> dict:
             saved = []
             for image, text, seed in zip(generated.images, generated.infotexts, generated.seeds):
                 outputs.mkdir(parents=True, exist_ok=True)
@@ -75,7 +71,7 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
             info = processed_info(generation, generated, server.host.current.short_hash)
             return {"images": saved, "info": info, "interrupted": generated.interrupted}
 
-        job = server.queue.submit(kind, work)
+        job = server.submit(generation, finish=save)
         server.jobs[job.id] = job
         for old in list(server.jobs)[:-KEEP_JOBS]:
             del server.jobs[old]

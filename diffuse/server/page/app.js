@@ -37,7 +37,6 @@ function requestBody() {
     kind, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     steps: numberOrNull("steps"), cfg_scale: numberOrNull("cfg_scale"), sampler_name: $("sampler_name").value,
     seed: numberOrNull("seed") ?? -1, batch_size: numberOrNull("batch_size") ?? 1,
-    override_settings: {sd_model_checkpoint: $("model").value},
   };
   for (const side of ["width", "height"]) if (numberOrNull(side) !== null) body[side] = numberOrNull(side);
   if (kind === "img2img") {
@@ -173,7 +172,23 @@ function paint(event) {
   maskPainted = true;
 }
 
+async function switchModel() {
+  $("generate").disabled = true;
+  setStatus("loading the model...");
+  try {
+    await getJSON("/sdapi/v1/options", {method: "POST", headers: {"Content-Type": "application/json"},
+                                        body: JSON.stringify({sd_model_checkpoint: $("model").value})});
+    setStatus("model loaded");
+  } catch (error) {
+    setStatus(error.message, true);  // the server kept the model it had
+    $("model").value = (await getJSON("/sdapi/v1/options")).sd_model_checkpoint;
+  }
+  $("model-line").textContent = $("model").value;
+  $("generate").disabled = false;
+}
+
 $("settings").addEventListener("submit", generate);
+$("model").addEventListener("change", switchModel);
 $("interrupt").addEventListener("click", () => getJSON("/sdapi/v1/interrupt", {method: "POST"}).catch(() => {}));
 for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => selectTab(tab));
 $("init-image").addEventListener("change", (e) => { if (e.target.files[0]) loadInitImage(e.target.files[0]); });
