@@ -270,6 +270,11 @@ def test_bodies_and_images_are_checked_before_decoding(server):
     huge = Image.new("RGB", (1024, 1024))  # 1 M pixels, over the 512x512 cap, and a small PNG
     status, body, _ = server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [png_data_url(huge)]})
     assert status == 422 and "1024x1024" in body["detail"]
+    wide = Image.new("RGB", (400, 64))  # within the pixel cap, wider than the 256-pixel side limit
+    status, body, _ = server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [png_data_url(wide)]})
+    assert status == 422 and body["field"] == "width" and "400x64" in body["detail"]
+    assert server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [png_data_url(wide)], "width": 128,
+                                                     "denoising_strength": 0.3})[0] == 200
     for bad in ("https://example.com/cat.png", "file:///etc/passwd", "not base64!", base64.b64encode(b"text").decode()):
         status, body, _ = server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [bad]})
         assert status == 422 and body["field"] == "init_images[0]", bad

@@ -10,7 +10,8 @@ What differs from A1111, and why:
   - an unknown sampler or schedule type is an error rather than a silent fallback;
   - image URLs are never fetched, only base64 (raw or as a data URL);
   - the features diffuse does not have (hires fix, face restoration, tiling, scripts, subseeds,
-    styles) are ignored when switched off and refused when asked for, never silently skipped.
+    styles) are ignored when switched off and refused when asked for, never silently skipped;
+  - an inpainting mask is used as sent: mask_blur, inpainting_fill and resize_mode are not applied.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
                 raise RequestError("mask", f"is {mask.size[0]}x{mask.size[1]}, the image "
                                            f"{request.init_image.size[0]}x{request.init_image.size[1]}")
             request.mask = mask
+        # Without a size the image's own is drawn: it must fit the same limit as an asked-for one.
+        own_width, own_height = request.init_image.size
+        for name, asked, own in (("width", width, own_width), ("height", height, own_height)):
+            if asked is None and own > limits.max_side:
+                raise RequestError(name, f"the image is {own_width}x{own_height}; give a {name} of at most "
+                                         f"{limits.max_side} pixels (this server's limit) to draw it smaller")
     request.echo = {**body, "sampler_name": sampler, "steps": steps, "seed": request.seed,
                     "cfg_scale": request.cfg_scale, "batch_size": batch_size, "n_iter": n_iter}
     for key in ("init_images", "mask"):
@@ -160,6 +167,8 @@ def decode_image(value: Any, name: str, limits: Limits) -> Image.Image:
         raise RequestError(name, "is not valid base64") from None
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise RequestError(name, f"has more than this server's {limits.max_image_pixels} pixels") from None
     except (UnidentifiedImageError, OSError):
         raise RequestError(name, "is not an image PIL can read") from None
     width, height = image.size
