@@ -187,6 +187,7 @@ def test_progress_while_running_then_interrupt(server):
     assert status == 200
     info = json.loads(body["info"])
     assert info["interrupted"] is True and len(body["images"]) == 1  # what it had, decoded
+    assert "Steps: 200, Sampler: Euler a, Schedule type: Automatic" in read_parameters(decode_png(body["images"][0]))
     # The next job is not affected, and idle looks idle.
     after = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 12})[1]
     assert json.loads(after["info"])["interrupted"] is False

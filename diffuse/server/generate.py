@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from diffuse.metadata import infotext
-from diffuse.pipeline import Pipeline, Result, Step
+from diffuse.pipeline import VERSION, Pipeline, Result, Step
 from diffuse.preview import to_pil
 from diffuse.server.a1111 import GenerationRequest
 from diffuse.server.jobs import Interrupted, Job
@@ -74,9 +74,12 @@ def _partial(pipe: Pipeline, request: GenerationRequest, seed: int, step: Step |
     images = to_pil(pixels)
     seeds = [seed + i for i in range(len(images))]
     height, width = pixels.shape[-2:]
+    sampler = pipe.get_sampler(request.sampler, request.schedule_type)  # the names a finished run reports
     info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-            "sampler": request.sampler, "schedule_type": request.schedule_type, "cfg_scale": request.cfg_scale,
+            "sampler": sampler.name, "schedule_type": sampler.schedule_type, "cfg_scale": request.cfg_scale,
             "seed": seed, "width": width, "height": height, "model_hash": pipe.model_hash,
-            "model": pipe.model_name, "clip_skip": request.clip_skip}
+            "model": pipe.model_name, "clip_skip": request.clip_skip, "eta": request.eta,
+            "denoising_strength": request.denoising_strength if request.init_image is not None else None,
+            "version": VERSION}
     texts = [infotext({**info, "seed": s}) for s in seeds]
     return Generated(images, texts, seeds, info, interrupted=True)
