@@ -28,7 +28,7 @@ test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Train the default model from scratch (about 2 h 40 min on a 2-core CPU; the shipped one
-# was trained with configs/gpu, see models/README.md), ship it into
+# was trained with configs/gpu and fine-tuned with configs/finetune, see models/README.md), ship it into
 # models/default and measure it. Each stage resumes from its checkpoints if interrupted.
 RUNS ?= runs
 default-model: $(BIN)/.installed
