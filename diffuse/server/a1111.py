@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,9 +81,9 @@ class GenerationRequest:
     echo: dict[str, Any] = field(default_factory=dict)  # the request as A1111 echoes it in "parameters"
 
 
-# A1111 fields diffuse has no feature for, and the value that means "off".
-_OFF = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False), "subseed_strength": (None, 0, 0.0),
-        "script_name": (None, ""), "styles": (None, [])}
+# A1111 fields diffuse has no feature for, and the values that mean "off".
+_OFF = {"enable_hr": (None, False), "restore_faces": (None, False), "tiling": (None, False),
+        "subseed_strength": (None, 0, 0.0), "script_name": (None, ""), "styles": (None, [])}
 
 
 def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
@@ -92,8 +91,7 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
     if not isinstance(body, dict):
         raise RequestError("body", f"must be a JSON object, not {type(body).__name__}")
     for name, off in _OFF.items():
-        value = body.get(name)
-        if value is not None and value not in (off if isinstance(off, tuple) else (off,)):
+        if body.get(name) not in off:
             raise RequestError(name, "is not supported by diffuse; leave it out or switch it off")
     prompt = _text(body, "prompt", limits)
     negative = _text(body, "negative_prompt", limits)
@@ -214,11 +212,10 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise RequestError(name, f"must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise RequestError(name, f"must be from {low} to {high}, got {value}")
-    return float(value)
+    try:
+        return inputs.check_number(name, value, low, high)
+    except ValueError as error:
+        raise RequestError(name, str(error).removeprefix(f"{name} ")) from None
 
 
 def _optional_number(body: dict, name: str, low: float, high: float) -> float | None:

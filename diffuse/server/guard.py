@@ -78,6 +78,7 @@ class Guard:
             await _answer(send_with_headers, 413, {"detail": f"the body is larger than this server's "
                                                              f"{self.max_body_bytes} bytes"})
             return
+        # A body without a content type is read as JSON too, as the routes will.
         if body and "json" in headers.get("content-type", "json"):
             problem = check_strict_json(body)
             if problem is not None:
