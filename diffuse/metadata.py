@@ -17,6 +17,7 @@ Also here: A1111's model hash, and one atomic file writer used for every image w
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -286,13 +287,26 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_png writes PNG files; {path} does not end in .png")
-    if parameters is not None and not isinstance(parameters, str):
-        raise ValueError(f"parameters must be a str, not {type(parameters).__name__}")
-    pnginfo = None
-    if parameters is not None:
-        pnginfo = PngImagePlugin.PngInfo()
-        pnginfo.add_text(PARAMETERS_KEY, parameters)
+    pnginfo = _png_info(parameters)  # checked before any file is made
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo), overwrite=overwrite)
+
+
+def png_bytes(image: Image.Image, parameters: str | None) -> bytes:
+    """The PNG save_png would write, in memory (for an HTTP answer)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(parameters))
+    return buffer.getvalue()
+
+
+def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo | None:
+    """The "parameters" text chunk (None: no chunk)."""
+    if parameters is None:
+        return None
+    if not isinstance(parameters, str):
+        raise ValueError(f"parameters must be a str, not {type(parameters).__name__}")
+    pnginfo = PngImagePlugin.PngInfo()
+    pnginfo.add_text(PARAMETERS_KEY, parameters)
+    return pnginfo
 
 
 def read_parameters(source: str | os.PathLike | Image.Image) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import os
 import resource
@@ -24,9 +23,9 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from diffuse.metadata import PARAMETERS_KEY, parse_infotext, read_parameters
+from diffuse.metadata import PARAMETERS_KEY, parse_infotext, png_bytes, read_parameters
 from diffuse.pipeline import VERSION
 from diffuse.samplers import SAMPLER_NAMES, SCHEDULE_TYPES, sampler_aliases
 from diffuse.server.a1111 import GenerationRequest, Limits, RequestError, decode_image, read_generation
@@ -120,7 +119,7 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
 
 def _error(status: int, error: Exception, headers: dict | None = None, **extra) -> JSONResponse:
     # A1111's error shape: {"error": exception type, "detail": message, ...}.
-    message = str(error.args[0]) if isinstance(error, (KeyError, LookupError)) and error.args else str(error)
+    message = str(error.args[0]) if isinstance(error, LookupError) and error.args else str(error)
     return JSONResponse({"error": type(error).__name__, "detail": message, **extra}, status_code=status,
                         headers=headers)
 
@@ -233,16 +232,6 @@ def png_base64(image: Image.Image, parameters: str | None) -> str:
     return base64.b64encode(png_bytes(image, parameters)).decode("ascii")
 
 
-def png_bytes(image: Image.Image, parameters: str | None) -> bytes:
-    pnginfo = None
-    if parameters:
-        pnginfo = PngImagePlugin.PngInfo()
-        pnginfo.add_text(PARAMETERS_KEY, parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=pnginfo)
-    return buffer.getvalue()
-
-
 def progress_report(server: Server, with_image: bool = True) -> dict:
     """A1111's /progress: idle is progress 0 and job_count 0, which clients wait for."""
     job = server.queue.current()
@@ -257,7 +246,7 @@ def progress_report(server: Server, with_image: bool = True) -> dict:
              "job_no": job.number, "sampling_step": job.step, "sampling_steps": job.total_steps, "job_id": job.id}
     image = None
     step = job.latest
-    if with_image and step is not None and hasattr(step, "preview"):
+    if with_image and step is not None:
         image = png_base64(step.preview()[0], None)
     return {"progress": fraction, "eta_relative": job.eta(), "state": state, "current_image": image,
             "textinfo": f"step {job.step} of {job.total_steps}"}

@@ -68,6 +68,7 @@ class ModelHost:
             raise ValueError("no model to serve")
         self.entries, self.dtype, self.device = entries, dtype, device
         self._lock = threading.Lock()
+        self._sha256: dict[ModelEntry, str | None] = {}
         self.current = entries[0]
         self.pipe: Pipeline = load_pipeline(self.current.path, dtype=dtype, device=device)
 
@@ -100,5 +101,8 @@ class ModelHost:
                 self.switch(previous.title)
 
     def sha256(self, entry: ModelEntry) -> str | None:
-        """The whole file's sha256 for a single-file checkpoint (A1111's sd_checkpoint_hash); None for a folder."""
-        return sha256_file(entry.path) if entry.path.is_file() else None
+        """The whole file's sha256 for a single-file checkpoint (A1111's sd_checkpoint_hash); None for a folder.
+        Read once per model: a checkpoint is gigabytes, and clients ask for the options often."""
+        if entry not in self._sha256:
+            self._sha256[entry] = sha256_file(entry.path) if entry.path.is_file() else None
+        return self._sha256[entry]

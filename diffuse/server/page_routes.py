@@ -17,8 +17,6 @@ links included.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import re
 from importlib import resources
@@ -29,7 +27,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from diffuse.metadata import numbered_path, read_parameters, save_png
 from diffuse.server.a1111 import read_generation
-from diffuse.server.app import Server, processed_info
+from diffuse.server.app import Server, png_base64, processed_info
 from diffuse.server.generate import Generated
 from diffuse.server.jobs import Job
 
@@ -64,8 +62,8 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
 
         def save(generated: Generated) -> dict:
             saved = []
+            outputs.mkdir(parents=True, exist_ok=True)
             for image, text, seed in zip(generated.images, generated.infotexts, generated.seeds):
-                outputs.mkdir(parents=True, exist_ok=True)
                 path = save_png(image, numbered_path(outputs, seed), text, overwrite=False)
                 saved.append({"url": f"/outputs/{path.name}", "parameters": text})
             info = processed_info(generation, generated, server.host.current.short_hash)
@@ -115,7 +113,8 @@ async def _job_events(server: Server, job: Job):
     sent_step, sent_position = -1, None
     while not job.future.done():
         if job.started_at is None:
-            position = job.number - (server.queue.current().number if server.queue.current() else job.number)
+            running = server.queue.current()  # read once: it may finish between two reads
+            position = job.number - (running.number if running else job.number)
             if position != sent_position:
                 sent_position = position
                 yield _event("queued", {"ahead": max(0, position)})
@@ -134,11 +133,7 @@ async def _job_events(server: Server, job: Job):
 
 
 def _preview_url(step) -> str | None:
-    if step is None:
-        return None
-    buffer = io.BytesIO()
-    step.preview()[0].save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return None if step is None else "data:image/png;base64," + png_base64(step.preview()[0], None)
 
 
 def _event(name: str, data: dict) -> str:
