@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .pages import PageReturner
 from .reader import check_finite
 
 M = TypeVar("M", bound=nn.Module)
@@ -62,11 +63,17 @@ def build_and_fill(
                                         f"expected {tuple(want.shape)}")
         if not got.is_floating_point():
             raise CheckpointError(path, f"{component}: tensor {name} has dtype {got.dtype}, expected floating point")
-    check_finite({f"{component}.{k}": v for k, v in state.items()}, path)
+    # Each tensor's file pages are given back once read (diffuse.checkpoints.pages): the
+    # checkpoint is never resident in full beside the weights made from it.
+    pages = PageReturner(path)
+    check_finite({f"{component}.{k}": v for k, v in state.items()}, path, after_each=pages.give_back)
 
     ready = {}
     for k in expected:
-        tensor = state.pop(k).to(device=device, dtype=dtype)
+        source = state.pop(k)
+        tensor = source.to(device=device, dtype=dtype)
         ready[k] = layout(tensor) if layout is not None else tensor.contiguous()
+        if ready[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+            pages.give_back(source)  # a copy was made: the source's pages are not needed again
     module.load_state_dict(ready, strict=True, assign=True)
     return module.eval().requires_grad_(False)

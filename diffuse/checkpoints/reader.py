@@ -14,7 +14,7 @@ import json
 import pickle
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -190,11 +190,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_finite(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+def check_finite(state: Mapping[str, torch.Tensor], path: str | Path,
+                 after_each: Callable[[torch.Tensor], None] | None = None) -> None:
     """Raise naming the first floating tensor with a NaN or Inf (a broken fine-tune or
-    fp16 overflow at save time would otherwise surface as a black image)."""
+    fp16 overflow at save time would otherwise surface as a black image). `after_each`
+    gets every tensor found finite."""
     for name, tensor in state.items():
         if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            if after_each is not None:
+                after_each(tensor)
             continue
         nan = int(torch.isnan(tensor).sum())
         bad = tensor.numel() - int(torch.isfinite(tensor).sum())
