@@ -7,6 +7,7 @@ alike. Nothing here passes or fails: it prints times, ratios and differences.
 
     .venv/bin/python bench/speed.py                  # everything (about 25 minutes on 2 cores)
     .venv/bin/python bench/speed.py --skip-whole     # components only
+    .venv/bin/python bench/speed.py --speedups-only  # the optional speed-ups on a whole image
 
 Printed:
   - the matmul peak of this machine (fp32 and bf16 GEMM, 4096^3), measured now;
@@ -124,7 +125,8 @@ def tflops(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
 # ---- a whole image, one contender per process ---------------------------------------------------------
 
 # diffuse's optional speed-ups (diffuse.speedups), timed on top of bf16.
-SPEEDUPS = {"deep-cache-3": dict(deep_cache_interval=3), "guidance-cutoff-0.5": dict(guidance_cutoff=0.5)}
+SPEEDUPS = {"deep-cache-3": dict(deep_cache_interval=3), "guidance-cutoff-0.5": dict(guidance_cutoff=0.5),
+            "token-merging-0.5": dict(token_merging=0.5)}
 
 
 def whole_image(impl: str, dtype_name: str, out: Path, speedup: str | None = None) -> dict:
@@ -171,8 +173,9 @@ def peak_resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: kB on Linux, bytes on macOS
 
 
-def whole_images() -> dict:
-    runs = [(impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
+def whole_images(speedups_only: bool = False) -> dict:
+    runs = [("diffuse", "bf16", None)] if speedups_only else [
+        (impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
     runs += [("diffuse", "bf16", speedup) for speedup in SPEEDUPS]
     results = {}
     for impl, dtype_name, speedup in runs:
@@ -236,7 +239,14 @@ def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None) -
         for dtype in DTYPES:
             print(f"  diffuse {dtype} is {s[f'diffusers {dtype}'] / s[f'diffuse {dtype}']:.2f}x diffusers {dtype}")
         print(f"  diffuse bf16 is {s['diffusers fp32'] / s['diffuse bf16']:.2f}x diffusers fp32")
-    if whole:
+    if whole and "diffusers fp32" not in whole:  # --speedups-only
+        print(f"\nwhole {WHOLE_STEPS}-step 512x512 guided image (DPM++ 2M), one process each, diffuse bf16")
+        plain = whole["diffuse bf16"]
+        for name, entry in whole.items():
+            diff = np.abs(pixels(entry["png"]) - pixels(plain["png"]))
+            print(f"  {name:34s} {entry['seconds']:6.1f} s   {plain['seconds'] / entry['seconds']:4.2f}x plain   "
+                  f"peak RSS {entry['peak_rss_mb']:6.0f} MB   image vs plain bf16: mean {diff.mean():5.2f}/255")
+    elif whole:
         print(f"\nwhole {WHOLE_STEPS}-step 512x512 guided image (DPM++ 2M), one process each")
         reference = pixels(whole["diffusers fp32"]["png"])
         ours_fp32 = pixels(whole["diffuse fp32"]["png"])
@@ -263,6 +273,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per component (default 3)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="UNet step image sizes")
     parser.add_argument("--skip-whole", action="store_true", help="skip the whole-image runs")
+    parser.add_argument("--speedups-only", action="store_true",
+                        help="only the whole 512x512 bf16 image, plain and with each optional speed-up (~8 minutes)")
     parser.add_argument("--default-model-only", action="store_true",
                         help="only the shipped model's bf16 and speed-up image differences (seconds)")
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
@@ -276,6 +288,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.default_model_only:
         report({}, {}, None, default_model_precision())
+        return
+    if args.speedups_only:
+        report({}, {}, whole_images(speedups_only=True), None)
         return
     folder = sd15_folder()
     peaks = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}

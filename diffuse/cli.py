@@ -64,7 +64,7 @@ def _speedups(args: argparse.Namespace):
     from .speedups import Speedups
 
     return Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
-                    deep_cache_depth=args.deep_cache_depth)
+                    deep_cache_depth=args.deep_cache_depth, token_merging=args.token_merging)
 
 
 def _add_speedup_options(p: argparse.ArgumentParser) -> None:
@@ -75,6 +75,9 @@ def _add_speedup_options(p: argparse.ArgumentParser) -> None:
                        help="run the UNet's deep blocks only every N-th call, reusing their features (default 1: off)")
     speed.add_argument("--deep-cache-depth", type=_positive_int, default=1, metavar="D",
                        help="shallow blocks that still run on the cached calls (default 1)")
+    speed.add_argument("--token-merging", type=float, default=0.0, metavar="R",
+                       help="merge the fraction R (up to 0.75) of the full-resolution positions before "
+                            "self-attention (default 0: off)")
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ _LABELS = {
     "model": "Model",
     "denoising_strength": "Denoising strength",
     "clip_skip": "Clip skip",
+    "token_merging_ratio": "Token merging ratio",  # A1111 writes it here too, when merging is on
     "eta": "Eta",  # DDIM's eta or the ancestral noise share, written only when asked for
     "mask_blur": "Mask blur",
     "guidance_cutoff": "Guidance cutoff",  # diffuse's optional speed-ups, written only when used

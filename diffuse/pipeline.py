@@ -28,7 +28,7 @@ from .preview import latents_to_rgb_cheap, to_pil
 from .prompts import encode_prompt_pair, encode_prompts
 from .samplers import Sampler, get_sampler
 from .samplers.schedule import make_denoiser
-from .speedups import DeepCache, Speedups
+from .speedups import DeepCache, Speedups, TokenMerging
 from .tokenizer import CLIPTokenizer
 
 VERSION = "diffuse 0.1.0"
@@ -266,6 +266,7 @@ class Pipeline:
 
         speed = job.speedups
         cache = DeepCache(speed.deep_cache_interval, speed.deep_cache_depth) if speed.deep_cache_interval > 1 else None
+        merging = TokenMerging(speed.token_merging, shape[1:]) if speed.token_merging else None
         # Guidance stops once the timestep falls to that of the first unguided step.
         guided_steps = round(speed.guidance_cutoff * plan.steps)
         last_guided_t = float(plan.timesteps[guided_steps]) if guided_steps < plan.steps else -1.0
@@ -275,8 +276,9 @@ class Pipeline:
             if inpaint_unet:
                 x_vp = torch.cat([x_vp, mask_latents.expand(len(x_vp), -1, -1, -1), masked_latents], dim=1)
             if uncond is None or float(t.reshape(-1)[0]) <= last_guided_t:
-                return self.unet(x_vp.to(self.dtype), t, cond, cache=cache).float()
-            out = self.unet(torch.cat([x_vp, x_vp]).to(self.dtype), t, torch.cat([uncond, cond]), cache=cache).float()
+                return self.unet(x_vp.to(self.dtype), t, cond, cache=cache, merging=merging).float()
+            out = self.unet(torch.cat([x_vp, x_vp]).to(self.dtype), t, torch.cat([uncond, cond]), cache=cache,
+                            merging=merging).float()
             out_uncond, out_cond = out.chunk(2)
             return out_uncond + job.guidance_scale * (out_cond - out_uncond)
 

@@ -135,6 +135,15 @@ def test_sampler_names_with_a_schedule(server, fields):
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in json.loads(body["info"])["infotexts"][0]
 
 
+def test_token_merging_as_a1111_asks_for_it(server):
+    request = {**QUICK, "seed": 4, "override_settings": {"token_merging_ratio": 0.5}}
+    status, body, _ = server.call("POST", "/sdapi/v1/txt2img", request)
+    assert status == 200, body
+    assert parse_infotext(json.loads(body["info"])["infotexts"][0])["Token merging ratio"] == "0.5"
+    plain = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 4})[1]
+    assert "Token merging" not in json.loads(plain["info"])["infotexts"][0] and plain["images"] != body["images"]
+
+
 def test_batches_and_iterations_continue_the_seeds(server):
     body = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 100, "batch_size": 2, "n_iter": 2})[1]
     info = json.loads(body["info"])
@@ -246,6 +255,7 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_current_model(server, models
     ({"batch_size": 3, "n_iter": 2}, "batch_size"), ({"cfg_scale": "high"}, "cfg_scale"),
     ({"seed": 2**40}, "seed"), ({"sampler_name": "Nonesuch"}, None), ({"enable_hr": True}, "enable_hr"),
     ({"prompt": 5}, "prompt"), ({"scheduler": "polyexponential"}, "scheduler"),
+    ({"override_settings": {"token_merging_ratio": 0.9}}, "override_settings.token_merging_ratio"),
 ])
 def test_bad_fields_are_refused_with_422(server, changes, field):
     status, body, _ = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, **changes})

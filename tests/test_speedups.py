@@ -5,7 +5,7 @@ import torch
 
 import diffuse
 from diffuse.metadata import parse_infotext
-from diffuse.speedups import DeepCache, Speedups
+from diffuse.speedups import DeepCache, Speedups, TokenMerging
 
 PROMPT = "a red circle above a blue square"
 
@@ -32,7 +32,8 @@ def test_defaults_change_nothing(pipe):
     plain = pipe.txt2img(PROMPT, width=32, height=32, steps=4, seed=3)
     explicit = pipe.txt2img(PROMPT, width=32, height=32, steps=4, seed=3, speedups=Speedups())
     assert plain.images[0].tobytes() == explicit.images[0].tobytes()
-    assert "Guidance cutoff" not in plain.infotexts[0] and "Deep cache" not in plain.infotexts[0]
+    for label in ("Guidance cutoff", "Deep cache", "Token merging ratio"):
+        assert label not in plain.infotexts[0]
 
 
 def test_guidance_cutoff_runs_the_late_steps_unguided(pipe, monkeypatch):
@@ -87,7 +88,69 @@ def test_deep_cache_in_a_generation(pipe, monkeypatch):
     assert parse_infotext(cached.infotexts[0])["Deep cache"] == "3/1"
 
 
+def test_token_merging_averages_similar_neighbours_and_gives_every_position_an_answer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8 * 10, 6)  # an 8x10 map, two images
+    merge, unmerge = TokenMerging(0.5, (8, 10)).plan(x, 8, 10)
+    merged = merge(x)
+    assert merged.shape == (2, 40, 6)  # half the positions are gone
+    restored = unmerge(merged)
+    assert restored.shape == x.shape
+    for image in range(2):
+        # Every position's answer is one of the merged tokens; the untouched ones are exact,
+        # and each merged token is the mean of the positions that share its answer.
+        groups = {}
+        for position in range(80):
+            match = (merged[image] - restored[image, position]).abs().amax(dim=1) < 1e-6
+            assert match.sum() == 1
+            groups.setdefault(int(match.nonzero()), []).append(position)
+        assert len(groups) == 40 and sum(map(len, groups.values())) == 80
+        for token, positions in groups.items():
+            torch.testing.assert_close(merged[image, token], x[image, positions].mean(dim=0))
+    # A map of 2x2 blocks of equal tokens merges without loss.
+    blocks = torch.randn(1, 4, 5, 6).repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(1, 80, 6)
+    merge, unmerge = TokenMerging(0.75, (8, 10)).plan(blocks, 8, 10)
+    assert merge(blocks).shape == (1, 20, 6)
+    torch.testing.assert_close(unmerge(merge(blocks)), blocks)
+
+
+def test_token_merging_covers_only_its_map_size():
+    merging = TokenMerging(0.5, (8, 8))
+    x = torch.randn(1, 64, 4)
+    assert merging.plan(x, 4, 16) is None  # as many positions, another shape
+    assert merging.plan(x[:, :16], 4, 4) is None
+    assert TokenMerging(0.01, (8, 8)).plan(x, 8, 8) is None  # rounds to no position: nothing to do
+
+
+def test_token_merging_in_a_generation(pipe, monkeypatch):
+    lengths = []
+    attention = type(pipe.unet.input_blocks[1][1].transformer_blocks[0].attn1)
+    original = attention.forward
+
+    def spy(self, x, context=None):
+        if context is None:
+            lengths.append(x.shape[1])
+        return original(self, x, context)
+
+    monkeypatch.setattr(attention, "forward", spy)
+    plain = pipe.txt2img(PROMPT, width=32, height=32, steps=3, seed=3, sampler="Euler")
+    full = set(lengths)
+    lengths.clear()
+    merged = [pipe.txt2img(PROMPT, width=32, height=32, steps=3, seed=3, sampler="Euler",
+                           speedups=Speedups(token_merging=0.5)) for _ in range(2)]
+    latent_side = 32 // pipe.config.vae.downsample_factor
+    assert max(full) == latent_side**2  # the latent map itself
+    half = latent_side**2 // 2
+    assert max(lengths) == half  # the full-resolution self-attention on half the positions
+    assert set(lengths) - {half} == full - {latent_side**2}  # the smaller maps are left alone
+    assert merged[0].images[0].tobytes() == merged[1].images[0].tobytes()  # the seed still fixes the image
+    assert merged[0].images[0].tobytes() != plain.images[0].tobytes()
+    assert parse_infotext(merged[0].infotexts[0])["Token merging ratio"] == "0.5"
+
+
 @pytest.mark.parametrize("bad, message", [
+    (dict(token_merging=0.8), "token_merging 0.8"),
+    (dict(token_merging=-0.1), "token_merging -0.1"),
     (dict(guidance_cutoff=1.5), "guidance_cutoff 1.5"),
     (dict(guidance_cutoff=-0.1), "guidance_cutoff -0.1"),
     (dict(deep_cache_interval=0), "deep_cache_interval 0"),
@@ -104,6 +167,8 @@ def test_cli_refuses_a_bad_cutoff_before_loading(capsys, tmp_path):
     code = main(["txt2img", "x", "--model", str(tmp_path / "absent"), "--guidance-cutoff", "2"])
     assert code == 2
     assert "guidance_cutoff 2.0" in capsys.readouterr().err
+    assert main(["txt2img", "x", "--model", str(tmp_path / "absent"), "--token-merging", "0.9"]) == 2
+    assert "token_merging 0.9" in capsys.readouterr().err
 
 
 def test_eval_reports_the_speedups_it_ran_with():

@@ -37,7 +37,7 @@ from diffuse.models.upsample import upsample_conv
 from diffuse.runtime import memory_layout
 
 if TYPE_CHECKING:
-    from diffuse.speedups import DeepCache
+    from diffuse.speedups import DeepCache, Merge, TokenMerging
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -133,8 +133,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: Tensor, context: Tensor, merging: tuple[Merge, Merge] | None = None) -> Tensor:
+        if merging is None:
+            x = self.attn1(self.norm1(x)) + x
+        else:  # self-attention over fewer, merged positions (diffuse.speedups.TokenMerging)
+            merge, unmerge = merging
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -158,7 +162,7 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x)
@@ -168,7 +172,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, merging.plan(x, h, w) if merging is not None else None)
         if self.linear:
             x = self.proj_out(x)
         # Back to [B, C, H, W] in the layout the block came in with: [B, H, W, C] permuted
@@ -203,14 +207,15 @@ class Upsample(nn.Module):
 
 
 def run_block(
-    block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor, upsample_size: torch.Size | None = None
+    block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor, upsample_size: torch.Size | None = None,
+    merging: TokenMerging | None = None,
 ) -> Tensor:
     """One input/middle/output block: each layer takes what it needs of (timestep, text)."""
     for layer in block:
         if isinstance(layer, ResBlock):
             h = layer(h, emb)
         elif isinstance(layer, SpatialTransformer):
-            h = layer(h, context)
+            h = layer(h, context, merging)
         elif isinstance(layer, Upsample):
             h = layer(h, upsample_size)
         else:
@@ -270,12 +275,13 @@ class UNet(nn.Module):
         )
 
     def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor,
-                cache: DeepCache | None = None) -> Tensor:
+                cache: DeepCache | None = None, merging: TokenMerging | None = None) -> Tensor:
         """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
         -> noise prediction [B, out_channels, H, W].
 
         With a `cache` (diffuse.speedups), the deep blocks run only on the cache's full calls;
-        in between, their last output is reused and only the shallow blocks run."""
+        in between, their last output is reused and only the shallow blocks run. With
+        `merging`, self-attention on the maps it covers runs on merged positions."""
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         t_features = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_features)
@@ -286,25 +292,27 @@ class UNet(nn.Module):
         shallow = blocks if cache is None else min(cache.depth, self.cfg.num_res_blocks + 1)
         skips, h = [], latents
         for block in self.input_blocks[:shallow]:
-            h = run_block(block, h, emb, context)
+            h = run_block(block, h, emb, context, merging=merging)
             skips.append(h)
         if cache is not None and cache.reuse(latents.shape[0]):
             h = cache.features
         else:
             for block in self.input_blocks[shallow:]:
-                h = run_block(block, h, emb, context)
+                h = run_block(block, h, emb, context, merging=merging)
                 skips.append(h)
-            h = run_block(self.middle_block, h, emb, context)
-            h = self._up(self.output_blocks[: blocks - shallow], h, skips, emb, context)
+            h = run_block(self.middle_block, h, emb, context, merging=merging)
+            h = self._up(self.output_blocks[: blocks - shallow], h, skips, emb, context, merging)
             if cache is not None:
                 cache.features = h
-        h = self._up(self.output_blocks[blocks - shallow :], h, skips, emb, context)
+        h = self._up(self.output_blocks[blocks - shallow :], h, skips, emb, context, merging)
         return self.out(h)
 
     @staticmethod
-    def _up(output_blocks, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor) -> Tensor:
+    def _up(output_blocks, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor,
+            merging: TokenMerging | None) -> Tensor:
         for block in output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # An upsample at the end of this block must reach the next skip's size.
-            h = run_block(block, h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+            h = run_block(block, h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None,
+                          merging=merging)
         return h

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffuse import inputs
 from diffuse.samplers import SCHEDULE_TYPES
+from diffuse.speedups import MAX_TOKEN_MERGING
 
 DEFAULT_SAMPLER = "Euler"  # A1111's, when neither sampler_name nor sampler_index is given
 DEFAULT_STEPS = 50
@@ -71,6 +72,7 @@ class GenerationRequest:
     batch_size: int
     n_iter: int
     clip_skip: int = 1
+    token_merging: float = 0.0  # override_settings.token_merging_ratio (diffuse.speedups)
     eta: float | None = None
     denoising_strength: float = DEFAULT_STRENGTH
     init_image: Image.Image | None = None
@@ -120,6 +122,11 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
         raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "
                                                                           f"got {clip_skip!r}")
     request.clip_skip = clip_skip
+    merging = _override(body).get("token_merging_ratio")
+    try:
+        request.token_merging = inputs.check_number("ratio", merging or 0.0, 0.0, MAX_TOKEN_MERGING)
+    except ValueError as error:
+        raise RequestError("override_settings.token_merging_ratio", str(error).removeprefix("ratio ")) from None
     if kind == "img2img":
         request.denoising_strength = _number(body, "denoising_strength", DEFAULT_STRENGTH, 0.0, 1.0)
         images = body.get("init_images")
