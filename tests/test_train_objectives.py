@@ -24,12 +24,14 @@ from diffuse.models.image_encoder import (
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.samplers.schedule import NoiseSchedule
+from diffuse.train.data import Scene, Shape, image_to_tensor, render
 from diffuse.train.loop import BatchRandom
 from diffuse.train.objectives import (
     clip_loss,
     contrastive_loss,
     drop_captions,
     encode_latents,
+    object_pixels,
     scaling_factor_for,
     unet_loss,
     vae_loss,
@@ -202,6 +204,26 @@ def test_vae_loss_terms_match_a_hand_computation():
         vae_loss(vae, x, gen(7), kl_weight=-1.0)
     with pytest.raises(ValueError, match="l2_weight"):
         vae_loss(vae, x, gen(7), l2_weight=-1.0)
+    weighted, _ = vae_loss(vae, x, gen(7), kl_weight=0.5, l2_weight=1.0, object_weight=9.0)
+    per_pixel = (rec + rec.square()) * (1 + 9.0 * object_pixels(x))
+    assert abs(weighted.item() - (per_pixel.sum(dim=[1, 2, 3]).mean() + 0.5 * kl).item()) < 1e-2
+    with pytest.raises(ValueError, match="object_weight"):
+        vae_loss(vae, x, gen(7), object_weight=-1.0)
+
+
+def test_object_pixels_cover_the_shape_and_its_edge_only():
+    scene = Scene((Shape("star", "red", "small", "top left", (0.2, 0.2)),), "gray")
+    picture = image_to_tensor(render(scene, 64))[None]
+    mask = object_pixels(picture)[0, 0]
+    background = picture[0, :, 0, 0]
+    drawn = (picture[0] - background[:, None, None]).abs().amax(dim=0) > 0.1
+    assert mask.shape == (64, 64) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert bool(mask[drawn].all())  # every drawn pixel
+    ring = F.max_pool2d(drawn[None, None].float(), 5, stride=1, padding=2)[0, 0].bool()
+    assert torch.equal(mask.bool(), ring)  # and two pixels round it, nothing else
+    assert mask.sum() < 0.2 * 64 * 64  # a small star in one corner
+    blank = torch.full((2, 3, 16, 16), 0.3)
+    assert object_pixels(blank).sum() == 0
 
 
 def test_encode_latents_and_scaling_factor():

@@ -12,14 +12,15 @@ import torch
 
 import diffuse
 from diffuse.cli import main
-from diffuse.train import clip_trainer, unet_trainer
+from diffuse.train import clip_trainer, unet_trainer, vae_trainer
 from diffuse.train.assemble import assemble
 from diffuse.train.clip_trainer import CLIPTrainConfig, train_clip
 from diffuse.train.trainers import final_files, load_final
 from diffuse.train.unet_trainer import UNetTrainConfig, load_conditioning, train_unet
 from diffuse.train.unpack import unpack
+from diffuse.train.vae_trainer import VAETrainConfig
 
-from test_assemble_eval import (DATA, FAST, MICRO_IMAGE, MICRO_TEXT, MICRO_UNET, PREVIEW_SAMPLES, PROMPT, folder32,  # noqa: F401
+from test_assemble_eval import (DATA, FAST, MICRO_IMAGE, MICRO_TEXT, MICRO_UNET, MICRO_VAE, PREVIEW_SAMPLES, PROMPT, folder32,  # noqa: F401
                                 pixels, stages)
 
 
@@ -78,6 +79,10 @@ def test_stages_start_from_init_from(unpacked):
     # Without init_from the same seed gives random weights.
     scratch = unet_trainer.build_models(dataclasses.replace(config, init_from=None), load_conditioning(config))
     assert not same_weights(scratch["unet"], models["unet"])
+    # The VAE's scaling factor is measured, not chosen: a different one in the config is no refusal.
+    vae_config = VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, scaling_factor=0.5), data=DATA,
+                                init_from=str(unpacked["vae"]))
+    assert same_weights(vae_trainer.build_models(vae_config)["vae"], load_final(unpacked["vae"], "vae")[0])
 
 
 def test_fine_tuning_a_model_end_to_end(unpacked, tmp_path):
@@ -104,6 +109,9 @@ def test_init_from_another_architecture_is_refused(unpacked, tmp_path):
     config = unet_config(unpacked, unet=dataclasses.replace(MICRO_UNET, num_res_blocks=2))
     with pytest.raises(ValueError, match="differ in num_res_blocks"):
         unet_trainer.build_models(config, load_conditioning(config))
+    with pytest.raises(ValueError, match=r"differ in base_channels\)"):
+        vae_trainer.build_models(VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, base_channels=16), data=DATA,
+                                                init_from=str(unpacked["vae"])))
     # A CLIP stage is started on both sides or not at all.
     (tmp_path / "clip").mkdir()
     for path in final_files(unpacked["text_encoder"], "text_encoder"):

@@ -90,9 +90,22 @@ def _checked(draw: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
 # ---------------------------------------------------------------- the autoencoder
 
 
+OBJECT_THRESHOLD = 0.1  # in [-1, 1] units: a pixel this far from the background colour belongs to an object
+OBJECT_MARGIN = 2  # pixels around an object that count as its own: its edge is where the shape is told apart
+
+
+def object_pixels(images: Tensor) -> Tensor:
+    """[B, 1, H, W] mask of the pixels on or near an object: those differing from the image's
+    background colour (the median of its top two rows, which every scene keeps clear) by more
+    than OBJECT_THRESHOLD in some channel, widened by OBJECT_MARGIN pixels."""
+    background = images[:, :, :2, :].flatten(2).median(dim=2).values[:, :, None, None]
+    on_object = ((images - background).abs().amax(dim=1, keepdim=True) > OBJECT_THRESHOLD).to(images.dtype)
+    return F.max_pool2d(on_object, 2 * OBJECT_MARGIN + 1, stride=1, padding=OBJECT_MARGIN)
+
+
 def vae_loss(
     vae: AutoencoderKL, images: Tensor, random: Random, kl_weight: float = DEFAULT_KL_WEIGHT,
-    l1_weight: float = 1.0, l2_weight: float = 0.0,
+    l1_weight: float = 1.0, l2_weight: float = 0.0, object_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Reconstruction of a posterior sample (l1_weight x L1 + l2_weight x squared error) plus
     kl_weight x KL(posterior || N(0, I)), all summed per image.
@@ -116,8 +129,9 @@ def vae_loss(
     and handed to the autoencoder's forward (the call a data-parallel wrapper needs),
     so with a BatchRandom a 2-process run samples exactly what a 1-process run does.
     """
-    if min(kl_weight, l1_weight, l2_weight) < 0:
-        raise ValueError(f"kl_weight, l1_weight and l2_weight must be >= 0, got {kl_weight}, {l1_weight}, {l2_weight}")
+    if min(kl_weight, l1_weight, l2_weight, object_weight) < 0:
+        raise ValueError(f"kl_weight, l1_weight, l2_weight and object_weight must be >= 0, got {kl_weight}, "
+                         f"{l1_weight}, {l2_weight}, {object_weight}")
     cfg = _unwrapped(vae).cfg
     f = cfg.downsample_factor
     latent_shape = (len(images), cfg.latent_channels, images.shape[2] // f, images.shape[3] // f)
@@ -125,6 +139,8 @@ def vae_loss(
     reconstruction, posterior = vae(images, sample=True, noise=noise.to(images.device))
     abs_error = (reconstruction - images).abs()
     per_pixel = l1_weight * abs_error + l2_weight * abs_error.square()
+    if object_weight:
+        per_pixel = per_pixel * (1 + object_weight * object_pixels(images))
     rec = per_pixel.sum(dim=[1, 2, 3]).mean()  # per-image sum, batch mean: SD's scale, so kl_weight keeps its meaning
     kl = posterior.kl().mean()
     loss = rec + kl_weight * kl

@@ -209,13 +209,15 @@ def load_final(folder: str | Path, component: str) -> tuple[nn.Module, Any, dict
     return model, config, info["extra"]
 
 
-def starting_weights(folder: str | Path, component: str, config: Any) -> tuple[nn.Module, dict]:
+def starting_weights(folder: str | Path, component: str, config: Any,
+                     measured: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
     """(model, extra) of the finished component a stage starts from (its init_from) instead of random
-    weights, refused unless it has the run's architecture `config`."""
+    weights, refused unless it has the run's architecture `config`. Fields in `measured` are
+    measured when a stage ends (the VAE's scaling factor), not chosen: they may differ."""
     model, loaded_config, extra = load_final(folder, component)
-    if loaded_config != config:
-        differing = [field.name for field in dataclasses.fields(config)
-                     if getattr(config, field.name) != getattr(loaded_config, field.name)]
+    differing = [field.name for field in dataclasses.fields(config) if field.name not in measured
+                 and getattr(config, field.name) != getattr(loaded_config, field.name)]
+    if differing:
         raise ValueError(f"init_from {folder}: its {component} is not this run's architecture (they differ in "
                          f"{', '.join(differing)})")
     return model, extra

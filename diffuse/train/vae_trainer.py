@@ -22,7 +22,7 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import DEFAULT_KL_WEIGHT, scaling_factor_for, vae_loss
 from diffuse.train.presets import TINY_VAE
-from diffuse.train.trainers import is_main_process, save_final
+from diffuse.train.trainers import is_main_process, save_final, starting_weights
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,12 @@ class VAETrainConfig(LoopConfig):
     kl_weight: float = DEFAULT_KL_WEIGHT
     l1_weight: float = 1.0  # reconstruction terms; see diffuse.train.objectives.vae_loss for why both exist
     l2_weight: float = 0.0
+    object_weight: float = 0.0  # extra weight on pixels on and near objects (see vae_loss)
     initial_logvar: float = 0.0  # the posterior's log-variance at step 0 (see build_models)
     scaling_samples: int = 256  # images the finished encoder's latent std is measured on
+    # A finished VAE stage's folder to start from instead of random weights (its scaling
+    # factor is measured again at the end). None: from scratch.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -41,9 +45,9 @@ class VAETrainConfig(LoopConfig):
         if self.data.image_size % f:
             raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of the VAE's "
                              f"downsampling factor {f}")
-        if min(self.kl_weight, self.l1_weight, self.l2_weight) < 0:
-            raise ValueError(f"kl_weight, l1_weight and l2_weight must not be negative, not {self.kl_weight}, "
-                             f"{self.l1_weight}, {self.l2_weight}")
+        if min(self.kl_weight, self.l1_weight, self.l2_weight, self.object_weight) < 0:
+            raise ValueError(f"kl_weight, l1_weight, l2_weight and object_weight must not be negative, not "
+                             f"{self.kl_weight}, {self.l1_weight}, {self.l2_weight}, {self.object_weight}")
         if self.l1_weight == 0 and self.l2_weight == 0:
             raise ValueError("l1_weight and l2_weight are both 0: nothing would teach the autoencoder to reconstruct")
         if self.scaling_samples < 2:
@@ -57,6 +61,10 @@ def build_models(config: VAETrainConfig) -> dict[str, nn.Module]:
     # similar size, so the decoder first learns to ignore the latent and paint the average
     # image. Starting the log-variance low (e.g. -8, std 0.02) lets the decoder read the latent
     # from the first step; with so small a KL weight the posterior would shrink there anyway.
+    if config.init_from is not None:
+        start, _ = starting_weights(config.init_from, "vae", config.vae, measured=("scaling_factor",))
+        vae.load_state_dict(start.state_dict())
+        return {"vae": vae}
     with torch.no_grad():
         vae.quant_conv.bias[config.vae.latent_channels:] += config.initial_logvar
     return {"vae": vae}
@@ -69,7 +77,8 @@ def make_batch(dataset: ShapesDataset, start: int, count: int) -> Tensor:
 
 def loss_fn(config: VAETrainConfig, models: dict[str, nn.Module], images: Tensor,
             random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
-    return vae_loss(models["vae"], images, random, config.kl_weight, config.l1_weight, config.l2_weight)
+    return vae_loss(models["vae"], images, random, config.kl_weight, config.l1_weight, config.l2_weight,
+                    config.object_weight)
 
 
 @torch.no_grad()
