@@ -75,6 +75,25 @@ def test_decode_matches_diffusers(ours, reference):
     assert err <= TOL
 
 
+def test_inference_in_place_gives_what_training_computes(ours):
+    """Without autograd the resnet blocks write into fresh outputs in place; with it they may not."""
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = images(2, 3, 32, 32, seed=4)
+    with torch.no_grad():
+        decoded, encoded = ours.decode(latents), ours.encode(x).mean
+    was = {name: p.requires_grad for name, p in ours.named_parameters()}
+    try:
+        with torch.enable_grad():
+            trained = ours.requires_grad_(True).decode(latents)
+            trained.sum().backward()  # the graph is intact: nothing it needs was overwritten
+            assert torch.equal(trained.detach(), decoded)
+            assert torch.equal(ours.encode(x).mean.detach(), encoded)
+    finally:
+        for name, p in ours.named_parameters():
+            p.requires_grad_(was[name])
+            p.grad = None
+
+
 def test_sample_with_generator_matches_diffusers(ours, reference):
     x = images(2, 3, 32, 32, seed=2)
     with torch.no_grad():
