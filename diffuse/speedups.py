@@ -85,12 +85,13 @@ class TokenMerging:
     The positions split into destinations, one per 2x2 cell at a corner drawn afresh on
     every call (a fixed corner would leave a grid pattern), and sources, the rest. Each
     source finds its most similar destination by cosine similarity; the `ratio` x N
-    sources most similar to theirs are merged, as a mean, into them. The draws come from
-    the generation's own generator, so a seed gives the same image every time."""
+    sources most similar to theirs are merged, as a mean, into them. The corners come
+    from the generation's own generator, seeded alike every time, so a seed still gives
+    the same image."""
 
-    def __init__(self, ratio: float, size: tuple[int, int], seed: int = 0):
+    def __init__(self, ratio: float, size: tuple[int, int]):
         self.ratio, self.size = ratio, tuple(size)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(0)
 
     def plan(self, x: Tensor, height: int, width: int) -> tuple[Merge, Merge] | None:
         """(merge, unmerge) for tokens x [B, height*width, C], or None where this map is not merged."""

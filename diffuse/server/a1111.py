@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffuse import inputs
 from diffuse.samplers import SCHEDULE_TYPES
-from diffuse.speedups import MAX_TOKEN_MERGING
+from diffuse.speedups import MAX_TOKEN_MERGING, Speedups
 
 DEFAULT_SAMPLER = "Euler"  # A1111's, when neither sampler_name nor sampler_index is given
 DEFAULT_STEPS = 50
@@ -72,7 +72,7 @@ class GenerationRequest:
     batch_size: int
     n_iter: int
     clip_skip: int = 1
-    token_merging: float = 0.0  # override_settings.token_merging_ratio (diffuse.speedups)
+    speedups: Speedups = Speedups()  # override_settings.token_merging_ratio sets token merging
     eta: float | None = None
     denoising_strength: float = DEFAULT_STRENGTH
     init_image: Image.Image | None = None
@@ -122,11 +122,8 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
         raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "
                                                                           f"got {clip_skip!r}")
     request.clip_skip = clip_skip
-    merging = _override(body).get("token_merging_ratio")
-    try:
-        request.token_merging = inputs.check_number("ratio", merging or 0.0, 0.0, MAX_TOKEN_MERGING)
-    except ValueError as error:
-        raise RequestError("override_settings.token_merging_ratio", str(error).removeprefix("ratio ")) from None
+    request.speedups = Speedups(token_merging=_number(_override(body), "token_merging_ratio", 0.0, 0.0,
+                                                      MAX_TOKEN_MERGING, field="override_settings.token_merging_ratio"))
     if kind == "img2img":
         request.denoising_strength = _number(body, "denoising_strength", DEFAULT_STRENGTH, 0.0, 1.0)
         images = body.get("init_images")
@@ -215,14 +212,15 @@ def _optional_int(body: dict, name: str) -> int | None:
     return None if body.get(name) is None else _int(body, name, 0)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, name: str, default: float, low: float, high: float, field: str | None = None) -> float:
+    """body[name] checked to lie in [low, high] (default when absent); errors name `field`, else `name`."""
     value = body.get(name)
     if value is None:
         return default
     try:
         return inputs.check_number(name, value, low, high)
     except ValueError as error:
-        raise RequestError(name, str(error).removeprefix(f"{name} ")) from None
+        raise RequestError(field or name, str(error).removeprefix(f"{name} ")) from None
 
 
 def _optional_number(body: dict, name: str, low: float, high: float) -> float | None:

@@ -17,7 +17,6 @@ from diffuse.pipeline import VERSION, Pipeline, Result, Step
 from diffuse.preview import to_pil
 from diffuse.server.a1111 import GenerationRequest
 from diffuse.server.jobs import Interrupted, Job
-from diffuse.speedups import Speedups
 
 
 @dataclass
@@ -58,8 +57,7 @@ def _draw(pipe: Pipeline, request: GenerationRequest, seed: int, on_step) -> Res
     common = dict(negative_prompt=request.negative_prompt, width=request.width, height=request.height,
                   steps=request.steps, guidance_scale=request.cfg_scale, sampler=request.sampler,
                   schedule_type=request.schedule_type, seed=seed, batch_size=request.batch_size,
-                  clip_skip=request.clip_skip, eta=request.eta, callback=on_step,
-                  speedups=Speedups(token_merging=request.token_merging))
+                  clip_skip=request.clip_skip, eta=request.eta, callback=on_step, speedups=request.speedups)
     if request.init_image is None:
         return pipe.txt2img(request.prompt, **common)
     if request.mask is not None:
@@ -81,7 +79,7 @@ def _partial(pipe: Pipeline, request: GenerationRequest, seed: int, step: Step |
             "sampler": sampler.name, "schedule_type": sampler.schedule_type, "cfg_scale": request.cfg_scale,
             "seed": seed, "width": width, "height": height, "model_hash": pipe.model_hash,
             "model": pipe.model_name, "clip_skip": request.clip_skip, "eta": request.eta,
-            **Speedups(token_merging=request.token_merging).info(),
+            **request.speedups.info(),
             "denoising_strength": request.denoising_strength if request.init_image is not None else None,
             "version": VERSION}
     texts = [infotext({**info, "seed": s}) for s in seeds]
