@@ -34,7 +34,8 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
 def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     """SiLU(norm(x)). Without autograd the SiLU overwrites the norm's fresh output instead of
     allocating one more map: the decoder's full-resolution maps are 64 MB each at 512x512 in
-    bf16, and writing into memory already in cache is measurably faster (bench/RESULTS.md)."""
+    bf16 (SD1.5 decode, interleaved: 6.53 s -> 6.04 s; within the full bench's run-to-run
+    spread, bench/RESULTS.md)."""
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
