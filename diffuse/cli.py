@@ -188,7 +188,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(singles=args.singles, pairs=args.pairs, images=args.images, steps=args.steps,
                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
-                            batch_size=args.batch_size, speedups=_speedups(args))
+                            scene_seed=args.scene_seed, batch_size=args.batch_size, speedups=_speedups(args))
     if args.json is not None and Path(args.json).is_dir():
         raise ValueError(f"--json {args.json} is a folder; give the file to write")
     pipe = _load(args)
@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"classifier-free guidance scale (default {EvalSettings.cfg_scale})")
     p.add_argument("--seed", type=_non_negative_int, default=EvalSettings.seed,
                    help=f"prompt i is drawn with seed + i (default {EvalSettings.seed})")
+    p.add_argument("--scene-seed", type=_non_negative_int, default=EvalSettings.scene_seed,
+                   help="the held-out scenes' seed: 0 (the default) is the test set the model card reports; "
+                        "choose settings such as --cfg-scale on another")
     p.add_argument("--batch-size", type=_positive_int, default=EvalSettings.batch_size,
                    help=f"prompts per generation call, for speed only (default {EvalSettings.batch_size})")
     p.add_argument("--dtype", default=None, help="float32 (default: the exact path the model card's figures use), "

@@ -297,6 +297,16 @@ def test_an_analyzer_perfect_generator_scores_one():
         assert shifted["all_correct"] < 0.5
 
 
+def test_another_scene_seed_draws_other_held_out_scenes():
+    """The scenes settings are chosen on (scene_seed > 0) are not the test set, and are still held out."""
+    for kind, draw in (("singles", heldout_single_scenes), ("pairs", heldout_pair_scenes)):
+        test_set, other = heldout_prompts(kind, 12), heldout_prompts(kind, 12, scene_seed=7)
+        assert heldout_prompts(kind, 12, scene_seed=0) == test_set
+        assert len(set(test_set) & set(other)) <= 2  # a few short captions may coincide
+        images = [render(scene, 64) for scene in draw(12, seed=7)]
+        assert score_adherence(other, images)["all_correct"] == 1.0
+
+
 def test_a_lossless_autoencoder_reads_back_perfectly(folder32):
     """vae_reconstruction's scoring alone: an autoencoder that hands the image through unchanged."""
     class Lossless(torch.nn.Module):
@@ -322,6 +332,8 @@ def test_evaluation_settings_are_checked():
         EvalSettings(images=0)
     with pytest.raises(ValueError, match="steps"):
         EvalSettings(steps=0)
+    with pytest.raises(ValueError, match="scene_seed"):
+        EvalSettings(scene_seed=-1)
 
 
 # ---------------------------------------------------------------- the command line
@@ -346,10 +358,11 @@ def test_cli_assemble_and_eval(stages, tmp_path, capsys):
 
     report = tmp_path / "eval.json"
     code, printed, err = run(["eval", "--model", str(out), "--singles", "1", "--pairs", "1", "--images", "2",
-                              "--steps", "1", "--json", str(report)], capsys)
+                              "--steps", "1", "--scene-seed", "3", "--json", str(report)], capsys)
     assert code == 0, err
-    assert "all correct" in printed and "caption retrieval top-1" in printed
+    assert "all correct" in printed and "caption retrieval top-1" in printed and "scene seed 3" in printed
     assert json.loads(report.read_text())["settings"]["steps"] == 1
+    assert json.loads(report.read_text())["settings"]["scene_seed"] == 3
 
 
 @pytest.mark.parametrize("args, message", [
