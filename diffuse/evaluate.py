@@ -7,7 +7,8 @@
                        states is there: parse_caption(prompt) is the scene to find, so an attribute the
                        prompt leaves open (often the size) is not judged. Singles and pairs are
                        reported apart: the fraction all-correct, and each attribute's rate among the
-                       prompts that state it.
+                       prompts that state it. Scene seed 0 is the test set; other scene seeds draw
+                       other scenes of the same held-out combinations, to choose settings on.
     VAE reconstruction PSNR (dB, pixels in [0, 1]) of posterior-mean reconstructions of shape images
                        drawn with a data seed no training config uses (they use 0, 1 and 2), and how
                        many reconstructions the analyzer still reads as their scene, one- and two-object
@@ -251,7 +252,8 @@ def format_report(results: dict) -> str:
     s = results["settings"]
     lines = [f"model: {results['model']} [{results['model_hash']}]",
              f"  {s['width']}x{s['height']}, {s['sampler']}, {s['steps']} steps, cfg {s['cfg_scale']}, "
-             f"seed {s['seed']}, scene seed {s.get('scene_seed', 0)}, {s['dtype'].replace('torch.', '')}{_speedups_text(s.get('speedups'))}",
+             f"seed {s['seed']}, scene seed {s.get('scene_seed', 0)}, "  # absent from reports before it existed: 0
+             f"{s['dtype'].replace('torch.', '')}{_speedups_text(s.get('speedups'))}",
              "",
              f"{'prompt adherence (held-out)':<30}{'singles':>10}{'pairs':>10}"]
     kinds = [results["prompt_adherence"][kind] for kind in PROMPT_KINDS]
