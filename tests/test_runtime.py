@@ -55,6 +55,20 @@ def test_phase_kernels_sum_the_taps_that_share_a_source_pixel():
     assert kernels[3, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
 
 
+@torch.no_grad()
+def test_layout_and_folding_are_cpu_choices():
+    """On a GPU cuDNN ran neither channels-last weights nor the folded upsample faster
+    (bench/RESULTS.md): off the CPU (the meta device stands in for a GPU here) weights keep
+    the standard layout and the upsample takes the plain path."""
+    assert inference_layout(torch.empty(8, 4, 3, 3)).is_contiguous(memory_format=torch.channels_last)
+    assert inference_layout(torch.empty(8, 4, 3, 3, device="meta")).is_contiguous()
+    for device, folds in (("cpu", True), ("meta", False)):
+        conv = torch.nn.Conv2d(4, 8, 3, padding=1, device=device)
+        out = upsample_conv(torch.zeros(1, 4, 16, 16, device=device), conv)
+        assert out.shape == (1, 8, 32, 32)
+        assert hasattr(conv, "_phase_cache") == folds
+
+
 def test_unet_keeps_odd_sizes_on_the_plain_path():
     """A latent side that halves to an odd size upsamples to 2x-1: not the folded map's shape."""
     cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8,
