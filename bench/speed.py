@@ -3,7 +3,9 @@
 Both load the same cached random weights of the full SD1.5 architecture (bench/sd15.py).
 Every figure is a median over repetitions, and the repetitions are interleaved (each
 one times every contender once), so a change in the machine's load hits all of them
-alike. Nothing here passes or fails: it prints times, ratios and differences.
+alike. Each implementation runs in a process of its own, as a user runs it: diffuse
+sets process-wide options when it loads a model. Nothing here passes or fails: it
+prints times, ratios and differences.
 
     .venv/bin/python bench/speed.py                  # everything (about 25 minutes on 2 cores)
     .venv/bin/python bench/speed.py --skip-whole     # components only
@@ -21,6 +23,7 @@ Printed:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -47,21 +50,22 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per contender; one warm-up call each, then `repeats` rounds of one call each."""
+def interleaved(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median seconds per contender. Each callable makes one call and returns its seconds;
+    one warm-up call each, then `repeats` rounds of one call each."""
     for fn in contenders.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            times[name].append(timed(fn))
+            times[name].append(fn())
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
     """GFLOP/s of one large GEMM: the ceiling a dense network's layers can approach."""
     a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-    seconds = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
+    seconds = interleaved({"mm": lambda: timed(lambda: a @ b)}, repeats)["mm"]
     return 2 * 4096**3 / seconds / 1e9
 
 
@@ -76,50 +80,90 @@ def count_flops(fn: Callable[[], object]) -> float:
     return counter.get_total_flops()
 
 
-def components(folder: Path, repeats: int, sizes: list[int]) -> dict:
-    """UNet steps and VAE decodes, four contenders, interleaved."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.utils import logging
+# ---- UNet steps and VAE decodes, each implementation in a process of its own -------------------------
+# diffuse sets process-wide options when it loads a model (diffuse.runtime.keep_freed_memory:
+# malloc keeps freed memory); in a shared process they would speed diffusers up too.
 
-    import diffuse
+def component_worker(impl: str, connection, keep_freed: bool) -> None:
+    """Loads one implementation's UNet and VAE in fp32 and bf16, then times the calls asked for.
+    `keep_freed` applies diffuse's malloc setting in this process even for diffusers."""
+    import warnings
 
-    logging.set_verbosity_error()
+    from diffuse.runtime import keep_freed_memory
+
+    warnings.filterwarnings("ignore")
+    if keep_freed:
+        keep_freed_memory()
+    folder = sd15_folder()
     unets, vaes = {}, {}
     for name, dtype in DTYPES.items():
-        ours = diffuse.load_pipeline(folder, dtype=dtype)
-        unets[f"diffuse {name}"], vaes[f"diffuse {name}"] = ours.unet, ours.vae
-        unets[f"diffusers {name}"] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
-        vaes[f"diffusers {name}"] = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
+        if impl == "diffusers":
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from diffusers.utils import logging
 
-    def unet_call(name: str, latents: torch.Tensor, context: torch.Tensor) -> Callable[[], object]:
-        unet, dtype = unets[name], DTYPES[name.split()[1]]
-        x, c, t = latents.to(dtype), context.to(dtype), torch.tensor([500, 500])
-        if name.startswith("diffusers"):
-            return lambda: unet(x, t, encoder_hidden_states=c).sample
-        return lambda: unet(x, t, c)
+            logging.set_verbosity_error()
+            unets[name] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+            vaes[name] = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
+        else:
+            import diffuse
 
-    def vae_call(name: str, latents: torch.Tensor) -> Callable[[], object]:
-        vae, z = vaes[name], latents.to(DTYPES[name.split()[1]])
-        return (lambda: vae.decode(z).sample) if name.startswith("diffusers") else (lambda: vae.decode(z))
+            ours = diffuse.load_pipeline(folder, dtype=dtype)
+            unets[name], vaes[name] = ours.unet, ours.vae
+    connection.send({"freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory()})
+    calls: dict[tuple, Callable[[], object]] = {}
 
-    generator = torch.Generator().manual_seed(0)
-    context = torch.randn(2, 77, 768, generator=generator)
-    results = {}
+    def call(what: str, dtype_name: str, size: int) -> Callable[[], object]:
+        generator, dtype = torch.Generator().manual_seed(size), DTYPES[dtype_name]
+        if what == "vae decode":
+            vae, z = vaes[dtype_name], torch.randn(1, 4, size // 8, size // 8, generator=generator).to(dtype)
+            return (lambda: vae.decode(z).sample) if impl == "diffusers" else (lambda: vae.decode(z))
+        unet, t = unets[dtype_name], torch.tensor([500, 500])
+        x = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(dtype)
+        c = torch.randn(2, 77, 768, generator=generator).to(dtype)
+        return (lambda: unet(x, t, encoder_hidden_states=c).sample) if impl == "diffusers" else (lambda: unet(x, t, c))
+
     with torch.no_grad():
-        for size in sizes:
-            latents = torch.randn(2, 4, size // 8, size // 8, generator=generator)
-            calls = {name: unet_call(name, latents, context) for name in unets}
-            results[f"unet step {size}"] = {"seconds": interleaved(calls, repeats), "tflop": tflops(calls)}
-            print(f"  unet step {size} done", file=sys.stderr)
-        latents = torch.randn(1, 4, 64, 64, generator=generator)
-        calls = {name: vae_call(name, latents) for name in vaes}
-        results["vae decode 512"] = {"seconds": interleaved(calls, repeats), "tflop": tflops(calls)}
-    return results
+        while (request := connection.recv()) is not None:
+            kind, *key = request
+            if tuple(key) not in calls:
+                calls[tuple(key)] = call(*key)
+            fn = calls[tuple(key)]
+            connection.send(count_flops(fn) if kind == "flops" else timed(fn))
 
 
-def tflops(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Each implementation's own count: diffuse computes the upsampling convolutions with fewer FLOPs."""
-    return {impl: count_flops(calls[f"{impl} fp32"]) / 1e12 for impl in ("diffusers", "diffuse")}
+def components(repeats: int, sizes: list[int], diffusers_keeps_freed: bool = False) -> tuple[dict, dict]:
+    """Guided UNet steps (batch 2) and a VAE decode at 512, four contenders each, interleaved
+    across the two processes; and what each process reported of its settings."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    workers, settings = {}, {}
+    for impl in ("diffusers", "diffuse"):
+        parent_end, child_end = spawn.Pipe()
+        keep_freed = impl == "diffusers" and diffusers_keeps_freed
+        process = spawn.Process(target=component_worker, args=(impl, child_end, keep_freed), daemon=True)
+        process.start()
+        workers[impl] = (process, parent_end)
+        settings[impl] = parent_end.recv()  # sent once loaded
+
+    def ask(impl: str, *request) -> float:
+        workers[impl][1].send(request)
+        return workers[impl][1].recv()
+
+    results = {}
+    try:
+        for what, size in [("unet step", size) for size in sizes] + [("vae decode", 512)]:
+            calls = {f"{impl} {dtype}": functools.partial(ask, impl, "time", what, dtype, size)
+                     for impl in workers for dtype in DTYPES}
+            # Each implementation's own count: diffuse computes the upsampling convolutions with fewer FLOPs.
+            work = {impl: ask(impl, "flops", what, "fp32", size) / 1e12 for impl in workers}
+            results[f"{what} {size}"] = {"seconds": interleaved(calls, repeats), "tflop": work}
+            print(f"  {what} {size} done", file=sys.stderr)
+    finally:
+        for process, connection in workers.values():
+            connection.send(None)
+            process.join()
+    return results, settings
 
 
 # ---- a whole image, one contender per process ---------------------------------------------------------
@@ -223,11 +267,15 @@ DEFAULT_MODEL_SPEEDUPS = {**SPEEDUPS, "deep-cache-2": dict(deep_cache_interval=2
 
 # ---- report -----------------------------------------------------------------------------------------
 
-def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None) -> None:
+def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, settings: dict | None = None) -> None:
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if peaks:
         print(f"matmul peak (4096^3 GEMM): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    if settings:
+        kept = settings["diffuse"]["freed_memory_kept"]
+        print(f"each implementation in its own process; malloc keeps freed memory in diffuse's: {kept}, "
+              f"in diffusers': {settings['diffusers']['freed_memory_kept']}")
     for what, entry in parts.items():
         s = entry["seconds"]
         work = entry["tflop"]
@@ -277,6 +325,8 @@ def main() -> None:
                         help="only the whole 512x512 bf16 image, plain and with each optional speed-up (~8 minutes)")
     parser.add_argument("--default-model-only", action="store_true",
                         help="only the shipped model's bf16 and speed-up image differences (seconds)")
+    parser.add_argument("--diffusers-keeps-freed-memory", action="store_true",
+                        help="give diffusers' component process diffuse's malloc setting too: what the setting alone is worth")
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.whole:  # the child process of whole_images
@@ -292,12 +342,12 @@ def main() -> None:
     if args.speedups_only:
         report({}, {}, whole_images(speedups_only=True), None)
         return
-    folder = sd15_folder()
+    sd15_folder()  # built once, before the processes that read it
     peaks = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
     whole = None if args.skip_whole else whole_images()  # first: this process is still small while they run
-    parts = components(folder, args.repeats, args.sizes)
+    parts, settings = components(args.repeats, args.sizes, args.diffusers_keeps_freed_memory)
     default = default_model_precision()
-    report(peaks, parts, whole, default)
+    report(peaks, parts, whole, default, settings)
     results = {"peaks_gflops": peaks, "components": parts, "whole": whole, "default_model_bf16": default}
     (CACHE / "speed-results.json").write_text(json.dumps(results, indent=1))
 

@@ -24,7 +24,7 @@ from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .pipeline import Pipeline
-from .runtime import inference_layout, resolve_device, resolve_dtype
+from .runtime import inference_layout, keep_freed_memory, resolve_device, resolve_dtype
 from .tokenizer import CLIPTokenizer
 
 def load_pipeline(
@@ -43,6 +43,8 @@ def load_pipeline(
     path = Path(path).expanduser()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
     if path.is_dir():

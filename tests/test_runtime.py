@@ -1,6 +1,11 @@
 """The inference speed-ups that must not change the answer: the dtype choice, the
 channels-last layout and the upsample convolution computed at low resolution."""
 
+import ctypes
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +133,38 @@ def test_devices_are_named_and_checked():
     else:
         with pytest.raises(ValueError, match="CUDA GPU\\(s\\) exist"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+# Allocates and frees 64 MB six times in a worker thread (as the server generates), printing
+# the minor page faults of the last three allocations (the first ones set the heap's size).
+REFAULT_SCRIPT = """
+import resource, threading, torch
+from diffuse.runtime import keep_freed_memory
+print(keep_freed_memory())
+faults = []
+def work():
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20).sum()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(sum(faults[3:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"),
+                    reason="the malloc setting is for glibc")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_freed_memory_is_reused_without_page_faults(setting):
+    """A 64 MB tensor is 16384 pages of 4 KB: by default each allocation faults them all in
+    again; with freed memory kept, later allocations reuse earlier ones' pages. In a fresh
+    process, since the setting is process-wide."""
+    env = {**os.environ, "DIFFUSE_KEEP_FREED_MEMORY": setting}
+    done = subprocess.run([sys.executable, "-c", REFAULT_SCRIPT], capture_output=True, text=True, env=env, check=True)
+    took_effect, faults = done.stdout.split()
+    if setting == "1":
+        assert took_effect == "True" and int(faults) < 1000
+    else:
+        assert took_effect == "False" and int(faults) > 3 * 16000

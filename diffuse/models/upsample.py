@@ -56,16 +56,20 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     b, _, h, w = x.shape
     c_out = conv.out_channels
     kernels, bias = _folded(conv)
-    # One 2x2 convolution computes all four phases at every position of the padded source:
-    # phase (row, col) of output pixel (i, j) is its channels p*C..(p+1)*C at position (i + row, j + col).
-    all_phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, bias)
+    # One 2x2 convolution computes all four phases at every position of the source padded
+    # by one pixel (padding inside the convolution: no padded copy of x). Phase (row, col)
+    # of output pixel (2i + row, 2j + col) is channel (2 * row + col) * C + c at (i + row, j + col).
+    all_phases = F.conv2d(x, kernels, bias, padding=1)
+    # Interleaving the phases is one copy: that address is linear in (c, i, row, j, col),
+    # so a strided view of all_phases lists the output's elements in the output's order.
+    s_b, s_c, s_h, s_w = all_phases.stride()
+    phases_in_output_order = all_phases.as_strided(
+        (b, c_out, h, 2, w, 2), (s_b, s_c, s_h, 2 * c_out * s_c + s_h, s_w, c_out * s_c + s_w),
+        all_phases.storage_offset())
     # The output keeps the layout the convolution chose (channels-last when its weights are).
     out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=all_phases.dtype, device=x.device,
                       memory_format=memory_layout(all_phases))
-    for row in (0, 1):
-        for col in (0, 1):
-            p = 2 * row + col
-            out[:, :, row::2, col::2] = all_phases[:, p * c_out : (p + 1) * c_out, row : row + h, col : col + w]
+    out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).copy_(phases_in_output_order)
     return out
 
 
