@@ -52,8 +52,8 @@ def keep_freed_memory() -> bool:
     trimmed reuses the pages instead (one arena, so the server's worker thread shares it).
     Measured on SD1.5 in bf16, 2 cores: VAE decode at 512 6.3-6.5 -> 5.2-5.3 s, UNet step
     5.66 -> 5.45-5.55 s, for more peak memory (the heap keeps its high-water mark: a whole
-    bf16 image 3.1 -> 3.3 GB, fp32 5.4 -> 6.1 GB). It is process-wide and lasting, which
-    is why it can be turned off.
+    bf16 image 3.1 -> 3.3 GB, fp32 5.4 -> 6.1 GB, one run each). It is process-wide and
+    lasting, which is why it can be turned off.
     """
     if os.environ.get("DIFFUSE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
