@@ -15,7 +15,8 @@ from diffuse.models.configs import UNetConfig, VAEConfig
 from diffuse.models.unet import UNet
 from diffuse.models.upsample import phase_kernels, upsample_conv
 from diffuse.models.vae import AutoencoderKL
-from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
+import diffuse.runtime
+from diffuse.runtime import attention, auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
 
 
 def plain_upsample_conv(x, conv):
@@ -59,6 +60,21 @@ def test_phase_kernels_sum_the_taps_that_share_a_source_pixel():
     assert kernels[0, 0].tolist() == [[0.0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
     # phase (1, 1): rows (w0 + w1, w2), columns (c0 + c1, c2)
     assert kernels[3, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("max_scores", [diffuse.runtime.MAX_SCORES, 7 * 24])
+def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, max_scores):
+    """The explicit per-head form (in query chunks when the scores would pass max_scores),
+    on the transposed views the UNet hands it, against float64; float32 is the fused kernel."""
+    monkeypatch.setattr(diffuse.runtime, "MAX_SCORES", max_scores)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3 * 8).unflatten(-1, (3, 8)).transpose(1, 2) for n in (50, 24, 24))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.shape == (2, 3, 50, 8) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=3e-2)
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from diffuse.models.configs import UNetConfig
 from diffuse.models.upsample import upsample_conv
-from diffuse.runtime import memory_layout
+from diffuse.runtime import attention, memory_layout
 
 if TYPE_CHECKING:
     from diffuse.speedups import DeepCache, Merge, TokenMerging
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # [B, N, heads*d] -> [B, heads, N, d]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 

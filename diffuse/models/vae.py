@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from diffuse.models.configs import VAEConfig
 from diffuse.models.upsample import upsample_conv
+from diffuse.runtime import attention
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -119,7 +120,7 @@ class AttnBlock(nn.Module):
             return t.reshape(b, 1, c, h * w).transpose(2, 3)
 
         q, k, v = (as_sequence(proj(normed)) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # scaled by 1/sqrt(C), as the original
+        out = attention(q, k, v)  # scaled by 1/sqrt(C), as the original
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
