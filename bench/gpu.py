@@ -16,7 +16,7 @@ Nothing here passes or fails.
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import time
 import warnings
@@ -28,29 +28,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd15 import sd15_folder  # noqa: E402
-from speed import PROMPT, SEED, WHOLE_STEPS, count_flops  # noqa: E402
+from speed import PROMPT, SEED, WHOLE_STEPS, count_flops, interleaved  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CUDA = torch.device("cuda")
 
 
-def seconds_per_call(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per contender: two warm-up calls each, then `repeats` interleaved rounds.
-    The GPU runs asynchronously, so each call is timed up to the end of its last kernel."""
-    def synced(fn: Callable[[], object]) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+def synced(fn: Callable[[], object]) -> float:
+    """Seconds of one call. The GPU runs asynchronously: timed up to the end of its last kernel."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
+
+def seconds_per_call(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per contender: two warm-up calls each (one here, one in bench/speed.py's
+    interleaved), then `repeats` interleaved rounds."""
     for fn in contenders.values():
-        synced(fn), synced(fn)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(synced(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        synced(fn)
+    return interleaved({name: functools.partial(synced, fn) for name, fn in contenders.items()}, repeats)
 
 
 def matmul_peak(dtype: torch.dtype) -> float:

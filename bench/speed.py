@@ -96,17 +96,18 @@ def component_worker(impl: str, connection, keep_freed: bool) -> None:
         keep_freed_memory()
     folder = sd15_folder()
     unets, vaes = {}, {}
-    for name, dtype in DTYPES.items():
-        if impl == "diffusers":
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-            from diffusers.utils import logging
+    if impl == "diffusers":  # each process imports only its own implementation
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.utils import logging
 
-            logging.set_verbosity_error()
+        logging.set_verbosity_error()
+        for name, dtype in DTYPES.items():
             unets[name] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
             vaes[name] = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
-        else:
-            import diffuse
+    else:
+        import diffuse
 
+        for name, dtype in DTYPES.items():
             ours = diffuse.load_pipeline(folder, dtype=dtype)
             unets[name], vaes[name] = ours.unet, ours.vae
     connection.send({"freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory()})
