@@ -127,9 +127,13 @@ def memory_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# The most query x key scores one head's matmul makes at a time (32 MB in bf16): longer
-# queries go in row chunks, so memory stays bounded at any image size.
-MAX_SCORES = 2**24
+# The most query x key scores one head's matmul makes at a time (4 MB in bf16): longer
+# queries go in row chunks, so memory stays bounded at any image size, and the scores are
+# still in cache when the softmax and the second matmul read them. Measured on SD1.5's
+# largest self-attention (4096 positions, 8 heads of 40, batch 2; 2 cores with 2 MB of L2
+# each and 32 MB of L3): 2**24 scores per chunk 146 ms, 2**22 128, 2**21 122, 2**20 129,
+# 2**19 145 ms.
+MAX_SCORES = 2**21
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -139,8 +143,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     In bf16 on the CPU, without autograd, each head is two plain matmuls and a softmax:
     PyTorch's fused CPU kernel reaches about a third of the bf16 matmul peak on SD's
     40-wide heads, and the explicit form was faster on every SD1.5 shape measured here
-    (2 cores: 4096 positions, 8 heads of 40, batch 2: 340 -> 255 ms; 1024 of 80: 39 ->
-    23 ms; the VAE's one 512-wide head over 4096: 183 -> 110 ms). Its scores are rounded
+    (2 cores, fused -> explicit in 4 MB chunks: 4096 positions, 8 heads of 40, batch 2:
+    268 -> 121 ms; 1024 of 80: 28 -> 11 ms; the VAE's one 512-wide head over 4096:
+    165 -> 42 ms). Its scores are rounded
     to bf16 before the softmax, so it is less exact than the fused kernel (max error on
     random inputs 2.8e-3 against 6.8e-4), which stays the path for float32, the exact one.
     """
