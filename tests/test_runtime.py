@@ -1,6 +1,6 @@
 """The inference speed-ups that must not change the answer: the dtype choice, the
-channels-last layout, the upsample convolution computed at low resolution and malloc
-keeping freed memory."""
+channels-last layout, the upsample convolution computed at low resolution, linear layers
+as 1x1 convolutions and malloc keeping freed memory."""
 
 import ctypes
 import os
@@ -16,7 +16,7 @@ from diffuse.models.unet import UNet
 from diffuse.models.upsample import phase_kernels, upsample_conv
 from diffuse.models.vae import AutoencoderKL
 import diffuse.runtime
-from diffuse.runtime import attention, auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
+from diffuse.runtime import Linear, attention, auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
 
 
 def plain_upsample_conv(x, conv):
@@ -75,6 +75,34 @@ def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, m
     assert got.shape == (2, 3, 50, 8) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=3e-2)
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (2, 77, 24), (3, 1, 4, 24), (24,), (0, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_as_a_convolution_is_the_linear_map(shape, bias):
+    """Without autograd the rows go through a 1x1 convolution and come back in their shape;
+    float32 within summation-order rounding, bf16 within one bf16 rounding of the output."""
+    torch.manual_seed(0)
+    layer, x = Linear(24, 40, bias=bias), torch.randn(shape)
+    with torch.no_grad():
+        exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 40) and got.is_contiguous()
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+        half = layer.to(torch.bfloat16)(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        expected = F.linear(x.bfloat16(), layer.weight, layer.bias)
+        torch.testing.assert_close(half.double(), expected.double(), rtol=2**-7, atol=1e-2)
+
+
+def test_linear_under_autograd_is_f_linear():
+    """Training keeps PyTorch's own linear layer and its gradients."""
+    torch.manual_seed(0)
+    layer, x = Linear(8, 3), torch.randn(4, 8, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    out.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
 
 
 @torch.no_grad()

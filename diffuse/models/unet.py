@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from diffuse.models.configs import UNetConfig
 from diffuse.models.upsample import upsample_conv
-from diffuse.runtime import attention, memory_layout
+from diffuse.runtime import Linear, attention, memory_layout
 
 if TYPE_CHECKING:
     from diffuse.speedups import DeepCache, Merge, TokenMerging
@@ -62,7 +62,7 @@ class ResBlock(nn.Module):
             nn.SiLU(),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(time_embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(cfg.norm_groups, out_channels, eps=cfg.norm_eps),
             nn.SiLU(),
@@ -85,10 +85,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential so the names read `to_out.0`
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(Linear(dim, dim))  # a Sequential so the names read `to_out.0`
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -104,7 +104,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner_dim)
+        self.proj = Linear(dim, 2 * inner_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -115,7 +115,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         # Index 1 was dropout in training; the output projection stays `net.2`.
-        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -156,11 +156,11 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"{channels} channels do not split into {heads} attention heads")
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, cfg.context_dim, heads) for _ in range(cfg.transformer_depth)
         )
-        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
         b, c, h, w = x.shape
@@ -232,7 +232,7 @@ class UNet(nn.Module):
         ch0, emb_dim = cfg.model_channels, cfg.time_embed_dim
         levels = len(cfg.channel_mult)
 
-        self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(ch0, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
 
         # Down path. skip_channels records each block's output width, which the up
         # path meets again, in reverse, through its skip connections.
