@@ -143,13 +143,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     and values (any strides), as [B, heads, N, d_v].
 
     In bf16 on the CPU, without autograd, each head is two plain matmuls and a softmax:
-    PyTorch's fused CPU kernel reaches about a third of the bf16 matmul peak on SD's
-    40-wide heads, and the explicit form was faster on every SD1.5 shape measured here
-    (2 cores, fused -> explicit in 4 MB chunks: 4096 positions, 8 heads of 40, batch 2:
-    268 -> 121 ms; 1024 of 80: 28 -> 11 ms; the VAE's one 512-wide head over 4096:
-    165 -> 42 ms). Its scores are rounded
-    to bf16 before the softmax, so it is less exact than the fused kernel (max error on
-    random inputs 2.8e-3 against 6.8e-4), which stays the path for float32, the exact one.
+    PyTorch's fused CPU kernel runs far under the bf16 matmul peak on SD's 40-wide heads
+    (160 of 800 GFLOP/s here), and the explicit form was faster on every SD1.5 shape
+    measured (2 cores, fused -> explicit in 4 MB chunks: 4096 positions, 8 heads of 40,
+    batch 2: 268 -> 121 ms; 1024 of 80: 28 -> 11 ms; the VAE's one 512-wide head over
+    4096: 165 -> 42 ms). Its scores are rounded to bf16 before the softmax, so it is less
+    exact than the fused kernel (max error on random inputs 2.8e-3 against 6.8e-4), which
+    stays the path for float32, the exact one.
     """
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v)
