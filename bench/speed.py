@@ -89,6 +89,7 @@ def component_worker(impl: str, connection, keep_freed: bool) -> None:
     `keep_freed` applies diffuse's malloc setting in this process even for diffusers."""
     import warnings
 
+    from diffuse import kernels
     from diffuse.runtime import keep_freed_memory
 
     warnings.filterwarnings("ignore")
@@ -110,7 +111,8 @@ def component_worker(impl: str, connection, keep_freed: bool) -> None:
         for name, dtype in DTYPES.items():
             ours = diffuse.load_pipeline(folder, dtype=dtype)
             unets[name], vaes[name] = ours.unet, ours.vae
-    connection.send({"freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory()})
+    connection.send({"freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory(),
+                     "kernels": kernels.status() if impl == "diffuse" else "none"})
     calls: dict[tuple, Callable[[], object]] = {}
 
     def call(what: str, dtype_name: str, size: int) -> Callable[[], object]:
@@ -277,6 +279,7 @@ def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, s
         kept = settings["diffuse"]["freed_memory_kept"]
         print(f"each implementation in its own process; malloc keeps freed memory in diffuse's: {kept}, "
               f"in diffusers': {settings['diffusers']['freed_memory_kept']}")
+        print(f"diffuse's {settings['diffuse']['kernels']}")
     for what, entry in parts.items():
         s = entry["seconds"]
         work = entry["tflop"]

@@ -15,6 +15,7 @@ from diffuse.models.configs import UNetConfig, VAEConfig
 from diffuse.models.unet import UNet
 from diffuse.models.upsample import phase_kernels, upsample_conv
 from diffuse.models.vae import AutoencoderKL
+import diffuse.kernels
 import diffuse.runtime
 from diffuse.runtime import Linear, attention, auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
 
@@ -64,10 +65,14 @@ def test_phase_kernels_sum_the_taps_that_share_a_source_pixel():
 
 @torch.no_grad()
 @pytest.mark.parametrize("max_scores", [diffuse.runtime.MAX_SCORES, 7 * 24])
-def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, max_scores):
-    """The explicit per-head form (in query chunks when the scores would pass max_scores),
-    on the transposed views the UNet hands it, against float64; float32 is the fused kernel."""
+@pytest.mark.parametrize("softmax_kernel", [True, False])
+def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, max_scores, softmax_kernel):
+    """The explicit per-head form (in query chunks when the scores would pass max_scores;
+    with the C softmax where this machine builds it, and with PyTorch's), on the transposed
+    views the UNet hands it, against float64; float32 is the fused kernel."""
     monkeypatch.setattr(diffuse.runtime, "MAX_SCORES", max_scores)
+    if not softmax_kernel:
+        monkeypatch.setattr(diffuse.kernels, "softmax_bf16_", lambda scores: False)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, n, 3 * 8).unflatten(-1, (3, 8)).transpose(1, 2) for n in (50, 24, 24))
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
