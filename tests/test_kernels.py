@@ -131,3 +131,13 @@ def test_a_kernel_that_cannot_be_built_is_tried_once(monkeypatch):
     assert not kernels.softmax_bf16_(scores) and not kernels.softmax_bf16_(scores)
     assert attempts == [1] and kernels.status() == "bf16 softmax kernel not used: no C compiler 'cc' on PATH"
     assert torch.equal(scores, torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
+def test_a_damaged_built_file_is_a_reason_not_an_error(tmp_path, monkeypatch):
+    damaged = tmp_path / "softmax_bf16-0123456789abcdef.so"
+    damaged.write_bytes(b"\x7fELF and then nothing")
+    monkeypatch.setattr(kernels, "build", lambda source, folder, compiler: damaged)
+    if not kernels.status().startswith("bf16 softmax kernel: "):  # the platform checks come first
+        pytest.skip(kernels.status())
+    with pytest.raises(kernels.KernelUnavailable, match=f"could not load {damaged}"):
+        kernels.load_softmax()

@@ -81,7 +81,10 @@ def load_softmax() -> tuple[ctypes.CDLL, Path]:
         raise KernelUnavailable(f"written for x86-64 Linux, not {sys.platform} on {platform.machine()}")
     runtimes_before = openmp_runtimes()
     library = build(SOURCE, cache_folder(), os.environ.get("CC", "cc"))
-    loaded = ctypes.CDLL(str(library))
+    try:
+        loaded = ctypes.CDLL(str(library))
+    except OSError as error:
+        raise KernelUnavailable(f"could not load {library}: {error}") from None
     if not loaded.cpu_supported():
         raise KernelUnavailable("this CPU lacks AVX512-BF16")
     added_runtimes = openmp_runtimes() - runtimes_before
