@@ -117,19 +117,24 @@ def test_turned_off_by_the_environment(monkeypatch):
         kernels.load_softmax()
 
 
-def test_a_kernel_that_cannot_be_built_is_tried_once(monkeypatch):
+@pytest.mark.parametrize("failure, reason", [
+    (kernels.KernelUnavailable("no C compiler 'cc' on PATH"), "no C compiler 'cc' on PATH"),
+    (RuntimeError("Could not determine home directory."), "RuntimeError: Could not determine home directory."),
+    (PermissionError("[Errno 13] Permission denied: '/proc/self/maps'"), "PermissionError: [Errno 13]"),
+])
+def test_a_kernel_that_cannot_be_built_is_tried_once(monkeypatch, failure, reason):
     """Without the kernel the caller falls back on each call, so the failure must be remembered."""
     attempts = []
 
     def unavailable():
         attempts.append(1)
-        raise kernels.KernelUnavailable("no C compiler 'cc' on PATH")
+        raise failure
 
     monkeypatch.setattr(kernels, "load_softmax", unavailable)
     monkeypatch.setattr(kernels, "_softmax_kernel", functools.cache(kernels._softmax_kernel.__wrapped__))
     scores = torch.zeros(2, 3, dtype=torch.bfloat16)
     assert not kernels.softmax_bf16_(scores) and not kernels.softmax_bf16_(scores)
-    assert attempts == [1] and kernels.status() == "bf16 softmax kernel not used: no C compiler 'cc' on PATH"
+    assert attempts == [1] and kernels.status().startswith(f"bf16 softmax kernel not used: {reason}")
     assert torch.equal(scores, torch.zeros(2, 3, dtype=torch.bfloat16))
 
 

@@ -100,12 +100,16 @@ def load_softmax() -> tuple[ctypes.CDLL, Path]:
 
 @functools.cache
 def _softmax_kernel() -> tuple[ctypes.CDLL | None, str]:
-    """load_softmax's answer for this process, a failure included (a build is tried once)."""
+    """load_softmax's answer for this process, a failure included (a build is tried once).
+    The kernel only makes things faster, so an unforeseen failure of the machine (no home
+    folder for the cache, an unreadable /proc) also means PyTorch's softmax, not an error."""
     try:
         library, path = load_softmax()
         return library, f"bf16 softmax kernel: {path}"
     except KernelUnavailable as reason:
         return None, f"bf16 softmax kernel not used: {reason}"
+    except (OSError, RuntimeError) as error:
+        return None, f"bf16 softmax kernel not used: {type(error).__name__}: {error}"
 
 
 def status() -> str:
