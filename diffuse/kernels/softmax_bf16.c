@@ -56,8 +56,10 @@ AVX512_BF16 static void softmax_row(uint16_t *row, int64_t cols, float *scratch)
     const __mmask16 all = 0xffff, tail = (__mmask16)((1u << (cols - whole_vectors)) - 1);
 
     __m512 maxima = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < whole_vectors; j += 16) maxima = _mm512_max_ps(load_bf16(row + j, all), maxima);
-    if (tail) maxima = _mm512_mask_max_ps(maxima, tail, load_bf16(row + whole_vectors, tail), maxima);
+    for (int64_t j = 0; j < cols; j += 16) {
+        const __mmask16 lanes = j < whole_vectors ? all : tail;
+        maxima = _mm512_mask_max_ps(maxima, lanes, load_bf16(row + j, lanes), maxima);
+    }
     const float max = _mm512_reduce_max_ps(maxima);
 
     /* exp(x - max) = 2^((x - max) log2(e)); subtracting first keeps scores near
