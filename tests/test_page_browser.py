@@ -1,16 +1,21 @@
 """The web page end to end in headless Chromium (Debian's chromium, driven by Playwright's Python
 package; `make test` installs both): type a prompt, press Generate, watch the image emerge, get
-the final image with its parameters. Screenshots go to build/screenshots/ (or $DIFFUSE_SCREENSHOTS)."""
+the final image with its parameters, make a gallery image again; and a page of another origin
+that tries to drive the server. Screenshots go to build/screenshots/ (or $DIFFUSE_SCREENSHOTS)."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import urllib.request
 from pathlib import Path
 
 import pytest
-
+from PIL import Image
 from test_server import DEFAULT_MODEL, Running, settings
+
+from diffuse.metadata import read_parameters
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -67,3 +72,57 @@ def test_generate_from_the_page(browser, server):
     page.screenshot(path=str(SCREENSHOTS / "page-done.png"), full_page=True)
     assert errors == []
     assert (SCREENSHOTS / "page-emerging.png").stat().st_size > 0
+
+    # "Make again" on the gallery's image: the form takes its parameters and draws it again.
+    assert page.get_attribute("#gallery figure:first-child a", "href") == href
+    page.fill("#prompt", "something else entirely")
+    page.fill("#seed", "-1")
+    page.click("#gallery figure:first-child .remake")
+    page.wait_for_function(f"(() => {{ const link = document.querySelector('#result figure a');"
+                           f" return link && link.getAttribute('href') !== '{href}'; }})()", timeout=120_000)
+    assert page.input_value("#prompt") == "a red circle above a blue square" and page.input_value("#seed") == "42"
+    assert page.input_value("#width") == "64" and page.input_value("#scheduler") == "Automatic"
+    again = page.get_attribute("#result figure a", "href")
+    first, second = (Image.open(io.BytesIO(urllib.request.urlopen(server.base + url, timeout=10).read()))
+                     for url in (href, again))
+    assert read_parameters(second) == read_parameters(first)
+    assert second.convert("RGB").tobytes() == first.convert("RGB").tobytes()
+    # The page's own posts are JSON: Interrupt, when idle, is answered.
+    assert page.evaluate("postJSON('/sdapi/v1/interrupt', {})") == {"interrupted": False, "job": None}
+    assert errors == []
+
+
+def test_a_page_of_another_origin_cannot_drive_the_server(browser, server):
+    queue = server.app.app.state.server.queue
+    before = queue.submitted
+    target = server.base  # http://127.0.0.1:PORT; the page below is at http://localhost:PORT, another origin
+    page = browser.new_page()
+    page.goto(server.base.replace("127.0.0.1", "localhost") + "/")
+    outcomes = page.evaluate("""async (target) => {
+      const body = JSON.stringify({prompt: "x", steps: 2});
+      const tries = {
+        plain: () => fetch(target + "/sdapi/v1/txt2img", {method: "POST", mode: "no-cors", body,
+                                                          headers: {"Content-Type": "text/plain"}}),
+        json: () => fetch(target + "/diffuse/v1/jobs", {method: "POST", body,
+                                                        headers: {"Content-Type": "application/json"}}),
+        progress: () => fetch(target + "/sdapi/v1/progress"),
+      };
+      const results = {};
+      for (const [name, attempt] of Object.entries(tries)) {
+        try { const response = await attempt(); results[name] = response.type + " " + response.status; }
+        catch (error) { results[name] = "refused"; }
+      }
+      const form = Object.assign(document.createElement("form"), {method: "POST", target: "sink",
+                                                                 action: target + "/sdapi/v1/interrupt"});
+      form.enctype = "application/x-www-form-urlencoded";
+      const frame = Object.assign(document.createElement("iframe"), {name: "sink"});
+      document.body.append(frame, form);
+      const loaded = new Promise((resolve) => frame.addEventListener("load", resolve));
+      form.submit();
+      await loaded;
+      return results;
+    }""", target)
+    # The no-cors post is opaque to the page (type "opaque", status 0), the others fail outright;
+    # what matters is that the server ran nothing.
+    assert outcomes == {"plain": "opaque 0", "json": "refused", "progress": "refused"}
+    assert queue.submitted == before

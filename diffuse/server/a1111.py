@@ -1,7 +1,8 @@
 """AUTOMATIC1111's /sdapi/v1 request and response bodies, read and written the way its clients expect.
 
 A1111 builds its request model from its processing classes: every field optional, unknown keys
-ignored (clients send many), A1111's own defaults for what is left out. Reading a request here
+ignored (clients send many; here they are not kept either, nor echoed back in "parameters"),
+A1111's own defaults for what is left out. Reading a request here
 checks every value diffuse uses, and the limits the server was started with, before anything
 is decoded or allocated; a bad one is a RequestError (answered 422) that names the field.
 
@@ -144,11 +145,28 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
             if asked is None and own > limits.max_side:
                 raise RequestError(name, f"the image is {own_width}x{own_height}; give a {name} of at most "
                                          f"{limits.max_side} pixels (this server's limit) to draw it smaller")
-    request.echo = {**body, "sampler_name": sampler, "steps": steps, "seed": request.seed,
-                    "cfg_scale": request.cfg_scale, "batch_size": batch_size, "n_iter": n_iter}
-    for key in ("init_images", "mask"):
-        request.echo.pop(key, None)  # A1111 echoes them too; megabytes of base64 nobody reads back
+    request.echo = _echo(body, request)
     return request
+
+
+def _echo(body: dict, request: GenerationRequest) -> dict[str, Any]:
+    """A1111's "parameters" in the answer: the fields diffuse read, as it used them. Nothing else
+    a client sent is kept or sent back (unknown keys could be megabytes); neither are the
+    images, which A1111 echoes as megabytes of base64 nobody reads back."""
+    echo = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
+            "height": request.height, "steps": request.steps, "cfg_scale": request.cfg_scale,
+            "sampler_name": request.sampler, "scheduler": request.schedule_type, "seed": request.seed,
+            "batch_size": request.batch_size, "n_iter": request.n_iter, "eta": request.eta,
+            "send_images": request.send_images, "override_settings_restore_afterwards": request.restore_model}
+    used = {"sd_model_checkpoint": request.model, "CLIP_stop_at_last_layers": request.clip_skip,
+            "token_merging_ratio": request.speedups.token_merging}
+    echo["override_settings"] = {key: value for key, value in used.items() if key in _override(body)}
+    echo.update({name: body[name] for name in _OFF if name in body})  # checked above: each one off, small
+    if request.kind == "img2img":
+        echo["denoising_strength"] = request.denoising_strength
+        if "inpainting_mask_invert" in body:
+            echo["inpainting_mask_invert"] = 1 if body["inpainting_mask_invert"] in (1, True) else 0
+    return echo
 
 
 def decode_image(value: Any, name: str, limits: Limits) -> Image.Image:

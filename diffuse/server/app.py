@@ -6,6 +6,12 @@ Generation requests become jobs on one queue (jobs.JobQueue) and run one at a ti
 loaded model; switching the model is a job too, so it never happens under a running
 generation. A1111 clients wait for their answer on the request itself; the page submits a
 job, gets its id at once, and follows it as server-sent events (page_routes).
+
+An A1111 client that goes away (closes its connection) before its answer takes its job with
+it: a waiting job leaves the queue and frees its place, a running one stops after its current
+step and nothing is returned or kept. A request's body is parsed once (read_json) and then
+dropped: a queued job keeps only the fields diffuse uses and its decoded images, which count
+against the server's memory budget (guard.MemoryBudget) until the job ends.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -30,9 +37,10 @@ from diffuse.pipeline import VERSION
 from diffuse.samplers import SAMPLER_NAMES, SCHEDULE_TYPES, sampler_aliases
 from diffuse.server.a1111 import GenerationRequest, Limits, RequestError, decode_image, read_generation
 from diffuse.server.generate import Generated, run_request
-from diffuse.server.guard import Guard
+from diffuse.server.guard import RELEASE_BODY, RETRY_AFTER_S, Guard, MemoryBudget, OverBudget
 from diffuse.server.jobs import Job, JobQueue, QueueFull
 from diffuse.server.models import ModelHost, UnknownModel
+from diffuse.server.origin import OriginRules
 
 
 @dataclass
@@ -44,15 +52,25 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     queue_capacity: int = 16  # jobs waiting behind the running one
     max_body_bytes: int = 32 * 1024 * 1024
+    # Bodies being read plus images held by queued jobs, in total (guard.MemoryBudget).
+    request_memory_bytes: int = 256 * 1024 * 1024
     dtype: str = "auto"
     device: str = "cpu"
+    bound_host: str = "127.0.0.1"  # the address the server listens on: a Host it answers to
+    allow_hosts: tuple[str, ...] = ()  # more names it answers to (--allow-host)
+    cors_allow_origins: tuple[str, ...] = ()  # other web pages' origins that may use it (--cors-allow-origins)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its job's answer was ready."""
 
 
 class Server:
     """What the routes share: the models, the queue, the settings."""
 
-    def __init__(self, settings: ServerSettings, host: ModelHost) -> None:
+    def __init__(self, settings: ServerSettings, host: ModelHost, budget: MemoryBudget | None = None) -> None:
         self.settings, self.host = settings, host
+        self.budget = budget or MemoryBudget(settings.request_memory_bytes)
         self.queue = JobQueue(settings.queue_capacity)
         self.jobs: dict[str, Job] = {}  # the page's jobs by id, the latest few hundred
 
@@ -62,17 +80,38 @@ class Server:
         if request.model is not None:
             self.host.find(request.model)  # unknown: an error now, not after the queue
         self.host.pipe.get_sampler(request.sampler, request.schedule_type)  # an unknown sampler: 422 now
+        held = self.budget.reserve(held_image_bytes(request))
+        if held is None:
+            raise OverBudget(self.budget.refusal("this request's images"))
 
         def work(job: Job):
             generated = self.host.run_on(request.model, request.restore_model,
                                          lambda pipe: run_request(pipe, request, job))
             return finish(generated)
 
-        return self.queue.submit(request.kind, work)
+        try:
+            job = self.queue.submit(request.kind, work)
+        except QueueFull:
+            held.release()
+            raise
+        job.future.add_done_callback(lambda _: held.release())
+        return job
 
-    async def generate(self, request: GenerationRequest) -> Generated:
-        """Queue the request and wait for its images."""
-        return await asyncio.wrap_future(self.submit(request).future)
+    async def generate(self, request: GenerationRequest, client: Request) -> Generated:
+        """Queue the request and wait for its images; if the client goes away first, its job is
+        cancelled (see jobs.JobQueue.cancel) and ClientGone raised."""
+        job = self.submit(request)
+        answer = asyncio.wrap_future(job.future)
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # never "not retrieved"
+        gone = asyncio.ensure_future(_disconnected(client))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not answer.done():
+            self.queue.cancel(job)
+            raise ClientGone(f"job {job.id} was cancelled: its client went away")
+        return answer.result()
 
     async def switch_model(self, wanted: str) -> None:
         self.host.find(wanted)  # unknown: an error now, not after the queue
@@ -80,12 +119,42 @@ class Server:
         await asyncio.wrap_future(job.future)
 
 
+async def _disconnected(client: Request) -> None:
+    """Returns once the client has closed its connection (ASGI's http.disconnect)."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
+
+
+def held_image_bytes(request: GenerationRequest) -> int:
+    """The memory a queued request's decoded images take: PIL keeps 1 byte per pixel for
+    greyscale and palette images, 4 for the rest (RGB included)."""
+    images = [image for image in (request.init_image, request.mask) if image is not None]
+    return sum(image.width * image.height * (1 if image.mode in ("1", "L", "P") else 4) for image in images)
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, parsed once and not kept: the Guard stops counting its bytes here."""
+    body = b"".join([chunk async for chunk in request.stream()])
+    try:
+        return json.loads(body)
+    finally:
+        del body
+        release = request.scope.get(RELEASE_BODY)
+        if release is not None:
+            release()
+
+
 def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard:
     from diffuse.server.models import find_models
     from diffuse.server.page_routes import add_page_routes
 
+    rules = OriginRules.create(settings.bound_host, list(settings.allow_hosts), list(settings.cors_allow_origins))
+    if settings.request_memory_bytes < settings.max_body_bytes:
+        raise ValueError(f"--request-memory ({settings.request_memory_bytes / 2**20:g} MB) must hold at least one "
+                         f"whole body ({settings.max_body_bytes / 2**20:g} MB)")
+    budget = MemoryBudget(settings.request_memory_bytes)
     host = host or ModelHost(find_models(settings.model, settings.models_dir), settings.dtype, settings.device)
-    server = Server(settings, host)
+    server = Server(settings, host, budget)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -106,7 +175,15 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, error: QueueFull) -> JSONResponse:
-        return _error(503, error, headers={"Retry-After": "5"})
+        return _error(503, error, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(OverBudget)
+    async def over_budget(_: Request, error: OverBudget) -> JSONResponse:
+        return _error(503, error, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, error: ClientGone) -> JSONResponse:
+        return _error(499, error)  # nginx's "client closed request": nobody reads it, the log says why
 
     @app.exception_handler(UnknownModel)
     async def unknown_model(_: Request, error: UnknownModel) -> JSONResponse:
@@ -114,7 +191,8 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
 
     add_a1111_routes(app, server)
     add_page_routes(app, server)
-    return Guard(app, credentials=settings.credentials, max_body_bytes=settings.max_body_bytes)
+    return Guard(app, credentials=settings.credentials, max_body_bytes=settings.max_body_bytes, rules=rules,
+                 budget=budget)
 
 
 def _error(status: int, error: Exception, headers: dict | None = None, **extra) -> JSONResponse:
@@ -132,11 +210,11 @@ def add_a1111_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/sdapi/v1/txt2img", tags=["A1111"])
     async def txt2img(request: Request) -> dict:
-        return await _generation(server, read_generation("txt2img", await request.json(), limits))
+        return await _generation(server, read_generation("txt2img", await read_json(request), limits), request)
 
     @app.post("/sdapi/v1/img2img", tags=["A1111"])
     async def img2img(request: Request) -> dict:
-        return await _generation(server, read_generation("img2img", await request.json(), limits))
+        return await _generation(server, read_generation("img2img", await read_json(request), limits), request)
 
     @app.get("/sdapi/v1/progress", tags=["A1111"])
     def progress(skip_current_image: bool = False) -> dict:
@@ -172,7 +250,7 @@ def add_a1111_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/sdapi/v1/options", tags=["A1111"])
     async def set_options(request: Request) -> None:
-        body = await request.json()
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise RequestError("body", "must be an object of setting names and values")
         wanted = body.get("sd_model_checkpoint")
@@ -180,7 +258,6 @@ def add_a1111_routes(app: FastAPI, server: Server) -> None:
             if not isinstance(wanted, str):
                 raise RequestError("sd_model_checkpoint", f"must be a model title or name, got {wanted!r}")
             await server.switch_model(wanted)
-        return None
 
     @app.get("/sdapi/v1/scripts", tags=["A1111"])
     def scripts() -> dict:
@@ -188,7 +265,7 @@ def add_a1111_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/sdapi/v1/png-info", tags=["A1111"])
     async def png_info(request: Request) -> dict:
-        body = await request.json()
+        body = await read_json(request)
         image = decode_image(body.get("image") if isinstance(body, dict) else None, "image", limits)
         text = read_parameters(image)
         items = {key: value for key, value in image.info.items() if isinstance(value, str) and key != PARAMETERS_KEY}
@@ -199,8 +276,8 @@ def add_a1111_routes(app: FastAPI, server: Server) -> None:
         return memory_report()
 
 
-async def _generation(server: Server, request: GenerationRequest) -> dict:
-    generated = await server.generate(request)
+async def _generation(server: Server, request: GenerationRequest, client: Request) -> dict:
+    generated = await server.generate(request, client)
     images = [png_base64(image, text) for image, text in zip(generated.images, generated.infotexts)]
     return {"images": images if request.send_images else [], "parameters": request.echo,
             "info": json.dumps(processed_info(request, generated, server.host.current.short_hash))}

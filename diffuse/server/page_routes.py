@@ -2,39 +2,58 @@
 
     GET  /                              the page (diffuse/server/page/)
     POST /diffuse/v1/jobs               a txt2img / img2img request in A1111's fields -> {"id"} at once
-    GET  /diffuse/v1/jobs/{id}/events   the job as server-sent events: "queued", "progress" (step,
-                                        total, a preview of the image emerging), then "done"
-                                        (the saved images and their parameters) or "failed"
-    GET  /diffuse/v1/gallery            the saved images, newest first, with their parameters
+    GET  /diffuse/v1/jobs/{id}/events   the job as server-sent events: "queued" (how many jobs are
+                                        ahead), "progress" (step, total, a preview of the image
+                                        emerging), then "done" (the saved images and their
+                                        parameters) or "failed"
+    GET  /diffuse/v1/gallery            diffuse's saved images, newest first, with their parameters
+                                        and, for a txt2img image, the request fields that make it again
     GET  /outputs/{name}                one saved image
 
-The page's images are saved in the outputs folder as PNGs with their parameters. A name asked
-for under /outputs must be one of the folder's own PNG names: it is checked against the
-folder's listing, never joined to a path first, so nothing outside the folder can be reached,
-links included.
+A page job is not tied to the connection that submitted it, nor to anyone following its events:
+it runs to its end and its images are saved, so a page reloaded (or closed) meanwhile finds
+them in the gallery; the page's Interrupt button, or /sdapi/v1/interrupt, stops it. Such jobs
+still take a place in the queue (--queue) like any other, so nobody following cannot pile them
+up without bound.
+
+The page's images are saved in the outputs folder as numbered PNGs ("00000-SEED.png", ...,
+"99999-SEED.png", then "100000-SEED.png": numbered_path's names), with their parameters. A name
+asked for under /outputs, and every name the gallery lists, must be one diffuse wrote there:
+a numbered name, opened without following a link, a regular file with exactly one link (no
+hard link to a file elsewhere), checked on the opened file itself so nothing can be swapped in
+between, starting with the PNG signature and carrying a "parameters" chunk whose Version says
+diffuse (so it survives restarts; other programs' PNGs dropped there are not served). The
+gallery skips anything else without a word, and sorts by the number, as a number.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import stat
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
 
-from diffuse.metadata import numbered_path, read_parameters, save_png
-from diffuse.server.a1111 import read_generation
-from diffuse.server.app import Server, png_base64, processed_info
+from diffuse.metadata import PARAMETERS_KEY, info_from_infotext, numbered_path, parse_infotext, save_png
+from diffuse.server.a1111 import GenerationRequest, Limits, RequestError, read_generation
+from diffuse.server.app import Server, png_base64, processed_info, read_json
 from diffuse.server.generate import Generated
 from diffuse.server.jobs import Job
 
-OUTPUT_NAME = re.compile(r"^[0-9]{5}-[0-9]+\.png$")  # what numbered_path writes, and nothing else
+OUTPUT_NAME = re.compile(r"^([0-9]{5,})-[0-9]+\.png$")  # what numbered_path writes, and nothing else
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 KEEP_JOBS = 200  # finished page jobs kept for their event streams
 EVENT_POLL_S = 0.1
+READ_CHUNK = 1 << 16
 
 
 def add_page_routes(app: FastAPI, server: Server) -> None:
@@ -53,12 +72,7 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/diffuse/v1/jobs", status_code=202, tags=["page"])
     async def submit(request: Request) -> dict:
-        body = await request.json()
-        kind = body.get("kind", "txt2img") if isinstance(body, dict) else None
-        if kind not in ("txt2img", "img2img"):
-            return JSONResponse({"error": "RequestError", "detail": "kind must be txt2img or img2img"},
-                                status_code=422)
-        generation = read_generation(kind, body, limits)
+        generation = _page_request(await read_json(request), limits)
 
         def save(generated: Generated) -> dict:
             saved = []
@@ -85,23 +99,100 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/diffuse/v1/gallery", tags=["page"])
     def gallery(limit: int = 60) -> list[dict]:
-        names = sorted(_output_names(outputs), reverse=True)[:max(0, min(limit, 500))]
-        return [{"url": f"/outputs/{name}", "parameters": read_parameters(outputs / name)} for name in names]
+        limit, entries = max(0, min(limit, 500)), []
+        for name in _numbered_names(outputs):
+            if len(entries) >= limit:
+                break
+            opened = open_own_image(outputs, name)
+            if opened is None:
+                continue
+            opened[0].close()
+            entries.append({"url": f"/outputs/{name}", "parameters": opened[1], "fields": remake_fields(opened[1])})
+        return entries
 
     @app.get("/outputs/{name}", include_in_schema=False)
     def output(name: str) -> Response:
-        if not OUTPUT_NAME.match(name) or name not in _output_names(outputs):
+        opened = open_own_image(outputs, name)
+        if opened is None:
             return JSONResponse({"detail": "not found"}, status_code=404)
-        return FileResponse(outputs / name, media_type="image/png",
-                            headers={"Content-Disposition": f'inline; filename="{name}"'})
+        file = opened[0]
+        return StreamingResponse(_chunks(file), media_type="image/png",
+                                 headers={"Content-Length": str(os.fstat(file.fileno()).st_size),
+                                          "Content-Disposition": f'inline; filename="{name}"'})
 
 
-def _output_names(outputs: Path) -> set[str]:
-    """The folder's own PNGs: regular files with numbered names (links are not followed out)."""
-    if not outputs.is_dir():
-        return set()
-    return {entry.name for entry in outputs.iterdir()
-            if OUTPUT_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink()}
+def _page_request(body: Any, limits: Limits) -> GenerationRequest:
+    kind = body.get("kind", "txt2img") if isinstance(body, dict) else None
+    if kind not in ("txt2img", "img2img"):
+        raise RequestError("kind", "must be txt2img or img2img")
+    return read_generation(kind, body, limits)
+
+
+def _numbered_names(outputs: Path) -> list[str]:
+    """The folder's numbered PNG names, newest (largest number) first; what they are is not checked here."""
+    try:
+        names = [entry.name for entry in os.scandir(outputs) if OUTPUT_NAME.match(entry.name)]
+    except OSError:
+        return []
+    return sorted(names, key=lambda name: (int(OUTPUT_NAME.match(name).group(1)), name), reverse=True)
+
+
+def open_own_image(outputs: Path, name: str) -> tuple[BinaryIO, str] | None:
+    """(the opened file, its parameters) when `name` is an image diffuse saved in `outputs` (see the
+    module's docstring for what that takes), else None."""
+    if not OUTPUT_NAME.match(name):
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not hang us
+    try:
+        file = os.fdopen(os.open(outputs / name, flags), "rb")
+    except OSError:
+        return None
+    try:
+        info = os.fstat(file.fileno())
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and file.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE:
+            file.seek(0)
+            text = _diffuse_parameters(file)
+            if text is not None:
+                file.seek(0)
+                return file, text
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass  # not a PNG Pillow can read: not one of ours
+    file.close()
+    return None
+
+
+def _diffuse_parameters(file: BinaryIO) -> str | None:
+    """The "parameters" text of an opened PNG when its Version says diffuse wrote it (the chunks
+    before the pixels are read, where save_png puts it)."""
+    with Image.open(file, formats=["PNG"]) as image:
+        text = image.info.get(PARAMETERS_KEY)
+    if not isinstance(text, str) or not parse_infotext(text).get("Version", "").startswith("diffuse "):
+        return None
+    return text
+
+
+def remake_fields(text: str) -> dict | None:
+    """The txt2img request fields that draw a saved image again from its parameters, or None when
+    they cannot (an img2img image, or settings the page's form does not hold)."""
+    try:
+        info = info_from_infotext(text)
+    except ValueError:
+        return None
+    parsed = parse_infotext(text)
+    needed = ("steps", "sampler", "cfg_scale", "seed", "width", "height")
+    foreign = ("Denoising strength", "Eta", "Token merging ratio", "Guidance cutoff", "Deep cache", "Mask blur")
+    if any(key not in info for key in needed) or any(label in parsed for label in foreign) or info["clip_skip"] != 1:
+        return None
+    return {"prompt": info.get("prompt", ""), "negative_prompt": info.get("negative_prompt", ""),
+            "steps": info["steps"], "sampler_name": info["sampler"], "scheduler": info["schedule_type"],
+            "cfg_scale": info["cfg_scale"], "seed": info["seed"], "width": info["width"], "height": info["height"],
+            "model_hash": info.get("model_hash")}
+
+
+def _chunks(file: BinaryIO) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(READ_CHUNK):
+            yield chunk
 
 
 def _page_file(name: str) -> str:
@@ -113,11 +204,10 @@ async def _job_events(server: Server, job: Job):
     sent_step, sent_position = -1, None
     while not job.future.done():
         if job.started_at is None:
-            running = server.queue.current()  # read once: it may finish between two reads
-            position = job.number - (running.number if running else job.number)
-            if position != sent_position:
+            position = server.queue.position(job)
+            if position is not None and position != sent_position:
                 sent_position = position
-                yield _event("queued", {"ahead": max(0, position)})
+                yield _event("queued", {"ahead": position})
         elif job.step != sent_step:
             sent_step = job.step
             yield _event("progress", {"step": job.step, "total": job.total_steps, "eta": round(job.eta(), 2),

@@ -3,6 +3,16 @@
 It listens on loopback unless told otherwise; listening anywhere else needs credentials
 (`--api-auth user:password`, or the DIFFUSE_API_AUTH variable, which keeps them out of the
 process list), or it refuses to start.
+
+Who may use it (guard.Guard, origin.OriginRules): programs on this machine (and, with
+credentials, on others) and the server's own page. A web page of another origin that the
+user happens to visit may not: requests carrying its Origin are refused, and so are bodies
+that are not JSON. `--cors-allow-origins A,B` (A1111's flag) lets the pages of those origins
+use the API, with CORS answers for them. The server answers only to the names it is reached
+by on this machine: localhost, 127.0.0.1, [::1] and the address it listens on, plus those given
+with `--allow-host NAME` (say, a name in /etc/hosts or behind a reverse proxy); listening on
+0.0.0.0 or :: it answers to any name, since it cannot know them all. `--request-memory MB`
+bounds the memory that request bodies and queued images take together.
 """
 
 from __future__ import annotations
@@ -28,6 +38,15 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD",
                         help=f"require HTTP Basic credentials (or set {AUTH_VARIABLE})")
     parser.add_argument("--queue", type=int, default=16, help="requests that may wait behind the running one")
+    parser.add_argument("--cors-allow-origins", action="append", default=[], metavar="ORIGINS",
+                        help="web pages of these origins (comma-separated, e.g. http://localhost:3000) may use the "
+                             "API; any other origin is refused")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAMES",
+                        help="more names the server answers to in the Host header (repeatable or comma-separated; "
+                             "localhost, 127.0.0.1, [::1] and the --host address always)")
+    parser.add_argument("--request-memory", type=int, default=256, metavar="MB",
+                        help="most memory request bodies being read and the images of queued jobs take together; "
+                             "more is answered 503 (default 256, at least the 32 MB one body may take)")
     parser.add_argument("--max-side", type=int, default=limits.max_side, help="largest width or height, pixels")
     parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="most sampling steps per request")
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="most images per request")
@@ -67,14 +86,16 @@ def serve(args: argparse.Namespace) -> int:
 
     credentials = credentials_from(args.api_auth)
     check_binding(args.host, credentials)
-    for name in ("port", "queue", "max_side", "max_steps", "max_images"):
+    for name in ("port", "queue", "max_side", "max_steps", "max_images", "request_memory"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     settings = ServerSettings(
         model=Path(args.model),
         models_dir=Path(args.models_dir) if args.models_dir else None, outputs=Path(args.outputs),
         credentials=credentials, queue_capacity=args.queue, dtype=args.dtype, device=args.device,
-        limits=Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images))
+        limits=Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images),
+        request_memory_bytes=args.request_memory * 2**20, bound_host=args.host,
+        allow_hosts=tuple(args.allow_host), cors_allow_origins=tuple(args.cors_allow_origins))
     app = create_app(settings)
     print(f"diffuse: serving {settings.model} on http://{_shown(args.host)}:{args.port}/ (API docs at /docs)",
           flush=True)

@@ -1,4 +1,5 @@
 // The diffuse page: submit a job, follow it as server-sent events, keep a gallery.
+// Every POST sends JSON with its Content-Type: the server refuses any other body.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,11 +18,18 @@ function setStatus(text, isError = false) {
   $("status").className = isError ? "error" : "";
 }
 
+function postJSON(url, body) {
+  return getJSON(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+}
+
 async function loadChoices() {
-  const [samplers, models, options] = await Promise.all([
-    getJSON("/sdapi/v1/samplers"), getJSON("/sdapi/v1/sd-models"), getJSON("/sdapi/v1/options")]);
+  const [samplers, schedulers, models, options] = await Promise.all([
+    getJSON("/sdapi/v1/samplers"), getJSON("/sdapi/v1/schedulers"), getJSON("/sdapi/v1/sd-models"),
+    getJSON("/sdapi/v1/options")]);
   for (const sampler of samplers) $("sampler_name").add(new Option(sampler.name, sampler.name));
   $("sampler_name").value = "Euler a";
+  for (const schedule of schedulers) $("scheduler").add(new Option(schedule.label, schedule.label));
+  $("scheduler").value = "Automatic";
   for (const model of models) $("model").add(new Option(model.title, model.title));
   $("model").value = options.sd_model_checkpoint;
   $("model-line").textContent = options.sd_model_checkpoint;
@@ -36,6 +44,7 @@ function requestBody() {
   const body = {
     kind, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     steps: numberOrNull("steps"), cfg_scale: numberOrNull("cfg_scale"), sampler_name: $("sampler_name").value,
+    scheduler: $("scheduler").value,
     seed: numberOrNull("seed") ?? -1, batch_size: numberOrNull("batch_size") ?? 1,
   };
   for (const side of ["width", "height"]) if (numberOrNull(side) !== null) body[side] = numberOrNull(side);
@@ -49,14 +58,13 @@ function requestBody() {
 }
 
 async function generate(event) {
-  event.preventDefault();
+  if (event) event.preventDefault();
   let body;
   try { body = requestBody(); } catch (error) { setStatus(error.message, true); return; }
   $("generate").disabled = true;
   setStatus("submitting...");
   try {
-    const {id} = await getJSON("/diffuse/v1/jobs", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    const {id} = await postJSON("/diffuse/v1/jobs", body);
     follow(id);
   } catch (error) {
     setStatus(error.message, true);
@@ -92,7 +100,7 @@ function follow(id) {
   events.onerror = () => { if (events.readyState === EventSource.CLOSED) finish(); };
 }
 
-function figure(image) {
+function figure(image, canRemake = false) {
   const item = document.createElement("figure");
   const link = document.createElement("a");
   link.href = image.url;
@@ -105,7 +113,42 @@ function figure(image) {
   const caption = document.createElement("figcaption");
   caption.textContent = image.parameters || "";
   item.append(link, caption);
+  if (canRemake && image.fields) {
+    const again = document.createElement("button");
+    again.type = "button";
+    again.className = "remake";
+    again.textContent = "Make again";
+    again.title = "fill the form with this image's parameters and generate it again";
+    again.addEventListener("click", () => makeAgain(image.fields));
+    item.append(again);
+  }
   return item;
+}
+
+async function makeAgain(fields) {
+  // The gallery's fields are the image's own parameters, parsed by the server.
+  if ($("generate").disabled) { setStatus("wait for the running job to end", true); return; }
+  const model = [...$("model").options].find((option) => option.value.endsWith(`[${fields.model_hash}]`));
+  if (fields.model_hash && !model) {
+    setStatus(`the model that made this image (hash ${fields.model_hash}) is not on this server`, true);
+    return;
+  }
+  if (![...$("sampler_name").options].some((option) => option.value === fields.sampler_name)) {
+    setStatus(`this server has no sampler ${fields.sampler_name}`, true);
+    return;
+  }
+  selectTab(document.querySelector('.tab[data-kind="txt2img"]'));
+  $("prompt").value = fields.prompt;
+  $("negative_prompt").value = fields.negative_prompt;
+  for (const id of ["steps", "cfg_scale", "seed", "width", "height"]) $(id).value = String(fields[id]);
+  $("sampler_name").value = fields.sampler_name;
+  $("scheduler").value = fields.scheduler;
+  $("batch_size").value = "1";
+  if (model && $("model").value !== model.value) {
+    $("model").value = model.value;
+    if (!(await switchModel())) return;
+  }
+  await generate();
 }
 
 function showResult(images) {
@@ -116,7 +159,7 @@ function showResult(images) {
 async function loadGallery() {
   try {
     const images = await getJSON("/diffuse/v1/gallery");
-    $("gallery").replaceChildren(...images.map(figure));
+    $("gallery").replaceChildren(...images.map((image) => figure(image, true)));
   } catch (error) { /* the gallery is a convenience; the result above stands */ }
 }
 
@@ -175,21 +218,23 @@ function paint(event) {
 async function switchModel() {
   $("generate").disabled = true;
   setStatus("loading the model...");
+  let loaded = true;
   try {
-    await getJSON("/sdapi/v1/options", {method: "POST", headers: {"Content-Type": "application/json"},
-                                        body: JSON.stringify({sd_model_checkpoint: $("model").value})});
+    await postJSON("/sdapi/v1/options", {sd_model_checkpoint: $("model").value});
     setStatus("model loaded");
   } catch (error) {
+    loaded = false;
     setStatus(error.message, true);  // the server kept the model it had
     $("model").value = (await getJSON("/sdapi/v1/options")).sd_model_checkpoint;
   }
   $("model-line").textContent = $("model").value;
   $("generate").disabled = false;
+  return loaded;
 }
 
 $("settings").addEventListener("submit", generate);
 $("model").addEventListener("change", switchModel);
-$("interrupt").addEventListener("click", () => getJSON("/sdapi/v1/interrupt", {method: "POST"}).catch(() => {}));
+$("interrupt").addEventListener("click", () => postJSON("/sdapi/v1/interrupt", {}).catch(() => {}));
 for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => selectTab(tab));
 $("init-image").addEventListener("change", (e) => { if (e.target.files[0]) loadInitImage(e.target.files[0]); });
 $("mask-canvas").addEventListener("pointerdown", paint);
