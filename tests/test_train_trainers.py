@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -29,7 +31,7 @@ from diffuse.train.clip_trainer import CLIPTrainConfig, train_clip
 from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, train
 from diffuse.train.presets import TINY_VAE
-from diffuse.train.state import capture_rng_state, restore_rng_state
+from diffuse.train.state import capture_rng_state, latest_checkpoint, read_checkpoint, restore_rng_state
 from diffuse.train.trainers import FINAL_INFO, FINAL_WEIGHTS, config_from_dict, load_final, read_config
 from diffuse.train.unet_trainer import (
     UNetTrainConfig,
@@ -39,7 +41,7 @@ from diffuse.train.unet_trainer import (
     make_batch,
     train_unet,
 )
-from diffuse.train.vae_trainer import VAETrainConfig, measure_scaling_factor
+from diffuse.train.vae_trainer import VAETrainConfig, measure_scaling_factor, train_vae
 
 DATA = DataConfig(seed=3, image_size=32)
 MICRO_VAE = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)  # f = 4: 8x8 latents
@@ -223,6 +225,47 @@ def test_unet_resume_matches_a_straight_run(stages, tmp_path):
         == frozen_files == [extra["vae_sha256"], extra["text_encoder_sha256"]]  # recorded: what it trained on
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train_unet(config, tmp_path / "straight", resume=False, progress=False)
+
+
+def test_unet_resume_refuses_a_text_encoder_replaced_at_the_same_path(stages, tmp_path):
+    clip = tmp_path / "clip"
+    shutil.copytree(stages["root"] / "clip", clip)
+    config = unet_config(stages, steps=4, text_encoder_dir=str(clip))
+    straight = train_unet(config, tmp_path / "straight", progress=False)
+    train_unet(dataclasses.replace(config, steps=2), tmp_path / "run", progress=False)
+    weights = clip / FINAL_WEIGHTS
+    original = weights.read_bytes()
+    retrained = {name: tensor + 0.01 for name, tensor in safetensors.torch.load_file(weights).items()}
+    safetensors.torch.save_file(retrained, weights)  # another text encoder, same path, same config
+    with pytest.raises(ValueError, match=rf"input text_encoder_dir text_encoder weights {re.escape(str(weights))} "
+                                         rf"has other content .*sha256 {hashlib.sha256(original).hexdigest()[:12]} "
+                                         rf"then, {file_digest(weights)[:12]} now"):
+        train_unet(config, tmp_path / "run", progress=False)
+    weights.write_bytes(original)
+    assert train_unet(config, tmp_path / "run", progress=False) == straight
+    assert file_digest(tmp_path / "run" / FINAL_WEIGHTS) == file_digest(tmp_path / "straight" / FINAL_WEIGHTS)
+
+
+def test_fine_tune_resume_refuses_a_changed_init_from_description(stages, tmp_path):
+    start = tmp_path / "start"
+    shutil.copytree(stages["root"] / "vae", start)
+    config = dataclasses.replace(stages["vae_config"], steps=2, checkpoint_every=1, init_from=str(start))
+    train_vae(dataclasses.replace(config, steps=1), tmp_path / "tune", progress=False)
+    info = start / FINAL_INFO
+    info.write_text(json.dumps(json.loads(info.read_text())))  # the same fields, written another way
+    with pytest.raises(ValueError, match=r"input init_from vae config .*final.json has other content"):
+        train_vae(config, tmp_path / "tune", progress=False)
+
+
+def test_clip_fine_tune_records_both_parts_it_starts_from(stages, tmp_path):
+    config = dataclasses.replace(stages["clip_config"], steps=1, init_from=str(stages["root"] / "clip"))
+    train_clip(config, tmp_path / "tune", progress=False)
+    recorded = read_checkpoint(latest_checkpoint(tmp_path / "tune"))["inputs"]
+    assert {name: Path(entry["path"]).name for name, entry in recorded.items()} == {
+        "init_from text_encoder weights": FINAL_WEIGHTS, "init_from text_encoder config": FINAL_INFO,
+        "init_from image_tower weights": "final_image_tower.safetensors",
+        "init_from image_tower config": "final_image_tower.json"}
+    assert all(entry["sha256"] == file_digest(Path(entry["path"])) for entry in recorded.values())
 
 
 def test_batches_made_by_worker_processes_train_the_same(stages, tmp_path):

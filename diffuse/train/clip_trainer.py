@@ -33,7 +33,7 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import contrastive_loss
 from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT
-from diffuse.train.trainers import is_main_process, save_final, starting_weights
+from diffuse.train.trainers import is_main_process, save_final, stage_inputs, starting_weights
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,13 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = T
     models = build_models(config)
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
     dataset = ShapesDataset(config.data)
+    inputs = {}
+    if config.init_from is not None:
+        inputs = {**stage_inputs("init_from", config.init_from, "text_encoder"),
+                  **stage_inputs("init_from", config.init_from, "image_tower")}
     losses = train(config, models, partial(loss_fn, tokenizer.eos_token_id),
                    partial(make_batch, dataset, tokenizer, hard_negatives=config.hard_negatives),
-                   out_dir, resume=resume, progress=progress, data_workers=data_workers)
+                   out_dir, resume=resume, progress=progress, data_workers=data_workers, inputs=inputs)
     if is_main_process():
         # The tower first: the text encoder's final.json is what marks the stage finished.
         tower = image_tower(config, models)

@@ -46,6 +46,7 @@ from diffuse.train.prefetch import batch_stream
 from diffuse.train.state import (
     capture_rng_state,
     checkpoint_path,
+    input_fingerprints,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -154,6 +155,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     data_workers: int = 0,
+    inputs: dict[str, str | Path] | None = None,
 ) -> list[float]:
     """Train `models` for config.steps steps in `out_dir`; returns the loss of every step so far.
 
@@ -171,20 +173,26 @@ def train(
 
     data_workers > 0 makes the batches ahead in that many processes (prefetch.py); the
     losses are the same whatever the number, so it is a run's setting, not the config's.
+
+    `inputs` names the files the run depends on beyond its config (another stage's weights
+    and final.json): their sha256 goes into every checkpoint, and resuming after one of them
+    took other content, even at the same path, is refused (state.check_inputs).
     """
     loop = _loop_config(config)
     out_dir = Path(out_dir)
     started_group = not distributed.is_initialized()
     info = distributed.setup()
     try:
-        return _train(config, loop, models, loss_fn, make_batch, out_dir, info, resume, progress, data_workers)
+        return _train(config, loop, models, loss_fn, make_batch, out_dir, info, resume, progress, data_workers,
+                      input_fingerprints(inputs or {}))
     finally:
         if started_group:
             distributed.teardown()
 
 
 def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn: LossFn, make_batch: MakeBatch,
-           out_dir: Path, info: DistInfo, resume: bool, progress: bool, data_workers: int) -> list[float]:
+           out_dir: Path, info: DistInfo, resume: bool, progress: bool, data_workers: int,
+           inputs: dict[str, dict[str, str]]) -> list[float]:
     trainable = {name: m for name, m in models.items() if any(p.requires_grad for p in m.parameters())}
     if not trainable:
         raise ValueError(f"none of the models {sorted(models)} has parameters that require grad: nothing to train")
@@ -208,7 +216,7 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
             raise ValueError(f"{out_dir} already holds checkpoints (latest {latest.name}); "
                              "resume from them or train in another folder")
         state = load_checkpoint(latest, config=config, models=checkpointed, optimizers=optimizers,
-                                generators=generators, rank=info.rank)
+                                generators=generators, rank=info.rank, inputs=inputs)
         step, data_position = state.step, state.data_position
 
     log_path = out_dir / LOG_NAME
@@ -237,7 +245,7 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
         if info.is_main:
             save_checkpoint(checkpoint_path(out_dir, step), config=config, models=checkpointed, optimizers=optimizers,
                             step=step, data_position=data_position, generators=generators,
-                            rng_states=rng_states, extra={"world_size": info.world_size})
+                            rng_states=rng_states, extra={"world_size": info.world_size}, inputs=inputs)
             prune_checkpoints(out_dir, loop.keep_checkpoints)
         distributed.barrier()
 

@@ -13,6 +13,11 @@ containers and never runs code from the file; that is why everything stored here
 converted to tensors, numbers, strings, lists, tuples and dicts first. A sha256 over the
 content, stored inside, catches the damage torch's zip reader lets through (a flipped byte
 in tensor data loads silently).
+
+A run that builds on files of other stages (the UNet stage's frozen VAE and text encoder, a
+fine-tune's init_from) records each one's path and sha256 in its checkpoints, and refuses to
+resume when one of them holds other content now, even at the same path: the rest of the run
+would train against something else than its first steps did.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffuse.metadata import atomic_write
+from diffuse.metadata import atomic_write, sha256_file
 
 FORMAT = "diffuse-train-checkpoint"
 VERSION = 1
@@ -104,6 +109,7 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     rng_states: list[dict] | None = None,
     extra: dict | None = None,
+    inputs: dict[str, dict[str, str]] | None = None,
 ) -> Path:
     """Write one checkpoint file atomically: `path` holds the old file or the complete new one.
 
@@ -112,6 +118,7 @@ def save_checkpoint(
     rng_states: one `capture_rng_state()` per process of a data-parallel run, by rank (each
         process has its own dropout stream); by default this process's own.
     extra: anything else to hand back on resume (tensors and plain values only).
+    inputs: input_fingerprints() of the files the run reads from other stages.
     """
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise ValueError(f"config must be a dataclass instance, not {type(config).__name__}")
@@ -126,6 +133,7 @@ def save_checkpoint(
         "generators": {name: generator.get_state() for name, generator in (generators or {}).items()},
         "rng": rng_states if rng_states is not None else [capture_rng_state()],
         "extra": dict(extra or {}),
+        "inputs": dict(inputs or {}),
     }
     # Hashing walks every value, so it also refuses (before anything is written) whatever
     # torch.load(weights_only=True) could not read back.
@@ -161,13 +169,16 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     generators: dict[str, torch.Generator] | None = None,
     rank: int = 0,
+    inputs: dict[str, dict[str, str]] | None = None,
 ) -> ResumeState:
     """Restore models, optimizers, generators and this process's RNG states in place from `path`.
 
     Refuses (ValueError) a checkpoint written with a different config, except for fields
     declared `resumable`, and one whose models, optimizers or generators do not match by name.
     `rank` picks this process's RNG states in a data-parallel run; a run resumed with more
-    processes than wrote the checkpoint reuses the states round-robin.
+    processes than wrote the checkpoint reuses the states round-robin. With `inputs`
+    (input_fingerprints of the run's input files) it also refuses one whose inputs changed
+    content since it was written; a checkpoint from before inputs were recorded is not checked.
     """
     path = Path(path)
     payload = read_checkpoint(path)
@@ -176,6 +187,8 @@ def load_checkpoint(
         listed = "\n  ".join(differences)
         raise ValueError(f"checkpoint {path} was written with a different config; refusing to resume with:\n"
                          f"  {listed}\nStart a new run in another folder, or change only resumable fields.")
+    if inputs is not None and "inputs" in payload:
+        check_inputs(path, payload["inputs"], inputs)
     generators = generators or {}
     _check_names(path, "models", payload["models"], models)
     _check_names(path, "optimizers", payload["optimizers"], optimizers)
@@ -201,6 +214,38 @@ def load_checkpoint(
 def _check_names(path: Path, what: str, saved: dict, given: dict) -> None:
     if set(saved) != set(given):
         raise ValueError(f"checkpoint {path} holds {what} {sorted(saved)}, but this run has {sorted(given)}")
+
+
+# ---- input files -------------------------------------------------------------------------------
+
+
+def input_fingerprints(inputs: dict[str, str | Path]) -> dict[str, dict[str, str]]:
+    """{name: {"path", "sha256"}} of each file a run reads from another stage (streamed, any size)."""
+    fingerprints = {}
+    for name, file in inputs.items():
+        if not Path(file).is_file():
+            raise ValueError(f"input {name}: {file} does not exist or is not a file")
+        fingerprints[name] = {"path": str(file), "sha256": sha256_file(file)}
+    return fingerprints
+
+
+def check_inputs(path: str | Path, recorded: dict, current: dict[str, dict[str, str]]) -> None:
+    """Refuse (one-line ValueError) to resume checkpoint `path` when an input it recorded holds other
+    content now, or the run's inputs are not the ones it recorded. Only content counts: the paths
+    are config fields, which config_differences compares."""
+    problems = []
+    for name in sorted(set(recorded) | set(current)):
+        before, now = recorded.get(name), current.get(name)
+        if before is None:
+            problems.append(f"input {name} ({now['path']}) was not an input of the checkpoint's run")
+        elif now is None:
+            problems.append(f"its input {name} ({before['path']}) is not an input of this run")
+        elif before["sha256"] != now["sha256"]:
+            problems.append(f"input {name} {now['path']} has other content than when the checkpoint was written "
+                            f"(sha256 {before['sha256'][:12]} then, {now['sha256'][:12]} now)")
+    if problems:
+        raise ValueError(f"checkpoint {path}: refusing to resume: {'; '.join(problems)}; put back the files "
+                         f"it was trained on, or train in another folder")
 
 
 # ---- config comparison -------------------------------------------------------------------------

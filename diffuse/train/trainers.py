@@ -151,6 +151,13 @@ def final_files(folder: str | Path, component: str) -> tuple[Path, Path]:
     return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
 
+def stage_inputs(field: str, folder: str | Path, component: str) -> dict[str, Path]:
+    """A finished component's two files as inputs of a run (loop.train's `inputs`), named by the
+    config field that points at them: {"<field> <component> weights": ..., "<field> <component> config": ...}."""
+    weights, info = final_files(folder, component)
+    return {f"{field} {component} weights": weights, f"{field} {component} config": info}
+
+
 def weights_sha256(folder: str | Path, component: str) -> str:
     """The sha256 of a finished component's weights file: which weights a later stage was trained on."""
     return sha256_file(final_files(folder, component)[0])

@@ -29,7 +29,8 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import drop_captions, encode_latents, unet_loss
 from diffuse.train.presets import TINY_UNET
-from diffuse.train.trainers import is_main_process, load_final, save_final, starting_weights, weights_sha256
+from diffuse.train.trainers import (is_main_process, load_final, save_final, stage_inputs, starting_weights,
+                                   weights_sha256)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,15 @@ def load_conditioning(config: UNetTrainConfig) -> Conditioning:
     return Conditioning(vae, vae_config.scaling_factor, text_encoder, tokenizer, fingerprints)
 
 
+def unet_inputs(config: UNetTrainConfig) -> dict[str, Path]:
+    """The files of other stages this stage depends on: the frozen VAE and text encoder, and init_from."""
+    inputs = {**stage_inputs("vae_dir", config.vae_dir, "vae"),
+              **stage_inputs("text_encoder_dir", config.text_encoder_dir, "text_encoder")}
+    if config.init_from is not None:
+        inputs.update(stage_inputs("init_from", config.init_from, "unet"))
+    return inputs
+
+
 def build_models(config: UNetTrainConfig, conditioning: Conditioning) -> dict[str, nn.Module]:
     torch.manual_seed(config.seed)  # the same starting weights for every run of this config
     unet = UNet(config.unet)
@@ -118,7 +128,7 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, *, resume: bool = T
     models = build_models(config, conditioning)
     dataset = ShapesDataset(config.data)
     losses = train(config, models, partial(loss_fn, config, conditioning), partial(make_batch, dataset), out_dir,
-                   resume=resume, progress=progress, data_workers=data_workers)
+                   resume=resume, progress=progress, data_workers=data_workers, inputs=unet_inputs(config))
     if is_main_process():
         save_final(out_dir, "unet", models["unet"].eval(), config.unet, config, extra={
             "prediction_type": config.schedule.prediction_type,

@@ -22,7 +22,7 @@ from diffuse.train.data import DataConfig, ShapesDataset
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import DEFAULT_KL_WEIGHT, scaling_factor_for, vae_loss
 from diffuse.train.presets import TINY_VAE
-from diffuse.train.trainers import is_main_process, save_final, starting_weights
+from diffuse.train.trainers import is_main_process, save_final, stage_inputs, starting_weights
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,9 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = Tru
     """Train the autoencoder in `out_dir`, then write final.safetensors / final.json there; returns every step's loss."""
     models = build_models(config)
     dataset = ShapesDataset(config.data)
+    inputs = stage_inputs("init_from", config.init_from, "vae") if config.init_from is not None else {}
     losses = train(config, models, partial(loss_fn, config), partial(make_batch, dataset), out_dir,
-                   resume=resume, progress=progress, data_workers=data_workers)
+                   resume=resume, progress=progress, data_workers=data_workers, inputs=inputs)
     if is_main_process():
         vae = models["vae"].eval()
         factor = measure_scaling_factor(vae, dataset, config.scaling_samples, config.seed)
