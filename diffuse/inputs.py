@@ -7,7 +7,9 @@ before a text encoder runs or a latent is allocated.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 from pathlib import Path
 
@@ -23,13 +25,17 @@ MAX_SEED = 2**32 - 1  # A1111 seeds are 32-bit; seed + i must stay a valid torch
 
 
 def check_size(width: int, height: int, multiple: int = 8) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer number of pixels, got {value!r}")
-        if value < multiple or value > MAX_SIDE:
-            raise ValueError(f"{name} must be between {multiple} and {MAX_SIDE} pixels, got {value}")
-        if value % multiple:
-            raise ValueError(f"{name} must be a multiple of {multiple} (the autoencoder's downsampling), got {value}")
+    check_side("width", width, multiple)
+    check_side("height", height, multiple)
+
+
+def check_side(name: str, value: int, multiple: int = 8) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer number of pixels, got {value!r}")
+    if value < multiple or value > MAX_SIDE:
+        raise ValueError(f"{name} must be between {multiple} and {MAX_SIDE} pixels, got {value}")
+    if value % multiple:
+        raise ValueError(f"{name} must be a multiple of {multiple} (the autoencoder's downsampling), got {value}")
 
 
 def check_steps(steps: int) -> None:
@@ -66,12 +72,24 @@ def prompt_list(prompt: str | list[str], name: str, count: int | None = None) ->
     return list(prompts) * (count // len(prompts)) if count else list(prompts)
 
 
-def resolve_seed(seed: int | None) -> int:
-    """None or -1 picks a random seed (reported back so the image can be made again)."""
+def resolve_seed(seed: int | None, count: int = 1) -> int:
+    """The first seed of `count` images (image i uses seed + i); None or -1 picks one at random.
+
+    Every image's seed stays in A1111's range 0..MAX_SEED, so each can be typed back in: a
+    random pick leaves room for all `count`, and an explicit seed whose last image would pass
+    MAX_SEED is refused.
+    """
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"the number of images must be a positive integer, got {count!r}")
+    if count > MAX_SEED:
+        raise ValueError(f"{count} images cannot each have their own seed (the most is {MAX_SEED})")
     if seed is None or seed == -1:
-        return random.randrange(MAX_SEED)
+        return random.randrange(MAX_SEED - count + 2)  # 0 .. MAX_SEED - count + 1
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, or -1/None for a random one, got {seed!r}")
+    if seed + count - 1 > MAX_SEED:
+        raise ValueError(f"seed {seed} with {count} images would give the last one seed {seed + count - 1}, past "
+                         f"{MAX_SEED}; use a seed from 0 to {MAX_SEED - count + 1}")
     return seed
 
 
@@ -120,3 +138,48 @@ def check_mask_matches(image: Image.Image, mask: Image.Image) -> None:
     if image.size != mask.size:
         raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; "
                          "they must be the same size")
+
+
+def check_settings(width: int | None, height: int | None, steps: int, guidance_scale: float, batch_size: int,
+                   strength: float = 1.0, eta: float | None = None, multiple: int = 8) -> None:
+    """The checks every request needs and none of which needs a model (None sizes: decided later)."""
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            check_side(name, value, multiple)
+    check_steps(steps)
+    check_number("guidance_scale", guidance_scale, 0.0, 100.0)
+    check_number("strength", strength, 0.0, 1.0)
+    check_batch_size(batch_size)
+    if eta is not None:
+        check_number("eta", eta, 0.0, 1.0)
+    if int(steps * strength) < 1:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step "
+                         f"(int(steps x strength) = 0); raise the strength or the steps")
+
+
+def check_output_folder(folder: str | Path, what: str = "output folder") -> None:
+    """A folder that exists and can be written to, or that can be created: checked, not created."""
+    path = Path(folder).expanduser()
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {existing} is not writable")
+
+
+def image_sha256(pixels: torch.Tensor) -> str:
+    """sha256 of an input image as the model saw it: the 8-bit RGB bytes, row by row, of the
+    [1, 3, H, W] tensor image_to_tensor made (for an image used at its own size, the sha256 of
+    its RGB pixels as Pillow's tobytes() gives them)."""
+    levels = ((pixels[0].permute(1, 2, 0).double() + 1.0) * 127.5).round().clamp(0, 255)
+    return hashlib.sha256(levels.to(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def mask_sha256(mask: torch.Tensor) -> str:
+    """sha256 of an inpainting mask as the model saw it: 255 where it repaints, 0 elsewhere, one
+    byte per pixel, row by row (the [1, 1, H, W] tensor mask_to_tensor made)."""
+    return hashlib.sha256((mask[0, 0] * 255).to(torch.uint8).numpy().tobytes()).hexdigest()

@@ -11,12 +11,20 @@ of "Key: value" pairs that always starts with "Steps:" (readers look for "\\nSte
 Writing the same text makes our images readable by the tools that read A1111's
 (PNG Info tab, image browsers, civitai), and lets any image be made again.
 
-Also here: A1111's model hash, and one atomic file writer used for every image we save.
+A1111 writes prompts raw, so a prompt holding a newline and "Steps: ..." would forge a
+parameters line that readers trust. Prompts are therefore written with newlines escaped (see
+`escape_newlines`): an ordinary prompt, `\\(` included, stays byte-identical, and any prompt
+comes back exactly (but for the leading and trailing whitespace every reader strips).
+
+After A1111's own keys come diffuse's, which say what is needed to make an image again and
+whether that can match: the model's full sha256, dtype, device, the sampler's settings, the
+batch and the image's place in it, the input image's and mask's hashes.
+
+Also here: one atomic file writer used for every image we save.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,11 +35,16 @@ from typing import BinaryIO, Callable
 
 from PIL import Image, PngImagePlugin
 
+# The hashes are diffuse.hashes' and the safe chunk reader is diffuse.pngtext's; callers
+# that read and write PNG metadata find them here too.
+from .hashes import ModelHashes, model_hash, model_hashes, sha256_file  # noqa: F401
+from .pngtext import PngTextError, read_png_text  # noqa: F401
+
 PARAMETERS_KEY = "parameters"  # the PNG text chunk's name, as A1111 writes it
 
 # Our generation-info keys in the order A1111's create_infotext lists their labels.
 # "Size" stands for width and height together; "Mask blur" is one of A1111's extra
-# parameters, which come after its fixed ones and before "Version".
+# parameters, which come after its fixed ones; diffuse's own keys follow them, before "Version".
 _LABELS = {
     "steps": "Steps",
     "sampler": "Sampler",
@@ -44,10 +57,20 @@ _LABELS = {
     "denoising_strength": "Denoising strength",
     "clip_skip": "Clip skip",
     "token_merging_ratio": "Token merging ratio",  # A1111 writes it here too, when merging is on
+    "init_image_hash": "Init image hash",  # img2img/inpaint: sha256 of the input's pixels (diffuse.inputs)
     "eta": "Eta",  # DDIM's eta or the ancestral noise share, written only when asked for
     "mask_blur": "Mask blur",
     "guidance_cutoff": "Guidance cutoff",  # diffuse's optional speed-ups, written only when used
     "deep_cache": "Deep cache",
+    "nan_fallback": "NaN fallback",  # what ran in float32 after a NaN in reduced precision, e.g. "UNet float32"
+    "mask_hash": "Mask hash",  # inpaint: sha256 of the mask as the model saw it (diffuse.inputs)
+    "keep_unmasked": "Keep unmasked",  # inpaint: written only when off (A1111 always pastes back)
+    "batch_size": "Batch size",  # images drawn together (A1111's old labels); written from 2 up
+    "batch_pos": "Batch pos",
+    "model_sha256": "Model sha256",  # diffuse.hashes: the file's, or a folder's every part's
+    "dtype": "Dtype",
+    "device": "Device",  # the device type: "cpu", "cuda", "mps"
+    "sampler_settings": "Sampler settings",  # diffuse.recipe: every schedule and sampler option
     "version": "Version",
 }
 
@@ -64,11 +87,44 @@ _PARSE_DEFAULTS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
 
 
 def _quote(value: object) -> str:
-    """A1111's rule: values that would break the "k: v, k: v" line are written as JSON strings."""
+    """A1111's rule: values that would break the "k: v, k: v" line are written as JSON strings
+    (and, beyond A1111, a value that starts with a quote, which a reader would unquote)."""
     text = str(value)
-    if "," in text or "\n" in text or ":" in text:
+    if "," in text or "\n" in text or "\r" in text or ":" in text or text.startswith('"'):
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+_TO_ESCAPE = re.compile(r"(\\*)([\n\rnr])")
+_ESCAPED = re.compile(r"(\\+)([nr])")
+
+
+def escape_newlines(text: str) -> str:
+    """A prompt as one line, reversibly: newline -> \\n, carriage return -> \\r.
+
+    A run of k backslashes before a newline (CR) is written as 2k+1 backslashes and "n" ("r");
+    before a literal "n" ("r") as 2k backslashes and the letter; everything else is unchanged,
+    so prompts without those (A1111's `\\(` escapes included) stay byte-identical.
+    """
+    def one(match: re.Match) -> str:
+        run, char = len(match.group(1)), match.group(2)
+        if char in "\n\r":
+            return "\\" * (2 * run + 1) + ("n" if char == "\n" else "r")
+        return "\\" * (2 * run) + char
+
+    return _TO_ESCAPE.sub(one, text)
+
+
+def unescape_newlines(text: str) -> str:
+    """The inverse of escape_newlines: m backslashes before "n"/"r" are m // 2 backslashes and,
+    for odd m, a newline (CR), for even m the letter itself."""
+    def one(match: re.Match) -> str:
+        run, char = len(match.group(1)), match.group(2)
+        if run % 2:
+            return "\\" * (run // 2) + ("\n" if char == "n" else "\r")
+        return "\\" * (run // 2) + char
+
+    return _ESCAPED.sub(one, text)
 
 
 def _format_cfg(value: float) -> str:
@@ -80,9 +136,10 @@ def _format_cfg(value: float) -> str:
 def infotext(info: dict) -> str:
     """A1111's parameters text for one image from our generation-info dict.
 
-    Keys read: prompt, negative_prompt, steps, sampler, schedule_type, cfg_scale, seed, width,
-    height, model_hash, model, clip_skip (written only above 1), denoising_strength
-    (img2img/inpaint), mask_blur, version. None values and other keys are left out.
+    Keys read: prompt, negative_prompt (both through escape_newlines), width and height (as
+    "Size"), clip_skip (written only above 1), batch_size and batch_pos (only for batches of
+    2 or more), keep_unmasked (only when False) and every other key of _LABELS. None values
+    and other keys are left out.
     """
     values: dict[str, object] = {}
     for key, label in _LABELS.items():
@@ -92,14 +149,16 @@ def infotext(info: dict) -> str:
                 values[label] = f"{int(width)}x{int(height)}"
             continue
         value = info.get(key)
-        if value is None or (key == "clip_skip" and int(value) <= 1):
+        if value is None or (key == "clip_skip" and int(value) <= 1) or (key == "keep_unmasked" and value):
+            continue
+        if key in ("batch_size", "batch_pos") and int(info.get("batch_size") or 1) < 2:
             continue
         values[label] = _format_cfg(value) if key == "cfg_scale" else value
     params = ", ".join(f"{label}: {_quote(value)}" for label, value in values.items())
-    negative = info.get("negative_prompt") or ""
+    negative = escape_newlines(info.get("negative_prompt") or "")
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     # A1111 strips the whole text, so an empty prompt leaves the "Steps:" line first.
-    return f"{info.get('prompt') or ''}{negative_line}\n{params}".strip()
+    return f"{escape_newlines(info.get('prompt') or '')}{negative_line}\n{params}".strip()
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -110,7 +169,8 @@ def parse_infotext(text: str) -> dict[str, str]:
     becomes "Size-1"/"Size-2"; JSON-quoted values are unquoted; an empty value is dropped
     (A1111 fails on it and skips the key). Missing "Clip skip", "RNG" and "Schedule type"
     get A1111's defaults ("1", "GPU", "Automatic"). A1111's UI-only steps (prompt styles,
-    hires-fix and inpaint form defaults) are not reproduced.
+    hires-fix and inpaint form defaults) are not reproduced. The prompts go through
+    unescape_newlines; a raw multi-line prompt (as A1111 writes them) keeps its lines.
     """
     *lines, last = text.strip().split("\n")
     if len(_PARAM.findall(last)) < 3:
@@ -127,7 +187,8 @@ def parse_infotext(text: str) -> dict[str, str]:
             line = line[len("Negative prompt:"):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
 
-    result = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    result = {"Prompt": unescape_newlines("\n".join(prompt_lines)),
+              "Negative prompt": unescape_newlines("\n".join(negative_lines))}
     for key, value in _PARAM.findall(last):
         if not value:
             continue
@@ -146,6 +207,15 @@ def parse_infotext(text: str) -> dict[str, str]:
     return result
 
 
+def _boolean(text: str) -> bool:
+    """"True"/"False" as Python writes them (A1111's infotexts hold bools this way too)."""
+    if text not in ("True", "False"):
+        raise ValueError(text)
+    return text == "True"
+
+
+_boolean.__name__ = "boolean (True or False)"
+
 # Parsed labels back to our keys, with the type each key has in a generation-info dict.
 _FROM_LABEL = {
     "Prompt": ("prompt", str),
@@ -161,8 +231,21 @@ _FROM_LABEL = {
     "Model": ("model", str),
     "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
+    "Token merging ratio": ("token_merging_ratio", float),
+    "Init image hash": ("init_image_hash", str),
     "Eta": ("eta", float),
     "Mask blur": ("mask_blur", int),
+    "Guidance cutoff": ("guidance_cutoff", float),
+    "Deep cache": ("deep_cache", str),
+    "NaN fallback": ("nan_fallback", str),
+    "Mask hash": ("mask_hash", str),
+    "Keep unmasked": ("keep_unmasked", _boolean),
+    "Batch size": ("batch_size", int),
+    "Batch pos": ("batch_pos", int),
+    "Model sha256": ("model_sha256", str),
+    "Dtype": ("dtype", str),
+    "Device": ("device", str),
+    "Sampler settings": ("sampler_settings", str),
     "Version": ("version", str),
 }
 
@@ -184,48 +267,6 @@ def info_from_infotext(text: str) -> dict:
             raise ValueError(f"infotext value for {label!r} is not a valid {kind.__name__}: "
                              f"{parsed[label]!r}") from None
     return info
-
-
-# ---- model hash --------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """sha256 of a whole file, read in chunks so a multi-GB checkpoint never sits in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# For a diffusers folder: the UNet is the part that makes one model differ from another
-# (fine-tunes share text encoder and VAE), so its weights file stands for the model.
-_DIFFUSERS_UNET_WEIGHTS = (
-    "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.bin",
-    "unet/diffusion_pytorch_model.fp16.safetensors",
-    "unet/diffusion_pytorch_model.fp16.bin",
-)
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """A1111's "Model hash" (AutoV2): the first 10 hex digits of the sha256 of the whole file.
-
-    A single-file checkpoint hashes to exactly what A1111 shows. A diffusers folder has no
-    single file, so its UNet weights file is hashed instead (the first of
-    unet/diffusion_pytorch_model{,.fp16}.{safetensors,bin} that exists).
-    """
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / name for name in _DIFFUSERS_UNET_WEIGHTS]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            looked_for = ", ".join(_DIFFUSERS_UNET_WEIGHTS)
-            raise ValueError(f"{path} is a folder without UNet weights to hash (looked for {looked_for})")
-        path = found
-    elif not path.is_file():
-        raise ValueError(f"cannot hash model {path}: no such file or folder")
-    return sha256_file(path)[:10]
 
 
 # ---- writing files -----------------------------------------------------------------------------
@@ -311,11 +352,15 @@ def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo | None:
 
 
 def read_parameters(source: str | os.PathLike | Image.Image) -> str | None:
-    """The "parameters" text of a PNG (a path or an opened image), or None when it has none."""
+    """The "parameters" text of a PNG (a path or an opened image), or None when it has none.
+
+    A path is read chunk by chunk without decoding its pixels (diffuse.pngtext): a
+    decompression bomb, an oversized text chunk, a truncated or damaged file and a file that
+    is not a PNG raise PngTextError (a ValueError) with one line naming the file.
+    """
     if isinstance(source, Image.Image):
         return _parameters_of(source)
-    with Image.open(source) as image:
-        return _parameters_of(image)
+    return read_png_text(source, PARAMETERS_KEY)
 
 
 def _parameters_of(image: Image.Image) -> str | None:

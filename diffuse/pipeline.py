@@ -19,13 +19,15 @@ import torch
 from PIL import Image
 
 from . import inputs
-from .metadata import infotext, model_hash
+from .hashes import ModelHashes, model_hashes
+from .metadata import infotext
 from .models.clip import CLIPTextEncoder
 from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .preview import latents_to_rgb_cheap, to_pil
 from .prompts import encode_prompt_pair, encode_prompts
+from .recipe import sampler_settings
 from .samplers import Sampler, get_sampler
 from .samplers.schedule import make_denoiser
 from .speedups import DeepCache, Speedups, TokenMerging
@@ -80,6 +82,7 @@ class _Job:
     keep_unmasked: bool = True
     eta: Optional[float] = None  # as asked for (None: the sampler's default)
     speedups: Speedups = field(default_factory=Speedups)
+    nan_fallback: list[str] = field(default_factory=list)  # components the loop reran in float32 after a NaN
 
 
 @dataclass
@@ -110,14 +113,25 @@ class Pipeline:
         return next(self.unet.parameters()).device
 
     @functools.cached_property
-    def model_hash(self) -> Optional[str]:
-        """A1111's short model hash (sha256 of the checkpoint file), computed once.
+    def model_hashes(self) -> ModelHashes | None:
+        """A1111's short model hash and the model's full sha256 (diffuse.hashes), from one read of
+        its files, computed once.
 
         None for weights built in memory (no file at `source`): generating must not fail at
         the end, after the work, over a label."""
         if not self.source.exists():
             return None
-        return model_hash(self.source)
+        return model_hashes(self.source)
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash": 10 hex digits of the checkpoint file's sha256 (a folder's UNet file's)."""
+        return None if self.model_hashes is None else self.model_hashes.short
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The whole model's sha256: the file's, or for a folder one over all its parts' (diffuse.hashes)."""
+        return None if self.model_hashes is None else self.model_hashes.sha256
 
     @property
     def model_name(self) -> str:
@@ -200,29 +214,39 @@ class Pipeline:
     def _job(self, prompt, negative_prompt, width, height, steps, guidance_scale, sampler_name, schedule_type,
              seed, batch_size, clip_skip, strength: float = 1.0, eta: float | None = None,
              speedups: Speedups | None = None) -> _Job:
-        inputs.check_size(width, height, self.config.vae.downsample_factor)
-        inputs.check_steps(steps)
-        guidance_scale = inputs.check_number("guidance_scale", guidance_scale, 0.0, 100.0)
-        strength = inputs.check_number("strength", strength, 0.0, 1.0)
-        inputs.check_batch_size(batch_size)
+        inputs.check_settings(width, height, steps, guidance_scale, batch_size, strength, eta,
+                              multiple=self.config.vae.downsample_factor)
         inputs.check_clip_skip(clip_skip, self.config.text_encoder.layers)
-        if int(steps * strength) < 1:
-            raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step "
-                             f"(int(steps x strength) = 0); raise the strength or the steps")
         prompts = inputs.prompt_list(prompt, "prompt")
         prompts = [p for p in prompts for _ in range(batch_size)]
         negatives = inputs.prompt_list(negative_prompt, "negative_prompt", count=len(prompts) // batch_size)
         negatives = [n for n in negatives for _ in range(batch_size)]
         if len(prompts) > inputs.MAX_BATCH:
             raise ValueError(f"{len(prompts)} images requested at once; the limit is {inputs.MAX_BATCH}")
-        first = inputs.resolve_seed(seed)
-        if eta is not None:
-            eta = inputs.check_number("eta", eta, 0.0, 1.0)
+        first = inputs.resolve_seed(seed, count=len(prompts))
         # A ready Sampler (e.g. from sampler_from_diffusers_config) is used as it is.
         sampler = sampler_name if isinstance(sampler_name, Sampler) else self.get_sampler(sampler_name, schedule_type, eta)
         return _Job(prompts=prompts, negative_prompts=negatives, width=width, height=height, steps=steps,
-                    guidance_scale=guidance_scale, sampler=sampler, seeds=[first + i for i in range(len(prompts))],
-                    clip_skip=clip_skip, strength=strength, eta=eta, speedups=speedups or Speedups())
+                    guidance_scale=float(guidance_scale), sampler=sampler, seeds=[first + i for i in range(len(prompts))],
+                    clip_skip=clip_skip, strength=float(strength), eta=None if eta is None else float(eta),
+                    speedups=speedups or Speedups())
+
+    def describe(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, width: int, height: int,
+                 steps: int, guidance_scale: float, sampler: str | Sampler, seed: int, batch_size: int = 1,
+                 clip_skip: int = 1, schedule_type: str | None = None, eta: float | None = None,
+                 speedups: Speedups | None = None, strength: float = 1.0, image: Image.Image | None = None,
+                 mask: Image.Image | None = None, keep_unmasked: bool = True) -> tuple[dict, list[str]]:
+        """The generation info and the per-image parameters texts that a run with these settings
+        records, without running it: for images made outside the loop (the server's interrupted
+        rounds), so every PNG carries the same fields from this one place."""
+        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
+                        seed, batch_size, clip_skip, strength=strength, eta=eta, speedups=speedups)
+        if image is not None:
+            job.image = inputs.image_to_tensor(inputs.open_image(image), width, height)
+        if mask is not None:
+            job.mask = inputs.mask_to_tensor(inputs.open_image(mask, what="mask"), width, height)
+            job.keep_unmasked = keep_unmasked
+        return self._info(job)
 
     # ---- the denoising loop -----------------------------------------------------------------
 
@@ -314,17 +338,32 @@ class Pipeline:
                                   clip_skip=job.clip_skip)
 
     def _result(self, job: _Job, images: list[Image.Image]) -> Result:
+        info, texts = self._info(job)
+        return Result(images=images, seeds=list(job.seeds), info=info, infotexts=texts)
+
+    def _info(self, job: _Job) -> tuple[dict, list[str]]:
+        """The first image's generation info, and every image's parameters text: what a PNG needs to
+        be made again (diffuse.regenerate) and to tell whether that can match exactly."""
         info = {
             "prompt": job.prompts[0], "negative_prompt": job.negative_prompts[0], "steps": job.steps,
             "sampler": job.sampler.name, "schedule_type": job.sampler.schedule_type, "cfg_scale": job.guidance_scale,
             "seed": job.seeds[0], "width": job.width, "height": job.height, "model_hash": self.model_hash,
             "model": self.model_name, "clip_skip": job.clip_skip,
             "denoising_strength": job.strength if job.image is not None else None, "eta": job.eta,
-            **job.speedups.info(), "version": VERSION,
+            **job.speedups.info(),
+            "init_image_hash": inputs.image_sha256(job.image) if job.image is not None else None,
+            "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
+            "keep_unmasked": job.keep_unmasked if job.mask is not None else None,
+            "nan_fallback": ", ".join(job.nan_fallback) or None,
+            # bf16 GEMMs may round differently at another batch size: exactness needs the same batch.
+            "batch_size": len(job.seeds), "batch_pos": 0,
+            "model_sha256": self.model_sha256, "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type, "sampler_settings": sampler_settings(job.sampler),
+            "version": VERSION,
         }
-        texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s})
-                 for p, n, s in zip(job.prompts, job.negative_prompts, job.seeds)]
-        return Result(images=images, seeds=list(job.seeds), info=info, infotexts=texts)
+        texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
+                 for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))]
+        return info, texts
 
 
 def _paste_unmasked(generated: Image.Image, image: torch.Tensor, mask: torch.Tensor) -> Image.Image:

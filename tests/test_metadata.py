@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import struct
 import zlib
 
 import pytest
 from PIL import Image
 
+import diffuse.hashes
 from diffuse.metadata import (
+    PngTextError,
     atomic_write,
+    escape_newlines,
     info_from_infotext,
     infotext,
     model_hash,
+    model_hashes,
     numbered_path,
     parse_infotext,
     read_parameters,
     save_png,
     sha256_file,
+    unescape_newlines,
 )
+from diffuse.pngtext import MAX_TEXT, MAX_TEXT_CHUNK
 
 BASE = {
     "prompt": "a photo of a cat", "negative_prompt": "blurry, lowres", "steps": 20, "sampler": "DPM++ 2M",
@@ -65,13 +72,61 @@ def test_img2img_strength_clip_skip_and_mask_blur_in_a1111_order():
     )
 
 
-def test_multiline_prompts_and_empty_prompt():
-    info = {**BASE, "prompt": "line one\nline two", "negative_prompt": "bad\nworse", "model_hash": None,
+def test_multiline_prompts_are_written_on_one_line_each_and_empty_prompt():
+    info = {**BASE, "prompt": "line one\nline two", "negative_prompt": "bad\r\nworse", "model_hash": None,
             "model": None, "version": None}
-    assert infotext(info) == ("line one\nline two\nNegative prompt: bad\nworse\n"
+    assert infotext(info) == ("line one\\nline two\nNegative prompt: bad\\r\\nworse\n"
                               "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, "
                               "Size: 512x768")
     assert infotext({**info, "prompt": "", "negative_prompt": ""}).startswith("Steps: 20, ")
+
+
+# ---- newline escaping --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, written", [
+    ("a cat, \\(literal parentheses\\), (big:1.2)", "a cat, \\(literal parentheses\\), (big:1.2)"),
+    ("a\nb", "a\\nb"),  # newline: one backslash and n
+    ("a\\nb", "a\\\\nb"),  # a literal backslash-n: its backslash doubled
+    ("a\\\nb", "a\\\\\\nb"),  # one backslash then a newline: 2k+1 = 3 backslashes
+    ("C:\\dir\\x\rend\\", "C:\\dir\\x\\rend\\"),  # backslashes before other letters stay as they are
+    ("nnn rrr", "nnn rrr"),
+])
+def test_escaping_writes_newlines_as_backslash_letters(raw, written):
+    assert escape_newlines(raw) == written and unescape_newlines(written) == raw
+
+
+def test_escaping_round_trips_any_prompt_exactly():
+    rng = random.Random(20)
+    alphabet = ["\\", "n", "r", "\n", "\r", "a", ":", ",", "(", "Steps: 1", "Negative prompt: x"]
+    for _ in range(3000):
+        prompt = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        negative = "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+        if prompt.startswith("Negative prompt:"):  # the one prompt A1111's layout cannot tell from a negative
+            prompt = "a" + prompt
+        assert unescape_newlines(escape_newlines(prompt)) == prompt
+        text = infotext({**BASE, "prompt": prompt, "negative_prompt": negative})
+        # the prompt, the negative prompt and the parameters: one line each
+        assert len(text.split("\n")) == 1 + bool(prompt) + bool(negative) and "\r" not in text
+        back = info_from_infotext(text)
+        assert (back["prompt"], back["negative_prompt"], back["seed"]) == (prompt, negative, 123)
+
+
+def test_a_prompt_cannot_forge_parameter_lines():
+    forged = "cat\nNegative prompt: x\nSteps: 99, Sampler: Euler, Seed: 1"
+    text = infotext({**BASE, "prompt": forged, "negative_prompt": ""})
+    assert text.count("\nSteps:") == 1 and "\nNegative prompt:" not in text
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == forged and parsed["Negative prompt"] == ""
+    assert (parsed["Steps"], parsed["Seed"], parsed["Sampler"]) == ("20", "123", "DPM++ 2M")
+    negative = infotext({**BASE, "negative_prompt": "ok\nSteps: 99, Sampler: Euler, Seed: 1"})
+    assert info_from_infotext(negative)["steps"] == 20
+
+
+def test_raw_multiline_a1111_prompts_parse_as_before():
+    text = "line one\nline two\nNegative prompt: bad\nworse\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5"
+    parsed = parse_infotext(text)
+    assert (parsed["Prompt"], parsed["Negative prompt"]) == ("line one\nline two", "bad\nworse")
 
 
 # ---- parsing A1111 text ------------------------------------------------------------------------
@@ -136,6 +191,42 @@ def test_round_trip_info_to_text_to_info(changes):
     assert type(back["cfg_scale"]) is float and type(back["steps"]) is int
 
 
+DIFFUSE_FIELDS = {
+    "init_image_hash": "ab" * 32, "mask_hash": "cd" * 32, "keep_unmasked": False, "nan_fallback": "UNet float32",
+    "batch_size": 4, "batch_pos": 3, "model_sha256": "ef" * 32, "dtype": "bfloat16", "device": "cpu",
+    "sampler_settings": "num_train_timesteps=1000 beta_start=0.00085 timestep_spacing=leading",
+    "guidance_cutoff": 0.5, "deep_cache": "3/1", "token_merging_ratio": 0.25,
+}
+
+
+def test_diffuse_fields_come_after_a1111s_and_before_version():
+    info = {**BASE, "denoising_strength": 0.5, **DIFFUSE_FIELDS}
+    text = infotext(info)
+    last = text.splitlines()[-1]
+    assert last.startswith("Steps: 20, Sampler: DPM++ 2M, ") and last.endswith(", Version: diffuse 0.1.0")
+    assert ("Token merging ratio: 0.25, Init image hash: " + "ab" * 32 + ", Guidance cutoff: 0.5, Deep cache: 3/1, "
+            "NaN fallback: UNet float32, Mask hash: " + "cd" * 32 + ", Keep unmasked: False, Batch size: 4, "
+            "Batch pos: 3, Model sha256: " + "ef" * 32 + ", Dtype: bfloat16, Device: cpu, Sampler settings: "
+            "num_train_timesteps=1000 beta_start=0.00085 timestep_spacing=leading, Version") in last
+    parsed = parse_infotext(text)  # A1111's parser finds every one of them
+    assert (parsed["Batch pos"], parsed["Dtype"], parsed["NaN fallback"]) == ("3", "bfloat16", "UNet float32")
+    back = info_from_infotext(text)
+    assert {k: back[k] for k in DIFFUSE_FIELDS} == DIFFUSE_FIELDS
+
+
+def test_defaults_are_left_out_as_a1111_does():
+    text = infotext({**BASE, "keep_unmasked": True, "batch_size": 1, "batch_pos": 0})
+    assert "Keep unmasked" not in text and "Batch" not in text
+    assert info_from_infotext(text).get("keep_unmasked") is None
+
+
+def test_a_value_starting_with_a_quote_stays_itself():
+    text = infotext({**BASE, "model": '"quoted"'})
+    assert info_from_infotext(text)["model"] == '"quoted"'
+    with pytest.raises(ValueError, match="Keep unmasked.*True or False"):
+        info_from_infotext("x\nSteps: 1, Sampler: Euler, Keep unmasked: maybe")
+
+
 # ---- PNG text chunks ---------------------------------------------------------------------------
 
 
@@ -180,6 +271,53 @@ def test_parameters_after_the_pixel_data_are_found(tmp_path):
 def test_no_parameters_reads_as_none(tmp_path):
     save_png(small_image(), tmp_path / "plain.png", None)
     assert read_parameters(tmp_path / "plain.png") is None
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_with(*chunks: bytes, width: int = 8, height: int = 6) -> bytes:
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * width) * min(height, 6)))
+    return b"\x89PNG\r\n\x1a\n" + header + b"".join(chunks) + pixels + chunk(b"IEND", b"")
+
+
+def test_compressed_text_chunks_are_read(tmp_path):
+    ztxt = chunk(b"zTXt", b"parameters\0\0" + zlib.compress(b"z text"))
+    itxt = chunk(b"iTXt", b"parameters\0\1\0en\0\0" + zlib.compress("猫 text".encode()))
+    (tmp_path / "z.png").write_bytes(png_with(ztxt))
+    (tmp_path / "i.png").write_bytes(png_with(itxt))
+    assert read_parameters(tmp_path / "z.png") == "z text"
+    assert read_parameters(tmp_path / "i.png") == "猫 text"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: png_with(chunk(b"tEXt", b"parameters\0x"), width=100_000, height=100_000), "decompression bomb"),
+    (lambda: png_with(chunk(b"tEXt", b"parameters\0" + b"a" * (MAX_TEXT_CHUNK + 1))), "over the"),
+    (lambda: png_with(chunk(b"zTXt", b"parameters\0\0" + zlib.compress(b"a" * (MAX_TEXT + 1)))), "inflates past"),
+    (lambda: png_with(chunk(b"tEXt", b"parameters\0x"))[:-20], "truncated"),
+    (lambda: png_with(chunk(b"tEXt", b"parameters\0x"))[:40], "truncated"),
+    (lambda: png_with(chunk(b"tEXt", b"parameters\0x")).replace(b"parameters\0x", b"parameters\0y"), "checksum"),
+    (lambda: png_with(chunk(b"tEXt", b"parameters\0a"), chunk(b"tEXt", b"parameters\0b")), "two different"),
+    (lambda: b"GIF89a not a png at all", "not a PNG"),
+    (lambda: b"", "not a PNG"),
+])
+def test_unsafe_or_broken_files_are_refused_in_one_line(tmp_path, make, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(make())
+    with pytest.raises(PngTextError, match=message) as caught:
+        read_parameters(path)
+    assert "\n" not in str(caught.value) and "bad.png" in str(caught.value)
+
+
+def test_text_after_the_pixels_is_read_without_decoding_them(tmp_path):
+    # Pixel data that no decoder could inflate: only a reader that skips it finds the text behind it.
+    data = png_with()
+    idat = data.index(b"IDAT") - 4
+    broken = chunk(b"IDAT", b"\xff" * 64) + chunk(b"tEXt", b"parameters\0after the pixels") + chunk(b"IEND", b"")
+    (tmp_path / "late.png").write_bytes(data[:idat] + broken)
+    assert read_parameters(tmp_path / "late.png") == "after the pixels"
 
 
 # ---- atomic writes -----------------------------------------------------------------------------
@@ -248,6 +386,50 @@ def test_model_hash_errors_name_the_path(tmp_path):
         model_hash(tmp_path)
     with pytest.raises(ValueError, match="missing.ckpt"):
         model_hash(tmp_path / "missing.ckpt")
+
+
+def write_folder(root, files: dict[str, bytes]):
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+FOLDER = {
+    "model_index.json": b'{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], '
+                        b'"vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"], '
+                        b'"safety_checker": [null, null]}',
+    "unet/diffusion_pytorch_model.safetensors": b"unet weights", "unet/config.json": b"{}",
+    "vae/diffusion_pytorch_model.safetensors": b"vae weights", "tokenizer/vocab.json": b"{}",
+}
+
+
+def test_model_hashes_of_a_file_come_from_one_read(tmp_path, monkeypatch):
+    (tmp_path / "m.safetensors").write_bytes(b"weights")
+    reads = []
+    read_whole = diffuse.hashes.sha256_file
+    monkeypatch.setattr(diffuse.hashes, "sha256_file", lambda path: reads.append(path) or read_whole(path))
+    hashes = model_hashes(tmp_path / "m.safetensors")
+    assert hashes.sha256 == hashlib.sha256(b"weights").hexdigest() and hashes.short == hashes.sha256[:10]
+    assert len(reads) == 1
+
+
+def test_a_folders_sha256_covers_every_part_and_its_short_hash_stays_the_unets(tmp_path):
+    base = model_hashes(write_folder(tmp_path / "a", FOLDER))
+    assert base.short == hashlib.sha256(b"unet weights").hexdigest()[:10] == model_hash(tmp_path / "a")
+    lines = sorted((hashlib.sha256(data).hexdigest(), name) for name, data in FOLDER.items())
+    listing = "".join(f"{digest}  {name}\n" for digest, name in sorted(lines, key=lambda x: x[1]))
+    assert base.sha256 == hashlib.sha256(listing.encode()).hexdigest()
+    changes = {"vae/diffusion_pytorch_model.safetensors": b"other", "tokenizer/vocab.json": b'{"a": 1}',
+               "model_index.json": FOLDER["model_index.json"].replace(b"StableDiffusion", b"Other")}
+    for name, data in changes.items():
+        changed = model_hashes(write_folder(tmp_path / name.replace("/", "_"), {**FOLDER, name: data}))
+        assert changed.sha256 != base.sha256 and changed.short == base.short, name
+    moved = {**FOLDER, "vae/renamed.safetensors": FOLDER["vae/diffusion_pytorch_model.safetensors"]}
+    del moved["vae/diffusion_pytorch_model.safetensors"]
+    assert model_hashes(write_folder(tmp_path / "moved", moved)).sha256 != base.sha256  # the path counts too
+    extras = {**FOLDER, "eval.json": b"scores", "image_tower/x.safetensors": b"x", "unet/.cache/lock": b"x"}
+    assert model_hashes(write_folder(tmp_path / "extras", extras)).sha256 == base.sha256  # not parts of the model
 
 
 # ---- numbered file names -----------------------------------------------------------------------

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from diffuse.metadata import infotext
-from diffuse.pipeline import VERSION, Pipeline, Result, Step
+from diffuse.pipeline import Pipeline, Result, Step
 from diffuse.preview import to_pil
 from diffuse.server.a1111 import GenerationRequest
 from diffuse.server.jobs import Interrupted, Job
@@ -72,15 +71,12 @@ def _partial(pipe: Pipeline, request: GenerationRequest, seed: int, step: Step |
         return Generated([], [], [], {}, interrupted=True)
     pixels = pipe.decode_latents(step.denoised)
     images = to_pil(pixels)
-    seeds = [seed + i for i in range(len(images))]
     height, width = pixels.shape[-2:]
-    sampler = pipe.get_sampler(request.sampler, request.schedule_type)  # the names a finished run reports
-    info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-            "sampler": sampler.name, "schedule_type": sampler.schedule_type, "cfg_scale": request.cfg_scale,
-            "seed": seed, "width": width, "height": height, "model_hash": pipe.model_hash,
-            "model": pipe.model_name, "clip_skip": request.clip_skip, "eta": request.eta,
-            **request.speedups.info(),
-            "denoising_strength": request.denoising_strength if request.init_image is not None else None,
-            "version": VERSION}
-    texts = [infotext({**info, "seed": s}) for s in seeds]
-    return Generated(images, texts, seeds, info, interrupted=True)
+    # The same info a finished round records, from the one place that builds it.
+    info, texts = pipe.describe(
+        request.prompt, request.negative_prompt, width=width, height=height, steps=request.steps,
+        guidance_scale=request.cfg_scale, sampler=request.sampler, schedule_type=request.schedule_type, seed=seed,
+        batch_size=len(images), clip_skip=request.clip_skip, eta=request.eta, speedups=request.speedups,
+        strength=request.denoising_strength if request.init_image is not None else 1.0, image=request.init_image,
+        mask=request.mask if request.init_image is not None else None)
+    return Generated(images, texts, [seed + i for i in range(len(images))], info, interrupted=True)
