@@ -14,18 +14,25 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder, read_json, read_preview_matrix
+from .checkpoints.diffusers_folder import (
+    check_tokenizer_files,
+    is_diffusers_folder,
+    read_diffusers_folder,
+    read_preview_matrix,
+    read_scheduler_config,
+)
 from .checkpoints.errors import CheckpointError
 from .checkpoints.fill import build_and_fill
 from .checkpoints.reader import read_state_dict
 from .checkpoints.single_file import detect_family, sidecar_prediction_type, split_single_file
 from .models.clip import CLIPTextEncoder
-from .models.configs import PipelineConfig
+from .models.configs import PipelineConfig, check_pipeline
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .pipeline import Pipeline
 from .runtime import inference_layout, keep_freed_memory, resolve_device, resolve_dtype
 from .tokenizer import CLIPTokenizer
+
 
 def load_pipeline(
     path: str | Path,
@@ -39,25 +46,39 @@ def load_pipeline(
     natively, else float32 (diffuse.runtime); "float32" (or None) is the exact path that
     matches the reference implementations. `config` overrides architecture detection for
     single-file checkpoints (head counts and v-prediction are not stored in the weights).
+
+    Anything wrong with the files raises CheckpointError and nothing is kept: a caller that
+    holds a pipeline already (the server) can go on using it.
     """
     path = Path(path).expanduser()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if device.type == "cpu":
         keep_freed_memory()
+    try:
+        return _load(path, dtype, device, config)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OSError,
+            RecursionError, MemoryError) as e:
+        # Each known fault has its own message; this keeps the promise above for an unforeseen one.
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(path, f"could not be loaded: {type(e).__name__}: {detail[:300]}") from e
+
+
+def _load(path: Path, dtype: torch.dtype, device: torch.device, config: PipelineConfig | None) -> Pipeline:
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)")
-        tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
+        tokenizer = read_tokenizer(path / "tokenizer")
         detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id)
         config = config or detected
         files = {name: file for name, (_, file) in weights.items()}
         states = {name: state for name, (state, _) in weights.items()}
         del weights  # `states` alone holds the tensors now: filling releases them one by one
-        scheduler_file = path / "scheduler" / "scheduler_config.json"
-        scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else {}
+        scheduler_config = read_scheduler_config(path)
         preview_matrix = read_preview_matrix(path, config.vae.latent_channels)
         probe = False  # the folder's scheduler config says which
     else:
@@ -70,6 +91,10 @@ def load_pipeline(
         files = dict.fromkeys(states, path)
         scheduler_config = {}  # Stable Diffusion's defaults
         preview_matrix = None  # nor does a single file carry a preview matrix: SD's
+    try:
+        check_pipeline(config)  # before anything is built from it
+    except ValueError as e:
+        raise CheckpointError(path, f"unusable architecture: {e}") from None
 
     def fill(name, make):
         return build_and_fill(make, states.pop(name), files[name], name, dtype=dtype, device=device,
@@ -88,6 +113,15 @@ def load_pipeline(
         scheduler_config=scheduler_config,
         preview_matrix=preview_matrix,
     )
+
+
+def read_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A folder's tokenizer; any fault in its files is a CheckpointError naming the folder."""
+    check_tokenizer_files(folder)
+    try:
+        return CLIPTokenizer.from_folder(folder)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise CheckpointError(folder, f"unreadable tokenizer files: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 @torch.no_grad()

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ..models import configs as limits
 from ..models.clip import ACTIVATIONS
 from ..models.configs import TextEncoderConfig
-from .keymap import PrefixPairs, count_numbered, invert, rename_prefixes
+from .fields import check_fields, integer, number, text
+from .keymap import PrefixPairs, count_numbered, dims, invert, rename_prefixes
 
 # (transformers prefix, our prefix). Keys without "text_model." (older SD1 single files,
 # and what transformers 5 itself saves) match no pair and already have our names.
@@ -122,8 +124,8 @@ def from_open_clip(state: Mapping[str, torch.Tensor], layers: int) -> dict[str, 
         if leaf not in FUSED_QKV:
             ours[key] = tensor
             continue
-        if tensor.shape[0] % 3 != 0:
-            raise ValueError(f"{key} has {tensor.shape[0]} rows, not a stack of equal q, k, v projections")
+        if tensor.ndim == 0 or tensor.shape[0] % 3 != 0:
+            raise ValueError(f"{key} has shape {tuple(tensor.shape)}, not a stack of equal q, k, v projections")
         # Cloned so the three tensors own their storage (safetensors refuses to save shared storage).
         for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
             ours[f"{head}.{name}.{FUSED_QKV[leaf]}"] = part.clone()
@@ -146,15 +148,30 @@ def to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- configs
 
 
+# Every field of `text_encoder/config.json` that config_from_transformers reads: its type
+# and range, checked before any is used (diffuse.checkpoints.fields).
+TRANSFORMERS_FIELDS = {
+    "vocab_size": integer(1, limits.MAX_VOCAB),
+    "max_position_embeddings": integer(1, limits.MAX_POSITIONS),
+    "hidden_size": integer(1, limits.MAX_WIDTH),
+    "num_hidden_layers": integer(1, limits.MAX_TEXT_LAYERS),
+    "num_attention_heads": integer(1, limits.MAX_HEADS),
+    "intermediate_size": integer(1, limits.MAX_MLP_WIDTH),
+    "hidden_act": text(),  # the supported names are checked below, where the message lists them
+    "layer_norm_eps": number(0, 1, above_low=True),
+}
+
+
 def config_from_transformers(config: Mapping) -> TextEncoderConfig:
     """A diffusers folder's text_encoder/config.json (a transformers CLIPTextConfig) -> ours."""
+    check_fields(config, TRANSFORMERS_FIELDS)
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in config]
     if missing:
         raise ValueError(f"text encoder config lacks {missing}")
     activation = config.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default
     if activation not in ACTIVATIONS:
         raise ValueError(f"unsupported text encoder hidden_act {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-    return TextEncoderConfig(
+    cfg = TextEncoderConfig(
         vocab_size=int(config.get("vocab_size", 49408)),
         max_length=int(config.get("max_position_embeddings", 77)),
         width=int(config["hidden_size"]),
@@ -164,6 +181,8 @@ def config_from_transformers(config: Mapping) -> TextEncoderConfig:
         activation=activation,
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
     )
+    limits.check_text_encoder(cfg)  # what the fields allow one by one may still not build (heads vs width)
+    return cfg
 
 
 def config_to_transformers(cfg: TextEncoderConfig, *, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
@@ -204,15 +223,15 @@ def config_from_weights(state: Mapping[str, torch.Tensor], *, activation: str, h
     for key in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight", "encoder.layers.0.mlp.fc1.weight"):
         if key not in state:
             raise ValueError(f"text encoder state lacks {key}")
-    vocab_size, width = state["embeddings.token_embedding.weight"].shape
+    vocab_size, width = dims(state, "embeddings.token_embedding.weight", 2)
     if width % head_dim != 0:
         raise ValueError(f"text encoder width {width} is not a multiple of the head size {head_dim}")
     return TextEncoderConfig(
         vocab_size=vocab_size,
-        max_length=state["embeddings.position_embedding.weight"].shape[0],
+        max_length=dims(state, "embeddings.position_embedding.weight", 2)[0],
         width=width,
         layers=count_layers(state),
         heads=width // head_dim,
-        mlp_width=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        mlp_width=dims(state, "encoder.layers.0.mlp.fc1.weight", 2)[0],
         activation=activation,
     )

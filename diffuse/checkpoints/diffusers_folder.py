@@ -8,15 +8,21 @@ its bytes by the reader.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+from ..models import configs as limits
 from ..models.configs import PipelineConfig
 from ..preview import check_preview_matrix
 from . import clip_layout, unet_layout, vae_layout
 from .errors import CheckpointError
+from .fields import check_fields, flag, integer, number, optional, text
 from .reader import read_state_dict
+
+T = TypeVar("T")
 
 # diffuse's own addition to the convention: the latent -> RGB step-preview matrix fitted to the
 # folder's VAE (diffuse.preview). diffusers ignores it, as it ignores any file it does not ask for.
@@ -28,17 +34,95 @@ _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 _WEIGHT_SUFFIXES = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin")
 
 
+# A config or shard index is kilobytes; anything near this is not one (and is never read whole).
+MAX_JSON_BYTES = 16_000_000
+# A tokenizer's files (tokenizer.json, vocab.json, merges.txt) are a few MB.
+MAX_TOKENIZER_FILE_BYTES = 64_000_000
+
+_STEPS = integer(1, 100_000)
+# Every field of `scheduler/scheduler_config.json` that diffuse's samplers read, type and range
+# (diffuse.samplers says which values of the strings it runs, when a sampler is made).
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": _STEPS,
+    "beta_start": number(0, 1, above_low=True),
+    "beta_end": number(0, 1, above_low=True),
+    "beta_schedule": text(),
+    "prediction_type": text(*limits.PREDICTION_TYPES),
+    "timestep_spacing": text(),
+    "steps_offset": integer(0, 100_000),
+    "interpolation_type": text(),
+    "rho": number(0, 1000, above_low=True),
+    "eta": number(0, 1000),
+    "s_noise": number(0, 1000),
+    "solver_order": integer(1, 8),
+    "lower_order_final": flag,
+    "final_sigmas_type": text(),
+    "set_alpha_to_one": flag,
+    "original_inference_steps": _STEPS,
+    "timestep_scaling": number(0, 100_000),
+    "skip_prk_steps": flag,
+    "use_karras_sigmas": optional(flag),
+    "use_exponential_sigmas": optional(flag),
+    "use_beta_sigmas": optional(flag),
+    "rescale_betas_zero_snr": optional(flag),
+    "algorithm_type": text(),
+}
+
+
 def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file())
 
 
 def read_json(path: Path) -> dict:
+    """A folder's JSON file, which must hold an object; CheckpointError naming it otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(path, f"is {size} bytes, over the {MAX_JSON_BYTES}-byte limit for a config file")
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(path, "missing (a diffusers folder needs it)") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(path, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, "not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_config(path: Path, make: Callable[[dict], T]) -> T:
+    """make(the JSON object in `path`), its ValueError (naming a field) becoming a CheckpointError naming the file."""
+    try:
+        return make(read_json(path))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+
+
+def read_scheduler_config(root: Path) -> dict:
+    """The folder's scheduler_config.json with its fields checked ({} when it has none: SD's schedule)."""
+    path = root / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+
+    def checked(config: dict) -> dict:
+        check_fields(config, SCHEDULER_FIELDS)
+        return config
+
+    return read_config(path, checked)
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse a tokenizer file too large to be one before the tokenizer reads it whole."""
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file() and path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+            raise CheckpointError(path, f"is {path.stat().st_size} bytes, over the "
+                                        f"{MAX_TOKENIZER_FILE_BYTES}-byte limit for a tokenizer file")
 
 
 def read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -47,7 +131,10 @@ def read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]
         for suffix in _WEIGHT_SUFFIXES:
             index = folder / f"{stem}{suffix}.index.json"
             if index.is_file():
-                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+                weight_map = read_json(index).get("weight_map", {})
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise CheckpointError(index, "weight_map must be an object of tensor name -> shard file name")
+                shards = sorted(set(weight_map.values()))
                 if not shards:
                     raise CheckpointError(index, "shard index has an empty weight_map")
                 state: dict[str, torch.Tensor] = {}
@@ -65,14 +152,13 @@ def read_diffusers_folder(root: Path, pad_token_id: int) -> tuple[PipelineConfig
 
     `pad_token_id` comes from the folder's own tokenizer files, read by the caller.
     """
-    unet_json = read_json(root / "unet" / "config.json")
-    unet_cfg = unet_layout.config_from_diffusers(unet_json)
-    vae_cfg = vae_layout.config_from_diffusers(read_json(root / "vae" / "config.json"))
-    text_cfg = clip_layout.config_from_transformers(read_json(root / "text_encoder" / "config.json"))
-    scheduler_path = root / "scheduler" / "scheduler_config.json"
-    prediction_type = read_json(scheduler_path).get("prediction_type", "epsilon") if scheduler_path.is_file() else "epsilon"
-    # A config saved with sample_size null (diffusers' own default) means SD's 64.
-    sample_size = unet_json.get("sample_size") or 64
+    unet_cfg, sample_size = read_config(root / "unet" / "config.json", lambda config: (
+        unet_layout.config_from_diffusers(config),
+        config.get("sample_size") or 64,  # null (diffusers' own default) means SD's 64
+    ))
+    vae_cfg = read_config(root / "vae" / "config.json", vae_layout.config_from_diffusers)
+    text_cfg = read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
+    prediction_type = read_scheduler_config(root).get("prediction_type", "epsilon")
 
     unet_state, unet_file = read_component_weights(root / "unet")
     vae_state, vae_file = read_component_weights(root / "vae")
@@ -89,7 +175,7 @@ def read_diffusers_folder(root: Path, pad_token_id: int) -> tuple[PipelineConfig
         vae=vae_cfg,
         prediction_type=prediction_type,
         pad_token_id=pad_token_id,
-        sample_size=int(sample_size if isinstance(sample_size, int) else sample_size[0]),
+        sample_size=sample_size if isinstance(sample_size, int) else sample_size[0],
     )
     return config, weights
 

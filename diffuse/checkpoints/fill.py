@@ -39,11 +39,14 @@ def build_and_fill(
     """Build `make()` on the meta device and load `state` into it, strictly.
 
     Raises CheckpointError naming the file, the component and the offending
-    tensors for missing, unexpected, mis-shaped or non-finite weights. Once all
-    checks pass, `state` is consumed: each tensor leaves it as its converted copy
-    (dtype, device, then `layout`) is made, so a caller that holds no other
-    reference gets each source tensor's memory back at once and the peak stays
-    near one copy of the weights, not two.
+    tensors for missing, unexpected, mis-shaped or non-finite weights, the last
+    checked after the cast to `dtype`: float32 weights that are finite can still
+    overflow float16 (65504) and would give black images. Once the names and
+    shapes pass, `state` is consumed: each tensor leaves it as its converted copy
+    (dtype, device, then `layout`) is made and checked, so a caller that holds no
+    other reference gets each source tensor's memory back at once and the peak
+    stays near one copy of the weights, not two. On any error nothing is assigned
+    to a module and the caller is left with no network.
     """
     with torch.device("meta"):
         module = make()
@@ -66,14 +69,24 @@ def build_and_fill(
     # Each tensor's file pages are given back once read (diffuse.checkpoints.pages): the
     # checkpoint is never resident in full beside the weights made from it.
     pages = PageReturner(path)
-    check_finite({f"{component}.{k}": v for k, v in state.items()}, path, after_each=pages.give_back)
-
     ready = {}
     for k in expected:
         source = state.pop(k)
         tensor = source.to(device=device, dtype=dtype)
+        # One pass over what will run: a cast keeps NaN and Inf, so this also catches the source's.
+        if not bool(torch.isfinite(tensor).all()):
+            _refuse_non_finite(f"{component}.{k}", source, tensor, path)
         ready[k] = layout(tensor) if layout is not None else tensor.contiguous()
-        if ready[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-            pages.give_back(source)  # a copy was made: the source's pages are not needed again
+        pages.give_back(source)  # checked and copied (or kept as is, backed by the file): not needed resident
     module.load_state_dict(ready, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def _refuse_non_finite(name: str, source: torch.Tensor, cast: torch.Tensor, path: str | Path) -> None:
+    """Raise for a tensor that is not finite once cast: as stored (NaN or Inf in the file), or
+    only in the run's dtype (finite values beyond its range)."""
+    check_finite({name: source}, path)  # raises when the file itself holds NaN or Inf
+    dtype = str(cast.dtype).removeprefix("torch.")
+    raise CheckpointError(path, f"tensor {name} overflows {dtype}: {int(torch.isinf(cast).sum())} of its "
+                                f"{cast.numel()} values are beyond {dtype}'s ±{torch.finfo(cast.dtype).max:g} "
+                                f"(largest {source.abs().max().item():g}); load it in float32")

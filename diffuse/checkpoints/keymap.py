@@ -58,6 +58,18 @@ def count_numbered(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len(indices)
 
 
+def dims(state: Mapping[str, torch.Tensor], key: str, rank: int) -> torch.Size:
+    """The shape of state[key], which must have `rank` dimensions; ValueError naming the tensor otherwise.
+
+    Architectures are read off these shapes, so a missing or odd one must say which it is."""
+    if key not in state:
+        raise ValueError(f"no tensor {key}")
+    shape = state[key].shape
+    if len(shape) != rank or 0 in shape:  # an empty tensor costs no bytes but would declare a network
+        raise ValueError(f"tensor {key} has shape {tuple(shape)}, not {rank} non-empty dimensions")
+    return shape
+
+
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` (e.g. "model.diffusion_model."), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

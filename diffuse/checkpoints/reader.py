@@ -10,19 +10,18 @@ Every failure is a CheckpointError that names the file and says what was wrong.
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 import re
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .errors import CheckpointError, UnsafeCheckpointError
+from .safetensors_header import header_length, read_header
+from .zip_records import check_zip_records
 
-SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -81,13 +80,9 @@ def sniff_format(path: str | Path) -> str:
         return "torch-zip"  # torch.save's zip format (the usual .ckpt/.pt/.bin)
     if head[0] == 0x80 and 2 <= head[1] <= 5:
         return "torch-legacy"  # a bare pickle stream: torch.save's old non-zip format
-    header_len = struct.unpack("<Q", head[:8])[0]
     if head[8:9] == b"{":  # safetensors: u64 header length, then a JSON object
-        if 8 + header_len <= size:
-            return "safetensors"
-        if header_len <= SAFETENSORS_MAX_HEADER:
-            raise CheckpointError(path, f"truncated: the safetensors header is {header_len} bytes "
-                                        f"but only {size - 8} bytes follow its length")
+        header_length(path, size, head)  # refused here, unread, when over the cap or past the file's end
+        return "safetensors"
     raise CheckpointError(path, f"unrecognized format, first bytes {head[:16]!r} "
                                 "(expected safetensors or a torch.save checkpoint)")
 
@@ -96,21 +91,9 @@ def sniff_format(path: str | Path) -> str:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    # Check the header's promises against the file size first, so a cut-off download
-    # fails with the sizes rather than a low-level error from the memory map.
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        header_len = struct.unpack("<Q", file.read(8))[0]
-        try:
-            header = json.loads(file.read(header_len))
-            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise CheckpointError(path, f"corrupt safetensors header: {e}") from e
-    data_size = size - 8 - header_len
-    promised = max(ends, default=0)
-    if promised > data_size:
-        raise CheckpointError(path, f"truncated: header promises {promised} bytes of tensor data "
-                                    f"but the file has {data_size}")
+    # The header is checked in full first (diffuse.checkpoints.safetensors_header), so a cut-off
+    # or malformed file fails naming its fault rather than with a low-level error from the library.
+    read_header(path)
     try:
         return load_file(path, device="cpu")
     except Exception as e:
@@ -183,6 +166,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if fmt == "safetensors":
         state = _read_safetensors(path)
     else:
+        if fmt == "torch-zip":
+            check_zip_records(path)  # torch's loader trusts the records' layout; it is checked first
         found = _unwrap(_read_torch(path, is_zip=fmt == "torch-zip"), path)
         state = {k: v.detach() for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not state:
@@ -190,15 +175,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_finite(state: Mapping[str, torch.Tensor], path: str | Path,
-                 after_each: Callable[[torch.Tensor], None] | None = None) -> None:
+def check_finite(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Raise naming the first floating tensor with a NaN or Inf (a broken fine-tune or
-    fp16 overflow at save time would otherwise surface as a black image). `after_each`
-    gets every tensor found finite."""
+    fp16 overflow at save time would otherwise surface as a black image)."""
     for name, tensor in state.items():
         if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
-            if after_each is not None:
-                after_each(tensor)
             continue
         nan = int(torch.isnan(tensor).sum())
         bad = tensor.numel() - int(torch.isfinite(tensor).sum())

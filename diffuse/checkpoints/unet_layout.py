@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from diffuse.checkpoints.keymap import PrefixPairs, child_indices, invert, rename_prefixes
+from diffuse.checkpoints.fields import check_fields, flag, integer, listing, number, one_of, optional, text
+from diffuse.checkpoints.keymap import PrefixPairs, child_indices, dims, invert, rename_prefixes
+from diffuse.models import configs as limits
 from diffuse.models.configs import UNetConfig
 
 # Modules outside the blocks: (diffusers, original).
@@ -148,8 +150,39 @@ def uniform(config: Mapping[str, Any], field: str, default: Any) -> Any:
     return flat[0]
 
 
+def _per_level(check):  # one value for all levels, or one per level
+    return one_of(check, listing(check, 1, limits.MAX_LEVELS))
+
+
+_CHANNELS = integer(1, limits.MAX_WIDTH)
+_IO = integer(1, limits.MAX_IO_CHANNELS)
+_BLOCK_TYPES = listing(text(), 1, limits.MAX_LEVELS)
+# Every field of `unet/config.json` that config_from_diffusers reads: its type and range,
+# checked before any is used (diffuse.checkpoints.fields).
+DIFFUSERS_FIELDS = {
+    "sample_size": optional(one_of(integer(1, limits.MAX_SAMPLE_SIZE), listing(integer(1, limits.MAX_SAMPLE_SIZE), 1, 2))),
+    "in_channels": _IO,
+    "out_channels": _IO,
+    "block_out_channels": listing(_CHANNELS, 1, limits.MAX_LEVELS),
+    "down_block_types": _BLOCK_TYPES,
+    "up_block_types": _BLOCK_TYPES,
+    "layers_per_block": _per_level(integer(1, limits.MAX_RES_BLOCKS)),
+    "attention_head_dim": optional(_per_level(integer(1, limits.MAX_HEADS))),
+    "num_attention_heads": optional(_per_level(integer(1, limits.MAX_HEADS))),
+    "transformer_layers_per_block": _per_level(one_of(integer(1, limits.MAX_TRANSFORMER_DEPTH),
+                                                      listing(integer(1, limits.MAX_TRANSFORMER_DEPTH), 1, limits.MAX_RES_BLOCKS + 1))),
+    "cross_attention_dim": _per_level(_CHANNELS),
+    "use_linear_projection": optional(flag),
+    "only_cross_attention": _per_level(flag),
+    "norm_num_groups": optional(_CHANNELS),
+    "norm_eps": number(0, 1, above_low=True),
+    "time_embedding_dim": optional(integer(1, 4 * limits.MAX_WIDTH)),
+}
+
+
 def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     """Our UNetConfig from a diffusers `unet/config.json` dict; ValueError naming the field it cannot run."""
+    check_fields(config, DIFFUSERS_FIELDS)
     for field, allowed in SUPPORTED_VALUES.items():
         if field in config and config[field] not in allowed:
             raise refuse(field, config[field], f"this UNet runs SD 1.x/2.x, which use {allowed[0]!r}")
@@ -180,7 +213,7 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     if len(heads) != len(down):
         raise refuse("attention_head_dim", heads, "one head count per level")
 
-    return UNetConfig(
+    cfg = UNetConfig(
         in_channels=config.get("in_channels", 4),
         out_channels=config.get("out_channels", 4),
         model_channels=channels[0],
@@ -194,6 +227,8 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         norm_groups=norm_groups,
         norm_eps=config.get("norm_eps", 1e-5),
     )
+    limits.check_unet(cfg)  # what the fields allow one by one may still not build (heads vs widths)
+    return cfg
 
 
 def config_to_diffusers(cfg: UNetConfig, *, sample_size: int) -> dict[str, Any]:
@@ -245,8 +280,8 @@ def config_from_original(
     if any(k.startswith("label_emb.") for k in state):
         raise ValueError("the UNet has label_emb (class labels or SDXL's size conditioning), which diffuse does not run")
 
-    conv_in = state["input_blocks.0.0.weight"]
-    model_channels = conv_in.shape[0]
+    conv_in = dims(state, "input_blocks.0.0.weight", 4)
+    model_channels = conv_in[0]
     inputs = child_indices(state, "input_blocks.")
     downsamples = [i for i in inputs if f"input_blocks.{i}.0.op.weight" in state]
     levels = len(downsamples) + 1
@@ -261,7 +296,7 @@ def config_from_original(
     channel_mult, attention_levels = [], []
     for level in range(levels):
         first = 1 + level * (num_res_blocks + 1)
-        channels = state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]
+        channels = dims(state, f"input_blocks.{first}.0.out_layers.3.weight", 4)[0]
         if channels % model_channels:
             raise ValueError(f"level {level} has {channels} channels, not a multiple of {model_channels}")
         channel_mult.append(channels // model_channels)
@@ -279,15 +314,15 @@ def config_from_original(
     if head_dim is not None and any(w % head_dim for w in widths):
         raise ValueError(f"level widths {widths} are not multiples of head_dim {head_dim}")
     return UNetConfig(
-        in_channels=conv_in.shape[1],
-        out_channels=state["out.2.weight"].shape[0],
+        in_channels=conv_in[1],
+        out_channels=dims(state, "out.2.weight", 4)[0],
         model_channels=model_channels,
         channel_mult=tuple(channel_mult),
         num_res_blocks=num_res_blocks,
         attention_levels=tuple(attention_levels),
         heads=tuple(num_heads if num_heads is not None else w // head_dim for w in widths),
         transformer_depth=next(iter(depth_of.values())),
-        context_dim=state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        context_dim=dims(state, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2)[1],
         # SD2 stores the transformer's in/out projections as Linear [C, C], SD1 as 1x1 conv [C, C, 1, 1].
         use_linear_projection=state["middle_block.1.proj_in.weight"].ndim == 2,
     )

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 
 import torch
 
-from diffuse.checkpoints.keymap import PrefixPairs, count_numbered, invert, rename_prefixes
+from diffuse.checkpoints.fields import check_fields, flag, integer, listing, number, one_of, optional, text
+from diffuse.checkpoints.keymap import PrefixPairs, count_numbered, dims, invert, rename_prefixes
+from diffuse.models import configs as limits
 from diffuse.models.configs import VAEConfig
 
 # Modules found under both `encoder.` and `decoder.`: (diffusers, original).
@@ -86,8 +88,31 @@ def to_diffusers(state: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str,
     return rename_prefixes(state, invert(diffusers_pairs(cfg)))
 
 
+_IO = integer(1, limits.MAX_IO_CHANNELS)
+# Every field of `vae/config.json` that config_from_diffusers reads: its type and range,
+# checked before any is used (diffuse.checkpoints.fields).
+DIFFUSERS_FIELDS = {
+    "sample_size": optional(one_of(integer(1, 8 * limits.MAX_SAMPLE_SIZE),
+                                   listing(integer(1, 8 * limits.MAX_SAMPLE_SIZE), 1, 2))),
+    "in_channels": _IO,
+    "out_channels": _IO,
+    "latent_channels": _IO,
+    "block_out_channels": listing(integer(1, limits.MAX_WIDTH), 1, limits.MAX_LEVELS),
+    "down_block_types": listing(text(), 1, limits.MAX_LEVELS),
+    "up_block_types": listing(text(), 1, limits.MAX_LEVELS),
+    "layers_per_block": integer(1, limits.MAX_RES_BLOCKS),
+    "norm_num_groups": integer(1, limits.MAX_WIDTH),
+    "act_fn": text(),
+    "use_quant_conv": optional(flag),
+    "use_post_quant_conv": optional(flag),
+    "mid_block_add_attention": optional(flag),
+    "scaling_factor": optional(number(0, 1000, above_low=True)),
+}
+
+
 def config_from_diffusers(config: Mapping) -> VAEConfig:
     """VAEConfig from a diffusers `vae/config.json` dict; ValueError (naming the field) for what this VAE can't run."""
+    check_fields(config, DIFFUSERS_FIELDS)
 
     def refuse(field: str, why: str):
         raise ValueError(f"diffusers VAE config: {field}={config.get(field)!r}: {why}")
@@ -113,7 +138,7 @@ def config_from_diffusers(config: Mapping) -> VAEConfig:
             refuse(field, "only a plain scaling_factor is supported for latent normalisation")
     # force_upcast only concerns running in half precision; it changes nothing here.
     scaling = config.get("scaling_factor")  # absent or null in some folders: SD's default then
-    return VAEConfig(
+    cfg = VAEConfig(
         in_channels=config.get("in_channels", 3),
         out_channels=config.get("out_channels", 3),
         latent_channels=config.get("latent_channels", 4),
@@ -123,6 +148,8 @@ def config_from_diffusers(config: Mapping) -> VAEConfig:
         norm_groups=config.get("norm_num_groups", 32),
         **({} if scaling is None else {"scaling_factor": float(scaling)}),
     )
+    limits.check_vae(cfg)  # what the fields allow one by one may still not build (groups vs widths)
+    return cfg
 
 
 def config_to_diffusers(cfg: VAEConfig, *, sample_size: int) -> dict:
@@ -176,16 +203,16 @@ def config_from_original(state: Mapping[str, torch.Tensor]) -> VAEConfig:
     if count_numbered(state, "decoder.up.") != levels or count_numbered(state, "decoder.up.0.block.") != num_res_blocks + 1:
         raise ValueError(f"VAE decoder does not mirror the encoder ({levels} levels of {num_res_blocks} blocks)")
 
-    base_channels, in_channels = state["encoder.conv_in.weight"].shape[:2]
-    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    base_channels, in_channels = dims(state, "encoder.conv_in.weight", 4)[:2]
+    widths = [dims(state, f"encoder.down.{i}.block.0.conv1.weight", 4)[0] for i in range(levels)]
     if any(w % base_channels for w in widths):
         raise ValueError(f"VAE level widths {widths} are not multiples of conv_in's {base_channels}")
-    latent_channels = state["post_quant_conv.weight"].shape[0]
-    if state["encoder.conv_out.weight"].shape[0] != 2 * latent_channels:
+    latent_channels = dims(state, "post_quant_conv.weight", 4)[0]
+    if dims(state, "encoder.conv_out.weight", 4)[0] != 2 * latent_channels:
         raise ValueError("VAE encoder.conv_out does not give a mean and log-variance per latent channel")
     return VAEConfig(
         in_channels=in_channels,
-        out_channels=state["decoder.conv_out.weight"].shape[0],
+        out_channels=dims(state, "decoder.conv_out.weight", 4)[0],
         latent_channels=latent_channels,
         base_channels=base_channels,
         channel_mult=tuple(w // base_channels for w in widths),

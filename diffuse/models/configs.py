@@ -106,3 +106,115 @@ SD2_V = PipelineConfig(
 )
 
 PRESETS: dict[str, PipelineConfig] = {c.name: c for c in (SD1, SD2, SD2_V)}
+
+
+# ---------------------------------------------------------------- limits
+# Bounds on architectures read from files (a folder's config.json, or shapes read off a
+# checkpoint's tensors, which cost nothing when a tensor is empty). Each is several times
+# what SD 1.x/2.x and SDXL use, so every real model fits, while a hostile file cannot make
+# the loader build a network without end or divide by zero.
+MAX_WIDTH = 16_384  # any channel count or width (SD: 1280 at most; SDXL's context: 2048)
+MAX_MLP_WIDTH = 65_536  # text encoder MLP (OpenCLIP-bigG: 5120)
+MAX_IO_CHANNELS = 64  # image and latent channels (SD: 3 and 4; inpainting UNet input: 9)
+MAX_LEVELS = 8  # resolution levels of the UNet and the VAE (SD: 4)
+MAX_RES_BLOCKS = 16  # res blocks per level (SD: 2)
+MAX_TRANSFORMER_DEPTH = 64  # transformer layers per attention block (SDXL: 10)
+MAX_TRANSFORMER_LAYERS = 1024  # all attention blocks' layers together (SD: 16, SDXL: 70)
+MAX_HEADS = 1024  # attention heads (SD2: 20)
+MAX_TEXT_LAYERS = 128  # (SD2: 23; OpenCLIP-bigG: 32)
+MAX_VOCAB = 1_048_576  # (CLIP: 49408)
+MAX_POSITIONS = 8192  # (CLIP: 77)
+MAX_SAMPLE_SIZE = 1024  # latent side the UNet was trained at (SD2-v: 96)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _count(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r}: must be an integer from {low} to {high}")
+
+
+def _small_positive(name: str, value: object, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= high:
+        raise ValueError(f"{name}={value!r}: must be a number above 0 and at most {high}")
+
+
+def _per_level(name: str, values: object, levels: int) -> tuple:
+    if not isinstance(values, tuple) or len(values) != levels:
+        raise ValueError(f"{name}={values!r}: must hold one entry per level ({levels})")
+    return values
+
+
+def check_text_encoder(cfg: TextEncoderConfig) -> None:
+    """ValueError naming the field when `cfg` is outside the limits or cannot be built."""
+    _count("vocab_size", cfg.vocab_size, 1, MAX_VOCAB)
+    _count("max_length", cfg.max_length, 1, MAX_POSITIONS)
+    _count("width", cfg.width, 1, MAX_WIDTH)
+    _count("layers", cfg.layers, 1, MAX_TEXT_LAYERS)
+    _count("heads", cfg.heads, 1, MAX_HEADS)
+    _count("mlp_width", cfg.mlp_width, 1, MAX_MLP_WIDTH)
+    _small_positive("layer_norm_eps", cfg.layer_norm_eps, 1.0)
+    if cfg.width % cfg.heads:
+        raise ValueError(f"width={cfg.width} does not split into heads={cfg.heads} equal heads")
+
+
+def check_unet(cfg: UNetConfig) -> None:
+    """ValueError naming the field when `cfg` is outside the limits or cannot be built."""
+    _count("in_channels", cfg.in_channels, 1, MAX_IO_CHANNELS)
+    _count("out_channels", cfg.out_channels, 1, MAX_IO_CHANNELS)
+    _count("model_channels", cfg.model_channels, 1, MAX_WIDTH)
+    _count("levels (len(channel_mult))", len(cfg.channel_mult), 1, MAX_LEVELS)
+    levels = len(cfg.channel_mult)
+    for mult in _per_level("channel_mult", cfg.channel_mult, levels):
+        _count("channel_mult entry", mult, 1, MAX_WIDTH // cfg.model_channels)
+    _per_level("attention_levels", cfg.attention_levels, levels)
+    _count("num_res_blocks", cfg.num_res_blocks, 1, MAX_RES_BLOCKS)
+    _count("transformer_depth", cfg.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+    _count("context_dim", cfg.context_dim, 1, MAX_WIDTH)
+    _count("norm_groups", cfg.norm_groups, 1, MAX_WIDTH)
+    _small_positive("norm_eps", cfg.norm_eps, 1.0)
+    # Down and up paths: n and n + 1 blocks per attending level; the middle block: one.
+    blocks = sum(2 * cfg.num_res_blocks + 1 for attends in cfg.attention_levels if attends) + 1
+    if blocks * cfg.transformer_depth > MAX_TRANSFORMER_LAYERS:
+        raise ValueError(f"transformer_depth={cfg.transformer_depth} over {blocks} attention blocks makes "
+                         f"{blocks * cfg.transformer_depth} transformer layers, over the limit of {MAX_TRANSFORMER_LAYERS}")
+    for level, (mult, heads) in enumerate(zip(cfg.channel_mult, _per_level("heads", cfg.heads, levels))):
+        width = cfg.model_channels * mult
+        _count(f"heads[{level}]", heads, 1, MAX_HEADS)
+        if width % cfg.norm_groups:
+            raise ValueError(f"norm_groups={cfg.norm_groups} does not divide level {level}'s {width} channels")
+        if (cfg.attention_levels[level] or level == levels - 1) and width % heads:
+            raise ValueError(f"heads[{level}]={heads} does not split level {level}'s {width} channels evenly")
+    if cfg.model_channels % cfg.norm_groups:
+        raise ValueError(f"norm_groups={cfg.norm_groups} does not divide model_channels={cfg.model_channels}")
+
+
+def check_vae(cfg: VAEConfig) -> None:
+    """ValueError naming the field when `cfg` is outside the limits or cannot be built."""
+    _count("in_channels", cfg.in_channels, 1, MAX_IO_CHANNELS)
+    _count("out_channels", cfg.out_channels, 1, MAX_IO_CHANNELS)
+    _count("latent_channels", cfg.latent_channels, 1, MAX_IO_CHANNELS)
+    _count("base_channels", cfg.base_channels, 1, MAX_WIDTH)
+    _count("levels (len(channel_mult))", len(cfg.channel_mult), 1, MAX_LEVELS)
+    for mult in _per_level("channel_mult", cfg.channel_mult, len(cfg.channel_mult)):
+        _count("channel_mult entry", mult, 1, MAX_WIDTH // cfg.base_channels)
+    _count("num_res_blocks", cfg.num_res_blocks, 1, MAX_RES_BLOCKS)
+    _count("norm_groups", cfg.norm_groups, 1, MAX_WIDTH)
+    _small_positive("scaling_factor", cfg.scaling_factor, 1000.0)
+    for mult in cfg.channel_mult:
+        if cfg.base_channels * mult % cfg.norm_groups:
+            raise ValueError(f"norm_groups={cfg.norm_groups} does not divide a level's "
+                             f"{cfg.base_channels * mult} channels")
+
+
+def check_pipeline(cfg: PipelineConfig) -> None:
+    """ValueError "part: field=value: why" when any network's config, or the pipeline's own
+    fields, are outside the limits (check before building anything from `cfg`)."""
+    for part, check in (("text_encoder", check_text_encoder), ("unet", check_unet), ("vae", check_vae)):
+        try:
+            check(getattr(cfg, part))
+        except ValueError as e:
+            raise ValueError(f"{part}: {e}") from None
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={cfg.prediction_type!r}: must be one of {', '.join(PREDICTION_TYPES)}")
+    _count("sample_size", cfg.sample_size, 1, MAX_SAMPLE_SIZE)
+    _count("pad_token_id", cfg.pad_token_id, 0, cfg.text_encoder.vocab_size - 1)
