@@ -1,5 +1,5 @@
-"""The `diffuse` command line: txt2img, img2img, inpaint, convert, pnginfo, info, and for diffuse's own
-model: train, assemble (three trained stages -> the model folder) and eval (measure a model)."""
+"""The `diffuse` command line: txt2img, img2img, inpaint, convert, pnginfo, regenerate, info, and for
+diffuse's own model: train, assemble (three trained stages -> the model folder) and eval (measure a model)."""
 
 from __future__ import annotations
 
@@ -85,19 +85,20 @@ def generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .metadata import numbered_path, save_png
+    from .preflight import check_generation_args
     from .preview import StepRecorder, to_pil
 
-    speedups = _speedups(args)  # checked before the model loads: a bad value costs no loading time
+    checked = check_generation_args(args)  # before the model loads: a bad option costs no loading time
     pipe = _load(args)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
                     sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
-                    clip_skip=args.clip_skip, eta=args.eta, speedups=speedups)
+                    clip_skip=args.clip_skip, eta=args.eta, speedups=checked.speedups)
     settings.update(width=args.width, height=args.height)  # None: the model's own size (txt2img) or the image's
     if args.command != "txt2img":
         settings.update(strength=args.strength)
     if args.command == "inpaint":
         settings.update(keep_unmasked=not args.no_keep_unmasked)
-    seed = args.seed
+    seed = checked.seed
     written = []
     for batch in range(args.n_iter):
         recorder = None
@@ -118,9 +119,9 @@ def generate(args: argparse.Namespace) -> int:
         if args.command == "txt2img":
             result = pipe.txt2img(args.prompt, seed=seed, callback=on_step, **settings)
         elif args.command == "img2img":
-            result = pipe.img2img(args.image, args.prompt, seed=seed, callback=on_step, **settings)
+            result = pipe.img2img(checked.image, args.prompt, seed=seed, callback=on_step, **settings)
         else:
-            result = pipe.inpaint(args.image, args.mask, args.prompt, seed=seed, callback=on_step, **settings)
+            result = pipe.inpaint(checked.image, checked.mask, args.prompt, seed=seed, callback=on_step, **settings)
         if bar is not None:
             bar.close()
         if recorder is not None:
@@ -209,6 +210,13 @@ def pnginfo(args: argparse.Namespace) -> int:
         return 1
     print(text)
     return 0
+
+
+def regenerate(args: argparse.Namespace) -> int:
+    """Make an image again from its PNG's parameters; --check compares the pixels."""
+    from .regenerate import run
+
+    return run(args, DEFAULT_MODEL)
 
 
 def _int_at_least(text: str, minimum: int) -> int:
@@ -333,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")
     p.set_defaults(run=pnginfo)
+    p = commands.add_parser("regenerate", help="make an image again from its PNG's parameters (--check: "
+                                               "compare the pixels)")
+    from .regenerate import add_regenerate_options
+
+    add_regenerate_options(p, DEVICE_HELP)
+    p.set_defaults(run=regenerate)
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")
     p.add_argument("model", nargs="?", default=None, help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)

@@ -250,6 +250,9 @@ _FROM_LABEL = {
 }
 
 
+INFO_LABELS = frozenset(_FROM_LABEL)  # every label info_from_infotext reads
+
+
 def info_from_infotext(text: str) -> dict:
     """Our generation-info dict (typed: int steps, float cfg_scale, ...) from a parameters text.
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
+import pytest
 from PIL import Image
 
+import diffuse.loader
 from diffuse.cli import main
 from diffuse.metadata import info_from_infotext, read_parameters
 
@@ -107,3 +112,79 @@ def test_train_is_reachable_from_the_main_command(tmp_path, capsys):
                        capsys)
     assert code == 2 and "missing.json" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---- everything that needs no model is checked before it loads -----------------------------------
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """A garbage "model", a picture, a small mask, a non-image and a plain file; loading fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(diffuse.loader, "load_pipeline", refuse)
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 4_000_000)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "in.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "small.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("txt2img", ["-W", "30"], "multiple of 8"),
+    ("txt2img", ["-H", "4096"], "between 8 and 2048"),
+    ("txt2img", ["--steps", "0"], "steps must be"),
+    ("txt2img", ["--steps", "5000"], "steps must be"),
+    ("txt2img", ["--cfg-scale", "nan"], "--cfg-scale"),
+    ("txt2img", ["--cfg-scale", "101"], "--cfg-scale"),
+    ("txt2img", ["--eta", "2"], "--eta"),
+    ("txt2img", ["--batch-size", "65"], "batch_size"),
+    ("txt2img", ["--seed", "-5"], "--seed"),
+    ("txt2img", ["--seed", "4294967295", "--batch-size", "2"], "past 4294967295"),
+    ("txt2img", ["--seed", "4294967294", "--n-iter", "3"], "past 4294967295"),
+    ("txt2img", ["--sampler", "k_bogus"], "k_bogus"),
+    ("txt2img", ["--schedule-type", "Wobbly"], "Wobbly"),
+    ("txt2img", ["--sampler", "DDIM Karras"], "no karras schedule type"),
+    ("txt2img", ["--clip-skip", "0"], "--clip-skip"),
+    ("txt2img", ["--guidance-cutoff", "2"], "guidance_cutoff"),
+    ("txt2img", ["--token-merging", "0.9"], "token_merging"),
+    ("txt2img", ["--dtype", "float8"], "float8"),
+    ("txt2img", ["--device", "banana"], "banana"),
+    ("txt2img", ["--out", "{tmp}/notes.txt/sub"], "is a file"),
+    ("txt2img", ["--save-steps", "{tmp}/notes.txt"], "is a file"),
+    ("txt2img", ["-n", "x" * 30_000], "characters"),
+    ("img2img", ["--image", "{tmp}/missing.png"], "no such file"),
+    ("img2img", ["--image", "{tmp}/notes.txt"], "not a readable image"),
+    ("img2img", ["--image", "{tmp}/in.png", "--strength", "1.5"], "--strength"),
+    ("img2img", ["--image", "{tmp}/in.png", "--strength", "0.05", "--steps", "10"], "no denoising step"),
+    ("inpaint", ["--image", "{tmp}/in.png", "--mask", "{tmp}/small.png"], "mask is 16x16"),
+])
+def test_bad_options_fail_in_one_line_before_the_model_loads(files, capsys, kind, options, message):
+    options = [o.replace("{tmp}", str(files)) for o in options]
+    code, out, err = run([kind, "a cat", "--model", str(files / "model.safetensors"), "--out", str(files / "out"),
+                          *options], capsys)
+    assert code == 2 and message in err, err
+    assert err.startswith("diffuse: error: ") and len(err.strip().splitlines()) == 1 and not out
+    assert not (files / "out").exists()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    # A few hundred bytes of zlib that would inflate to width x height x 3 zero bytes.
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * (1 << 20)))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"tEXt", b"parameters\0x") + pixels + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data, message", [
+    (bomb_png(100_000, 100_000), "decompression bomb"),
+    (bomb_png(64, 64)[:60], "truncated"),
+    (b"just some text", "not a PNG"),
+])
+def test_pnginfo_refuses_unsafe_files_in_one_line(tmp_path, capsys, data, message):
+    (tmp_path / "x.png").write_bytes(data)
+    code, out, err = run(["pnginfo", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import diffuse
+from diffuse import inputs
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,8 @@ def picture(tmp_path):
     (dict(batch_size=1000), "batch_size"),
     (dict(seed=-5), "seed"),
     (dict(seed=2**40), "seed"),
+    (dict(seed=2**32 - 1, batch_size=2), "past 4294967295"),  # the second image's seed would be 2^32
+    (dict(prompt=["a", "b"], seed=2**32 - 2, batch_size=2), "past 4294967295"),
     (dict(clip_skip=0), "clip_skip"),
     (dict(clip_skip=99), "clip_skip"),
     (dict(sampler="Eulerr"), "Eulerr"),
@@ -88,5 +91,24 @@ def test_cli_reports_bad_input_without_traceback(reference_folders, capsys, tmp_
     code = main(["txt2img", "a cat", "--model", str(reference_folders["sd1"]), "-W", "33", "--out", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
-    assert "multiple of 4" in err and "Traceback" not in err and "step/s" not in err
+    assert "multiple of 8" in err and "Traceback" not in err and "step/s" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_random_seed_leaves_room_for_every_image(monkeypatch):
+    monkeypatch.setattr(inputs.random, "randrange", lambda stop: stop - 1)  # the highest pick
+    assert inputs.resolve_seed(-1, count=6) + 5 == inputs.MAX_SEED
+    assert inputs.resolve_seed(None) == inputs.MAX_SEED
+    assert inputs.resolve_seed(inputs.MAX_SEED - 5, count=6) == inputs.MAX_SEED - 5
+    with pytest.raises(ValueError, match="use a seed from 0 to 4294967290"):
+        inputs.resolve_seed(inputs.MAX_SEED - 4, count=6)
+
+
+def test_the_cli_picks_a_seed_with_room_for_all_its_batches(reference_folders, tmp_path, capsys, monkeypatch):
+    from diffuse.cli import main
+
+    monkeypatch.setattr(inputs.random, "randrange", lambda stop: stop - 1)
+    code = main(["txt2img", "a cat", "--model", str(reference_folders["sd1"]), "-W", "16", "-H", "16", "--steps", "1",
+                 "--batch-size", "2", "--n-iter", "2", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir())[-1] == f"00003-{inputs.MAX_SEED}.png"

@@ -1,0 +1,271 @@
+"""`diffuse regenerate IMAGE.png`: make an image again from the parameters its PNG carries, and
+with --check say whether the pixels match.
+
+A diffuse PNG records everything its image depends on (diffuse.metadata): the prompts, the
+sampler with every setting its plan uses, the seed, the batch it was drawn in and its place
+there, the model's sha256, dtype, device, speed-ups and the input image's and mask's hashes. The
+whole batch is drawn again, because reduced-precision matrix products may round differently
+at another batch size, and the image at the recorded position is kept. An A1111 PNG is made
+again as far as its fields go (prompt, negative, steps, sampler and schedule type, CFG, seed,
+size, clip skip, eta, denoising strength with --image); it cannot match A1111's pixels.
+
+Everything is checked before the model loads; a field that makes a match impossible (another
+model, dtype, device or diffuse version, an A1111 image, another input image) is named, and
+under --check ends the command before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import inputs
+from .hashes import ModelHashes, model_hashes
+from .metadata import (
+    INFO_LABELS,
+    info_from_infotext,
+    numbered_path,
+    parse_infotext,
+    read_parameters,
+    save_png,
+)
+from .pipeline import VERSION
+from .recipe import sampler_from_record, speedups_from_info
+from .runtime import resolve_device, resolve_dtype
+
+# The largest pixel difference, in 1/255 levels, that --check accepts, by device type and dtype.
+# On one machine a CPU gives exactly 0 at the same dtype (the seed's noise is drawn on the CPU
+# and its kernels are deterministic); these bounds are for another machine. float32 then differs
+# only in summation order (another SIMD width or core count), about a level after the sampler
+# amplifies it; CUDA's cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default.
+# bfloat16 and float16 round every product to 8 or 11 bits: across batch sizes on one AMX CPU
+# that alone moved pixels by up to 23 levels (mean 0.6), so another machine gets 32.
+TOLERANCE = {
+    ("cpu", "float32"): 2, ("cuda", "float32"): 4, ("mps", "float32"): 4,
+    ("cpu", "bfloat16"): 32, ("cuda", "bfloat16"): 32, ("mps", "bfloat16"): 32,
+    ("cpu", "float16"): 32, ("cuda", "float16"): 32, ("mps", "float16"): 32,
+}
+
+# Labels that describe an image without changing its pixels, or that `parse_infotext` fills in.
+_DESCRIPTIVE = {"Prompt", "Negative prompt", "Size-1", "Size-2", "Version", "User", "Lora hashes", "TI hashes",
+                "RNG", "Clip skip", "Schedule type"}
+
+
+@dataclass
+class Recipe:
+    """A PNG's parameters, typed, and what they ask for."""
+
+    info: dict
+    kind: str  # "txt2img", "img2img" or "inpaint"
+    by_diffuse: bool  # written by diffuse (its Version), so every field a match needs is there
+    not_reproduced: list[str] = field(default_factory=list)  # labels diffuse cannot honour
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.info.get("batch_size", 1))
+
+    @property
+    def batch_pos(self) -> int:
+        return int(self.info.get("batch_pos", 0))
+
+    @property
+    def first_seed(self) -> int:
+        return self.info["seed"] - self.batch_pos
+
+
+def read_recipe(text: str) -> Recipe:
+    """The recipe in a parameters text, every field that needs no model checked; ValueError names the bad one."""
+    parsed = parse_infotext(text)
+    info = info_from_infotext(text)
+    for key, label in (("steps", "Steps"), ("sampler", "Sampler"), ("cfg_scale", "CFG scale"), ("seed", "Seed"),
+                       ("width", "Size")):
+        if key not in info:
+            raise ValueError(f"the parameters have no {label!r}, which making the image again needs")
+    version = info.get("version", "")
+    by_diffuse = version.startswith("diffuse ")
+    hires = sorted(label for label in parsed if label.startswith("Hires"))
+    if info.get("mask_hash") or (not by_diffuse and "mask_blur" in info and not hires):
+        kind = "inpaint"
+    elif info.get("init_image_hash") or ("denoising_strength" in info and not hires):
+        kind = "img2img"
+    else:
+        kind = "txt2img"
+    known = INFO_LABELS | _DESCRIPTIVE
+    not_reproduced = sorted(label for label in parsed if label not in known)
+    if not by_diffuse and "Mask blur" in parsed:
+        not_reproduced.append("Mask blur")  # diffuse uses a mask as it is
+    if not by_diffuse and parsed.get("RNG", "GPU") != "CPU":
+        not_reproduced.append(f"RNG: {parsed.get('RNG', 'GPU')} (diffuse draws the noise on the CPU)")
+    recipe = Recipe(info, kind, by_diffuse, not_reproduced)
+    _check(recipe)
+    return recipe
+
+
+def _check(recipe: Recipe) -> None:
+    info = recipe.info
+    inputs.prompt_list(info.get("prompt", ""), "Prompt")
+    inputs.prompt_list(info.get("negative_prompt", ""), "Negative prompt")
+    inputs.check_settings(info["width"], info["height"], info["steps"], info["cfg_scale"], recipe.batch_size,
+                          info.get("denoising_strength", 1.0) if recipe.kind != "txt2img" else 1.0, info.get("eta"))
+    if recipe.kind != "txt2img" and "denoising_strength" not in info:
+        raise ValueError(f"the parameters describe {recipe.kind} but have no 'Denoising strength'")
+    if not 0 <= recipe.batch_pos < recipe.batch_size:
+        raise ValueError(f"Batch pos {recipe.batch_pos} is not a place in a batch of {recipe.batch_size}")
+    if recipe.first_seed < 0:
+        raise ValueError(f"Seed {info['seed']} cannot be at Batch pos {recipe.batch_pos}: the batch would start at "
+                         f"seed {recipe.first_seed}")
+    inputs.resolve_seed(recipe.first_seed, recipe.batch_size)
+    if info.get("clip_skip", 1) < 1:
+        raise ValueError(f"Clip skip must be 1 or more, got {info['clip_skip']}")
+    sampler_from_record(info["sampler"], info.get("schedule_type"), info.get("sampler_settings"), info.get("eta"))
+    speedups_from_info(info)
+
+
+def tolerance(device: torch.device, dtype: torch.dtype) -> int:
+    return TOLERANCE.get((device.type, str(dtype).removeprefix("torch.")), 32)
+
+
+def difference(made: Image.Image, original: Image.Image) -> tuple[int, float]:
+    """The largest and the mean absolute difference of two same-sized images' RGB pixels, in 1/255 levels."""
+    a = np.asarray(made.convert("RGB"), dtype=np.int16)
+    b = np.asarray(original.convert("RGB"), dtype=np.int16)
+    diff = np.abs(a - b)
+    return int(diff.max()), float(diff.mean())
+
+
+def add_regenerate_options(p: argparse.ArgumentParser, device_help: str) -> None:
+    p.add_argument("png", metavar="IMAGE.png", help="a PNG made by diffuse (or A1111) with its parameters")
+    p.add_argument("--model", default=None, help="the model (default: the shipped model)")
+    p.add_argument("--out", default="outputs", help="where the new PNG goes (default ./outputs)")
+    p.add_argument("--check", action="store_true",
+                   help="compare with the original's pixels; exit 1 when they differ by more than the tolerance "
+                        "for the dtype and device, or when a match is impossible")
+    p.add_argument("--image", default=None, help="img2img/inpaint: the input image (checked against its hash)")
+    p.add_argument("--mask", default=None, help="inpaint: the mask (checked against its hash)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the PNG's)")
+    p.add_argument("--device", default=None, help=f"{device_help} (default: the PNG's)")
+
+
+def _inputs(recipe: Recipe, args: argparse.Namespace) -> tuple[Image.Image | None, Image.Image | None, list[str]]:
+    """The input image and mask the recipe needs, opened and checked against their recorded hashes."""
+    info, problems = recipe.info, []
+    needs_image, needs_mask = recipe.kind != "txt2img", recipe.kind == "inpaint"
+    for flag, given, needed in (("--image", args.image, needs_image), ("--mask", args.mask, needs_mask)):
+        if needed and given is None:
+            raise ValueError(f"this PNG was made by {recipe.kind}: give its input with {flag}")
+        if not needed and given is not None:
+            raise ValueError(f"this PNG was made by {recipe.kind}, which takes no {flag}")
+    image = inputs.open_image(args.image, what="--image") if needs_image else None
+    mask = inputs.open_image(args.mask, what="--mask") if needs_mask else None
+    if mask is not None:
+        inputs.check_mask_matches(image, mask)
+    size = (info["width"], info["height"])
+    for label, key, given, sha in (("Init image hash", "init_image_hash", image, inputs.image_sha256),
+                                   ("Mask hash", "mask_hash", mask, inputs.mask_sha256)):
+        if given is None:
+            continue
+        to_tensor = inputs.image_to_tensor if key == "init_image_hash" else inputs.mask_to_tensor
+        recorded = info.get(key)
+        if recorded is None:
+            problems.append(f"the PNG records no {label}, so the input cannot be checked")
+        elif len(recorded) != 64:
+            problems.append(f"{label} {recorded} is not diffuse's sha256 of the pixels (A1111's), so the input "
+                            "cannot be checked")
+        elif sha(to_tensor(given, *size)) != recorded:
+            problems.append(f"the {label} differs: this is not the input the image was made from")
+    return image, mask, problems
+
+
+def _match_problems(recipe: Recipe, hashes: ModelHashes, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Every recorded fact that rules out an exact match with this model, device and dtype."""
+    info, problems = recipe.info, []
+    if not recipe.by_diffuse:
+        made_by = f"Version {info['version']}" if info.get("version") else "no Version"
+        problems.append(f"an A1111-style image ({made_by}): made again as far as its fields go, its pixels "
+                        "are not expected to match")
+    elif info["version"] != VERSION:
+        problems.append(f"made by {info['version']}, this is {VERSION}")
+    if info.get("model_sha256"):
+        if info["model_sha256"] != hashes.sha256:
+            problems.append(f"Model sha256 {info['model_sha256']} is not the loaded model's ({hashes.sha256})")
+    elif info.get("model_hash"):
+        if info["model_hash"] != hashes.short:
+            problems.append(f"Model hash {info['model_hash']} is not the loaded model's ({hashes.short})")
+    else:
+        problems.append("the PNG records no model hash")
+    for key, label, value in (("dtype", "Dtype", str(dtype).removeprefix("torch.")), ("device", "Device", device.type)):
+        if recipe.by_diffuse and info.get(key) is None:
+            problems.append(f"the PNG records no {label}")
+        elif info.get(key) is not None and info[key] != value:
+            problems.append(f"{label} {info[key]} is not this run's ({value})")
+    if recipe.by_diffuse and info.get("sampler_settings") is None:
+        problems.append("the PNG records no Sampler settings")
+    if recipe.not_reproduced:
+        problems.append(f"not reproduced by diffuse: {', '.join(recipe.not_reproduced)}")
+    return problems
+
+
+def run(args: argparse.Namespace, default_model: Path) -> int:
+    """The `diffuse regenerate` command: 0 done (and matched, with --check), 1 no match, ValueError for bad input."""
+    text = read_parameters(args.png)
+    if text is None:
+        raise ValueError(f"{args.png}: no generation parameters in this image")
+    recipe = read_recipe(text)
+    info = recipe.info
+    image, mask, problems = _inputs(recipe, args)
+    try:
+        device = resolve_device(args.device or info.get("device") or "cpu")
+    except ValueError as e:
+        if args.device is not None:
+            raise
+        raise ValueError(f"{e} (the PNG's Device); pass --device to make it on another") from None
+    dtype = resolve_dtype(args.dtype or info.get("dtype") or "auto", device)
+    inputs.check_output_folder(args.out, "--out")
+    model = Path(args.model).expanduser() if args.model is not None else default_model
+    hashes = model_hashes(model)  # the model's files only: nothing loads yet
+    problems = _match_problems(recipe, hashes, device, dtype) + problems
+    for problem in problems:
+        print(f"diffuse regenerate: {'cannot match' if args.check else 'note'}: {problem}", file=sys.stderr)
+    if args.check and problems:
+        return 1
+
+    from .loader import load_pipeline
+
+    pipe = load_pipeline(model, dtype=dtype, device=device)
+    pipe.model_hashes = hashes  # hashed above from the same files: no second read
+    sampler = (sampler_from_record(info["sampler"], info.get("schedule_type"), info["sampler_settings"])
+               if info.get("sampler_settings") else pipe.get_sampler(info["sampler"], info.get("schedule_type"),
+                                                                      info.get("eta")))
+    settings = {"negative_prompt": info.get("negative_prompt", ""), "width": info["width"], "height": info["height"],
+                "steps": info["steps"], "guidance_scale": info["cfg_scale"], "sampler": sampler,
+                "seed": recipe.first_seed, "batch_size": recipe.batch_size, "clip_skip": info.get("clip_skip", 1),
+                "eta": info.get("eta"), "speedups": speedups_from_info(info)}
+    if recipe.kind == "txt2img":
+        result = pipe.txt2img(info.get("prompt", ""), **settings)
+    elif recipe.kind == "img2img":
+        result = pipe.img2img(image, info.get("prompt", ""), strength=info["denoising_strength"], **settings)
+    else:
+        result = pipe.inpaint(image, mask, info.get("prompt", ""), strength=info["denoising_strength"],
+                              keep_unmasked=info.get("keep_unmasked", True), **settings)
+    made, made_text = result.images[recipe.batch_pos], result.infotexts[recipe.batch_pos]
+    path = save_png(made, numbered_path(args.out, info["seed"]), made_text, overwrite=False)
+    print(path)
+    if not args.check:
+        return 0
+    with Image.open(args.png) as original:
+        if original.size != made.size:
+            print(f"DIFFERS: the new image is {made.size[0]}x{made.size[1]}, the original "
+                  f"{original.size[0]}x{original.size[1]}")
+            return 1
+        largest, mean = difference(made, original)
+    limit = tolerance(device, dtype)
+    verdict = "matches" if largest <= limit else "DIFFERS"
+    print(f"{verdict}: largest pixel difference {largest}/255, mean {mean:.3f}/255 "
+          f"(tolerance {limit}/255 for {str(dtype).removeprefix('torch.')} on {device.type})")
+    return 0 if largest <= limit else 1
