@@ -25,6 +25,7 @@ from .models.clip import CLIPTextEncoder
 from .models.configs import PipelineConfig
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .numerics import Fallback, network_dtype
 from .preview import latents_to_rgb_cheap, to_pil
 from .prompts import encode_prompt_pair, encode_prompts
 from .recipe import sampler_settings
@@ -262,9 +263,14 @@ class Pipeline:
         def draw_noise() -> torch.Tensor:
             return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
+        # Each network output is checked; a non-finite one reruns that network in float32 (diffuse.numerics).
+        fallback = Fallback(job.nan_fallback)
+
         def encode_image(pixels: torch.Tensor) -> torch.Tensor:
             """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
-            posterior = self.vae.encode(pixels.to(device, self.dtype))
+            posterior = fallback.run(self.vae, "VAE encoder",
+                                     lambda: self.vae.encode(pixels.to(device, network_dtype(self.vae))),
+                                     outputs=lambda p: (p.mean, p.std))
             return torch.cat([posterior.sample(g).float() for g in generators]) * latent_scale
 
         cond, uncond = self._conditioning(job)
@@ -294,19 +300,40 @@ class Pipeline:
         # Guidance stops once the timestep falls to that of the first unguided step.
         guided_steps = round(speed.guidance_cutoff * plan.steps)
         last_guided_t = float(plan.timesteps[guided_steps]) if guided_steps < plan.steps else -1.0
+        steps_done = 0
+
+        def run_unet(x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            """One UNet call, checked. After a non-finite output in a reduced precision the call is made
+            again in float32, and the UNet stays float32 for the rest of this sampling: the same
+            request then takes the same path again."""
+            # A retry must see the speed-ups as the first try did (cache and merge corners unchanged).
+            kept = (cache.calls, cache.features) if cache is not None else None
+            corners = merging.generator.get_state() if merging is not None else None
+
+            def compute() -> torch.Tensor:
+                if kept is not None:
+                    cache.calls, cache.features = kept
+                if corners is not None:
+                    merging.generator.set_state(corners)
+                dtype = network_dtype(self.unet)
+                return self.unet(x_in.to(dtype), t, context.to(dtype), cache=cache, merging=merging)
+
+            where = f" at step {steps_done + 1} of {plan.steps}"
+            return fallback.run(self.unet, "UNet", compute, where=where, stay=True).float()
 
         def predict(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             """The UNet's noise (or v) prediction with classifier-free guidance, as one batch of 2."""
             if inpaint_unet:
                 x_vp = torch.cat([x_vp, mask_latents.expand(len(x_vp), -1, -1, -1), masked_latents], dim=1)
             if uncond is None or float(t.reshape(-1)[0]) <= last_guided_t:
-                return self.unet(x_vp.to(self.dtype), t, cond, cache=cache, merging=merging).float()
-            out = self.unet(torch.cat([x_vp, x_vp]).to(self.dtype), t, torch.cat([uncond, cond]), cache=cache,
-                            merging=merging).float()
+                return run_unet(x_vp, t, cond)
+            out = run_unet(torch.cat([x_vp, x_vp]), t, torch.cat([uncond, cond]))
             out_uncond, out_cond = out.chunk(2)
             return out_uncond + job.guidance_scale * (out_cond - out_uncond)
 
         def after_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
+            nonlocal steps_done
+            steps_done = i + 1
             if image_latents is not None and job.mask is not None and not inpaint_unet:
                 # Keep the known region on track: the original latents, noised to the next step's level.
                 s = sigmas[i + 1]
@@ -319,23 +346,36 @@ class Pipeline:
             return x
 
         denoise = make_denoiser(predict, self.config.prediction_type)  # what the model predicts is the model's fact
-        x = job.sampler.run(denoise, x, plan, draw_noise, after_step)
+        with fallback:  # a UNet moved to float32 goes back to its own dtype however sampling ends
+            x = job.sampler.run(denoise, x, plan, draw_noise, after_step)
         latents = x / (1 + sigmas[-1] ** 2) ** 0.5
-        images = [to_pil(self.decode_latents(latents[i : i + 1]))[0] for i in range(len(latents))]
+        images = [to_pil(self.decode_latents(latents[i : i + 1], job.nan_fallback))[0] for i in range(len(latents))]
         if job.mask is not None and job.keep_unmasked:
             images = [_paste_unmasked(img, job.image, job.mask) for img in images]
         return self._result(job, images)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (UNet scale) → pixels in [-1, 1], [B, 3, H, W]."""
-        return self.vae.decode((latents / self.config.vae.scaling_factor).to(self.dtype)).float()
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, nan_fallback: list[str] | None = None) -> torch.Tensor:
+        """Latents (UNet scale) → pixels in [-1, 1], [B, 3, H, W].
+
+        Checked to be finite: a non-finite decode in a reduced precision is redone in float32
+        (and "VAE float32" added to `nan_fallback`); in float32 it raises NonFiniteError."""
+        z = latents / self.config.vae.scaling_factor
+        pixels = Fallback(nan_fallback).run(self.vae, "VAE decoder",
+                                            lambda: self.vae.decode(z.to(network_dtype(self.vae))))
+        return pixels.float()
 
     def _conditioning(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context for the prompts and, when guidance is on, for the negative prompts (same length)."""
-        if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
-            return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
-        return encode_prompt_pair(self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts,
-                                  clip_skip=job.clip_skip)
+        """Context for the prompts and, when guidance is on, for the negative prompts (same length);
+        checked to be finite, recomputed in float32 if it is not (diffuse.numerics)."""
+        def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
+                return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
+            return encode_prompt_pair(self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts,
+                                      clip_skip=job.clip_skip)
+
+        return Fallback(job.nan_fallback).run(self.text_encoder, "text encoder", encode,
+                                              outputs=lambda pair: tuple(c for c in pair if c is not None))
 
     def _result(self, job: _Job, images: list[Image.Image]) -> Result:
         info, texts = self._info(job)
