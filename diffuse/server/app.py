@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from diffuse.metadata import PARAMETERS_KEY, parse_infotext, png_bytes, read_parameters
+from diffuse.numerics import NonFiniteError
 from diffuse.pipeline import VERSION
 from diffuse.samplers import SAMPLER_NAMES, SCHEDULE_TYPES, sampler_aliases
 from diffuse.server.a1111 import GenerationRequest, Limits, RequestError, decode_image, read_generation
@@ -172,6 +173,10 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
     @app.exception_handler(ValueError)
     async def bad_value(_: Request, error: ValueError) -> JSONResponse:
         return _error(422, error)
+
+    @app.exception_handler(NonFiniteError)
+    async def non_finite(_: Request, error: NonFiniteError) -> JSONResponse:
+        return _error(500, error)  # the model failed, not the request: an error, never a black image
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, error: QueueFull) -> JSONResponse:
