@@ -148,8 +148,10 @@ def test_batches_and_iterations_continue_the_seeds(server):
     body = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 100, "batch_size": 2, "n_iter": 2})[1]
     info = json.loads(body["info"])
     assert info["all_seeds"] == [100, 101, 102, 103] and len(body["images"]) == 4
-    single = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 102})[1]
-    assert single["images"][0] == body["images"][2]
+    # The second round is the batch that seed 102 makes on its own (same batch size: reduced-precision
+    # kernels may differ by batch size, and the PNG records it).
+    again = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 102, "batch_size": 2})[1]
+    assert again["images"] == body["images"][2:]
 
 
 def test_img2img_and_inpainting_take_data_urls(server):
