@@ -128,7 +128,7 @@ def _check(recipe: Recipe) -> None:
 
 
 def tolerance(device: torch.device, dtype: torch.dtype) -> int:
-    return TOLERANCE.get((device.type, str(dtype).removeprefix("torch.")), 32)
+    return TOLERANCE[(device.type, str(dtype).removeprefix("torch."))]
 
 
 def difference(made: Image.Image, original: Image.Image) -> tuple[int, float]:

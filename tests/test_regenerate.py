@@ -10,18 +10,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import diffuse
 import diffuse.loader
 from diffuse.cli import DEFAULT_MODEL, main
 from diffuse.metadata import parse_infotext, read_parameters, save_png
+from diffuse.pipeline import Step
 
 PROMPT = "a red circle above a blue square"
 QUICK = ["--steps", "2", "--cfg-scale", "4", "--sampler", "Euler a"]
 
 
 def run(args, capsys):
+    capsys.readouterr()  # only this command's output (a fixture may have made an image inside the test)
     code = main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -192,3 +195,20 @@ def test_a_png_without_parameters_or_not_a_png_is_one_line(tmp_path, capsys, no_
         code, _, err = run(["regenerate", str(tmp_path / name)], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
+
+
+def test_interrupted_server_images_carry_the_same_parameters():
+    from diffuse.server.a1111 import DEFAULT_STRENGTH, GenerationRequest
+    from diffuse.server.generate import _partial
+
+    pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype="float32")
+    picture = Image.new("RGB", (64, 64), (90, 20, 200))
+    request = GenerationRequest(kind="img2img", prompt=PROMPT, negative_prompt="green", width=None, height=None,
+                                steps=4, cfg_scale=4.0, sampler="Euler a", schedule_type=None, seed=5, batch_size=2,
+                                n_iter=1, init_image=picture)
+    finished = pipe.img2img(picture, PROMPT, strength=DEFAULT_STRENGTH, negative_prompt="green", steps=4,
+                            guidance_scale=4.0, sampler="Euler a", seed=5, batch_size=2)
+    latents = torch.zeros(2, 4, 8, 8)
+    partial = _partial(pipe, request, 5, Step(1, 4, 500.0, latents, latents))
+    assert partial.infotexts == finished.infotexts and partial.info == finished.info
+    assert "Init image hash" in parse_infotext(partial.infotexts[1])
