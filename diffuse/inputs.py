@@ -38,9 +38,9 @@ def check_side(name: str, value: int, multiple: int = 8) -> None:
         raise ValueError(f"{name} must be a multiple of {multiple} (the autoencoder's downsampling), got {value}")
 
 
-def check_steps(steps: int) -> None:
+def check_steps(steps: int, name: str = "steps") -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        raise ValueError(f"{name} must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
 
 
 def check_number(name: str, value: float, low: float, high: float) -> float:
@@ -49,9 +49,9 @@ def check_number(name: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
-def check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
-        raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
+        raise ValueError(f"{name} must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
 
 
 def check_clip_skip(clip_skip: int, layers: int) -> None:
@@ -141,19 +141,28 @@ def check_mask_matches(image: Image.Image, mask: Image.Image) -> None:
 
 
 def check_settings(width: int | None, height: int | None, steps: int, guidance_scale: float, batch_size: int,
-                   strength: float = 1.0, eta: float | None = None, multiple: int = 8) -> None:
-    """The checks every request needs and none of which needs a model (None sizes: decided later)."""
-    for name, value in (("width", width), ("height", height)):
+                   strength: float = 1.0, eta: float | None = None, multiple: int = 8,
+                   names: dict[str, str] | None = None) -> None:
+    """The checks every request needs and none of which needs a model (None sizes: decided later).
+
+    `names` renames the fields in the messages to what the caller's user typed (a command
+    line's options, a PNG's labels): keys width, height, steps, guidance_scale, batch_size,
+    strength, eta.
+    """
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    for key, value in (("width", width), ("height", height)):
         if value is not None:
-            check_side(name, value, multiple)
-    check_steps(steps)
-    check_number("guidance_scale", guidance_scale, 0.0, 100.0)
-    check_number("strength", strength, 0.0, 1.0)
-    check_batch_size(batch_size)
+            check_side(name(key), value, multiple)
+    check_steps(steps, name("steps"))
+    check_number(name("guidance_scale"), guidance_scale, 0.0, 100.0)
+    check_number(name("strength"), strength, 0.0, 1.0)
+    check_batch_size(batch_size, name("batch_size"))
     if eta is not None:
-        check_number("eta", eta, 0.0, 1.0)
+        check_number(name("eta"), eta, 0.0, 1.0)
     if int(steps * strength) < 1:
-        raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step "
+        raise ValueError(f"{name('strength')} {strength} of {steps} {name('steps')} leaves no denoising step "
                          f"(int(steps x strength) = 0); raise the strength or the steps")
 
 

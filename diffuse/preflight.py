@@ -22,6 +22,8 @@ from .samplers import get_sampler
 from .speedups import Speedups
 
 SIZE_MULTIPLE = 8  # Stable Diffusion's autoencoder downsamples 8x
+OPTION_NAMES = {"width": "-W/--width", "height": "-H/--height", "steps": "--steps", "guidance_scale": "--cfg-scale",
+                "batch_size": "--batch-size", "strength": "--strength", "eta": "--eta"}
 
 
 @dataclass
@@ -49,19 +51,9 @@ def check_generation_args(args: argparse.Namespace) -> Checked:
     kind = args.command
     inputs.prompt_list(args.prompt, "prompt")
     inputs.prompt_list(args.negative_prompt, "negative prompt (-n)")
-    for flag, value in (("-W/--width", args.width), ("-H/--height", args.height)):
-        if value is not None:
-            _option(flag, inputs.check_side, flag.split("--")[1], value, SIZE_MULTIPLE)
-    _option("--steps", inputs.check_steps, args.steps)
-    _option("--cfg-scale", inputs.check_number, "guidance scale", args.cfg_scale, 0.0, 100.0)
-    _option("--batch-size", inputs.check_batch_size, args.batch_size)
     strength = getattr(args, "strength", 1.0)
-    _option("--strength", inputs.check_number, "strength", strength, 0.0, 1.0)
-    if args.eta is not None:
-        _option("--eta", inputs.check_number, "eta", args.eta, 0.0, 1.0)
-    if int(args.steps * strength) < 1:
-        raise ValueError(f"--strength {strength} of --steps {args.steps} leaves no denoising step "
-                         "(int(steps x strength) = 0); raise the strength or the steps")
+    inputs.check_settings(args.width, args.height, args.steps, args.cfg_scale, args.batch_size, strength, args.eta,
+                          SIZE_MULTIPLE, names=OPTION_NAMES)
     seed = _option("--seed", inputs.resolve_seed, args.seed, args.batch_size * args.n_iter)
     get_sampler(args.sampler, schedule_type=args.schedule_type, eta=args.eta)
     if args.clip_skip < 1:
@@ -70,9 +62,9 @@ def check_generation_args(args: argparse.Namespace) -> Checked:
                         deep_cache_depth=args.deep_cache_depth, token_merging=args.token_merging)
     device = resolve_device(args.device)
     dtype = _option("--dtype", resolve_dtype, args.dtype, device)
-    _option("--out", inputs.check_output_folder, args.out)
+    inputs.check_output_folder(args.out, "--out")
     if args.save_steps is not None:
-        _option("--save-steps", inputs.check_output_folder, args.save_steps)
+        inputs.check_output_folder(args.save_steps, "--save-steps")
     checked = Checked(seed=seed, speedups=speedups, device=device, dtype=dtype)
     if kind != "txt2img":
         checked.image = inputs.open_image(args.image, what="--image")

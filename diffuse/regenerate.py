@@ -57,6 +57,11 @@ _DESCRIPTIVE = {"Prompt", "Negative prompt", "Size-1", "Size-2", "Version", "Use
                 "RNG", "Clip skip", "Schedule type"}
 
 
+# The PNG's labels, for messages about the values check_settings reads.
+_LABEL_NAMES = {"width": "Size (width)", "height": "Size (height)", "steps": "Steps", "guidance_scale": "CFG scale",
+                "batch_size": "Batch size", "strength": "Denoising strength", "eta": "Eta"}
+
+
 @dataclass
 class Recipe:
     """A PNG's parameters, typed, and what they ask for."""
@@ -112,7 +117,8 @@ def _check(recipe: Recipe) -> None:
     inputs.prompt_list(info.get("prompt", ""), "Prompt")
     inputs.prompt_list(info.get("negative_prompt", ""), "Negative prompt")
     inputs.check_settings(info["width"], info["height"], info["steps"], info["cfg_scale"], recipe.batch_size,
-                          info.get("denoising_strength", 1.0) if recipe.kind != "txt2img" else 1.0, info.get("eta"))
+                          info.get("denoising_strength", 1.0) if recipe.kind != "txt2img" else 1.0, info.get("eta"),
+                          names=_LABEL_NAMES)
     if recipe.kind != "txt2img" and "denoising_strength" not in info:
         raise ValueError(f"the parameters describe {recipe.kind} but have no 'Denoising strength'")
     if not 0 <= recipe.batch_pos < recipe.batch_size:

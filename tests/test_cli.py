@@ -132,14 +132,14 @@ def files(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind, options, message", [
-    ("txt2img", ["-W", "30"], "multiple of 8"),
+    ("txt2img", ["-W", "30"], "-W/--width must be a multiple of 8"),
     ("txt2img", ["-H", "4096"], "between 8 and 2048"),
-    ("txt2img", ["--steps", "0"], "steps must be"),
-    ("txt2img", ["--steps", "5000"], "steps must be"),
+    ("txt2img", ["--steps", "0"], "--steps must be"),
+    ("txt2img", ["--steps", "5000"], "--steps must be"),
     ("txt2img", ["--cfg-scale", "nan"], "--cfg-scale"),
     ("txt2img", ["--cfg-scale", "101"], "--cfg-scale"),
     ("txt2img", ["--eta", "2"], "--eta"),
-    ("txt2img", ["--batch-size", "65"], "batch_size"),
+    ("txt2img", ["--batch-size", "65"], "--batch-size must be"),
     ("txt2img", ["--seed", "-5"], "--seed"),
     ("txt2img", ["--seed", "4294967295", "--batch-size", "2"], "past 4294967295"),
     ("txt2img", ["--seed", "4294967294", "--n-iter", "3"], "past 4294967295"),
@@ -186,5 +186,5 @@ def bomb_png(width: int, height: int) -> bytes:
 ])
 def test_pnginfo_refuses_unsafe_files_in_one_line(tmp_path, capsys, data, message):
     (tmp_path / "x.png").write_bytes(data)
-    code, out, err = run(["pnginfo", str(tmp_path / "x.png")], capsys)
+    code, _, err = run(["pnginfo", str(tmp_path / "x.png")], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

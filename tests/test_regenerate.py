@@ -66,6 +66,12 @@ def cli_image(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def png(cli_image) -> Path:
+    """A float32 image from the command line, made before any test's fixtures forbid loading a model."""
+    return cli_image("float32")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cli_images_are_made_again_exactly(cli_image, dtype, capsys):
     png = cli_image(dtype)
@@ -104,13 +110,12 @@ def test_server_images_are_made_again_exactly(dtype, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("old, new", [("Seed: 12,", "Seed: 13,"), (PROMPT, "a blue circle above a red square")])
-def test_edited_parameters_fail_the_check(cli_image, tmp_path, capsys, old, new):
-    code, out, err = check(edited(cli_image("float32"), tmp_path / "edited.png", old, new), capsys)
+def test_edited_parameters_fail_the_check(png, tmp_path, capsys, old, new):
+    code, out, err = check(edited(png, tmp_path / "edited.png", old, new), capsys)
     assert code == 1 and "DIFFERS: largest pixel difference" in out, err
 
 
-def test_another_model_is_named_before_loading(cli_image, tmp_path, capsys, no_loading):
-    png = cli_image("float32")
+def test_another_model_is_named_before_loading(png, tmp_path, capsys, no_loading):
     model = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL, model, copy_function=os.symlink)  # cheap: the same files but one
     (model / "vae" / "latent_rgb.json").unlink()
@@ -174,8 +179,9 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
 
 @pytest.mark.parametrize("old, new, message", [
     ("Sampler: Euler a", "Sampler: Euler z", "unknown sampler 'Euler z'"),
-    ("Steps: 2", "Steps: 0", "steps must be"),
-    ("Size: 64x64", "Size: 60x64", "multiple of 8"),
+    ("Steps: 2", "Steps: 0", "Steps must be"),
+    ("Size: 64x64", "Size: 60x64", "Size (width) must be a multiple of 8"),
+    ("CFG scale: 4", "CFG scale: 400", "CFG scale must be"),
     ("Seed: 12", "Seed: 4294967296", "seed"),
     ("Seed: 12", "Seed: 0", "seed"),  # position 1 of its batch: the batch would start at seed -1
     ("Batch pos: 1", "Batch pos: 2", "Batch pos 2"),
@@ -183,8 +189,8 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
     ("rho=7.0", "rho=steep", "rho"),
     ("eta=0.0", "eta=0.0 warp=9", "unknown setting 'warp'"),
 ])
-def test_bad_parameters_are_refused_before_loading(cli_image, tmp_path, capsys, no_loading, old, new, message):
-    code, _, err = check(edited(cli_image("float32"), tmp_path / "bad.png", old, new), capsys)
+def test_bad_parameters_are_refused_before_loading(png, tmp_path, capsys, no_loading, old, new, message):
+    code, _, err = check(edited(png, tmp_path / "bad.png", old, new), capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
