@@ -116,14 +116,17 @@ def generate(args: argparse.Namespace) -> int:
             if recorder is not None:
                 recorder(step.index, step.timestep, step.latents)
 
-        if args.command == "txt2img":
-            result = pipe.txt2img(args.prompt, seed=seed, callback=on_step, **settings)
-        elif args.command == "img2img":
-            result = pipe.img2img(checked.image, args.prompt, seed=seed, callback=on_step, **settings)
-        else:
-            result = pipe.inpaint(checked.image, checked.mask, args.prompt, seed=seed, callback=on_step, **settings)
-        if bar is not None:
-            bar.close()
+        try:
+            if args.command == "txt2img":
+                result = pipe.txt2img(args.prompt, seed=seed, callback=on_step, **settings)
+            elif args.command == "img2img":
+                result = pipe.img2img(checked.image, args.prompt, seed=seed, callback=on_step, **settings)
+            else:
+                result = pipe.inpaint(checked.image, checked.mask, args.prompt, seed=seed, callback=on_step,
+                                      **settings)
+        finally:
+            if bar is not None:  # closed before an error is printed, so the message gets its own line
+                bar.close()
         if recorder is not None:
             print(f"steps: {recorder.finish()}")
         for image, image_seed, text in zip(result.images, result.seeds, result.infotexts):
