@@ -14,7 +14,8 @@ Writing the same text makes our images readable by the tools that read A1111's
 A1111 writes prompts raw, so a prompt holding a newline and "Steps: ..." would forge a
 parameters line that readers trust. Prompts are therefore written with newlines escaped (see
 `escape_newlines`): an ordinary prompt, `\\(` included, stays byte-identical, and any prompt
-comes back exactly (but for the leading and trailing whitespace every reader strips).
+comes back exactly, but for the leading and trailing whitespace every reader strips and a
+prompt that itself starts with "Negative prompt:", which A1111's layout cannot tell apart.
 
 After A1111's own keys come diffuse's, which say what is needed to make an image again and
 whether that can match: the model's full sha256, dtype, device, the sampler's settings, the
