@@ -402,3 +402,16 @@ def test_cli_serve_refuses_an_open_binding_without_credentials(capsys, monkeypat
     assert "--api-auth" in capsys.readouterr().err
     assert main(["serve", "--api-auth", "no-colon"]) == 2
     assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_every_seed_of_a_request_stays_in_a1111s_range(monkeypatch):
+    from diffuse import inputs
+    from diffuse.server.a1111 import RequestError, read_generation
+
+    body = {"prompt": "x", "batch_size": 2, "n_iter": 2}
+    with pytest.raises(RequestError, match=r"seed: seed 4294967293 with 4 images would give the last one seed "):
+        read_generation("txt2img", {**body, "seed": inputs.MAX_SEED - 2}, Limits())
+    assert read_generation("txt2img", {**body, "seed": inputs.MAX_SEED - 3}, Limits()).seed == inputs.MAX_SEED - 3
+    # A random pick, even the highest, leaves room for all four images.
+    monkeypatch.setattr(inputs.random, "randrange", lambda stop: stop - 1)
+    assert read_generation("txt2img", {**body, "seed": -1}, Limits()).seed + 3 == inputs.MAX_SEED

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +114,7 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
     request = GenerationRequest(
         kind=kind, prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
         cfg_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0), sampler=sampler, schedule_type=schedule_type,
-        seed=_seed(body), batch_size=batch_size, n_iter=n_iter, eta=_optional_number(body, "eta", 0.0, 1.0),
+        seed=_seed(body, batch_size * n_iter), batch_size=batch_size, n_iter=n_iter, eta=_optional_number(body, "eta", 0.0, 1.0),
         send_images=_bool(body, "send_images", True), model=_model_override(body),
         restore_model=_bool(body, "override_settings_restore_afterwards", True))
     clip_skip = _override(body).get("CLIP_stop_at_last_layers", 1)
@@ -254,13 +253,17 @@ def _bool(body: dict, name: str, default: bool) -> bool:
     return value
 
 
-def _seed(body: dict) -> int:
+def _seed(body: dict, count: int) -> int:
+    """The first of `count` seeds, every one in A1111's range (a random pick leaves room for all)."""
     value = body.get("seed")
     if value in (None, "", -1):
-        return random.randrange(4294967294)  # A1111's range
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= inputs.MAX_SEED:
+        value = -1
+    elif not isinstance(value, int) or isinstance(value, bool):
         raise RequestError("seed", f"must be -1 (random) or an integer from 0 to {inputs.MAX_SEED}, got {value!r}")
-    return value
+    try:
+        return inputs.resolve_seed(value, count=count)
+    except ValueError as error:
+        raise RequestError("seed", str(error)) from None
 
 
 def _sampler(body: dict) -> tuple[str, str | None]:
