@@ -145,3 +145,15 @@ def reference_pipes(reference_folders):
     from diffusers import StableDiffusionPipeline
 
     return {name: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) for name, folder in reference_folders.items()}
+
+
+@pytest.fixture
+def one_thread():
+    """Train in this process with the workers' thread count, leaving the global RNGs as found."""
+    from diffuse.train.state import capture_rng_state, restore_rng_state
+
+    threads, rng = torch.get_num_threads(), capture_rng_state()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    restore_rng_state(rng)

@@ -34,28 +34,16 @@ from diffuse.train.ema import WeightAverage
 from diffuse.train.distributed import DistInfo, shard, shard_weight
 from diffuse.train.loop import BatchRandom, LoopConfig, learning_rate, train
 from diffuse.train.state import (
-    capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint,
-    restore_rng_state,
     resumable,
     save_checkpoint,
 )
 
 WORKER = Path(__file__).with_name("train_worker.py")
-
-
-@pytest.fixture
-def one_thread():
-    """Train in this process with the workers' thread count, leaving the global RNGs as found."""
-    threads, rng = torch.get_num_threads(), capture_rng_state()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    restore_rng_state(rng)
 
 
 def logged(folder: Path) -> list[dict]:

@@ -15,16 +15,7 @@ import torch
 import train_worker
 from diffuse.train import state
 from diffuse.train.loop import train
-from diffuse.train.state import capture_rng_state, latest_checkpoint, read_checkpoint, restore_rng_state
-
-
-@pytest.fixture
-def one_thread():
-    threads, rng = torch.get_num_threads(), capture_rng_state()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    restore_rng_state(rng)
+from diffuse.train.state import latest_checkpoint, read_checkpoint
 
 
 def run(out: Path, steps: int, inputs: dict[str, Path] | None) -> list[float]:
