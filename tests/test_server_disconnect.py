@@ -26,6 +26,21 @@ def post_and_leave_open(base: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
+def read_body(sock: socket.socket) -> bytes:
+    """The body of the answer on `sock`: the headers and the body may arrive in separate segments."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += (chunk := sock.recv(4096))
+        assert chunk, "the server closed the connection before its answer"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += (chunk := sock.recv(4096))
+        assert chunk, "the server closed the connection in the middle of its answer"
+    return body
+
+
 def wait_for(condition, what: str, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -73,9 +88,8 @@ def test_a_client_that_leaves_takes_its_job_with_it(running):
 def test_a_page_job_runs_on_without_its_submitter(running):
     server = running.app.app.state.server
     leaving = post_and_leave_open(running.base, "/diffuse/v1/jobs", {**QUICK, "steps": 3, "seed": 8})
-    answer = leaving.recv(4096)
+    job_id = json.loads(read_body(leaving))["id"]
     leaving.close()
-    job_id = json.loads(answer.partition(b"\r\n\r\n")[2])["id"]
     job = server.jobs[job_id]
     wait_for(job.future.done, "the page's job did not finish")
     assert job.state == "done" and len(list(server.settings.outputs.glob("*-8.png"))) == 1
