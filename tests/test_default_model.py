@@ -4,6 +4,7 @@ the measured adherence of everything else)."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffuse.cli import DEFAULT_MODEL
@@ -29,14 +30,15 @@ def test_default_model_draws_the_background_the_prompt_asks_for():
     assert [i.tobytes() for i in again.images] == [i.tobytes() for i in result.images]  # a seed reproduces its images
 
 
-def test_image_of_a_seed_does_not_depend_on_the_batch_in_float32():
-    # Exact in float32 only: reduced-precision GEMMs may pick other kernels for another batch size
-    # (bf16 on AMX: max 23/255, mean 0.6/255 apart), which is why a PNG records its batch.
+def test_image_of_a_seed_barely_depends_on_the_batch_in_float32():
+    # Image i keeps its own seed's noise in any batch; the GEMMs may still round differently at
+    # another batch size (float32: up to 1/255; bf16 on AMX: up to 23/255), hence a PNG records its batch.
     pipe = load_pipeline(DEFAULT_MODEL, dtype="float32")
     prompts = ["a red circle on a white background", "a blue star on a black background"]
     batch = pipe.txt2img(prompts, width=64, height=64, steps=8, guidance_scale=4, sampler="Euler a", seed=3)
     alone = pipe.txt2img(prompts[1:], width=64, height=64, steps=8, guidance_scale=4, sampler="Euler a", seed=4)
-    assert alone.images[0].tobytes() == batch.images[1].tobytes()
+    difference = np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(batch.images[1], dtype=int))
+    assert difference.max() <= 1, difference.max()
 
 
 def test_info_reports_the_default_model(capsys):
