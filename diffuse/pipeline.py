@@ -31,7 +31,7 @@ from .prompts import encode_prompt_pair, encode_prompts
 from .recipe import sampler_settings
 from .samplers import Sampler, get_sampler
 from .samplers.schedule import make_denoiser
-from .speedups import DeepCache, Speedups, TokenMerging
+from .speedups import DrivenUNet, Speedups
 from .tokenizer import CLIPTokenizer
 
 VERSION = "diffuse 0.1.0"
@@ -295,8 +295,7 @@ class Pipeline:
                 masked_latents = encode_image(masked)
 
         speed = job.speedups
-        cache = DeepCache(speed.deep_cache_interval, speed.deep_cache_depth) if speed.deep_cache_interval > 1 else None
-        merging = TokenMerging(speed.token_merging, shape[1:]) if speed.token_merging else None
+        unet = DrivenUNet(self.unet, speed, shape[1:])
         # Guidance stops once the timestep falls to that of the first unguided step.
         guided_steps = round(speed.guidance_cutoff * plan.steps)
         last_guided_t = float(plan.timesteps[guided_steps]) if guided_steps < plan.steps else -1.0
@@ -306,17 +305,12 @@ class Pipeline:
             """One UNet call, checked. After a non-finite output in a reduced precision the call is made
             again in float32, and the UNet stays float32 for the rest of this sampling: the same
             request then takes the same path again."""
-            # A retry must see the speed-ups as the first try did (cache and merge corners unchanged).
-            kept = (cache.calls, cache.features) if cache is not None else None
-            corners = merging.generator.get_state() if merging is not None else None
+            kept = unet.state()  # a retry must see the speed-ups as the first try did
 
             def compute() -> torch.Tensor:
-                if kept is not None:
-                    cache.calls, cache.features = kept
-                if corners is not None:
-                    merging.generator.set_state(corners)
+                unet.restore(kept)
                 dtype = network_dtype(self.unet)
-                return self.unet(x_in.to(dtype), t, context.to(dtype), cache=cache, merging=merging)
+                return unet(x_in.to(dtype), t, context.to(dtype))
 
             where = f" at step {steps_done + 1} of {plan.steps}"
             return fallback.run(self.unet, "UNet", compute, where=where, stay=True).float()

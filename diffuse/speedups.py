@@ -137,3 +137,30 @@ class TokenMerging:
             return out
 
         return merge, unmerge
+
+
+class DrivenUNet:
+    """The UNet as one generation calls it: `driven(latents, timesteps, context)`, with that
+    generation's speed-ups (none, cache, merging) applied. `state()` and `restore(state)` let a
+    call be made again exactly as the first try was (diffuse.numerics' float32 retry)."""
+
+    def __init__(self, unet: torch.nn.Module, speedups: Speedups, latent_size: tuple[int, int]):
+        self.unet = unet
+        interval, depth = speedups.deep_cache_interval, speedups.deep_cache_depth
+        self.cache = DeepCache(interval, depth) if interval > 1 else None
+        self.merging = TokenMerging(speedups.token_merging, latent_size) if speedups.token_merging else None
+
+    def __call__(self, latents: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        return self.unet(latents, timesteps, context, cache=self.cache, merging=self.merging)
+
+    def state(self) -> tuple:
+        cache = (self.cache.calls, self.cache.features) if self.cache is not None else None
+        corners = self.merging.generator.get_state() if self.merging is not None else None
+        return cache, corners
+
+    def restore(self, state: tuple) -> None:
+        cache, corners = state
+        if cache is not None:
+            self.cache.calls, self.cache.features = cache
+        if corners is not None:
+            self.merging.generator.set_state(corners)
