@@ -38,8 +38,8 @@ from PIL import Image, PngImagePlugin
 
 # The hashes are diffuse.hashes' and the safe chunk reader is diffuse.pngtext's; callers
 # that read and write PNG metadata find them here too.
-from .hashes import ModelHashes, model_hash, model_hashes, sha256_file  # noqa: F401
-from .pngtext import PngTextError, read_png_text  # noqa: F401
+from diffuse.hashes import ModelHashes, model_hash, model_hashes, sha256_file  # noqa: F401
+from diffuse.pngtext import PngTextError, read_png_text  # noqa: F401
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk's name, as A1111 writes it
 

@@ -18,42 +18,34 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
-from . import inputs
-from .hashes import ModelHashes, model_hashes
-from .metadata import infotext
-from .models.clip import CLIPTextEncoder
-from .models.configs import PipelineConfig
-from .models.unet import UNet
-from .models.vae import AutoencoderKL
-from .numerics import Fallback, network_dtype
-from .preview import latents_to_rgb_cheap, to_pil
-from .prompts import encode_prompt_pair, encode_prompts
-from .recipe import sampler_settings
-from .samplers import Sampler, get_sampler
-from .samplers.schedule import make_denoiser
-from .speedups import DrivenUNet, Speedups
-from .tokenizer import CLIPTokenizer
+from diffuse import inputs
+from diffuse.generation import (
+    AfterStep,
+    NoisePredictor,
+    Start,
+    Step,
+    draw_noise,
+    last_guided_timestep,
+    paste_unmasked,
+)
+from diffuse.hashes import ModelHashes, model_hashes
+from diffuse.metadata import infotext
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.configs import PipelineConfig
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
+from diffuse.numerics import Fallback, network_dtype
+from diffuse.preview import to_pil
+from diffuse.prompts import encode_prompt_pair, encode_prompts
+from diffuse.recipe import sampler_settings
+from diffuse.request import GenerationRequest, Job, model_sampler
+from diffuse.samplers import Sampler
+from diffuse.samplers.schedule import Plan, make_denoiser
+from diffuse.speedups import DrivenUNet, Speedups
+from diffuse.tokenizer import CLIPTokenizer
 
 VERSION = "diffuse 0.1.0"
-
-
-@dataclass
-class Step:
-    """What a per-step callback sees: step `index` of `total`, the timestep the UNet was told,
-    the current noisy `latents` (in the UNet's scale) and the sampler's clean estimate `denoised`;
-    `preview_matrix` is the model's latent -> RGB map (None: SD's)."""
-
-    index: int
-    total: int
-    timestep: float
-    latents: torch.Tensor
-    denoised: torch.Tensor
-    preview_matrix: Optional[torch.Tensor] = None
-
-    def preview(self) -> list[Image.Image]:
-        """A cheap look at the image emerging: a linear map from latents to RGB, no VAE (latent-sized)."""
-        rgb = latents_to_rgb_cheap(self.denoised.float(), self.preview_matrix)
-        return to_pil(rgb * 2 - 1)
+Callback = Callable[[Step], None]
 
 
 @dataclass
@@ -62,28 +54,6 @@ class Result:
     seeds: list[int]
     info: dict  # the settings used (seed = the first image's)
     infotexts: list[str]  # A1111 "parameters" text per image, for PNG metadata
-
-
-@dataclass
-class _Job:
-    """One validated request: everything the denoising loop needs, checked before any heavy work."""
-
-    prompts: list[str]
-    negative_prompts: list[str]
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    sampler: Sampler
-    seeds: list[int]
-    clip_skip: int
-    strength: float = 1.0
-    image: Optional[torch.Tensor] = None  # [1, 3, H, W] in [-1, 1]
-    mask: Optional[torch.Tensor] = None  # [1, 1, H, W] in {0, 1}; 1 = paint here
-    keep_unmasked: bool = True
-    eta: Optional[float] = None  # as asked for (None: the sampler's default)
-    speedups: Speedups = field(default_factory=Speedups)
-    nan_fallback: list[str] = field(default_factory=list)  # components the loop reran in float32 after a NaN
 
 
 @dataclass
@@ -146,48 +116,55 @@ class Pipeline:
 
     def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
         """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
-        config = {**self.scheduler_config, "prediction_type": self.config.prediction_type}
-        return get_sampler(name, scheduler_config=config, schedule_type=schedule_type, eta=eta)
+        return model_sampler(name, self.config, self.scheduler_config, schedule_type, eta)
 
-    # ---- the three entry points -------------------------------------------------------------
+    # ---- the entry points -------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, callback: Callback | None = None) -> Result:
+        """Make the images a request asks for; `callback` sees every sampler step (Step).
+
+        The request is checked in full before any network runs (ValueError names the setting)."""
+        return self._run(request.resolve(self.config, self.scheduler_config), callback)
+
+    def describe(self, request: GenerationRequest) -> tuple[dict, list[str]]:
+        """The generation info and the per-image parameters texts that running `request` records,
+        without running it: for images made outside the loop (the server's interrupted rounds),
+        so every PNG carries the same fields from this one place."""
+        return self._info(request.resolve(self.config, self.scheduler_config))
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int | None = None,
                 height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
                 sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
-                clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                clip_skip: int = 1, callback: Callback | None = None, schedule_type: str | None = None,
                 eta: float | None = None, speedups: Speedups | None = None) -> Result:
-        """Generate images from text, starting from pure noise.
+        """Generate images from text, starting from pure noise (GenerationRequest without an image).
 
         Width and height default to the size the model was trained at (512 for SD1, 768 for
         SD2's v-prediction models, 64 for the shipped model). `speedups` (diffuse.speedups,
         off by default) trade a small change of the image for time."""
-        native = self.config.image_size
-        width, height = (native if width is None else width), (native if height is None else height)
-        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, eta=eta, speedups=speedups)
-        return self._run(job, callback)
+        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
+                                    schedule_type, seed, batch_size, clip_skip, eta, speedups)
+        return self.generate(request, callback)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
                 negative_prompt: str | list[str] = "", width: int | None = None, height: int | None = None,
                 steps: int = 20, guidance_scale: float = 7.5, sampler: str | Sampler = "DPM++ 2M Karras",
-                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-                callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
-                eta: float | None = None, speedups: Speedups | None = None) -> Result:
+                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1, callback: Callback | None = None,
+                schedule_type: str | None = None, eta: float | None = None,
+                speedups: Speedups | None = None) -> Result:
         """Repaint an image: encode it, add the noise of step `strength`·steps, and denoise from there.
 
         Width and height default to the image's own size (rounded down to a multiple of 8)."""
-        picture = inputs.open_image(image)
-        width, height = self._size_for(picture, width, height)
-        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength, eta=eta, speedups=speedups)
-        job.image = inputs.image_to_tensor(picture, width, height)
-        return self._run(job, callback)
+        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
+                                    schedule_type, seed, batch_size, clip_skip, eta, speedups, image=image,
+                                    strength=strength)
+        return self.generate(request, callback)
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 strength: float = 1.0, negative_prompt: str | list[str] = "", width: int | None = None,
                 height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
                 sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
-                clip_skip: int = 1, callback: Callable[[Step], None] | None = None, schedule_type: str | None = None,
+                clip_skip: int = 1, callback: Callback | None = None, schedule_type: str | None = None,
                 eta: float | None = None, keep_unmasked: bool = True, speedups: Speedups | None = None) -> Result:
         """Repaint only where the mask is white.
 
@@ -195,158 +172,100 @@ class Pipeline:
         normal one is steered by putting the known region back (noised to the
         current step) after every step. With `keep_unmasked` the original pixels
         outside the mask are pasted back over the decoded result."""
-        picture = inputs.open_image(image)
-        mask_picture = inputs.open_image(mask, what="mask")
-        inputs.check_mask_matches(picture, mask_picture)
-        width, height = self._size_for(picture, width, height)
-        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength, eta=eta, speedups=speedups)
-        job.image = inputs.image_to_tensor(picture, width, height)
-        job.mask = inputs.mask_to_tensor(mask_picture, width, height)
-        job.keep_unmasked = keep_unmasked
-        return self._run(job, callback)
+        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
+                                    schedule_type, seed, batch_size, clip_skip, eta, speedups, image=image,
+                                    mask=mask, strength=strength, keep_unmasked=keep_unmasked)
+        return self.generate(request, callback)
 
-    # ---- checking a request -----------------------------------------------------------------
-
-    def _size_for(self, picture: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
-        own_w, own_h = inputs.default_size(picture, self.config.vae.downsample_factor)
-        return (own_w if width is None else width), (own_h if height is None else height)
-
-    def _job(self, prompt, negative_prompt, width, height, steps, guidance_scale, sampler_name, schedule_type,
-             seed, batch_size, clip_skip, strength: float = 1.0, eta: float | None = None,
-             speedups: Speedups | None = None) -> _Job:
-        inputs.check_settings(width, height, steps, guidance_scale, batch_size, strength, eta,
-                              multiple=self.config.vae.downsample_factor)
-        inputs.check_clip_skip(clip_skip, self.config.text_encoder.layers)
-        prompts = inputs.prompt_list(prompt, "prompt")
-        prompts = [p for p in prompts for _ in range(batch_size)]
-        negatives = inputs.prompt_list(negative_prompt, "negative_prompt", count=len(prompts) // batch_size)
-        negatives = [n for n in negatives for _ in range(batch_size)]
-        if len(prompts) > inputs.MAX_BATCH:
-            raise ValueError(f"{len(prompts)} images requested at once; the limit is {inputs.MAX_BATCH}")
-        first = inputs.resolve_seed(seed, count=len(prompts))
-        # A ready Sampler (e.g. from sampler_from_diffusers_config) is used as it is.
-        sampler = sampler_name if isinstance(sampler_name, Sampler) else self.get_sampler(sampler_name, schedule_type, eta)
-        return _Job(prompts=prompts, negative_prompts=negatives, width=width, height=height, steps=steps,
-                    guidance_scale=float(guidance_scale), sampler=sampler, seeds=[first + i for i in range(len(prompts))],
-                    clip_skip=clip_skip, strength=float(strength), eta=None if eta is None else float(eta),
-                    speedups=speedups or Speedups())
-
-    def describe(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, width: int, height: int,
-                 steps: int, guidance_scale: float, sampler: str | Sampler, seed: int, batch_size: int = 1,
-                 clip_skip: int = 1, schedule_type: str | None = None, eta: float | None = None,
-                 speedups: Speedups | None = None, strength: float = 1.0, image: Image.Image | None = None,
-                 mask: Image.Image | None = None, keep_unmasked: bool = True) -> tuple[dict, list[str]]:
-        """The generation info and the per-image parameters texts that a run with these settings
-        records, without running it: for images made outside the loop (the server's interrupted
-        rounds), so every PNG carries the same fields from this one place."""
-        job = self._job(prompt, negative_prompt, width, height, steps, guidance_scale, sampler, schedule_type,
-                        seed, batch_size, clip_skip, strength=strength, eta=eta, speedups=speedups)
-        if image is not None:
-            job.image = inputs.image_to_tensor(inputs.open_image(image), width, height)
-        if mask is not None:
-            job.mask = inputs.mask_to_tensor(inputs.open_image(mask, what="mask"), width, height)
-            job.keep_unmasked = keep_unmasked
-        return self._info(job)
-
-    # ---- the denoising loop -----------------------------------------------------------------
+    # ---- the stages of a generation ---------------------------------------------------------
 
     @torch.no_grad()
-    def _run(self, job: _Job, callback: Callable[[Step], None] | None) -> Result:
-        device, latent_scale = self.device, self.config.vae.scaling_factor
-        factor = self.config.vae.downsample_factor
-        shape = (self.config.vae.latent_channels, job.height // factor, job.width // factor)
+    def _run(self, job: Job, callback: Callback | None) -> Result:
         # One CPU generator per image, seeded seed + i (as A1111 does): image i is the same
         # whatever the batch size or device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-
-        def draw_noise() -> torch.Tensor:
-            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-
         # Each network output is checked; a non-finite one reruns that network in float32 (diffuse.numerics).
         fallback = Fallback(job.nan_fallback)
+        context = self._conditioning(job)
+        plan = self._plan(job)
+        start = self._initial_latents(job, plan, generators, fallback)
+        latents = self._denoise(job, plan, start, context, generators, fallback, callback)
+        return self._result(job, self._decode(job, latents))
 
-        def encode_image(pixels: torch.Tensor) -> torch.Tensor:
-            """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
-            posterior = fallback.run(self.vae, "VAE encoder",
-                                     lambda: self.vae.encode(pixels.to(device, network_dtype(self.vae))),
-                                     outputs=lambda p: (p.mean, p.std))
-            return torch.cat([posterior.sample(g).float() for g in generators]) * latent_scale
+    def _conditioning(self, job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context for the prompts and, when guidance is on, for the negative prompts (same length);
+        checked to be finite, recomputed in float32 if it is not (diffuse.numerics)."""
+        def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
+                return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
+            return encode_prompt_pair(self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts,
+                                      clip_skip=job.clip_skip)
 
-        cond, uncond = self._conditioning(job)
-        # txt2img, and inpainting at full strength, start from pure noise; img2img and
-        # partial inpainting from the image plus the noise slice of the strength's step.
-        from_noise = job.image is None or (job.mask is not None and job.strength == 1.0)
+        return Fallback(job.nan_fallback).run(self.text_encoder, "text encoder", encode,
+                                              outputs=lambda pair: tuple(c for c in pair if c is not None))
+
+    @staticmethod
+    def _plan(job: Job) -> Plan:
+        """The noise levels to walk: all of them from pure noise, the last strength·steps from an image."""
         plan = job.sampler.plan(job.steps)
-        if not from_noise:
-            plan = plan.from_strength(job.strength)
-        sigmas = plan.sigmas.to(device)
+        return plan if job.from_noise else plan.from_strength(job.strength)
 
+    def _latent_shape(self, job: Job) -> tuple[int, int, int]:
+        factor = self.config.vae.downsample_factor
+        return self.config.vae.latent_channels, job.height // factor, job.width // factor
+
+    def _initial_latents(self, job: Job, plan: Plan, generators: list[torch.Generator],
+                         fallback: Fallback) -> Start:
+        """Pure noise, or the image's latents plus the noise slice of the plan's first level; for
+        inpainting also the mask at latent size and, for a 9-channel UNet, the masked image's latents.
+
+        The generators are drawn in a fixed order (image posterior, noise, masked image) so that
+        a seed gives the same picture however the request is made."""
+        shape, device = self._latent_shape(job), self.device
         inpaint_unet = self.config.unet.in_channels == 9
         image_latents = mask_latents = masked_latents = None
-        if job.image is not None and not (inpaint_unet and from_noise):
-            image_latents = encode_image(job.image)
-        noise = draw_noise()
-        x = noise * plan.init_noise_scale if from_noise else image_latents + sigmas[0] * noise
+        if job.image is not None and not (inpaint_unet and job.from_noise):
+            image_latents = self._encode_image(job.image, generators, fallback)
+        noise = draw_noise(generators, shape, device)
+        sigmas = plan.sigmas.to(device)
+        x = noise * plan.init_noise_scale if job.from_noise else image_latents + sigmas[0] * noise
         if job.mask is not None:
             mask_latents = torch.nn.functional.interpolate(job.mask, size=shape[1:]).to(device)
             if inpaint_unet:
-                masked = job.image * (job.mask < 0.5)
-                masked_latents = encode_image(masked)
+                masked_latents = self._encode_image(job.image * (job.mask < 0.5), generators, fallback)
+        return Start(x, noise, image_latents, mask_latents, masked_latents)
 
-        speed = job.speedups
-        unet = DrivenUNet(self.unet, speed, shape[1:])
-        # Guidance stops once the timestep falls to that of the first unguided step.
-        guided_steps = round(speed.guidance_cutoff * plan.steps)
-        last_guided_t = float(plan.timesteps[guided_steps]) if guided_steps < plan.steps else -1.0
-        steps_done = 0
+    def _encode_image(self, pixels: torch.Tensor, generators: list[torch.Generator],
+                      fallback: Fallback) -> torch.Tensor:
+        """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
+        posterior = fallback.run(self.vae, "VAE encoder",
+                                 lambda: self.vae.encode(pixels.to(self.device, network_dtype(self.vae))),
+                                 outputs=lambda p: (p.mean, p.std))
+        return torch.cat([posterior.sample(g).float() for g in generators]) * self.config.vae.scaling_factor
 
-        def run_unet(x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            """One UNet call, checked. After a non-finite output in a reduced precision the call is made
-            again in float32, and the UNet stays float32 for the rest of this sampling: the same
-            request then takes the same path again."""
-            kept = unet.state()  # a retry must see the speed-ups as the first try did
-
-            def compute() -> torch.Tensor:
-                unet.restore(kept)
-                dtype = network_dtype(self.unet)
-                return unet(x_in.to(dtype), t, context.to(dtype))
-
-            where = f" at step {steps_done + 1} of {plan.steps}"
-            return fallback.run(self.unet, "UNet", compute, where=where, stay=True).float()
-
-        def predict(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            """The UNet's noise (or v) prediction with classifier-free guidance, as one batch of 2."""
-            if inpaint_unet:
-                x_vp = torch.cat([x_vp, mask_latents.expand(len(x_vp), -1, -1, -1), masked_latents], dim=1)
-            if uncond is None or float(t.reshape(-1)[0]) <= last_guided_t:
-                return run_unet(x_vp, t, cond)
-            out = run_unet(torch.cat([x_vp, x_vp]), t, torch.cat([uncond, cond]))
-            out_uncond, out_cond = out.chunk(2)
-            return out_uncond + job.guidance_scale * (out_cond - out_uncond)
-
-        def after_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
-            nonlocal steps_done
-            steps_done = i + 1
-            if image_latents is not None and job.mask is not None and not inpaint_unet:
-                # Keep the known region on track: the original latents, noised to the next step's level.
-                s = sigmas[i + 1]
-                last = i == plan.steps - 1
-                known = image_latents * (1 + s**2) ** 0.5 if last else image_latents + s * noise
-                x = (1 - mask_latents) * known + mask_latents * x
-            if callback is not None:
-                scale = (1 + sigmas[i + 1] ** 2) ** -0.5
-                callback(Step(i, plan.steps, float(plan.timesteps[i]), x * scale, denoised, self.preview_matrix))
-            return x
-
-        denoise = make_denoiser(predict, self.config.prediction_type)  # what the model predicts is the model's fact
+    def _denoise(self, job: Job, plan: Plan, start: Start, context: tuple[torch.Tensor, torch.Tensor | None],
+                 generators: list[torch.Generator], fallback: Fallback, callback: Callback | None) -> torch.Tensor:
+        """The sampler's loop from `start`, guided by the prompts; the final latents in the UNet's scale."""
+        shape, sigmas = self._latent_shape(job), plan.sigmas.to(self.device)
+        driven = DrivenUNet(self.unet, job.speedups, shape[1:])
+        inpaint_unet = self.config.unet.in_channels == 9
+        predictor = NoisePredictor(self.unet, driven, fallback, context, job.guidance_scale,
+                                   last_guided_timestep(plan.timesteps, plan.steps, job.speedups.guidance_cutoff),
+                                   plan.steps, (start.mask, start.masked_image) if inpaint_unet else None)
+        blend_known = start.image is not None and start.mask is not None and not inpaint_unet
+        after_step = AfterStep(predictor, plan, sigmas, start, blend_known, callback, self.preview_matrix)
+        denoise = make_denoiser(predictor, self.config.prediction_type)  # what the model predicts is the model's fact
         with fallback:  # a UNet moved to float32 goes back to its own dtype however sampling ends
-            x = job.sampler.run(denoise, x, plan, draw_noise, after_step)
-        latents = x / (1 + sigmas[-1] ** 2) ** 0.5
+            x = job.sampler.run(denoise, start.x, plan, lambda: draw_noise(generators, shape, self.device),
+                                after_step)
+        return x / (1 + sigmas[-1] ** 2) ** 0.5
+
+    def _decode(self, job: Job, latents: torch.Tensor) -> list[Image.Image]:
+        """Each image decoded alone; inpainting pastes the original pixels back outside the mask if asked."""
         images = [to_pil(self.decode_latents(latents[i : i + 1], job.nan_fallback))[0] for i in range(len(latents))]
         if job.mask is not None and job.keep_unmasked:
-            images = [_paste_unmasked(img, job.image, job.mask) for img in images]
-        return self._result(job, images)
+            images = [paste_unmasked(img, job.image, job.mask) for img in images]
+        return images
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, nan_fallback: list[str] | None = None) -> torch.Tensor:
@@ -359,23 +278,13 @@ class Pipeline:
                                             lambda: self.vae.decode(z.to(network_dtype(self.vae))))
         return pixels.float()
 
-    def _conditioning(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context for the prompts and, when guidance is on, for the negative prompts (same length);
-        checked to be finite, recomputed in float32 if it is not (diffuse.numerics)."""
-        def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
-            if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
-                return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
-            return encode_prompt_pair(self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts,
-                                      clip_skip=job.clip_skip)
+    # ---- what a run records -----------------------------------------------------------------
 
-        return Fallback(job.nan_fallback).run(self.text_encoder, "text encoder", encode,
-                                              outputs=lambda pair: tuple(c for c in pair if c is not None))
-
-    def _result(self, job: _Job, images: list[Image.Image]) -> Result:
+    def _result(self, job: Job, images: list[Image.Image]) -> Result:
         info, texts = self._info(job)
         return Result(images=images, seeds=list(job.seeds), info=info, infotexts=texts)
 
-    def _info(self, job: _Job) -> tuple[dict, list[str]]:
+    def _info(self, job: Job) -> tuple[dict, list[str]]:
         """The first image's generation info, and every image's parameters text: what a PNG needs to
         be made again (diffuse.regenerate) and to tell whether that can match exactly."""
         info = {
@@ -389,7 +298,7 @@ class Pipeline:
             "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
             "keep_unmasked": job.keep_unmasked if job.mask is not None else None,
             "nan_fallback": ", ".join(job.nan_fallback) or None,
-            # bf16 GEMMs may round differently at another batch size: exactness needs the same batch.
+            # Reduced-precision GEMMs may round differently at another batch size: exactness needs the same batch.
             "batch_size": len(job.seeds), "batch_pos": 0,
             "model_sha256": self.model_sha256, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device.type, "sampler_settings": sampler_settings(job.sampler),
@@ -398,10 +307,3 @@ class Pipeline:
         texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
                  for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))]
         return info, texts
-
-
-def _paste_unmasked(generated: Image.Image, image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
-    """The original pixels outside the mask, the new ones inside (A1111's overlay)."""
-    original = to_pil(image)[0]
-    keep = Image.fromarray(((1 - mask[0, 0]) * 255).to(torch.uint8).numpy(), mode="L")
-    return Image.composite(original, generated, keep)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from . import inputs
-from .runtime import resolve_device, resolve_dtype
-from .samplers import get_sampler
-from .speedups import Speedups
+from diffuse import inputs
+from diffuse.runtime import resolve_device, resolve_dtype
+from diffuse.samplers import get_sampler
+from diffuse.speedups import Speedups
 
 SIZE_MULTIPLE = 8  # Stable Diffusion's autoencoder downsamples 8x
 OPTION_NAMES = {"width": "-W/--width", "height": "-H/--height", "steps": "--steps", "guidance_scale": "--cfg-scale",

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields, replace
 
-from .samplers import Sampler, get_sampler
-from .samplers.schedule import NoiseSchedule, SamplerOptions
-from .speedups import Speedups
+from diffuse.samplers import Sampler, get_sampler
+from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions
+from diffuse.speedups import Speedups
 
 # "Schedule type" records the sigma ramp; the settings hold everything else.
 _NOT_IN_SETTINGS = {"sigma_schedule"}
@@ -25,6 +25,23 @@ def sampler_settings(sampler: Sampler) -> str:
     """Every training-schedule field and sampler option of `sampler` as "name=value name=value ..."."""
     values = {**asdict(sampler.schedule), **asdict(sampler.options)}
     return " ".join(f"{name}={value}" for name, value in values.items() if name not in _NOT_IN_SETTINGS)
+
+
+def eta_of(sampler: Sampler) -> float | None:
+    """The eta `sampler` runs with (DDIM's eta, or the ancestral samplers' share of fresh noise);
+    None for a sampler that has none. Found as the option that A1111's eta field sets for its name."""
+    low, high = (asdict(get_sampler(sampler.name, eta=eta).options) for eta in (0.0, 1.0))
+    option = next((name for name in low if low[name] != high[name]), None)
+    return None if option is None else float(getattr(sampler.options, option))
+
+
+def recorded_eta(sampler: Sampler, asked: float | None) -> float | None:
+    """The eta a generation records: the one the sampler uses, when it was asked for or differs from
+    the sampler's default (A1111 writes Eta only then); None when the sampler has no eta."""
+    used = eta_of(sampler)
+    if used is None or (asked is None and used == eta_of(get_sampler(sampler.name))):
+        return None
+    return used
 
 
 def _typed(cls, name: str, text: str):

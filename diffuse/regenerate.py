@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import inputs
-from .hashes import ModelHashes, model_hashes
-from .metadata import (
+from diffuse import inputs
+from diffuse.hashes import ModelHashes, model_hashes
+from diffuse.metadata import (
     INFO_LABELS,
     info_from_infotext,
     numbered_path,
@@ -35,9 +35,10 @@ from .metadata import (
     read_parameters,
     save_png,
 )
-from .pipeline import VERSION
-from .recipe import sampler_from_record, speedups_from_info
-from .runtime import resolve_device, resolve_dtype
+from diffuse.pipeline import VERSION
+from diffuse.recipe import sampler_from_record, speedups_from_info
+from diffuse.request import GenerationRequest
+from diffuse.runtime import resolve_device, resolve_dtype
 
 # The largest pixel difference, in 1/255 levels, that --check accepts, by device type and dtype.
 # On one machine a CPU gives exactly 0 at the same dtype (the seed's noise is drawn on the CPU
@@ -131,6 +132,22 @@ def _check(recipe: Recipe) -> None:
         raise ValueError(f"Clip skip must be 1 or more, got {info['clip_skip']}")
     sampler_from_record(info["sampler"], info.get("schedule_type"), info.get("sampler_settings"), info.get("eta"))
     speedups_from_info(info)
+
+
+def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image | None) -> GenerationRequest:
+    """The request that makes the recipe's whole batch again: with diffuse's Sampler settings the
+    exact recorded sampler, without them (an A1111 image) the sampler by name, schedule type and eta."""
+    info = recipe.info
+    if info.get("sampler_settings"):
+        sampler = {"sampler": sampler_from_record(info["sampler"], info.get("schedule_type"), info["sampler_settings"])}
+    else:
+        sampler = {"sampler": info["sampler"], "schedule_type": info.get("schedule_type"), "eta": info.get("eta")}
+    return GenerationRequest(
+        info.get("prompt", ""), info.get("negative_prompt", ""), info["width"], info["height"], info["steps"],
+        info["cfg_scale"], seed=recipe.first_seed, batch_size=recipe.batch_size, clip_skip=info.get("clip_skip", 1),
+        speedups=speedups_from_info(info), image=image, mask=mask,
+        strength=info["denoising_strength"] if recipe.kind != "txt2img" else None,
+        keep_unmasked=info.get("keep_unmasked", True), **sampler)
 
 
 def tolerance(device: torch.device, dtype: torch.dtype) -> int:
@@ -241,24 +258,11 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     if args.check and problems:
         return 1
 
-    from .loader import load_pipeline
+    from diffuse.loader import load_pipeline
 
     pipe = load_pipeline(model, dtype=dtype, device=device)
     pipe.model_hashes = hashes  # hashed above from the same files: no second read
-    sampler = (sampler_from_record(info["sampler"], info.get("schedule_type"), info["sampler_settings"])
-               if info.get("sampler_settings") else pipe.get_sampler(info["sampler"], info.get("schedule_type"),
-                                                                      info.get("eta")))
-    settings = {"negative_prompt": info.get("negative_prompt", ""), "width": info["width"], "height": info["height"],
-                "steps": info["steps"], "guidance_scale": info["cfg_scale"], "sampler": sampler,
-                "seed": recipe.first_seed, "batch_size": recipe.batch_size, "clip_skip": info.get("clip_skip", 1),
-                "eta": info.get("eta"), "speedups": speedups_from_info(info)}
-    if recipe.kind == "txt2img":
-        result = pipe.txt2img(info.get("prompt", ""), **settings)
-    elif recipe.kind == "img2img":
-        result = pipe.img2img(image, info.get("prompt", ""), strength=info["denoising_strength"], **settings)
-    else:
-        result = pipe.inpaint(image, mask, info.get("prompt", ""), strength=info["denoising_strength"],
-                              keep_unmasked=info.get("keep_unmasked", True), **settings)
+    result = pipe.generate(recipe_request(recipe, image, mask))
     made, made_text = result.images[recipe.batch_pos], result.infotexts[recipe.batch_pos]
     path = save_png(made, numbered_path(args.out, info["seed"]), made_text, overwrite=False)
     print(path)

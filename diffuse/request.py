@@ -1,0 +1,175 @@
+"""One generation request, and its checks against a model.
+
+`GenerationRequest` is everything a user asks for: txt2img, img2img and inpaint differ only in
+whether `image` and `mask` are set. `resolve` checks it once, before any network runs or any
+latent is allocated, and turns it into a `Job`: one prompt, negative prompt and seed per image,
+the sampler object, the image and mask as tensors. A new setting is one field here plus its
+check in `resolve`; the stages read it from `job.request`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffuse import inputs
+from diffuse.models.configs import PipelineConfig
+from diffuse.recipe import recorded_eta
+from diffuse.samplers import Sampler, get_sampler
+from diffuse.speedups import Speedups
+
+DEFAULT_STRENGTH = {"txt2img": 1.0, "img2img": 0.75, "inpaint": 1.0}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to make. Without `image` it is txt2img; with `image` img2img; with `image` and
+    `mask` inpainting (white: paint here).
+
+    width, height: None is the model's native size for txt2img and the image's own size rounded
+    down to the autoencoder's multiple otherwise. strength: None is 0.75 for img2img and 1.0 for
+    inpainting (txt2img starts from pure noise). sampler: an A1111 name, shaped by schedule_type
+    and eta, or a ready Sampler, which carries its own. seed: None or -1 picks one; image i of the
+    batch uses seed + i. keep_unmasked: paste the original pixels back outside the mask.
+    """
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    guidance_scale: float = 7.5
+    sampler: str | Sampler = "DPM++ 2M Karras"
+    schedule_type: str | None = None
+    seed: int | None = None
+    batch_size: int = 1
+    clip_skip: int = 1
+    eta: float | None = None
+    speedups: Speedups | None = None
+    image: Image.Image | str | Path | None = None
+    mask: Image.Image | str | Path | None = None
+    strength: float | None = None
+    keep_unmasked: bool = True
+
+    @property
+    def kind(self) -> str:
+        """"txt2img", "img2img" or "inpaint"."""
+        if self.image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    def resolve(self, config: PipelineConfig, scheduler_config: dict | None = None) -> Job:
+        """The request checked against a model and made concrete; ValueError names the first bad setting."""
+        picture, mask_picture = self._pictures()
+        width, height = self._size(config, picture)
+        strength = self._strength()
+        inputs.check_settings(width, height, self.steps, self.guidance_scale, self.batch_size, strength, self.eta,
+                              multiple=config.vae.downsample_factor)
+        inputs.check_clip_skip(self.clip_skip, config.text_encoder.layers)
+        prompts, negatives = self._prompts()
+        first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
+        sampler = self._sampler(config, scheduler_config)
+        image = None if picture is None else inputs.image_to_tensor(picture, width, height)
+        mask = None if mask_picture is None else inputs.mask_to_tensor(mask_picture, width, height)
+        return Job(request=self, prompts=prompts, negative_prompts=negatives, width=width, height=height,
+                   seeds=[first_seed + i for i in range(len(prompts))], sampler=sampler, strength=float(strength),
+                   eta=recorded_eta(sampler, self.eta), speedups=self.speedups or Speedups(), image=image, mask=mask)
+
+    def _pictures(self) -> tuple[Image.Image | None, Image.Image | None]:
+        """The input image and mask, opened now so that a broken file fails first."""
+        if self.image is None:
+            if self.mask is not None:
+                raise ValueError("a mask needs the image it belongs to (inpaint takes both)")
+            return None, None
+        picture = inputs.open_image(self.image)
+        if self.mask is None:
+            return picture, None
+        mask_picture = inputs.open_image(self.mask, what="mask")
+        inputs.check_mask_matches(picture, mask_picture)
+        return picture, mask_picture
+
+    def _size(self, config: PipelineConfig, picture: Image.Image | None) -> tuple[int, int]:
+        if picture is None:
+            own_w = own_h = config.image_size
+        else:
+            own_w, own_h = inputs.default_size(picture, config.vae.downsample_factor)
+        return (own_w if self.width is None else self.width), (own_h if self.height is None else self.height)
+
+    def _strength(self) -> float:
+        if self.strength is None:
+            return DEFAULT_STRENGTH[self.kind]
+        if self.image is None and self.strength != 1.0:
+            raise ValueError(f"strength {self.strength!r} needs an input image (img2img, inpaint); "
+                             "txt2img starts from pure noise")
+        return self.strength
+
+    def _prompts(self) -> tuple[list[str], list[str]]:
+        """One prompt and one negative prompt per image: each prompt batch_size times in a row."""
+        prompts = inputs.prompt_list(self.prompt, "prompt")
+        negatives = inputs.prompt_list(self.negative_prompt, "negative_prompt", count=len(prompts))
+        prompts = [p for p in prompts for _ in range(self.batch_size)]
+        negatives = [n for n in negatives for _ in range(self.batch_size)]
+        if len(prompts) > inputs.MAX_BATCH:
+            raise ValueError(f"{len(prompts)} images requested at once; the limit is {inputs.MAX_BATCH}")
+        return prompts, negatives
+
+    def _sampler(self, config: PipelineConfig, scheduler_config: dict | None) -> Sampler:
+        if not isinstance(self.sampler, Sampler):
+            return model_sampler(self.sampler, config, scheduler_config, self.schedule_type, self.eta)
+        given = [f"{name}={value!r}" for name, value in (("schedule_type", self.schedule_type), ("eta", self.eta))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} would be ignored: a ready Sampler ({self.sampler.label}) "
+                             "carries its own schedule and eta; pass the sampler's name to set them")
+        return self.sampler
+
+
+def model_sampler(name: str, config: PipelineConfig, scheduler_config: dict | None = None,
+                  schedule_type: str | None = None, eta: float | None = None) -> Sampler:
+    """A sampler by its A1111 name with the model's noise schedule and prediction type."""
+    model_schedule = {**(scheduler_config or {}), "prediction_type": config.prediction_type}
+    return get_sampler(name, scheduler_config=model_schedule, schedule_type=schedule_type, eta=eta)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked request resolved against one model: what the generation stages read."""
+
+    request: GenerationRequest
+    prompts: list[str]  # one per image
+    negative_prompts: list[str]
+    width: int
+    height: int
+    seeds: list[int]
+    sampler: Sampler
+    strength: float
+    eta: float | None  # as recorded: the eta the sampler uses, when asked for or not its default
+    speedups: Speedups
+    image: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
+    mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}; 1 = paint here
+    nan_fallback: list[str] = field(default_factory=list)  # components rerun in float32 after a non-finite output
+
+    @property
+    def from_noise(self) -> bool:
+        """Whether sampling starts from pure noise (txt2img, inpainting at full strength) rather than
+        from the image plus the noise slice of the strength's step."""
+        return self.image is None or (self.mask is not None and self.strength == 1.0)
+
+    @property
+    def steps(self) -> int:
+        return self.request.steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.request.guidance_scale)
+
+    @property
+    def clip_skip(self) -> int:
+        return self.request.clip_skip
+
+    @property
+    def keep_unmasked(self) -> bool:
+        return self.request.keep_unmasked
