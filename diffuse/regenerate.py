@@ -45,8 +45,8 @@ from diffuse.runtime import resolve_device, resolve_dtype
 # and its kernels are deterministic); these bounds are for another machine. float32 then differs
 # only in summation order (another SIMD width or core count), about a level after the sampler
 # amplifies it; CUDA's cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default.
-# bfloat16 and float16 round every product to 8 or 11 bits: across batch sizes on one AMX CPU
-# that alone moved pixels by up to 23 levels (mean 0.6), so another machine gets 32.
+# bfloat16 and float16 round every product to 8 or 11 bits, which alone moves pixels by tens of
+# levels across batch sizes on one CPU (bench/RESULTS.md), so another machine gets 32.
 TOLERANCE = {
     ("cpu", "float32"): 2, ("cuda", "float32"): 4, ("mps", "float32"): 4,
     ("cpu", "bfloat16"): 32, ("cuda", "bfloat16"): 32, ("mps", "bfloat16"): 32,
@@ -240,15 +240,8 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     if text is None:
         raise ValueError(f"{args.png}: no generation parameters in this image")
     recipe = read_recipe(text)
-    info = recipe.info
     image, mask, problems = _inputs(recipe, args)
-    try:
-        device = resolve_device(args.device or info.get("device") or "cpu")
-    except ValueError as e:
-        if args.device is not None:
-            raise
-        raise ValueError(f"{e} (the PNG's Device); pass --device to make it on another") from None
-    dtype = resolve_dtype(args.dtype or info.get("dtype") or "auto", device)
+    device, dtype = _device_and_dtype(args, recipe.info)
     inputs.check_output_folder(args.out, "--out")
     model = Path(args.model).expanduser() if args.model is not None else default_model
     hashes = model_hashes(model)  # the model's files only: nothing loads yet
@@ -264,11 +257,24 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     pipe.model_hashes = hashes  # hashed above from the same files: no second read
     result = pipe.generate(recipe_request(recipe, image, mask))
     made, made_text = result.images[recipe.batch_pos], result.infotexts[recipe.batch_pos]
-    path = save_png(made, numbered_path(args.out, info["seed"]), made_text, overwrite=False)
-    print(path)
-    if not args.check:
-        return 0
-    with Image.open(args.png) as original:
+    print(save_png(made, numbered_path(args.out, recipe.info["seed"]), made_text, overwrite=False))
+    return _compare(made, args.png, device, dtype) if args.check else 0
+
+
+def _device_and_dtype(args: argparse.Namespace, info: dict) -> tuple[torch.device, torch.dtype]:
+    """The options' device and dtype, else the PNG's."""
+    try:
+        device = resolve_device(args.device or info.get("device") or "cpu")
+    except ValueError as e:
+        if args.device is not None:
+            raise
+        raise ValueError(f"{e} (the PNG's Device); pass --device to make it on another") from None
+    return device, resolve_dtype(args.dtype or info.get("dtype") or "auto", device)
+
+
+def _compare(made: Image.Image, original_path: str, device: torch.device, dtype: torch.dtype) -> int:
+    """Print how far the new image is from the original; 0 within the tolerance, 1 past it."""
+    with Image.open(original_path) as original:
         if original.size != made.size:
             print(f"DIFFERS: the new image is {made.size[0]}x{made.size[1]}, the original "
                   f"{original.size[0]}x{original.size[1]}")
