@@ -1,14 +1,14 @@
 """bfloat16 against float32 on the shipped model: how far apart the images are, how often
 bf16 draws another picture, and which network that comes from.
 
-Prompts: the evaluation's held-out prompts (diffuse.evaluate.heldout_prompts, scene seed 0,
+Prompts: the evaluation's held-out prompts (diffuse.shapes.evaluate.heldout_prompts, scene seed 0,
 the model card's test set), half one-object and half two-object, interleaved. Prompt i is
 drawn with seed SEED + i at the settings `make run` uses: the model's native 64x64, guidance
 4 (Makefile), the CLI's default sampler and steps (DPM++ 2M Karras, 20), one image per call.
 Each dtype's pipeline is loaded once; the mixed pipelines below reuse their networks.
 
 Per image: the mean and max absolute difference of the 8-bit channels, in 1/255 levels;
-whether the picture changed, i.e. the analyzer (diffuse.train.analyze) reads another scene
+whether the picture changed, i.e. the analyzer (diffuse.shapes.analyze) reads another scene
 (background, each object's shape, colour, size and cell, the relation); and whether its
 verdict "the prompt was drawn right" (all_correct) differs.
 
@@ -43,12 +43,12 @@ import torch
 
 import diffuse.kernels
 from diffuse.cli import DEFAULT_MODEL
-from diffuse.evaluate import heldout_prompts
 from diffuse.loader import load_pipeline
 from diffuse.pipeline import Pipeline
-from diffuse.train.analyze import SceneReading, all_correct, analyze
-from diffuse.train.data import parse_caption
-from diffuse.train.scenes import INVERSE_RELATION
+from diffuse.shapes.analyze import SceneReading, all_correct, analyze
+from diffuse.shapes.data import parse_caption
+from diffuse.shapes.evaluate import heldout_prompts
+from diffuse.shapes.scenes import INVERSE_RELATION
 
 SEED = 0
 CFG = 4.0  # the Makefile's guidance for the shipped model

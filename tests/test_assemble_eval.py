@@ -1,5 +1,5 @@
 """From three finished training stages to a model folder (diffuse.train.assemble), and measuring a
-model (diffuse.evaluate), on micro random stages: 32x32 images, 8x8 latents.
+model (diffuse.shapes.evaluate), on micro random stages: 32x32 images, 8x8 latents.
 
 The VAE and UNet stages are written with save_final from random weights; the CLIP stage is a real
 1-step train_clip run, so that its image tower comes from the trainer itself.
@@ -22,20 +22,28 @@ import torch
 
 import diffuse
 from diffuse.cli import main
-from diffuse.evaluate import (EvalSettings, evaluate, format_report, heldout_prompts, load_image_tower,
-                              score_adherence, vae_reconstruction, write_report)
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
-from diffuse.models.image_encoder import ImageEncoderConfig, ImageTowerConfig
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.preview import SD_LATENT_RGB, latents_to_rgb_cheap, to_pil
-from diffuse.train.assemble import IMAGE_TOWER_DIR, AssemblyWarning, assemble, build_pipeline
-from diffuse.train.clip_trainer import CLIPTrainConfig, build_models, train_clip
-from diffuse.train.data import DataConfig, heldout_pair_scenes, heldout_single_scenes, render
+from diffuse.shapes.data import DataConfig, heldout_pair_scenes, heldout_single_scenes, render
+from diffuse.shapes.evaluate import (
+    EvalSettings,
+    evaluate,
+    format_report,
+    heldout_prompts,
+    load_image_tower,
+    score_adherence,
+    vae_reconstruction,
+    write_report,
+)
+from diffuse.shapes.image_encoder import ImageEncoderConfig, ImageTowerConfig
+from diffuse.train.assemble import AssemblyWarning, assemble, build_pipeline
+from diffuse.train.components import IMAGE_TOWER_DIR, final_files, load_final, save_final, weights_sha256
+from diffuse.train.stages.clip import CLIPTrainConfig, build_models, train_clip
+from diffuse.train.stages.unet import UNetTrainConfig
+from diffuse.train.stages.vae import VAETrainConfig
 from diffuse.train.state import capture_rng_state, restore_rng_state
-from diffuse.train.trainers import final_files, load_final, save_final, weights_sha256
-from diffuse.train.unet_trainer import UNetTrainConfig
-from diffuse.train.vae_trainer import VAETrainConfig
 
 from test_export import assert_diffusers_agrees
 

@@ -9,7 +9,7 @@ import pytest
 
 from diffuse.cli import DEFAULT_MODEL
 from diffuse.loader import load_pipeline
-from diffuse.train.analyze import analyze
+from diffuse.shapes.analyze import analyze
 
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_MODEL).is_dir(), reason="the default model is not in this checkout")
 

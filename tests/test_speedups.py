@@ -174,7 +174,7 @@ def test_cli_refuses_a_bad_cutoff_before_loading(capsys, tmp_path):
 def test_eval_reports_the_speedups_it_ran_with():
     import dataclasses
 
-    from diffuse.evaluate import EvalSettings, _speedups_text
+    from diffuse.shapes.evaluate import EvalSettings, _speedups_text
 
     settings = dataclasses.asdict(EvalSettings(speedups=Speedups(deep_cache_interval=3)))
     assert _speedups_text(settings["speedups"]) == ", speed-ups: deep cache 3/1"

@@ -10,12 +10,36 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from diffuse.train.analyze import all_correct, analyze, label_components, matches
-from diffuse.train.captions import PAIR_TEMPLATES, SINGLE_TEMPLATES
-from diffuse.train.data import (BORDER_MARGIN, MIN_GAP, DataConfig, Holdout, ShapesDataset, heldout_pair_scenes,
-                                heldout_single_scenes, image_to_tensor, parse_caption)
-from diffuse.train.scenes import (BACKGROUNDS, COLOURS, INVERSE_RELATION, MIN_CONTRAST, POSITIONS, RELATIONS,
-                                  SHAPES, SIZES, Scene, Shape, bounds, cell_of, contrast, relation_between, render)
+from diffuse.shapes.analyze import all_correct, analyze, label_components, matches
+from diffuse.shapes.captions import PAIR_TEMPLATES, SINGLE_TEMPLATES
+from diffuse.shapes.data import (
+    BORDER_MARGIN,
+    MIN_GAP,
+    DataConfig,
+    Holdout,
+    ShapesDataset,
+    heldout_pair_scenes,
+    heldout_single_scenes,
+    image_to_tensor,
+    parse_caption,
+)
+from diffuse.shapes.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    INVERSE_RELATION,
+    MIN_CONTRAST,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    Shape,
+    bounds,
+    cell_of,
+    contrast,
+    relation_between,
+    render,
+)
 
 
 def torch_equal(a, b) -> bool:

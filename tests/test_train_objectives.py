@@ -14,17 +14,17 @@ from torch import nn
 
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
-from diffuse.models.image_encoder import (
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
+from diffuse.samplers.schedule import NoiseSchedule
+from diffuse.shapes.data import Scene, Shape, image_to_tensor, render
+from diffuse.shapes.image_encoder import (
     LOGIT_SCALE_INIT,
     ImageEncoder,
     ImageEncoderConfig,
     LogitScale,
     TextProjection,
 )
-from diffuse.models.unet import UNet
-from diffuse.models.vae import AutoencoderKL
-from diffuse.samplers.schedule import NoiseSchedule
-from diffuse.train.data import Scene, Shape, image_to_tensor, render
 from diffuse.train.loop import BatchRandom
 from diffuse.train.objectives import (
     clip_loss,

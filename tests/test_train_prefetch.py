@@ -7,9 +7,9 @@ from functools import partial
 import pytest
 import torch
 
-from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.train.prefetch import batch_stream
-from diffuse.train.vae_trainer import make_batch
+from diffuse.train.stages.vae import make_batch
 
 
 def test_workers_give_the_inline_batches_in_order():

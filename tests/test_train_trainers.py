@@ -25,15 +25,15 @@ import torch
 
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
-from diffuse.models.image_encoder import ImageEncoderConfig
+from diffuse.shapes.data import DataConfig, ShapesDataset
+from diffuse.shapes.image_encoder import ImageEncoderConfig
 from diffuse.train.__main__ import main_train
-from diffuse.train.clip_trainer import CLIPTrainConfig, train_clip
-from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.train.components import FINAL_INFO, FINAL_WEIGHTS, load_final
+from diffuse.train.config_files import config_from_dict, read_config
 from diffuse.train.loop import BatchRandom, train
 from diffuse.train.presets import TINY_VAE
-from diffuse.train.state import capture_rng_state, latest_checkpoint, read_checkpoint, restore_rng_state
-from diffuse.train.trainers import FINAL_INFO, FINAL_WEIGHTS, config_from_dict, load_final, read_config
-from diffuse.train.unet_trainer import (
+from diffuse.train.stages.clip import CLIPTrainConfig, train_clip
+from diffuse.train.stages.unet import (
     UNetTrainConfig,
     build_models,
     load_conditioning,
@@ -41,7 +41,8 @@ from diffuse.train.unet_trainer import (
     make_batch,
     train_unet,
 )
-from diffuse.train.vae_trainer import VAETrainConfig, measure_scaling_factor, train_vae
+from diffuse.train.stages.vae import VAETrainConfig, measure_scaling_factor, train_vae
+from diffuse.train.state import capture_rng_state, latest_checkpoint, read_checkpoint, restore_rng_state
 
 DATA = DataConfig(seed=3, image_size=32)
 MICRO_VAE = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)  # f = 4: 8x8 latents

@@ -12,16 +12,27 @@ import torch
 
 import diffuse
 from diffuse.cli import main
-from diffuse.train import clip_trainer, unet_trainer, vae_trainer
 from diffuse.train.assemble import assemble
-from diffuse.train.clip_trainer import CLIPTrainConfig, train_clip
-from diffuse.train.trainers import final_files, load_final
-from diffuse.train.unet_trainer import UNetTrainConfig, load_conditioning, train_unet
+from diffuse.train.components import final_files, load_final
+from diffuse.train.stages import clip as clip_stage, unet as unet_stage, vae as vae_stage
+from diffuse.train.stages.clip import CLIPTrainConfig, train_clip
+from diffuse.train.stages.unet import UNetTrainConfig, load_conditioning, train_unet
+from diffuse.train.stages.vae import VAETrainConfig
 from diffuse.train.unpack import unpack
-from diffuse.train.vae_trainer import VAETrainConfig
 
-from test_assemble_eval import (DATA, FAST, MICRO_IMAGE, MICRO_TEXT, MICRO_UNET, MICRO_VAE, PREVIEW_SAMPLES, PROMPT, folder32,  # noqa: F401
-                                pixels, stages)
+from test_assemble_eval import (  # noqa: F401
+    DATA,
+    FAST,
+    MICRO_IMAGE,
+    MICRO_TEXT,
+    MICRO_UNET,
+    MICRO_VAE,
+    PREVIEW_SAMPLES,
+    PROMPT,
+    folder32,
+    pixels,
+    stages,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +79,21 @@ def test_unpacking_never_writes_over_a_finished_stage(folder32, unpacked):  # no
 
 
 def test_stages_start_from_init_from(unpacked):
-    models = clip_trainer.build_models(clip_config(unpacked["text_encoder"]))
+    models = clip_stage.build_models(clip_config(unpacked["text_encoder"]))
     assert same_weights(models["text_encoder"], load_final(unpacked["text_encoder"], "text_encoder")[0])
     tower = load_final(unpacked["text_encoder"], "image_tower")[0]
     for name, part in tower.named_children():
         assert same_weights(models[name], part), name
     config = unet_config(unpacked)
-    models = unet_trainer.build_models(config, load_conditioning(config))
+    models = unet_stage.build_models(config, load_conditioning(config))
     assert same_weights(models["unet"], load_final(unpacked["unet"], "unet")[0])
     # Without init_from the same seed gives random weights.
-    scratch = unet_trainer.build_models(dataclasses.replace(config, init_from=None), load_conditioning(config))
+    scratch = unet_stage.build_models(dataclasses.replace(config, init_from=None), load_conditioning(config))
     assert not same_weights(scratch["unet"], models["unet"])
     # The VAE's scaling factor is measured, not chosen: a different one in the config is no refusal.
     vae_config = VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, scaling_factor=0.5), data=DATA,
                                 init_from=str(unpacked["vae"]))
-    assert same_weights(vae_trainer.build_models(vae_config)["vae"], load_final(unpacked["vae"], "vae")[0])
+    assert same_weights(vae_stage.build_models(vae_config)["vae"], load_final(unpacked["vae"], "vae")[0])
 
 
 def test_fine_tuning_a_model_end_to_end(unpacked, tmp_path):
@@ -103,21 +114,21 @@ def test_fine_tuning_a_model_end_to_end(unpacked, tmp_path):
 def test_init_from_another_architecture_is_refused(unpacked, tmp_path):
     wider = dataclasses.replace(MICRO_TEXT, mlp_width=128)
     with pytest.raises(ValueError, match=r"is not this run's architecture \(they differ in mlp_width\)"):
-        clip_trainer.build_models(clip_config(unpacked["text_encoder"], text_encoder=wider))
+        clip_stage.build_models(clip_config(unpacked["text_encoder"], text_encoder=wider))
     with pytest.raises(ValueError, match="trained with pad_token_id 49407, this run pads with 0"):
-        clip_trainer.build_models(clip_config(unpacked["text_encoder"], pad_token_id=0))
+        clip_stage.build_models(clip_config(unpacked["text_encoder"], pad_token_id=0))
     config = unet_config(unpacked, unet=dataclasses.replace(MICRO_UNET, num_res_blocks=2))
     with pytest.raises(ValueError, match="differ in num_res_blocks"):
-        unet_trainer.build_models(config, load_conditioning(config))
+        unet_stage.build_models(config, load_conditioning(config))
     with pytest.raises(ValueError, match=r"differ in base_channels\)"):
-        vae_trainer.build_models(VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, base_channels=16), data=DATA,
+        vae_stage.build_models(VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, base_channels=16), data=DATA,
                                                 init_from=str(unpacked["vae"])))
     # A CLIP stage is started on both sides or not at all.
     (tmp_path / "clip").mkdir()
     for path in final_files(unpacked["text_encoder"], "text_encoder"):
         (tmp_path / "clip" / path.name).write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="holds no finished image_tower"):
-        clip_trainer.build_models(clip_config(tmp_path / "clip"))
+        clip_stage.build_models(clip_config(tmp_path / "clip"))
 
 
 def test_cli_unpack(folder32, tmp_path, capsys):  # noqa: F811

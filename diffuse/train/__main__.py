@@ -2,7 +2,7 @@
 
 Under torchrun (`torchrun --standalone --nproc_per_node=2 -m diffuse.train ...`) the
 processes share each global batch. A stage started again with the same --out resumes
-from its latest checkpoint; see diffuse.train.trainers for the files a stage leaves.
+from its latest checkpoint; see diffuse.train.components for the files a stage leaves.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from diffuse.train.clip_trainer import CLIPTrainConfig, train_clip
-from diffuse.train.trainers import read_config
-from diffuse.train.unet_trainer import UNetTrainConfig, train_unet
-from diffuse.train.vae_trainer import VAETrainConfig, train_vae
+from diffuse.train.config_files import read_config
+from diffuse.train.stages.clip import CLIPTrainConfig, train_clip
+from diffuse.train.stages.unet import UNetTrainConfig, train_unet
+from diffuse.train.stages.vae import VAETrainConfig, train_vae
 
 STAGES: dict[str, tuple[type, Callable[..., list[float]]]] = {
     "vae": (VAETrainConfig, train_vae),

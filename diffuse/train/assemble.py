@@ -14,7 +14,7 @@ appears complete or not at all:
     vae/latent_rgb.json   the step-preview matrix fitted to this VAE (SD's table is only right
                           for SD's VAE); the loader reads it into Pipeline.preview_matrix
     image_tower/          the CLIP stage's final_image_tower.* as they are, to score the text
-                          encoder by caption retrieval (diffuse.evaluate); the loader and
+                          encoder by caption retrieval (diffuse.shapes.evaluate); the loader and
                           diffusers never read it
 
 What must agree, and what happens when it does not:
@@ -44,11 +44,11 @@ from diffuse.models.vae import AutoencoderKL
 from diffuse.pipeline import Pipeline
 from diffuse.preview import fit_preview_matrix
 from diffuse.samplers.schedule import NoiseSchedule
+from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.tokenizer import CLIPTokenizer
-from diffuse.train.data import DataConfig, ShapesDataset
-from diffuse.train.trainers import config_from_dict, final_files, load_final, read_final_info, weights_sha256
+from diffuse.train.components import IMAGE_TOWER_DIR, final_files, load_final, read_final_info, weights_sha256
+from diffuse.train.config_files import config_from_dict
 
-IMAGE_TOWER_DIR = "image_tower"  # the model folder's copy of the CLIP stage's image tower
 PREVIEW_SAMPLES = 256  # dataset images the preview matrix is fitted on
 PREVIEW_DATA_SEED = 0  # which images: any shapes will do, the fit is of the VAE, not of the data
 

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.clip import CLIPTextEncoder
-from diffuse.models.image_encoder import ImageEncoder, LogitScale, TextProjection
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.samplers.schedule import NoiseSchedule
+from diffuse.shapes.image_encoder import ImageEncoder, LogitScale, TextProjection
 
 # SD's kl-f8 autoencoder weight. With reconstruction and KL both summed per image
 # (as SD sums them), the balance depends only on the pixels-per-latent ratio, which

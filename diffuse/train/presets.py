@@ -39,7 +39,7 @@ dataclasses.replace(TINY_VAE, scaling_factor=...).
 from __future__ import annotations
 
 from diffuse.models.configs import PipelineConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from diffuse.models.image_encoder import ImageEncoderConfig
+from diffuse.shapes.image_encoder import ImageEncoderConfig
 
 TINY_TEXT = TextEncoderConfig(
     vocab_size=49408,

@@ -24,8 +24,7 @@ from pathlib import Path
 from diffuse.loader import load_pipeline
 from diffuse.pipeline import Pipeline
 from diffuse.samplers.schedule import NoiseSchedule
-from diffuse.train.assemble import IMAGE_TOWER_DIR
-from diffuse.train.trainers import FINAL_INFO, final_files, load_final, save_final, weights_sha256
+from diffuse.train.components import FINAL_INFO, IMAGE_TOWER_DIR, final_files, load_final, save_final, weights_sha256
 
 STAGE_DIRS = {"vae": "vae", "text_encoder": "clip", "unet": "unet"}  # component -> its stage folder under out
 

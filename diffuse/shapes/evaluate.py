@@ -2,7 +2,7 @@
 
     prompt adherence   held-out prompts (combinations no training image shows: a purple triangle,
                        a red circle above a blue square), one image each at the model's native size,
-                       prompt i with seed `seed + i`. The analyzer (diffuse.train.analyze) reads each
+                       prompt i with seed `seed + i`. The analyzer (diffuse.shapes.analyze) reads each
                        image back, and the image counts as right only when every attribute the prompt
                        states is there: parse_caption(prompt) is the scene to find, so an attribute the
                        prompt leaves open (often the size) is not judged. Singles and pairs are
@@ -20,6 +20,9 @@
     generation time    the median of 3 timed txt2img runs at the evaluation's settings, after a warm-up.
 
 Everything but the timings is seeded: the same model and settings give the same numbers.
+
+The one import from diffuse.train is the reader of the finished-component files: a model folder
+keeps its image tower in that format, and one format should have one reader.
 """
 
 from __future__ import annotations
@@ -39,15 +42,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import inputs
-from .metadata import atomic_write
-from .models.image_encoder import ImageTower
-from .pipeline import Pipeline
-from .speedups import Speedups
-from .train.analyze import analyze, matches
-from .train.assemble import IMAGE_TOWER_DIR
-from .train.data import DataConfig, ShapesDataset, caption, heldout_pair_scenes, heldout_single_scenes, parse_caption
-from .train.trainers import final_files, load_final
+from diffuse import inputs
+from diffuse.metadata import atomic_write
+from diffuse.pipeline import Pipeline
+from diffuse.shapes.analyze import analyze, matches
+from diffuse.shapes.data import (
+    DataConfig,
+    ShapesDataset,
+    caption,
+    heldout_pair_scenes,
+    heldout_single_scenes,
+    parse_caption,
+)
+from diffuse.shapes.image_encoder import ImageTower
+from diffuse.speedups import Speedups
+from diffuse.train.components import IMAGE_TOWER_DIR, final_files, load_final
 
 EVAL_DATA_SEED = 1000  # the rendered images' dataset seed: the training configs use 0, 1 and 2
 PROMPT_KINDS = {"singles": heldout_single_scenes, "pairs": heldout_pair_scenes}

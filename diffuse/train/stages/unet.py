@@ -24,13 +24,19 @@ from torch import Tensor, nn
 from diffuse.models.configs import UNetConfig
 from diffuse.models.unet import UNet
 from diffuse.samplers.schedule import NoiseSchedule
+from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.tokenizer import CLIPTokenizer
-from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.train.components import (
+    is_main_process,
+    load_final,
+    save_final,
+    stage_inputs,
+    starting_weights,
+    weights_sha256,
+)
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import drop_captions, encode_latents, unet_loss
 from diffuse.train.presets import TINY_UNET
-from diffuse.train.trainers import (is_main_process, load_final, save_final, stage_inputs, starting_weights,
-                                   weights_sha256)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ it has only seen the two elsewhere. `heldout_single_scenes` / `heldout_pair_scen
 those evaluation scenes.
 
 The vocabulary, scene and renderer live in scenes.py, the captions in captions.py; the
-names are re-exported here, so `diffuse.train.data` is the one import a trainer needs.
+names are re-exported here, so `diffuse.shapes.data` is the one import a trainer needs.
 """
 
 from __future__ import annotations
@@ -24,10 +24,23 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .. import inputs
-from .captions import caption, parse_caption
-from .scenes import (BACKGROUNDS, COLOURS, INVERSE_RELATION, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, Shape,
-                     backgrounds_for, bounds, cell_centre, render)
+from diffuse import inputs
+from diffuse.shapes.captions import caption, parse_caption
+from diffuse.shapes.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    INVERSE_RELATION,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    Shape,
+    backgrounds_for,
+    bounds,
+    cell_centre,
+    render,
+)
 
 __all__ = ["BACKGROUNDS", "COLOURS", "DataConfig", "Holdout", "POSITIONS", "RELATIONS", "SHAPES", "SIZES", "Scene",
            "Shape", "ShapesDataset", "caption", "heldout_pair_scenes", "heldout_single_scenes", "image_to_tensor",

@@ -25,8 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import (BACKGROUNDS, COLOURS, SHAPES, SIZES, SUPERSAMPLE, Scene, canvas_polygon, cell_of,
-                     relation_between, unit_area)
+from diffuse.shapes.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    SUPERSAMPLE,
+    Scene,
+    canvas_polygon,
+    cell_of,
+    relation_between,
+    unit_area,
+)
 
 BORDER_WIDTH = 2  # pixels of the border ring that define the background
 DETECTION_DISTANCE = 0.18  # RGB distance (0-1 units) from the background that marks a pixel as object

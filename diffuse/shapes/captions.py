@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 
-from .scenes import BACKGROUNDS, COLOURS, INVERSE_RELATION, POSITIONS, SHAPES, SIZES, Scene, Shape
+from diffuse.shapes.scenes import BACKGROUNDS, COLOURS, INVERSE_RELATION, POSITIONS, SHAPES, SIZES, Scene, Shape
 
 SIZE_MENTION_PROBABILITY = 0.5
 

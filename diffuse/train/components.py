@@ -1,11 +1,11 @@
-"""What the three component trainers share: config files, and the finished component each one leaves.
+"""The finished component a training stage leaves, and how later steps read it back.
 
 The model is trained in three stages, each in its own folder, each on the shared loop
 (diffuse.train.loop):
 
-    vae   diffuse.train.vae_trainer    the autoencoder, on images alone
-    clip  diffuse.train.clip_trainer   the text encoder, against a small image tower (CLIP's loss)
-    unet  diffuse.train.unet_trainer   the noise predictor, conditioned on the two above, frozen
+    vae   diffuse.train.stages.vae    the autoencoder, on images alone
+    clip  diffuse.train.stages.clip   the text encoder, against a small image tower (CLIP's loss)
+    unet  diffuse.train.stages.unet   the noise predictor, conditioned on the two above, frozen
 
 Besides the loop's checkpoint-<step>.pt files and log.jsonl, a finished stage writes the
 component the next stage (and the step that ships the default model) reads:
@@ -19,16 +19,12 @@ component the next stage (and the step that ships the default model) reads:
 
 The CLIP stage also leaves, beside its text encoder, the image tower it was trained against
 (image encoder, text projection, temperature) as final_image_tower.safetensors / .json in the
-same format: the shipped model keeps it to measure its text encoder by caption retrieval.
+same format: the shipped model keeps it, in its IMAGE_TOWER_DIR, to measure its text encoder
+by caption retrieval.
 
 `load_final(folder, component)` builds the component back from those two files. A stage whose
 config names such a folder as `init_from` starts from its weights instead of random ones
 (fine-tuning; diffuse.train.unpack turns a model folder back into stage folders).
-
-A training config is a frozen dataclass; a config file is a JSON object with its fields
-(nested objects for nested configs, lists for tuples, or a preset's name such as "tiny"
-in place of an architecture config). Unknown keys are refused by name, so a typo never
-silently trains with a default.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +41,17 @@ from torch import nn
 from diffuse.metadata import atomic_write, sha256_file
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
-from diffuse.models.image_encoder import ImageEncoderConfig, ImageTower, ImageTowerConfig
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
-from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT, TINY_UNET, TINY_VAE
+from diffuse.shapes.image_encoder import ImageTower, ImageTowerConfig
+from diffuse.train.config_files import config_from_dict, read_json
 
 FINAL_WEIGHTS = "final.safetensors"
 FINAL_INFO = "final.json"
 FINAL_FORMAT = "diffuse-trained-component"
 # A stage's own component is final.*; one it leaves beside that gets a name of its own.
 SIDE_COMPONENT_STEMS = {"image_tower": "final_image_tower"}
+IMAGE_TOWER_DIR = "image_tower"  # where a model folder keeps the CLIP stage's image tower
 
 # component name in final.json -> (architecture config class, model class)
 COMPONENTS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -64,82 +60,6 @@ COMPONENTS: dict[str, tuple[type, type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "image_tower": (ImageTowerConfig, ImageTower),
 }
-
-# Names a config file may use in place of a whole architecture config.
-PRESETS_BY_TYPE: dict[type, dict[str, Any]] = {
-    VAEConfig: {"tiny": TINY_VAE},
-    TextEncoderConfig: {"tiny": TINY_TEXT},
-    UNetConfig: {"tiny": TINY_UNET},
-    ImageEncoderConfig: {"tiny": TINY_IMAGE_ENCODER},
-}
-
-
-# ---- config files ----------------------------------------------------------------------------------
-
-
-def read_config(cls: type, path: str | Path) -> Any:
-    """The training config `cls` from the JSON file at `path` (fields not in the file keep their defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    return config_from_dict(cls, _read_json(path, f"config file {path}"), where=str(path))
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what} is not valid JSON: {error}") from None
-
-
-def config_from_dict(cls: type, values: Any, where: str = "config") -> Any:
-    """Build the frozen dataclass `cls` from plain JSON values, refusing unknown keys and wrong types."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a JSON object with {cls.__name__}'s fields, not {type(values).__name__}")
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; its fields are {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    converted = {name: _from_json(hints[name], value, f"{where}: {name}") for name, value in values.items()}
-    try:
-        return cls(**converted)
-    except TypeError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
-def _from_json(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, str):
-            presets = PRESETS_BY_TYPE.get(hint, {})
-            if value not in presets:
-                raise ValueError(f"{where}: no {hint.__name__} preset named {value!r}; known: {sorted(presets)}")
-            return presets[value]
-        return config_from_dict(hint, value, where)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_json(args[0], item, where) for item in value)
-        if len(args) != len(value):
-            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_from_json(arg, item, where) for arg, item in zip(args, value))
-    # JSON's true/false are Python bools, which are also ints: refuse them where a number belongs.
-    if hint is bool and not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-# ---- the finished component ---------------------------------------------------------------------
 
 
 def final_files(folder: str | Path, component: str) -> tuple[Path, Path]:
@@ -192,7 +112,7 @@ def read_final_info(folder: str | Path, component: str) -> dict:
     path = final_files(folder, component)[1]
     if not path.is_file():
         raise ValueError(f"{folder} holds no finished {component} ({path.name} is missing): train that stage first")
-    info = _read_json(path, str(path))
+    info = read_json(path, str(path))
     if not isinstance(info, dict) or info.get("format") != FINAL_FORMAT:
         raise ValueError(f"{path} is not a trained component's description")
     if info.get("component") != component:

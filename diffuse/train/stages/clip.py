@@ -1,6 +1,6 @@
 """Stage 2: the text encoder, trained CLIP's way against a small image tower.
 
-Captions and images are embedded into one joint space (diffuse.models.image_encoder) and
+Captions and images are embedded into one joint space (diffuse.shapes.image_encoder) and
 the symmetric contrastive loss pulls each caption toward its own image and away from the
 batch's others. The text encoder is the stage's product (final.*); the image encoder, the
 text projection and the temperature are left beside it as the image tower
@@ -25,15 +25,21 @@ from torch import Tensor, nn
 
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig
-from diffuse.models.image_encoder import (ImageEncoder, ImageEncoderConfig, ImageTower, ImageTowerConfig, LogitScale,
-                                          TextProjection)
+from diffuse.shapes.data import DataConfig, ShapesDataset
+from diffuse.shapes.image_encoder import (
+    ImageEncoder,
+    ImageEncoderConfig,
+    ImageTower,
+    ImageTowerConfig,
+    LogitScale,
+    TextProjection,
+)
 from diffuse.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from diffuse.train import distributed
-from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.train.components import is_main_process, save_final, stage_inputs, starting_weights
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import contrastive_loss
 from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT
-from diffuse.train.trainers import is_main_process, save_final, stage_inputs, starting_weights
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from diffuse.models.configs import VAEConfig
 from diffuse.models.vae import AutoencoderKL
-from diffuse.train.data import DataConfig, ShapesDataset
+from diffuse.shapes.data import DataConfig, ShapesDataset
+from diffuse.train.components import is_main_process, save_final, stage_inputs, starting_weights
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import DEFAULT_KL_WEIGHT, scaling_factor_for, vae_loss
 from diffuse.train.presets import TINY_VAE
-from diffuse.train.trainers import is_main_process, save_final, stage_inputs, starting_weights
 
 
 @dataclass(frozen=True)

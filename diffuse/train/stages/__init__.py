@@ -1,0 +1,1 @@
+"""The three training stages, one module each, in the order they run: vae, clip, unet."""
