@@ -188,7 +188,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Measure a model: prompt adherence on held-out prompts, VAE PSNR, caption retrieval, speed."""
-    from .evaluate import EvalSettings, evaluate as evaluate_model, format_report, write_report
+    from diffuse.shapes.evaluate import EvalSettings, evaluate as evaluate_model, format_report, write_report
 
     settings = EvalSettings(singles=args.singles, pairs=args.pairs, images=args.images, steps=args.steps,
                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where the stages go: OUT/vae, OUT/clip, OUT/unet")
     p.set_defaults(run=unpack)
 
-    from .evaluate import EvalSettings
+    from diffuse.shapes.evaluate import EvalSettings
 
     p = commands.add_parser("eval", help="measure a model: held-out prompt adherence, VAE PSNR, caption "
                                          "retrieval, generation time")
