@@ -14,16 +14,13 @@ score that text encoder later (caption retrieval); generation never runs it.
 Why a small conv net rather than a ViT: the training images are 64x64 flat-colour
 shapes, and everything a caption says about them (colour, shape, where) is local
 and translation-equivariant, which convolutions know from the start and a ViT
-has to learn from data we have little CPU time to show it. Trained side by side
-with the same text encoder on one-shape captions (batch 64, 300 steps, 2 CPU
-cores), this net reached 82-87% in-batch retrieval accuracy, a 4-layer ViT
-(8x8 patches, width 128) 63-68%, having levelled off there; the ViT's steps were
-about a quarter cheaper, not enough to catch up. The head
-flattens the final 4x4 grid instead of averaging it, so the embedding still
-knows WHERE each thing is ("on the left", "above"). Normalisation is GroupNorm,
-not BatchNorm: a batch-statistics layer would make an image's embedding depend
-on its batch-mates, which the contrastive loss already compares it to, and would
-make 2-process training differ from 1-process training on the same global batch.
+has to learn from data we have little CPU time to show it (the side-by-side run is
+in bench/RESULTS.md). The head flattens the final 4x4 grid instead of averaging it,
+so the embedding still knows WHERE each thing is ("on the left", "above").
+Normalisation is GroupNorm, not BatchNorm: a batch-statistics layer would make an
+image's embedding depend on its batch-mates, which the contrastive loss already
+compares it to, and would make 2-process training differ from 1-process training
+on the same global batch.
 """
 
 from __future__ import annotations

@@ -2,10 +2,9 @@
 
 make_batch(start, count) is a pure function of the sample indices (loop.py), so a batch
 made early by another process is the batch the loop would have made itself: the losses
-do not depend on how many workers there are. Rendering shapes costs about 0.6 ms a
-sample on one core; a GPU step of the small UNet eats thousands of samples a second, so
-there the rendering must run in parallel, while on a 2-core CPU it is better left
-inline (workers=0) since the model's own work already uses both cores.
+do not depend on how many workers there are. A GPU trains on samples faster than one
+process renders them, so there the rendering runs in parallel; on a CPU the model's own
+work already uses every core, so it is better left inline (workers=0).
 
 Workers start by spawning (not forking): the parent may already hold a CUDA context,
 which a forked child must never touch. Each worker receives make_batch once, when it

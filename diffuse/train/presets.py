@@ -1,14 +1,12 @@
 """The proposed architecture of diffuse's own small default model, trained from scratch on a CPU.
 
-Sized for 64x64 images of flat-colour shapes, a 2-core CPU, ~3 hours of training for
-all of it, and one <= 60 MB fp16 file. Measured on a 2-core CPU (fp32, torch 2.13),
-parameters / fp16 size / forward time:
+Sized for 64x64 images of flat-colour shapes, a few hours of training on a small CPU for
+all of it, and one <= 60 MB fp16 file. Parameters / fp16 size:
 
-    text encoder  7.13 M  14.3 MB   ~2.5 ms for 2 prompts of 77 tokens
-                  (of which the 49408 x 128 token table is 6.32 M, 12.6 MB)
-    UNet         10.57 M  21.1 MB   ~23 ms per step at 8x8 latents, batch 2 (guidance)
-    VAE           2.73 M   5.5 MB   ~10 ms to decode one 8x8x4 latent to 64x64
-    total        20.42 M  40.9 MB   txt2img 64x64, 20 steps with guidance: 0.55-0.65 s
+    text encoder  7.13 M  14.3 MB   (of which the 49408 x 128 token table is 6.32 M, 12.6 MB)
+    UNet         10.57 M  21.1 MB
+    VAE           2.73 M   5.5 MB
+    total        20.42 M  40.9 MB
 
 The choices, each for a reason:
   - VAE: SD's f=8, 4-channel latent, so 4 levels (3 halvings): 64x64 -> 8x8x4.

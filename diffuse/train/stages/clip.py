@@ -53,8 +53,7 @@ class CLIPTrainConfig(LoopConfig):
     # Each two-object caption also brings its relation-reversed twin (data.swapped_caption) as
     # one more wrong caption that every image must rank below its own. A random batch almost
     # never holds the same two objects the other way round, so without these the loss barely
-    # asks the text encoder which way a relation points: the shipped model's encoder, trained
-    # without them, prefers the right one of the two captions 55% of the time (diffuse eval).
+    # asks the text encoder which way a relation points.
     hard_negatives: bool = False
     # A finished CLIP stage's folder (e.g. one diffuse.train.unpack wrote) to start from: its text
     # encoder and image tower, instead of random weights. None: from scratch.
