@@ -244,3 +244,29 @@ def test_a_diffusers_scheduler_config_gives_the_same_sampler(ours, reference_fol
     by_name = ours["sd2"].txt2img(PROMPT, steps=6, width=SIZE, height=SIZE, sampler="DPM++ 2M Karras", seed=2)
     assert np.array_equal(pixels(by_config.images), pixels(by_name.images))
     assert by_config.info["sampler"] == "DPM++ 2M" and by_config.info["schedule_type"] == "Karras"
+
+
+def test_generate_runs_a_request_as_the_wrappers_do(ours):
+    pipe = ours["sd1"]
+    request = diffuse.GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=4, sampler="Euler a", seed=21,
+                                        batch_size=2, image=picture(), mask=mask_picture(), strength=0.8)
+    result = pipe.generate(request)
+    wrapped = pipe.inpaint(picture(), mask_picture(), PROMPT, strength=0.8, negative_prompt=NEGATIVE, steps=4,
+                           sampler="Euler a", seed=21, batch_size=2)
+    assert np.array_equal(pixels(result.images), pixels(wrapped.images))
+    assert result.infotexts == wrapped.infotexts and result.info == wrapped.info
+    assert pipe.describe(request) == (result.info, result.infotexts)
+    assert request.kind == "inpaint" and result.info["denoising_strength"] == 0.8
+
+
+def test_the_recorded_eta_is_the_one_the_sampler_uses(ours):
+    pipe = ours["sd1"]
+
+    def eta(**settings):
+        return pipe.describe(diffuse.GenerationRequest(PROMPT, width=SIZE, height=SIZE, seed=1, **settings))[0]["eta"]
+
+    assert eta(sampler="DDIM", eta=0.6) == 0.6 and eta(sampler="Euler a", eta=0.0) == 0.0
+    assert eta(sampler="DPM++ 2M", eta=0.6) is None  # it has no eta
+    assert eta(sampler="Euler a") is None  # the default, as A1111 leaves it out
+    assert eta(sampler=pipe.get_sampler("DDIM", eta=0.3)) == 0.3
+    assert eta(sampler=pipe.get_sampler("Euler a")) is None

@@ -112,3 +112,27 @@ def test_the_cli_picks_a_seed_with_room_for_all_its_batches(reference_folders, t
                  "--batch-size", "2", "--n-iter", "2", "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir())[-1] == f"00003-{inputs.MAX_SEED}.png"
+
+
+def test_a_ready_sampler_takes_no_schedule_type_or_eta(pipe):
+    sampler = pipe.get_sampler("Euler a")
+    for settings, named in ((dict(eta=0.5), "eta=0.5"), (dict(schedule_type="Karras"), "schedule_type='Karras'")):
+        request = diffuse.GenerationRequest("a cat", width=32, height=32, sampler=sampler, **settings)
+        with pytest.raises(ValueError, match=f"{named} would be ignored: a ready Sampler"):
+            pipe.generate(request)
+
+
+def test_strength_and_mask_need_an_image(pipe, picture):
+    with pytest.raises(ValueError, match="strength 0.5 needs an input image"):
+        pipe.generate(diffuse.GenerationRequest("a cat", width=32, height=32, strength=0.5))
+    with pytest.raises(ValueError, match="a mask needs the image"):
+        pipe.generate(diffuse.GenerationRequest("a cat", width=32, height=32, mask=picture))
+
+
+@pytest.mark.parametrize("settings, message", [(dict(steps=0), "steps"), (dict(seed=-5), "seed"),
+                                               (dict(image="missing.png"), "no such file")])
+def test_generate_and_describe_check_like_the_wrappers(pipe, settings, message):
+    request = diffuse.GenerationRequest("a cat", width=32, height=32, **settings)
+    for check in (pipe.generate, pipe.describe):
+        with pytest.raises(ValueError, match=message):
+            check(request)
