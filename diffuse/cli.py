@@ -7,9 +7,14 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from diffuse.pipeline import Pipeline, Result, Step
+from diffuse.preflight import Checked, check_generation_args
+from diffuse.request import GenerationRequest
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -41,8 +46,8 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from .loader import load_pipeline
+def _load(args: argparse.Namespace) -> Pipeline:
+    from diffuse.loader import load_pipeline
 
     model = args.model
     if model is None:
@@ -61,7 +66,7 @@ AUTO_DTYPE_HELP = "auto (default: bfloat16 where the CPU computes it natively, e
 
 
 def _speedups(args: argparse.Namespace):
-    from .speedups import Speedups
+    from diffuse.speedups import Speedups
 
     return Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
                     deep_cache_depth=args.deep_cache_depth, token_merging=args.token_merging)
@@ -82,66 +87,65 @@ def _add_speedup_options(p: argparse.ArgumentParser) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     """txt2img / img2img / inpaint: generate, show progress, write PNGs that carry their parameters."""
-    from tqdm import tqdm
-
-    from .metadata import numbered_path, save_png
-    from .preflight import check_generation_args
-    from .preview import StepRecorder, to_pil
+    from diffuse.metadata import numbered_path, save_png
 
     checked = check_generation_args(args)  # before the model loads: a bad option costs no loading time
     pipe = _load(args)
-    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg_scale,
-                    sampler=args.sampler, schedule_type=args.schedule_type, batch_size=args.batch_size,
-                    clip_skip=args.clip_skip, eta=args.eta, speedups=checked.speedups)
-    settings.update(width=args.width, height=args.height)  # None: the model's own size (txt2img) or the image's
-    if args.command != "txt2img":
-        settings.update(strength=args.strength)
-    if args.command == "inpaint":
-        settings.update(keep_unmasked=not args.no_keep_unmasked)
-    seed = checked.seed
-    written = []
+    request = _generation_request(args, checked)
     for batch in range(args.n_iter):
-        recorder = None
-        if args.save_steps:
-            folder = Path(args.save_steps) / (f"batch{batch + 1}" if args.n_iter > 1 else "")
-            recorder = StepRecorder(folder, decode=lambda latents: to_pil(pipe.decode_latents(latents)))
-        bar = None  # created at the first step, so a rejected request prints no empty bar
-
-        def on_step(step) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(total=step.total, desc=f"{args.command} {batch + 1}/{args.n_iter}", unit="step",
-                           file=sys.stderr)
-            bar.update(1)
-            if recorder is not None:
-                recorder(step.index, step.timestep, step.latents)
-
-        try:
-            if args.command == "txt2img":
-                result = pipe.txt2img(args.prompt, seed=seed, callback=on_step, **settings)
-            elif args.command == "img2img":
-                result = pipe.img2img(checked.image, args.prompt, seed=seed, callback=on_step, **settings)
-            else:
-                result = pipe.inpaint(checked.image, checked.mask, args.prompt, seed=seed, callback=on_step,
-                                      **settings)
-        finally:
-            if bar is not None:  # closed before an error is printed, so the message gets its own line
-                bar.close()
-        if recorder is not None:
-            print(f"steps: {recorder.finish()}")
+        result = _draw_batch(pipe, request, args, batch)
         for image, image_seed, text in zip(result.images, result.seeds, result.infotexts):
             # overwrite=False: a second process writing the same number gets an error, not our file
-            path = save_png(image, numbered_path(args.out, image_seed), text, overwrite=False)
-            written.append(path)
-            print(path)
-        seed = result.seeds[-1] + 1  # the next batch continues the seed sequence, as A1111 does
+            print(save_png(image, numbered_path(args.out, image_seed), text, overwrite=False))
+        request = replace(request, seed=result.seeds[-1] + 1)  # the next batch continues the seeds, as A1111 does
     return 0
+
+
+def _generation_request(args: argparse.Namespace, checked: Checked) -> GenerationRequest:
+    """The command line as one request: the seed resolved and the images opened by the preflight checks."""
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        steps=args.steps, guidance_scale=args.cfg_scale, sampler=args.sampler, schedule_type=args.schedule_type,
+        seed=checked.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta,
+        speedups=checked.speedups, image=checked.image, mask=checked.mask, strength=getattr(args, "strength", None),
+        keep_unmasked=not getattr(args, "no_keep_unmasked", False))
+
+
+def _draw_batch(pipe: Pipeline, request: GenerationRequest, args: argparse.Namespace, batch: int) -> Result:
+    """One batch of the request, with a progress bar and, with --save-steps, every step's image."""
+    from tqdm import tqdm
+
+    from diffuse.preview import StepRecorder, to_pil
+
+    recorder = None
+    if args.save_steps:
+        folder = Path(args.save_steps) / (f"batch{batch + 1}" if args.n_iter > 1 else "")
+        recorder = StepRecorder(folder, decode=lambda latents: to_pil(pipe.decode_latents(latents)))
+    bar = None  # created at the first step, so a rejected request prints no empty bar
+
+    def on_step(step: Step) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=step.total, desc=f"{args.command} {batch + 1}/{args.n_iter}", unit="step",
+                       file=sys.stderr)
+        bar.update(1)
+        if recorder is not None:
+            recorder(step.index, step.timestep, step.latents)
+
+    try:
+        result = pipe.generate(request, callback=on_step)
+    finally:
+        if bar is not None:  # closed before an error is printed, so the message gets its own line
+            bar.close()
+    if recorder is not None:
+        print(f"steps: {recorder.finish()}")
+    return result
 
 
 def convert(args: argparse.Namespace) -> int:
     """Write any loadable checkpoint as a diffusers folder (optionally cast, e.g. to float16)."""
-    from .checkpoints.export import save_diffusers_folder
-    from .runtime import resolve_dtype
+    from diffuse.checkpoints.export import save_diffusers_folder
+    from diffuse.runtime import resolve_dtype
 
     pipe = _load(args)
     dtype = resolve_dtype(args.dtype) if args.dtype else None
@@ -151,8 +155,8 @@ def convert(args: argparse.Namespace) -> int:
 
 def assemble(args: argparse.Namespace) -> int:
     """Build the model folder from the finished vae, clip and unet stages."""
-    from .runtime import resolve_dtype
-    from .train.assemble import AssemblyWarning, assemble as assemble_model
+    from diffuse.runtime import resolve_dtype
+    from diffuse.train.assemble import AssemblyWarning, assemble as assemble_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AssemblyWarning)
@@ -168,7 +172,7 @@ def assemble(args: argparse.Namespace) -> int:
 
 def unpack(args: argparse.Namespace) -> int:
     """Write a model folder's VAE, text encoder and UNet as finished training stages (to train them further)."""
-    from .train.unpack import unpack as unpack_model
+    from diffuse.train.unpack import unpack as unpack_model
 
     for component, folder in unpack_model(args.model, args.out).items():
         print(f"{component}: {folder}")
@@ -177,7 +181,7 @@ def unpack(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """The A1111-compatible HTTP API and the web page."""
-    from .server.serve import serve as run_server
+    from diffuse.server.serve import serve as run_server
 
     if args.model is None:
         if not DEFAULT_MODEL.exists():
@@ -205,7 +209,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def pnginfo(args: argparse.Namespace) -> int:
     """Print the generation parameters a PNG carries."""
-    from .metadata import read_parameters
+    from diffuse.metadata import read_parameters
 
     text = read_parameters(args.image)
     if text is None:
@@ -217,7 +221,7 @@ def pnginfo(args: argparse.Namespace) -> int:
 
 def regenerate(args: argparse.Namespace) -> int:
     """Make an image again from its PNG's parameters; --check compares the pixels."""
-    from .regenerate import run
+    from diffuse.regenerate import run
 
     return run(args, DEFAULT_MODEL)
 
@@ -277,9 +281,21 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from .train.__main__ import main_train
+        from diffuse.train.__main__ import main_train
 
         return main_train(argv[1:])
+    args = build_parser().parse_args(argv)
+
+    from diffuse.checkpoints.errors import CheckpointError
+
+    try:
+        return args.run(args)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"diffuse: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffuse", description="Stable Diffusion from its parts.")
     commands = parser.add_subparsers(dest="command", required=True)
     for kind, text in (("txt2img", "generate images from a prompt"), ("img2img", "repaint an image guided by a prompt"),
@@ -287,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         _add_generation_options(commands.add_parser(kind, help=text), kind)
     # Listed here for `diffuse --help`; its own options are parsed by the training entry point.
     commands.add_parser("train", help="train vae | clip | unet on the shapes dataset", add_help=False)
+    _add_model_folder_commands(commands)
+    _add_eval_command(commands)
+    _add_serving_and_reading_commands(commands)
+    return parser
+
+
+def _add_model_folder_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("convert", help="write a checkpoint as a diffusers folder")
     p.add_argument("model", help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("out", help="the folder to write")
@@ -307,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where the stages go: OUT/vae, OUT/clip, OUT/unet")
     p.set_defaults(run=unpack)
 
+
+def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     from diffuse.shapes.evaluate import EvalSettings
 
     p = commands.add_parser("eval", help="measure a model: held-out prompt adherence, VAE PSNR, caption "
@@ -335,10 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
     _add_speedup_options(p)
     p.set_defaults(run=evaluate)
+
+
+def _add_serving_and_reading_commands(commands: argparse._SubParsersAction) -> None:
+    from diffuse.regenerate import add_regenerate_options
+    from diffuse.server.serve import add_serve_options
+
     p = commands.add_parser("serve", help="serve the A1111-compatible HTTP API and the web page")
     p.add_argument("--model", default=None, help="the model to load (default: the shipped model)")
-    from .server.serve import add_serve_options
-
     add_serve_options(p)
     p.set_defaults(run=serve)
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
@@ -346,8 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=pnginfo)
     p = commands.add_parser("regenerate", help="make an image again from its PNG's parameters (--check: "
                                                "compare the pixels)")
-    from .regenerate import add_regenerate_options
-
     add_regenerate_options(p, DEVICE_HELP)
     p.set_defaults(run=regenerate)
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")
@@ -356,15 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--prompt", default="a photo of a cat")
     p.set_defaults(run=info)
-    args = parser.parse_args(argv)
-
-    from .checkpoints.errors import CheckpointError
-
-    try:
-        return args.run(args)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"diffuse: error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

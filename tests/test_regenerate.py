@@ -204,17 +204,18 @@ def test_a_png_without_parameters_or_not_a_png_is_one_line(tmp_path, capsys, no_
 
 
 def test_interrupted_server_images_carry_the_same_parameters():
-    from diffuse.server.a1111 import DEFAULT_STRENGTH, GenerationRequest
+    from diffuse.metadata import png_bytes
+    from diffuse.server.a1111 import DEFAULT_STRENGTH, Limits, read_generation
     from diffuse.server.generate import _partial
 
     pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype="float32")
     picture = Image.new("RGB", (64, 64), (90, 20, 200))
-    request = GenerationRequest(kind="img2img", prompt=PROMPT, negative_prompt="green", width=None, height=None,
-                                steps=4, cfg_scale=4.0, sampler="Euler a", schedule_type=None, seed=5, batch_size=2,
-                                n_iter=1, init_image=picture)
+    body = {"prompt": PROMPT, "negative_prompt": "green", "steps": 4, "cfg_scale": 4.0, "sampler_name": "Euler a",
+            "seed": 5, "batch_size": 2, "init_images": [base64.b64encode(png_bytes(picture, None)).decode()]}
+    request = read_generation("img2img", body, Limits())
     finished = pipe.img2img(picture, PROMPT, strength=DEFAULT_STRENGTH, negative_prompt="green", steps=4,
                             guidance_scale=4.0, sampler="Euler a", seed=5, batch_size=2)
     latents = torch.zeros(2, 4, 8, 8)
-    partial = _partial(pipe, request, 5, Step(1, 4, 500.0, latents, latents))
+    partial = _partial(pipe, request.generation, Step(1, 4, 500.0, latents, latents))
     assert partial.infotexts == finished.infotexts and partial.info == finished.info
     assert "Init image hash" in parse_infotext(partial.infotexts[1])

@@ -23,8 +23,9 @@ import uvicorn  # noqa: E402
 
 from diffuse.metadata import parse_infotext, read_parameters  # noqa: E402
 from diffuse.server.a1111 import Limits  # noqa: E402
-from diffuse.server.app import ServerSettings, create_app  # noqa: E402
+from diffuse.server.app import create_app  # noqa: E402
 from diffuse.server.serve import check_binding, credentials_from  # noqa: E402
+from diffuse.server.state import ServerSettings  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 PROMPT = "a red circle above a blue square"
@@ -411,7 +412,33 @@ def test_every_seed_of_a_request_stays_in_a1111s_range(monkeypatch):
     body = {"prompt": "x", "batch_size": 2, "n_iter": 2}
     with pytest.raises(RequestError, match=r"seed: seed 4294967293 with 4 images would give the last one seed "):
         read_generation("txt2img", {**body, "seed": inputs.MAX_SEED - 2}, Limits())
-    assert read_generation("txt2img", {**body, "seed": inputs.MAX_SEED - 3}, Limits()).seed == inputs.MAX_SEED - 3
+    highest = read_generation("txt2img", {**body, "seed": inputs.MAX_SEED - 3}, Limits())
+    assert highest.generation.seed == inputs.MAX_SEED - 3
     # A random pick, even the highest, leaves room for all four images.
     monkeypatch.setattr(inputs.random, "randrange", lambda stop: stop - 1)
-    assert read_generation("txt2img", {**body, "seed": -1}, Limits()).seed + 3 == inputs.MAX_SEED
+    assert read_generation("txt2img", {**body, "seed": -1}, Limits()).generation.seed + 3 == inputs.MAX_SEED
+
+
+def test_no_server_module_imports_one_that_imports_it_back():
+    import ast
+
+    folder = Path(__file__).resolve().parent.parent / "diffuse" / "server"
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        graph[path.stem] = {name.split(".")[2] for name in imported if name.startswith("diffuse.server.")}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for name in graph.get(start, ()):
+            if name == goal or (name not in seen and reaches(name, goal, seen | {name})):
+                return True
+        return False
+
+    assert {"app", "state", "page_routes", "a1111_routes"} <= set(graph)
+    assert [name for name in graph if reaches(name, name, {name})] == []

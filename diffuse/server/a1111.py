@@ -1,10 +1,11 @@
-"""AUTOMATIC1111's /sdapi/v1 request and response bodies, read and written the way its clients expect.
+"""AUTOMATIC1111's /sdapi/v1 generation requests, read the way its clients write them.
 
 A1111 builds its request model from its processing classes: every field optional, unknown keys
 ignored (clients send many; here they are not kept either, nor echoed back in "parameters"),
-A1111's own defaults for what is left out. Reading a request here
-checks every value diffuse uses, and the limits the server was started with, before anything
-is decoded or allocated; a bad one is a RequestError (answered 422) that names the field.
+A1111's own defaults for what is left out. Reading a request here checks every value diffuse
+uses, and the limits the server was started with, before anything is decoded or allocated; a
+bad one is a RequestError (answered 422) that names the field. What it makes is diffuse's own
+GenerationRequest, inside an A1111Request with the fields only the server uses.
 
 What differs from A1111, and why:
   - width and height default to the model's own size (A1111: 512, which is SD1's own size);
@@ -20,12 +21,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from diffuse import inputs
+from diffuse.request import GenerationRequest
 from diffuse.samplers import SCHEDULE_TYPES
 from diffuse.speedups import MAX_TOKEN_MERGING, Speedups
 
@@ -55,28 +57,14 @@ class Limits:
     max_prompt_chars: int = 10_000
 
 
-@dataclass
-class GenerationRequest:
-    """One txt2img or img2img request, checked and in diffuse's terms."""
+@dataclass(frozen=True)
+class A1111Request:
+    """One checked /sdapi/v1 txt2img or img2img request: the generation in diffuse's terms, and
+    what only the server uses (rounds, the model to run it on, the answer's shape)."""
 
-    kind: str  # "txt2img" or "img2img" (inpainting is img2img with a mask)
-    prompt: str
-    negative_prompt: str
-    width: int | None  # None: the model's own size (txt2img) or the image's (img2img)
-    height: int | None
-    steps: int
-    cfg_scale: float
-    sampler: str  # an A1111 sampler label, possibly with a schedule suffix
-    schedule_type: str | None
-    seed: int
-    batch_size: int
-    n_iter: int
-    clip_skip: int = 1
-    speedups: Speedups = Speedups()  # override_settings.token_merging_ratio sets token merging
-    eta: float | None = None
-    denoising_strength: float = DEFAULT_STRENGTH
-    init_image: Image.Image | None = None
-    mask: Image.Image | None = None
+    kind: str  # the route, "txt2img" or "img2img" (inpainting is img2img with a mask)
+    generation: GenerationRequest  # the first round's; round r draws seeds from seed + r * batch_size
+    n_iter: int = 1
     send_images: bool = True
     model: str | None = None  # override_settings.sd_model_checkpoint: the model for this request
     restore_model: bool = True  # override_settings_restore_afterwards: back to the previous model after it
@@ -88,21 +76,28 @@ _OFF = {"enable_hr": (None, False), "restore_faces": (None, False), "tiling": (N
         "subseed_strength": (None, 0, 0.0), "script_name": (None, ""), "styles": (None, [])}
 
 
-def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
+def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
     """The checked request from a parsed JSON body; RequestError on the first bad field."""
     if not isinstance(body, dict):
         raise RequestError("body", f"must be a JSON object, not {type(body).__name__}")
     for name, off in _OFF.items():
         if body.get(name) not in off:
             raise RequestError(name, "is not supported by diffuse; leave it out or switch it off")
-    prompt = _text(body, "prompt", limits)
-    negative = _text(body, "negative_prompt", limits)
-    width, height = _optional_int(body, "width"), _optional_int(body, "height")
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and not 8 <= value <= limits.max_side:
-            raise RequestError(name, f"must be from 8 to {limits.max_side} pixels on this server, got {value}")
-        if value is not None and value % 8:
-            raise RequestError(name, f"must be a multiple of 8, got {value}")
+    generation, n_iter = _generation(body, limits)
+    send_images, model = _bool(body, "send_images", True), _model_override(body)
+    restore_model = _bool(body, "override_settings_restore_afterwards", True)
+    generation = replace(generation, clip_skip=_clip_skip(body), speedups=_speedups(body))
+    if kind == "img2img":
+        generation = _with_images(generation, body, limits)
+    request = A1111Request(kind=kind, generation=generation, n_iter=n_iter, send_images=send_images, model=model,
+                           restore_model=restore_model)
+    return replace(request, echo=_echo(body, request))
+
+
+def _generation(body: dict, limits: Limits) -> tuple[GenerationRequest, int]:
+    """The txt2img fields as one generation request, and n_iter (its rounds)."""
+    prompt, negative = _text(body, "prompt", limits), _text(body, "negative_prompt", limits)
+    width, height = _size(body, "width", limits), _size(body, "height", limits)
     steps = _int(body, "steps", DEFAULT_STEPS)
     if not 1 <= steps <= limits.max_steps:
         raise RequestError("steps", f"must be from 1 to {limits.max_steps} on this server, got {steps}")
@@ -111,58 +106,53 @@ def read_generation(kind: str, body: Any, limits: Limits) -> GenerationRequest:
         raise RequestError("batch_size", f"batch_size x n_iter must be from 1 to {limits.max_images} images on this "
                                          f"server, got {batch_size} x {n_iter}")
     sampler, schedule_type = _sampler(body)
-    request = GenerationRequest(
-        kind=kind, prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
-        cfg_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0), sampler=sampler, schedule_type=schedule_type,
-        seed=_seed(body, batch_size * n_iter), batch_size=batch_size, n_iter=n_iter, eta=_optional_number(body, "eta", 0.0, 1.0),
-        send_images=_bool(body, "send_images", True), model=_model_override(body),
-        restore_model=_bool(body, "override_settings_restore_afterwards", True))
-    clip_skip = _override(body).get("CLIP_stop_at_last_layers", 1)
-    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= 12:
-        raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "
-                                                                          f"got {clip_skip!r}")
-    request.clip_skip = clip_skip
-    request.speedups = Speedups(token_merging=_number(_override(body), "token_merging_ratio", 0.0, 0.0,
-                                                      MAX_TOKEN_MERGING, field="override_settings.token_merging_ratio"))
-    if kind == "img2img":
-        request.denoising_strength = _number(body, "denoising_strength", DEFAULT_STRENGTH, 0.0, 1.0)
-        images = body.get("init_images")
-        if not isinstance(images, list) or not images:
-            raise RequestError("init_images", "img2img needs one base64 image in init_images")
-        request.init_image = decode_image(images[0], "init_images[0]", limits)
-        if body.get("mask") is not None:
-            mask = decode_image(body["mask"], "mask", limits).convert("L")
-            if body.get("inpainting_mask_invert") in (1, True):
-                mask = Image.eval(mask, lambda value: 255 - value)
-            if mask.size != request.init_image.size:
-                raise RequestError("mask", f"is {mask.size[0]}x{mask.size[1]}, the image "
-                                           f"{request.init_image.size[0]}x{request.init_image.size[1]}")
-            request.mask = mask
-        # Without a size the image's own is drawn: it must fit the same limit as an asked-for one.
-        own_width, own_height = request.init_image.size
-        for name, asked, own in (("width", width, own_width), ("height", height, own_height)):
-            if asked is None and own > limits.max_side:
-                raise RequestError(name, f"the image is {own_width}x{own_height}; give a {name} of at most "
-                                         f"{limits.max_side} pixels (this server's limit) to draw it smaller")
-    request.echo = _echo(body, request)
-    return request
+    generation = GenerationRequest(
+        prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+        guidance_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0), sampler=sampler,
+        schedule_type=schedule_type, seed=_seed(body, batch_size * n_iter), batch_size=batch_size,
+        eta=_optional_number(body, "eta", 0.0, 1.0))
+    return generation, n_iter
 
 
-def _echo(body: dict, request: GenerationRequest) -> dict[str, Any]:
+def _with_images(generation: GenerationRequest, body: dict, limits: Limits) -> GenerationRequest:
+    """The img2img fields: the strength, the image, and the mask if one is sent (inpainting)."""
+    strength = _number(body, "denoising_strength", DEFAULT_STRENGTH, 0.0, 1.0)
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise RequestError("init_images", "img2img needs one base64 image in init_images")
+    image = decode_image(images[0], "init_images[0]", limits)
+    mask = None
+    if body.get("mask") is not None:
+        mask = decode_image(body["mask"], "mask", limits).convert("L")
+        if body.get("inpainting_mask_invert") in (1, True):
+            mask = Image.eval(mask, lambda value: 255 - value)
+        if mask.size != image.size:
+            raise RequestError("mask", f"is {mask.size[0]}x{mask.size[1]}, the image {image.size[0]}x{image.size[1]}")
+    # Without a size the image's own is drawn: it must fit the same limit as an asked-for one.
+    own_width, own_height = image.size
+    for name, asked, own in (("width", generation.width, own_width), ("height", generation.height, own_height)):
+        if asked is None and own > limits.max_side:
+            raise RequestError(name, f"the image is {own_width}x{own_height}; give a {name} of at most "
+                                     f"{limits.max_side} pixels (this server's limit) to draw it smaller")
+    return replace(generation, strength=strength, image=image, mask=mask)
+
+
+def _echo(body: dict, request: A1111Request) -> dict[str, Any]:
     """A1111's "parameters" in the answer: the fields diffuse read, as it used them. Nothing else
     a client sent is kept or sent back (unknown keys could be megabytes); neither are the
     images, which A1111 echoes as megabytes of base64 nobody reads back."""
-    echo = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
-            "height": request.height, "steps": request.steps, "cfg_scale": request.cfg_scale,
-            "sampler_name": request.sampler, "scheduler": request.schedule_type, "seed": request.seed,
-            "batch_size": request.batch_size, "n_iter": request.n_iter, "eta": request.eta,
+    generation = request.generation
+    echo = {"prompt": generation.prompt, "negative_prompt": generation.negative_prompt, "width": generation.width,
+            "height": generation.height, "steps": generation.steps, "cfg_scale": generation.guidance_scale,
+            "sampler_name": generation.sampler, "scheduler": generation.schedule_type, "seed": generation.seed,
+            "batch_size": generation.batch_size, "n_iter": request.n_iter, "eta": generation.eta,
             "send_images": request.send_images, "override_settings_restore_afterwards": request.restore_model}
-    used = {"sd_model_checkpoint": request.model, "CLIP_stop_at_last_layers": request.clip_skip,
-            "token_merging_ratio": request.speedups.token_merging}
+    used = {"sd_model_checkpoint": request.model, "CLIP_stop_at_last_layers": generation.clip_skip,
+            "token_merging_ratio": generation.speedups.token_merging}
     echo["override_settings"] = {key: value for key, value in used.items() if key in _override(body)}
     echo.update({name: body[name] for name in _OFF if name in body})  # checked above: each one off, small
     if request.kind == "img2img":
-        echo["denoising_strength"] = request.denoising_strength
+        echo["denoising_strength"] = generation.strength
         if "inpainting_mask_invert" in body:
             echo["inpainting_mask_invert"] = 1 if body["inpainting_mask_invert"] in (1, True) else 0
     return echo
@@ -229,6 +219,16 @@ def _optional_int(body: dict, name: str) -> int | None:
     return None if body.get(name) is None else _int(body, name, 0)
 
 
+def _size(body: dict, name: str, limits: Limits) -> int | None:
+    """A width or height within the server's limit, a multiple of 8; None: the model's or the image's own."""
+    value = _optional_int(body, name)
+    if value is not None and not 8 <= value <= limits.max_side:
+        raise RequestError(name, f"must be from 8 to {limits.max_side} pixels on this server, got {value}")
+    if value is not None and value % 8:
+        raise RequestError(name, f"must be a multiple of 8, got {value}")
+    return value
+
+
 def _number(body: dict, name: str, default: float, low: float, high: float, field: str | None = None) -> float:
     """body[name] checked to lie in [low, high] (default when absent); errors name `field`, else `name`."""
     value = body.get(name)
@@ -288,6 +288,21 @@ def _override(body: dict) -> dict:
     if not isinstance(value, dict):
         raise RequestError("override_settings", "must be an object of setting names and values")
     return value
+
+
+def _clip_skip(body: dict) -> int:
+    value = _override(body).get("CLIP_stop_at_last_layers", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 12:
+        raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "
+                                                                          f"got {value!r}")
+    return value
+
+
+def _speedups(body: dict) -> Speedups:
+    """override_settings.token_merging_ratio sets token merging; diffuse's other speed-ups stay off."""
+    ratio = _number(_override(body), "token_merging_ratio", 0.0, 0.0, MAX_TOKEN_MERGING,
+                    field="override_settings.token_merging_ratio")
+    return Speedups(token_merging=ratio)
 
 
 def _model_override(body: dict) -> str | None:

@@ -1,4 +1,4 @@
-"""Running one checked generation request on the loaded pipeline, as a queued job's work.
+"""Running one checked request on the loaded pipeline as a queued job, and what it made as A1111 reports it.
 
 A1111 draws batch_size images at a time, n_iter times, image i with seed + i; so does this.
 Every sampling step reports to the job (progress, the latest step for previews) and is where
@@ -8,13 +8,17 @@ decoded by the VAE, as A1111 returns what it had when interrupted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import time
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from diffuse.pipeline import Pipeline, Result, Step
+from diffuse.metadata import png_bytes
+from diffuse.pipeline import VERSION, Pipeline, Step
 from diffuse.preview import to_pil
-from diffuse.server.a1111 import GenerationRequest
+from diffuse.request import GenerationRequest
+from diffuse.server.a1111 import A1111Request
 from diffuse.server.jobs import Interrupted, Job
 
 
@@ -27,45 +31,36 @@ class Generated:
     interrupted: bool = False
 
 
-def run_request(pipe: Pipeline, request: GenerationRequest, job: Job) -> Generated:
-    total = request.steps * request.n_iter
-    images, infotexts, seeds, info = [], [], [], {}
+def run_request(pipe: Pipeline, request: A1111Request, job: Job) -> Generated:
+    """Every round of the request, reporting each step to the job; an interrupt ends it with what it had."""
+    generation = request.generation
+    total = generation.steps * request.n_iter
+    made = Generated([], [], [], {})
     for round_ in range(request.n_iter):
-        seed = request.seed + round_ * request.batch_size
-        done_before = round_ * request.steps
+        round_request = replace(generation, seed=generation.seed + round_ * generation.batch_size)
+        done_before = round_ * generation.steps
 
         def on_step(step: Step) -> None:
             job.step_done(done_before + step.index + 1, total, step)
 
         try:
-            result = _draw(pipe, request, seed, on_step)
+            result = pipe.generate(round_request, callback=on_step)
         except Interrupted:
-            partial = _partial(pipe, request, seed, job.latest)
-            images += partial.images
-            infotexts += partial.infotexts
-            seeds += partial.seeds
-            return Generated(images, infotexts, seeds, info or partial.info, interrupted=True)
-        images += result.images
-        infotexts += result.infotexts
-        seeds += result.seeds
-        info = info or result.info
-    return Generated(images, infotexts, seeds, info)
+            _add(made, _partial(pipe, round_request, job.latest))
+            made.interrupted = True
+            return made
+        _add(made, Generated(result.images, result.infotexts, result.seeds, result.info))
+    return made
 
 
-def _draw(pipe: Pipeline, request: GenerationRequest, seed: int, on_step) -> Result:
-    common = dict(negative_prompt=request.negative_prompt, width=request.width, height=request.height,
-                  steps=request.steps, guidance_scale=request.cfg_scale, sampler=request.sampler,
-                  schedule_type=request.schedule_type, seed=seed, batch_size=request.batch_size,
-                  clip_skip=request.clip_skip, eta=request.eta, callback=on_step, speedups=request.speedups)
-    if request.init_image is None:
-        return pipe.txt2img(request.prompt, **common)
-    if request.mask is not None:
-        return pipe.inpaint(request.init_image, request.mask, request.prompt, strength=request.denoising_strength,
-                            **common)
-    return pipe.img2img(request.init_image, request.prompt, strength=request.denoising_strength, **common)
+def _add(made: Generated, round_made: Generated) -> None:
+    made.images += round_made.images
+    made.infotexts += round_made.infotexts
+    made.seeds += round_made.seeds
+    made.info = made.info or round_made.info
 
 
-def _partial(pipe: Pipeline, request: GenerationRequest, seed: int, step: Step | None) -> Generated:
+def _partial(pipe: Pipeline, request: GenerationRequest, step: Step | None) -> Generated:
     """What an interrupted round had: its latest clean estimate, decoded (nothing before the first step)."""
     if step is None:
         return Generated([], [], [], {}, interrupted=True)
@@ -73,10 +68,32 @@ def _partial(pipe: Pipeline, request: GenerationRequest, seed: int, step: Step |
     images = to_pil(pixels)
     height, width = pixels.shape[-2:]
     # The same info a finished round records, from the one place that builds it.
-    info, texts = pipe.describe(
-        request.prompt, request.negative_prompt, width=width, height=height, steps=request.steps,
-        guidance_scale=request.cfg_scale, sampler=request.sampler, schedule_type=request.schedule_type, seed=seed,
-        batch_size=len(images), clip_skip=request.clip_skip, eta=request.eta, speedups=request.speedups,
-        strength=request.denoising_strength if request.init_image is not None else 1.0, image=request.init_image,
-        mask=request.mask if request.init_image is not None else None)
-    return Generated(images, texts, [seed + i for i in range(len(images))], info, interrupted=True)
+    info, texts = pipe.describe(replace(request, width=width, height=height, batch_size=len(images)))
+    return Generated(images, texts, [request.seed + i for i in range(len(images))], info, interrupted=True)
+
+
+def processed_info(request: A1111Request, generated: Generated, model_hash: str | None) -> dict:
+    """A1111's Processed.js(), the "info" string's content."""
+    generation, info, seeds = request.generation, generated.info, generated.seeds
+    return {
+        "prompt": generation.prompt, "all_prompts": [generation.prompt] * len(seeds),
+        "negative_prompt": generation.negative_prompt,
+        "all_negative_prompts": [generation.negative_prompt] * len(seeds),
+        "seed": seeds[0] if seeds else generation.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": info.get("width"), "height": info.get("height"), "sampler_name": info.get("sampler"),
+        "cfg_scale": generation.guidance_scale, "steps": generation.steps, "batch_size": generation.batch_size,
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": info.get("model"),
+        "sd_model_hash": info.get("model_hash", model_hash), "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": generation.strength if request.kind == "img2img" else None,
+        "extra_generation_params": {"Schedule type": info.get("schedule_type")} if info else {},
+        "index_of_first_image": 0, "infotexts": generated.infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip,
+        "is_using_inpainting_conditioning": False, "version": VERSION, "interrupted": generated.interrupted,
+    }
+
+
+def png_base64(image: Image.Image, parameters: str | None) -> str:
+    """A PNG carrying its parameters, base64-encoded as A1111's answers hold images."""
+    return base64.b64encode(png_bytes(image, parameters)).decode("ascii")

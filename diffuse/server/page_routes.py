@@ -43,10 +43,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 
 from diffuse.metadata import PARAMETERS_KEY, info_from_infotext, numbered_path, parse_infotext, save_png
-from diffuse.server.a1111 import GenerationRequest, Limits, RequestError, read_generation
-from diffuse.server.app import Server, png_base64, processed_info, read_json
-from diffuse.server.generate import Generated
+from diffuse.server.a1111 import A1111Request, Limits, RequestError, read_generation
+from diffuse.server.generate import Generated, png_base64, processed_info
 from diffuse.server.jobs import Job
+from diffuse.server.state import Server, read_json
 
 OUTPUT_NAME = re.compile(r"^([0-9]{5,})-[0-9]+\.png$")  # what numbered_path writes, and nothing else
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -57,9 +57,12 @@ READ_CHUNK = 1 << 16
 
 
 def add_page_routes(app: FastAPI, server: Server) -> None:
-    outputs = server.settings.outputs
-    limits = server.settings.limits
+    _add_page_files(app)
+    _add_job_routes(app, server)
+    _add_output_routes(app, server.settings.outputs)
 
+
+def _add_page_files(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(_page_file("index.html"))
@@ -70,20 +73,12 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
             return JSONResponse({"detail": "not found"}, status_code=404)
         return Response(_page_file(name), media_type=PAGE_FILES[name])
 
+
+def _add_job_routes(app: FastAPI, server: Server) -> None:
     @app.post("/diffuse/v1/jobs", status_code=202, tags=["page"])
     async def submit(request: Request) -> dict:
-        generation = _page_request(await read_json(request), limits)
-
-        def save(generated: Generated) -> dict:
-            saved = []
-            outputs.mkdir(parents=True, exist_ok=True)
-            for image, text, seed in zip(generated.images, generated.infotexts, generated.seeds):
-                path = save_png(image, numbered_path(outputs, seed), text, overwrite=False)
-                saved.append({"url": f"/outputs/{path.name}", "parameters": text})
-            info = processed_info(generation, generated, server.host.current.short_hash)
-            return {"images": saved, "info": info, "interrupted": generated.interrupted}
-
-        job = server.submit(generation, finish=save)
+        wanted = _page_request(await read_json(request), server.settings.limits)
+        job = server.submit(wanted, finish=lambda generated: _save(server, wanted, generated))
         server.jobs[job.id] = job
         for old in list(server.jobs)[:-KEEP_JOBS]:
             del server.jobs[old]
@@ -97,6 +92,8 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
         return StreamingResponse(_job_events(server, job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
+
+def _add_output_routes(app: FastAPI, outputs: Path) -> None:
     @app.get("/diffuse/v1/gallery", tags=["page"])
     def gallery(limit: int = 60) -> list[dict]:
         limit, entries = max(0, min(limit, 500)), []
@@ -121,7 +118,18 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
                                           "Content-Disposition": f'inline; filename="{name}"'})
 
 
-def _page_request(body: Any, limits: Limits) -> GenerationRequest:
+def _save(server: Server, request: A1111Request, generated: Generated) -> dict:
+    """A page job's result: its images saved in the outputs folder, and A1111's account of them."""
+    outputs, saved = server.settings.outputs, []
+    outputs.mkdir(parents=True, exist_ok=True)
+    for image, text, seed in zip(generated.images, generated.infotexts, generated.seeds):
+        path = save_png(image, numbered_path(outputs, seed), text, overwrite=False)
+        saved.append({"url": f"/outputs/{path.name}", "parameters": text})
+    info = processed_info(request, generated, server.host.current.short_hash)
+    return {"images": saved, "info": info, "interrupted": generated.interrupted}
+
+
+def _page_request(body: Any, limits: Limits) -> A1111Request:
     kind = body.get("kind", "txt2img") if isinstance(body, dict) else None
     if kind not in ("txt2img", "img2img"):
         raise RequestError("kind", "must be txt2img or img2img")

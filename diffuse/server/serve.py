@@ -82,7 +82,8 @@ def check_binding(host: str, credentials: tuple[str, str] | None) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from diffuse.server.app import ServerSettings, create_app
+    from diffuse.server.app import create_app
+    from diffuse.server.state import ServerSettings
 
     credentials = credentials_from(args.api_auth)
     check_binding(args.host, credentials)
