@@ -1,11 +1,13 @@
-"""The Stable Diffusion pipeline: prompt (and image, mask) in, images out.
+"""The Stable Diffusion pipeline: a GenerationRequest (prompt, and image, mask) in, images out.
 
     prompt ─tokenizer/text encoder─▶ context ─┐
     seed ─▶ noise latents ─▶ sampler loop: x ← step(x, unet(x, t, context)) ─▶ vae.decode ─▶ images
     (img2img / inpaint: vae.encode(image) plus a noise slice at the strength's step)
 
-Everything a run used — seeds included — comes back in `Result.info`, so any
-image can be made again.
+`Pipeline.generate` checks the request (diffuse.request) and runs its stages in this order:
+conditioning, the plan of noise levels, the initial latents, the denoising loop, decoding.
+txt2img, img2img and inpaint are the same call with their own keywords. Everything a run
+used, seeds included, comes back in `Result.info`, so any image can be made again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -73,7 +75,7 @@ class Pipeline:
     config: PipelineConfig
     source: Path
     scheduler_config: dict = field(default_factory=dict)
-    preview_matrix: Optional[torch.Tensor] = None
+    preview_matrix: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,8 +144,10 @@ class Pipeline:
         Width and height default to the size the model was trained at (512 for SD1, 768 for
         SD2's v-prediction models, 64 for the shipped model). `speedups` (diffuse.speedups,
         off by default) trade a small change of the image for time."""
-        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
-                                    schedule_type, seed, batch_size, clip_skip, eta, speedups)
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            guidance_scale=guidance_scale, sampler=sampler, schedule_type=schedule_type, seed=seed,
+            batch_size=batch_size, clip_skip=clip_skip, eta=eta, speedups=speedups)
         return self.generate(request, callback)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
@@ -155,9 +159,11 @@ class Pipeline:
         """Repaint an image: encode it, add the noise of step `strength`·steps, and denoise from there.
 
         Width and height default to the image's own size (rounded down to a multiple of 8)."""
-        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
-                                    schedule_type, seed, batch_size, clip_skip, eta, speedups, image=image,
-                                    strength=strength)
+        _given(image=image)
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            guidance_scale=guidance_scale, sampler=sampler, schedule_type=schedule_type, seed=seed,
+            batch_size=batch_size, clip_skip=clip_skip, eta=eta, speedups=speedups, image=image, strength=strength)
         return self.generate(request, callback)
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
@@ -172,9 +178,12 @@ class Pipeline:
         normal one is steered by putting the known region back (noised to the
         current step) after every step. With `keep_unmasked` the original pixels
         outside the mask are pasted back over the decoded result."""
-        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
-                                    schedule_type, seed, batch_size, clip_skip, eta, speedups, image=image,
-                                    mask=mask, strength=strength, keep_unmasked=keep_unmasked)
+        _given(image=image, mask=mask)
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            guidance_scale=guidance_scale, sampler=sampler, schedule_type=schedule_type, seed=seed,
+            batch_size=batch_size, clip_skip=clip_skip, eta=eta, speedups=speedups, image=image, mask=mask,
+            strength=strength, keep_unmasked=keep_unmasked)
         return self.generate(request, callback)
 
     # ---- the stages of a generation ---------------------------------------------------------
@@ -307,3 +316,10 @@ class Pipeline:
         texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
                  for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))]
         return info, texts
+
+
+def _given(**pictures: object) -> None:
+    """img2img and inpaint need their pictures: a missing one must not turn the request into another kind."""
+    for what, picture in pictures.items():
+        if picture is None:
+            raise ValueError(f"{what} must be a PIL image or a file path, got None")

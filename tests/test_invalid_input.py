@@ -136,3 +136,10 @@ def test_generate_and_describe_check_like_the_wrappers(pipe, settings, message):
     for check in (pipe.generate, pipe.describe):
         with pytest.raises(ValueError, match=message):
             check(request)
+
+
+def test_img2img_and_inpaint_need_their_pictures(pipe, picture):
+    with pytest.raises(ValueError, match="image must be"):
+        pipe.img2img(None, "a cat")
+    with pytest.raises(ValueError, match="mask must be"):
+        pipe.inpaint(picture, None, "a cat")
