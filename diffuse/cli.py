@@ -156,7 +156,8 @@ def convert(args: argparse.Namespace) -> int:
 def assemble(args: argparse.Namespace) -> int:
     """Build the model folder from the finished vae, clip and unet stages."""
     from diffuse.runtime import resolve_dtype
-    from diffuse.train.assemble import AssemblyWarning, assemble as assemble_model
+    from diffuse.train.assemble import AssemblyWarning
+    from diffuse.train.assemble import assemble as assemble_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AssemblyWarning)
@@ -192,7 +193,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Measure a model: prompt adherence on held-out prompts, VAE PSNR, caption retrieval, speed."""
-    from diffuse.shapes.evaluate import EvalSettings, evaluate as evaluate_model, format_report, write_report
+    from diffuse.shapes.evaluate import EvalSettings, format_report, write_report
+    from diffuse.shapes.evaluate import evaluate as evaluate_model
 
     settings = EvalSettings(singles=args.singles, pairs=args.pairs, images=args.images, steps=args.steps,
                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,

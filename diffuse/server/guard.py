@@ -21,7 +21,7 @@
     (X-Process-Time, as A1111 does).
 
 The memory budget (`--request-memory`, MemoryBudget) bounds the bytes that bodies being read
-and held, and the decoded images of queued jobs (app.Server.submit), take together: a body
+and held, and the decoded images of queued jobs (state.Server.submit), take together: a body
 that would go over it is answered 503 with Retry-After before it is read, so N clients
 sending large bodies at once cannot make the server hold N of them. A body's bytes count
 from the moment it is admitted until the route has parsed it (it calls the function the
