@@ -63,5 +63,5 @@ def run_ours(algorithm: Algorithm, schedule: NoiseSchedule, options: SamplerOpti
     plan = algorithm.plan(schedule, steps, options)
     denoise = make_denoiser(toy_model, schedule.prediction_type)
     x = noise * plan.init_noise_scale
-    x = algorithm.run(denoise, x, plan, fresh_noise, callback, options)
+    x = algorithm.run(denoise, x, plan, fresh_noise, callback, options, schedule)
     return x / (1 + plan.sigmas[-1] ** 2) ** 0.5

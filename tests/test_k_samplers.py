@@ -259,7 +259,7 @@ def test_ancestral_without_eta_is_its_ode_sampler(name, ode):
 def ramp_plan(steps: int, sigma_max: float = 10.0, sigma_end: float = 0.5) -> Plan:
     """Geometric sigmas ending above 0 (so no final Euler step), in float64 for convergence tests."""
     sigmas = torch.logspace(np.log10(sigma_max), np.log10(sigma_end), steps + 1, dtype=torch.float64)
-    return Plan(sigmas=sigmas, timesteps=torch.zeros(steps), init_noise_scale=sigma_max, schedule=NoiseSchedule())
+    return Plan(sigmas=sigmas, timesteps=torch.zeros(steps), init_noise_scale=sigma_max, planned_steps=steps)
 
 
 @pytest.mark.parametrize("name", list(K_ALGORITHMS))

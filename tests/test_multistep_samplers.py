@@ -16,8 +16,8 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from diffuse.samplers.multistep import MULTISTEP_ALGORITHMS, grid_timesteps
-from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, make_denoiser
+from diffuse.samplers.multistep import MULTISTEP_ALGORITHMS
+from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, make_denoiser, spaced_timesteps
 
 from sampler_harness import (SHAPE, reference_img2img, run_ours, run_reference, seeded_noise, start_noise,
                              toy_model)
@@ -90,7 +90,7 @@ def test_trailing_spacing_has_exactly_the_steps_asked_for():
     for steps in TRAILING_EXTRA_POINT:
         ref.set_timesteps(steps)
         assert len(ref.timesteps) == steps + 1 and ref.timesteps[-1] == -1  # the reference's extra point
-        timesteps = grid_timesteps(NoiseSchedule(), steps, options)
+        timesteps = spaced_timesteps(NoiseSchedule(), steps, options, extra_point=True)
         assert torch.equal(timesteps, ref.timesteps[:steps])
 
 

@@ -200,10 +200,11 @@ def test_ddim_eta_zero_draws_no_noise_and_ddpm_is_ddim_eta_one():
 
     run_ours(VP_ALGORITHMS["ddim"], schedule, SamplerOptions(), 7, start_noise(5), fresh_noise=no_noise)
     ddpm = run_ours(VP_ALGORITHMS["ddpm"], schedule, SamplerOptions(), 7, start_noise(5), fresh_noise=seeded_noise(6))
-    # DDIM with eta=1 stepping to the next planned timestep and on to the clean latent is DDPM.
+    # DDIM with eta=1 stepping to the next planned timestep (leading spacing: one stride down) and
+    # on to the clean latent (set_alpha_to_one) is DDPM.
     plan = VP_ALGORITHMS["ddpm"].plan(schedule, 7, SamplerOptions())
     x = VP_ALGORITHMS["ddim"].run(make_denoiser(toy_model, "epsilon"), start_noise(5) * plan.init_noise_scale,
-                                  plan, seeded_noise(6), None, SamplerOptions(eta=1.0))
+                                  plan, seeded_noise(6), None, SamplerOptions(eta=1.0, set_alpha_to_one=True))
     assert max_diff(ddpm, x) == 0
 
 

@@ -14,9 +14,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from .k_samplers import K_ALGORITHMS
-from .multistep import MULTISTEP_ALGORITHMS
-from .schedule import (
+from diffuse.samplers.k_samplers import K_ALGORITHMS
+from diffuse.samplers.multistep import MULTISTEP_ALGORITHMS
+from diffuse.samplers.schedule import (
     Algorithm,
     Denoiser,
     NoiseSchedule,
@@ -25,7 +25,7 @@ from .schedule import (
     SamplerOptions,
     StepCallback,
 )
-from .vp_samplers import VP_ALGORITHMS
+from diffuse.samplers.vp_samplers import VP_ALGORITHMS
 
 ALGORITHMS: dict[str, Algorithm] = {**K_ALGORITHMS, **MULTISTEP_ALGORITHMS, **VP_ALGORITHMS}
 
@@ -126,7 +126,7 @@ class Sampler:
     def run(self, denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
             callback: Optional[StepCallback] = None) -> Tensor:
         """Walk `plan` from x at plan.sigmas[0]; `noise` gives fresh N(0, 1) noise for stochastic samplers."""
-        return ALGORITHMS[self.algorithm].run(denoise, x, plan, noise, callback, self.options)
+        return ALGORITHMS[self.algorithm].run(denoise, x, plan, noise, callback, self.options, self.schedule)
 
 
 def _parse_name(name: str) -> tuple[str, Optional[str]]:

@@ -13,13 +13,12 @@ model gives the same picture here as under those schedulers.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .schedule import (
+from diffuse.samplers.schedule import (
     Algorithm,
     Denoiser,
     NoiseSchedule,
@@ -28,42 +27,26 @@ from .schedule import (
     SamplerOptions,
     StepCallback,
     after_step,
+    check_steps,
+    exponential_sigmas,
     karras_sigmas,
+    spaced_timesteps,
 )
+
 
 # ---------------------------------------------------------------- plans
 
 
-def _spaced_timesteps(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Tensor:
-    """The (possibly fractional) training timesteps to visit, descending, float32.
-
-    The arithmetic mirrors the numpy calls of the reference so that values on .5 round alike.
-    """
-    train = schedule.num_train_timesteps
-    index = torch.arange(steps, dtype=torch.float64)
-    if options.timestep_spacing == "leading":
-        # Evenly spaced from 0, shifted up by steps_offset (SD: 1).
-        timesteps = (index * (train // steps)).flip(0) + options.steps_offset
-    elif options.timestep_spacing == "linspace":
-        # Both ends included, not rounded: sigmas are interpolated between training steps.
-        timesteps = torch.linspace(0, train - 1, steps, dtype=torch.float64).flip(0)
-    elif options.timestep_spacing == "trailing":
-        # Evenly spaced down from the noisiest timestep; the stride is taken the way numpy's
-        # arange takes it ((start + step) - start), which decides the .5 cases.
-        stride = (train - train / steps) - train
-        timesteps = (train + index * stride).round() - 1
-    else:
-        raise ValueError(
-            f"unsupported timestep_spacing {options.timestep_spacing!r}; use 'leading', 'linspace' or 'trailing'")
-    return timesteps.to(torch.float32)
-
-
-def _interpolate(table: Tensor, t: Tensor) -> Tensor:
-    """table[t] for fractional t, linear between neighbouring training steps (float64)."""
-    table = table.to(torch.float64)
-    t = t.to(torch.float64).clamp(0, table.numel() - 1)
-    low = t.floor().clamp(max=table.numel() - 2).long()
-    return table[low] + (table[low + 1] - table[low]) * (t - low)
+def _check_options(options: SamplerOptions) -> None:
+    if options.interpolation_type != "linear":
+        raise ValueError(f"interpolation_type {options.interpolation_type!r} is not supported by the k-samplers; "
+                         "use 'linear'")
+    if options.final_sigmas_type != "zero":
+        raise ValueError(f"final_sigmas_type {options.final_sigmas_type!r} is not supported by the k-samplers, "
+                         "which end at sigma 0; use 'zero'")
+    if options.sigma_schedule not in ("default", "karras", "exponential"):
+        raise ValueError(f"unsupported sigma_schedule {options.sigma_schedule!r}; "
+                         "use 'default', 'karras' or 'exponential'")
 
 
 def _k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions, round_ramp_timesteps: bool = False) -> Plan:
@@ -72,16 +55,10 @@ def _k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions, round_
     round_ramp_timesteps: the reference's DPM2 schedulers tell the UNet whole timesteps on a
     Karras ramp (the sigmas themselves stay exact).
     """
-    if not 1 <= steps <= schedule.num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
-    if options.interpolation_type != "linear":
-        raise ValueError(f"interpolation_type {options.interpolation_type!r} is not supported by the k-samplers; "
-                         "use 'linear'")
-    if options.final_sigmas_type != "zero":
-        raise ValueError(f"final_sigmas_type {options.final_sigmas_type!r} is not supported by the k-samplers, "
-                         "which end at sigma 0; use 'zero'")
-    timesteps = _spaced_timesteps(schedule, steps, options)
-    sigmas = _interpolate(schedule.sigmas(), timesteps)
+    check_steps(schedule, steps)
+    _check_options(options)
+    timesteps = spaced_timesteps(schedule, steps, options, whole=False)
+    sigmas = schedule.t_to_sigma(timesteps)
     sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
     if options.sigma_schedule == "karras":
         sigmas = karras_sigmas(sigma_min, sigma_max, steps, options.rho)
@@ -89,18 +66,15 @@ def _k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions, round_
         if round_ramp_timesteps:
             timesteps = timesteps.round()
     elif options.sigma_schedule == "exponential":
-        # Evenly spaced in log-sigma.
-        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+        sigmas = exponential_sigmas(sigma_min, sigma_max, steps)
         timesteps = schedule.sigma_to_t(sigmas)
-    elif options.sigma_schedule != "default":
-        raise ValueError(f"unsupported sigma_schedule {options.sigma_schedule!r}; "
-                         "use 'default', 'karras' or 'exponential'")
     sigmas = torch.cat([sigmas.to(torch.float32), torch.zeros(1)])
     # The reference starts txt2img from noise * sigma_max, except with "leading" spacing where it
     # uses sqrt(sigma_max^2 + 1) (the pure-noise latent of unit-variance data); kept for parity.
     top = sigmas.max()
     init = top if options.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
-    return Plan(sigmas=sigmas, timesteps=timesteps.to(torch.float32), init_noise_scale=float(init), schedule=schedule)
+    return Plan(sigmas=sigmas, timesteps=timesteps.to(torch.float32), init_noise_scale=float(init),
+                planned_steps=steps)
 
 
 def k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -114,15 +88,6 @@ def dpm2_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> P
 
 
 # ---------------------------------------------------------------- shared step pieces
-
-
-
-
-def _timestep_at(plan: Plan, sigma: Tensor) -> Tensor:
-    """The timestep the UNet is told at a noise level between plan points."""
-    if plan.schedule is None:
-        raise ValueError("this sampler evaluates the model between plan points and needs plan.schedule")
-    return plan.schedule.sigma_to_t(sigma)
 
 
 def _ancestral_split(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
@@ -155,7 +120,8 @@ def _toward(denoised: Tensor, x: Tensor, ratio: Tensor) -> Tensor:
 
 
 def sample_euler(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                 callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                 callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                 schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in range(plan.steps):
         sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
@@ -167,7 +133,8 @@ def sample_euler(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[Noise
 
 def sample_euler_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
                            callback: Optional[StepCallback] = None,
-                           options: SamplerOptions = SamplerOptions()) -> Tensor:
+                           options: SamplerOptions = SamplerOptions(),
+                           schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """Euler down to sigma_down, then fresh noise up to the next level."""
     noise = _noise_source(noise, "euler_ancestral", options.eta_ancestral)
     for i in range(plan.steps):
@@ -182,7 +149,8 @@ def sample_euler_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Opti
 
 
 def sample_heun(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """Heun's method: an Euler step, then the average of the slopes at both ends (second order).
     The step to sigma 0 stays Euler, since the slope there is undefined."""
     for i in range(plan.steps):
@@ -194,7 +162,7 @@ def sample_heun(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
             x = x_euler
         else:
             # The reference tells the UNet the next plan timestep here.
-            t_next = plan.timesteps[i + 1] if i + 1 < plan.steps else _timestep_at(plan, sigma_next)
+            t_next = plan.timesteps[i + 1] if i + 1 < plan.steps else schedule.sigma_to_t(sigma_next)
             slope_next = (x_euler - denoise(x_euler, sigma_next, t_next)) / sigma_next
             x = x + (slope + slope_next) / 2 * (sigma_next - sigma)
         x = after_step(callback, i, x, denoised)
@@ -219,7 +187,7 @@ def _lagrange_weight(sigmas: list[float], i: int, j: int, order: int) -> float:
 
 def sample_lms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-               order: int = 4) -> Tensor:
+               schedule: NoiseSchedule = NoiseSchedule(), order: int = 4) -> Tensor:
     """Linear multistep: integrate the polynomial through the last `order` slopes over each step.
     It restarts at first order on every run, img2img included."""
     sigmas = plan.sigmas.tolist()
@@ -239,16 +207,18 @@ def _log_midpoint(a: Tensor, b: Tensor) -> Tensor:
     return a.log().lerp(b.log(), 0.5).exp()
 
 
-def _dpm2_step(denoise: Denoiser, plan: Plan, x: Tensor, slope: Tensor, sigma: Tensor, target: Tensor) -> Tensor:
+def _dpm2_step(denoise: Denoiser, schedule: NoiseSchedule, x: Tensor, slope: Tensor, sigma: Tensor,
+               target: Tensor) -> Tensor:
     """DPM-Solver-2: take the slope at the log-midpoint between sigma and target for the whole step."""
     sigma_mid = _log_midpoint(sigma, target)
     x_mid = x + slope * (sigma_mid - sigma)
-    slope_mid = (x_mid - denoise(x_mid, sigma_mid, _timestep_at(plan, sigma_mid))) / sigma_mid
+    slope_mid = (x_mid - denoise(x_mid, sigma_mid, schedule.sigma_to_t(sigma_mid))) / sigma_mid
     return x + slope_mid * (target - sigma)
 
 
 def sample_dpm2(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022) in Karras' form; the step to sigma 0 stays Euler."""
     for i in range(plan.steps):
         sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
@@ -257,14 +227,15 @@ def sample_dpm2(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
         if sigma_next == 0:
             x = x + slope * (sigma_next - sigma)
         else:
-            x = _dpm2_step(denoise, plan, x, slope, sigma, sigma_next)
+            x = _dpm2_step(denoise, schedule, x, slope, sigma, sigma_next)
         x = after_step(callback, i, x, denoised)
     return x
 
 
 def sample_dpm2_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
                           callback: Optional[StepCallback] = None,
-                          options: SamplerOptions = SamplerOptions()) -> Tensor:
+                          options: SamplerOptions = SamplerOptions(),
+                          schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DPM2 down to sigma_down, then fresh noise up to the next level."""
     noise = _noise_source(noise, "dpm2_ancestral", options.eta_ancestral)
     for i in range(plan.steps):
@@ -275,7 +246,7 @@ def sample_dpm2_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optio
         if sigma_down == 0:
             x = x + slope * (sigma_down - sigma)
         else:
-            x = _dpm2_step(denoise, plan, x, slope, sigma, sigma_down)
+            x = _dpm2_step(denoise, schedule, x, slope, sigma, sigma_down)
         if sigma_up > 0:
             x = x + noise() * (options.s_noise * sigma_up)
         x = after_step(callback, i, x, denoised)
@@ -284,7 +255,8 @@ def sample_dpm2_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optio
 
 def sample_dpmpp_2s_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
                               callback: Optional[StepCallback] = None,
-                              options: SamplerOptions = SamplerOptions()) -> Tensor:
+                              options: SamplerOptions = SamplerOptions(),
+                              schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022) down to sigma_down, then fresh noise up to the next level.
 
     A first-order step to the log-midpoint gives a second x0 prediction, which then carries the
@@ -300,7 +272,7 @@ def sample_dpmpp_2s_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: O
         else:
             sigma_mid = _log_midpoint(sigma, sigma_down)
             x_mid = _toward(denoised, x, sigma_mid / sigma)
-            denoised_mid = denoise(x_mid, sigma_mid, _timestep_at(plan, sigma_mid))
+            denoised_mid = denoise(x_mid, sigma_mid, schedule.sigma_to_t(sigma_mid))
             x = _toward(denoised_mid, x, sigma_down / sigma)
         if sigma_up > 0:
             x = x + noise() * (options.s_noise * sigma_up)
@@ -309,7 +281,8 @@ def sample_dpmpp_2s_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: O
 
 
 def sample_dpmpp_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                     callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                     callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                     schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DPM-Solver++ SDE, k-diffusion's `dpmpp_sde` with r = 1/2 (A1111's "DPM++ SDE").
 
     Each step: an ancestral first-order step to the log-midpoint for a second x0 prediction, then
@@ -332,7 +305,7 @@ def sample_dpmpp_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[N
             x_mid = _toward(denoised, x, down / sigma)
             if up > 0:
                 x_mid = x_mid + noise() * (options.s_noise * up)
-            denoised_mid = denoise(x_mid, sigma_mid, _timestep_at(plan, sigma_mid))
+            denoised_mid = denoise(x_mid, sigma_mid, schedule.sigma_to_t(sigma_mid))
             down, up = _ancestral_split(sigma, sigma_next, eta)
             x = _toward(denoised_mid, x, down / sigma)
             if up > 0:

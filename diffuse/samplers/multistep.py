@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .schedule import (
+from diffuse.samplers.schedule import (
     Algorithm,
     Denoiser,
     NoiseSchedule,
@@ -29,15 +29,16 @@ from .schedule import (
     SamplerOptions,
     StepCallback,
     after_step,
+    check_steps,
+    exponential_sigmas,
     karras_sigmas,
+    spaced_timesteps,
 )
 
 # ---------------------------------------------------------------- plans
 
 
-def _check_options(name: str, steps: int, schedule: NoiseSchedule, options: SamplerOptions) -> None:
-    if not 1 <= steps <= schedule.num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
+def _check_options(name: str, options: SamplerOptions) -> None:
     if options.solver_order not in (1, 2):
         raise ValueError(f"{name} supports solver_order 1 or 2, got {options.solver_order}")
     if options.final_sigmas_type not in ("zero", "sigma_min"):
@@ -47,71 +48,33 @@ def _check_options(name: str, steps: int, schedule: NoiseSchedule, options: Samp
                          "use 'default', 'karras' or 'exponential'")
 
 
-def grid_timesteps(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Tensor:
-    """The training timesteps the multistep schedulers visit (descending, int64).
-
-    Unlike DDIM's grid, these are cut from steps + 1 evenly spaced points with the
-    cleanest one dropped (trailing: `steps` points down from the noisiest timestep).
-    The float arithmetic follows numpy's linspace/arange as the reference uses them,
-    so that .5 values round the same way (half to even).
-    """
-    train = schedule.num_train_timesteps
-    points = torch.arange(steps + 1, dtype=torch.float64)
-    if options.timestep_spacing == "linspace":
-        values = points * ((train - 1) / steps)
-        values[-1] = train - 1
-        return values.round().flip(0)[:-1].to(torch.int64)
-    if options.timestep_spacing == "leading":
-        values = points * (train // (steps + 1))
-        timesteps = values.flip(0)[:-1].to(torch.int64) + options.steps_offset
-        if not 0 <= timesteps[-1] <= timesteps[0] < train:
-            raise ValueError(f"leading spacing with steps_offset={options.steps_offset} and {steps} steps "
-                             f"reaches timestep {int(timesteps[0])}, outside the {train} training timesteps")
-        return timesteps
-    if options.timestep_spacing == "trailing":
-        # numpy's arange fills start + i * ((start + step) - start). It can also yield one
-        # point too many (61 steps: a 62nd at timestep -1); a plan has exactly `steps`.
-        stride = (train - train / steps) - train
-        values = train + points[:steps] * stride
-        return values.round().to(torch.int64) - 1
-    raise ValueError(f"unsupported timestep_spacing {options.timestep_spacing!r}; "
-                     "use 'leading', 'linspace' or 'trailing'")
-
-
-def _timesteps_of_sigmas(schedule: NoiseSchedule, sigmas: Tensor) -> Tensor:
-    """Fractional timestep of each noise level, in float64 as the reference computes it: the
-    exponential schedule truncates these, and at the very ends 998.99999 must not pass for 999."""
-    log_sigmas = schedule.sigmas().log().to(torch.float64)
-    log_sigma = sigmas.to(torch.float64).clamp(min=1e-10).log()
-    # The training level at or just below each sigma (log_sigmas ascend), kept inside the table.
-    low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, log_sigmas.numel() - 2)
-    high = low + 1
-    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
-    return (1 - w) * low + w * high
+def _planned_levels(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> tuple[Tensor, Tensor]:
+    """(timesteps int64, sigmas float32) of the model calls: the grid's own levels, or a ramp whose
+    timesteps are rounded (Karras) or truncated (exponential) as the reference does."""
+    train_sigmas = schedule.sigmas()
+    sigma_min, sigma_max = train_sigmas[0].item(), train_sigmas[-1].item()
+    # Unlike DDIM's grid, cut from steps + 1 points; spaced in every case, which validates the spacing.
+    timesteps = spaced_timesteps(schedule, steps, options, extra_point=True)
+    if options.sigma_schedule == "karras":
+        sigmas = karras_sigmas(sigma_min, sigma_max, steps, options.rho)
+        return schedule.sigma_to_t(sigmas, torch.float64).round().to(torch.int64), sigmas
+    if options.sigma_schedule == "exponential":
+        sigmas = exponential_sigmas(sigma_min, sigma_max, steps)
+        return schedule.sigma_to_t(sigmas, torch.float64).to(torch.int64), sigmas.to(torch.float32)
+    return timesteps, train_sigmas[timesteps]
 
 
 def _multistep_plan(name: str, schedule: NoiseSchedule, steps: int, options: SamplerOptions,
                     final_min_from_spacing: bool) -> Plan:
-    _check_options(name, steps, schedule, options)
-    train_sigmas = schedule.sigmas()
-    sigma_min, sigma_max = train_sigmas[0].item(), train_sigmas[-1].item()
-    timesteps = grid_timesteps(schedule, steps, options)  # validates the spacing in every case
-    if options.sigma_schedule == "default":
-        sigmas = train_sigmas[timesteps]
-    elif options.sigma_schedule == "karras":
-        sigmas = karras_sigmas(sigma_min, sigma_max, steps, options.rho)
-        timesteps = _timesteps_of_sigmas(schedule, sigmas).round().to(torch.int64)
-    else:  # exponential: evenly spaced in log sigma; the reference truncates its timesteps
-        sigmas64 = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
-        timesteps = _timesteps_of_sigmas(schedule, sigmas64).to(torch.int64)
-        sigmas = sigmas64.to(torch.float32)
-
+    check_steps(schedule, steps)
+    _check_options(name, options)
+    timesteps, sigmas = _planned_levels(schedule, steps, options)
     if options.final_sigmas_type == "zero":
         final = torch.zeros(1)
     elif final_min_from_spacing and options.sigma_schedule != "default":
         final = sigmas[-1:]  # UniPC ends at its own spacing's last level (for one step: sigma_max)
     else:
-        final = train_sigmas[:1]
+        final = schedule.sigmas()[:1]
     sigmas = torch.cat([sigmas, final]).to(torch.float32)
     # The reference's init_noise_sigma is 1 in the variance-preserving scale.
     init_noise_scale = float((1 + sigmas[0].double() ** 2) ** 0.5)
@@ -132,8 +95,6 @@ def plan_unipc(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> 
 # ---------------------------------------------------------------- samplers
 
 
-
-
 def _log_snr_step(sigma: Tensor, sigma_next: Tensor) -> float:
     """h = lambda_next - lambda with lambda = -log(sigma)."""
     return math.log(sigma.item() / sigma_next.item())
@@ -142,8 +103,7 @@ def _log_snr_step(sigma: Tensor, sigma_next: Tensor) -> float:
 def _dpmpp_first_order_last(plan: Plan, i: int, options: SamplerOptions) -> bool:
     # The reference takes a first-order last step below 15 planned steps (counted before any
     # img2img truncation); a last step to sigma 0 is first order anyway (it lands on x0).
-    planned = plan.planned_steps if plan.planned_steps is not None else plan.steps
-    return i == plan.steps - 1 and options.lower_order_final and planned < 15
+    return i == plan.steps - 1 and options.lower_order_final and plan.planned_steps < 15
 
 
 def _dpmpp_x0_estimate(plan: Plan, i: int, denoised: Tensor, previous: Optional[Tensor],
@@ -161,7 +121,8 @@ def _dpmpp_x0_estimate(plan: Plan, i: int, denoised: Tensor, previous: Optional[
 
 
 def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                    callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                    callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                    schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DPM-Solver++(2M): deterministic, one model call per step."""
     previous = None
     for i in range(plan.steps):
@@ -179,7 +140,8 @@ def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[No
 
 def sample_dpmpp_2m_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
                         callback: Optional[StepCallback] = None,
-                        options: SamplerOptions = SamplerOptions()) -> Tensor:
+                        options: SamplerOptions = SamplerOptions(),
+                        schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DPM-Solver++(2M) SDE: each step also forgets part of the old noise slice and draws that
     much fresh noise, so the latent keeps total noise sigma_next but with new randomness.
 
@@ -223,7 +185,8 @@ def _unipc_rhos(h: float, r: float) -> tuple[float, float]:
 
 
 def sample_unipc(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                 callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                 callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                 schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """UniPC (bh2, predicting x0): a UniP predictor step, then, once the model has been called at
     the new point, a UniC corrector that redoes that step using the new x0 prediction as well,
     at no extra model call. The last step is not corrected (no later prediction exists).

@@ -1,16 +1,20 @@
-"""Noise schedules: how much noise each training timestep holds, and the plan a sampler walks.
+"""Noise schedules, timestep spacing and the plan a sampler walks.
 
 Every sampler here works on the "noise slice" picture of the seed article in
 its variance-exploding form: a noisy latent is  x = x0 + sigma * noise,  with
 sigma falling from large to (near) zero over the steps. The UNet was trained on
 the variance-preserving form  x_vp = sqrt(abar) x0 + sqrt(1 - abar) noise,
 which is the same point scaled by 1/sqrt(1 + sigma^2), where
-sigma = sqrt((1 - abar) / abar). `Plan` carries both the sigmas and the
-timesteps the UNet is told, so each sampler can be one short function.
+sigma = sqrt((1 - abar) / abar).
+
+This module holds what all samplers share: the training schedule with its
+sigma <-> timestep conversions, the timestep spacings, the sigma ramps, the
+eps/v conversion and the `Plan` (sigmas and timesteps) each sampler walks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -23,6 +27,9 @@ Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 NoiseSource = Callable[[], Tensor]
 # Called after step i with the new latents and that step's x0 prediction; may return replacement latents.
 StepCallback = Callable[[int, Tensor, Tensor], Optional[Tensor]]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
 @dataclass(frozen=True)
@@ -38,14 +45,14 @@ class NoiseSchedule:
     def __post_init__(self):
         if self.beta_schedule not in ("scaled_linear", "linear"):
             raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}; use 'scaled_linear' or 'linear'")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon' or 'v_prediction'")
+        _check_prediction_type(self.prediction_type)
 
     def betas(self) -> Tensor:
         # float32 throughout, as the reference computes them: parity depends on the rounding.
+        n = self.num_train_timesteps
         if self.beta_schedule == "scaled_linear":
-            return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_train_timesteps, dtype=torch.float32) ** 2
-        return torch.linspace(self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float32)
+            return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
+        return torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
 
     def alphas_cumprod(self) -> Tensor:
         """abar_t: the fraction of the clean latent's variance left at training timestep t."""
@@ -56,73 +63,26 @@ class NoiseSchedule:
         abar = self.alphas_cumprod()
         return ((1 - abar) / abar) ** 0.5
 
-    def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        """The (fractional) timestep of a noise level, interpolating log-sigma between training steps."""
-        log_sigmas = self.sigmas().log()
-        log_sigma = sigma.to(torch.float32).clamp(min=1e-10).log()
-        dists = log_sigma.reshape(-1, 1) - log_sigmas.reshape(1, -1)
-        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=log_sigmas.numel() - 2)
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """The noise level at (possibly fractional) timesteps t, linear between training steps (float64)."""
+        table = self.sigmas().to(torch.float64)
+        t = t.to(torch.float64).clamp(0, table.numel() - 1)
+        low = t.floor().clamp(max=table.numel() - 2).long()
+        return table[low] + (table[low + 1] - table[low]) * (t - low)
+
+    def sigma_to_t(self, sigma: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (fractional) timestep of a noise level, interpolating log-sigma between training steps.
+
+        `dtype` is the precision the reference works in: float32 for the k-samplers, float64 for
+        the multistep solvers, whose exponential ramp truncates these values.
+        """
+        log_sigmas = self.sigmas().log().to(dtype)
+        log_sigma = sigma.to(dtype).clamp(min=1e-10).log().reshape(-1)
+        # The training level at or just below each sigma (log_sigmas ascend), kept inside the table.
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, log_sigmas.numel() - 2)
         high = low + 1
-        w = ((log_sigmas[low] - log_sigma.reshape(-1)) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
+        w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
         return ((1 - w) * low + w * high).reshape(sigma.shape)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The discretization one run walks: `steps` model calls from sigmas[0] down to sigmas[-1].
-
-    sigmas:    [steps + 1] float32, descending; the last is 0 for most samplers,
-               or a small final noise level (DDIM, PLMS) that the pipeline
-               removes by converting back to the UNet's scale.
-    timesteps: [steps] float32, what the UNet is told at sigmas[i].
-    init_noise_scale: txt2img starts from  noise * init_noise_scale.
-    landing_sigmas: [steps] where step i's update lands, when the reference steps from
-               timestep t to t - train_steps // steps rather than to the next planned
-               timestep (DDIM, PLMS); the latent is then read at sigmas[i + 1].
-               None: sigmas[1:].
-    restart_sigmas: [steps] PLMS only: the level one such stride above each timestep,
-               where its second warm-up call restarts the first step from.
-    strength_steps: the step count img2img strength is measured in, when the plan makes
-               more model calls than steps were asked for (PLMS repeats a timestep).
-    schedule:  the training schedule the plan was made from, for samplers that also call
-               the model between plan points (DPM2, DPM++ SDE/2S): its sigma_to_t gives
-               the timestep of such an intermediate noise level.
-    planned_steps: the step count the whole plan was made for, kept through img2img
-               truncation: DPM++ 2M picks its last step's order from it, as the reference
-               does. None: steps.
-    """
-
-    sigmas: Tensor
-    timesteps: Tensor
-    init_noise_scale: float
-    landing_sigmas: Optional[Tensor] = None
-    restart_sigmas: Optional[Tensor] = None
-    strength_steps: Optional[int] = None
-    schedule: Optional[NoiseSchedule] = None
-    planned_steps: Optional[int] = None
-
-    @property
-    def steps(self) -> int:
-        return self.timesteps.numel()
-
-    def from_strength(self, strength: float) -> "Plan":
-        """img2img: skip the first steps - int(steps * strength) steps, as the reference pipelines do."""
-        steps = self.strength_steps if self.strength_steps is not None else self.steps
-        start = steps - min(int(steps * strength), steps)
-        return replace(self, sigmas=self.sigmas[start:], timesteps=self.timesteps[start:],
-                       landing_sigmas=_tail(self.landing_sigmas, start),
-                       restart_sigmas=_tail(self.restart_sigmas, start), strength_steps=None)
-
-
-def _tail(per_step: Optional[Tensor], start: int) -> Optional[Tensor]:
-    return None if per_step is None else per_step[start:]
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
-    """Karras et al. (2022) spacing: uniform in sigma^(1/rho), dense near the clean end."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return ((hi + ramp * (lo - hi)) ** rho).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -147,12 +107,113 @@ class SamplerOptions:
     eta_ancestral: float = 1.0  # ancestral/SDE k-samplers: 0 no fresh noise, 1 the full ancestral share
 
 
+# ---------------------------------------------------------------- spacing and ramps
+
+
+def check_steps(schedule: NoiseSchedule, steps: int) -> None:
+    if not 1 <= steps <= schedule.num_train_timesteps:
+        raise ValueError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, options: SamplerOptions, *, whole: bool = True,
+                     extra_point: bool = False) -> Tensor:
+    """The training timesteps a plan of `steps` model calls visits, descending, per diffusers' timestep_spacing.
+
+    whole: int64 timesteps on the training schedule (DDIM-line and multistep schedulers); otherwise
+        float32, with linspace's points left fractional (the k-samplers interpolate sigmas there).
+    extra_point: space steps + 1 points and drop the cleanest (the multistep schedulers' grid);
+        trailing spacing counts `steps` points down from the noisiest timestep either way.
+    The float arithmetic follows numpy's linspace/arange as the references use them, so that
+    timesteps landing on .5 round alike (half to even).
+    """
+    check_steps(schedule, steps)
+    points = steps + 1 if extra_point else steps
+    timesteps = _spacing(schedule.num_train_timesteps, steps, points, options, round_linspace=whole)
+    if extra_point and options.timestep_spacing != "trailing":
+        timesteps = timesteps[:-1]
+    if not whole:
+        return timesteps.to(torch.float32)
+    timesteps = timesteps.to(torch.int64)
+    if not 0 <= timesteps[-1] <= timesteps[0] < schedule.num_train_timesteps:
+        raise ValueError(f"leading spacing with steps_offset={options.steps_offset} and {steps} steps "
+                         f"reaches timestep {int(timesteps[0])}, outside the {schedule.num_train_timesteps} "
+                         "training timesteps")
+    return timesteps
+
+
+def _spacing(train: int, steps: int, points: int, options: SamplerOptions, round_linspace: bool) -> Tensor:
+    """`points` timesteps (float64, descending) by options.timestep_spacing; trailing takes `steps` of them."""
+    index = torch.arange(points, dtype=torch.float64)
+    if options.timestep_spacing == "leading":
+        # Evenly spaced from 0, shifted up by steps_offset (SD: 1, so the last step is t=1).
+        return (index * (train // points)).flip(0) + options.steps_offset
+    if options.timestep_spacing == "linspace":
+        # Both ends included; numpy's linspace of one point is just its start.
+        values = index * ((train - 1) / max(points - 1, 1))
+        values[-1] = train - 1 if points > 1 else 0
+        return (values.round() if round_linspace else values).flip(0)
+    if options.timestep_spacing == "trailing":
+        # Evenly spaced down from the noisiest timestep. numpy's arange takes its stride as the
+        # difference of its first two values, rounding included; it can also yield one point too
+        # many (61 steps: a 62nd at timestep -1), which a plan leaves out.
+        stride = (train - train / steps) - train
+        return (train + index[:steps] * stride).round() - 1
+    raise ValueError(f"unsupported timestep_spacing {options.timestep_spacing!r}; "
+                     f"use {', '.join(map(repr, TIMESTEP_SPACINGS))}")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022) spacing: uniform in sigma^(1/rho), dense near the clean end (float32)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).to(torch.float32)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> Tensor:
+    """Evenly spaced in log-sigma (float64)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The discretization one run walks: `steps` model calls from sigmas[0] down to sigmas[-1].
+
+    sigmas:    [steps + 1] float32, descending; the last is 0 for most samplers,
+               or a small final noise level (DDIM, PLMS) that the pipeline
+               removes by converting back to the UNet's scale.
+    timesteps: [steps] float32, what the UNet is told at sigmas[i].
+    init_noise_scale: txt2img starts from  noise * init_noise_scale.
+    planned_steps: the step count the plan was made for, kept through img2img truncation:
+               strength is measured in it (PLMS makes one model call more), and samplers
+               whose reference stride or order depends on it read it.
+    """
+
+    sigmas: Tensor
+    timesteps: Tensor
+    init_noise_scale: float
+    planned_steps: int
+
+    @property
+    def steps(self) -> int:
+        return self.timesteps.numel()
+
+    def from_strength(self, strength: float) -> Plan:
+        """img2img on a whole plan: skip its first planned_steps - int(planned_steps * strength)
+        steps, as the reference pipelines do."""
+        steps = self.planned_steps
+        start = steps - min(int(steps * strength), steps)
+        return replace(self, sigmas=self.sigmas[start:], timesteps=self.timesteps[start:])
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """One sampler: how it discretizes the schedule, and the loop that walks it.
 
     plan(schedule, steps, options) -> Plan
-    run(denoise, x, plan, noise, callback, options) -> final latents (same scale as plan.sigmas[-1])
+    run(denoise, x, plan, noise, callback, options, schedule) -> final latents (same scale as plan.sigmas[-1])
     """
 
     plan: Callable[[NoiseSchedule, int, SamplerOptions], Plan]
@@ -166,21 +227,41 @@ def after_step(callback: Optional[StepCallback], i: int, x: Tensor, denoised: Te
     return x if replaced is None else replaced
 
 
+# ---------------------------------------------------------------- what the UNet predicts
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
+
+
+def prediction_target(x0: Tensor, noise: Tensor, alpha: Tensor, sigma_vp: Tensor, prediction_type: str) -> Tensor:
+    """What a UNet trained for `prediction_type` outputs at x_vp = alpha x0 + sigma_vp noise:
+    the noise itself, or v = alpha noise - sigma_vp x0 (Salimans & Ho 2022)."""
+    _check_prediction_type(prediction_type)
+    return noise if prediction_type == "epsilon" else alpha * noise - sigma_vp * x0
+
+
+def predicted_x0(x: Tensor, sigma: Tensor, alpha: Tensor, prediction: Tensor, prediction_type: str) -> Tensor:
+    """The clean latent a UNet output implies for x = x0 + sigma noise, with alpha = 1 / sqrt(1 + sigma^2)
+    the signal scale of the latent it saw (x_vp = alpha x): the inverse of prediction_target."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return x - sigma * prediction
+    # v = alpha noise - sigma_vp x0 and x_vp = alpha x0 + sigma_vp noise give x0 = alpha x_vp - sigma_vp v.
+    return alpha * (x * alpha) - (sigma * alpha) * prediction
+
+
 def make_denoiser(predict: Callable[[Tensor, Tensor], Tensor], prediction_type: str) -> Denoiser:
     """Wrap a UNet-style predictor (x_vp, t) -> epsilon or v into a Denoiser (x, sigma, t) -> x0.
 
     The UNet sees the variance-preserving latent x / sqrt(1 + sigma^2); its noise
     (or v) prediction is turned into the clean-latent estimate every sampler steps with.
     """
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
+    _check_prediction_type(prediction_type)
 
     def denoise(x: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
-        scale = (1 + sigma.to(torch.float32) ** 2) ** -0.5  # sqrt(abar): signal scale in the UNet's space
-        out = predict(x * scale, t)
-        if prediction_type == "epsilon":
-            return x - sigma * out
-        # v = sqrt(abar) noise - sqrt(1 - abar) x0, so x0 = sqrt(abar) x_vp - sqrt(1 - abar) v.
-        return scale * (x * scale) - (sigma * scale) * out
+        alpha = (1 + sigma.to(torch.float32) ** 2) ** -0.5  # sqrt(abar): signal scale in the UNet's space
+        return predicted_x0(x, sigma, alpha, predict(x * alpha, t), prediction_type)
 
     return denoise

@@ -13,13 +13,12 @@ was produced at; `_reinterpret` reproduces that, so the plans and runs match the
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .schedule import (
+from diffuse.samplers.schedule import (
     Algorithm,
     Denoiser,
     NoiseSchedule,
@@ -28,14 +27,10 @@ from .schedule import (
     SamplerOptions,
     StepCallback,
     after_step,
+    spaced_timesteps,
 )
 
 # ---------------------------------------------------------------- plans
-
-
-def _check_steps(schedule: NoiseSchedule, steps: int) -> None:
-    if not 1 <= steps <= schedule.num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
 
 
 def _sigma(abar: Tensor) -> Tensor:
@@ -43,62 +38,29 @@ def _sigma(abar: Tensor) -> Tensor:
     return ((1 - abar) / abar) ** 0.5
 
 
-def spaced_timesteps(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Tensor:
-    """The training timesteps to visit (descending, int64), per diffusers' timestep_spacing.
-
-    The float arithmetic follows numpy's linspace/arange as the reference uses them, so that
-    timesteps landing on .5 round the same way (half to even).
-    """
-    _check_steps(schedule, steps)
-    train = schedule.num_train_timesteps
-    index = torch.arange(steps, dtype=torch.float64)
-    if options.timestep_spacing == "leading":
-        # Evenly spaced from 0, shifted up by steps_offset (SD: 1, so the last step is t=1).
-        timesteps = (index * (train // steps)).flip(0).to(torch.int64) + options.steps_offset
-        if not 0 <= timesteps[-1] <= timesteps[0] < train:
-            raise ValueError(f"leading spacing with steps_offset={options.steps_offset} and {steps} steps "
-                             f"reaches timestep {int(timesteps[0])}, outside the {train} training timesteps")
-        return timesteps
-    if options.timestep_spacing == "linspace":
-        # Both ends included: the first step is at train - 1, the last at 0.
-        values = index * ((train - 1) / max(steps - 1, 1))
-        values[-1] = train - 1 if steps > 1 else 0  # numpy's linspace of one point is just its start
-        return values.round().flip(0).to(torch.int64)
-    if options.timestep_spacing == "trailing":
-        # Evenly spaced down from the very noisiest timestep. numpy's arange takes its stride as the
-        # difference of its first two values, rounding included.
-        stride = (train - train / steps) - train
-        return (train + index * stride).round().to(torch.int64) - 1
-    raise ValueError(f"unsupported timestep_spacing {options.timestep_spacing!r}; use 'leading', 'linspace' or 'trailing'")
-
-
-def _strided_sigmas(schedule: NoiseSchedule, timesteps: Tensor, stride: int, final_abar: Tensor) -> Tensor:
-    """Sigma at timestep t - stride for each t: where the reference's update from t lands."""
+def landing_sigmas(schedule: NoiseSchedule, timesteps: Tensor, planned_steps: int, options: SamplerOptions) -> Tensor:
+    """Sigma at t - train_steps // planned_steps for each timestep t: where the reference's DDIM
+    and PLMS updates from t land. Past timestep 0 that is timestep 0's level, or no noise at all
+    with set_alpha_to_one."""
     abar = schedule.alphas_cumprod()
-    prev = timesteps - stride
-    landing_abar = torch.where(prev >= 0, abar[prev.clamp(min=0)], final_abar)
-    return _sigma(landing_abar)
+    final_abar = torch.tensor(1.0) if options.set_alpha_to_one else abar[0]
+    landing = timesteps.to(torch.int64) - schedule.num_train_timesteps // planned_steps
+    return _sigma(torch.where(landing >= 0, abar[landing.clamp(min=0)], final_abar))
 
 
-def _final_abar(schedule: NoiseSchedule, options: SamplerOptions) -> Tensor:
-    # set_alpha_to_one: the step past timestep 0 is noise-free; otherwise it stops at timestep 0's level.
-    return torch.tensor(1.0) if options.set_alpha_to_one else schedule.alphas_cumprod()[0]
-
-
-def _vp_plan(schedule: NoiseSchedule, timesteps: Tensor, last_sigma: Tensor, **fields) -> Plan:
+def _vp_plan(schedule: NoiseSchedule, timesteps: Tensor, last_sigma: Tensor, planned_steps: int) -> Plan:
     """A plan whose model calls sit exactly on training timesteps."""
     sigmas = torch.cat([_sigma(schedule.alphas_cumprod()[timesteps]), last_sigma.reshape(1)])
     # The reference starts txt2img from unit-variance noise at sigmas[0], i.e. x_vp = noise.
     init_noise_scale = float((1 + sigmas[0].double() ** 2) ** 0.5)
     return Plan(sigmas=sigmas.to(torch.float32), timesteps=timesteps.to(torch.float32),
-                init_noise_scale=init_noise_scale, **fields)
+                init_noise_scale=init_noise_scale, planned_steps=planned_steps)
 
 
 def ddim_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
+    """The spaced timesteps; the last update lands one stride below the last of them."""
     timesteps = spaced_timesteps(schedule, steps, options)
-    landing = _strided_sigmas(schedule, timesteps, schedule.num_train_timesteps // steps,
-                              _final_abar(schedule, options))
-    return _vp_plan(schedule, timesteps, landing[-1], landing_sigmas=landing)
+    return _vp_plan(schedule, timesteps, landing_sigmas(schedule, timesteps[-1:], steps, options), steps)
 
 
 def plms_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -113,19 +75,12 @@ def plms_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> P
     timesteps = spaced_timesteps(schedule, steps, options)
     if steps > 1:
         timesteps = torch.cat([timesteps[:2], timesteps[1:]])
-    stride = schedule.num_train_timesteps // steps
-    landing = _strided_sigmas(schedule, timesteps, stride, _final_abar(schedule, options))
-    # The second warm-up call restarts from one stride above its own timestep. The very first
-    # entry can never be that call, so its value (capped to stay on the schedule) is unused.
-    above = (timesteps + stride).clamp(max=schedule.num_train_timesteps - 1)
-    restart = _sigma(schedule.alphas_cumprod()[above])
-    return _vp_plan(schedule, timesteps, landing[-1], landing_sigmas=landing,
-                    restart_sigmas=restart, strength_steps=steps)
+    return _vp_plan(schedule, timesteps, landing_sigmas(schedule, timesteps[-1:], steps, options), steps)
 
 
 def ddpm_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
     # DDPM steps to the next planned timestep and, after the last, to the clean latent.
-    return _vp_plan(schedule, spaced_timesteps(schedule, steps, options), torch.tensor(0.0))
+    return _vp_plan(schedule, spaced_timesteps(schedule, steps, options), torch.tensor(0.0), steps)
 
 
 def lcm_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -138,7 +93,7 @@ def lcm_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Pl
     stride = schedule.num_train_timesteps // original
     grid = torch.arange(original, 0, -1, dtype=torch.int64) * stride - 1  # descending: the distillation timesteps
     picks = torch.arange(steps, dtype=torch.float64) * (original / steps)
-    return _vp_plan(schedule, grid[picks.floor().to(torch.int64)], torch.tensor(0.0))
+    return _vp_plan(schedule, grid[picks.floor().to(torch.int64)], torch.tensor(0.0), steps)
 
 
 # ---------------------------------------------------------------- runs
@@ -170,32 +125,39 @@ def _ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, target: Tensor, eta: 
     return denoised + kept * eps + fresh * noise()
 
 
-
-
-def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
-    """DDIM (Song et al. 2020); eta = 0 is deterministic, eta = 1 samples like DDPM."""
-    if not 0 <= options.eta <= 1:
-        raise ValueError(f"ddim eta must be between 0 and 1, got {options.eta}")
-    landing = plan.landing_sigmas if plan.landing_sigmas is not None else plan.sigmas[1:]
+def _ddim_walk(denoise: Denoiser, x: Tensor, plan: Plan, landing: Tensor, eta: float,
+               noise: Optional[NoiseSource], callback: Optional[StepCallback]) -> Tensor:
+    """DDIM steps from each plan point to landing[i], the latent then read at plan.sigmas[i + 1]."""
     for i in range(plan.steps):
         sigma = plan.sigmas[i]
         denoised = denoise(x, sigma, plan.timesteps[i])
-        x = _ddim_step(x, denoised, sigma, landing[i], options.eta, noise)
+        x = _ddim_step(x, denoised, sigma, landing[i], eta, noise)
         x = _reinterpret(x, landing[i], plan.sigmas[i + 1])
         x = after_step(callback, i, x, denoised)
     return x
 
 
+def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
+                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+    """DDIM (Song et al. 2020); eta = 0 is deterministic, eta = 1 samples like DDPM."""
+    if not 0 <= options.eta <= 1:
+        raise ValueError(f"ddim eta must be between 0 and 1, got {options.eta}")
+    landing = landing_sigmas(schedule, plan.timesteps, plan.planned_steps, options)
+    return _ddim_walk(denoise, x, plan, landing, options.eta, noise, callback)
+
+
 def sample_ddpm(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020), variance "fixed_small".
 
-    Its posterior q(x_prev | x_t, x0) has exactly the mean and variance of a DDIM step with eta = 1.
+    Its posterior q(x_prev | x_t, x0) has exactly the mean and variance of a DDIM step with eta = 1
+    to the next planned timestep (and after the last one, to the clean latent).
     """
     if noise is None:
         raise ValueError("ddpm needs a noise source")
-    return sample_ddim(denoise, x, plan, noise, callback, replace(options, eta=1.0))
+    return _ddim_walk(denoise, x, plan, plan.sigmas[1:], 1.0, noise, callback)
 
 
 def _adams_bashforth(slopes: list[Tensor]) -> Tensor:
@@ -209,14 +171,22 @@ def _adams_bashforth(slopes: list[Tensor]) -> Tensor:
     return (55 * slopes[-1] - 59 * slopes[-2] + 37 * slopes[-3] - 9 * slopes[-4]) / 24
 
 
+def _restart_sigma(schedule: NoiseSchedule, t: Tensor, planned_steps: int) -> Tensor:
+    """Where PLMS's second warm-up call restarts the first step from: one stride above its own
+    timestep t (kept on the schedule), as the reference does."""
+    train = schedule.num_train_timesteps
+    above = (t.to(torch.int64) + train // planned_steps).clamp(max=train - 1)
+    return _sigma(schedule.alphas_cumprod()[above])
+
+
 def sample_plms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, PNDM with its Runge-Kutta warm-up skipped).
 
     Each step is a DDIM move whose noise prediction is extrapolated from the earlier ones.
     """
-    landing = plan.landing_sigmas if plan.landing_sigmas is not None else plan.sigmas[1:]
-    restart = plan.restart_sigmas if plan.restart_sigmas is not None else plan.sigmas[:-1].roll(1)
+    landing = landing_sigmas(schedule, plan.timesteps, plan.planned_steps, options)
     slopes: list[Tensor] = []  # noise predictions of the calls that feed the extrapolation
     first_x = x  # the warm-up redoes the first step from here
     for i in range(plan.steps):
@@ -225,7 +195,7 @@ def sample_plms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
         eps = (x - denoised) / sigma
         if i == 1:
             # Warm-up: redo the first step from its start, with the average of both predictions.
-            start, end = restart[1], sigma
+            start, end = _restart_sigma(schedule, plan.timesteps[1], plan.planned_steps), sigma
             x = _reinterpret(first_x, plan.sigmas[0], start) + (end - start) * (slopes[0] + eps) / 2
         else:
             slopes = slopes[-3:] + [eps]
@@ -247,7 +217,8 @@ def _boundary_scalings(t: Tensor, timestep_scaling: float) -> tuple[Tensor, Tens
 
 
 def sample_lcm(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-               callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions()) -> Tensor:
+               callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
+               schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): jump to the clean estimate, then
     re-noise it with fresh noise to the next point; the last jump is the result."""
     for i in range(plan.steps):
