@@ -32,7 +32,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from tqdm import tqdm
 from diffuse.train import distributed
 from diffuse.train.distributed import DistInfo
 from diffuse.train.ema import WeightAverage
+from diffuse.train.log import LOG_NAME, logged_losses, truncate_log
 from diffuse.train.prefetch import batch_stream
 from diffuse.train.state import (
     capture_rng_state,
@@ -54,7 +55,6 @@ from diffuse.train.state import (
     save_checkpoint,
 )
 
-LOG_NAME = "log.jsonl"
 OPTIMIZER_NAME = "adamw"
 GENERATOR_NAME = "batch"
 
@@ -190,9 +190,74 @@ def train(
             distributed.teardown()
 
 
+@dataclass
+class _Run:
+    """One run's settings and what its steps change; the checkpoint holds the changing part."""
+
+    config: Any
+    loop: LoopConfig
+    out_dir: Path
+    info: DistInfo
+    inputs: dict[str, dict[str, str]]
+    trainable: dict[str, nn.Module]
+    params: list[nn.Parameter]  # the trainable parameters, in the models' order: the gradient norm's order
+    generator: torch.Generator  # the stream BatchRandom draws from, in the same state on every process
+    optimizer: torch.optim.AdamW
+    average: WeightAverage | None
+    step: int = 0
+    data_position: int = 0
+
+    def checkpointed(self) -> dict[str, dict]:
+        """The models, optimizers and generators a checkpoint holds, by name."""
+        averages = self.average.averages if self.average is not None else {}
+        return {"models": {**self.trainable, **averages}, "optimizers": {OPTIMIZER_NAME: self.optimizer},
+                "generators": {GENERATOR_NAME: self.generator}}
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This process's rows of each global batch, and the weight that makes its loss a share of the batch's."""
+
+    offset: int
+    count: int
+    weight: float
+
+
 def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn: LossFn, make_batch: MakeBatch,
            out_dir: Path, info: DistInfo, resume: bool, progress: bool, data_workers: int,
            inputs: dict[str, dict[str, str]]) -> list[float]:
+    run = _new_run(config, loop, models, out_dir, info, inputs)
+    _resume(run, resume)
+    losses = _open_log(run)
+    wrapped = {name: distributed.wrap(m, info) if name in run.trainable else m for name, m in models.items()}
+    offset, count = distributed.shard(loop.batch_size, info)
+    shard = _Shard(offset, count, distributed.shard_weight(loop.batch_size, info))
+    bar = tqdm(total=loop.steps, initial=min(run.step, loop.steps), unit="step", desc=out_dir.name,
+               disable=not (progress and info.is_main))
+    log = open(out_dir / LOG_NAME, "a", encoding="utf-8") if info.is_main else None
+    batches = batch_stream(make_batch, run.data_position + offset, loop.batch_size, count,
+                           max(0, loop.steps - run.step), data_workers)
+    try:
+        while run.step < loop.steps:
+            record = _train_step(run, wrapped, loss_fn, next(batches), shard)
+            losses.append(record["loss"])
+            _show(record, log, bar, loop.log_every)
+            if run.step % loop.checkpoint_every == 0 or run.step == loop.steps:
+                _save(run, log)
+    finally:
+        batches.close()
+        bar.close()
+        if log is not None:
+            log.close()
+    if run.average is not None:
+        run.average.copy_to_live()
+    return losses
+
+
+def _new_run(config: Any, loop: LoopConfig, models: dict[str, nn.Module], out_dir: Path, info: DistInfo,
+             inputs: dict[str, dict[str, str]]) -> _Run:
+    """The models on the training device, the trainable ones in train mode, and a fresh optimizer,
+    generator and weight average, all seeded from the config."""
     trainable = {name: m for name, m in models.items() if any(p.requires_grad for p in m.parameters())}
     if not trainable:
         raise ValueError(f"none of the models {sorted(models)} has parameters that require grad: nothing to train")
@@ -200,101 +265,88 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
         model.to(info.device)
     for model in trainable.values():
         model.train()
-
     _seed_process(loop.seed, info.rank)
     # One stream for all processes (same seed everywhere): see BatchRandom.
-    batch_generator = torch.Generator().manual_seed(loop.seed)
+    generator = torch.Generator().manual_seed(loop.seed)
     optimizer = _make_optimizer(loop, trainable)
-    optimizers, generators = {OPTIMIZER_NAME: optimizer}, {GENERATOR_NAME: batch_generator}
     average = WeightAverage(trainable, loop.ema_decay) if loop.ema_decay > 0 else None
-    checkpointed = {**trainable, **(average.averages if average is not None else {})}
-
-    step, data_position = 0, 0
-    latest = latest_checkpoint(out_dir)
-    if latest is not None:
-        if not resume:
-            raise ValueError(f"{out_dir} already holds checkpoints (latest {latest.name}); "
-                             "resume from them or train in another folder")
-        state = load_checkpoint(latest, config=config, models=checkpointed, optimizers=optimizers,
-                                generators=generators, rank=info.rank, inputs=inputs)
-        step, data_position = state.step, state.data_position
-
-    log_path = out_dir / LOG_NAME
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_path, step)
-    distributed.barrier()  # the others read the log only once it is cut back to the checkpoint
-    losses = _logged_losses(log_path)
-
-    wrapped = {name: distributed.wrap(m, info) if name in trainable else m for name, m in models.items()}
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
-    offset, count = distributed.shard(loop.batch_size, info)
-    weight = distributed.shard_weight(loop.batch_size, info)
-    max_norm = loop.grad_clip if loop.grad_clip > 0 else math.inf
+    return _Run(config, loop, out_dir, info, inputs, trainable, params, generator, optimizer, average)
 
-    bar = tqdm(total=loop.steps, initial=min(step, loop.steps), unit="step", desc=out_dir.name,
-               disable=not (progress and info.is_main))
-    log = open(log_path, "a", encoding="utf-8") if info.is_main else None
 
-    def save() -> None:
+def _resume(run: _Run, resume: bool) -> None:
+    """Continue from the folder's latest checkpoint, if it has one (refused with resume=False)."""
+    latest = latest_checkpoint(run.out_dir)
+    if latest is None:
+        return
+    if not resume:
+        raise ValueError(f"{run.out_dir} already holds checkpoints (latest {latest.name}); "
+                         "resume from them or train in another folder")
+    state = load_checkpoint(latest, config=run.config, **run.checkpointed(), rank=run.info.rank, inputs=run.inputs)
+    run.step, run.data_position = state.step, state.data_position
+
+
+def _open_log(run: _Run) -> list[float]:
+    """The losses logged up to the run's step, the log cut back to them first (by the main process)."""
+    log_path = run.out_dir / LOG_NAME
+    if run.info.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(log_path, run.step)
+    distributed.barrier()  # the others read the log only once it is cut back to the checkpoint
+    return logged_losses(log_path)
+
+
+def _train_step(run: _Run, wrapped: dict[str, nn.Module], loss_fn: LossFn, batch: Any, shard: _Shard) -> dict:
+    """One optimizer step on this process's rows of the next global batch; returns its log record."""
+    loop, device = run.loop, run.info.device
+    lr = learning_rate(loop, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batch_random = BatchRandom(run.generator, shard.offset, shard.count, loop.batch_size, device)
+    loss, logs = loss_fn(wrapped, _to_device(batch, device), batch_random)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return the batch's mean loss as a scalar tensor, not {what}")
+
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss * shard.weight).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, loop.grad_clip if loop.grad_clip > 0 else math.inf)
+    means = _global_means(loss, logs, shard.count, loop.batch_size, device)
+    if not math.isfinite(means["loss"]):
+        raise ValueError(f"the loss became {means['loss']} at step {run.step + 1}; "
+                         f"not updating the models (latest checkpoint: {latest_checkpoint(run.out_dir)})")
+    run.optimizer.step()
+    if run.average is not None:
+        run.average.update(run.step)
+    run.step += 1
+    run.data_position += loop.batch_size
+    return {"step": run.step, **means, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def _show(record: dict, log: IO[str] | None, bar: tqdm, log_every: int) -> None:
+    """Append the step's record to the log; refresh the bar and flush the log every log_every steps."""
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+    bar.update(1)
+    if record["step"] % log_every == 0:
         if log is not None:
-            # The log must reach the checkpoint's step before the checkpoint exists.
             log.flush()
-            os.fsync(log.fileno())
-        rng_states = distributed.gather_objects(capture_rng_state(), info)
-        if info.is_main:
-            save_checkpoint(checkpoint_path(out_dir, step), config=config, models=checkpointed, optimizers=optimizers,
-                            step=step, data_position=data_position, generators=generators,
-                            rng_states=rng_states, extra={"world_size": info.world_size}, inputs=inputs)
-            prune_checkpoints(out_dir, loop.keep_checkpoints)
-        distributed.barrier()
+        bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
 
-    batches = batch_stream(make_batch, data_position + offset, loop.batch_size, count,
-                           max(0, loop.steps - step), data_workers)
-    try:
-        while step < loop.steps:
-            lr = learning_rate(loop, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = _to_device(next(batches), info.device)
-            batch_random = BatchRandom(batch_generator, offset, count, loop.batch_size, info.device)
-            loss, logs = loss_fn(wrapped, batch, batch_random)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return the batch's mean loss as a scalar tensor, not {what}")
 
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            means = _global_means(loss, logs, count, loop.batch_size, info.device)
-            if not math.isfinite(means["loss"]):
-                raise ValueError(f"the loss became {means['loss']} at step {step + 1}; "
-                                 f"not updating the models (latest checkpoint: {latest_checkpoint(out_dir)})")
-            optimizer.step()
-            if average is not None:
-                average.update(step)
-            step += 1
-            data_position += loop.batch_size
-
-            record = {"step": step, **means, "lr": lr, "grad_norm": float(grad_norm)}
-            losses.append(record["loss"])
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-            bar.update(1)
-            if step % loop.log_every == 0:
-                if log is not None:
-                    log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.3g}")
-            if step % loop.checkpoint_every == 0 or step == loop.steps:
-                save()
-    finally:
-        batches.close()
-        bar.close()
-        if log is not None:
-            log.close()
-    if average is not None:
-        average.copy_to_live()
-    return losses
+def _save(run: _Run, log: IO[str] | None) -> None:
+    """Write a checkpoint at the run's step (the main process; the others hand it their RNG states)."""
+    if log is not None:
+        # The log must reach the checkpoint's step before the checkpoint exists.
+        log.flush()
+        os.fsync(log.fileno())
+    rng_states = distributed.gather_objects(capture_rng_state(), run.info)
+    if run.info.is_main:
+        save_checkpoint(checkpoint_path(run.out_dir, run.step), config=run.config, **run.checkpointed(),
+                        step=run.step, data_position=run.data_position, rng_states=rng_states,
+                        extra={"world_size": run.info.world_size}, inputs=run.inputs)
+        prune_checkpoints(run.out_dir, run.loop.keep_checkpoints)
+    distributed.barrier()
 
 
 def _loop_config(config: Any) -> LoopConfig:
@@ -358,27 +410,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(value, device) for value in batch)
     return batch
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Cut the log back to the lines of steps 1..step: a killed run may have logged past its last checkpoint."""
-    if not path.exists():
-        return
-    keep = 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                complete = line.endswith(b"\n") and json.loads(line)["step"] <= step
-            except (ValueError, KeyError, TypeError):
-                complete = False  # a line cut short by the kill
-            if not complete:
-                break
-            keep += len(line)
-    os.truncate(path, keep)
-
-
-def _logged_losses(path: Path) -> list[float]:
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["loss"] for line in f]
