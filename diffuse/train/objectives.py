@@ -214,7 +214,7 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
     logits_per_image = scale.float() * image_embeds @ text_embeds.T  # [images, captions]
     labels = torch.arange(len(ids), device=logits_per_image.device)  # image i belongs with caption i
-    image_choices = logits_per_image
+    image_choices, negative_logits = logits_per_image, None
     if negative_embeds is not None:
         if negative_embeds.shape != text_embeds.shape or has_negative is None or has_negative.shape != labels.shape:
             raise ValueError("hard negatives need one [D] row per caption and a has_negative flag per row")
@@ -223,21 +223,28 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
         negative_logits = negative_logits.masked_fill(~has_negative.to(negative_logits.device)[None, :], -torch.inf)
         image_choices = torch.cat([logits_per_image, negative_logits], dim=1)
     loss = (F.cross_entropy(image_choices, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+    return loss, _contrastive_logs(loss, logits_per_image, scale, ids, negative_logits, has_negative)
 
-    with torch.no_grad():
-        matches = (ids[:, None, :] == ids[None, :, :]).all(dim=-1).to(labels.device)  # same caption, token for token
-        logs = {
-            "loss": loss.item(),
-            "acc_image_to_text": matches[labels, logits_per_image.argmax(dim=1)].float().mean().item(),
-            "acc_text_to_image": matches[labels, logits_per_image.argmax(dim=0)].float().mean().item(),
-            "logit_scale": scale.item(),
-            "duplicate_caption_pairs": (matches.sum().item() - len(ids)) / 2,
-        }
-        if negative_embeds is not None and has_negative.any():
-            own, against = logits_per_image.diagonal(), negative_logits.diagonal()
-            rows = has_negative.to(own.device)
-            logs["acc_vs_negative"] = (own[rows] > against[rows]).float().mean().item()
-    return loss, logs
+
+@torch.no_grad()
+def _contrastive_logs(loss: Tensor, logits_per_image: Tensor, scale: Tensor, ids: Tensor,
+                      negative_logits: Tensor | None = None, has_negative: Tensor | None = None) -> dict[str, float]:
+    """Retrieval accuracies both ways, counting a copy of the right caption (identical ids) as right,
+    and with hard negatives how often an image ranks its own caption above its negative."""
+    labels = torch.arange(len(ids), device=logits_per_image.device)
+    matches = (ids[:, None, :] == ids[None, :, :]).all(dim=-1).to(labels.device)  # same caption, token for token
+    logs = {
+        "loss": loss.item(),
+        "acc_image_to_text": matches[labels, logits_per_image.argmax(dim=1)].float().mean().item(),
+        "acc_text_to_image": matches[labels, logits_per_image.argmax(dim=0)].float().mean().item(),
+        "logit_scale": scale.item(),
+        "duplicate_caption_pairs": (matches.sum().item() - len(ids)) / 2,
+    }
+    if negative_logits is not None and has_negative.any():
+        own, against = logits_per_image.diagonal(), negative_logits.diagonal()
+        rows = has_negative.to(own.device)
+        logs["acc_vs_negative"] = (own[rows] > against[rows]).float().mean().item()
+    return logs
 
 
 def clip_loss(
@@ -328,12 +335,17 @@ def unet_loss(
     if min_snr_gamma is None:
         loss = F.mse_loss(prediction, target)
     else:
-        if not min_snr_gamma > 0:
-            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
-        snr = abar.flatten() / (1 - abar.flatten())
-        weight = snr.clamp(max=min_snr_gamma) / (snr if schedule.prediction_type == "epsilon" else snr + 1)
-        per_latent = (prediction - target).square().mean(dim=[1, 2, 3])
-        loss = (weight * per_latent).mean()
+        loss = _min_snr_loss(prediction, target, abar.flatten(), min_snr_gamma, schedule.prediction_type)
     with torch.no_grad():
         logs = {"loss": loss.item(), "mean_timestep": timesteps.float().mean().item()}
     return loss, logs
+
+
+def _min_snr_loss(prediction: Tensor, target: Tensor, abar: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """The batch mean of each latent's squared error weighted by the Min-SNR rule (see unet_loss)."""
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be positive, got {gamma}")
+    snr = abar / (1 - abar)
+    weight = snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    per_latent = (prediction - target).square().mean(dim=[1, 2, 3])
+    return (weight * per_latent).mean()
