@@ -57,14 +57,14 @@ class VAETrainConfig(LoopConfig):
 def build_models(config: VAETrainConfig) -> dict[str, nn.Module]:
     torch.manual_seed(config.seed)  # the same starting weights for every run of this config
     vae = AutoencoderKL(config.vae)
-    # A fresh encoder's log-variance is about 0: its samples carry noise of std 1 on latents of
-    # similar size, so the decoder first learns to ignore the latent and paint the average
-    # image. Starting the log-variance low (e.g. -8, std 0.02) lets the decoder read the latent
-    # from the first step; with so small a KL weight the posterior would shrink there anyway.
     if config.init_from is not None:
         start, _ = starting_weights(config.init_from, "vae", config.vae, measured=("scaling_factor",))
         vae.load_state_dict(start.state_dict())
         return {"vae": vae}
+    # A fresh encoder's log-variance is about 0: its samples carry noise of std 1 on latents of
+    # similar size, so the decoder first learns to ignore the latent and paint the average
+    # image. Starting the log-variance low (e.g. -8, std 0.02) lets the decoder read the latent
+    # from the first step; with so small a KL weight the posterior would shrink there anyway.
     with torch.no_grad():
         vae.quant_conv.bias[config.vae.latent_channels:] += config.initial_logvar
     return {"vae": vae}
