@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -56,6 +57,41 @@ def test_n_iter_continues_the_seed_sequence(reference_folders, tmp_path, capsys)
                         "--steps", "1", "--seed", "10", "--n-iter", "2", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-10.png", "00001-11.png"]
+
+
+def test_inpaint_options_become_one_request_per_batch(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from diffuse.pipeline import Result
+    from diffuse.request import GenerationRequest
+    from diffuse.speedups import Speedups
+
+    asked = []
+
+    class Recording:
+        source, dtype = Path("recorded"), "float32"
+
+        def generate(self, request, callback=None):
+            asked.append(request)
+            seeds = [request.seed + i for i in range(request.batch_size)]
+            return Result([Image.new("RGB", (8, 8))] * len(seeds), seeds, {}, ["Steps: 2"] * len(seeds))
+
+    monkeypatch.setattr(diffuse.loader, "load_pipeline", lambda *args, **kwargs: Recording())
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "in.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "mask.png")
+    code, _, err = run(["inpaint", "a cat", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                        "-n", "dog", "--steps", "2", "--cfg-scale", "3", "--sampler", "Euler a", "--seed", "7",
+                        "--batch-size", "2", "--n-iter", "2", "--clip-skip", "2", "--eta", "0.5", "--strength", "0.6",
+                        "--no-keep-unmasked", "--token-merging", "0.25", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    first = asked[0]
+    assert isinstance(first, GenerationRequest) and first.kind == "inpaint"
+    assert first.image.size == first.mask.size == (16, 16)
+    assert first == GenerationRequest(prompt="a cat", negative_prompt="dog", steps=2, guidance_scale=3.0,
+                                      sampler="Euler a", seed=7, batch_size=2, clip_skip=2, eta=0.5,
+                                      speedups=Speedups(token_merging=0.25), image=first.image, mask=first.mask,
+                                      strength=0.6, keep_unmasked=False)
+    assert len(asked) == 2 and asked[1] == dataclasses.replace(first, seed=9)  # the next batch's seeds follow on
 
 
 def test_img2img_and_inpaint_from_files(reference_folders, tmp_path, capsys):

@@ -442,3 +442,25 @@ def test_no_server_module_imports_one_that_imports_it_back():
 
     assert {"app", "state", "page_routes", "a1111_routes"} <= set(graph)
     assert [name for name in graph if reaches(name, name, {name})] == []
+
+
+def test_an_a1111_body_reads_as_the_public_generation_request():
+    from diffuse.request import GenerationRequest
+    from diffuse.server.a1111 import read_generation
+    from diffuse.speedups import Speedups
+
+    body = {**QUICK, "negative_prompt": "green", "width": 64, "height": 48, "seed": 3, "batch_size": 2, "n_iter": 2,
+            "scheduler": "karras", "eta": 0.3, "send_images": False,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "token_merging_ratio": 0.5}}
+    request = read_generation("txt2img", body, Limits())
+    assert request.generation == GenerationRequest(
+        prompt=PROMPT, negative_prompt="green", width=64, height=48, steps=4, guidance_scale=3.0, sampler="Euler a",
+        schedule_type="Karras", seed=3, batch_size=2, clip_skip=2, eta=0.3, speedups=Speedups(token_merging=0.5))
+    assert (request.kind, request.n_iter, request.send_images, request.model) == ("txt2img", 2, False, None)
+
+    picture = Image.new("RGB", (32, 16), (200, 10, 10))
+    mask = Image.new("L", (32, 16), 0)
+    inpaint = read_generation("img2img", {**QUICK, "init_images": [png_data_url(picture)], "mask": png_data_url(mask),
+                                          "inpainting_mask_invert": 1}, Limits()).generation
+    assert inpaint.kind == "inpaint" and inpaint.strength == 0.75 and inpaint.keep_unmasked
+    assert inpaint.image.size == (32, 16) and inpaint.mask.mode == "L" and inpaint.mask.getextrema() == (255, 255)
