@@ -20,5 +20,15 @@ from diffuse.request import GenerationRequest
 from diffuse.samplers import SAMPLER_NAMES
 from diffuse.speedups import Speedups
 
-__all__ = ["CheckpointError", "GenerationRequest", "Pipeline", "PipelineConfig", "Result", "SAMPLER_NAMES",
-           "Speedups", "Step", "UnsafeCheckpointError", "load_pipeline"]
+__all__ = [
+           "SAMPLER_NAMES",
+           "CheckpointError",
+           "GenerationRequest",
+           "Pipeline",
+           "PipelineConfig",
+           "Result",
+           "Speedups",
+           "Step",
+           "UnsafeCheckpointError",
+           "load_pipeline",
+]

@@ -10,8 +10,8 @@ them: x_ve = x_vp * sqrt(1 + sigma^2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -34,7 +34,7 @@ class Step:
     timestep: float
     latents: torch.Tensor
     denoised: torch.Tensor
-    preview_matrix: Optional[torch.Tensor] = None
+    preview_matrix: torch.Tensor | None = None
 
     def preview(self) -> list[Image.Image]:
         """A cheap look at the image emerging: a linear map from latents to RGB, no VAE (latent-sized)."""

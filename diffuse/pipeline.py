@@ -13,9 +13,9 @@ used, seeds included, comes back in `Result.info`, so any image can be made agai
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image

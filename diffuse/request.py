@@ -134,7 +134,7 @@ def model_sampler(name: str, config: PipelineConfig, scheduler_config: dict | No
     return get_sampler(name, scheduler_config=model_schedule, schedule_type=schedule_type, eta=eta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class Job:
     """A checked request resolved against one model: what the generation stages read."""
 
