@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.clip import CLIPTextEncoder
-from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
 CHUNK_TOKENS = CONTEXT_LENGTH - 2  # prompt tokens per chunk, between BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack: how far back a comma may end a full chunk
@@ -55,14 +55,20 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     read as the word "break", exactly as A1111 does. Neighbouring segments of equal
     weight are merged; an empty prompt is [("", 1.0)].
     """
-    segments: list[list] = []  # [text, weight], mutable while brackets close
-    open_round: list[int] = []  # where each open bracket's span starts in `segments`
+    segments, open_round, open_square = _bracketed_segments(text)
+    for start in open_round:
+        _scale_from(segments, start, ROUND_FACTOR)
+    for start in open_square:
+        _scale_from(segments, start, 1 / ROUND_FACTOR)
+    return _merge_equal_weights(segments or [["", 1.0]])
+
+
+def _bracketed_segments(text: str) -> tuple[list[list], list[int], list[int]]:
+    """[text, weight] segments with the factors of the brackets closed so far, and where the
+    round and square brackets still open start (as indices into the segments)."""
+    segments: list[list] = []  # mutable while brackets close
+    open_round: list[int] = []
     open_square: list[int] = []
-
-    def scale_from(start: int, factor: float) -> None:
-        for segment in segments[start:]:
-            segment[1] *= factor
-
     for match in _EMPHASIS_TOKEN.finditer(text):
         kind, token = match.lastgroup, match.group(0)
         if kind == "escaped":
@@ -72,28 +78,41 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif kind == "open":
             (open_round if token == "(" else open_square).append(len(segments))
         elif kind == "factor" and open_round:
-            try:
-                factor = float(match.group("factor"))
-            except ValueError:
-                raise ValueError(f"prompt weight {match.group('factor')!r} in {text!r} is not a number") from None
-            scale_from(open_round.pop(), factor)
+            _scale_from(segments, open_round.pop(), _explicit_factor(match.group("factor"), text))
         elif token == ")" and open_round:
-            scale_from(open_round.pop(), ROUND_FACTOR)
+            _scale_from(segments, open_round.pop(), ROUND_FACTOR)
         elif token == "]" and open_square:
-            scale_from(open_square.pop(), 1 / ROUND_FACTOR)
+            _scale_from(segments, open_square.pop(), 1 / ROUND_FACTOR)
         else:  # plain text, including brackets and ":1.2)" that close nothing
-            for k, part in enumerate(_BREAK.split(token)):
-                if k > 0:
-                    segments.append(["BREAK", BREAK_WEIGHT])
-                segments.append([part, 1.0])
+            segments.extend(_plain_segments(token))
+    return segments, open_round, open_square
 
-    for start in open_round:
-        scale_from(start, ROUND_FACTOR)
-    for start in open_square:
-        scale_from(start, 1 / ROUND_FACTOR)
 
+def _scale_from(segments: list[list], start: int, factor: float) -> None:
+    for segment in segments[start:]:
+        segment[1] *= factor
+
+
+def _explicit_factor(factor: str, text: str) -> float:
+    try:
+        return float(factor)
+    except ValueError:
+        raise ValueError(f"prompt weight {factor!r} in {text!r} is not a number") from None
+
+
+def _plain_segments(token: str) -> list[list]:
+    """Unweighted text, with each BREAK keyword as its own marker segment."""
+    segments: list[list] = []
+    for k, part in enumerate(_BREAK.split(token)):
+        if k > 0:
+            segments.append(["BREAK", BREAK_WEIGHT])
+        segments.append([part, 1.0])
+    return segments
+
+
+def _merge_equal_weights(segments: list[list]) -> list[tuple[str, float]]:
     merged: list[list] = []
-    for segment in segments or [["", 1.0]]:
+    for segment in segments:
         if merged and merged[-1][1] == segment[1]:
             merged[-1][0] += segment[0]
         else:

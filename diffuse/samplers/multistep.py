@@ -184,6 +184,40 @@ def _unipc_rhos(h: float, r: float) -> tuple[float, float]:
     return rho_older, b1 - rho_older
 
 
+def _unic_correct(start: Tensor, x0s: list[Tensor], denoised: Tensor, lam: list[float], i: int,
+                  order: int) -> Tensor:
+    """UniC: rebuild step i-1 from its start, adding the slope towards the new prediction.
+
+    Like the reference it does not read the predicted x: a callback's edit to it only steered
+    the model call just made.
+    """
+    h = lam[i] - lam[i - 1]
+    b_h = math.expm1(-h)  # = sigma_i / sigma_{i-1} - 1
+    newest = x0s[-1]
+    if order == 1:
+        slope = 0.5 * (denoised - newest)
+    else:
+        r = (lam[i - 2] - lam[i - 1]) / h
+        rho_older, rho_new = _unipc_rhos(h, r)
+        slope = rho_older * (x0s[-2] - newest) / r + rho_new * (denoised - newest)
+    return (b_h + 1) * start - b_h * newest - b_h * slope
+
+
+def _unip_predict(x: Tensor, x0s: list[Tensor], lam: list[float], i: int, order: int) -> Tensor:
+    """UniP: first order moves the noise slice towards x0 like DPM++; second order adds half the
+    slope between this prediction (x0s[-1]) and the previous one."""
+    denoised = x0s[-1]
+    if lam[i + 1] == math.inf:  # sigma 0: nothing of the noise slice is left
+        return denoised
+    h = lam[i + 1] - lam[i]
+    b_h = math.expm1(-h)
+    x = (b_h + 1) * x - b_h * denoised
+    if order == 2 and h > 0:  # (h = 0: a repeated final level, nothing moves)
+        r = (lam[i - 1] - lam[i]) / h
+        x = x - b_h * 0.5 * (x0s[-2] - denoised) / r
+    return x
+
+
 def sample_unipc(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
                  callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
                  schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
@@ -191,43 +225,18 @@ def sample_unipc(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[Noise
     the new point, a UniC corrector that redoes that step using the new x0 prediction as well,
     at no extra model call. The last step is not corrected (no later prediction exists).
     """
-    sigmas = plan.sigmas
-    lam = [-math.log(s) if s > 0 else math.inf for s in sigmas.tolist()]
-    x0s: list[Tensor] = []  # x0 predictions of the steps so far, newest last
-    start = x  # where the last predictor step started from
-    last_order = 0
+    lam = [-math.log(s) if s > 0 else math.inf for s in plan.sigmas.tolist()]  # log-SNR of each level
+    x0s: list[Tensor] = []  # the last two x0 predictions, newest last
+    start, last_order = x, 0  # where the last predictor step started from, and its order
     for i in range(plan.steps):
-        denoised = denoise(x, sigmas[i], plan.timesteps[i])
+        denoised = denoise(x, plan.sigmas[i], plan.timesteps[i])
         if i > 0:
-            # UniC: rebuild step i-1 from its start, adding the new prediction's slope.
-            # Like the reference it does not read the predicted x: a callback's edit to it
-            # only steered the model call just made.
-            h = lam[i] - lam[i - 1]
-            b_h = math.expm1(-h)  # = sigma_i / sigma_{i-1} - 1
-            newest = x0s[-1]
-            if last_order == 1:
-                slope = 0.5 * (denoised - newest)
-            else:
-                r = (lam[i - 2] - lam[i - 1]) / h
-                rho_older, rho_new = _unipc_rhos(h, r)
-                slope = rho_older * (x0s[-2] - newest) / r + rho_new * (denoised - newest)
-            x = (b_h + 1) * start - b_h * newest - b_h * slope
+            x = _unic_correct(start, x0s, denoised, lam, i, last_order)
         x0s = (x0s + [denoised])[-2:]
-
         order = min(options.solver_order, plan.steps - i) if options.lower_order_final else options.solver_order
         order = min(order, i + 1)  # warm-up: no older prediction on the first step
         start, last_order = x, order
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            # UniP: first order moves the noise slice towards x0 like DPM++; second order adds
-            # half the slope between this prediction and the previous one.
-            h = lam[i + 1] - lam[i]
-            b_h = math.expm1(-h)
-            x = (b_h + 1) * x - b_h * denoised
-            if order == 2 and h > 0:  # (h = 0: a repeated final level, nothing moves)
-                r = (lam[i - 1] - lam[i]) / h
-                x = x - b_h * 0.5 * (x0s[-2] - denoised) / r
+        x = _unip_predict(x, x0s, lam, i, order)
         x = after_step(callback, i, x, denoised)
     return x
 
