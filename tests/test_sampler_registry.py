@@ -1,4 +1,5 @@
-"""Sampler names (A1111 labels and aliases) and diffusers scheduler configs to Samplers."""
+"""Sampler names (A1111 labels and aliases) and diffusers scheduler configs to Samplers, and the
+schedule pieces every sampler shares (sigma <-> timestep, eps/v conversion, img2img truncation)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from diffuse.samplers import (
     get_sampler,
     sampler_from_diffusers_config,
 )
-from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions
+from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, predicted_x0, prediction_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices from diffusers
 
@@ -260,3 +261,47 @@ def test_diffusers_config_rejects_unknown_classes_and_fields():
     _, config = diffusers_scheduler("EulerDiscreteScheduler", {})
     with pytest.raises(ValueError, match="shiny_new_knob"):
         sampler_from_diffusers_config({**config, "shiny_new_knob": 3})
+
+
+# ---------------------------------------------------------------- shared schedule pieces
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigma_to_t_inverts_t_to_sigma_on_training_steps(dtype):
+    schedule = NoiseSchedule()
+    whole = torch.arange(schedule.num_train_timesteps, dtype=torch.float64)
+    torch.testing.assert_close(schedule.t_to_sigma(whole), schedule.sigmas().double(), rtol=0, atol=0)
+    t = schedule.sigma_to_t(schedule.sigmas(), dtype)
+    assert t.dtype == dtype and t.shape == whole.shape
+    torch.testing.assert_close(t.double(), whole, rtol=0, atol=1e-3)
+    # Between training steps, and beyond the table's ends (clamped to them).
+    halfway = schedule.sigma_to_t((schedule.sigmas()[10] * schedule.sigmas()[11]).sqrt().reshape(()), dtype)
+    assert halfway.shape == () and 10.49 < halfway.item() < 10.51
+    assert schedule.sigma_to_t(torch.tensor([1e-6, 1e6]), dtype).tolist() == [0.0, 999.0]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_x0_inverts_the_training_target(prediction_type):
+    generator = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 2, 64, generator=generator, dtype=torch.float64)
+    sigma = torch.tensor([[0.05], [14.6]], dtype=torch.float64)
+    alpha = (1 + sigma**2) ** -0.5
+    target = prediction_target(x0, noise, alpha, sigma * alpha, prediction_type)
+    if prediction_type == "epsilon":
+        assert torch.equal(target, noise)
+    recovered = predicted_x0(x0 + sigma * noise, sigma, alpha, target, prediction_type)
+    torch.testing.assert_close(recovered, x0, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="prediction_type"):
+        prediction_target(x0, noise, alpha, sigma * alpha, "sample")
+
+
+@pytest.mark.parametrize("name, extra_calls", [("DPM++ 2M", 0), ("PLMS", 1)])
+def test_img2img_strength_counts_planned_steps(name, extra_calls):
+    """PLMS makes one model call more than the steps asked for; strength still counts the steps."""
+    plan = get_sampler(name).plan(10)
+    assert plan.planned_steps == 10 and plan.steps == 10 + extra_calls
+    tail = plan.from_strength(0.3)
+    assert tail.planned_steps == 10 and tail.steps == 3 + extra_calls
+    assert torch.equal(tail.sigmas, plan.sigmas[-tail.steps - 1:])
+    assert torch.equal(tail.timesteps, plan.timesteps[-tail.steps:])
+

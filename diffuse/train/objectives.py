@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
-from diffuse.samplers.schedule import NoiseSchedule
+from diffuse.samplers.schedule import NoiseSchedule, prediction_target
 from diffuse.shapes.image_encoder import ImageEncoder, LogitScale, TextProjection
 
 # SD's kl-f8 autoencoder weight. With reconstruction and KL both summed per image
@@ -325,10 +325,7 @@ def unet_loss(
     abar = schedule.alphas_cumprod().to(latents.device)[timesteps].view(batch, 1, 1, 1)
     x0 = latents.float()
     noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    if schedule.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    target = prediction_target(x0, noise, abar.sqrt(), (1 - abar).sqrt(), schedule.prediction_type)
 
     dtype = next(unet.parameters()).dtype
     prediction = unet(noisy.to(dtype), timesteps, context.to(dtype)).float()
