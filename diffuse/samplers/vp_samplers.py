@@ -38,7 +38,7 @@ def _sigma(abar: Tensor) -> Tensor:
     return ((1 - abar) / abar) ** 0.5
 
 
-def landing_sigmas(schedule: NoiseSchedule, timesteps: Tensor, planned_steps: int, options: SamplerOptions) -> Tensor:
+def _landing_sigmas(schedule: NoiseSchedule, timesteps: Tensor, planned_steps: int, options: SamplerOptions) -> Tensor:
     """Sigma at t - train_steps // planned_steps for each timestep t: where the reference's DDIM
     and PLMS updates from t land. Past timestep 0 that is timestep 0's level, or no noise at all
     with set_alpha_to_one."""
@@ -60,7 +60,7 @@ def _vp_plan(schedule: NoiseSchedule, timesteps: Tensor, last_sigma: Tensor, pla
 def ddim_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
     """The spaced timesteps; the last update lands one stride below the last of them."""
     timesteps = spaced_timesteps(schedule, steps, options)
-    return _vp_plan(schedule, timesteps, landing_sigmas(schedule, timesteps[-1:], steps, options), steps)
+    return _vp_plan(schedule, timesteps, _landing_sigmas(schedule, timesteps[-1:], steps, options), steps)
 
 
 def plms_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -75,7 +75,7 @@ def plms_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> P
     timesteps = spaced_timesteps(schedule, steps, options)
     if steps > 1:
         timesteps = torch.cat([timesteps[:2], timesteps[1:]])
-    return _vp_plan(schedule, timesteps, landing_sigmas(schedule, timesteps[-1:], steps, options), steps)
+    return _vp_plan(schedule, timesteps, _landing_sigmas(schedule, timesteps[-1:], steps, options), steps)
 
 
 def ddpm_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -143,7 +143,7 @@ def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
     """DDIM (Song et al. 2020); eta = 0 is deterministic, eta = 1 samples like DDPM."""
     if not 0 <= options.eta <= 1:
         raise ValueError(f"ddim eta must be between 0 and 1, got {options.eta}")
-    landing = landing_sigmas(schedule, plan.timesteps, plan.planned_steps, options)
+    landing = _landing_sigmas(schedule, plan.timesteps, plan.planned_steps, options)
     return _ddim_walk(denoise, x, plan, landing, options.eta, noise, callback)
 
 
@@ -186,7 +186,7 @@ def sample_plms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
 
     Each step is a DDIM move whose noise prediction is extrapolated from the earlier ones.
     """
-    landing = landing_sigmas(schedule, plan.timesteps, plan.planned_steps, options)
+    landing = _landing_sigmas(schedule, plan.timesteps, plan.planned_steps, options)
     slopes: list[Tensor] = []  # noise predictions of the calls that feed the extrapolation
     first_x = x  # the warm-up redoes the first step from here
     for i in range(plan.steps):
