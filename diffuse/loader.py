@@ -14,24 +14,24 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints.diffusers_folder import (
+from diffuse.checkpoints.diffusers_folder import (
     check_tokenizer_files,
     is_diffusers_folder,
     read_diffusers_folder,
     read_preview_matrix,
     read_scheduler_config,
 )
-from .checkpoints.errors import CheckpointError
-from .checkpoints.fill import build_and_fill
-from .checkpoints.reader import read_state_dict
-from .checkpoints.single_file import detect_family, sidecar_prediction_type, split_single_file
-from .models.clip import CLIPTextEncoder
-from .models.configs import PipelineConfig, check_pipeline
-from .models.unet import UNet
-from .models.vae import AutoencoderKL
-from .pipeline import Pipeline
-from .runtime import inference_layout, keep_freed_memory, resolve_device, resolve_dtype
-from .tokenizer import CLIPTokenizer
+from diffuse.checkpoints.errors import CheckpointError
+from diffuse.checkpoints.fill import build_and_fill
+from diffuse.checkpoints.reader import read_state_dict
+from diffuse.checkpoints.single_file import detect_family, sidecar_prediction_type, split_single_file
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.configs import PipelineConfig, check_pipeline
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
+from diffuse.pipeline import Pipeline
+from diffuse.runtime import inference_layout, keep_freed_memory, prepare, resolve_device, resolve_dtype
+from diffuse.tokenizer import CLIPTokenizer
 
 
 def load_pipeline(
@@ -43,7 +43,8 @@ def load_pipeline(
     """Load a Stable Diffusion 1.x/2.x model from a diffusers folder or a single-file checkpoint.
 
     `dtype` "auto" runs the networks in bfloat16 where the CPU (or GPU) computes it
-    natively, else float32 (diffuse.runtime); "float32" (or None) is the exact path that
+    natively, else float32 (diffuse.runtime, whose prepare() makes each network fast for
+    inference once its weights are in); "float32" (or None) is the exact path that
     matches the reference implementations. `config` overrides architecture detection for
     single-file checkpoints (head counts and v-prediction are not stored in the weights).
 
@@ -97,8 +98,10 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         raise CheckpointError(path, f"unusable architecture: {e}") from None
 
     def fill(name, make):
-        return build_and_fill(make, states.pop(name), files[name], name, dtype=dtype, device=device,
-                              layout=inference_layout)
+        # Laid out while filling, so each weight is copied once; prepare() then finds it in place.
+        module = build_and_fill(make, states.pop(name), files[name], name, dtype=dtype, device=device,
+                                layout=inference_layout)
+        return prepare(module, device, dtype)
 
     unet = fill("unet", lambda: UNet(config.unet))
     if probe and predicts_v(unet):

@@ -12,6 +12,7 @@ from parity import TOL, max_err
 from diffuse.checkpoints import clip_layout
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import SD1, TextEncoderConfig
+from diffuse.runtime import prepare
 
 
 PROMPTS = [
@@ -25,11 +26,14 @@ def tokenize(tokenizer, prompts: list[str] = PROMPTS) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def build_ours(cfg: TextEncoderConfig, transformers_state: dict[str, torch.Tensor]) -> CLIPTextEncoder:
+def build_ours(cfg: TextEncoderConfig, transformers_state: dict[str, torch.Tensor],
+               prepared: bool = True) -> CLIPTextEncoder:
+    """Ours with the given weights, prepared for inference as the loader does unless `prepared`
+    is False (the plain network training uses)."""
     with torch.device("meta"):
         model = CLIPTextEncoder(cfg)
     model.load_state_dict(clip_layout.from_transformers(transformers_state), assign=True)  # strict: names must match
-    return model.eval()
+    return prepare(model.eval(), "cpu", torch.float32) if prepared else model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +47,21 @@ def encoders(reference_pipes, reference_folders):
     return result
 
 
+@pytest.fixture(scope="module")
+def plain_encoders(encoders):
+    """Per style: ours as `encoders` has it, but the plain network training uses (not prepared)."""
+    return {style: build_ours(ours.cfg, reference.state_dict(), prepared=False)
+            for style, (reference, ours, _) in encoders.items()}
+
+
 # ---------------------------------------------------------------- parity
 
 
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
 @pytest.mark.parametrize("clip_skip", [1, 2, 3])
-def test_hidden_states_match_transformers(encoders, style, clip_skip):
+def test_hidden_states_match_transformers(encoders, plain_encoders, style, clip_skip, prepared):
     reference, ours, ids = encoders[style]
+    ours = ours if prepared else plain_encoders[style]
     with torch.no_grad():
         out = reference(ids, output_hidden_states=True)
         # What diffusers does for clip skip: an earlier layer's output through the final layer norm.

@@ -1,23 +1,31 @@
 """The inference speed-ups that must not change the answer: the dtype choice, the
 channels-last layout, the upsample convolution computed at low resolution, linear layers
-as 1x1 convolutions and malloc keeping freed memory."""
+as 1x1 convolutions, prepare() swapping them in, and malloc keeping freed memory."""
 
+import ast
+import copy
 import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffuse.models.configs import UNetConfig, VAEConfig
-from diffuse.models.unet import UNet
-from diffuse.models.upsample import phase_kernels, upsample_conv
-from diffuse.models.vae import AutoencoderKL
 import diffuse.kernels
-import diffuse.runtime
-from diffuse.runtime import Linear, attention, auto_dtype, cpu_has_bf16, inference_layout, resolve_device, resolve_dtype
+import diffuse.models
+import diffuse.runtime.attention
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
+from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, prepare, resolve_device, resolve_dtype
+from diffuse.runtime.attention import attention
+from diffuse.runtime import layers
+from diffuse.runtime.layers import OneDNNLinear
+from diffuse.runtime.upsample import phase_kernels, upsample_conv
 
 
 def plain_upsample_conv(x, conv):
@@ -64,13 +72,13 @@ def test_phase_kernels_sum_the_taps_that_share_a_source_pixel():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("max_scores", [diffuse.runtime.MAX_SCORES, 7 * 24])
+@pytest.mark.parametrize("max_scores", [diffuse.runtime.attention.MAX_SCORES, 7 * 24])
 @pytest.mark.parametrize("softmax_kernel", [True, False])
 def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, max_scores, softmax_kernel):
     """The explicit per-head form (in query chunks when the scores would pass max_scores;
     with the C softmax where this machine builds it, and with PyTorch's), on the transposed
     views the UNet hands it, against float64; float32 is the fused kernel."""
-    monkeypatch.setattr(diffuse.runtime, "MAX_SCORES", max_scores)
+    monkeypatch.setattr(diffuse.runtime.attention, "MAX_SCORES", max_scores)
     if not softmax_kernel:
         monkeypatch.setattr(diffuse.kernels, "softmax_bf16_", lambda scores: False)
     torch.manual_seed(0)
@@ -88,7 +96,7 @@ def test_linear_as_a_convolution_is_the_linear_map(shape, bias):
     """Without autograd the rows go through a 1x1 convolution and come back in their shape;
     float32 within summation-order rounding, bf16 within one bf16 rounding of the output."""
     torch.manual_seed(0)
-    layer, x = Linear(24, 40, bias=bias), torch.randn(shape)
+    layer, x = OneDNNLinear(24, 40, bias=bias), torch.randn(shape)
     with torch.no_grad():
         exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
         got = layer(x)
@@ -103,7 +111,7 @@ def test_linear_as_a_convolution_is_the_linear_map(shape, bias):
 def test_linear_under_autograd_is_f_linear():
     """Training keeps PyTorch's own linear layer and its gradients."""
     torch.manual_seed(0)
-    layer, x = Linear(8, 3), torch.randn(4, 8, requires_grad=True)
+    layer, x = OneDNNLinear(8, 3), torch.randn(4, 8, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
     out.sum().backward()
@@ -129,7 +137,7 @@ def test_unet_keeps_odd_sizes_on_the_plain_path():
     cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8,
                      attention_levels=(False, True))
     torch.manual_seed(0)
-    unet = UNet(cfg).double().eval()
+    unet = prepare(UNet(cfg).eval(), "cpu", torch.float64)
     x, context = torch.randn(1, 4, 7, 9, dtype=torch.float64), torch.randn(1, 3, 16, dtype=torch.float64)
     with torch.no_grad():
         out = unet(x, torch.tensor([10]), context)
@@ -183,6 +191,125 @@ def test_devices_are_named_and_checked():
     else:
         with pytest.raises(ValueError, match="CUDA GPU\\(s\\) exist"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def tiny_networks(linear_projection: bool = False) -> dict[str, torch.nn.Module]:
+    """Plain networks of every kind prepare() touches, with random weights (SD1's conv
+    projections or SD2's linear ones in the UNet's transformers)."""
+    torch.manual_seed(0)
+    unet_cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8,
+                          use_linear_projection=linear_projection)
+    text_cfg = TextEncoderConfig(vocab_size=100, max_length=12, width=32, layers=3, heads=4, mlp_width=64)
+    networks = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)),
+                "text": CLIPTextEncoder(text_cfg)}
+    with torch.no_grad():  # no parameter left at an initial constant (zeroed biases, unit norms)
+        for network in networks.values():
+            for param in network.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+    return {name: network.eval() for name, network in networks.items()}
+
+
+def run_all(networks: dict[str, torch.nn.Module], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each network's inference outputs: the UNet at a size whose upsample folds (16x16 from
+    a 32x32 latent) and at odd sides, the VAE both ways, the text encoder with clip skip."""
+    generator = torch.Generator().manual_seed(1)
+    latents, odd = torch.randn(2, 4, 32, 32, generator=generator), torch.randn(1, 4, 7, 9, generator=generator)
+    context, image = torch.randn(2, 5, 16, generator=generator), torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    ids = torch.randint(100, (2, 12), generator=generator)
+    unet, vae, text = networks["unet"], networks["vae"], networks["text"]
+    with torch.no_grad():
+        return [unet(latents.to(dtype), torch.tensor([3, 700]), context.to(dtype)),
+                unet(odd.to(dtype), torch.tensor([500]), context[:1].to(dtype)),
+                vae.decode(latents[:1, :, :16, :16].to(dtype)), vae.encode(image.to(dtype)).mean,
+                text(ids), text(ids, clip_skip=2)]
+
+
+@pytest.mark.parametrize("linear_projection", [False, True], ids=["sd1-conv", "sd2-linear"])
+def test_prepared_networks_compute_what_the_plain_ones_do(linear_projection):
+    """float32: the prepared layers are the same maps summed in another order (oneDNN's 1x1
+    convolutions, the folded upsample's summed taps, channels-last kernels), so they agree to
+    rtol 1e-4 / atol 1e-5. bf16: within 3% of the output's range of the float32 answer, as
+    the plain bf16 networks are."""
+    plain = tiny_networks(linear_projection)
+    exact = run_all(plain, torch.float32)
+    prepared = {name: prepare(copy.deepcopy(network), "cpu", torch.float32) for name, network in plain.items()}
+    for got, want in zip(run_all(prepared, torch.float32), exact):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for networks in (prepared, plain):
+        half = {name: network.to(torch.bfloat16) for name, network in networks.items()}
+        for got, want in zip(run_all(half, torch.bfloat16), exact):
+            assert got.dtype == torch.bfloat16
+            assert (got.float() - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_prepare_swaps_layers_in_place_and_keeps_every_weight():
+    networks = tiny_networks()
+    before = {name: {k: v.clone() for k, v in network.state_dict().items()} for name, network in networks.items()}
+    for name, network in networks.items():
+        assert prepare(network, "cpu", torch.float32) is network
+        state = network.state_dict()
+        assert list(state) == list(before[name])
+        assert all(torch.equal(state[k], v) for k, v in before[name].items())
+    unet, vae = networks["unet"], networks["vae"]
+    assert type(unet.input_blocks[1][1].transformer_blocks[0].attn1) is layers.ChunkedAttention
+    assert type(unet.time_embed[0]) is layers.OneDNNLinear and type(networks["text"].final_layer_norm) is torch.nn.LayerNorm
+    assert type(vae.decoder) is layers.InPlaceDecoder and type(vae.decoder.up[1].upsample) is layers.FoldedVAEUpsample
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(type(m) in layers.FAST_LAYERS for network in networks.values() for m in network.modules())
+
+
+def test_prepare_is_idempotent():
+    networks = tiny_networks()
+    for network in networks.values():
+        prepare(network, "cpu", torch.bfloat16)
+    classes = {name: [type(m) for m in network.modules()] for name, network in networks.items()}
+    storage = {name: [p.data_ptr() for p in network.parameters()] for name, network in networks.items()}
+    once = run_all(networks, torch.bfloat16)
+    for name, network in networks.items():
+        prepare(network, "cpu", torch.bfloat16)
+        assert [type(m) for m in network.modules()] == classes[name]
+        assert [p.data_ptr() for p in network.parameters()] == storage[name]  # nothing copied again
+    for got, want in zip(run_all(networks, torch.bfloat16), once):
+        assert torch.equal(got, want)
+
+
+def test_plain_networks_train():
+    """Training builds the plain networks and never prepares them: gradients reach every weight."""
+    networks = {name: network.train() for name, network in tiny_networks().items()}
+    generator = torch.Generator().manual_seed(2)
+    latents, context = torch.randn(2, 4, 32, 32, generator=generator), torch.randn(2, 5, 16, generator=generator)
+    image = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
+    losses = [networks["unet"](latents, torch.tensor([3, 700]), context).square().mean(),
+              networks["vae"](image)[0].square().mean(),
+              networks["text"](torch.randint(100, (2, 12), generator=generator)).square().mean()]
+    sum(losses).backward()
+    for name, network in networks.items():
+        # The VAE's forward decodes a sample: its encoder's and decoder's weights all take part.
+        missing = [k for k, p in network.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
+        assert not missing, f"{name}: no gradient for {missing[:5]}"
+
+
+MODELS = Path(diffuse.models.__file__).parent
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.py")), ids=lambda p: p.name)
+def test_no_model_file_imports_runtime_or_speedups(path):
+    """The networks are plain PyTorch; how they run fast lives above them (read from the source,
+    so an import under TYPE_CHECKING or inside a function counts too)."""
+    imported = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "diffuse.models" if node.level == 1 else "diffuse" if node.level == 2 else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            imported += [module] + [f"{module}.{alias.name}" for alias in node.names]
+    forbidden = [name for name in imported
+                 if name.startswith(("diffuse.runtime", "diffuse.speedups", "diffuse.kernels"))]
+    assert not forbidden, f"{path.name} imports {forbidden}"
 
 
 # Allocates and frees 64 MB twelve times in a worker thread (as the server generates),

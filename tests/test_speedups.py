@@ -5,7 +5,8 @@ import torch
 
 import diffuse
 from diffuse.metadata import parse_infotext
-from diffuse.speedups import DeepCache, Speedups, TokenMerging
+from diffuse.models.unet import BasicTransformerBlock
+from diffuse.speedups import DeepCache, DrivenUNet, Speedups, TokenMergedBlock, TokenMerging
 
 PROMPT = "a red circle above a blue square"
 
@@ -16,15 +17,18 @@ def pipe(reference_folders):
 
 
 def count_unet_batches(pipe, monkeypatch) -> list[int]:
-    """Record the batch size of every UNet call."""
+    """Record the batch size of every UNet call (its first convolution runs on every call,
+    also on those the deep-feature cache drives block by block)."""
     sizes = []
-    original = type(pipe.unet).forward
+    conv_in = type(pipe.unet.input_blocks[0][0])
+    original = conv_in.forward
 
     def spy(self, latents, *args, **kwargs):
-        sizes.append(latents.shape[0])
+        if self is pipe.unet.input_blocks[0][0]:
+            sizes.append(latents.shape[0])
         return original(self, latents, *args, **kwargs)
 
-    monkeypatch.setattr(type(pipe.unet), "forward", spy)
+    monkeypatch.setattr(conv_in, "forward", spy)
     return sizes
 
 
@@ -58,8 +62,8 @@ def test_a_cached_call_on_the_same_input_gives_the_full_answer(pipe):
     try:
         with torch.no_grad():
             full = unet(x, t, context)
-            cache = DeepCache(interval=3, depth=2)
-            outputs = [unet(x, t, context, cache=cache) for _ in range(4)]
+            cache = DeepCache(unet, interval=3, depth=2)
+            outputs = [cache(x, t, context) for _ in range(4)]
     finally:
         hook.remove()
     assert len(deep_calls) == 1 + 2  # the uncached call, then calls 0 and 3 of the cache
@@ -70,11 +74,11 @@ def test_a_cached_call_on_the_same_input_gives_the_full_answer(pipe):
 def test_the_cache_refills_when_the_batch_changes(pipe):
     unet = pipe.unet
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, unet.cfg.context_dim)
-    cache = DeepCache(interval=10, depth=1)
+    cache = DeepCache(unet, interval=10, depth=1)
     with torch.no_grad():
-        unet(x, torch.tensor([400]), context, cache=cache)
+        cache(x, torch.tensor([400]), context)
         assert cache.features.shape[0] == 2
-        unet(x[:1], torch.tensor([300]), context[:1], cache=cache)  # guidance cut off: batch 1
+        cache(x[:1], torch.tensor([300]), context[:1])  # guidance cut off: batch 1
     assert cache.features.shape[0] == 1
 
 
@@ -146,6 +150,43 @@ def test_token_merging_in_a_generation(pipe, monkeypatch):
     assert merged[0].images[0].tobytes() == merged[1].images[0].tobytes()  # the seed still fixes the image
     assert merged[0].images[0].tobytes() != plain.images[0].tobytes()
     assert parse_infotext(merged[0].infotexts[0])["Token merging ratio"] == "0.5"
+
+
+def test_driven_unet_without_speedups_is_the_unet(pipe):
+    unet = pipe.unet
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, unet.cfg.context_dim)
+    with torch.no_grad():
+        assert torch.equal(DrivenUNet(unet, Speedups(), (8, 8))(x, torch.tensor([400]), context),
+                           unet(x, torch.tensor([400]), context))
+
+
+def test_token_merging_wraps_the_blocks_for_one_call_only(pipe, monkeypatch):
+    """The merged self-attention is swapped in while a call runs and the UNet's own blocks are
+    back afterwards, also when the call fails; the merging draws only on the latent-sized maps."""
+    unet = pipe.unet
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    driven = DrivenUNet(unet, Speedups(token_merging=0.5), (8, 8))
+    seen = []
+    original = TokenMergedBlock.forward
+
+    def spy(self, x, context):
+        seen.append(x.shape[1])
+        return original(self, x, context)
+
+    monkeypatch.setattr(TokenMergedBlock, "forward", spy)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, unet.cfg.context_dim)
+    state = driven.state()
+    with torch.no_grad():
+        merged = driven(x, torch.tensor([400]), context)
+        assert len(seen) == len(blocks) and 64 in seen
+        assert [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)] == blocks
+        assert not any(isinstance(m, TokenMergedBlock) for m in unet.modules())
+        assert not torch.equal(merged, unet(x, torch.tensor([400]), context))
+        driven.restore(state)
+        assert torch.equal(driven(x, torch.tensor([400]), context), merged)  # the same corners again
+        with pytest.raises(RuntimeError):
+            driven(x, torch.tensor([400]), context[:, :, :3])  # a context of the wrong width
+    assert not any(isinstance(m, TokenMergedBlock) for m in unet.modules())
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -25,16 +25,19 @@ from diffuse.checkpoints.unet_layout import (
 )
 from diffuse.models.configs import SD1, SD2, UNetConfig
 from diffuse.models.unet import UNet
+from diffuse.runtime import prepare
 
 
 
-def ours_from(reference) -> UNet:
-    """Our UNet built on the meta device and filled with the reference's weights (strictly)."""
+def ours_from(reference, prepared: bool = True) -> UNet:
+    """Our UNet built on the meta device and filled with the reference's weights (strictly),
+    prepared for inference as the loader does unless `prepared` is False (the plain network
+    training uses)."""
     cfg = config_from_diffusers(reference.config)
     with torch.device("meta"):
         model = UNet(cfg)
     model.load_state_dict(from_diffusers(reference.state_dict(), cfg), assign=True, strict=True)
-    return model.eval()
+    return prepare(model.eval(), "cpu", next(model.parameters()).dtype) if prepared else model.eval()
 
 
 def inputs(cfg: UNetConfig, batch: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +66,9 @@ def reference(reference_pipes, style):
     ((16, 24), torch.tensor(250.0)),  # a 0-d float tensor (schedulers may step at fractional t)
     ((20, 12), torch.tensor([1, 700])),  # sides that the down path halves to odd sizes
 ])
-def test_matches_diffusers(reference, size, timesteps):
-    model = ours_from(reference)
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_matches_diffusers(reference, size, timesteps, prepared):
+    model = ours_from(reference, prepared)
     latents, context = inputs(model.cfg, 2, *size)
     with torch.no_grad():
         got = model(latents, timesteps, context)
@@ -76,7 +80,7 @@ def test_matches_diffusers(reference, size, timesteps):
 
 def test_bf16_is_as_close_to_fp32_as_diffusers_bf16(reference):
     """In bf16 the timestep features are still computed in fp32, then cast, as diffusers does.
-    Our bf16 path folds the upsample convolutions (diffuse.models.upsample), so it rounds
+    Our bf16 path folds the upsample convolutions (diffuse.runtime.upsample), so it rounds
     differently from diffusers' bf16: the test is that it lands as close to the exact fp32
     answer as diffusers' bf16 does (within 1.5x of its error; both are ~2% of the output's range)."""
     bf16_reference = copy.deepcopy(reference).to(torch.bfloat16)  # the fixture is shared: cast a copy

@@ -23,16 +23,19 @@ from diffuse.checkpoints.vae_layout import (
 )
 from diffuse.models.configs import SD1
 from diffuse.models.vae import AutoencoderKL
+from diffuse.runtime import prepare
 
 
 
-def ours_from(reference) -> AutoencoderKL:
-    """Our VAE built on the meta device and filled with the reference's weights (strictly)."""
+def ours_from(reference, prepared: bool = True) -> AutoencoderKL:
+    """Our VAE built on the meta device and filled with the reference's weights (strictly),
+    prepared for inference as the loader does unless `prepared` is False (the plain network
+    training uses)."""
     cfg = config_from_diffusers(dict(reference.config))
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
     model.load_state_dict(from_diffusers(reference.state_dict(), cfg), assign=True, strict=True)
-    return model.eval()
+    return prepare(model.eval(), "cpu", torch.float32) if prepared else model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +48,19 @@ def ours(reference) -> AutoencoderKL:
     return ours_from(reference)
 
 
+@pytest.fixture(scope="module")
+def plain(reference) -> AutoencoderKL:
+    return ours_from(reference, prepared=False)
+
+
 def images(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 32, 48)], ids=["square", "non-square"])
-def test_encode_matches_diffusers(ours, reference, shape):
+def test_encode_matches_diffusers(ours, plain, reference, shape, prepared):
+    ours = ours if prepared else plain
     x = images(*shape)
     with torch.no_grad():
         got = ours.encode(x)
@@ -64,7 +74,9 @@ def test_encode_matches_diffusers(ours, reference, shape):
     assert errors["kl"] <= TOL * got.mean[0].numel()
 
 
-def test_decode_matches_diffusers(ours, reference):
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_decode_matches_diffusers(ours, plain, reference, prepared):
+    ours = ours if prepared else plain
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = ours.decode(latents)

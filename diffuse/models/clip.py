@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import Linear
-from .configs import TextEncoderConfig
+from diffuse.models.configs import TextEncoderConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -47,10 +46,10 @@ class CausalSelfAttention(nn.Module):
         if cfg.width % cfg.heads != 0:
             raise ValueError(f"text encoder width {cfg.width} is not divisible by its {cfg.heads} heads")
         self.heads = cfg.heads
-        self.q_proj = Linear(cfg.width, cfg.width)
-        self.k_proj = Linear(cfg.width, cfg.width)
-        self.v_proj = Linear(cfg.width, cfg.width)
-        self.out_proj = Linear(cfg.width, cfg.width)
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -69,8 +68,8 @@ class MLP(nn.Module):
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"unsupported text encoder activation {cfg.activation!r}; expected one of {sorted(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[cfg.activation]
-        self.fc1 = Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = Linear(cfg.mlp_width, cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(x)))

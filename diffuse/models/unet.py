@@ -26,18 +26,12 @@ in diffuse.checkpoints.unet_layout.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.configs import UNetConfig
-from diffuse.models.upsample import upsample_conv
-from diffuse.runtime import Linear, attention, memory_layout
-
-if TYPE_CHECKING:
-    from diffuse.speedups import DeepCache, Merge, TokenMerging
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -52,6 +46,14 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last if x is stored that way (and that is not also standard order), else standard:
+    a block that reshapes its input hands back the layout it was given."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class ResBlock(nn.Module):
     """norm-SiLU-conv, add the projected timestep embedding, norm-SiLU-conv, plus a residual."""
 
@@ -62,7 +64,7 @@ class ResBlock(nn.Module):
             nn.SiLU(),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(time_embed_dim, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(cfg.norm_groups, out_channels, eps=cfg.norm_eps),
             nn.SiLU(),
@@ -85,18 +87,20 @@ class Attention(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.to_q = Linear(dim, dim, bias=False)
-        self.to_k = Linear(context_dim, dim, bias=False)
-        self.to_v = Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(Linear(dim, dim))  # a Sequential so the names read `to_out.0`
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential so the names read `to_out.0`
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def qkv(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from x, keys and values from context (or x), each [B, heads, N, d]."""
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        # [B, N, heads*d] -> [B, heads, N, d]
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        out = F.scaled_dot_product_attention(*self.qkv(x, context))
+        return self.to_out(out.transpose(1, 2).flatten(2))  # [B, heads, N, d] -> [B, N, heads*d]
 
 
 class GEGLU(nn.Module):
@@ -104,7 +108,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
-        self.proj = Linear(dim, 2 * inner_dim)
+        self.proj = nn.Linear(dim, 2 * inner_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -115,7 +119,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         # Index 1 was dropout in training; the output projection stays `net.2`.
-        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -133,12 +137,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor, merging: tuple[Merge, Merge] | None = None) -> Tensor:
-        if merging is None:
-            x = self.attn1(self.norm1(x)) + x
-        else:  # self-attention over fewer, merged positions (diffuse.speedups.TokenMerging)
-            merge, unmerge = merging
-            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -156,13 +156,13 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"{channels} channels do not split into {heads} attention heads")
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
-        self.proj_in = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, cfg.context_dim, heads) for _ in range(cfg.transformer_depth)
         )
-        self.proj_out = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x)
@@ -172,13 +172,13 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context, merging.plan(x, h, w) if merging is not None else None)
+            x = block(x, context)
         if self.linear:
             x = self.proj_out(x)
-        # Back to [B, C, H, W] in the layout the block came in with: [B, H, W, C] permuted
-        # already is channels-last; a standard-layout input gets a standard-layout copy
-        # (the conv below and the next GroupNorm would otherwise run on a strided view).
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_layout(residual))
+        # Back to [B, C, H, W] in the layout the block came in with: the permuted view already
+        # is channels-last; a standard-layout input gets a standard-layout copy, so the conv
+        # below and the next GroupNorm never run on a strided view.
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(residual))
         if not self.linear:
             x = self.proj_out(x)
         return x + residual
@@ -201,26 +201,29 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, size: torch.Size) -> Tensor:
         # Upsampling to the size of the skip it will meet (2x, or 2x-1 where the
         # down path halved an odd side) lets any latent size through.
-        if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            return upsample_conv(x, self.conv)
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-def run_block(
-    block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor, upsample_size: torch.Size | None = None,
-    merging: TokenMerging | None = None,
-) -> Tensor:
-    """One input/middle/output block: each layer takes what it needs of (timestep, text)."""
+def run_block(block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor,
+              upsample_size: torch.Size | None = None) -> Tensor:
+    """One input, middle or output block: each layer takes what it needs of (timestep, text)."""
     for layer in block:
         if isinstance(layer, ResBlock):
             h = layer(h, emb)
         elif isinstance(layer, SpatialTransformer):
-            h = layer(h, context, merging)
+            h = layer(h, context)
         elif isinstance(layer, Upsample):
             h = layer(h, upsample_size)
         else:
             h = layer(h)
     return h
+
+
+def run_output_block(block: nn.ModuleList, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor) -> Tensor:
+    """One output block on h joined with the last skip (taken off `skips`); an upsample at its
+    end reaches the size of the skip the next block meets."""
+    h = torch.cat([h, skips.pop()], dim=1)
+    return run_block(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
 
 
 class UNet(nn.Module):
@@ -232,7 +235,7 @@ class UNet(nn.Module):
         ch0, emb_dim = cfg.model_channels, cfg.time_embed_dim
         levels = len(cfg.channel_mult)
 
-        self.time_embed = nn.Sequential(Linear(ch0, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         # Down path. skip_channels records each block's output width, which the up
         # path meets again, in reverse, through its skip connections.
@@ -274,45 +277,22 @@ class UNet(nn.Module):
             nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
 
-    def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor,
-                cache: DeepCache | None = None, merging: TokenMerging | None = None) -> Tensor:
-        """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
-        -> noise prediction [B, out_channels, H, W].
-
-        With a `cache` (diffuse.speedups), the deep blocks run only on the cache's full calls;
-        in between, their last output is reused and only the shallow blocks run. With
-        `merging`, self-attention on the maps it covers runs on merged positions."""
+    def embed_time(self, timesteps: Tensor | float | int, latents: Tensor) -> Tensor:
+        """The timestep embedding [B, time_embed_dim] every ResBlock adds, for timesteps [B] or
+        one for the whole batch of latents."""
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         t_features = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
-        emb = self.time_embed(t_features)
+        return self.time_embed(t_features)
 
-        # The first `shallow` input blocks and the last `shallow` output blocks (which take
-        # exactly their skips) always run; the rest is the deep part.
-        blocks = len(self.input_blocks)
-        shallow = blocks if cache is None else min(cache.depth, self.cfg.num_res_blocks + 1)
-        skips, h = [], latents
-        for block in self.input_blocks[:shallow]:
-            h = run_block(block, h, emb, context, merging=merging)
+    def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor) -> Tensor:
+        """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
+        -> noise prediction [B, out_channels, H, W]."""
+        emb = self.embed_time(timesteps, latents)
+        h, skips = latents, []
+        for block in self.input_blocks:
+            h = run_block(block, h, emb, context)
             skips.append(h)
-        if cache is not None and cache.reuse(latents.shape[0]):
-            h = cache.features
-        else:
-            for block in self.input_blocks[shallow:]:
-                h = run_block(block, h, emb, context, merging=merging)
-                skips.append(h)
-            h = run_block(self.middle_block, h, emb, context, merging=merging)
-            h = self._up(self.output_blocks[: blocks - shallow], h, skips, emb, context, merging)
-            if cache is not None:
-                cache.features = h
-        h = self._up(self.output_blocks[blocks - shallow :], h, skips, emb, context, merging)
+        h = run_block(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = run_output_block(block, h, skips, emb, context)
         return self.out(h)
-
-    @staticmethod
-    def _up(output_blocks, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor,
-            merging: TokenMerging | None) -> Tensor:
-        for block in output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            # An upsample at the end of this block must reach the next skip's size.
-            h = run_block(block, h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None,
-                          merging=merging)
-        return h

@@ -23,21 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.configs import VAEConfig
-from diffuse.models.upsample import upsample_conv
-from diffuse.runtime import attention
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     # The autoencoder normalises with a much smaller eps than the UNet (1e-6 vs 1e-5).
     return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """SiLU(norm(x)). Without autograd the SiLU overwrites the norm's fresh output instead of
-    allocating one more map: the decoder's full-resolution maps are 64 MB each at 512x512 in
-    bf16 (SD1.5 decode, interleaved: 6.53 s -> 6.04 s; within the full bench's run-to-run
-    spread, bench/RESULTS.md)."""
-    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
 class DiagonalGaussian:
@@ -90,11 +80,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(norm_silu(self.norm1, x))
-        h = self.conv2(norm_silu(self.norm2, h))
-        if torch.is_grad_enabled():
-            return self.nin_shortcut(x) + h
-        return h.add_(self.nin_shortcut(x))  # into the convolution's fresh output, as above
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -112,17 +100,15 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of the normalised map, each [B, 1 head, H*W, C]."""
         b, c, h, w = x.shape
         normed = self.norm(x)
+        return tuple(proj(normed).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
 
-        def as_sequence(t: Tensor) -> Tensor:  # [B, C, H, W] -> [B, 1 head, H*W, C]
-            return t.reshape(b, 1, c, h * w).transpose(2, 3)
-
-        q, k, v = (as_sequence(proj(normed)) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v)  # scaled by 1/sqrt(C), as the original
-        out = out.transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.scaled_dot_product_attention(*self.qkv(x))  # scaled by 1/sqrt(C), as the original
+        return x + self.proj_out(out.transpose(2, 3).reshape(x.shape))
 
 
 class Downsample(nn.Module):
@@ -142,7 +128,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv(x, self.conv)  # = self.conv(2x nearest upsample of x), cheaper
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
@@ -210,7 +196,7 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)
         x = self.mid(x)
-        return self.conv_out(norm_silu(self.norm_out, x))
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -239,7 +225,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(norm_silu(self.norm_out, x))
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class AutoencoderKL(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffuse.runtime import memory_layout
+from diffuse.models.unet import memory_format_of
 
 
 def _fold_rows(weight: Tensor, phase: int, dim: int) -> Tensor:
@@ -39,11 +39,10 @@ def phase_kernels(weight: Tensor) -> Tensor:
 
 
 # Below this many source pixels the 2x2 convolution's kernels run so far under the CPU's
-# peak that the plain path is faster (measured: 1280 channels from 8x8, 35 ms plain vs 65 ms).
+# peak that the plain path is faster (bench/RESULTS.md).
 MIN_SOURCE_PIXELS = 256
 
-# Where the folding pays. On a GPU (H100, cuDNN, SD1.5 at 512x512) it saved nothing
-# measurable, and in bf16 one run of the UNet took 30.7 ms folded against 22.7 ms plain.
+# Where the folding pays: on a GPU, cuDNN ran the plain path as fast or faster (bench/RESULTS.md).
 FOLD_ON_DEVICES = ("cpu",)
 
 
@@ -68,15 +67,15 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
         all_phases.storage_offset())
     # The output keeps the layout the convolution chose (channels-last when its weights are).
     out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=all_phases.dtype, device=x.device,
-                      memory_format=memory_layout(all_phases))
+                      memory_format=memory_format_of(all_phases))
     out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).copy_(phases_in_output_order)
     return out
 
 
 def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
-    """The phase kernels and repeated bias. Folding a 1280-channel kernel costs ~100 ms, as much
-    as the convolution, so for inference they are kept on the module until its weights change
-    (in-place edits bump the tensor's version, loading replaces the tensor). While training,
+    """The phase kernels and repeated bias. Folding a large kernel costs about as much as the
+    convolution, so for inference they are kept on the module until its weights change
+    (in-place edits bump the tensor's version, loading replaces the tensor). Under autograd
     they are folded on every call, so gradients flow to the 3x3 weights."""
     weight, bias = conv.weight, conv.bias
     if torch.is_grad_enabled() and weight.requires_grad:
@@ -86,7 +85,7 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     cached = getattr(conv, "_phase_cache", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            kernels = phase_kernels(weight).contiguous(memory_format=memory_layout(weight))
+            kernels = phase_kernels(weight).contiguous(memory_format=memory_format_of(weight))
             cached = (key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
     return cached[1], cached[2]

@@ -1,0 +1,22 @@
+"""How the networks run on this machine: the device and precision chosen for them, and
+prepare(), which makes them fast for inference at load time so the model files stay
+plain PyTorch.
+
+- dtype "auto" (the default of `load_pipeline`) is bfloat16 on a CPU with native bf16
+  dot products (AVX512-BF16 or AMX; oneDNN reports it) and on a CUDA GPU that has it,
+  float16 on an older GPU, float32 otherwise. bf16 keeps float32's range, so the
+  networks need no overflow care; the sampler's arithmetic and the latents stay float32
+  whatever the networks use (the pipeline converts at the network boundary).
+- prepare(module, device, dtype) (diffuse.runtime.layers) lays convolution weights out
+  channels-last on the CPU and swaps in: linear layers as oneDNN 1x1 convolutions,
+  attention as explicit chunked matmuls with a C softmax in bf16 (diffuse.kernels), the
+  2x upsample folded into 2x2 convolutions at the low resolution (diffuse.runtime.upsample),
+  and the VAE's SiLU and residual add in place.
+- On Linux with glibc, freed memory is kept for the next allocation (keep_freed_memory).
+"""
+
+from diffuse.runtime.device import auto_dtype, cpu_has_bf16, keep_freed_memory, resolve_device, resolve_dtype
+from diffuse.runtime.layers import inference_layout, prepare
+
+__all__ = ["auto_dtype", "cpu_has_bf16", "inference_layout", "keep_freed_memory", "prepare", "resolve_device",
+           "resolve_dtype"]

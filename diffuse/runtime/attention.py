@@ -1,0 +1,43 @@
+"""Attention in bf16 on the CPU as two plain matmuls and a softmax per head.
+
+PyTorch's fused CPU kernel runs far under the bf16 matmul peak on SD's 40-wide heads, and
+the explicit form was faster on every SD1.5 shape measured (bench/RESULTS.md). Its scores
+are rounded to bf16 before the softmax, so it is less exact than the fused kernel, which
+stays the path for float32 (the exact one), for GPUs and under autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffuse import kernels
+
+# The most query x key scores one head's matmul makes at a time (4 MB in bf16): longer
+# queries go in row chunks, so memory stays bounded at any image size and the scores are
+# still in cache when the softmax and the second matmul read them (the size that ran
+# fastest, bench/RESULTS.md).
+MAX_SCORES = 2**21
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for [B, heads, N, d] queries and [B, heads, M, d] keys
+    and values (any strides), as [B, heads, N, d_v]; the softmax is diffuse.kernels' C
+    kernel where this machine builds it, since PyTorch's spends its time on float32-exact
+    exps for a bf16 result."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v)
+    batch, heads, n, d = q.shape
+    q = q * d**-0.5
+    # Written as [B, N, heads, d_v], the layout the caller flattens the heads back into.
+    out = torch.empty((batch, n, heads, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(1, 2)
+    rows = max(1, MAX_SCORES // k.shape[2])
+    for b in range(batch):
+        for h in range(heads):
+            keys_t, values = k[b, h].transpose(0, 1), v[b, h]
+            for start in range(0, n, rows):
+                scores = torch.matmul(q[b, h, start : start + rows], keys_t)
+                if not kernels.softmax_bf16_(scores):
+                    scores = scores.softmax(-1)
+                out[b, h, start : start + rows] = torch.matmul(scores, values)
+    return out
