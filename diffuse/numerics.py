@@ -8,9 +8,10 @@ in float32; in float32 it is an error (NonFiniteError) and no image is made.
 The float32 component is the same module cast in place, up and back down (in_float32): a
 weight loaded in bf16 or fp16 is exactly representable in float32, so the round trip is
 lossless, keeps each tensor's memory layout (channels-last kernels stay so) and costs one
-float32 copy of that network alone, where a separate float32 copy would hold both (SD1.5's
-UNet: 1.7 GB bf16 plus 3.4 GB float32). Derived weights follow by themselves: the folded
-upsample kernels (diffuse.models.upsample) are keyed on their weight's storage and dtype.
+float32 copy of that network alone, where a separate float32 copy would keep both in memory
+for the whole run. Derived weights follow by themselves: the folded upsample kernels
+(diffuse.runtime.upsample) are keyed on their weight's storage and dtype, and the layers
+diffuse.runtime.prepare swapped in pick their path by the dtype of each call.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ first use with the machine's C compiler and loaded with ctypes.
 
 There is one: softmax_bf16.c, a bf16 softmax for the attention (see there for why). It is
 built once into the cache folder ($DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else
-~/.cache/diffuse) under a name that hashes its source and flags, which takes about a
-second; later processes load the built file. Where it can't be used (no compiler, not
+~/.cache/diffuse) under a name that hashes its source and flags; later processes load the
+built file. Where it can't be used (no compiler, not
 Linux on x86-64, a CPU without AVX512-BF16, DIFFUSE_KERNELS=0), `softmax_bf16_` returns
 False and the caller uses PyTorch's softmax; `status()` says which and why.
 """

@@ -1,7 +1,7 @@
 /* Softmax over the rows of a bfloat16 matrix, in place, for AVX-512 CPUs with bf16.
 
-   The attention of a bf16 UNet on the CPU spends about as long in its softmax as in
-   its two matmuls (SD1.5 at 512: 4096 x 4096 scores per head). PyTorch's softmax
+   The attention of a bf16 UNet on the CPU spends much of its time in its softmax
+   (SD1.5 at 512: 4096 x 4096 scores per head; bench/RESULTS.md). PyTorch's softmax
    computes each exp to float32 accuracy, and that exp is most of the time; its result
    is then rounded to bf16, which keeps 8 bits. This kernel computes the exp with a
    degree-4 polynomial (relative error 2.6e-6, a thousandth of bf16's rounding) and
