@@ -3,6 +3,7 @@ channels-last layout, the upsample convolution computed at low resolution, linea
 as 1x1 convolutions, prepare() swapping them in, and malloc keeping freed memory."""
 
 import ast
+import contextlib
 import copy
 import ctypes
 import os
@@ -274,6 +275,22 @@ def test_prepare_is_idempotent():
         assert [p.data_ptr() for p in network.parameters()] == storage[name]  # nothing copied again
     for got, want in zip(run_all(networks, torch.bfloat16), once):
         assert torch.equal(got, want)
+
+
+def test_a_prepared_network_cast_up_in_place_runs_the_float32_path():
+    """diffuse.numerics retries a bf16 network in float32 by casting its weights in place: the
+    swapped-in layers pick their path per call, so it then computes exactly what a network
+    prepared in float32 from the same weights does (the folded upsample's kernels refolded)."""
+    from diffuse.numerics import in_float32
+
+    half = {name: prepare(network, "cpu", torch.bfloat16) for name, network in tiny_networks().items()}
+    run_all(half, torch.bfloat16)  # folds the upsample kernels in bf16 first
+    full = {name: prepare(copy.deepcopy(network), "cpu", torch.float32) for name, network in half.items()}
+    with contextlib.ExitStack() as stack:
+        for network in half.values():
+            stack.enter_context(in_float32(network))
+        for got, want in zip(run_all(half, torch.float32), run_all(full, torch.float32)):
+            assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_plain_networks_train():
