@@ -82,7 +82,7 @@ class DeepCache:
         self.calls += 1
         return not due and self.features is not None and self.features.shape[0] == batch
 
-    def __call__(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor) -> Tensor:
+    def __call__(self, latents: Tensor, timesteps: Tensor | float, context: Tensor) -> Tensor:
         unet = self.unet
         emb = unet.embed_time(timesteps, latents)
         # The first `shallow` input blocks and the last `shallow` output blocks (which take

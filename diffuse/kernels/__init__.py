@@ -55,7 +55,7 @@ def build(source: Path, folder: Path, compiler: str) -> Path:
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             built = Path(scratch) / library.name
             result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)],
-                                    capture_output=True, text=True, timeout=COMPILE_SECONDS)
+                                    capture_output=True, text=True, timeout=COMPILE_SECONDS, check=False)
             if result.returncode != 0:
                 lines = result.stderr.strip().splitlines() or ["no message"]
                 first_error = next((line for line in lines if "error" in line), lines[-1])

@@ -277,14 +277,14 @@ class UNet(nn.Module):
             nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
 
-    def embed_time(self, timesteps: Tensor | float | int, latents: Tensor) -> Tensor:
+    def embed_time(self, timesteps: Tensor | float, latents: Tensor) -> Tensor:
         """The timestep embedding [B, time_embed_dim] every ResBlock adds, for timesteps [B] or
         one for the whole batch of latents."""
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         t_features = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
         return self.time_embed(t_features)
 
-    def forward(self, latents: Tensor, timesteps: Tensor | float | int, context: Tensor) -> Tensor:
+    def forward(self, latents: Tensor, timesteps: Tensor | float, context: Tensor) -> Tensor:
         """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
         -> noise prediction [B, out_channels, H, W]."""
         emb = self.embed_time(timesteps, latents)

@@ -18,6 +18,8 @@ stripped. diffusers' names are mapped in diffuse.checkpoints.vae_layout.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -150,7 +152,7 @@ class EncoderLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, downsample: bool):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:]))
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in itertools.pairwise(channels))
         self.downsample = Downsample(out_channels) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,7 +167,7 @@ class DecoderLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, upsample: bool):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:]))
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in itertools.pairwise(channels))
         self.upsample = Upsample(out_channels) if upsample else None
 
     def forward(self, x: Tensor) -> Tensor:
