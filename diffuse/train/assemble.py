@@ -43,6 +43,7 @@ from diffuse.models.configs import PipelineConfig, VAEConfig
 from diffuse.models.vae import AutoencoderKL
 from diffuse.pipeline import Pipeline
 from diffuse.preview import fit_preview_matrix
+from diffuse.runtime import prepare
 from diffuse.samplers.schedule import NoiseSchedule
 from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.tokenizer import CLIPTokenizer
@@ -101,6 +102,8 @@ def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Pa
     config = PipelineConfig(name=source.name, text_encoder=text_config, unet=unet_config, vae=vae_config,
                             prediction_type=unet_extra["prediction_type"], pad_token_id=text_extra["pad_token_id"],
                             sample_size=unet_extra["sample_size"])
+    # Prepared as the loader prepares a model, so the preview fit and the evaluation run what users run.
+    text_encoder, unet, vae = (prepare(net, "cpu", torch.float32) for net in (text_encoder, unet, vae))
     pipe = Pipeline(tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id), text_encoder=text_encoder,
                     unet=unet, vae=vae, config=config, source=source,
                     preview_matrix=fit_vae_preview(vae, vae_config, config.image_size, preview_samples))
