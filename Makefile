@@ -21,6 +21,8 @@ run: $(BIN)/.installed
 	$(BIN)/diffuse txt2img "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --cfg-scale $(CFG) --out outputs
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
 

@@ -65,20 +65,29 @@ def bench_prompts(count: int) -> list[str]:
     """`count` held-out prompts, one-object and two-object alternating."""
     singles, pairs = heldout_prompts("singles", (count + 1) // 2), heldout_prompts("pairs", count // 2)
     mixed = [p for pair in zip(singles, pairs) for p in pair]
-    return mixed + singles[len(pairs):]
+    return mixed + singles[len(pairs) :]
 
 
-def draw(pipe: Pipeline, prompts: list[str], batch: int = 1, trace: bool = False, sampler: str = SAMPLER,
-         cfg: float = CFG) -> dict:
+def draw(
+    pipe: Pipeline, prompts: list[str], batch: int = 1, trace: bool = False, sampler: str = SAMPLER, cfg: float = CFG
+) -> dict:
     """Images (uint8 arrays) of prompts[i] with seed SEED + i, `batch` prompts per call; with
     `trace`, each image's clean-latent estimate after every step as well."""
     images, traces = [], []
     size = pipe.config.image_size
     for start in range(0, len(prompts), batch):
-        chunk, steps = prompts[start:start + batch], []
+        chunk, steps = prompts[start : start + batch], []
         callback = (lambda step, into=steps: into.append(step.denoised.float().clone())) if trace else None
-        result = pipe.txt2img(chunk, width=size, height=size, steps=STEPS, guidance_scale=cfg, sampler=sampler,
-                              seed=SEED + start, callback=callback)
+        result = pipe.txt2img(
+            chunk,
+            width=size,
+            height=size,
+            steps=STEPS,
+            guidance_scale=cfg,
+            sampler=sampler,
+            seed=SEED + start,
+            callback=callback,
+        )
         images += [np.asarray(image, dtype=np.int16) for image in result.images]
         if trace:
             traces += [torch.stack([s[i] for s in steps]) for i in range(len(chunk))]
@@ -110,8 +119,11 @@ class DecoderIn(torch.nn.Module):
 def mixed(networks: dict[str, Pipeline], text_encoder: str, unet: str, vae: str) -> Pipeline:
     """A pipeline whose text encoder, UNet and VAE come from the pipelines named ("fp32"/"bf16")."""
     base = networks[unet]
-    return dataclasses.replace(base, text_encoder=TextEncoderIn(networks[text_encoder].text_encoder, base.dtype),
-                               vae=DecoderIn(networks[vae].vae))
+    return dataclasses.replace(
+        base,
+        text_encoder=TextEncoderIn(networks[text_encoder].text_encoder, base.dtype),
+        vae=DecoderIn(networks[vae].vae),
+    )
 
 
 # ---- comparing ------------------------------------------------------------------------------------
@@ -149,11 +161,13 @@ def summary(c: dict) -> str:
     means, n = np.array(c["mean"]), len(c["mean"])
     p = np.percentile(means, [50, 90, 99])
     over = ", ".join(f">{t}: {int((means > t).sum())}" for t in THRESHOLDS)
-    return (f"mean diff /255: min {means.min():.2f}  median {p[0]:.2f}  p90 {p[1]:.2f}  p99 {p[2]:.2f}  "
-            f"max {means.max():.2f}  (images over {over})\n"
-            f"      max diff /255: median {np.median(c['max']):.0f}, max {max(c['max'])}; "
-            f"other picture: {sum(c['changed'])}/{n}; prompt-drawn-right verdict differs: "
-            f"{sum(c['verdict_changed'])}/{n} (right: {c['right'][0]} vs {c['right'][1]})")
+    return (
+        f"mean diff /255: min {means.min():.2f}  median {p[0]:.2f}  p90 {p[1]:.2f}  p99 {p[2]:.2f}  "
+        f"max {means.max():.2f}  (images over {over})\n"
+        f"      max diff /255: median {np.median(c['max']):.0f}, max {max(c['max'])}; "
+        f"other picture: {sum(c['changed'])}/{n}; prompt-drawn-right verdict differs: "
+        f"{sum(c['verdict_changed'])}/{n} (right: {c['right'][0]} vs {c['right'][1]})"
+    )
 
 
 def drift(reference: list[torch.Tensor], other: list[torch.Tensor], which: list[bool]) -> dict[int, float]:
@@ -162,19 +176,26 @@ def drift(reference: list[torch.Tensor], other: list[torch.Tensor], which: list[
     chosen = [(a, b) for a, b, keep in zip(reference, other, which) if keep]
     if not chosen:
         return {}
-    return {s: float(np.median([(b[s - 1] - a[s - 1]).norm() / a[s - 1].norm() for a, b in chosen]))
-            for s in TRACE_STEPS if s <= STEPS}
+    return {
+        s: float(np.median([(b[s - 1] - a[s - 1]).norm() / a[s - 1].norm() for a, b in chosen]))
+        for s in TRACE_STEPS
+        if s <= STEPS
+    }
 
 
 def against(path: Path, drawn: dict, prompts: list[str], settings: np.ndarray) -> dict:
     """This host's images of each dtype against another host's (--save-images) of the same prompts and settings."""
     other = np.load(path)
     if list(other["prompts"]) != prompts or list(other["settings"]) != list(settings):
-        raise ValueError(f"{path}: drawn with other prompts or settings ({[str(v) for v in other['settings']]}); "
-                         f"run both hosts with the same --prompts, --sampler and --cfg")
+        raise ValueError(
+            f"{path}: drawn with other prompts or settings ({[str(v) for v in other['settings']]}); "
+            f"run both hosts with the same --prompts, --sampler and --cfg"
+        )
     host_line = json.loads(str(other["host"]))
-    print(f"\nthis host against {path} ({host_line.get('Model name', '?')}, family {host_line.get('CPU family', '?')}, "
-          f"model {host_line.get('Model', '?')}), same dtype, same seed:")
+    print(
+        f"\nthis host against {path} ({host_line.get('Model name', '?')}, family {host_line.get('CPU family', '?')}, "
+        f"model {host_line.get('Model', '?')}), same dtype, same seed:"
+    )
     results = {}
     for name, images in drawn.items():
         results[name] = c = compare(list(other[name].astype(np.int16)), images["images"], prompts)
@@ -202,10 +223,14 @@ def host() -> dict:
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return {**fields, "machine": platform.machine(),
-            "bf16 flags": {f: f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile")},
-            "torch": torch.__version__, "cpu capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+    return {
+        **fields,
+        "machine": platform.machine(),
+        "bf16 flags": {f: f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile")},
+        "torch": torch.__version__,
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -219,26 +244,37 @@ def main() -> None:
     parser.add_argument("--sampler", default=SAMPLER, help=f"default {SAMPLER!r}, the CLI's")
     parser.add_argument("--cfg", type=float, default=CFG, help=f"guidance scale (default {CFG:g}, the Makefile's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the per-image numbers here")
-    parser.add_argument("--save-images", type=Path, default=None,
-                        help="write both dtypes' images (.npz) for another host's --against")
-    parser.add_argument("--against", type=Path, default=None,
-                        help="another host's --save-images file: how far this host's images are from its")
+    parser.add_argument(
+        "--save-images", type=Path, default=None, help="write both dtypes' images (.npz) for another host's --against"
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="another host's --save-images file: how far this host's images are from its",
+    )
     args = parser.parse_args()
     generate = functools.partial(draw, sampler=args.sampler, cfg=args.cfg)
     began = time.perf_counter()
     prompts = bench_prompts(args.prompts)
-    pipes = {"fp32": load_pipeline(DEFAULT_MODEL, dtype="float32"),
-             "bf16": load_pipeline(DEFAULT_MODEL, dtype="bfloat16")}
+    pipes = {
+        "fp32": load_pipeline(DEFAULT_MODEL, dtype="float32"),
+        "bf16": load_pipeline(DEFAULT_MODEL, dtype="bfloat16"),
+    }
     drawn = {name: generate(pipe, prompts, trace=True) for name, pipe in pipes.items()}
     info = host()
-    print(f"host: {info.get('Model name', '?')} (family {info.get('CPU family', '?')}, model {info.get('Model', '?')}, "
-          f"stepping {info.get('Stepping', '?')}), {info['machine']}, {info['threads']} threads")
+    print(
+        f"host: {info.get('Model name', '?')} (family {info.get('CPU family', '?')}, model {info.get('Model', '?')}, "
+        f"stepping {info.get('Stepping', '?')}), {info['machine']}, {info['threads']} threads"
+    )
     print(f"bf16 native: {info['bf16 flags']}; torch {info['torch']}, CPU capability {info['cpu capability']}")
     print(f"kernels: {diffuse.kernels.status()}")
-    print(f"model {DEFAULT_MODEL}: {len(prompts)} held-out prompts (scene seed 0, {(len(prompts) + 1) // 2} "
-          f"one-object, {len(prompts) // 2} two-object), seeds {SEED}..{SEED + len(prompts) - 1}, "
-          f"{pipes['fp32'].config.image_size}x{pipes['fp32'].config.image_size}, {args.sampler}, {STEPS} steps, "
-          f"cfg {args.cfg:g}")
+    print(
+        f"model {DEFAULT_MODEL}: {len(prompts)} held-out prompts (scene seed 0, {(len(prompts) + 1) // 2} "
+        f"one-object, {len(prompts) // 2} two-object), seeds {SEED}..{SEED + len(prompts) - 1}, "
+        f"{pipes['fp32'].config.image_size}x{pipes['fp32'].config.image_size}, {args.sampler}, {STEPS} steps, "
+        f"cfg {args.cfg:g}"
+    )
     main_cmp = compare(drawn["fp32"]["images"], drawn["bf16"]["images"], prompts)
     print(f"\nbf16 vs fp32, one image per call:\n      {summary(main_cmp)}")
     changed = [i for i, c in enumerate(main_cmp["changed"]) if c]
@@ -246,8 +282,13 @@ def main() -> None:
     results = {"host": info, "prompts": prompts, "bf16_vs_fp32": main_cmp}
     settings = np.array([args.sampler, str(args.cfg), str(STEPS), str(SEED)])
     if args.save_images is not None:
-        np.savez_compressed(args.save_images, prompts=np.array(prompts), settings=settings,
-                            host=np.array(json.dumps(info)), **{n: np.stack(d["images"]) for n, d in drawn.items()})
+        np.savez_compressed(
+            args.save_images,
+            prompts=np.array(prompts),
+            settings=settings,
+            host=np.array(json.dumps(info)),
+            **{n: np.stack(d["images"]) for n, d in drawn.items()},
+        )
     if args.against is not None:
         results["against"] = against(args.against, drawn, prompts, settings)
 
@@ -272,8 +313,14 @@ def main() -> None:
 
     if not args.skip_where:
         print("\nwhere it comes from: one network swapped, against fp32 (images one per call):")
-        for te, unet, vae in [("fp32", "bf16", "bf16"), ("bf16", "fp32", "bf16"), ("bf16", "bf16", "fp32"),
-                              ("bf16", "fp32", "fp32"), ("fp32", "bf16", "fp32"), ("fp32", "fp32", "bf16")]:
+        for te, unet, vae in [
+            ("fp32", "bf16", "bf16"),
+            ("bf16", "fp32", "bf16"),
+            ("bf16", "bf16", "fp32"),
+            ("bf16", "fp32", "fp32"),
+            ("fp32", "bf16", "fp32"),
+            ("fp32", "fp32", "bf16"),
+        ]:
             label = f"text encoder {te}, UNet {unet}, VAE {vae}"
             images = generate(mixed(pipes, te, unet, vae), prompts)["images"]
             results[label] = c = compare(drawn["fp32"]["images"], images, prompts)
@@ -281,14 +328,21 @@ def main() -> None:
         with torch.no_grad():
             context = {name: pipe.encode_prompt(prompts).float() for name, pipe in pipes.items()}
         relative = ((context["bf16"] - context["fp32"]).norm(dim=-1) / context["fp32"].norm(dim=-1)).flatten()
-        print(f"  text encoder context, bf16 vs fp32, per token: relative difference median {relative.median():.2e}, "
-              f"max {relative.max():.2e}")
+        print(
+            f"  text encoder context, bf16 vs fp32, per token: relative difference median {relative.median():.2e}, "
+            f"max {relative.max():.2e}"
+        )
         everyone = [True] * len(prompts)
-        for label, which in (("all images", everyone), ("other pictures", main_cmp["changed"]),
-                             ("same pictures", [not c for c in main_cmp["changed"]])):
+        for label, which in (
+            ("all images", everyone),
+            ("other pictures", main_cmp["changed"]),
+            ("same pictures", [not c for c in main_cmp["changed"]]),
+        ):
             steps = drift(drawn["fp32"]["traces"], drawn["bf16"]["traces"], which)
-            print(f"  clean-latent estimate after step n, |bf16 - fp32| / |fp32|, median over {label}: "
-                  + ", ".join(f"{s}: {v:.3f}" for s, v in steps.items()))
+            print(
+                f"  clean-latent estimate after step n, |bf16 - fp32| / |fp32|, median over {label}: "
+                + ", ".join(f"{s}: {v:.3f}" for s, v in steps.items())
+            )
     print(f"\n({time.perf_counter() - began:.0f} s)")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -20,8 +20,8 @@ import functools
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -67,8 +67,9 @@ def components(folder: Path, repeats: int) -> dict:
     for name, dtype in DTYPES.items():
         ours = diffuse.load_pipeline(folder, dtype=dtype, device=CUDA)
         unets[f"diffuse {name}"], vaes[f"diffuse {name}"] = ours.unet, ours.vae
-        unets[f"diffusers {name}"] = UNet2DConditionModel.from_pretrained(
-            folder / "unet", torch_dtype=dtype).to(CUDA).eval()
+        unets[f"diffusers {name}"] = (
+            UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(CUDA).eval()
+        )
         vaes[f"diffusers {name}"] = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).to(CUDA).eval()
     generator = torch.Generator().manual_seed(0)
     latents, context = torch.randn(2, 4, 64, 64, generator=generator), torch.randn(2, 77, 768, generator=generator)
@@ -92,7 +93,7 @@ def components(folder: Path, repeats: int) -> dict:
             tflop = {impl: count_flops(calls[f"{impl} fp32"]) / 1e12 for impl in ("diffusers", "diffuse")}
             results[what] = {"seconds": seconds_per_call(calls, repeats), "tflop": tflop}
             print(f"  {what} done", file=sys.stderr)
-    del unets, vaes
+    unets.clear(), vaes.clear()  # the closures above hold the dicts, not the networks
     torch.cuda.empty_cache()
     return results
 
@@ -111,23 +112,29 @@ def whole_images(folder: Path, repeats: int) -> dict:
                 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
                 pipe.set_progress_bar_config(disable=True)
 
-                def generate():
+                def generate(pipe=pipe):
                     generator = torch.Generator("cpu").manual_seed(SEED)
-                    return pipe(PROMPT, num_inference_steps=WHOLE_STEPS, guidance_scale=7.5,
-                                generator=generator).images[0]
+                    return pipe(
+                        PROMPT, num_inference_steps=WHOLE_STEPS, guidance_scale=7.5, generator=generator
+                    ).images[0]
             else:
                 pipe = diffuse.load_pipeline(folder, dtype=dtype, device=CUDA)
 
-                def generate():
-                    return pipe.txt2img(PROMPT, steps=WHOLE_STEPS, guidance_scale=7.5, sampler="DPM++ 2M",
-                                        seed=SEED).images[0]
+                def generate(pipe=pipe):
+                    return pipe.txt2img(
+                        PROMPT, steps=WHOLE_STEPS, guidance_scale=7.5, sampler="DPM++ 2M", seed=SEED
+                    ).images[0]
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             image = generate()
             seconds = seconds_per_call({"image": generate}, repeats)["image"]
-            results[f"{impl} {name}"] = {"seconds": seconds, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-                                         "pixels": np.asarray(image.convert("RGB"), dtype=np.float64)}
-            del pipe, generate
+            results[f"{impl} {name}"] = {
+                "seconds": seconds,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "pixels": np.asarray(image.convert("RGB"), dtype=np.float64),
+            }
+            pipe = generate = None  # frees this contender before the next loads
             torch.cuda.empty_cache()
             print(f"  whole image {impl} {name} done", file=sys.stderr)
     return results
@@ -138,13 +145,21 @@ def default_model_across_devices(count: int = 8) -> dict:
     import diffuse
     from diffuse.cli import DEFAULT_MODEL
 
-    prompts = [f"a {colour} {shape} above a {other} {second}" for colour, shape, other, second in
-               zip(["red", "green", "blue", "yellow"] * 2, ["circle", "square", "triangle", "star"] * 2,
-                   ["blue", "yellow", "red", "green"] * 2, ["square", "star", "circle", "triangle"] * 2)][:count]
+    prompts = [
+        f"a {colour} {shape} above a {other} {second}"
+        for colour, shape, other, second in zip(
+            ["red", "green", "blue", "yellow"] * 2,
+            ["circle", "square", "triangle", "star"] * 2,
+            ["blue", "yellow", "red", "green"] * 2,
+            ["square", "star", "circle", "triangle"] * 2,
+        )
+    ][:count]
 
     def images(device: torch.device, dtype: torch.dtype) -> np.ndarray:
         pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype=dtype, device=device)
-        result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=4.0, seed=SEED)  # make run's guidance
+        result = pipe.txt2img(
+            prompts, width=64, height=64, steps=20, guidance_scale=4.0, seed=SEED
+        )  # make run's guidance
         return np.stack([np.asarray(im, dtype=np.float64) for im in result.images])
 
     cpu = images(torch.device("cpu"), torch.float32)
@@ -171,8 +186,10 @@ def report(peaks: dict, parts: dict, whole: dict, default: dict) -> None:
     reference = whole["diffusers fp32"]["pixels"]
     for name, entry in whole.items():
         diff = np.abs(entry["pixels"] - reference)
-        print(f"  {name:15s} {entry['seconds']:6.2f} s   GPU memory peak {entry['peak_gb']:5.2f} GB   "
-              f"image vs diffusers fp32: mean {diff.mean():5.2f}/255, max {diff.max():3.0f}/255")
+        print(
+            f"  {name:15s} {entry['seconds']:6.2f} s   GPU memory peak {entry['peak_gb']:5.2f} GB   "
+            f"image vs diffusers fp32: mean {diff.mean():5.2f}/255, max {diff.max():3.0f}/255"
+        )
     for dtype in DTYPES:
         ratio = whole[f"diffusers {dtype}"]["seconds"] / whole[f"diffuse {dtype}"]["seconds"]
         print(f"  diffuse {dtype} is {ratio:.2f}x diffusers {dtype}")

@@ -50,15 +50,49 @@ def main() -> None:
                 ref.set_progress_bar_config(disable=True)
                 generator = torch.Generator("cpu").manual_seed(1234)
                 if kind == "txt2img":
-                    expected = ref(cases.PROMPT, num_inference_steps=cases.STEPS, height=cases.SIZE, width=cases.SIZE,
-                                   generator=generator, **settings).images
-                    got = ours[style].txt2img(cases.PROMPT, steps=cases.STEPS, width=cases.SIZE, height=cases.SIZE,
-                                              sampler=sampler, seed=1234, **settings).images
+                    expected = ref(
+                        cases.PROMPT,
+                        num_inference_steps=cases.STEPS,
+                        height=cases.SIZE,
+                        width=cases.SIZE,
+                        generator=generator,
+                        **settings,
+                    ).images
+                    got = (
+                        ours[style]
+                        .txt2img(
+                            cases.PROMPT,
+                            steps=cases.STEPS,
+                            width=cases.SIZE,
+                            height=cases.SIZE,
+                            sampler=sampler,
+                            seed=1234,
+                            **settings,
+                        )
+                        .images
+                    )
                 else:
-                    expected = ref(cases.PROMPT, image=cases.picture(), strength=0.6, num_inference_steps=cases.STEPS,
-                                   generator=generator, **settings).images
-                    got = ours[style].img2img(cases.picture(), cases.PROMPT, strength=0.6, steps=cases.STEPS,
-                                              sampler=sampler, seed=1234, **settings).images
+                    expected = ref(
+                        cases.PROMPT,
+                        image=cases.picture(),
+                        strength=0.6,
+                        num_inference_steps=cases.STEPS,
+                        generator=generator,
+                        **settings,
+                    ).images
+                    got = (
+                        ours[style]
+                        .img2img(
+                            cases.picture(),
+                            cases.PROMPT,
+                            strength=0.6,
+                            steps=cases.STEPS,
+                            sampler=sampler,
+                            seed=1234,
+                            **settings,
+                        )
+                        .images
+                    )
                 diff = int(abs(cases.pixels(got) - cases.pixels(expected)).max())
                 known = (style, sampler) in cases.DIVERGES or (kind, sampler) in cases.DIVERGES
                 row.append(f"{sampler} {diff}{' (by design)' if known else ''}")

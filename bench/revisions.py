@@ -40,9 +40,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,11 +74,22 @@ class Sizes:
     peak_repeats: int = 5
 
 
-QUICK = Sizes(rounds=1, whole_rounds=1, unet_latent=8, vae_latent=8, whole_size=64, whole_steps=2,
-              fp32_image_size=64, fp32_image_steps=2, shipped_steps=4, peak_repeats=1)
+QUICK = Sizes(
+    rounds=1,
+    whole_rounds=1,
+    unet_latent=8,
+    vae_latent=8,
+    whole_size=64,
+    whole_steps=2,
+    fp32_image_size=64,
+    fp32_image_steps=2,
+    shipped_steps=4,
+    peak_repeats=1,
+)
 
 
 # ---- the worker: one revision's diffuse, answering one request at a time ------------------------------
+
 
 class Runner:
     """Holds one loaded pipeline at a time (a worker never needs two), and the inputs of the timed calls."""
@@ -186,6 +198,7 @@ def worker_main(fd: int) -> None:
 
 # ---- the parent: revisions, workers, interleaved requests ----------------------------------------------
 
+
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -221,13 +234,21 @@ class Worker:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair()
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tree),
-                                                                                os.environ.get("PYTHONPATH")]))}
+        environment = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tree), os.environ.get("PYTHONPATH")])),
+        }
         with open(self.log, "ab") as log:  # the worker's own prints and warnings; its tail is shown if it dies
             # A session of its own: Ctrl-C reaches only the parent, which then stops the workers in order.
-            self.process = subprocess.Popen([sys.executable, __file__, "--worker", str(theirs.fileno())],
-                                            pass_fds=[theirs.fileno()], env=environment, cwd=self.tree,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=environment,
+                cwd=self.tree,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         theirs.close()
         self.connection = Connection(ours.detach())
         hello = self.connection.recv()
@@ -281,6 +302,7 @@ class Worker:
 
 # ---- measurements: timings of interleaved rounds, and outputs compared bit for bit --------------------
 
+
 @dataclasses.dataclass
 class Report:
     old: str
@@ -308,8 +330,11 @@ class Bench:
             log(f"{name} failed on {what}: the same error as above")
         else:
             bar = "!" * 100
-            print(f"\n{bar}\n{name} ({self.workers[name].label}) failed on: {what}\n{answer['error'].rstrip()}\n"
-                  f"{bar}\n", file=sys.stderr, flush=True)
+            print(
+                f"\n{bar}\n{name} ({self.workers[name].label}) failed on: {what}\n{answer['error'].rstrip()}\n{bar}\n",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
 
     def measure(self, what: str, request: dict, rounds: int, warm_up: bool = True, timed: bool = True) -> dict:
@@ -327,9 +352,17 @@ class Bench:
                     return first
                 seconds[name].append(answer["seconds"])
         old, new = (statistics.median(seconds[name]) for name in ("old", "new"))
-        self.report.timings.append({"what": what, "old_s": old, "new_s": new, "ratio": new / old,
-                                    "rounds": len(seconds["old"]), "all_old_s": seconds["old"],
-                                    "all_new_s": seconds["new"]})
+        self.report.timings.append(
+            {
+                "what": what,
+                "old_s": old,
+                "new_s": new,
+                "ratio": new / old,
+                "rounds": len(seconds["old"]),
+                "all_old_s": seconds["old"],
+                "all_new_s": seconds["new"],
+            }
+        )
         log(f"{what}: old {old:.3f} s, new {new:.3f} s, new/old {new / old:.3f}")
         return first
 
@@ -359,8 +392,10 @@ def difference(old: np.ndarray, new: np.ndarray) -> tuple[str, str]:
         return "identical", ""
     gap = np.abs(old.astype(np.float64) - new.astype(np.float64))
     unit = "/255" if old.dtype == np.uint8 else ""
-    detail = (f"max abs diff {np.nanmax(gap):.4g}{unit}, mean {np.nanmean(gap):.3g}{unit}, "
-              f"{np.mean(gap != 0):.2%} of values differ")
+    detail = (
+        f"max abs diff {np.nanmax(gap):.4g}{unit}, mean {np.nanmean(gap):.3g}{unit}, "
+        f"{np.mean(gap != 0):.2%} of values differ"
+    )
     if old.dtype.kind == "f" and (np.isnan(old).any() or np.isnan(new).any()):
         detail += f"; NaNs: old {int(np.isnan(old).sum())}, new {int(np.isnan(new).sum())}"
     return "DIFFERS", detail
@@ -370,8 +405,9 @@ def text_difference(old: list[str], new: list[str]) -> tuple[str, str]:
     """The fields of the A1111 parameters texts that only one side wrote."""
     if old == new:
         return "identical", ""
-    fields = [set(field.strip() for text in texts for field in text.replace("\n", ", ").split(", "))
-              for texts in (old, new)]
+    fields = [
+        set(field.strip() for text in texts for field in text.replace("\n", ", ").split(", ")) for texts in (old, new)
+    ]
     return "DIFFERS", f"old only: {sorted(fields[0] - fields[1])}; new only: {sorted(fields[1] - fields[0])}"
 
 
@@ -403,10 +439,18 @@ def sd15_checks(bench: Bench, folder: Path, sizes: Sizes) -> None:
         size = sizes.whole_size if whole else sizes.fp32_image_size
         steps = sizes.whole_steps if whole else sizes.fp32_image_steps
         what = f"SD1.5 {dtype} {steps}-step {size}x{size} guided DPM++ 2M Karras image"
-        kwargs = dict(prompt=SD15_PROMPT, width=size, height=size, steps=steps, guidance_scale=7.5,
-                      sampler="DPM++ 2M Karras", seed=SEED)
-        first = bench.measure(what, {**base, "op": "txt2img", "kwargs": kwargs},
-                              sizes.whole_rounds if whole else 1, warm_up=False)
+        kwargs = dict(
+            prompt=SD15_PROMPT,
+            width=size,
+            height=size,
+            steps=steps,
+            guidance_scale=7.5,
+            sampler="DPM++ 2M Karras",
+            seed=SEED,
+        )
+        first = bench.measure(
+            what, {**base, "op": "txt2img", "kwargs": kwargs}, sizes.whole_rounds if whole else 1, warm_up=False
+        )
         bench.compare(what, first)
 
 
@@ -424,15 +468,20 @@ def shipped_checks(bench: Bench, model: Path, sizes: Sizes) -> None:
         base = {"model": str(model), "dtype": dtype}
         common = dict(prompt=SHIPPED_PROMPT, steps=sizes.shipped_steps, guidance_scale=3.0, seed=SEED, batch_size=2)
         runs = [("txt2img Euler a", "txt2img", dict(sampler="Euler a"))]
-        runs += [(f"txt2img DPM++ 2M Karras, {name}", "txt2img", dict(sampler="DPM++ 2M Karras", speedups=speedups))
-                 for name, speedups in SHIPPED_SPEEDUPS.items()]
-        plain = shipped_image(bench, f"shipped {dtype} txt2img DPM++ 2M Karras", base, "txt2img",
-                              {**common, "sampler": "DPM++ 2M Karras"})
+        runs += [
+            (f"txt2img DPM++ 2M Karras, {name}", "txt2img", dict(sampler="DPM++ 2M Karras", speedups=speedups))
+            for name, speedups in SHIPPED_SPEEDUPS.items()
+        ]
+        plain = shipped_image(
+            bench, f"shipped {dtype} txt2img DPM++ 2M Karras", base, "txt2img", {**common, "sampler": "DPM++ 2M Karras"}
+        )
         picture = starting_picture(plain)
         mask = np.zeros(picture.shape[:2], dtype=np.uint8)
-        mask[picture.shape[0] // 4: picture.shape[0] * 3 // 4, picture.shape[1] // 4: picture.shape[1] * 3 // 4] = 255
-        runs += [("img2img strength 0.6", "img2img", dict(image=picture, strength=0.6)),
-                 ("inpaint, a rectangle", "inpaint", dict(image=picture, mask=mask))]
+        mask[picture.shape[0] // 4 : picture.shape[0] * 3 // 4, picture.shape[1] // 4 : picture.shape[1] * 3 // 4] = 255
+        runs += [
+            ("img2img strength 0.6", "img2img", dict(image=picture, strength=0.6)),
+            ("inpaint, a rectangle", "inpaint", dict(image=picture, mask=mask)),
+        ]
         for name, op, extra in runs:
             shipped_image(bench, f"shipped {dtype} {name}", base, op, {**common, "sampler": "DPM++ 2M Karras", **extra})
 
@@ -455,23 +504,31 @@ def starting_picture(first: dict) -> np.ndarray:
 
 # ---- host, summary, command line ----------------------------------------------------------------------
 
+
 def host(peak_repeats: int) -> dict:
     """The CPU (lscpu), cores, torch's threads and the fp32 and bf16 GEMM peak measured now."""
     from speed import matmul_peak  # here, not at the top: the workers never import the bench helpers
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lscpu.splitlines())}
-    return {"cpu": fields.get("Model name", "unknown"), "family": fields.get("CPU family"),
-            "model": fields.get("Model"), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "gemm_gflops": {name: matmul_peak(dtype, peak_repeats) for name, dtype in DTYPES.items()}}
+    return {
+        "cpu": fields.get("Model name", "unknown"),
+        "family": fields.get("CPU family"),
+        "model": fields.get("Model"),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gemm_gflops": {name: matmul_peak(dtype, peak_repeats) for name, dtype in DTYPES.items()},
+    }
 
 
 def host_line(info: dict) -> str:
     peaks = info["gemm_gflops"]
-    return (f"host: {info['cpu']} (family {info['family']}, model {info['model']}), {info['cores']} cores, "
-            f"torch {info['torch']} on {info['threads']} threads; 4096^3 GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
-            f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    return (
+        f"host: {info['cpu']} (family {info['family']}, model {info['model']}), {info['cores']} cores, "
+        f"torch {info['torch']} on {info['threads']} threads; 4096^3 GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:.0f} GFLOP/s"
+    )
 
 
 def print_summary(report: Report) -> None:
@@ -479,17 +536,22 @@ def print_summary(report: Report) -> None:
     width = max([len(row["what"]) for row in report.timings + report.exactness] + [40])
     print(f"\n{'timings (median of interleaved rounds)':{width}s}  {'old s':>8s}  {'new s':>8s}  new/old  rounds")
     for row in report.timings:
-        print(f"{row['what']:{width}s}  {row['old_s']:8.3f}  {row['new_s']:8.3f}  {row['ratio']:7.3f}  "
-              f"{row['rounds']:6d}")
+        print(
+            f"{row['what']:{width}s}  {row['old_s']:8.3f}  {row['new_s']:8.3f}  {row['ratio']:7.3f}  {row['rounds']:6d}"
+        )
     print(f"\n{'exactness (old against new, bit for bit)':{width}s}  verdict")
     for row in report.exactness:
         print(f"{row['what']:{width}s}  {row['verdict']}{'  ' + row['detail'] if row['detail'] else ''}")
     differ = sum(row["verdict"] != "identical" for row in report.exactness)
     if report.peak_resident_mb:
-        print("\npeak resident memory of a worker: " + ", ".join(
-            f"{name} {mb:.0f} MB" for name, mb in report.peak_resident_mb.items()))
-    print(f"\n{len(report.exactness) - differ} of {len(report.exactness)} outputs identical; "
-          f"{len(report.errors)} worker errors")
+        print(
+            "\npeak resident memory of a worker: "
+            + ", ".join(f"{name} {mb:.0f} MB" for name, mb in report.peak_resident_mb.items())
+        )
+    print(
+        f"\n{len(report.exactness) - differ} of {len(report.exactness)} outputs identical; "
+        f"{len(report.errors)} worker errors"
+    )
     failures: dict[tuple[str, str], list[str]] = {}
     for error in report.errors:
         last = error["error"].rstrip().splitlines()[-1] if error["error"].strip() else "(no message)"
@@ -509,8 +571,10 @@ def compare_revisions(args: argparse.Namespace, sizes: Sizes, folder: Path) -> R
         log(f"old: {old_label} in {old_tree}; new: {new_label} in {new_tree}; measuring the GEMM peak")
         report = Report(old=old_label, new=new_label, host=host(sizes.peak_repeats))
         log(host_line(report.host))
-        workers = {"old": Worker("old", old_tree, old_label, scratch),
-                   "new": Worker("new", new_tree, new_label, scratch)}
+        workers = {
+            "old": Worker("old", old_tree, old_label, scratch),
+            "new": Worker("new", new_tree, new_label, scratch),
+        }
         for worker in workers.values():
             stack.push(lambda kind, *_, worker=worker: worker.stop(graceful=kind is None))
         bench = Bench(workers, report)
@@ -523,10 +587,14 @@ def compare_revisions(args: argparse.Namespace, sizes: Sizes, folder: Path) -> R
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", help="the old revision: a git rev (checked out into a temporary worktree) or a folder")
-    parser.add_argument("--new", default=str(ROOT), help="the new revision, a folder or a git rev (default: this "
-                                                         "working tree, uncommitted changes included)")
-    parser.add_argument("--quick", action="store_true",
-                        help="every path at tiny sizes, one round (a test of the bench itself)")
+    parser.add_argument(
+        "--new",
+        default=str(ROOT),
+        help="the new revision, a folder or a git rev (default: this working tree, uncommitted changes included)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="every path at tiny sizes, one round (a test of the bench itself)"
+    )
     parser.add_argument("--rounds", type=int, default=Sizes.rounds, help="timed rounds per UNet step and VAE decode")
     parser.add_argument("--whole-rounds", type=int, default=Sizes.whole_rounds, help="timed rounds of the whole image")
     parser.add_argument("--default-model", default=str(ROOT / "models" / "default"), help="the shipped model's folder")

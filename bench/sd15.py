@@ -31,38 +31,66 @@ def sd15_folder(seed: int = 0) -> Path:
     """The cached folder, built first if missing."""
     if (FOLDER / "model_index.json").is_file():
         return FOLDER
+    import conftest  # the CLIP vocabulary writer the tests use
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    import conftest  # the CLIP vocabulary writer the tests use
 
     start = time.perf_counter()
     print(f"building random SD1.5 weights into {FOLDER} (once) ...", file=sys.stderr)
     torch.manual_seed(seed)
     # diffusers' defaults are SD1.x's UNet except these three.
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=512)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        hidden_act="quick_gelu", projection_dim=768))
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
     # Random init leaves zeroed output convolutions: perturb everything, so the images
     # compared between dtypes are not flat.
     with torch.no_grad():
         for module in (unet, vae, text_encoder):
             for p in module.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = CACHE / "sd15-random.partial"
     shutil.rmtree(partial, ignore_errors=True)
     vocab = conftest.write_clip_vocab(CACHE / "clip-vocab")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=conftest.reference_tokenizer(vocab, "sd1"),
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=conftest.reference_tokenizer(vocab, "sd1"),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(partial, safe_serialization=True)
     partial.rename(FOLDER)
     print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -30,8 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -84,6 +84,7 @@ def count_flops(fn: Callable[[], object]) -> float:
 # diffuse sets process-wide options when it loads a model (diffuse.runtime.keep_freed_memory:
 # malloc keeps freed memory); in a shared process they would speed diffusers up too.
 
+
 def component_worker(impl: str, connection, keep_freed: bool) -> None:
     """Loads one implementation's UNet and VAE in fp32 and bf16, then times the calls asked for.
     `keep_freed` applies diffuse's malloc setting in this process even for diffusers."""
@@ -111,8 +112,12 @@ def component_worker(impl: str, connection, keep_freed: bool) -> None:
         for name, dtype in DTYPES.items():
             ours = diffuse.load_pipeline(folder, dtype=dtype)
             unets[name], vaes[name] = ours.unet, ours.vae
-    connection.send({"freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory(),
-                     "kernels": kernels.status() if impl == "diffuse" else "none"})
+    connection.send(
+        {
+            "freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory(),
+            "kernels": kernels.status() if impl == "diffuse" else "none",
+        }
+    )
     calls: dict[tuple, Callable[[], object]] = {}
 
     def call(what: str, dtype_name: str, size: int) -> Callable[[], object]:
@@ -156,8 +161,11 @@ def components(repeats: int, sizes: list[int], diffusers_keeps_freed: bool = Fal
     results = {}
     try:
         for what, size in [("unet step", size) for size in sizes] + [("vae decode", 512)]:
-            calls = {f"{impl} {dtype}": functools.partial(ask, impl, "time", what, dtype, size)
-                     for impl in workers for dtype in DTYPES}
+            calls = {
+                f"{impl} {dtype}": functools.partial(ask, impl, "time", what, dtype, size)
+                for impl in workers
+                for dtype in DTYPES
+            }
             # Each implementation's own count: diffuse computes the upsampling convolutions with fewer FLOPs.
             work = {impl: ask(impl, "flops", what, "fp32", size) / 1e12 for impl in workers}
             results[f"{what} {size}"] = {"seconds": interleaved(calls, repeats), "tflop": work}
@@ -172,8 +180,11 @@ def components(repeats: int, sizes: list[int], diffusers_keeps_freed: bool = Fal
 # ---- a whole image, one contender per process ---------------------------------------------------------
 
 # diffuse's optional speed-ups (diffuse.speedups), timed on top of bf16.
-SPEEDUPS = {"deep-cache-3": dict(deep_cache_interval=3), "guidance-cutoff-0.5": dict(guidance_cutoff=0.5),
-            "token-merging-0.5": dict(token_merging=0.5)}
+SPEEDUPS = {
+    "deep-cache-3": dict(deep_cache_interval=3),
+    "guidance-cutoff-0.5": dict(guidance_cutoff=0.5),
+    "token-merging-0.5": dict(token_merging=0.5),
+}
 
 
 def whole_image(impl: str, dtype_name: str, out: Path, speedup: str | None = None) -> dict:
@@ -199,8 +210,9 @@ def whole_image(impl: str, dtype_name: str, out: Path, speedup: str | None = Non
         speedups = diffuse.Speedups(**SPEEDUPS[speedup]) if speedup else None
 
         def generate():
-            return pipe.txt2img(PROMPT, steps=WHOLE_STEPS, guidance_scale=7.5, sampler="DPM++ 2M", seed=SEED,
-                                speedups=speedups).images[0]
+            return pipe.txt2img(
+                PROMPT, steps=WHOLE_STEPS, guidance_scale=7.5, sampler="DPM++ 2M", seed=SEED, speedups=speedups
+            ).images[0]
 
     start = time.perf_counter()
     image = generate()
@@ -221,8 +233,11 @@ def peak_resident_mb() -> float:
 
 
 def whole_images(speedups_only: bool = False) -> dict:
-    runs = [("diffuse", "bf16", None)] if speedups_only else [
-        (impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
+    runs = (
+        [("diffuse", "bf16", None)]
+        if speedups_only
+        else [(impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
+    )
     runs += [("diffuse", "bf16", speedup) for speedup in SPEEDUPS]
     results = {}
     for impl, dtype_name, speedup in runs:
@@ -246,10 +261,16 @@ def default_model_precision(count: int = 8) -> dict:
     import diffuse
     from diffuse.cli import DEFAULT_MODEL
 
-    prompts = [f"a {size} {colour} {shape} in the {where} on a {bg} background" for size, colour, shape, where, bg in
-               zip(["small", "large"] * 4, ["red", "green", "blue", "yellow"] * 2,
-                   ["circle", "square", "triangle", "star"] * 2, ["center", "top left", "bottom right", "top right"] * 2,
-                   ["white", "black", "gray", "beige"] * 2)][:count]
+    prompts = [
+        f"a {size} {colour} {shape} in the {where} on a {bg} background"
+        for size, colour, shape, where, bg in zip(
+            ["small", "large"] * 4,
+            ["red", "green", "blue", "yellow"] * 2,
+            ["circle", "square", "triangle", "star"] * 2,
+            ["center", "top left", "bottom right", "top right"] * 2,
+            ["white", "black", "gray", "beige"] * 2,
+        )
+    ][:count]
     images = {}
     for name, dtype in DTYPES.items():
         pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype=dtype)
@@ -258,8 +279,9 @@ def default_model_precision(count: int = 8) -> dict:
     diff = np.abs(images["bf16"] - images["fp32"])
     changes = {}
     for name, settings in DEFAULT_MODEL_SPEEDUPS.items():  # in the default dtype, against its own plain images
-        result = pipe.txt2img(prompts, width=64, height=64, steps=20, guidance_scale=3.0, seed=SEED,
-                              speedups=diffuse.Speedups(**settings))
+        result = pipe.txt2img(
+            prompts, width=64, height=64, steps=20, guidance_scale=3.0, seed=SEED, speedups=diffuse.Speedups(**settings)
+        )
         faster = np.stack([np.asarray(im, dtype=np.float64) for im in result.images])
         changes[name] = float(np.abs(faster - images["bf16"]).mean())
     return {"images": count, "mean_abs": float(diff.mean()), "max_abs": float(diff.max()), "speedups_mean_abs": changes}
@@ -270,15 +292,20 @@ DEFAULT_MODEL_SPEEDUPS = {**SPEEDUPS, "deep-cache-2": dict(deep_cache_interval=2
 
 # ---- report -----------------------------------------------------------------------------------------
 
+
 def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, settings: dict | None = None) -> None:
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     if peaks:
         print(f"matmul peak (4096^3 GEMM): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     if settings:
         kept = settings["diffuse"]["freed_memory_kept"]
-        print(f"each implementation in its own process; malloc keeps freed memory in diffuse's: {kept}, "
-              f"in diffusers': {settings['diffusers']['freed_memory_kept']}")
+        print(
+            f"each implementation in its own process; malloc keeps freed memory in diffuse's: {kept}, "
+            f"in diffusers': {settings['diffusers']['freed_memory_kept']}"
+        )
         print(f"diffuse's {settings['diffuse']['kernels']}")
     for what, entry in parts.items():
         s = entry["seconds"]
@@ -296,16 +323,20 @@ def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, s
         plain = whole["diffuse bf16"]
         for name, entry in whole.items():
             diff = np.abs(pixels(entry["png"]) - pixels(plain["png"]))
-            print(f"  {name:34s} {entry['seconds']:6.1f} s   {plain['seconds'] / entry['seconds']:4.2f}x plain   "
-                  f"peak RSS {entry['peak_rss_mb']:6.0f} MB   image vs plain bf16: mean {diff.mean():5.2f}/255")
+            print(
+                f"  {name:34s} {entry['seconds']:6.1f} s   {plain['seconds'] / entry['seconds']:4.2f}x plain   "
+                f"peak RSS {entry['peak_rss_mb']:6.0f} MB   image vs plain bf16: mean {diff.mean():5.2f}/255"
+            )
     elif whole:
         print(f"\nwhole {WHOLE_STEPS}-step 512x512 guided image (DPM++ 2M), one process each")
         reference = pixels(whole["diffusers fp32"]["png"])
         ours_fp32 = pixels(whole["diffuse fp32"]["png"])
         for name, entry in whole.items():
             diff = np.abs(pixels(entry["png"]) - reference)
-            line = (f"  {name:34s} {entry['seconds']:6.1f} s   peak RSS {entry['peak_rss_mb']:6.0f} MB   "
-                    f"image vs diffusers fp32: mean {diff.mean():5.2f}/255, max {diff.max():3.0f}/255")
+            line = (
+                f"  {name:34s} {entry['seconds']:6.1f} s   peak RSS {entry['peak_rss_mb']:6.0f} MB   "
+                f"image vs diffusers fp32: mean {diff.mean():5.2f}/255, max {diff.max():3.0f}/255"
+            )
             if name.startswith("diffuse bf16"):
                 diff = np.abs(pixels(entry["png"]) - ours_fp32)
                 line += f"; vs diffuse fp32: mean {diff.mean():.2f}/255"
@@ -314,8 +345,10 @@ def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, s
             ratio = whole[f"diffusers {dtype}"]["seconds"] / whole[f"diffuse {dtype}"]["seconds"]
             print(f"  diffuse {dtype} is {ratio:.2f}x diffusers {dtype}")
     if default:
-        print(f"\nshipped default model, bf16 vs fp32, {default['images']} images at 64x64, same seeds: "
-              f"mean abs difference {default['mean_abs']:.2f}/255, max {default['max_abs']:.0f}/255")
+        print(
+            f"\nshipped default model, bf16 vs fp32, {default['images']} images at 64x64, same seeds: "
+            f"mean abs difference {default['mean_abs']:.2f}/255, max {default['max_abs']:.0f}/255"
+        )
         for name, change in default["speedups_mean_abs"].items():
             print(f"  bf16 with {name}: mean abs difference {change:.2f}/255 from plain bf16")
 
@@ -325,12 +358,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per component (default 3)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="UNet step image sizes")
     parser.add_argument("--skip-whole", action="store_true", help="skip the whole-image runs")
-    parser.add_argument("--speedups-only", action="store_true",
-                        help="only the whole 512x512 bf16 image, plain and with each optional speed-up (~8 minutes)")
-    parser.add_argument("--default-model-only", action="store_true",
-                        help="only the shipped model's bf16 and speed-up image differences (seconds)")
-    parser.add_argument("--diffusers-keeps-freed-memory", action="store_true",
-                        help="give diffusers' component process diffuse's malloc setting too: what the setting alone is worth")
+    parser.add_argument(
+        "--speedups-only",
+        action="store_true",
+        help="only the whole 512x512 bf16 image, plain and with each optional speed-up (~8 minutes)",
+    )
+    parser.add_argument(
+        "--default-model-only",
+        action="store_true",
+        help="only the shipped model's bf16 and speed-up image differences (seconds)",
+    )
+    parser.add_argument(
+        "--diffusers-keeps-freed-memory",
+        action="store_true",
+        help="give diffusers' component process diffuse's malloc setting too: what the setting alone is worth",
+    )
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.whole:  # the child process of whole_images

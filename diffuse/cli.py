@@ -27,12 +27,18 @@ def info(args: argparse.Namespace) -> int:
     """Load a checkpoint, print what was detected, and run each network once on a small input."""
     pipe = _load(args)
     cfg = pipe.config
-    print(f"  text encoder  {_count(pipe.text_encoder):>7}  width {cfg.text_encoder.width}, "
-          f"{cfg.text_encoder.layers} layers, {cfg.text_encoder.activation}, pad id {cfg.pad_token_id}")
-    print(f"  unet          {_count(pipe.unet):>7}  {cfg.unet.in_channels} in-channels, model channels "
-          f"{cfg.unet.model_channels} x {cfg.unet.channel_mult}, context {cfg.unet.context_dim}, {cfg.prediction_type}")
-    print(f"  vae           {_count(pipe.vae):>7}  {cfg.vae.latent_channels} latent channels, "
-          f"f={cfg.vae.downsample_factor}, scale {cfg.vae.scaling_factor}")
+    print(
+        f"  text encoder  {_count(pipe.text_encoder):>7}  width {cfg.text_encoder.width}, "
+        f"{cfg.text_encoder.layers} layers, {cfg.text_encoder.activation}, pad id {cfg.pad_token_id}"
+    )
+    print(
+        f"  unet          {_count(pipe.unet):>7}  {cfg.unet.in_channels} in-channels, model channels "
+        f"{cfg.unet.model_channels} x {cfg.unet.channel_mult}, context {cfg.unet.context_dim}, {cfg.prediction_type}"
+    )
+    print(
+        f"  vae           {_count(pipe.vae):>7}  {cfg.vae.latent_channels} latent channels, "
+        f"f={cfg.vae.downsample_factor}, scale {cfg.vae.scaling_factor}"
+    )
 
     start = time.perf_counter()
     with torch.no_grad():
@@ -41,8 +47,10 @@ def info(args: argparse.Namespace) -> int:
         latents = torch.randn(1, cfg.unet.in_channels, side, side, generator=torch.Generator().manual_seed(0))
         noise = pipe.unet(latents.to(pipe.dtype), torch.tensor([500]), context)
         image = pipe.vae.decode(latents[:, : cfg.vae.latent_channels].to(pipe.dtype))
-    print(f"  one pass: context {tuple(context.shape)}, noise prediction {tuple(noise.shape)}, "
-          f"decoded image {tuple(image.shape)} in {time.perf_counter() - start:.2f} s")
+    print(
+        f"  one pass: context {tuple(context.shape)}, noise prediction {tuple(noise.shape)}, "
+        f"decoded image {tuple(image.shape)} in {time.perf_counter() - start:.2f} s"
+    )
     return 0
 
 
@@ -52,8 +60,10 @@ def _load(args: argparse.Namespace) -> Pipeline:
     model = args.model
     if model is None:
         if not DEFAULT_MODEL.exists():
-            raise ValueError(f"no --model given, and the default model ({DEFAULT_MODEL}) is not in this checkout; "
-                             "pass --model PATH (a diffusers folder, .safetensors or .ckpt)")
+            raise ValueError(
+                f"no --model given, and the default model ({DEFAULT_MODEL}) is not in this checkout; "
+                "pass --model PATH (a diffusers folder, .safetensors or .ckpt)"
+            )
         model = DEFAULT_MODEL
     start = time.perf_counter()
     pipe = load_pipeline(model, dtype=args.dtype, device=getattr(args, "device", "cpu"))  # convert: always the CPU
@@ -62,27 +72,53 @@ def _load(args: argparse.Namespace) -> Pipeline:
 
 
 DEVICE_HELP = "where the networks run: cpu (default), cuda, cuda:N or mps; seeds give the same noise on any"
-AUTO_DTYPE_HELP = "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
+AUTO_DTYPE_HELP = (
+    "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
+)
 
 
 def _speedups(args: argparse.Namespace):
     from diffuse.speedups import Speedups
 
-    return Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
-                    deep_cache_depth=args.deep_cache_depth, token_merging=args.token_merging)
+    return Speedups(
+        guidance_cutoff=args.guidance_cutoff,
+        deep_cache_interval=args.deep_cache,
+        deep_cache_depth=args.deep_cache_depth,
+        token_merging=args.token_merging,
+    )
 
 
 def _add_speedup_options(p: argparse.ArgumentParser) -> None:
     speed = p.add_argument_group("optional speed-ups (off by default; they change the image a little)")
-    speed.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
-                       help="guide only the first fraction F of the steps; later steps cost half (default 1)")
-    speed.add_argument("--deep-cache", type=_positive_int, default=1, metavar="N",
-                       help="run the UNet's deep blocks only every N-th call, reusing their features (default 1: off)")
-    speed.add_argument("--deep-cache-depth", type=_positive_int, default=1, metavar="D",
-                       help="shallow blocks that still run on the cached calls (default 1)")
-    speed.add_argument("--token-merging", type=float, default=0.0, metavar="R",
-                       help="merge the fraction R (up to 0.75) of the full-resolution positions before "
-                            "self-attention (default 0: off)")
+    speed.add_argument(
+        "--guidance-cutoff",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="guide only the first fraction F of the steps; later steps cost half (default 1)",
+    )
+    speed.add_argument(
+        "--deep-cache",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run the UNet's deep blocks only every N-th call, reusing their features (default 1: off)",
+    )
+    speed.add_argument(
+        "--deep-cache-depth",
+        type=_positive_int,
+        default=1,
+        metavar="D",
+        help="shallow blocks that still run on the cached calls (default 1)",
+    )
+    speed.add_argument(
+        "--token-merging",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="merge the fraction R (up to 0.75) of the full-resolution positions before "
+        "self-attention (default 0: off)",
+    )
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -104,11 +140,24 @@ def generate(args: argparse.Namespace) -> int:
 def _generation_request(args: argparse.Namespace, checked: Checked) -> GenerationRequest:
     """The command line as one request: the seed resolved and the images opened by the preflight checks."""
     return GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        steps=args.steps, guidance_scale=args.cfg_scale, sampler=args.sampler, schedule_type=args.schedule_type,
-        seed=checked.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta,
-        speedups=checked.speedups, image=checked.image, mask=checked.mask, strength=getattr(args, "strength", None),
-        keep_unmasked=not getattr(args, "no_keep_unmasked", False))
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.cfg_scale,
+        sampler=args.sampler,
+        schedule_type=args.schedule_type,
+        seed=checked.seed,
+        batch_size=args.batch_size,
+        clip_skip=args.clip_skip,
+        eta=args.eta,
+        speedups=checked.speedups,
+        image=checked.image,
+        mask=checked.mask,
+        strength=getattr(args, "strength", None),
+        keep_unmasked=not getattr(args, "no_keep_unmasked", False),
+    )
 
 
 def _draw_batch(pipe: Pipeline, request: GenerationRequest, args: argparse.Namespace, batch: int) -> Result:
@@ -126,8 +175,7 @@ def _draw_batch(pipe: Pipeline, request: GenerationRequest, args: argparse.Names
     def on_step(step: Step) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=step.total, desc=f"{args.command} {batch + 1}/{args.n_iter}", unit="step",
-                       file=sys.stderr)
+            bar = tqdm(total=step.total, desc=f"{args.command} {batch + 1}/{args.n_iter}", unit="step", file=sys.stderr)
         bar.update(1)
         if recorder is not None:
             recorder(step.index, step.timestep, step.latents)
@@ -162,8 +210,9 @@ def assemble(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AssemblyWarning)
         try:
-            folder = assemble_model(args.vae, args.clip, args.unet, args.out, dtype=resolve_dtype(args.dtype),
-                                    overwrite=args.overwrite)
+            folder = assemble_model(
+                args.vae, args.clip, args.unet, args.out, dtype=resolve_dtype(args.dtype), overwrite=args.overwrite
+            )
         finally:
             for warning in caught:
                 print(f"diffuse assemble: warning: {warning.message}", file=sys.stderr)
@@ -196,9 +245,18 @@ def evaluate(args: argparse.Namespace) -> int:
     from diffuse.shapes.evaluate import EvalSettings, format_report, write_report
     from diffuse.shapes.evaluate import evaluate as evaluate_model
 
-    settings = EvalSettings(singles=args.singles, pairs=args.pairs, images=args.images, steps=args.steps,
-                            sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
-                            scene_seed=args.scene_seed, batch_size=args.batch_size, speedups=_speedups(args))
+    settings = EvalSettings(
+        singles=args.singles,
+        pairs=args.pairs,
+        images=args.images,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        scene_seed=args.scene_seed,
+        batch_size=args.batch_size,
+        speedups=_speedups(args),
+    )
     if args.json is not None and Path(args.json).is_dir():
         raise ValueError(f"--json {args.json} is a folder; give the file to write")
     pipe = _load(args)
@@ -250,30 +308,45 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--image", required=True, help="the input image (PNG, JPEG, ...)")
     if kind == "inpaint":
         p.add_argument("--mask", required=True, help="mask image, same size as --image: white = repaint")
-        p.add_argument("--no-keep-unmasked", action="store_true",
-                       help="do not paste the original pixels back outside the mask")
+        p.add_argument(
+            "--no-keep-unmasked", action="store_true", help="do not paste the original pixels back outside the mask"
+        )
     p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the shipped model)")
-    p.add_argument("-W", "--width", type=int, default=None,
-                   help="pixels, a multiple of 8 (default: the model's native size, e.g. 512 for SD 1.x; "
-                        "img2img/inpaint: the image's size)")
+    p.add_argument(
+        "-W",
+        "--width",
+        type=int,
+        default=None,
+        help="pixels, a multiple of 8 (default: the model's native size, e.g. 512 for SD 1.x; "
+        "img2img/inpaint: the image's size)",
+    )
     p.add_argument("-H", "--height", type=int, default=None, help="pixels, a multiple of 8")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default="DPM++ 2M Karras", help='A1111 name, e.g. "Euler a", "DDIM", "UniPC"')
     p.add_argument("--schedule-type", default=None, help='"Automatic" (default), "Karras" or "Exponential"')
-    p.add_argument("--eta", type=float, default=None,
-                   help="DDIM's eta, or the fresh-noise share of ancestral/SDE samplers (0..1)")
+    p.add_argument(
+        "--eta", type=float, default=None, help="DDIM's eta, or the fresh-noise share of ancestral/SDE samplers (0..1)"
+    )
     p.add_argument("--seed", type=int, default=-1, help="-1 (default) picks one; image i of a batch uses seed + i")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch")
     p.add_argument("--n-iter", type=_positive_int, default=1, help="number of batches")
     p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's n-th last layer (default 1)")
     if kind != "txt2img":
-        p.add_argument("--strength", type=float, default=0.75 if kind == "img2img" else 1.0,
-                       help="how much to change the image, 0..1")
+        p.add_argument(
+            "--strength",
+            type=float,
+            default=0.75 if kind == "img2img" else 1.0,
+            help="how much to change the image, 0..1",
+        )
     p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
-    p.add_argument("--save-steps", metavar="DIR", default=None,
-                   help="also write every step's decoded latents and a filmstrip.png here")
+    p.add_argument(
+        "--save-steps",
+        metavar="DIR",
+        default=None,
+        help="also write every step's decoded latents and a filmstrip.png here",
+    )
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _add_speedup_options(p)
@@ -300,8 +373,11 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffuse", description="Stable Diffusion from its parts.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for kind, text in (("txt2img", "generate images from a prompt"), ("img2img", "repaint an image guided by a prompt"),
-                       ("inpaint", "repaint the masked part of an image")):
+    for kind, text in (
+        ("txt2img", "generate images from a prompt"),
+        ("img2img", "repaint an image guided by a prompt"),
+        ("inpaint", "repaint the masked part of an image"),
+    ):
         _add_generation_options(commands.add_parser(kind, help=text), kind)
     # Listed here for `diffuse --help`; its own options are parsed by the training entry point.
     commands.add_parser("train", help="train vae | clip | unet on the shapes dataset", add_help=False)
@@ -326,8 +402,9 @@ def _add_model_folder_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16", help="weights as written: float16 (default), bfloat16 or float32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.set_defaults(run=assemble)
-    p = commands.add_parser("unpack", help="write a model folder's parts as finished stages, to train them further "
-                                           "(a stage's init_from)")
+    p = commands.add_parser(
+        "unpack", help="write a model folder's parts as finished stages, to train them further (a stage's init_from)"
+    )
     p.add_argument("model", help="a diffusers model folder (e.g. models/default)")
     p.add_argument("--out", required=True, help="where the stages go: OUT/vae, OUT/clip, OUT/unet")
     p.set_defaults(run=unpack)
@@ -336,29 +413,64 @@ def _add_model_folder_commands(commands: argparse._SubParsersAction) -> None:
 def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     from diffuse.shapes.evaluate import EvalSettings
 
-    p = commands.add_parser("eval", help="measure a model: held-out prompt adherence, VAE PSNR, caption "
-                                         "retrieval, generation time")
+    p = commands.add_parser(
+        "eval", help="measure a model: held-out prompt adherence, VAE PSNR, caption retrieval, generation time"
+    )
     p.add_argument("--model", default=None, help="a model folder or file (default: the shipped model)")
-    p.add_argument("--singles", type=_non_negative_int, default=EvalSettings.singles,
-                   help=f"held-out one-object prompts (default {EvalSettings.singles})")
-    p.add_argument("--pairs", type=_non_negative_int, default=EvalSettings.pairs,
-                   help=f"held-out two-object prompts (default {EvalSettings.pairs})")
-    p.add_argument("--images", type=_positive_int, default=EvalSettings.images,
-                   help=f"rendered images for the VAE's PSNR and caption retrieval (default {EvalSettings.images})")
-    p.add_argument("--steps", type=_positive_int, default=EvalSettings.steps,
-                   help=f"sampling steps (default {EvalSettings.steps})")
-    p.add_argument("--sampler", default=EvalSettings.sampler, help=f"A1111 sampler name (default {EvalSettings.sampler!r})")
-    p.add_argument("--cfg-scale", type=float, default=EvalSettings.cfg_scale,
-                   help=f"classifier-free guidance scale (default {EvalSettings.cfg_scale})")
-    p.add_argument("--seed", type=_non_negative_int, default=EvalSettings.seed,
-                   help=f"prompt i is drawn with seed + i (default {EvalSettings.seed})")
-    p.add_argument("--scene-seed", type=_non_negative_int, default=EvalSettings.scene_seed,
-                   help="the held-out scenes' seed: 0 (the default) is the test set the model card reports; "
-                        "choose settings such as --cfg-scale on another")
-    p.add_argument("--batch-size", type=_positive_int, default=EvalSettings.batch_size,
-                   help=f"prompts per generation call, for speed only (default {EvalSettings.batch_size})")
-    p.add_argument("--dtype", default=None, help="float32 (default: the exact path the model card's figures use), "
-                                                 "auto, bfloat16 or float16")
+    p.add_argument(
+        "--singles",
+        type=_non_negative_int,
+        default=EvalSettings.singles,
+        help=f"held-out one-object prompts (default {EvalSettings.singles})",
+    )
+    p.add_argument(
+        "--pairs",
+        type=_non_negative_int,
+        default=EvalSettings.pairs,
+        help=f"held-out two-object prompts (default {EvalSettings.pairs})",
+    )
+    p.add_argument(
+        "--images",
+        type=_positive_int,
+        default=EvalSettings.images,
+        help=f"rendered images for the VAE's PSNR and caption retrieval (default {EvalSettings.images})",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=EvalSettings.steps, help=f"sampling steps (default {EvalSettings.steps})"
+    )
+    p.add_argument(
+        "--sampler", default=EvalSettings.sampler, help=f"A1111 sampler name (default {EvalSettings.sampler!r})"
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=EvalSettings.cfg_scale,
+        help=f"classifier-free guidance scale (default {EvalSettings.cfg_scale})",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=EvalSettings.seed,
+        help=f"prompt i is drawn with seed + i (default {EvalSettings.seed})",
+    )
+    p.add_argument(
+        "--scene-seed",
+        type=_non_negative_int,
+        default=EvalSettings.scene_seed,
+        help="the held-out scenes' seed: 0 (the default) is the test set the model card reports; "
+        "choose settings such as --cfg-scale on another",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=EvalSettings.batch_size,
+        help=f"prompts per generation call, for speed only (default {EvalSettings.batch_size})",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 (default: the exact path the model card's figures use), auto, bfloat16 or float16",
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
     _add_speedup_options(p)
     p.set_defaults(run=evaluate)
@@ -375,8 +487,9 @@ def _add_serving_and_reading_commands(commands: argparse._SubParsersAction) -> N
     p = commands.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")
     p.set_defaults(run=pnginfo)
-    p = commands.add_parser("regenerate", help="make an image again from its PNG's parameters (--check: "
-                                               "compare the pixels)")
+    p = commands.add_parser(
+        "regenerate", help="make an image again from its PNG's parameters (--check: compare the pixels)"
+    )
     add_regenerate_options(p, DEVICE_HELP)
     p.set_defaults(run=regenerate)
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")

@@ -66,9 +66,17 @@ class NoisePredictor:
     non-finite output in a reduced precision it is made again in float32, and the UNet stays
     float32 for the rest of this sampling, so the same request takes the same path again."""
 
-    def __init__(self, unet: nn.Module, driven: DrivenUNet, fallback: Fallback,
-                 context: tuple[Tensor, Tensor | None], guidance_scale: float, last_guided_t: float,
-                 total_steps: int, inpaint_inputs: tuple[Tensor, Tensor] | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        driven: DrivenUNet,
+        fallback: Fallback,
+        context: tuple[Tensor, Tensor | None],
+        guidance_scale: float,
+        last_guided_t: float,
+        total_steps: int,
+        inpaint_inputs: tuple[Tensor, Tensor] | None = None,
+    ):
         self.unet, self.driven, self.fallback = unet, driven, fallback
         self.cond, self.uncond = context
         self.guidance_scale, self.last_guided_t = guidance_scale, last_guided_t
@@ -107,8 +115,16 @@ class AfterStep:
     """What happens after each sampler step: a plain UNet's inpainting puts the known region back,
     noised to the next step's level, and the callback sees the step."""
 
-    def __init__(self, predictor: NoisePredictor, plan: Plan, sigmas: Tensor, start: Start, blend_known: bool,
-                 callback: Callable[[Step], None] | None, preview_matrix: Tensor | None):
+    def __init__(
+        self,
+        predictor: NoisePredictor,
+        plan: Plan,
+        sigmas: Tensor,
+        start: Start,
+        blend_known: bool,
+        callback: Callable[[Step], None] | None,
+        preview_matrix: Tensor | None,
+    ):
         self.predictor, self.sigmas, self.timesteps, self.start = predictor, sigmas, plan.timesteps, start
         self.blend_known, self.callback, self.preview_matrix = blend_known, callback, preview_matrix
         self.total = plan.steps

@@ -44,8 +44,9 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 def _unet_weights(folder: Path) -> Path:
     found = next((folder / name for name in DIFFUSERS_UNET_WEIGHTS if (folder / name).is_file()), None)
     if found is None:
-        raise ValueError(f"{folder} is a folder without UNet weights to hash "
-                         f"(looked for {', '.join(DIFFUSERS_UNET_WEIGHTS)})")
+        raise ValueError(
+            f"{folder} is a folder without UNet weights to hash (looked for {', '.join(DIFFUSERS_UNET_WEIGHTS)})"
+        )
     return found
 
 
@@ -80,8 +81,11 @@ def _component_files(folder: Path) -> list[Path]:
     for name in names:
         component = folder / name
         if component.is_dir():
-            files += sorted(p for p in component.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(folder).parts))
+            files += sorted(
+                p
+                for p in component.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            )
     return files
 
 

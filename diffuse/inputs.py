@@ -44,7 +44,12 @@ def check_steps(steps: int, name: str = "steps") -> None:
 
 
 def check_number(name: str, value: float, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}")
     return float(value)
 
@@ -56,7 +61,9 @@ def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
 
 def check_clip_skip(clip_skip: int, layers: int) -> None:
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= layers:
-        raise ValueError(f"clip_skip must be an integer from 1 to {layers} (the text encoder's layers), got {clip_skip!r}")
+        raise ValueError(
+            f"clip_skip must be an integer from 1 to {layers} (the text encoder's layers), got {clip_skip!r}"
+        )
 
 
 def prompt_list(prompt: str | list[str], name: str, count: int | None = None) -> list[str]:
@@ -88,8 +95,10 @@ def resolve_seed(seed: int | None, count: int = 1) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, or -1/None for a random one, got {seed!r}")
     if seed + count - 1 > MAX_SEED:
-        raise ValueError(f"seed {seed} with {count} images would give the last one seed {seed + count - 1}, past "
-                         f"{MAX_SEED}; use a seed from 0 to {MAX_SEED - count + 1}")
+        raise ValueError(
+            f"seed {seed} with {count} images would give the last one seed {seed + count - 1}, past "
+            f"{MAX_SEED}; use a seed from 0 to {MAX_SEED - count + 1}"
+        )
     return seed
 
 
@@ -136,19 +145,30 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
 
 def check_mask_matches(image: Image.Image, mask: Image.Image) -> None:
     if image.size != mask.size:
-        raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; "
-                         "they must be the same size")
+        raise ValueError(
+            f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; "
+            "they must be the same size"
+        )
 
 
-def check_settings(width: int | None, height: int | None, steps: int, guidance_scale: float, batch_size: int,
-                   strength: float = 1.0, eta: float | None = None, multiple: int = 8,
-                   names: dict[str, str] | None = None) -> None:
+def check_settings(
+    width: int | None,
+    height: int | None,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    strength: float = 1.0,
+    eta: float | None = None,
+    multiple: int = 8,
+    names: dict[str, str] | None = None,
+) -> None:
     """The checks every request needs and none of which needs a model (None sizes: decided later).
 
     `names` renames the fields in the messages to what the caller's user typed (a command
     line's options, a PNG's labels): keys width, height, steps, guidance_scale, batch_size,
     strength, eta.
     """
+
     def name(key: str) -> str:
         return (names or {}).get(key, key)
 
@@ -162,8 +182,10 @@ def check_settings(width: int | None, height: int | None, steps: int, guidance_s
     if eta is not None:
         check_number(name("eta"), eta, 0.0, 1.0)
     if int(steps * strength) < 1:
-        raise ValueError(f"{name('strength')} {strength} of {steps} {name('steps')} leaves no denoising step "
-                         f"(int(steps x strength) = 0); raise the strength or the steps")
+        raise ValueError(
+            f"{name('strength')} {strength} of {steps} {name('steps')} leaves no denoising step "
+            f"(int(steps x strength) = 0); raise the strength or the steps"
+        )
 
 
 def check_output_folder(folder: str | Path, what: str = "output folder") -> None:

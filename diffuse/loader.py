@@ -60,8 +60,17 @@ def load_pipeline(
         return _load(path, dtype, device, config)
     except CheckpointError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OSError,
-            RecursionError, MemoryError) as e:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        OSError,
+        RecursionError,
+        MemoryError,
+    ) as e:
         # Each known fault has its own message; this keeps the promise above for an unforeseen one.
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(path, f"could not be loaded: {type(e).__name__}: {detail[:300]}") from e
@@ -72,7 +81,9 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         raise CheckpointError(path, "no such file or folder")
     if path.is_dir():
         if not is_diffusers_folder(path):
-            raise CheckpointError(path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)")
+            raise CheckpointError(
+                path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)"
+            )
         tokenizer = read_tokenizer(path / "tokenizer")
         detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id)
         config = config or detected
@@ -99,8 +110,9 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
 
     def fill(name, make):
         # Laid out while filling, so each weight is copied once; prepare() then finds it in place.
-        module = build_and_fill(make, states.pop(name), files[name], name, dtype=dtype, device=device,
-                                layout=inference_layout)
+        module = build_and_fill(
+            make, states.pop(name), files[name], name, dtype=dtype, device=device, layout=inference_layout
+        )
         return prepare(module, device, dtype)
 
     unet = fill("unet", lambda: UNet(config.unet))

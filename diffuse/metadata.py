@@ -31,8 +31,9 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
@@ -107,6 +108,7 @@ def escape_newlines(text: str) -> str:
     before a literal "n" ("r") as 2k backslashes and the letter; everything else is unchanged,
     so prompts without those (A1111's `\\(` escapes included) stay byte-identical.
     """
+
     def one(match: re.Match) -> str:
         run, char = len(match.group(1)), match.group(2)
         if char in "\n\r":
@@ -119,6 +121,7 @@ def escape_newlines(text: str) -> str:
 def unescape_newlines(text: str) -> str:
     """The inverse of escape_newlines: m backslashes before "n"/"r" are m // 2 backslashes and,
     for odd m, a newline (CR), for even m the letter itself."""
+
     def one(match: re.Match) -> str:
         run, char = len(match.group(1)), match.group(2)
         if run % 2:
@@ -185,11 +188,13 @@ def parse_infotext(text: str) -> dict[str, str]:
         line = line.strip()
         if line.startswith("Negative prompt:"):
             in_negative = True
-            line = line[len("Negative prompt:"):].strip()
+            line = line[len("Negative prompt:") :].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
 
-    result = {"Prompt": unescape_newlines("\n".join(prompt_lines)),
-              "Negative prompt": unescape_newlines("\n".join(negative_lines))}
+    result = {
+        "Prompt": unescape_newlines("\n".join(prompt_lines)),
+        "Negative prompt": unescape_newlines("\n".join(negative_lines)),
+    }
     for key, value in _PARAM.findall(last):
         if not value:
             continue
@@ -209,7 +214,7 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 
 def _boolean(text: str) -> bool:
-    """"True"/"False" as Python writes them (A1111's infotexts hold bools this way too)."""
+    """ "True"/"False" as Python writes them (A1111's infotexts hold bools this way too)."""
     if text not in ("True", "False"):
         raise ValueError(text)
     return text == "True"
@@ -268,8 +273,9 @@ def info_from_infotext(text: str) -> dict:
         try:
             info[key] = kind(parsed[label])
         except ValueError:
-            raise ValueError(f"infotext value for {label!r} is not a valid {kind.__name__}: "
-                             f"{parsed[label]!r}") from None
+            raise ValueError(
+                f"infotext value for {label!r} is not a valid {kind.__name__}: {parsed[label]!r}"
+            ) from None
     return info
 
 

@@ -26,8 +26,12 @@ from torch import Tensor, nn
 T = TypeVar("T")
 
 # What the generation info's nan_fallback says for each checked component.
-LABELS = {"UNet": "UNet float32", "VAE decoder": "VAE float32", "VAE encoder": "VAE float32",
-          "text encoder": "text encoder float32"}
+LABELS = {
+    "UNet": "UNet float32",
+    "VAE decoder": "VAE float32",
+    "VAE encoder": "VAE float32",
+    "text encoder": "text encoder float32",
+}
 
 
 class NonFiniteError(ValueError):
@@ -76,9 +80,16 @@ class Fallback:
     def __exit__(self, *exc) -> None:
         self._undo.close()
 
-    def run(self, module: nn.Module, component: str, compute: Callable[[], T], *,
-            outputs: Callable[[T], tuple[Tensor, ...]] = lambda out: (out,), where: str = "",
-            stay: bool = False) -> T:
+    def run(
+        self,
+        module: nn.Module,
+        component: str,
+        compute: Callable[[], T],
+        *,
+        outputs: Callable[[T], tuple[Tensor, ...]] = lambda out: (out,),
+        where: str = "",
+        stay: bool = False,
+    ) -> T:
         """compute(), checked; if its outputs are not all finite and `module` runs in a reduced
         precision, compute() again with the module in float32: for that call only, or with `stay`
         until this Fallback ends. compute() must read the module's dtype when it runs.
@@ -90,8 +101,7 @@ class Fallback:
             return out
         dtype = network_dtype(module)
         if dtype == torch.float32:
-            raise NonFiniteError(f"the {component}'s output had non-finite values{where} in float32; "
-                                 f"no image was made")
+            raise NonFiniteError(f"the {component}'s output had non-finite values{where} in float32; no image was made")
         if stay:
             self._undo.enter_context(in_float32(module))
             out = compute()
@@ -99,8 +109,10 @@ class Fallback:
             with in_float32(module):
                 out = compute()
         if not all_finite(*outputs(out)):
-            raise NonFiniteError(f"the {component}'s output had non-finite values{where} in float32 (as in "
-                                 f"{str(dtype).removeprefix('torch.')}); no image was made")
+            raise NonFiniteError(
+                f"the {component}'s output had non-finite values{where} in float32 (as in "
+                f"{str(dtype).removeprefix('torch.')}); no image was made"
+            )
         if LABELS[component] not in self.taken:
             self.taken.append(LABELS[component])
         return out

@@ -134,44 +134,108 @@ class Pipeline:
         so every PNG carries the same fields from this one place."""
         return self._info(request.resolve(self.config, self.scheduler_config))
 
-    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int | None = None,
-                height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
-                sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
-                clip_skip: int = 1, callback: Callback | None = None, schedule_type: str | None = None,
-                eta: float | None = None, speedups: Speedups | None = None) -> Result:
+    def txt2img(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str | Sampler = "DPM++ 2M Karras",
+        seed: int | None = None,
+        batch_size: int = 1,
+        clip_skip: int = 1,
+        callback: Callback | None = None,
+        schedule_type: str | None = None,
+        eta: float | None = None,
+        speedups: Speedups | None = None,
+    ) -> Result:
         """Generate images from text, starting from pure noise (GenerationRequest without an image).
 
         Width and height default to the size the model was trained at (512 for SD1, 768 for
         SD2's v-prediction models, 64 for the shipped model). `speedups` (diffuse.speedups,
         off by default) trade a small change of the image for time."""
         request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            guidance_scale=guidance_scale, sampler=sampler, schedule_type=schedule_type, seed=seed,
-            batch_size=batch_size, clip_skip=clip_skip, eta=eta, speedups=speedups)
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            schedule_type=schedule_type,
+            seed=seed,
+            batch_size=batch_size,
+            clip_skip=clip_skip,
+            eta=eta,
+            speedups=speedups,
+        )
         return self.generate(request, callback)
 
-    def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.75,
-                negative_prompt: str | list[str] = "", width: int | None = None, height: int | None = None,
-                steps: int = 20, guidance_scale: float = 7.5, sampler: str | Sampler = "DPM++ 2M Karras",
-                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1, callback: Callback | None = None,
-                schedule_type: str | None = None, eta: float | None = None,
-                speedups: Speedups | None = None) -> Result:
+    def img2img(
+        self,
+        image: Image.Image | str | Path,
+        prompt: str | list[str],
+        strength: float = 0.75,
+        negative_prompt: str | list[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str | Sampler = "DPM++ 2M Karras",
+        seed: int | None = None,
+        batch_size: int = 1,
+        clip_skip: int = 1,
+        callback: Callback | None = None,
+        schedule_type: str | None = None,
+        eta: float | None = None,
+        speedups: Speedups | None = None,
+    ) -> Result:
         """Repaint an image: encode it, add the noise of step `strength`·steps, and denoise from there.
 
         Width and height default to the image's own size (rounded down to a multiple of 8)."""
         _given(image=image)
         request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            guidance_scale=guidance_scale, sampler=sampler, schedule_type=schedule_type, seed=seed,
-            batch_size=batch_size, clip_skip=clip_skip, eta=eta, speedups=speedups, image=image, strength=strength)
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            schedule_type=schedule_type,
+            seed=seed,
+            batch_size=batch_size,
+            clip_skip=clip_skip,
+            eta=eta,
+            speedups=speedups,
+            image=image,
+            strength=strength,
+        )
         return self.generate(request, callback)
 
-    def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
-                strength: float = 1.0, negative_prompt: str | list[str] = "", width: int | None = None,
-                height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
-                sampler: str | Sampler = "DPM++ 2M Karras", seed: int | None = None, batch_size: int = 1,
-                clip_skip: int = 1, callback: Callback | None = None, schedule_type: str | None = None,
-                eta: float | None = None, keep_unmasked: bool = True, speedups: Speedups | None = None) -> Result:
+    def inpaint(
+        self,
+        image: Image.Image | str | Path,
+        mask: Image.Image | str | Path,
+        prompt: str | list[str],
+        strength: float = 1.0,
+        negative_prompt: str | list[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str | Sampler = "DPM++ 2M Karras",
+        seed: int | None = None,
+        batch_size: int = 1,
+        clip_skip: int = 1,
+        callback: Callback | None = None,
+        schedule_type: str | None = None,
+        eta: float | None = None,
+        keep_unmasked: bool = True,
+        speedups: Speedups | None = None,
+    ) -> Result:
         """Repaint only where the mask is white.
 
         A 9-channel inpainting UNet sees the mask and the masked image directly; a
@@ -180,10 +244,24 @@ class Pipeline:
         outside the mask are pasted back over the decoded result."""
         _given(image=image, mask=mask)
         request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            guidance_scale=guidance_scale, sampler=sampler, schedule_type=schedule_type, seed=seed,
-            batch_size=batch_size, clip_skip=clip_skip, eta=eta, speedups=speedups, image=image, mask=mask,
-            strength=strength, keep_unmasked=keep_unmasked)
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            schedule_type=schedule_type,
+            seed=seed,
+            batch_size=batch_size,
+            clip_skip=clip_skip,
+            eta=eta,
+            speedups=speedups,
+            image=image,
+            mask=mask,
+            strength=strength,
+            keep_unmasked=keep_unmasked,
+        )
         return self.generate(request, callback)
 
     # ---- the stages of a generation ---------------------------------------------------------
@@ -204,14 +282,17 @@ class Pipeline:
     def _conditioning(self, job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Context for the prompts and, when guidance is on, for the negative prompts (same length);
         checked to be finite, recomputed in float32 if it is not (diffuse.numerics)."""
+
         def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
             if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
                 return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
-            return encode_prompt_pair(self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts,
-                                      clip_skip=job.clip_skip)
+            return encode_prompt_pair(
+                self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts, clip_skip=job.clip_skip
+            )
 
-        return Fallback(job.nan_fallback).run(self.text_encoder, "text encoder", encode,
-                                              outputs=lambda pair: tuple(c for c in pair if c is not None))
+        return Fallback(job.nan_fallback).run(
+            self.text_encoder, "text encoder", encode, outputs=lambda pair: tuple(c for c in pair if c is not None)
+        )
 
     @staticmethod
     def _plan(job: Job) -> Plan:
@@ -223,8 +304,7 @@ class Pipeline:
         factor = self.config.vae.downsample_factor
         return self.config.vae.latent_channels, job.height // factor, job.width // factor
 
-    def _initial_latents(self, job: Job, plan: Plan, generators: list[torch.Generator],
-                         fallback: Fallback) -> Start:
+    def _initial_latents(self, job: Job, plan: Plan, generators: list[torch.Generator], fallback: Fallback) -> Start:
         """Pure noise, or the image's latents plus the noise slice of the plan's first level; for
         inpainting also the mask at latent size and, for a 9-channel UNet, the masked image's latents.
 
@@ -244,29 +324,47 @@ class Pipeline:
                 masked_latents = self._encode_image(job.image * (job.mask < 0.5), generators, fallback)
         return Start(x, noise, image_latents, mask_latents, masked_latents)
 
-    def _encode_image(self, pixels: torch.Tensor, generators: list[torch.Generator],
-                      fallback: Fallback) -> torch.Tensor:
+    def _encode_image(
+        self, pixels: torch.Tensor, generators: list[torch.Generator], fallback: Fallback
+    ) -> torch.Tensor:
         """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
-        posterior = fallback.run(self.vae, "VAE encoder",
-                                 lambda: self.vae.encode(pixels.to(self.device, network_dtype(self.vae))),
-                                 outputs=lambda p: (p.mean, p.std))
+        posterior = fallback.run(
+            self.vae,
+            "VAE encoder",
+            lambda: self.vae.encode(pixels.to(self.device, network_dtype(self.vae))),
+            outputs=lambda p: (p.mean, p.std),
+        )
         return torch.cat([posterior.sample(g).float() for g in generators]) * self.config.vae.scaling_factor
 
-    def _denoise(self, job: Job, plan: Plan, start: Start, context: tuple[torch.Tensor, torch.Tensor | None],
-                 generators: list[torch.Generator], fallback: Fallback, callback: Callback | None) -> torch.Tensor:
+    def _denoise(
+        self,
+        job: Job,
+        plan: Plan,
+        start: Start,
+        context: tuple[torch.Tensor, torch.Tensor | None],
+        generators: list[torch.Generator],
+        fallback: Fallback,
+        callback: Callback | None,
+    ) -> torch.Tensor:
         """The sampler's loop from `start`, guided by the prompts; the final latents in the UNet's scale."""
         shape, sigmas = self._latent_shape(job), plan.sigmas.to(self.device)
         driven = DrivenUNet(self.unet, job.speedups, shape[1:])
         inpaint_unet = self.config.unet.in_channels == 9
-        predictor = NoisePredictor(self.unet, driven, fallback, context, job.guidance_scale,
-                                   last_guided_timestep(plan.timesteps, plan.steps, job.speedups.guidance_cutoff),
-                                   plan.steps, (start.mask, start.masked_image) if inpaint_unet else None)
+        predictor = NoisePredictor(
+            self.unet,
+            driven,
+            fallback,
+            context,
+            job.guidance_scale,
+            last_guided_timestep(plan.timesteps, plan.steps, job.speedups.guidance_cutoff),
+            plan.steps,
+            (start.mask, start.masked_image) if inpaint_unet else None,
+        )
         blend_known = start.image is not None and start.mask is not None and not inpaint_unet
         after_step = AfterStep(predictor, plan, sigmas, start, blend_known, callback, self.preview_matrix)
         denoise = make_denoiser(predictor, self.config.prediction_type)  # what the model predicts is the model's fact
         with fallback:  # a UNet moved to float32 goes back to its own dtype however sampling ends
-            x = job.sampler.run(denoise, start.x, plan, lambda: draw_noise(generators, shape, self.device),
-                                after_step)
+            x = job.sampler.run(denoise, start.x, plan, lambda: draw_noise(generators, shape, self.device), after_step)
         return x / (1 + sigmas[-1] ** 2) ** 0.5
 
     def _decode(self, job: Job, latents: torch.Tensor) -> list[Image.Image]:
@@ -283,8 +381,9 @@ class Pipeline:
         Checked to be finite: a non-finite decode in a reduced precision is redone in float32
         (and "VAE float32" added to `nan_fallback`); in float32 it raises NonFiniteError."""
         z = latents / self.config.vae.scaling_factor
-        pixels = Fallback(nan_fallback).run(self.vae, "VAE decoder",
-                                            lambda: self.vae.decode(z.to(network_dtype(self.vae))))
+        pixels = Fallback(nan_fallback).run(
+            self.vae, "VAE decoder", lambda: self.vae.decode(z.to(network_dtype(self.vae)))
+        )
         return pixels.float()
 
     # ---- what a run records -----------------------------------------------------------------
@@ -297,24 +396,38 @@ class Pipeline:
         """The first image's generation info, and every image's parameters text: what a PNG needs to
         be made again (diffuse.regenerate) and to tell whether that can match exactly."""
         info = {
-            "prompt": job.prompts[0], "negative_prompt": job.negative_prompts[0], "steps": job.steps,
-            "sampler": job.sampler.name, "schedule_type": job.sampler.schedule_type, "cfg_scale": job.guidance_scale,
-            "seed": job.seeds[0], "width": job.width, "height": job.height, "model_hash": self.model_hash,
-            "model": self.model_name, "clip_skip": job.clip_skip,
-            "denoising_strength": job.strength if job.image is not None else None, "eta": job.eta,
+            "prompt": job.prompts[0],
+            "negative_prompt": job.negative_prompts[0],
+            "steps": job.steps,
+            "sampler": job.sampler.name,
+            "schedule_type": job.sampler.schedule_type,
+            "cfg_scale": job.guidance_scale,
+            "seed": job.seeds[0],
+            "width": job.width,
+            "height": job.height,
+            "model_hash": self.model_hash,
+            "model": self.model_name,
+            "clip_skip": job.clip_skip,
+            "denoising_strength": job.strength if job.image is not None else None,
+            "eta": job.eta,
             **job.speedups.info(),
             "init_image_hash": inputs.image_sha256(job.image) if job.image is not None else None,
             "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
             "keep_unmasked": job.keep_unmasked if job.mask is not None else None,
             "nan_fallback": ", ".join(job.nan_fallback) or None,
             # Reduced-precision GEMMs may round differently at another batch size: exactness needs the same batch.
-            "batch_size": len(job.seeds), "batch_pos": 0,
-            "model_sha256": self.model_sha256, "dtype": str(self.dtype).removeprefix("torch."),
-            "device": self.device.type, "sampler_settings": sampler_settings(job.sampler),
+            "batch_size": len(job.seeds),
+            "batch_pos": 0,
+            "model_sha256": self.model_sha256,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "sampler_settings": sampler_settings(job.sampler),
             "version": VERSION,
         }
-        texts = [infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
-                 for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))]
+        texts = [
+            infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
+            for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))
+        ]
         return info, texts
 
 

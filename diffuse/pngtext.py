@@ -63,8 +63,9 @@ def _read(f, size: int, path: Path, keyword: bytes) -> str | None:
             raise PngTextError(f"{path}: truncated PNG (the file ends before its IEND chunk)")
         length, kind = struct.unpack(">I4s", header)
         if length > MAX_CHUNK or f.tell() + length + 4 > size:
-            raise PngTextError(f"{path}: truncated or damaged PNG (chunk {kind!r} claims {length} bytes "
-                               f"past the end of the file)")
+            raise PngTextError(
+                f"{path}: truncated or damaged PNG (chunk {kind!r} claims {length} bytes past the end of the file)"
+            )
         if first:
             if kind != b"IHDR" or length != 13:
                 raise PngTextError(f"{path}: damaged PNG (it does not start with an IHDR chunk)")
@@ -78,8 +79,9 @@ def _read(f, size: int, path: Path, keyword: bytes) -> str | None:
             f.seek(length + 4, os.SEEK_CUR)  # pixels and other chunks: never read
             continue
         if length > MAX_TEXT_CHUNK:
-            raise PngTextError(f"{path}: a {kind.decode()} text chunk of {length} bytes is over the "
-                               f"{MAX_TEXT_CHUNK}-byte limit")
+            raise PngTextError(
+                f"{path}: a {kind.decode()} text chunk of {length} bytes is over the {MAX_TEXT_CHUNK}-byte limit"
+            )
         data = f.read(length)
         (crc,) = struct.unpack(">I", f.read(4))
         if zlib.crc32(kind + data) != crc:
@@ -98,8 +100,10 @@ def _check_header(data: bytes, path: Path) -> None:
     if width == 0 or height == 0:
         raise PngTextError(f"{path}: damaged PNG (size {width}x{height})")
     if width * height > max_pixels():
-        raise PngTextError(f"{path}: refused as a decompression bomb: it declares {width}x{height} pixels, "
-                           f"over the {max_pixels()}-pixel limit")
+        raise PngTextError(
+            f"{path}: refused as a decompression bomb: it declares {width}x{height} pixels, "
+            f"over the {max_pixels()}-pixel limit"
+        )
 
 
 def _decode(kind: bytes, body: bytes, path: Path) -> str:

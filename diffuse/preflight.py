@@ -22,8 +22,15 @@ from diffuse.samplers import get_sampler
 from diffuse.speedups import Speedups
 
 SIZE_MULTIPLE = 8  # Stable Diffusion's autoencoder downsamples 8x
-OPTION_NAMES = {"width": "-W/--width", "height": "-H/--height", "steps": "--steps", "guidance_scale": "--cfg-scale",
-                "batch_size": "--batch-size", "strength": "--strength", "eta": "--eta"}
+OPTION_NAMES = {
+    "width": "-W/--width",
+    "height": "-H/--height",
+    "steps": "--steps",
+    "guidance_scale": "--cfg-scale",
+    "batch_size": "--batch-size",
+    "strength": "--strength",
+    "eta": "--eta",
+}
 
 
 @dataclass
@@ -52,14 +59,27 @@ def check_generation_args(args: argparse.Namespace) -> Checked:
     inputs.prompt_list(args.prompt, "prompt")
     inputs.prompt_list(args.negative_prompt, "negative prompt (-n)")
     strength = getattr(args, "strength", 1.0)
-    inputs.check_settings(args.width, args.height, args.steps, args.cfg_scale, args.batch_size, strength, args.eta,
-                          SIZE_MULTIPLE, names=OPTION_NAMES)
+    inputs.check_settings(
+        args.width,
+        args.height,
+        args.steps,
+        args.cfg_scale,
+        args.batch_size,
+        strength,
+        args.eta,
+        SIZE_MULTIPLE,
+        names=OPTION_NAMES,
+    )
     seed = _option("--seed", inputs.resolve_seed, args.seed, args.batch_size * args.n_iter)
     get_sampler(args.sampler, schedule_type=args.schedule_type, eta=args.eta)
     if args.clip_skip < 1:
         raise ValueError(f"--clip-skip must be 1 or more (1: the text encoder's last layer), got {args.clip_skip}")
-    speedups = Speedups(guidance_cutoff=args.guidance_cutoff, deep_cache_interval=args.deep_cache,
-                        deep_cache_depth=args.deep_cache_depth, token_merging=args.token_merging)
+    speedups = Speedups(
+        guidance_cutoff=args.guidance_cutoff,
+        deep_cache_interval=args.deep_cache,
+        deep_cache_depth=args.deep_cache_depth,
+        token_merging=args.token_merging,
+    )
     device = resolve_device(args.device)
     dtype = _option("--dtype", resolve_dtype, args.dtype, device)
     inputs.check_output_folder(args.out, "--out")

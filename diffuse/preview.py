@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -22,12 +22,14 @@ from .metadata import save_png
 # A1111's "Approx cheap" coefficients for SD 1.x/2.x latents (UNet scale, i.e. already
 # multiplied by the VAE scaling factor 0.18215): row = latent channel, column = R, G, B,
 # giving an image roughly in [-1, 1].
-SD_LATENT_RGB = torch.tensor([
-    [0.298, 0.207, 0.208],
-    [0.187, 0.286, 0.173],
-    [-0.158, 0.189, 0.264],
-    [-0.184, -0.271, -0.473],
-])
+SD_LATENT_RGB = torch.tensor(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ]
+)
 
 
 def latents_to_rgb_cheap(latents: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,8 +53,10 @@ def latents_to_rgb_cheap(latents: torch.Tensor, matrix: torch.Tensor | None = No
 def check_preview_matrix(matrix: torch.Tensor, channels: int) -> None:
     """Refuse a matrix that does not map `channels`-channel latents to RGB: [C, 3], or [C + 1, 3] with a bias row."""
     if matrix.ndim != 2 or matrix.shape[1] != 3 or matrix.shape[0] not in (channels, channels + 1):
-        raise ValueError(f"preview matrix must be [{channels}, 3] or [{channels + 1}, 3] for {channels}-channel "
-                         f"latents, got {tuple(matrix.shape)}")
+        raise ValueError(
+            f"preview matrix must be [{channels}, 3] or [{channels + 1}, 3] for {channels}-channel "
+            f"latents, got {tuple(matrix.shape)}"
+        )
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError("preview matrix holds a non-finite value")
 
@@ -66,8 +70,10 @@ def fit_preview_matrix(latents: torch.Tensor, images: torch.Tensor, bias: bool =
     or [C, 3] with bias=False.
     """
     if latents.ndim != 4 or images.ndim != 4 or len(latents) != len(images) or images.shape[1] != 3:
-        raise ValueError(f"need latents [B, C, h, w] and images [B, 3, H, W] with the same B, "
-                         f"got {tuple(latents.shape)} and {tuple(images.shape)}")
+        raise ValueError(
+            f"need latents [B, C, h, w] and images [B, 3, H, W] with the same B, "
+            f"got {tuple(latents.shape)} and {tuple(images.shape)}"
+        )
     (h, w), (H, W) = latents.shape[2:], images.shape[2:]
     if H % h or W % w:
         raise ValueError(f"image size {H}x{W} is not a whole multiple of the latent size {h}x{w}")
@@ -103,8 +109,9 @@ BACKGROUND = (255, 255, 255)
 LABEL_COLOUR = (0, 0, 0)
 
 
-def filmstrip(frames: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
-              max_width: int = 2048) -> Image.Image:
+def filmstrip(
+    frames: list[Image.Image], labels: list[str] | None = None, columns: int | None = None, max_width: int = 2048
+) -> Image.Image:
     """The frames in a grid, left to right then top to bottom, each with its label underneath.
 
     columns: default as many as fit side by side within `max_width` (all of them if they
@@ -132,8 +139,9 @@ def filmstrip(frames: list[Image.Image], labels: list[str] | None = None, column
     if labels is not None:
         text_h = max(font.getbbox(text or " ")[3] for text in labels)
         label_h = text_h + 2 * GAP
-    sheet = Image.new("RGB", (columns * cell_w + (columns - 1) * GAP, rows * (cell_h + label_h) + (rows - 1) * GAP),
-                      BACKGROUND)
+    sheet = Image.new(
+        "RGB", (columns * cell_w + (columns - 1) * GAP, rows * (cell_h + label_h) + (rows - 1) * GAP), BACKGROUND
+    )
     draw = ImageDraw.Draw(sheet)
     for i, frame in enumerate(frames):
         x = (i % columns) * (cell_w + GAP)

@@ -32,13 +32,16 @@ BREAK_WEIGHT = -1.0  # marks the BREAK segment, as in A1111
 # One emphasis token per match; alternatives are tried in this order. An escaped bracket
 # or backslash, a lone backslash (dropped), an opening bracket, ":number)" closing a
 # round bracket with an explicit factor, a closing bracket, plain text, a lone colon.
-_EMPHASIS_TOKEN = re.compile(r"""
+_EMPHASIS_TOKEN = re.compile(
+    r"""
     (?P<escaped>\\[()\[\]\\]) | (?P<backslash>\\)
   | (?P<open>[(\[])
   | :(?P<factor>[+-]?[.\d]+)\)
   | (?P<close>[)\]])
   | (?P<text>[^\\()\[\]:]+ | :)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
@@ -216,8 +219,9 @@ def encode_chunks(text_encoder: CLIPTextEncoder, chunks: list[PromptChunk], clip
     return hidden
 
 
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, prompts: list[str],
-                   clip_skip: int = 1) -> torch.Tensor:
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, prompts: list[str], clip_skip: int = 1
+) -> torch.Tensor:
     """Prompts -> text conditioning [B, 77*k, D], k the largest chunk count among them.
 
     A prompt with fewer chunks is filled up with the empty prompt's encoding, which is
@@ -226,8 +230,13 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, prom
     return _encode_padded(tokenizer, text_encoder, _checked(prompts, "prompts"), clip_skip)
 
 
-def encode_prompt_pair(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, prompts: list[str],
-                       negative_prompts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt_pair(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextEncoder,
+    prompts: list[str],
+    negative_prompts: list[str],
+    clip_skip: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) for classifier-free guidance, both [B, 77*k, D] with the same k.
 
     The shorter side is filled with empty-prompt chunks so the two can be stacked into
@@ -240,8 +249,9 @@ def encode_prompt_pair(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, 
     return both[: len(prompts)], both[len(prompts) :]
 
 
-def _encode_padded(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, texts: list[str],
-                   clip_skip: int) -> torch.Tensor:
+def _encode_padded(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, texts: list[str], clip_skip: int
+) -> torch.Tensor:
     unique = list(dict.fromkeys(texts))  # a batch often repeats one prompt: encode it once
     per_text = [prompt_chunks(tokenizer, text) for text in unique]
     count = max(len(chunks) for chunks in per_text)

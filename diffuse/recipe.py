@@ -57,8 +57,9 @@ def _typed(cls, name: str, text: str):
         raise ValueError(f"Sampler settings: {name}={text!r} is not a valid {type(default).__name__}") from None
 
 
-def sampler_from_record(name: str, schedule_type: str | None, settings: str | None,
-                        eta: float | None = None) -> Sampler:
+def sampler_from_record(
+    name: str, schedule_type: str | None, settings: str | None, eta: float | None = None
+) -> Sampler:
     """The sampler an image's parameters describe, checked now (no model needed).
 
     With `settings` (diffuse's "Sampler settings") the schedule and options are exactly the
@@ -82,8 +83,11 @@ def sampler_from_record(name: str, schedule_type: str | None, settings: str | No
             options[key] = _typed(SamplerOptions, key, text)
         else:
             raise ValueError(f"Sampler settings: unknown setting {key!r}")
-    sampler = Sampler(named.algorithm, replace(SamplerOptions(**options), sigma_schedule=named.options.sigma_schedule),
-                      NoiseSchedule(**schedule))
+    sampler = Sampler(
+        named.algorithm,
+        replace(SamplerOptions(**options), sigma_schedule=named.options.sigma_schedule),
+        NoiseSchedule(**schedule),
+    )
     sampler.plan(1)  # an option the algorithm cannot walk fails here, naming itself
     return sampler
 
@@ -98,5 +102,9 @@ def speedups_from_info(info: dict) -> Speedups:
             raise ValueError(f"Deep cache: {deep_cache!r} is not INTERVAL/DEPTH, e.g. 3/1")
         interval, depth = int(parts[0]), int(parts[1])
     cutoff = info.get("guidance_cutoff")
-    return Speedups(guidance_cutoff=1.0 if cutoff is None else float(cutoff), deep_cache_interval=interval,
-                    deep_cache_depth=depth, token_merging=float(info.get("token_merging_ratio") or 0.0))
+    return Speedups(
+        guidance_cutoff=1.0 if cutoff is None else float(cutoff),
+        deep_cache_interval=interval,
+        deep_cache_depth=depth,
+        token_merging=float(info.get("token_merging_ratio") or 0.0),
+    )

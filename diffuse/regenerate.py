@@ -48,19 +48,43 @@ from diffuse.runtime import resolve_device, resolve_dtype
 # bfloat16 and float16 round every product to 8 or 11 bits, which alone moves pixels by tens of
 # levels across batch sizes on one CPU (bench/RESULTS.md), so another machine gets 32.
 TOLERANCE = {
-    ("cpu", "float32"): 2, ("cuda", "float32"): 4, ("mps", "float32"): 4,
-    ("cpu", "bfloat16"): 32, ("cuda", "bfloat16"): 32, ("mps", "bfloat16"): 32,
-    ("cpu", "float16"): 32, ("cuda", "float16"): 32, ("mps", "float16"): 32,
+    ("cpu", "float32"): 2,
+    ("cuda", "float32"): 4,
+    ("mps", "float32"): 4,
+    ("cpu", "bfloat16"): 32,
+    ("cuda", "bfloat16"): 32,
+    ("mps", "bfloat16"): 32,
+    ("cpu", "float16"): 32,
+    ("cuda", "float16"): 32,
+    ("mps", "float16"): 32,
 }
 
 # Labels that describe an image without changing its pixels, or that `parse_infotext` fills in.
-_DESCRIPTIVE = {"Prompt", "Negative prompt", "Size-1", "Size-2", "Version", "User", "Lora hashes", "TI hashes",
-                "RNG", "Clip skip", "Schedule type"}
+_DESCRIPTIVE = {
+    "Prompt",
+    "Negative prompt",
+    "Size-1",
+    "Size-2",
+    "Version",
+    "User",
+    "Lora hashes",
+    "TI hashes",
+    "RNG",
+    "Clip skip",
+    "Schedule type",
+}
 
 
 # The PNG's labels, for messages about the values check_settings reads.
-_LABEL_NAMES = {"width": "Size (width)", "height": "Size (height)", "steps": "Steps", "guidance_scale": "CFG scale",
-                "batch_size": "Batch size", "strength": "Denoising strength", "eta": "Eta"}
+_LABEL_NAMES = {
+    "width": "Size (width)",
+    "height": "Size (height)",
+    "steps": "Steps",
+    "guidance_scale": "CFG scale",
+    "batch_size": "Batch size",
+    "strength": "Denoising strength",
+    "eta": "Eta",
+}
 
 
 @dataclass
@@ -89,8 +113,13 @@ def read_recipe(text: str) -> Recipe:
     """The recipe in a parameters text, every field that needs no model checked; ValueError names the bad one."""
     parsed = parse_infotext(text)
     info = info_from_infotext(text)
-    for key, label in (("steps", "Steps"), ("sampler", "Sampler"), ("cfg_scale", "CFG scale"), ("seed", "Seed"),
-                       ("width", "Size")):
+    for key, label in (
+        ("steps", "Steps"),
+        ("sampler", "Sampler"),
+        ("cfg_scale", "CFG scale"),
+        ("seed", "Seed"),
+        ("width", "Size"),
+    ):
         if key not in info:
             raise ValueError(f"the parameters have no {label!r}, which making the image again needs")
     version = info.get("version", "")
@@ -117,16 +146,25 @@ def _check(recipe: Recipe) -> None:
     info = recipe.info
     inputs.prompt_list(info.get("prompt", ""), "Prompt")
     inputs.prompt_list(info.get("negative_prompt", ""), "Negative prompt")
-    inputs.check_settings(info["width"], info["height"], info["steps"], info["cfg_scale"], recipe.batch_size,
-                          info.get("denoising_strength", 1.0) if recipe.kind != "txt2img" else 1.0, info.get("eta"),
-                          names=_LABEL_NAMES)
+    inputs.check_settings(
+        info["width"],
+        info["height"],
+        info["steps"],
+        info["cfg_scale"],
+        recipe.batch_size,
+        info.get("denoising_strength", 1.0) if recipe.kind != "txt2img" else 1.0,
+        info.get("eta"),
+        names=_LABEL_NAMES,
+    )
     if recipe.kind != "txt2img" and "denoising_strength" not in info:
         raise ValueError(f"the parameters describe {recipe.kind} but have no 'Denoising strength'")
     if not 0 <= recipe.batch_pos < recipe.batch_size:
         raise ValueError(f"Batch pos {recipe.batch_pos} is not a place in a batch of {recipe.batch_size}")
     if recipe.first_seed < 0:
-        raise ValueError(f"Seed {info['seed']} cannot be at Batch pos {recipe.batch_pos}: the batch would start at "
-                         f"seed {recipe.first_seed}")
+        raise ValueError(
+            f"Seed {info['seed']} cannot be at Batch pos {recipe.batch_pos}: the batch would start at "
+            f"seed {recipe.first_seed}"
+        )
     inputs.resolve_seed(recipe.first_seed, recipe.batch_size)
     if info.get("clip_skip", 1) < 1:
         raise ValueError(f"Clip skip must be 1 or more, got {info['clip_skip']}")
@@ -143,11 +181,22 @@ def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image 
     else:
         sampler = {"sampler": info["sampler"], "schedule_type": info.get("schedule_type"), "eta": info.get("eta")}
     return GenerationRequest(
-        info.get("prompt", ""), info.get("negative_prompt", ""), info["width"], info["height"], info["steps"],
-        info["cfg_scale"], seed=recipe.first_seed, batch_size=recipe.batch_size, clip_skip=info.get("clip_skip", 1),
-        speedups=speedups_from_info(info), image=image, mask=mask,
+        info.get("prompt", ""),
+        info.get("negative_prompt", ""),
+        info["width"],
+        info["height"],
+        info["steps"],
+        info["cfg_scale"],
+        seed=recipe.first_seed,
+        batch_size=recipe.batch_size,
+        clip_skip=info.get("clip_skip", 1),
+        speedups=speedups_from_info(info),
+        image=image,
+        mask=mask,
         strength=info["denoising_strength"] if recipe.kind != "txt2img" else None,
-        keep_unmasked=info.get("keep_unmasked", True), **sampler)
+        keep_unmasked=info.get("keep_unmasked", True),
+        **sampler,
+    )
 
 
 def tolerance(device: torch.device, dtype: torch.dtype) -> int:
@@ -166,9 +215,12 @@ def add_regenerate_options(p: argparse.ArgumentParser, device_help: str) -> None
     p.add_argument("png", metavar="IMAGE.png", help="a PNG made by diffuse (or A1111) with its parameters")
     p.add_argument("--model", default=None, help="the model (default: the shipped model)")
     p.add_argument("--out", default="outputs", help="where the new PNG goes (default ./outputs)")
-    p.add_argument("--check", action="store_true",
-                   help="compare with the original's pixels; exit 1 when they differ by more than the tolerance "
-                        "for the dtype and device, or when a match is impossible")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare with the original's pixels; exit 1 when they differ by more than the tolerance "
+        "for the dtype and device, or when a match is impossible",
+    )
     p.add_argument("--image", default=None, help="img2img/inpaint: the input image (checked against its hash)")
     p.add_argument("--mask", default=None, help="inpaint: the mask (checked against its hash)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the PNG's)")
@@ -189,8 +241,10 @@ def _inputs(recipe: Recipe, args: argparse.Namespace) -> tuple[Image.Image | Non
     if mask is not None:
         inputs.check_mask_matches(image, mask)
     size = (info["width"], info["height"])
-    for label, key, given, sha in (("Init image hash", "init_image_hash", image, inputs.image_sha256),
-                                   ("Mask hash", "mask_hash", mask, inputs.mask_sha256)):
+    for label, key, given, sha in (
+        ("Init image hash", "init_image_hash", image, inputs.image_sha256),
+        ("Mask hash", "mask_hash", mask, inputs.mask_sha256),
+    ):
         if given is None:
             continue
         to_tensor = inputs.image_to_tensor if key == "init_image_hash" else inputs.mask_to_tensor
@@ -198,8 +252,9 @@ def _inputs(recipe: Recipe, args: argparse.Namespace) -> tuple[Image.Image | Non
         if recorded is None:
             problems.append(f"the PNG records no {label}, so the input cannot be checked")
         elif len(recorded) != 64:
-            problems.append(f"{label} {recorded} is not diffuse's sha256 of the pixels (A1111's), so the input "
-                            "cannot be checked")
+            problems.append(
+                f"{label} {recorded} is not diffuse's sha256 of the pixels (A1111's), so the input cannot be checked"
+            )
         elif sha(to_tensor(given, *size)) != recorded:
             problems.append(f"the {label} differs: this is not the input the image was made from")
     return image, mask, problems
@@ -210,8 +265,10 @@ def _match_problems(recipe: Recipe, hashes: ModelHashes, device: torch.device, d
     info, problems = recipe.info, []
     if not recipe.by_diffuse:
         made_by = f"Version {info['version']}" if info.get("version") else "no Version"
-        problems.append(f"an A1111-style image ({made_by}): made again as far as its fields go, its pixels "
-                        "are not expected to match")
+        problems.append(
+            f"an A1111-style image ({made_by}): made again as far as its fields go, its pixels "
+            "are not expected to match"
+        )
     elif info["version"] != VERSION:
         problems.append(f"made by {info['version']}, this is {VERSION}")
     if info.get("model_sha256"):
@@ -276,12 +333,16 @@ def _compare(made: Image.Image, original_path: str, device: torch.device, dtype:
     """Print how far the new image is from the original; 0 within the tolerance, 1 past it."""
     with Image.open(original_path) as original:
         if original.size != made.size:
-            print(f"DIFFERS: the new image is {made.size[0]}x{made.size[1]}, the original "
-                  f"{original.size[0]}x{original.size[1]}")
+            print(
+                f"DIFFERS: the new image is {made.size[0]}x{made.size[1]}, the original "
+                f"{original.size[0]}x{original.size[1]}"
+            )
             return 1
         largest, mean = difference(made, original)
     limit = tolerance(device, dtype)
     verdict = "matches" if largest <= limit else "DIFFERS"
-    print(f"{verdict}: largest pixel difference {largest}/255, mean {mean:.3f}/255 "
-          f"(tolerance {limit}/255 for {str(dtype).removeprefix('torch.')} on {device.type})")
+    print(
+        f"{verdict}: largest pixel difference {largest}/255, mean {mean:.3f}/255 "
+        f"(tolerance {limit}/255 for {str(dtype).removeprefix('torch.')} on {device.type})"
+    )
     return 0 if largest <= limit else 1

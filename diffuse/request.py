@@ -56,7 +56,7 @@ class GenerationRequest:
 
     @property
     def kind(self) -> str:
-        """"txt2img", "img2img" or "inpaint"."""
+        """ "txt2img", "img2img" or "inpaint"."""
         if self.image is None:
             return "txt2img"
         return "img2img" if self.mask is None else "inpaint"
@@ -66,17 +66,36 @@ class GenerationRequest:
         picture, mask_picture = self._pictures()
         width, height = self._size(config, picture)
         strength = self._strength()
-        inputs.check_settings(width, height, self.steps, self.guidance_scale, self.batch_size, strength, self.eta,
-                              multiple=config.vae.downsample_factor)
+        inputs.check_settings(
+            width,
+            height,
+            self.steps,
+            self.guidance_scale,
+            self.batch_size,
+            strength,
+            self.eta,
+            multiple=config.vae.downsample_factor,
+        )
         inputs.check_clip_skip(self.clip_skip, config.text_encoder.layers)
         prompts, negatives = self._prompts()
         first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
         sampler = self._sampler(config, scheduler_config)
         image = None if picture is None else inputs.image_to_tensor(picture, width, height)
         mask = None if mask_picture is None else inputs.mask_to_tensor(mask_picture, width, height)
-        return Job(request=self, prompts=prompts, negative_prompts=negatives, width=width, height=height,
-                   seeds=[first_seed + i for i in range(len(prompts))], sampler=sampler, strength=float(strength),
-                   eta=recorded_eta(sampler, self.eta), speedups=self.speedups or Speedups(), image=image, mask=mask)
+        return Job(
+            request=self,
+            prompts=prompts,
+            negative_prompts=negatives,
+            width=width,
+            height=height,
+            seeds=[first_seed + i for i in range(len(prompts))],
+            sampler=sampler,
+            strength=float(strength),
+            eta=recorded_eta(sampler, self.eta),
+            speedups=self.speedups or Speedups(),
+            image=image,
+            mask=mask,
+        )
 
     def _pictures(self) -> tuple[Image.Image | None, Image.Image | None]:
         """The input image and mask, opened now so that a broken file fails first."""
@@ -102,8 +121,9 @@ class GenerationRequest:
         if self.strength is None:
             return DEFAULT_STRENGTH[self.kind]
         if self.image is None and self.strength != 1.0:
-            raise ValueError(f"strength {self.strength!r} needs an input image (img2img, inpaint); "
-                             "txt2img starts from pure noise")
+            raise ValueError(
+                f"strength {self.strength!r} needs an input image (img2img, inpaint); txt2img starts from pure noise"
+            )
         return self.strength
 
     def _prompts(self) -> tuple[list[str], list[str]]:
@@ -119,16 +139,26 @@ class GenerationRequest:
     def _sampler(self, config: PipelineConfig, scheduler_config: dict | None) -> Sampler:
         if not isinstance(self.sampler, Sampler):
             return model_sampler(self.sampler, config, scheduler_config, self.schedule_type, self.eta)
-        given = [f"{name}={value!r}" for name, value in (("schedule_type", self.schedule_type), ("eta", self.eta))
-                 if value is not None]
+        given = [
+            f"{name}={value!r}"
+            for name, value in (("schedule_type", self.schedule_type), ("eta", self.eta))
+            if value is not None
+        ]
         if given:
-            raise ValueError(f"{' and '.join(given)} would be ignored: a ready Sampler ({self.sampler.label}) "
-                             "carries its own schedule and eta; pass the sampler's name to set them")
+            raise ValueError(
+                f"{' and '.join(given)} would be ignored: a ready Sampler ({self.sampler.label}) "
+                "carries its own schedule and eta; pass the sampler's name to set them"
+            )
         return self.sampler
 
 
-def model_sampler(name: str, config: PipelineConfig, scheduler_config: dict | None = None,
-                  schedule_type: str | None = None, eta: float | None = None) -> Sampler:
+def model_sampler(
+    name: str,
+    config: PipelineConfig,
+    scheduler_config: dict | None = None,
+    schedule_type: str | None = None,
+    eta: float | None = None,
+) -> Sampler:
     """A sampler by its A1111 name with the model's noise schedule and prediction type."""
     model_schedule = {**(scheduler_config or {}), "prediction_type": config.prediction_type}
     return get_sampler(name, scheduler_config=model_schedule, schedule_type=schedule_type, eta=eta)

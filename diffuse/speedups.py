@@ -51,14 +51,17 @@ class Speedups:
         if self.deep_cache_depth < 1:
             raise ValueError(f"deep_cache_depth {self.deep_cache_depth} must be at least 1")
         if not 0.0 <= self.token_merging <= MAX_TOKEN_MERGING:
-            raise ValueError(f"token_merging {self.token_merging} is not a fraction of the positions in "
-                             f"[0, {MAX_TOKEN_MERGING}]")
+            raise ValueError(
+                f"token_merging {self.token_merging} is not a fraction of the positions in [0, {MAX_TOKEN_MERGING}]"
+            )
 
     def info(self) -> dict:
         """What a generation records about them (None: off, left out of the PNG's parameters)."""
         return {
             "guidance_cutoff": self.guidance_cutoff if self.guidance_cutoff < 1.0 else None,
-            "deep_cache": f"{self.deep_cache_interval}/{self.deep_cache_depth}" if self.deep_cache_interval > 1 else None,
+            "deep_cache": f"{self.deep_cache_interval}/{self.deep_cache_depth}"
+            if self.deep_cache_interval > 1
+            else None,
             "token_merging_ratio": self.token_merging or None,  # A1111's name for the same setting
         }
 
@@ -148,14 +151,19 @@ class TokenMerging:
         corner = torch.randint(4, (cells_y, cells_x, 1), generator=self.generator)
         is_destination = torch.zeros(height, width, dtype=torch.bool)
         is_destination[: 2 * cells_y, : 2 * cells_x] = (
-            torch.zeros(cells_y, cells_x, 4, dtype=torch.bool).scatter_(2, corner, True)
-            .view(cells_y, cells_x, 2, 2).transpose(1, 2).reshape(2 * cells_y, 2 * cells_x))
+            torch.zeros(cells_y, cells_x, 4, dtype=torch.bool)
+            .scatter_(2, corner, True)
+            .view(cells_y, cells_x, 2, 2)
+            .transpose(1, 2)
+            .reshape(2 * cells_y, 2 * cells_x)
+        )
         flat = is_destination.flatten().to(device)
         return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
 
 
-def merge_and_unmerge(sources: Tensor, destinations: Tensor, moving: Tensor, staying: Tensor,
-                      into: Tensor) -> tuple[Merge, Merge]:
+def merge_and_unmerge(
+    sources: Tensor, destinations: Tensor, moving: Tensor, staying: Tensor, into: Tensor
+) -> tuple[Merge, Merge]:
     """merge: the staying sources, then each destination averaged with the sources moving into
     it; unmerge: every position its own answer back, a moved source its destination's."""
 
@@ -165,12 +173,13 @@ def merge_and_unmerge(sources: Tensor, destinations: Tensor, moving: Tensor, sta
     def merge(t: Tensor) -> Tensor:
         source_tokens, destination_tokens = t[:, sources], t[:, destinations]
         kept = source_tokens.gather(1, widen(staying, t))
-        pooled = destination_tokens.scatter_reduce(1, widen(into, t), source_tokens.gather(1, widen(moving, t)),
-                                                   reduce="mean", include_self=True)
+        pooled = destination_tokens.scatter_reduce(
+            1, widen(into, t), source_tokens.gather(1, widen(moving, t)), reduce="mean", include_self=True
+        )
         return torch.cat([kept, pooled], dim=1)
 
     def unmerge(t: Tensor) -> Tensor:
-        kept, pooled = t[:, : staying.shape[1]], t[:, staying.shape[1]:]
+        kept, pooled = t[:, : staying.shape[1]], t[:, staying.shape[1] :]
         source_tokens = t.new_empty(t.shape[0], len(sources), t.shape[2])
         source_tokens.scatter_(1, widen(staying, t), kept)
         source_tokens.scatter_(1, widen(moving, t), pooled.gather(1, widen(into, t)))
@@ -208,8 +217,12 @@ class TokenMergedBlock(nn.Module):
 def merging_self_attention(unet: nn.Module, merging: TokenMerging) -> Iterator[None]:
     """Every transformer block of `unet` wrapped in a TokenMergedBlock for the duration, then
     put back (also on error)."""
-    swapped = [(layer.transformer_blocks, i, block) for layer in unet.modules() if isinstance(layer, SpatialTransformer)
-               for i, block in enumerate(layer.transformer_blocks)]
+    swapped = [
+        (layer.transformer_blocks, i, block)
+        for layer in unet.modules()
+        if isinstance(layer, SpatialTransformer)
+        for i, block in enumerate(layer.transformer_blocks)
+    ]
     try:
         for blocks, i, block in swapped:
             blocks[i] = TokenMergedBlock(block, merging)

@@ -40,7 +40,9 @@ _UNSET_MAX_LENGTH = int(1e20)
 
 # Unicode's White_Space property: what the reference's \s matches (Python's
 # str.isspace also accepts the separators U+001C..U+001F, which \s does not).
-WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B))))
+WHITESPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
+)
 _WHITESPACE_RUN = re.compile("[" + re.escape("".join(sorted(WHITESPACE))) + "]+")
 _CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, in the pattern's order
 
@@ -48,13 +50,41 @@ _CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, i
 # take part in canonical ordering (combining class > 0) or composition are unknown there,
 # so they act as plain starters: nothing is reordered or composed across them.
 _POST_UNICODE_9_MARKS = (
-    (0x07FD, 0x07FD), (0x0898, 0x089F), (0x08CA, 0x08D3), (0x09FE, 0x09FE), (0x0C3C, 0x0C3C), (0x0D3B, 0x0D3C),
-    (0x0EBA, 0x0EBA), (0x1715, 0x1715), (0x1ABF, 0x1ACE), (0x1DF6, 0x1DFA), (0xA82C, 0xA82C), (0x10D24, 0x10D27),
-    (0x10EAB, 0x10EAC), (0x10F46, 0x10F50), (0x10F82, 0x10F85), (0x11070, 0x11070), (0x1133B, 0x1133B),
-    (0x1145E, 0x1145E), (0x11839, 0x1183A), (0x11930, 0x11930), (0x11935, 0x11935), (0x11938, 0x11938),
-    (0x1193D, 0x1193E), (0x11943, 0x11943), (0x119E0, 0x119E0), (0x11A34, 0x11A34), (0x11A47, 0x11A47),
-    (0x11A99, 0x11A99), (0x11D42, 0x11D42), (0x11D44, 0x11D45), (0x11D97, 0x11D97), (0x16FF0, 0x16FF1),
-    (0x1E130, 0x1E136), (0x1E2AE, 0x1E2AE), (0x1E2EC, 0x1E2EF),
+    (0x07FD, 0x07FD),
+    (0x0898, 0x089F),
+    (0x08CA, 0x08D3),
+    (0x09FE, 0x09FE),
+    (0x0C3C, 0x0C3C),
+    (0x0D3B, 0x0D3C),
+    (0x0EBA, 0x0EBA),
+    (0x1715, 0x1715),
+    (0x1ABF, 0x1ACE),
+    (0x1DF6, 0x1DFA),
+    (0xA82C, 0xA82C),
+    (0x10D24, 0x10D27),
+    (0x10EAB, 0x10EAC),
+    (0x10F46, 0x10F50),
+    (0x10F82, 0x10F85),
+    (0x11070, 0x11070),
+    (0x1133B, 0x1133B),
+    (0x1145E, 0x1145E),
+    (0x11839, 0x1183A),
+    (0x11930, 0x11930),
+    (0x11935, 0x11935),
+    (0x11938, 0x11938),
+    (0x1193D, 0x1193E),
+    (0x11943, 0x11943),
+    (0x119E0, 0x119E0),
+    (0x11A34, 0x11A34),
+    (0x11A47, 0x11A47),
+    (0x11A99, 0x11A99),
+    (0x11D42, 0x11D42),
+    (0x11D44, 0x11D45),
+    (0x11D97, 0x11D97),
+    (0x16FF0, 0x16FF1),
+    (0x1E130, 0x1E136),
+    (0x1E2AE, 0x1E2AE),
+    (0x1E2EC, 0x1E2EF),
 )
 _POST_UNICODE_9_SPLIT = re.compile("([" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _POST_UNICODE_9_MARKS) + "])")
 
@@ -133,15 +163,24 @@ class CLIPTokenizer:
     (old SD1 folders mark BOS that way, so "<|StartOfText|>" matches it too).
     """
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pad_token: str = EOS_TOKEN,
-                 special_tokens: dict[str, tuple[int, bool]] | None = None, max_length: int = CONTEXT_LENGTH,
-                 cache_size: int = 20_000):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        *,
+        pad_token: str = EOS_TOKEN,
+        special_tokens: dict[str, tuple[int, bool]] | None = None,
+        max_length: int = CONTEXT_LENGTH,
+        cache_size: int = 20_000,
+    ):
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         # BOS, EOS and the pad token are always special; by default matched in the raw text.
         special_tokens = dict(special_tokens or {})
-        self.special_tokens = {t: (self.vocab[t], False) for t in (BOS_TOKEN, EOS_TOKEN, pad_token) if t not in special_tokens}
+        self.special_tokens = {
+            t: (self.vocab[t], False) for t in (BOS_TOKEN, EOS_TOKEN, pad_token) if t not in special_tokens
+        }
         self.special_tokens |= special_tokens
         self.id_to_token = {i: t for t, i in self.vocab.items()} | {i: t for t, (i, _) in self.special_tokens.items()}
         self.pad_token = pad_token
@@ -204,9 +243,13 @@ class CLIPTokenizer:
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
         entries = {name: config[name] for name in names if config.get(name) is not None}
         if "added_tokens_decoder" in config:
-            added |= {t["content"]: (int(i), t.get("normalized", False)) for i, t in config["added_tokens_decoder"].items()}
+            added |= {
+                t["content"]: (int(i), t.get("normalized", False)) for i, t in config["added_tokens_decoder"].items()
+            }
         else:  # older saves: special_tokens_map.json overrides the config's entries
-            entries |= {k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if k in names and v is not None}
+            entries |= {
+                k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if k in names and v is not None
+            }
         # Special tokens join in attribute order; for one text the last entry's flags win,
         # unless the token was already declared with an id (tokenizer.json / config).
         special_tokens = dict(added)
@@ -226,7 +269,9 @@ class CLIPTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8")
+        (folder / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8"
+        )
         config = {
             "tokenizer_class": "CLIPTokenizer",
             "bos_token": BOS_TOKEN,
@@ -235,11 +280,20 @@ class CLIPTokenizer:
             "pad_token": self.pad_token,
             "model_max_length": self.max_length,
             "added_tokens_decoder": {
-                str(i): {"content": t, "lstrip": False, "normalized": norm, "rstrip": False, "single_word": False, "special": True}
+                str(i): {
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": norm,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
                 for t, (i, norm) in sorted(self.special_tokens.items(), key=lambda item: item[1][0])
             },
         }
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     # -- ids -------------------------------------------------------------------------
 
@@ -291,7 +345,9 @@ class CLIPTokenizer:
         """BPE ids of `text`, without BOS/EOS and untruncated."""
         ids: list[int] = []
         for raw in self._split_specials(text, self._raw_specials):
-            for piece in [raw] if isinstance(raw, int) else self._split_specials(normalize(raw), self._normalized_specials):
+            for piece in (
+                [raw] if isinstance(raw, int) else self._split_specials(normalize(raw), self._normalized_specials)
+            ):
                 if isinstance(piece, int):
                     ids.append(piece)
                 else:
@@ -325,8 +381,10 @@ def find_bpe_gz() -> Path:
         for location in (spec.submodule_search_locations or []) if spec else []:
             if (Path(location) / BPE_GZ_NAME).is_file():
                 return Path(location) / BPE_GZ_NAME
-    raise FileNotFoundError(f"CLIP's BPE vocabulary ({BPE_GZ_NAME}) was not found: install the "
-                            "`openai-clip` package (pip install openai-clip==1.0.1), or pass its path")
+    raise FileNotFoundError(
+        f"CLIP's BPE vocabulary ({BPE_GZ_NAME}) was not found: install the "
+        "`openai-clip` package (pip install openai-clip==1.0.1), or pass its path"
+    )
 
 
 def _read_json(path: Path) -> dict:

@@ -23,7 +23,9 @@ def clip_bpe_path() -> Path:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -56,7 +58,9 @@ def reference_tokenizer(vocab_dir: Path, style: str):
     from transformers import CLIPTokenizer
 
     pad = "<|endoftext|>" if style == "sd1" else "!"
-    return CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), pad_token=pad, model_max_length=77)
+    return CLIPTokenizer(
+        str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), pad_token=pad, model_max_length=77
+    )
 
 
 # Tiny but structurally complete: three levels, attention on two of them, skip
@@ -83,7 +87,9 @@ TINY_UNET = {
 }
 
 TINY_TEXT = {
-    "sd1": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"),
+    "sd1": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"
+    ),
     "sd2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu"),
 }
 
@@ -94,7 +100,14 @@ def build_reference(style: str, vocab_dir: Path, seed: int = 0, in_channels: int
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=2, norm_num_groups=32, **TINY_UNET[style])
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        **TINY_UNET[style],
+    )
     vae = AutoencoderKL(
         block_out_channels=(32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -104,8 +117,14 @@ def build_reference(style: str, vocab_dir: Path, seed: int = 0, in_channels: int
         norm_num_groups=32,
         sample_size=32,
     )
-    text_config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                                 pad_token_id=49407 if style == "sd1" else 0, **TINY_TEXT[style])
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407 if style == "sd1" else 0,
+        **TINY_TEXT[style],
+    )
     text_encoder = CLIPTextModel(text_config)
     # Random init leaves some parameters at constants (norms at 1/0, zeroed output
     # convs); perturb everything so a wrongly mapped tensor cannot hide.
@@ -113,13 +132,27 @@ def build_reference(style: str, vocab_dir: Path, seed: int = 0, in_channels: int
         for module in (unet, vae, text_encoder):
             for p in module.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon" if style == "sd1" else "v_prediction")
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon" if style == "sd1" else "v_prediction",
+    )
     for module in (unet, vae, text_encoder):
         module.eval()
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=reference_tokenizer(vocab_dir, style),
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=reference_tokenizer(vocab_dir, style),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @pytest.fixture(scope="session", params=["sd1", "sd2"])
@@ -144,7 +177,10 @@ def reference_pipes(reference_folders):
     """The saved reference pipelines reloaded by diffusers, in eval mode (fp32)."""
     from diffusers import StableDiffusionPipeline
 
-    return {name: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) for name, folder in reference_folders.items()}
+    return {
+        name: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        for name, folder in reference_folders.items()
+    }
 
 
 @pytest.fixture

@@ -52,13 +52,20 @@ def reference_img2img(scheduler, steps: int, strength: float, x0: torch.Tensor, 
     """diffusers' img2img: skip steps - int(steps * strength) steps and noise the image to that level."""
     scheduler.set_timesteps(steps)
     start = steps - min(int(steps * strength), steps)
-    timesteps = scheduler.timesteps[start * scheduler.order:]
+    timesteps = scheduler.timesteps[start * scheduler.order :]
     scheduler.set_begin_index(start * scheduler.order)
     return reference_loop(scheduler, timesteps, scheduler.add_noise(x0, noise, timesteps[:1]))
 
 
-def run_ours(algorithm: Algorithm, schedule: NoiseSchedule, options: SamplerOptions, steps: int,
-             noise: torch.Tensor, fresh_noise=None, callback=None) -> torch.Tensor:
+def run_ours(
+    algorithm: Algorithm,
+    schedule: NoiseSchedule,
+    options: SamplerOptions,
+    steps: int,
+    noise: torch.Tensor,
+    fresh_noise=None,
+    callback=None,
+) -> torch.Tensor:
     """Our loop, returned in the UNet's (variance-preserving) scale like the reference's result."""
     plan = algorithm.plan(schedule, steps, options)
     denoise = make_denoiser(toy_model, schedule.prediction_type)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from test_export import assert_diffusers_agrees
 
 import diffuse
 from diffuse.cli import main
@@ -45,14 +46,19 @@ from diffuse.train.stages.unet import UNetTrainConfig
 from diffuse.train.stages.vae import VAETrainConfig
 from diffuse.train.state import capture_rng_state, restore_rng_state
 
-from test_export import assert_diffusers_agrees
-
 DATA = DataConfig(seed=3, image_size=32)
 MICRO_VAE = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4, scaling_factor=0.7)
 MICRO_TEXT = TextEncoderConfig(width=32, layers=1, heads=2, mlp_width=64)
 MICRO_IMAGE = ImageEncoderConfig(image_size=32, stage_channels=(8, 16), norm_groups=4, embed_dim=16)
-MICRO_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(False, True),
-                        heads=(2, 2), context_dim=32, norm_groups=8)
+MICRO_UNET = UNetConfig(
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(False, True),
+    heads=(2, 2),
+    context_dim=32,
+    norm_groups=8,
+)
 PREVIEW_SAMPLES = 16
 PROMPT = "a red circle above a blue square on a white background"
 FAST = dict(steps=2, sampler="Euler a", width=32, height=32)
@@ -70,21 +76,31 @@ def jittered(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def write_vae_stage(folder: Path, config: VAEConfig = MICRO_VAE, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    save_final(folder, "vae", jittered(AutoencoderKL(config), seed), config,
-               VAETrainConfig(vae=config, data=DATA, steps=1), extra={"image_size": DATA.image_size})
+    save_final(
+        folder,
+        "vae",
+        jittered(AutoencoderKL(config), seed),
+        config,
+        VAETrainConfig(vae=config, data=DATA, steps=1),
+        extra={"image_size": DATA.image_size},
+    )
     return folder
 
 
-def write_unet_stage(folder: Path, vae_dir: Path, clip_dir: Path, config: UNetConfig = MICRO_UNET,
-                     fingerprints: bool = False) -> Path:
+def write_unet_stage(
+    folder: Path, vae_dir: Path, clip_dir: Path, config: UNetConfig = MICRO_UNET, fingerprints: bool = False
+) -> Path:
     """A finished UNet stage; with fingerprints it records the weights it was trained on as the trainer
     does now, without them only their folders, as stages trained before that did."""
     torch.manual_seed(1)
-    train_config = UNetTrainConfig(unet=config, vae_dir=str(vae_dir), text_encoder_dir=str(clip_dir), data=DATA,
-                                   steps=1)
+    train_config = UNetTrainConfig(
+        unet=config, vae_dir=str(vae_dir), text_encoder_dir=str(clip_dir), data=DATA, steps=1
+    )
     extra = {"prediction_type": "epsilon", "sample_size": 8, "vae_dir": str(vae_dir), "text_encoder_dir": str(clip_dir)}
     if fingerprints:
-        extra.update(vae_sha256=weights_sha256(vae_dir, "vae"), text_encoder_sha256=weights_sha256(clip_dir, "text_encoder"))
+        extra.update(
+            vae_sha256=weights_sha256(vae_dir, "vae"), text_encoder_sha256=weights_sha256(clip_dir, "text_encoder")
+        )
     save_final(folder, "unet", jittered(UNet(config), 1), config, train_config, extra=extra)
     return folder
 
@@ -95,8 +111,15 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stages")
     vae_dir = write_vae_stage(root / "vae")
-    clip_config = CLIPTrainConfig(text_encoder=MICRO_TEXT, image_encoder=MICRO_IMAGE, data=DATA, steps=1,
-                                  batch_size=4, warmup_steps=0, checkpoint_every=1)
+    clip_config = CLIPTrainConfig(
+        text_encoder=MICRO_TEXT,
+        image_encoder=MICRO_IMAGE,
+        data=DATA,
+        steps=1,
+        batch_size=4,
+        warmup_steps=0,
+        checkpoint_every=1,
+    )
     train_clip(clip_config, root / "clip", progress=False)
     unet_dir = write_unet_stage(root / "unet", vae_dir, root / "clip")
     yield {"root": root, "vae": vae_dir, "clip": root / "clip", "unet": unet_dir, "clip_config": clip_config}
@@ -107,8 +130,14 @@ def stages(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def folder32(stages) -> Path:
     """The stages assembled in float32, so it loads back exactly."""
-    return assemble(stages["vae"], stages["clip"], stages["unet"], stages["root"] / "models" / "fp32",
-                    dtype=torch.float32, preview_samples=PREVIEW_SAMPLES)
+    return assemble(
+        stages["vae"],
+        stages["clip"],
+        stages["unet"],
+        stages["root"] / "models" / "fp32",
+        dtype=torch.float32,
+        preview_samples=PREVIEW_SAMPLES,
+    )
 
 
 def pixels(images) -> np.ndarray:
@@ -136,8 +165,9 @@ def test_clip_stage_leaves_its_trained_image_tower(stages):
 
 
 def test_assembled_folder_loads_back_as_the_same_pipeline(stages, folder32):
-    ours = build_pipeline(stages["vae"], stages["clip"], stages["unet"], source=folder32,
-                          preview_samples=PREVIEW_SAMPLES)
+    ours = build_pipeline(
+        stages["vae"], stages["clip"], stages["unet"], source=folder32, preview_samples=PREVIEW_SAMPLES
+    )
     loaded = diffuse.load_pipeline(folder32, dtype="float32")
     for name in ("text_encoder", "unet", "vae"):
         want, got = getattr(ours, name).state_dict(), getattr(loaded, name).state_dict()
@@ -175,14 +205,17 @@ def test_step_previews_use_the_models_own_matrix(folder32):
         mean = pipe.vae.encode(images).mean
         target = torch.nn.functional.avg_pool2d(pipe.vae.decode(mean), 4) * 0.5 + 0.5
         latents = mean * pipe.config.vae.scaling_factor
-    error = {name: (latents_to_rgb_cheap(latents, matrix) - target).abs().mean().item()
-             for name, matrix in (("own", pipe.preview_matrix), ("sd", SD_LATENT_RGB))}
+    error = {
+        name: (latents_to_rgb_cheap(latents, matrix) - target).abs().mean().item()
+        for name, matrix in (("own", pipe.preview_matrix), ("sd", SD_LATENT_RGB))
+    }
     assert error["own"] < error["sd"], error
 
 
 def test_float16_folder_loads(stages, tmp_path):
-    folder = assemble(stages["vae"], stages["clip"], stages["unet"], tmp_path / "default",
-                      preview_samples=PREVIEW_SAMPLES)
+    folder = assemble(
+        stages["vae"], stages["clip"], stages["unet"], tmp_path / "default", preview_samples=PREVIEW_SAMPLES
+    )
     stored = safetensors.torch.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}
     ours = build_pipeline(stages["vae"], stages["clip"], stages["unet"], source=folder, preview_samples=PREVIEW_SAMPLES)
@@ -203,8 +236,9 @@ def test_diffusers_loads_the_assembled_folder(folder32):
 
 def test_stages_that_do_not_fit_are_refused(stages, tmp_path):
     out = tmp_path / "out"
-    wide_unet = write_unet_stage(tmp_path / "wide", stages["vae"], stages["clip"],
-                                 dataclasses.replace(MICRO_UNET, context_dim=16))
+    wide_unet = write_unet_stage(
+        tmp_path / "wide", stages["vae"], stages["clip"], dataclasses.replace(MICRO_UNET, context_dim=16)
+    )
     with pytest.raises(ValueError, match=r"attends to 16-wide text states, but the text encoder .* is 32 wide"):
         assemble(stages["vae"], stages["clip"], wide_unet, out)
     three = write_vae_stage(tmp_path / "vae3", dataclasses.replace(MICRO_VAE, latent_channels=3))
@@ -253,7 +287,9 @@ def test_a_clip_stage_without_its_tower_gives_a_model_without_one(stages, tmp_pa
     with pytest.warns(AssemblyWarning, match="no image tower"):
         folder = assemble(stages["vae"], clip, stages["unet"], tmp_path / "out", preview_samples=2)
     assert not (folder / IMAGE_TOWER_DIR).exists() and load_image_tower(folder) is None
-    results = evaluate(diffuse.load_pipeline(folder, dtype="float32"), EvalSettings(singles=1, pairs=0, images=2, steps=1))
+    results = evaluate(
+        diffuse.load_pipeline(folder, dtype="float32"), EvalSettings(singles=1, pairs=0, images=2, steps=1)
+    )
     assert "no CLIP image tower" in results["caption_retrieval"]["skipped"]
     assert "skipped" in format_report(results)
 
@@ -317,6 +353,7 @@ def test_another_scene_seed_draws_other_held_out_scenes():
 
 def test_a_lossless_autoencoder_reads_back_perfectly(folder32):
     """vae_reconstruction's scoring alone: an autoencoder that hands the image through unchanged."""
+
     class Lossless(torch.nn.Module):
         def encode(self, images):
             return SimpleNamespace(mean=images)
@@ -326,7 +363,11 @@ def test_a_lossless_autoencoder_reads_back_perfectly(folder32):
 
     pipe = diffuse.load_pipeline(folder32, dtype="float32")
     # At 64 px, the size the analyzer is checked at (this random model's own is 32).
-    pipe = dataclasses.replace(pipe, vae=Lossless(), config=dataclasses.replace(pipe.config, sample_size=64 // pipe.config.vae.downsample_factor))
+    pipe = dataclasses.replace(
+        pipe,
+        vae=Lossless(),
+        config=dataclasses.replace(pipe.config, sample_size=64 // pipe.config.vae.downsample_factor),
+    )
     assert pipe.config.image_size == 64
     measured = vae_reconstruction(pipe, count=40, chunk=16)
     assert measured["read_right"] == {"singles": 1.0, "pairs": 1.0} and measured["psnr_db_worst"] > 50
@@ -355,8 +396,17 @@ def run(args, capsys):
 
 def test_cli_assemble_and_eval(stages, tmp_path, capsys):
     out = tmp_path / "model"
-    args = ["assemble", "--vae", str(stages["vae"]), "--clip", str(stages["clip"]), "--unet", str(stages["unet"]),
-            "--out", str(out)]
+    args = [
+        "assemble",
+        "--vae",
+        str(stages["vae"]),
+        "--clip",
+        str(stages["clip"]),
+        "--unet",
+        str(stages["unet"]),
+        "--out",
+        str(out),
+    ]
     code, printed, err = run(args, capsys)
     assert code == 0, err
     assert printed.strip() == str(out) and (out / "vae" / "latent_rgb.json").is_file()
@@ -365,19 +415,40 @@ def test_cli_assemble_and_eval(stages, tmp_path, capsys):
     assert run(args + ["--overwrite"], capsys)[0] == 0
 
     report = tmp_path / "eval.json"
-    code, printed, err = run(["eval", "--model", str(out), "--singles", "1", "--pairs", "1", "--images", "2",
-                              "--steps", "1", "--scene-seed", "3", "--json", str(report)], capsys)
+    code, printed, err = run(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--singles",
+            "1",
+            "--pairs",
+            "1",
+            "--images",
+            "2",
+            "--steps",
+            "1",
+            "--scene-seed",
+            "3",
+            "--json",
+            str(report),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "all correct" in printed and "caption retrieval top-1" in printed and "scene seed 3" in printed
     assert json.loads(report.read_text())["settings"]["steps"] == 1
     assert json.loads(report.read_text())["settings"]["scene_seed"] == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--singles", "-1"], "argument --singles: must be 0 or more, got -1"),
-    (["eval", "--steps", "many"], "argument --steps: invalid _positive_int value: 'many'"),
-    (["assemble", "--vae", "runs/vae"], "the following arguments are required: --clip, --unet, --out"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--singles", "-1"], "argument --singles: must be 0 or more, got -1"),
+        (["eval", "--steps", "many"], "argument --steps: invalid _positive_int value: 'many'"),
+        (["assemble", "--vae", "runs/vae"], "the following arguments are required: --clip, --unet, --out"),
+    ],
+)
 def test_cli_argument_errors_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -386,8 +457,20 @@ def test_cli_argument_errors_exit_2(args, message, capsys):
 
 
 def test_cli_errors_are_one_line(stages, tmp_path, capsys):
-    code, _, err = run(["assemble", "--vae", str(tmp_path / "nowhere"), "--clip", str(stages["clip"]),
-                        "--unet", str(stages["unet"]), "--out", str(tmp_path / "out")], capsys)
+    code, _, err = run(
+        [
+            "assemble",
+            "--vae",
+            str(tmp_path / "nowhere"),
+            "--clip",
+            str(stages["clip"]),
+            "--unet",
+            str(stages["unet"]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1 and "nowhere holds no finished vae" in err
     code, _, err = run(["eval", "--model", str(tmp_path / "missing")], capsys)
     assert code == 2 and err.count("\n") == 1 and "missing" in err

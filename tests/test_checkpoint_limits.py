@@ -67,19 +67,23 @@ print(peak_mb() - before)
 
 def read_in_subprocess(path: Path) -> tuple[str, float]:
     """What reading `path` raised, and how far it raised the process's peak resident memory (MB)."""
-    done = subprocess.run([sys.executable, "-c", PEAK_GROWTH, str(path)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_GROWTH, str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
     return lines[0], float(lines[1])
 
 
 @linux_only
-@pytest.mark.parametrize("declared, file_size", [
-    (2**40, 2**40 + 8 + 64),  # a terabyte header, in a sparse file that really is that long
-    (150_000_000, 150_000_000 + 8 + 64),  # over the cap, and the file is long enough to hold it
-    (300_000_000, 4096),  # over the cap and longer than the file
-])
+@pytest.mark.parametrize(
+    "declared, file_size",
+    [
+        (2**40, 2**40 + 8 + 64),  # a terabyte header, in a sparse file that really is that long
+        (150_000_000, 150_000_000 + 8 + 64),  # over the cap, and the file is long enough to hold it
+        (300_000_000, 4096),  # over the cap and longer than the file
+    ],
+)
 def test_header_over_the_cap_is_refused_unread(tmp_path, declared, file_size):
     path = tmp_path / "huge-header.safetensors"
     path.write_bytes(struct.pack("<Q", declared) + b'{"w": {')
@@ -114,43 +118,78 @@ def test_too_many_values_refused(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- safetensors headers: each field
 
 
-@pytest.mark.parametrize("header, data, expected", [
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, bytes(8),
-     r"tensor 'w': data_offsets \['0', '8'\] is not a list of two integers"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, bytes(8), r"tensor 'w': data_offsets \[0\] is not"),
-    ({"w": entry(dtype="F31")}, bytes(8), r"tensor 'w': dtype 'F31' is not one of"),
-    ({"w": entry(dtype=4)}, bytes(8), r"tensor 'w': dtype 4 is not one of"),
-    ({"w": entry(shape=(2, -1))}, bytes(8), r"tensor 'w': shape \[2, -1\] has a dimension that is not"),
-    ({"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, bytes(8), r"tensor 'w': shape \[True, 2\]"),
-    ({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, bytes(8), r"tensor 'w': shape '2' is not a list"),
-    ({"w": entry(shape=(1,) * 9, offsets=(0, 4))}, bytes(4), r"tensor 'w': shape .* is not a list of at most 8"),
-    ({"w": entry(shape=(3,))}, bytes(8), r"tensor 'w': shape \[3\] of F32 needs 12 bytes but data_offsets \[0, 8\] hold 8"),
-    ({"w": entry(offsets=(8, 0))}, bytes(8), r"tensor 'w': data_offsets \[8, 0\] are not in order"),
-    ({"w": entry(offsets=(0, 8)), "v": entry(offsets=(4, 12))}, bytes(12), r"tensor 'v'.s data 4\.\.12 overlaps tensor 'w'"),
-    ({"w": entry(offsets=(4, 12))}, bytes(12), r"bytes 0\.\.4 of the data area belong to no tensor"),
-    ({"w": entry()}, bytes(12), r"its tensors cover 8 bytes of data but the file has 12"),
-    ({"w": entry(offsets=(0, 8)), "v": entry(offsets=(8, 16))}, bytes(12), r"truncated: header promises 16 bytes .* \(tensor 'v'\)"),
-    ({"w": [1, 2]}, bytes(8), r"tensor 'w': is a JSON list, not an object"),
-    ({"w": "F32"}, bytes(8), r"tensor 'w': is a JSON str, not an object"),
-    ({"w": {**entry(), "extra": 1}}, bytes(8), r"tensor 'w': unknown field\(s\) 'extra'"),
-    ({"__metadata__": {"format": 1}, "w": entry()}, bytes(8), r"__metadata__ must be an object of strings"),
-    ({"__metadata__": ["pt"], "w": entry()}, bytes(8), r"__metadata__ must be an object of strings"),
-])
+@pytest.mark.parametrize(
+    "header, data, expected",
+    [
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}},
+            bytes(8),
+            r"tensor 'w': data_offsets \['0', '8'\] is not a list of two integers",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}},
+            bytes(8),
+            r"tensor 'w': data_offsets \[0\] is not",
+        ),
+        ({"w": entry(dtype="F31")}, bytes(8), r"tensor 'w': dtype 'F31' is not one of"),
+        ({"w": entry(dtype=4)}, bytes(8), r"tensor 'w': dtype 4 is not one of"),
+        ({"w": entry(shape=(2, -1))}, bytes(8), r"tensor 'w': shape \[2, -1\] has a dimension that is not"),
+        (
+            {"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}},
+            bytes(8),
+            r"tensor 'w': shape \[True, 2\]",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}},
+            bytes(8),
+            r"tensor 'w': shape '2' is not a list",
+        ),
+        ({"w": entry(shape=(1,) * 9, offsets=(0, 4))}, bytes(4), r"tensor 'w': shape .* is not a list of at most 8"),
+        (
+            {"w": entry(shape=(3,))},
+            bytes(8),
+            r"tensor 'w': shape \[3\] of F32 needs 12 bytes but data_offsets \[0, 8\] hold 8",
+        ),
+        ({"w": entry(offsets=(8, 0))}, bytes(8), r"tensor 'w': data_offsets \[8, 0\] are not in order"),
+        (
+            {"w": entry(offsets=(0, 8)), "v": entry(offsets=(4, 12))},
+            bytes(12),
+            r"tensor 'v'.s data 4\.\.12 overlaps tensor 'w'",
+        ),
+        ({"w": entry(offsets=(4, 12))}, bytes(12), r"bytes 0\.\.4 of the data area belong to no tensor"),
+        ({"w": entry()}, bytes(12), r"its tensors cover 8 bytes of data but the file has 12"),
+        (
+            {"w": entry(offsets=(0, 8)), "v": entry(offsets=(8, 16))},
+            bytes(12),
+            r"truncated: header promises 16 bytes .* \(tensor 'v'\)",
+        ),
+        ({"w": [1, 2]}, bytes(8), r"tensor 'w': is a JSON list, not an object"),
+        ({"w": "F32"}, bytes(8), r"tensor 'w': is a JSON str, not an object"),
+        ({"w": {**entry(), "extra": 1}}, bytes(8), r"tensor 'w': unknown field\(s\) 'extra'"),
+        ({"__metadata__": {"format": 1}, "w": entry()}, bytes(8), r"__metadata__ must be an object of strings"),
+        ({"__metadata__": ["pt"], "w": entry()}, bytes(8), r"__metadata__ must be an object of strings"),
+    ],
+)
 def test_malformed_header_field_named(tmp_path, header, data, expected):
     path = write_safetensors(tmp_path / "odd.safetensors", header, data)
     with pytest.raises(CheckpointError, match=rf"odd\.safetensors: .*{expected}"):
         read_state_dict(path)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (b'{"w": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),  # deep nesting: refused, not a RecursionError
-    (b'{"w": {"dtype": {"a": {"b": 1}}, "shape": [], "data_offsets": [0, 0]}}', "nested deeper"),
-    (b'{"w": {"dtype": "F32", "shape": [[2]], "data_offsets": [0, 8]}}', "nested deeper"),
-    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
-     "'w' appears twice"),
-    (b'{"w": "[{]"}', "tensor 'w': is a JSON str, not an object"),  # brackets inside strings are not structure
-    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}} \xff', "corrupt safetensors header"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b'{"w": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),  # deep nesting: refused, not a RecursionError
+        (b'{"w": {"dtype": {"a": {"b": 1}}, "shape": [], "data_offsets": [0, 0]}}', "nested deeper"),
+        (b'{"w": {"dtype": "F32", "shape": [[2]], "data_offsets": [0, 8]}}', "nested deeper"),
+        (
+            b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+            "'w' appears twice",
+        ),
+        (b'{"w": "[{]"}', "tensor 'w': is a JSON str, not an object"),  # brackets inside strings are not structure
+        (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}} \xff', "corrupt safetensors header"),
+    ],
+)
 def test_malformed_header_structure_named(tmp_path, raw, expected):
     path = write_safetensors(tmp_path / "odd.safetensors", None, bytes(8), raw=raw)
     with pytest.raises(CheckpointError, match=r"odd\.safetensors: ") as err:
@@ -174,11 +213,12 @@ def cut_record(path: Path, name_end: str, cut: int) -> str:
     central directory and end records consistent: only the record itself is now short."""
     data = bytearray(path.read_bytes())
     infos = zipfile.ZipFile(path).infolist()
-    record = max((i for i in infos if "/data/" in i.filename and i.filename.endswith(name_end)),
-                 key=lambda i: i.header_offset)
+    record = max(
+        (i for i in infos if "/data/" in i.filename and i.filename.endswith(name_end)), key=lambda i: i.header_offset
+    )
     name_len, extra_len = struct.unpack_from("<HH", data, record.header_offset + 26)
     data_end = record.header_offset + 30 + name_len + extra_len + record.compress_size
-    del data[data_end - cut:data_end]
+    del data[data_end - cut : data_end]
     directory = data.rfind(b"PK\x06\x06")  # torch's writer always ends with zip64 records
     cd_offset = struct.unpack_from("<Q", data, directory + 48)[0] - cut
     struct.pack_into("<Q", data, directory + 48, cd_offset)
@@ -187,7 +227,7 @@ def cut_record(path: Path, name_end: str, cut: int) -> str:
     end = data.rfind(b"PK\x05\x06")
     struct.pack_into("<L", data, end + 16, cd_offset)
     at = cd_offset
-    while data[at:at + 4] == b"PK\x01\x02":  # each directory entry: move the later records' offsets up
+    while data[at : at + 4] == b"PK\x01\x02":  # each directory entry: move the later records' offsets up
         offset = struct.unpack_from("<L", data, at + 42)[0]
         if offset > record.header_offset:
             struct.pack_into("<L", data, at + 42, offset - cut)
@@ -252,30 +292,41 @@ def edit_json(path: Path, **fields) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-@pytest.mark.parametrize("file, fields, expected", [
-    ("unet/config.json", {"layers_per_block": 20000}, "layers_per_block=20000: must be an integer from 1 to 16"),
-    ("unet/config.json", {"attention_head_dim": 0}, "attention_head_dim=0: must be an integer from 1"),
-    ("unet/config.json", {"block_out_channels": [32, -64, 64]}, "block_out_channels=[32, -64, 64]: entry 1 must be"),
-    ("unet/config.json", {"block_out_channels": [0, 0, 0]}, "block_out_channels=[0, 0, 0]: entry 0 must be"),
-    ("unet/config.json", {"in_channels": "4"}, "in_channels='4': must be an integer"),
-    ("unet/config.json", {"norm_num_groups": 5}, "norm_groups=5 does not divide"),
-    ("unet/config.json", {"attention_head_dim": [2, 3, 4]}, "heads[1]=3 does not split level 1's 64 channels"),
-    ("unet/config.json", {"transformer_layers_per_block": [[1, 1], 10**6, 1]}, "transformer_layers_per_block="),
-    ("unet/config.json", {"sample_size": 10**9}, "sample_size=1000000000"),
-    ("unet/config.json", {"norm_eps": 0}, "norm_eps=0: must be a finite number above 0"),
-    ("text_encoder/config.json", {"vocab_size": 10**12}, "vocab_size=1000000000000: must be an integer from 1 to 1048576"),
-    ("text_encoder/config.json", {"hidden_size": "32"}, "hidden_size='32': must be an integer"),
-    ("text_encoder/config.json", {"num_attention_heads": 0}, "num_attention_heads=0"),
-    ("text_encoder/config.json", {"num_attention_heads": 5}, "width=32 does not split into heads=5"),
-    ("text_encoder/config.json", {"max_position_embeddings": True}, "max_position_embeddings=True"),
-    ("vae/config.json", {"latent_channels": 0}, "latent_channels=0"),
-    ("vae/config.json", {"layers_per_block": 20000}, "layers_per_block=20000"),
-    ("vae/config.json", {"scaling_factor": "0.18"}, "scaling_factor='0.18'"),
-    ("vae/config.json", {"block_out_channels": 64}, "block_out_channels=64: must be a list"),
-    ("scheduler/scheduler_config.json", {"num_train_timesteps": 10**9}, "num_train_timesteps=1000000000"),
-    ("scheduler/scheduler_config.json", {"beta_end": -1}, "beta_end=-1"),
-    ("scheduler/scheduler_config.json", {"prediction_type": "sample"}, "prediction_type='sample': must be one of"),
-])
+@pytest.mark.parametrize(
+    "file, fields, expected",
+    [
+        ("unet/config.json", {"layers_per_block": 20000}, "layers_per_block=20000: must be an integer from 1 to 16"),
+        ("unet/config.json", {"attention_head_dim": 0}, "attention_head_dim=0: must be an integer from 1"),
+        (
+            "unet/config.json",
+            {"block_out_channels": [32, -64, 64]},
+            "block_out_channels=[32, -64, 64]: entry 1 must be",
+        ),
+        ("unet/config.json", {"block_out_channels": [0, 0, 0]}, "block_out_channels=[0, 0, 0]: entry 0 must be"),
+        ("unet/config.json", {"in_channels": "4"}, "in_channels='4': must be an integer"),
+        ("unet/config.json", {"norm_num_groups": 5}, "norm_groups=5 does not divide"),
+        ("unet/config.json", {"attention_head_dim": [2, 3, 4]}, "heads[1]=3 does not split level 1's 64 channels"),
+        ("unet/config.json", {"transformer_layers_per_block": [[1, 1], 10**6, 1]}, "transformer_layers_per_block="),
+        ("unet/config.json", {"sample_size": 10**9}, "sample_size=1000000000"),
+        ("unet/config.json", {"norm_eps": 0}, "norm_eps=0: must be a finite number above 0"),
+        (
+            "text_encoder/config.json",
+            {"vocab_size": 10**12},
+            "vocab_size=1000000000000: must be an integer from 1 to 1048576",
+        ),
+        ("text_encoder/config.json", {"hidden_size": "32"}, "hidden_size='32': must be an integer"),
+        ("text_encoder/config.json", {"num_attention_heads": 0}, "num_attention_heads=0"),
+        ("text_encoder/config.json", {"num_attention_heads": 5}, "width=32 does not split into heads=5"),
+        ("text_encoder/config.json", {"max_position_embeddings": True}, "max_position_embeddings=True"),
+        ("vae/config.json", {"latent_channels": 0}, "latent_channels=0"),
+        ("vae/config.json", {"layers_per_block": 20000}, "layers_per_block=20000"),
+        ("vae/config.json", {"scaling_factor": "0.18"}, "scaling_factor='0.18'"),
+        ("vae/config.json", {"block_out_channels": 64}, "block_out_channels=64: must be a list"),
+        ("scheduler/scheduler_config.json", {"num_train_timesteps": 10**9}, "num_train_timesteps=1000000000"),
+        ("scheduler/scheduler_config.json", {"beta_end": -1}, "beta_end=-1"),
+        ("scheduler/scheduler_config.json", {"prediction_type": "sample"}, "prediction_type='sample': must be one of"),
+    ],
+)
 def test_hostile_config_refused_fast_by_file_and_field(folder, file, fields, expected):
     edit_json(folder / file, **fields)
     start = time.perf_counter()
@@ -286,11 +337,14 @@ def test_hostile_config_refused_fast_by_file_and_field(folder, file, fields, exp
     assert expected in str(err.value)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ("[1, 2]", "holds a JSON list, not an object"),
-    ('{"a": ', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('{"a": ', "not valid JSON"),
+    ],
+)
 def test_unreadable_config_json_named(folder, content, expected):
     (folder / "unet" / "config.json").write_text(content)
     with pytest.raises(CheckpointError, match=rf"unet/config\.json: .*{expected}"):
@@ -332,11 +386,14 @@ def test_an_unforeseen_fault_is_still_a_checkpoint_error(folder, monkeypatch):
 # ---------------------------------------------------------------- shapes read off a single file
 
 
-@pytest.mark.parametrize("shape, expected", [
-    ((0, 4, 3, 3), "tensor input_blocks.0.0.weight has shape (0, 4, 3, 3), not 4 non-empty dimensions"),
-    ((2**40, 0, 3, 3), "tensor input_blocks.0.0.weight has shape (1099511627776, 0, 3, 3)"),
-    ((32, 4, 3), "tensor input_blocks.0.0.weight has shape (32, 4, 3), not 4 non-empty dimensions"),
-])
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((0, 4, 3, 3), "tensor input_blocks.0.0.weight has shape (0, 4, 3, 3), not 4 non-empty dimensions"),
+        ((2**40, 0, 3, 3), "tensor input_blocks.0.0.weight has shape (1099511627776, 0, 3, 3)"),
+        ((32, 4, 3), "tensor input_blocks.0.0.weight has shape (32, 4, 3), not 4 non-empty dimensions"),
+    ],
+)
 def test_shapes_read_off_a_single_file_bounded(tmp_path, reference_folders, shape, expected):
     # An empty tensor costs nothing in the file, whatever its shape declares.
     pipe = diffuse.load_pipeline(reference_folders["sd1"], dtype="float32")
@@ -349,16 +406,23 @@ def test_shapes_read_off_a_single_file_bounded(tmp_path, reference_folders, shap
     assert expected in str(err.value)
 
 
-@pytest.mark.parametrize("part, fields, expected", [
-    ("unet", {"num_res_blocks": 20000}, "unet: num_res_blocks=20000: must be an integer from 1 to 16"),
-    ("unet", {"model_channels": 100_000}, "unet: model_channels=100000: must be an integer from 1 to 16384"),
-    ("unet", {"heads": (8, 0, 8, 8)}, "unet: heads[1]=0"),
-    ("unet", {"num_res_blocks": 16, "transformer_depth": 11}, "unet: transformer_depth=11 over 100 attention blocks makes 1100"),
-    ("text_encoder", {"vocab_size": 10**9}, "text_encoder: vocab_size=1000000000"),
-    ("text_encoder", {"heads": 0}, "text_encoder: heads=0"),
-    ("vae", {"norm_groups": 0}, "vae: norm_groups=0"),
-    ("vae", {"scaling_factor": float("nan")}, "vae: scaling_factor=nan"),
-])
+@pytest.mark.parametrize(
+    "part, fields, expected",
+    [
+        ("unet", {"num_res_blocks": 20000}, "unet: num_res_blocks=20000: must be an integer from 1 to 16"),
+        ("unet", {"model_channels": 100_000}, "unet: model_channels=100000: must be an integer from 1 to 16384"),
+        ("unet", {"heads": (8, 0, 8, 8)}, "unet: heads[1]=0"),
+        (
+            "unet",
+            {"num_res_blocks": 16, "transformer_depth": 11},
+            "unet: transformer_depth=11 over 100 attention blocks makes 1100",
+        ),
+        ("text_encoder", {"vocab_size": 10**9}, "text_encoder: vocab_size=1000000000"),
+        ("text_encoder", {"heads": 0}, "text_encoder: heads=0"),
+        ("vae", {"norm_groups": 0}, "vae: norm_groups=0"),
+        ("vae", {"scaling_factor": float("nan")}, "vae: scaling_factor=nan"),
+    ],
+)
 def test_a_given_config_is_checked_before_building(tmp_path, part, fields, expected):
     # A config passed in meets the same limits as one read from a config.json or off a file's shapes.
     config = replace(SD1, **{part: replace(getattr(SD1, part), **fields)})
@@ -389,19 +453,25 @@ def test_float32_weight_overflowing_float16_refused(folder):
     assert loaded.unet.input_blocks[0][0].weight.max().item() == 1e6
 
 
-@pytest.mark.parametrize("source, dtype, value", [
-    (torch.float32, torch.float16, 7e4),
-    (torch.bfloat16, torch.float16, 1e5),
-    (torch.float64, torch.bfloat16, 1e300),
-    (torch.float64, torch.float32, 1e300),
-])
+@pytest.mark.parametrize(
+    "source, dtype, value",
+    [
+        (torch.float32, torch.float16, 7e4),
+        (torch.bfloat16, torch.float16, 1e5),
+        (torch.float64, torch.bfloat16, 1e300),
+        (torch.float64, torch.float32, 1e300),
+    ],
+)
 def test_every_narrowing_cast_is_checked(tmp_path, source, dtype, value):
     weight = torch.zeros(2, 3, dtype=source)
     weight[1, 2] = -value
     with pytest.raises(CheckpointError, match=rf"w\.pt: tensor lin\.weight overflows {str(dtype)[6:]}: 1 of its 6"):
-        build_and_fill(lambda: torch.nn.Linear(3, 2, bias=False), {"weight": weight}, tmp_path / "w.pt", "lin", dtype=dtype)
-    module = build_and_fill(lambda: torch.nn.Linear(3, 2, bias=False), {"weight": weight.clone()}, tmp_path / "w.pt",
-                            "lin", dtype=source)
+        build_and_fill(
+            lambda: torch.nn.Linear(3, 2, bias=False), {"weight": weight}, tmp_path / "w.pt", "lin", dtype=dtype
+        )
+    module = build_and_fill(
+        lambda: torch.nn.Linear(3, 2, bias=False), {"weight": weight.clone()}, tmp_path / "w.pt", "lin", dtype=source
+    )
     assert module.weight.dtype == source
 
 
@@ -409,5 +479,10 @@ def test_nan_in_the_file_is_named_as_such_after_a_cast(tmp_path):
     weight = torch.zeros(2, 3)
     weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match=r"tensor lin\.weight has 1 non-finite value\(s\) of 6 \(1 NaN, 0 Inf\)"):
-        build_and_fill(lambda: torch.nn.Linear(3, 2, bias=False), {"weight": weight}, tmp_path / "w.pt", "lin",
-                       dtype=torch.bfloat16)
+        build_and_fill(
+            lambda: torch.nn.Linear(3, 2, bias=False),
+            {"weight": weight},
+            tmp_path / "w.pt",
+            "lin",
+            dtype=torch.bfloat16,
+        )

@@ -215,14 +215,18 @@ def test_lightning_ckpt_with_metadata_loads_only_tensors(tmp_path, monkeypatch, 
     callback = ModelCheckpoint()
     callback.__dict__.update(monitor=None, best_model_path="logs/last.ckpt", best_model_score=None)
     path = tmp_path / "sd-v1.ckpt"
-    save_torch({
-        "epoch": 6,
-        "global_step": np.int64(470000),
-        "pytorch-lightning_version": "1.4.2",
-        "callbacks": {ModelCheckpoint: {"best_model_path": "logs/last.ckpt"}, "instance": callback},
-        "lr": np.float32(1e-4),
-        "state_dict": tiny_state(),
-    }, path, fmt)
+    save_torch(
+        {
+            "epoch": 6,
+            "global_step": np.int64(470000),
+            "pytorch-lightning_version": "1.4.2",
+            "callbacks": {ModelCheckpoint: {"best_model_path": "logs/last.ckpt"}, "instance": callback},
+            "lr": np.float32(1e-4),
+            "state_dict": tiny_state(),
+        },
+        path,
+        fmt,
+    )
     monkeypatch.undo()  # Lightning's name no longer resolves: loading must not need it
     assert "pytorch_lightning" not in sys.modules
     assert_bitwise_equal(read_state_dict(path), tiny_state())
@@ -345,7 +349,9 @@ def test_check_finite_names_file_and_tensor(tmp_path, bad_value, kind, dtype):
     state["steps"] = torch.arange(4)  # integer tensors are skipped, not an error
     check_finite(state, tmp_path / "fine.safetensors")
     state["model.diffusion_model.conv.bias"][2] = bad_value
-    expected = rf"broken\.safetensors: tensor model\.diffusion_model\.conv\.bias has 1 non-finite value\(s\) of 4 \({kind}\)"
+    expected = (
+        rf"broken\.safetensors: tensor model\.diffusion_model\.conv\.bias has 1 non-finite value\(s\) of 4 \({kind}\)"
+    )
     with pytest.raises(CheckpointError, match=expected):
         check_finite(state, tmp_path / "broken.safetensors")
 

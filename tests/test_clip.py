@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-
 from parity import TOL, max_err
+
 from diffuse.checkpoints import clip_layout
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import SD1, TextEncoderConfig
 from diffuse.runtime import prepare
-
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -26,8 +25,9 @@ def tokenize(tokenizer, prompts: list[str] = PROMPTS) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def build_ours(cfg: TextEncoderConfig, transformers_state: dict[str, torch.Tensor],
-               prepared: bool = True) -> CLIPTextEncoder:
+def build_ours(
+    cfg: TextEncoderConfig, transformers_state: dict[str, torch.Tensor], prepared: bool = True
+) -> CLIPTextEncoder:
     """Ours with the given weights, prepared for inference as the loader does unless `prepared`
     is False (the plain network training uses)."""
     with torch.device("meta"):
@@ -50,8 +50,10 @@ def encoders(reference_pipes, reference_folders):
 @pytest.fixture(scope="module")
 def plain_encoders(encoders):
     """Per style: ours as `encoders` has it, but the plain network training uses (not prepared)."""
-    return {style: build_ours(ours.cfg, reference.state_dict(), prepared=False)
-            for style, (reference, ours, _) in encoders.items()}
+    return {
+        style: build_ours(ours.cfg, reference.state_dict(), prepared=False)
+        for style, (reference, ours, _) in encoders.items()
+    }
 
 
 # ---------------------------------------------------------------- parity
@@ -112,8 +114,12 @@ def test_from_transformers_reads_both_layouts_and_drops_unused(encoders, style):
     # Unprefixed (older SD1 single files, transformers 5), with a saved position-id buffer.
     unprefixed = {k.removeprefix("text_model."): v for k, v in state.items()}
     unprefixed["embeddings.position_ids"] = torch.arange(77)[None]
-    with_head = {**state, "text_model.embeddings.position_ids": torch.arange(77)[None],
-                 "text_projection.weight": torch.randn(8, ours.cfg.width), "logit_scale": torch.tensor(4.6)}
+    with_head = {
+        **state,
+        "text_model.embeddings.position_ids": torch.arange(77)[None],
+        "text_projection.weight": torch.randn(8, ours.cfg.width),
+        "logit_scale": torch.tensor(4.6),
+    }
     expected = clip_layout.from_transformers(state)
     assert expected.keys() == ours.state_dict().keys()
     for variant in (unprefixed, with_head):
@@ -123,11 +129,23 @@ def test_from_transformers_reads_both_layouts_and_drops_unused(encoders, style):
 
 
 def open_clip_names(layers: int) -> set[str]:
-    block = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-             "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
-             "mlp.c_proj.bias"]
+    block = [
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    ]
     return {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"} | {
-        f"transformer.resblocks.{i}.{name}" for i in range(layers) for name in block}
+        f"transformer.resblocks.{i}.{name}" for i in range(layers) for name in block
+    }
 
 
 def test_to_open_clip_names_and_shapes(encoders, style):
@@ -216,9 +234,18 @@ def test_full_sd1_text_encoder(reference_pipes):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
-                            num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
-                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     reference = CLIPTextModel(config).eval()
     with torch.no_grad():
         for p in reference.parameters():

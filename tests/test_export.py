@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_reference
 
 import diffuse
 from diffuse.checkpoints import export
@@ -18,8 +19,6 @@ from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.tokenizer import CLIPTokenizer
 from diffuse.train.presets import TINY
-
-from conftest import build_reference
 
 TOL = 1e-4
 PROMPTS = ["a photo of a cat", "", "(red:1.2) circle, <|endoftext|> café 東京 !!!", "x " * 100]
@@ -39,14 +38,22 @@ def tiny_pipe(tmp_path_factory) -> diffuse.Pipeline:
     2/4/4 heads), random weights, a non-SD scaling factor and v-prediction."""
     config = replace(TINY, vae=replace(TINY.vae, scaling_factor=0.4321), prediction_type="v_prediction")
     torch.manual_seed(0)
-    networks = {"text_encoder": CLIPTextEncoder(config.text_encoder), "unet": UNet(config.unet), "vae": AutoencoderKL(config.vae)}
+    networks = {
+        "text_encoder": CLIPTextEncoder(config.text_encoder),
+        "unet": UNet(config.unet),
+        "vae": AutoencoderKL(config.vae),
+    }
     with torch.no_grad():  # move norms and zero-initialised layers off their constants, so a misplaced tensor shows
         for net in networks.values():
             net.eval()
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-    return diffuse.Pipeline(tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id), config=config,
-                            source=tmp_path_factory.mktemp("tiny_source"), **networks)
+    return diffuse.Pipeline(
+        tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id),
+        config=config,
+        source=tmp_path_factory.mktemp("tiny_source"),
+        **networks,
+    )
 
 
 def assert_same_pipeline(a: diffuse.Pipeline, b: diffuse.Pipeline, dtype: torch.dtype | None = None) -> None:
@@ -75,10 +82,19 @@ def test_reference_folder_round_trips_exactly(reference_folders, style, tmp_path
     assert_same_pipeline(ours, again)
     assert again.scheduler_config == ours.scheduler_config
     names = sorted(str(p.relative_to(tmp_path / "export")) for p in (tmp_path / "export").rglob("*") if p.is_file())
-    assert names == ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-                     "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
-                     "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                     "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert names == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
 
 
 def test_inpainting_unet_round_trips(inpaint_folder, tmp_path):
@@ -98,7 +114,11 @@ def test_non_sd_architecture_round_trips(tiny_pipe, tmp_path):
     assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3
     # No scheduler settings of its own: SD's, with the model's prediction type, usable by our samplers.
     scheduler = again.scheduler_config
-    assert (scheduler["_class_name"], scheduler["prediction_type"], scheduler["beta_end"]) == ("PNDMScheduler", "v_prediction", 0.012)
+    assert (scheduler["_class_name"], scheduler["prediction_type"], scheduler["beta_end"]) == (
+        "PNDMScheduler",
+        "v_prediction",
+        0.012,
+    )
     assert again.get_sampler("DPM++ 2M Karras").name == tiny_pipe.get_sampler("DPM++ 2M Karras").name
 
 
@@ -130,7 +150,9 @@ def assert_diffusers_agrees(ours: diffuse.Pipeline, folder: Path) -> None:
         context = ours.text_encoder(ids)
         errors = {
             "text_encoder": (context - ref.text_encoder(ids)[0]).abs().max(),
-            "unet": (ours.unet(latents, t, context) - ref.unet(latents, t, encoder_hidden_states=context).sample).abs().max(),
+            "unet": (ours.unet(latents, t, context) - ref.unet(latents, t, encoder_hidden_states=context).sample)
+            .abs()
+            .max(),
             "vae.decode": (ours.vae.decode(latents[:, :4]) - ref.vae.decode(latents[:, :4]).sample).abs().max(),
             "vae.encode": (ours.vae.encode(pixels).mean - ref.vae.encode(pixels).latent_dist.mean).abs().max(),
         }

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import build_reference
 from PIL import Image
 
 import diffuse
-from conftest import build_reference
 
 PIXEL_TOL = 2  # out of 255
 STEPS = 10
@@ -49,9 +49,9 @@ STOCHASTIC = {
 # diffusers does something else; the sampler unit tests pin our behaviour in both cases.
 DIVERGES = {
     ("sd2", "PLMS"): "diffusers' PNDM extrapolates raw v outputs and converts them with the current latent; "
-                     "we convert each output to noise first, as the original PLMS does",
+    "we convert each output to noise first, as the original PLMS does",
     ("img2img", "LMS"): "diffusers' LMS keeps the full schedule's step index in img2img and weights its first "
-                        "slope with a 4th-order coefficient; we start the multistep history fresh, as k-diffusion does",
+    "slope with a 4th-order coefficient; we start the multistep history fresh, as k-diffusion does",
 }
 
 
@@ -71,8 +71,11 @@ def reference(reference_pipes, style: str, sampler: str, kind: str = "txt2img"):
     base = reference_pipes[style]
     class_name, extra = {**DETERMINISTIC, **STOCHASTIC}[sampler]
     scheduler = getattr(diffusers, class_name).from_config(base.scheduler.config, **extra)
-    pipeline_class = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-                      "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+    pipeline_class = {
+        "txt2img": diffusers.StableDiffusionPipeline,
+        "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+    }[kind]
     components = {**base.components, "scheduler": scheduler}
     return pipeline_class(**components).to(torch.float32)
 
@@ -98,18 +101,39 @@ def test_txt2img_matches_diffusers(style, sampler, ours, reference_pipes):
     """Stochastic samplers included: their fresh noise comes from the same seeded generator."""
     skip_known_divergence(style, sampler)
     ref = reference(reference_pipes, style, sampler)
-    expected = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
-                   width=SIZE, generator=torch.Generator("cpu").manual_seed(1234)).images
-    result = ours[style].txt2img(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, guidance_scale=7.5, width=SIZE,
-                                 height=SIZE, sampler=sampler, seed=1234)
+    expected = ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(1234),
+    ).images
+    result = ours[style].txt2img(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        guidance_scale=7.5,
+        width=SIZE,
+        height=SIZE,
+        sampler=sampler,
+        seed=1234,
+    )
     assert_same_images(result.images, expected)
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM", "DPM++ 2M Karras"])
 def test_txt2img_without_negative_prompt_matches_diffusers(style, sampler, ours, reference_pipes):
     ref = reference(reference_pipes, style, sampler)
-    expected = ref(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
-                   generator=torch.Generator("cpu").manual_seed(7)).images
+    expected = ref(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(7),
+    ).images
     result = ours[style].txt2img(PROMPT, steps=STEPS, width=SIZE, height=SIZE, sampler=sampler, seed=7)
     assert_same_images(result.images, expected)
 
@@ -119,10 +143,18 @@ def test_img2img_matches_diffusers(style, sampler, ours, reference_pipes):
     skip_known_divergence(style, sampler)
     skip_known_divergence("img2img", sampler)
     ref = reference(reference_pipes, style, sampler, "img2img")
-    expected = ref(PROMPT, image=picture(), strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-                   guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(99)).images
-    result = ours[style].img2img(picture(), PROMPT, strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
-                                 sampler=sampler, seed=99)
+    expected = ref(
+        PROMPT,
+        image=picture(),
+        strength=0.6,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(99),
+    ).images
+    result = ours[style].img2img(
+        picture(), PROMPT, strength=0.6, negative_prompt=NEGATIVE, steps=STEPS, sampler=sampler, seed=99
+    )
     assert_same_images(result.images, expected)
 
 
@@ -146,10 +178,20 @@ def mask_picture() -> Image.Image:
 @pytest.mark.parametrize("sampler, strength", [("DDIM", 1.0), ("Euler", 0.7), ("DPM++ 2M", 1.0)])
 def test_inpaint_by_latent_blending_matches_diffusers(sampler, strength, ours, reference_pipes):
     ref = reference(reference_pipes, "sd1", sampler, "inpaint")
-    expected = ref(PROMPT, image=picture(), mask_image=mask_picture(), strength=strength, num_inference_steps=STEPS,
-                   guidance_scale=7.5, height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(5)).images
-    result = ours["sd1"].inpaint(picture(), mask_picture(), PROMPT, strength=strength, steps=STEPS, sampler=sampler,
-                                 seed=5, keep_unmasked=False)
+    expected = ref(
+        PROMPT,
+        image=picture(),
+        mask_image=mask_picture(),
+        strength=strength,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images
+    result = ours["sd1"].inpaint(
+        picture(), mask_picture(), PROMPT, strength=strength, steps=STEPS, sampler=sampler, seed=5, keep_unmasked=False
+    )
     assert_same_images(result.images, expected)
 
 
@@ -167,12 +209,21 @@ def test_inpaint_with_inpainting_unet_matches_diffusers(strength, inpainting_fol
 
     ref = StableDiffusionInpaintPipeline.from_pretrained(inpainting_folder, safety_checker=None)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    expected = ref(PROMPT, image=picture(), mask_image=mask_picture(), strength=strength, num_inference_steps=STEPS,
-                   height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(11)).images
+    expected = ref(
+        PROMPT,
+        image=picture(),
+        mask_image=mask_picture(),
+        strength=strength,
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).images
     pipe = diffuse.load_pipeline(inpainting_folder, dtype="float32")
     assert pipe.config.unet.in_channels == 9
-    result = pipe.inpaint(picture(), mask_picture(), PROMPT, strength=strength, steps=STEPS, sampler="Euler", seed=11,
-                          keep_unmasked=False)
+    result = pipe.inpaint(
+        picture(), mask_picture(), PROMPT, strength=strength, steps=STEPS, sampler="Euler", seed=11, keep_unmasked=False
+    )
     assert_same_images(result.images, expected)
 
 
@@ -202,8 +253,15 @@ def test_txt2img_size_defaults_to_the_models_own(ours):
 
 def test_callback_sees_every_step_with_previews(ours):
     seen = []
-    ours["sd1"].txt2img(PROMPT, steps=5, width=SIZE, height=SIZE, sampler="Heun", seed=3,
-                        callback=lambda step: seen.append((step.index, step.total, step.timestep, step.preview())))
+    ours["sd1"].txt2img(
+        PROMPT,
+        steps=5,
+        width=SIZE,
+        height=SIZE,
+        sampler="Heun",
+        seed=3,
+        callback=lambda step: seen.append((step.index, step.total, step.timestep, step.preview())),
+    )
     assert [s[0] for s in seen] == list(range(5)) and all(s[1] == 5 for s in seen)
     timesteps = [s[2] for s in seen]
     assert timesteps == sorted(timesteps, reverse=True)
@@ -211,8 +269,16 @@ def test_callback_sees_every_step_with_previews(ours):
 
 
 def test_result_info_describes_the_run(ours):
-    result = ours["sd1"].img2img(picture(), PROMPT, strength=0.5, negative_prompt=NEGATIVE, steps=4,
-                                 sampler="DPM++ 2M Karras", seed=77, guidance_scale=5.0)
+    result = ours["sd1"].img2img(
+        picture(),
+        PROMPT,
+        strength=0.5,
+        negative_prompt=NEGATIVE,
+        steps=4,
+        sampler="DPM++ 2M Karras",
+        seed=77,
+        guidance_scale=5.0,
+    )
     info = result.info
     assert (info["prompt"], info["negative_prompt"], info["steps"], info["seed"]) == (PROMPT, NEGATIVE, 4, 77)
     assert (info["sampler"], info["schedule_type"], info["cfg_scale"]) == ("DPM++ 2M", "Karras", 5.0)
@@ -222,8 +288,14 @@ def test_result_info_describes_the_run(ours):
 
 def test_ddim_eta_matches_diffusers(ours, reference_pipes):
     ref = reference(reference_pipes, "sd1", "DDIM")
-    expected = ref(PROMPT, num_inference_steps=STEPS, eta=0.6, height=SIZE, width=SIZE,
-                   generator=torch.Generator("cpu").manual_seed(8)).images
+    expected = ref(
+        PROMPT,
+        num_inference_steps=STEPS,
+        eta=0.6,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(8),
+    ).images
     result = ours["sd1"].txt2img(PROMPT, steps=STEPS, width=SIZE, height=SIZE, sampler="DDIM", eta=0.6, seed=8)
     assert_same_images(result.images, expected)
     assert "Eta: 0.6" in result.infotexts[0]
@@ -248,11 +320,29 @@ def test_a_diffusers_scheduler_config_gives_the_same_sampler(ours, reference_fol
 
 def test_generate_runs_a_request_as_the_wrappers_do(ours):
     pipe = ours["sd1"]
-    request = diffuse.GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=4, sampler="Euler a", seed=21,
-                                        batch_size=2, image=picture(), mask=mask_picture(), strength=0.8)
+    request = diffuse.GenerationRequest(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=4,
+        sampler="Euler a",
+        seed=21,
+        batch_size=2,
+        image=picture(),
+        mask=mask_picture(),
+        strength=0.8,
+    )
     result = pipe.generate(request)
-    wrapped = pipe.inpaint(picture(), mask_picture(), PROMPT, strength=0.8, negative_prompt=NEGATIVE, steps=4,
-                           sampler="Euler a", seed=21, batch_size=2)
+    wrapped = pipe.inpaint(
+        picture(),
+        mask_picture(),
+        PROMPT,
+        strength=0.8,
+        negative_prompt=NEGATIVE,
+        steps=4,
+        sampler="Euler a",
+        seed=21,
+        batch_size=2,
+    )
     assert np.array_equal(pixels(result.images), pixels(wrapped.images))
     assert result.infotexts == wrapped.infotexts and result.info == wrapped.info
     assert pipe.describe(request) == (result.info, result.infotexts)

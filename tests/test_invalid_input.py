@@ -32,28 +32,31 @@ def picture(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(width=30), "multiple of 4"),
-    (dict(height=0), "between"),
-    (dict(width=8192), "between"),
-    (dict(width=64.0), "integer"),
-    (dict(steps=0), "steps"),
-    (dict(steps=5000), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(guidance_scale=float("nan")), "guidance_scale"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(batch_size=1000), "batch_size"),
-    (dict(seed=-5), "seed"),
-    (dict(seed=2**40), "seed"),
-    (dict(seed=2**32 - 1, batch_size=2), "past 4294967295"),  # the second image's seed would be 2^32
-    (dict(prompt=["a", "b"], seed=2**32 - 2, batch_size=2), "past 4294967295"),
-    (dict(clip_skip=0), "clip_skip"),
-    (dict(clip_skip=99), "clip_skip"),
-    (dict(sampler="Eulerr"), "Eulerr"),
-    (dict(negative_prompt=["a", "b"]), "negative_prompt"),
-    (dict(prompt=123), "prompt"),
-    (dict(prompt="x" * 30_000), "characters"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(width=30), "multiple of 4"),
+        (dict(height=0), "between"),
+        (dict(width=8192), "between"),
+        (dict(width=64.0), "integer"),
+        (dict(steps=0), "steps"),
+        (dict(steps=5000), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=1000), "batch_size"),
+        (dict(seed=-5), "seed"),
+        (dict(seed=2**40), "seed"),
+        (dict(seed=2**32 - 1, batch_size=2), "past 4294967295"),  # the second image's seed would be 2^32
+        (dict(prompt=["a", "b"], seed=2**32 - 2, batch_size=2), "past 4294967295"),
+        (dict(clip_skip=0), "clip_skip"),
+        (dict(clip_skip=99), "clip_skip"),
+        (dict(sampler="Eulerr"), "Eulerr"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+        (dict(prompt=123), "prompt"),
+        (dict(prompt="x" * 30_000), "characters"),
+    ],
+)
 def test_txt2img_rejects(pipe, settings, message):
     settings = {"prompt": "a cat", "width": 32, "height": 32, **settings}
     with pytest.raises(ValueError, match=message):
@@ -108,8 +111,26 @@ def test_the_cli_picks_a_seed_with_room_for_all_its_batches(reference_folders, t
     from diffuse.cli import main
 
     monkeypatch.setattr(inputs.random, "randrange", lambda stop: stop - 1)
-    code = main(["txt2img", "a cat", "--model", str(reference_folders["sd1"]), "-W", "16", "-H", "16", "--steps", "1",
-                 "--batch-size", "2", "--n-iter", "2", "--out", str(tmp_path)])
+    code = main(
+        [
+            "txt2img",
+            "a cat",
+            "--model",
+            str(reference_folders["sd1"]),
+            "-W",
+            "16",
+            "-H",
+            "16",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--n-iter",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir())[-1] == f"00003-{inputs.MAX_SEED}.png"
 
@@ -129,8 +150,10 @@ def test_strength_and_mask_need_an_image(pipe, picture):
         pipe.generate(diffuse.GenerationRequest("a cat", width=32, height=32, mask=picture))
 
 
-@pytest.mark.parametrize("settings, message", [(dict(steps=0), "steps"), (dict(seed=-5), "seed"),
-                                               (dict(image="missing.png"), "no such file")])
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(steps=0), "steps"), (dict(seed=-5), "seed"), (dict(image="missing.png"), "no such file")],
+)
 def test_generate_and_describe_check_like_the_wrappers(pipe, settings, message):
     request = diffuse.GenerationRequest("a cat", width=32, height=32, **settings)
     for check in (pipe.generate, pipe.describe):

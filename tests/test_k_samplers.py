@@ -17,10 +17,10 @@ import types
 import numpy as np
 import pytest
 import torch
+from sampler_harness import reference_img2img, run_ours, run_reference, seeded_noise, start_noise, toy_model
 
 from diffuse.samplers.k_samplers import K_ALGORITHMS
 from diffuse.samplers.schedule import NoiseSchedule, Plan, SamplerOptions, make_denoiser
-from sampler_harness import reference_img2img, run_ours, run_reference, seeded_noise, start_noise, toy_model
 
 # Final latents: the toy model's latents reach ~10-200, and every step divides by sigma (down to
 # 0.03), so float32 rounding differs by up to ~4e-6 of the result's size between the two loops.
@@ -32,14 +32,27 @@ RAMP_T_TOL = 2e-4
 # diffusers trips numpy 2 deprecations thousands of times per run; they only slow the tests down.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+SD_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    timestep_spacing="leading",
+)
 SPACINGS = ("leading", "linspace", "trailing")
 RAMPS = ("default", "karras", "exponential")
 DETERMINISTIC = ("euler", "heun", "lms", "dpm2")
-REFERENCE_CLASS = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
-                   "dpm2": "KDPM2DiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
-                   "dpm2_ancestral": "KDPM2AncestralDiscreteScheduler"}
+REFERENCE_CLASS = {
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm2_ancestral": "KDPM2AncestralDiscreteScheduler",
+}
 
 
 def _gauss_legendre_quad(f, a, b, epsrel=None):
@@ -70,14 +83,15 @@ def make_reference(reference_class):
     """A reference scheduler for (algorithm, spacing, ramp, prediction type); built once (KDPM2 and LMS
     plan 1000 steps on construction), set_timesteps resets it for every use."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def make(name: str, spacing: str, ramp: str = "default", prediction_type: str = "epsilon"):
         ramp_flags = {"use_karras_sigmas": ramp == "karras", "use_exponential_sigmas": ramp == "exponential"}
         if name == "euler_ancestral":
             assert ramp == "default", "EulerAncestralDiscreteScheduler has only its own sigmas"
             ramp_flags = {}
         return reference_class[name].from_config(
-            dict(SD_CONFIG, timestep_spacing=spacing, prediction_type=prediction_type, **ramp_flags))
+            dict(SD_CONFIG, timestep_spacing=spacing, prediction_type=prediction_type, **ramp_flags)
+        )
 
     return make
 
@@ -106,8 +120,12 @@ def assert_close_latents(ours_x: torch.Tensor, reference_x: torch.Tensor) -> Non
 
 
 # EulerAncestralDiscreteScheduler has no Karras/exponential sigmas (ours: those of Euler).
-PLAN_CASES = [(name, ramp) for name in (*DETERMINISTIC, "euler_ancestral", "dpm2_ancestral") for ramp in RAMPS
-              if name != "euler_ancestral" or ramp == "default"]
+PLAN_CASES = [
+    (name, ramp)
+    for name in (*DETERMINISTIC, "euler_ancestral", "dpm2_ancestral")
+    for ramp in RAMPS
+    if name != "euler_ancestral" or ramp == "default"
+]
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
@@ -131,8 +149,12 @@ def test_plan_matches_reference(name, spacing, ramp, make_reference):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_plan_rejects_what_the_samplers_do_not_do(name):
     algorithm = K_ALGORITHMS[name]
-    for bad in (SamplerOptions(final_sigmas_type="sigma_min"), SamplerOptions(interpolation_type="log_linear"),
-                SamplerOptions(timestep_spacing="even"), SamplerOptions(sigma_schedule="beta")):
+    for bad in (
+        SamplerOptions(final_sigmas_type="sigma_min"),
+        SamplerOptions(interpolation_type="log_linear"),
+        SamplerOptions(timestep_spacing="even"),
+        SamplerOptions(sigma_schedule="beta"),
+    ):
         with pytest.raises(ValueError):
             algorithm.plan(NoiseSchedule(), 10, bad)
     for steps in (0, 1001):
@@ -153,8 +175,9 @@ def test_final_latents_match_reference(name, spacing, ramp, prediction_type, mak
     schedule = NoiseSchedule(prediction_type=prediction_type)
     for steps, seed in ((1, 0), (2, 1), (10, 2)):
         noise = start_noise(seed)
-        assert_close_latents(run_ours(algorithm, schedule, options, steps, noise),
-                             run_reference(reference, steps, noise))
+        assert_close_latents(
+            run_ours(algorithm, schedule, options, steps, noise), run_reference(reference, steps, noise)
+        )
 
 
 @pytest.mark.parametrize("ramp", ["default", "karras"])
@@ -178,28 +201,24 @@ def test_model_is_told_the_reference_timesteps(name, ramp, make_reference):
 # ---------------------------------------------------------------- ancestral runs, same noise as the reference
 
 
-
-
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("name, ramp", [("euler_ancestral", "default"), ("dpm2_ancestral", "default"),
-                                        ("dpm2_ancestral", "karras")])
-def test_ancestral_trajectory_matches_reference_given_its_noise(name, ramp, spacing, prediction_type,
-                                                                 make_reference):
+@pytest.mark.parametrize(
+    "name, ramp", [("euler_ancestral", "default"), ("dpm2_ancestral", "default"), ("dpm2_ancestral", "karras")]
+)
+def test_ancestral_trajectory_matches_reference_given_its_noise(name, ramp, spacing, prediction_type, make_reference):
     reference = make_reference(name, spacing, ramp, prediction_type)
     algorithm, options = ours(name, spacing, ramp)
     schedule = NoiseSchedule(prediction_type=prediction_type)
     for steps in (2, 10):
         x = start_noise(steps)
-        assert_close_latents(run_ours(algorithm, schedule, options, steps, x, fresh_noise=seeded_noise(7)),
-                             run_reference(reference, steps, x, seed=7))
+        assert_close_latents(
+            run_ours(algorithm, schedule, options, steps, x, fresh_noise=seeded_noise(7)),
+            run_reference(reference, steps, x, seed=7),
+        )
 
 
 # ---------------------------------------------------------------- img2img
-
-
 
 
 def reference_lms_from(scheduler, steps: int, strength: float, x0, noise) -> torch.Tensor:
@@ -252,8 +271,10 @@ def test_stochastic_runs_reproduce_by_seed(name):
 def test_ancestral_without_eta_is_its_ode_sampler(name, ode):
     schedule, x = NoiseSchedule(prediction_type="v_prediction"), start_noise(4)
     options = SamplerOptions(sigma_schedule="karras", eta_ancestral=0.0)
-    assert torch.equal(run_ours(K_ALGORITHMS[name], schedule, options, 9, x),  # no noise source needed
-                       run_ours(K_ALGORITHMS[ode], schedule, options, 9, x))
+    assert torch.equal(
+        run_ours(K_ALGORITHMS[name], schedule, options, 9, x),  # no noise source needed
+        run_ours(K_ALGORITHMS[ode], schedule, options, 9, x),
+    )
 
 
 def ramp_plan(steps: int, sigma_max: float = 10.0, sigma_end: float = 0.5) -> Plan:
@@ -271,14 +292,16 @@ def test_constant_clean_image_is_followed_exactly(name):
     plan = ramp_plan(12)
     seen = []
     options = SamplerOptions(eta_ancestral=0.0)
-    K_ALGORITHMS[name].run(lambda x, sigma, t: clean, start.clone(), plan, None,
-                           lambda i, x, denoised: seen.append(x), options)
+    K_ALGORITHMS[name].run(
+        lambda x, sigma, t: clean, start.clone(), plan, None, lambda i, x, denoised: seen.append(x), options
+    )
     expected = [clean + plan.sigmas[i + 1] / plan.sigmas[0] * (start - clean) for i in range(plan.steps)]
     torch.testing.assert_close(torch.stack(seen), torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name, order", [("euler", 1), ("heun", 2), ("dpm2", 2), ("dpmpp_2s_ancestral", 2),
-                                         ("dpmpp_sde", 2), ("lms", 2)])
+@pytest.mark.parametrize(
+    "name, order", [("euler", 1), ("heun", 2), ("dpm2", 2), ("dpmpp_2s_ancestral", 2), ("dpmpp_sde", 2), ("lms", 2)]
+)
 def test_convergence_order_without_fresh_noise(name, order):
     """Unit-Gaussian data: the ideal denoiser is x / (1 + sigma^2) and the ODE solution is
     x(sigma) = x(sigma_0) * sqrt((1 + sigma^2) / (1 + sigma_0^2)). Halving the step should cut the
@@ -312,8 +335,14 @@ def test_fresh_noise_has_the_ancestral_size(name):
 
     start = torch.randn(32768, generator=generator) * plan.sigmas[0]
     latents = [start]
-    K_ALGORITHMS[name].run(lambda x, sigma, t: torch.zeros_like(x), start, plan, noise,
-                           lambda i, x, denoised: latents.append(x), SamplerOptions())
+    K_ALGORITHMS[name].run(
+        lambda x, sigma, t: torch.zeros_like(x),
+        start,
+        plan,
+        noise,
+        lambda i, x, denoised: latents.append(x),
+        SamplerOptions(),
+    )
     for i in range(plan.steps - 1):  # the last step lands on sigma 0: no fresh noise
         sigma, sigma_next = plan.sigmas[i].double(), plan.sigmas[i + 1].double()
         sigma_down = (sigma_next**2 - sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
@@ -335,9 +364,14 @@ def test_s_noise_scales_the_fresh_noise(name):
     sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
     generator = torch.Generator().manual_seed(9)
     first = []
-    K_ALGORITHMS[name].run(lambda x, sigma, t: torch.zeros_like(x), torch.zeros(32768), plan,
-                           lambda: torch.randn(32768, generator=generator),
-                           lambda i, x, denoised: first.append(x) if i == 0 else None, SamplerOptions(s_noise=0.5))
+    K_ALGORITHMS[name].run(
+        lambda x, sigma, t: torch.zeros_like(x),
+        torch.zeros(32768),
+        plan,
+        lambda: torch.randn(32768, generator=generator),
+        lambda i, x, denoised: first.append(x) if i == 0 else None,
+        SamplerOptions(s_noise=0.5),
+    )
     assert first[0].double().std().item() == pytest.approx(0.5 * sigma_up.item(), rel=0.02)
 
 
@@ -353,8 +387,9 @@ def test_dpmpp_sde_noises_its_midpoint_like_an_ancestral_step():
         return torch.zeros_like(x)
 
     start = torch.randn(32768, generator=generator) * plan.sigmas[0]
-    K_ALGORITHMS["dpmpp_sde"].run(denoise, start, plan, lambda: torch.randn(32768, generator=generator), None,
-                                  SamplerOptions())
+    K_ALGORITHMS["dpmpp_sde"].run(
+        denoise, start, plan, lambda: torch.randn(32768, generator=generator), None, SamplerOptions()
+    )
     assert len(calls) == 2 * plan.steps - 1  # the step to sigma 0 evaluates once
     for i in range(plan.steps - 1):
         (sigma, before), (sigma_mid, middle) = calls[2 * i], calls[2 * i + 1]

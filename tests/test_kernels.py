@@ -10,8 +10,9 @@ import torch
 
 from diffuse import kernels
 
-needs_kernel = pytest.mark.skipif(not kernels.softmax_bf16_(torch.zeros(1, 1, dtype=torch.bfloat16)),
-                                  reason=kernels.status())
+needs_kernel = pytest.mark.skipif(
+    not kernels.softmax_bf16_(torch.zeros(1, 1, dtype=torch.bfloat16)), reason=kernels.status()
+)
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler cc")
 
@@ -56,10 +57,14 @@ def test_softmax_rows_can_be_a_view_into_wider_rows():
 @needs_kernel
 def test_softmax_edge_values():
     inf, nan = float("inf"), float("nan")
-    scores = torch.tensor([[0.0, -inf, 0.0, -inf],  # masked scores get exactly 0
-                           [1.0, nan, 2.0, 3.0],  # a NaN spreads over its row only
-                           [5.0, 5.0, 5.0, 5.0],
-                           [3e38, -3e38, 0.0, 3e38]]).bfloat16()  # far apart: no overflow
+    scores = torch.tensor(
+        [
+            [0.0, -inf, 0.0, -inf],  # masked scores get exactly 0
+            [1.0, nan, 2.0, 3.0],  # a NaN spreads over its row only
+            [5.0, 5.0, 5.0, 5.0],
+            [3e38, -3e38, 0.0, 3e38],
+        ]
+    ).bfloat16()  # far apart: no overflow
     got = softmax_by_kernel(scores).float()
     assert got[0].tolist() == [0.5, 0.0, 0.5, 0.0]
     assert got[1].isnan().all()
@@ -117,11 +122,14 @@ def test_turned_off_by_the_environment(monkeypatch):
         kernels.load_softmax()
 
 
-@pytest.mark.parametrize("failure, reason", [
-    (kernels.KernelUnavailable("no C compiler 'cc' on PATH"), "no C compiler 'cc' on PATH"),
-    (RuntimeError("Could not determine home directory."), "RuntimeError: Could not determine home directory."),
-    (PermissionError("[Errno 13] Permission denied: '/proc/self/maps'"), "PermissionError: [Errno 13]"),
-])
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (kernels.KernelUnavailable("no C compiler 'cc' on PATH"), "no C compiler 'cc' on PATH"),
+        (RuntimeError("Could not determine home directory."), "RuntimeError: Could not determine home directory."),
+        (PermissionError("[Errno 13] Permission denied: '/proc/self/maps'"), "PermissionError: [Errno 13]"),
+    ],
+)
 def test_a_kernel_that_cannot_be_built_is_tried_once(monkeypatch, failure, reason):
     """Without the kernel the caller falls back on each call, so the failure must be remembered."""
     attempts = []

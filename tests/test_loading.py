@@ -7,18 +7,19 @@ import shutil
 
 import pytest
 import torch
+from parity import TOL
 from safetensors.torch import load_file, save_file
 
 import diffuse
 from diffuse.checkpoints.single_file import join_single_file, save_single_file, split_single_file
-from parity import TOL
-
-
 
 
 def pipeline_state(pipe) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name in ("text_encoder", "unet", "vae")
-            for k, v in getattr(pipe, name).state_dict().items()}
+    return {
+        f"{name}.{k}": v
+        for name in ("text_encoder", "unet", "vae")
+        for k, v in getattr(pipe, name).state_dict().items()
+    }
 
 
 def add_unused_open_clip_head(state, layers, width):
@@ -85,8 +86,9 @@ def test_single_file_is_what_diffusers_reads(style, loaded, reference_folders, r
     from diffusers import StableDiffusionPipeline
 
     path = export_single_file(loaded[style], tmp_path / "model.safetensors", "safetensors")
-    theirs = StableDiffusionPipeline.from_single_file(str(path), config=str(reference_folders[style]),
-                                                      local_files_only=True, safety_checker=None)
+    theirs = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(reference_folders[style]), local_files_only=True, safety_checker=None
+    )
     ref = reference_pipes[style]
     for name in ("unet", "vae", "text_encoder"):
         want = getattr(ref, name).state_dict()
@@ -106,17 +108,38 @@ def test_full_size_architectures_are_detected():
     from diffuse.models.configs import SD1, SD2
 
     with torch.device("meta"):
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
         unets = {
             "sd1": UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
-            "sd2": UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+            "sd2": UNet2DConditionModel(
+                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+            ),
         }
         texts = {
-            "sd1": CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, hidden_act="quick_gelu")),
-            "sd2": CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                                                num_attention_heads=16, hidden_act="gelu")),
+            "sd1": CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    hidden_act="quick_gelu",
+                )
+            ),
+            "sd2": CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=23,
+                    num_attention_heads=16,
+                    hidden_act="gelu",
+                )
+            ),
         }
     for family, preset in (("sd1", SD1), ("sd2", SD2)):
         unet = unet_layout.from_diffusers(unets[family].state_dict(), preset.unet)
@@ -147,6 +170,7 @@ def test_dtype_is_applied(reference_folders):
 
 
 # --- what can be wrong with a checkpoint, each reported with the file and the tensor ---
+
 
 @pytest.fixture
 def single_file(loaded, tmp_path):
@@ -204,7 +228,6 @@ def test_not_a_model(tmp_path, reference_folders):
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(diffuse.CheckpointError, match=r"unet.*no weights file"):
         diffuse.load_pipeline(folder, dtype="float32")
-
 
 
 def test_v_prediction_probe_reads_the_models_answer_at_the_last_timestep(loaded):

@@ -30,9 +30,19 @@ from diffuse.metadata import (
 from diffuse.pngtext import MAX_TEXT, MAX_TEXT_CHUNK
 
 BASE = {
-    "prompt": "a photo of a cat", "negative_prompt": "blurry, lowres", "steps": 20, "sampler": "DPM++ 2M",
-    "schedule_type": "Karras", "cfg_scale": 7.0, "seed": 123, "width": 512, "height": 768,
-    "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly", "clip_skip": 1, "denoising_strength": None,
+    "prompt": "a photo of a cat",
+    "negative_prompt": "blurry, lowres",
+    "steps": 20,
+    "sampler": "DPM++ 2M",
+    "schedule_type": "Karras",
+    "cfg_scale": 7.0,
+    "seed": 123,
+    "width": 512,
+    "height": 768,
+    "model_hash": "6ce0161689",
+    "model": "v1-5-pruned-emaonly",
+    "clip_skip": 1,
+    "denoising_strength": None,
     "version": "diffuse 0.1.0",
 }
 
@@ -50,15 +60,26 @@ def test_txt2img_infotext_with_negative_prompt():
 
 
 def test_no_negative_line_no_schedule_and_fractional_cfg():
-    info = {**BASE, "negative_prompt": "", "schedule_type": None, "cfg_scale": 7.5, "model_hash": None,
-            "model": None, "version": None, "sampler": "Euler a", "width": 64, "height": 64, "unknown": "x"}
+    info = {
+        **BASE,
+        "negative_prompt": "",
+        "schedule_type": None,
+        "cfg_scale": 7.5,
+        "model_hash": None,
+        "model": None,
+        "version": None,
+        "sampler": "Euler a",
+        "width": 64,
+        "height": 64,
+        "unknown": "x",
+    }
     assert infotext(info) == "a photo of a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 64x64"
 
 
 def test_values_with_comma_colon_or_newline_are_json_quoted():
     info = {**BASE, "negative_prompt": "", "model": "my model, v2: 猫", "version": "line\nbreak"}
     assert infotext(info).splitlines()[-1] == (
-        'Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x768, '
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x768, "
         'Model hash: 6ce0161689, Model: "my model, v2: 猫", Version: "line\\nbreak"'
     )
 
@@ -73,25 +94,36 @@ def test_img2img_strength_clip_skip_and_mask_blur_in_a1111_order():
 
 
 def test_multiline_prompts_are_written_on_one_line_each_and_empty_prompt():
-    info = {**BASE, "prompt": "line one\nline two", "negative_prompt": "bad\r\nworse", "model_hash": None,
-            "model": None, "version": None}
-    assert infotext(info) == ("line one\\nline two\nNegative prompt: bad\\r\\nworse\n"
-                              "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, "
-                              "Size: 512x768")
+    info = {
+        **BASE,
+        "prompt": "line one\nline two",
+        "negative_prompt": "bad\r\nworse",
+        "model_hash": None,
+        "model": None,
+        "version": None,
+    }
+    assert infotext(info) == (
+        "line one\\nline two\nNegative prompt: bad\\r\\nworse\n"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, "
+        "Size: 512x768"
+    )
     assert infotext({**info, "prompt": "", "negative_prompt": ""}).startswith("Steps: 20, ")
 
 
 # ---- newline escaping --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, written", [
-    ("a cat, \\(literal parentheses\\), (big:1.2)", "a cat, \\(literal parentheses\\), (big:1.2)"),
-    ("a\nb", "a\\nb"),  # newline: one backslash and n
-    ("a\\nb", "a\\\\nb"),  # a literal backslash-n: its backslash doubled
-    ("a\\\nb", "a\\\\\\nb"),  # one backslash then a newline: 2k+1 = 3 backslashes
-    ("C:\\dir\\x\rend\\", "C:\\dir\\x\\rend\\"),  # backslashes before other letters stay as they are
-    ("nnn rrr", "nnn rrr"),
-])
+@pytest.mark.parametrize(
+    "raw, written",
+    [
+        ("a cat, \\(literal parentheses\\), (big:1.2)", "a cat, \\(literal parentheses\\), (big:1.2)"),
+        ("a\nb", "a\\nb"),  # newline: one backslash and n
+        ("a\\nb", "a\\\\nb"),  # a literal backslash-n: its backslash doubled
+        ("a\\\nb", "a\\\\\\nb"),  # one backslash then a newline: 2k+1 = 3 backslashes
+        ("C:\\dir\\x\rend\\", "C:\\dir\\x\\rend\\"),  # backslashes before other letters stay as they are
+        ("nnn rrr", "nnn rrr"),
+    ],
+)
 def test_escaping_writes_newlines_as_backslash_letters(raw, written):
     assert escape_newlines(raw) == written and unescape_newlines(written) == raw
 
@@ -133,26 +165,38 @@ def test_raw_multiline_a1111_prompts_parse_as_before():
 
 
 def test_parse_a1111_docstring_example():
-    text = ("girl with an artist's beret, determined, blue eyes, desert scene, ((eyeshadow)), (coquettish)\n"
-            "Negative prompt: ugly, fat, (((deformed))), [blurry], bad anatomy\n"
-            "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b")
+    text = (
+        "girl with an artist's beret, determined, blue eyes, desert scene, ((eyeshadow)), (coquettish)\n"
+        "Negative prompt: ugly, fat, (((deformed))), [blurry], bad anatomy\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b"
+    )
     parsed = parse_infotext(text)
     assert parsed == {
         "Prompt": "girl with an artist's beret, determined, blue eyes, desert scene, ((eyeshadow)), (coquettish)",
         "Negative prompt": "ugly, fat, (((deformed))), [blurry], bad anatomy",
-        "Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "965400086", "Size-1": "512", "Size-2": "512",
-        "Model hash": "45dee52b", "Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic",
+        "Steps": "20",
+        "Sampler": "Euler a",
+        "CFG scale": "7",
+        "Seed": "965400086",
+        "Size-1": "512",
+        "Size-2": "512",
+        "Model hash": "45dee52b",
+        "Clip skip": "1",
+        "RNG": "GPU",
+        "Schedule type": "Automatic",
     }
 
 
 def test_parse_recent_a1111_line_with_quoted_hashes_and_hires():
-    text = ("masterpiece, 1girl, <lora:add_detail:0.8>\n"
-            "Negative prompt: easynegative\n"
-            'Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 42, Size: 832x1216, '
-            'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.4, Clip skip: 2, '
-            'Hires resize: 1024x1536, Hires upscaler: Latent, '
-            'Lora hashes: "add_detail: 7c6bad76eb54, film: 2a9b4c5d6e7f", TI hashes: "easynegative: c74b4e810b03", '
-            'Version: v1.10.1')
+    text = (
+        "masterpiece, 1girl, <lora:add_detail:0.8>\n"
+        "Negative prompt: easynegative\n"
+        "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 42, Size: 832x1216, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.4, Clip skip: 2, "
+        "Hires resize: 1024x1536, Hires upscaler: Latent, "
+        'Lora hashes: "add_detail: 7c6bad76eb54, film: 2a9b4c5d6e7f", TI hashes: "easynegative: c74b4e810b03", '
+        "Version: v1.10.1"
+    )
     parsed = parse_infotext(text)
     assert parsed["Prompt"] == "masterpiece, 1girl, <lora:add_detail:0.8>"
     assert parsed["Lora hashes"] == "add_detail: 7c6bad76eb54, film: 2a9b4c5d6e7f"
@@ -160,9 +204,19 @@ def test_parse_recent_a1111_line_with_quoted_hashes_and_hires():
     assert (parsed["Hires resize-1"], parsed["Hires resize-2"]) == ("1024", "1536")
     assert (parsed["Schedule type"], parsed["Clip skip"], parsed["Version"]) == ("Karras", "2", "v1.10.1")
     assert info_from_infotext(text) == {
-        "prompt": "masterpiece, 1girl, <lora:add_detail:0.8>", "negative_prompt": "easynegative", "steps": 30,
-        "sampler": "DPM++ 2M", "schedule_type": "Karras", "cfg_scale": 5.5, "seed": 42, "width": 832, "height": 1216,
-        "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly", "denoising_strength": 0.4, "clip_skip": 2,
+        "prompt": "masterpiece, 1girl, <lora:add_detail:0.8>",
+        "negative_prompt": "easynegative",
+        "steps": 30,
+        "sampler": "DPM++ 2M",
+        "schedule_type": "Karras",
+        "cfg_scale": 5.5,
+        "seed": 42,
+        "width": 832,
+        "height": 1216,
+        "model_hash": "6ce0161689",
+        "model": "v1-5-pruned-emaonly",
+        "denoising_strength": 0.4,
+        "clip_skip": 2,
         "version": "v1.10.1",
     }
 
@@ -178,12 +232,15 @@ def test_bad_typed_value_is_a_clear_error():
         info_from_infotext("x\nSteps: many, Sampler: Euler, CFG scale: 7")
 
 
-@pytest.mark.parametrize("changes", [
-    {},
-    {"prompt": "line one\nline two, (big:1.2)", "negative_prompt": "bad\nworse: very"},
-    {"negative_prompt": "", "cfg_scale": 7.5, "model": "name, with: colon", "clip_skip": 2},
-    {"prompt": "猫の写真", "denoising_strength": 0.35, "mask_blur": 4, "seed": 4294967295},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"prompt": "line one\nline two, (big:1.2)", "negative_prompt": "bad\nworse: very"},
+        {"negative_prompt": "", "cfg_scale": 7.5, "model": "name, with: colon", "clip_skip": 2},
+        {"prompt": "猫の写真", "denoising_strength": 0.35, "mask_blur": 4, "seed": 4294967295},
+    ],
+)
 def test_round_trip_info_to_text_to_info(changes):
     info = {k: v for k, v in {**BASE, **changes}.items() if v is not None}
     back = info_from_infotext(infotext(info))
@@ -192,10 +249,19 @@ def test_round_trip_info_to_text_to_info(changes):
 
 
 DIFFUSE_FIELDS = {
-    "init_image_hash": "ab" * 32, "mask_hash": "cd" * 32, "keep_unmasked": False, "nan_fallback": "UNet float32",
-    "batch_size": 4, "batch_pos": 3, "model_sha256": "ef" * 32, "dtype": "bfloat16", "device": "cpu",
+    "init_image_hash": "ab" * 32,
+    "mask_hash": "cd" * 32,
+    "keep_unmasked": False,
+    "nan_fallback": "UNet float32",
+    "batch_size": 4,
+    "batch_pos": 3,
+    "model_sha256": "ef" * 32,
+    "dtype": "bfloat16",
+    "device": "cpu",
     "sampler_settings": "num_train_timesteps=1000 beta_start=0.00085 timestep_spacing=leading",
-    "guidance_cutoff": 0.5, "deep_cache": "3/1", "token_merging_ratio": 0.25,
+    "guidance_cutoff": 0.5,
+    "deep_cache": "3/1",
+    "token_merging_ratio": 0.25,
 }
 
 
@@ -204,10 +270,12 @@ def test_diffuse_fields_come_after_a1111s_and_before_version():
     text = infotext(info)
     last = text.splitlines()[-1]
     assert last.startswith("Steps: 20, Sampler: DPM++ 2M, ") and last.endswith(", Version: diffuse 0.1.0")
-    assert ("Token merging ratio: 0.25, Init image hash: " + "ab" * 32 + ", Guidance cutoff: 0.5, Deep cache: 3/1, "
-            "NaN fallback: UNet float32, Mask hash: " + "cd" * 32 + ", Keep unmasked: False, Batch size: 4, "
-            "Batch pos: 3, Model sha256: " + "ef" * 32 + ", Dtype: bfloat16, Device: cpu, Sampler settings: "
-            "num_train_timesteps=1000 beta_start=0.00085 timestep_spacing=leading, Version") in last
+    assert (
+        "Token merging ratio: 0.25, Init image hash: " + "ab" * 32 + ", Guidance cutoff: 0.5, Deep cache: 3/1, "
+        "NaN fallback: UNet float32, Mask hash: " + "cd" * 32 + ", Keep unmasked: False, Batch size: 4, "
+        "Batch pos: 3, Model sha256: " + "ef" * 32 + ", Dtype: bfloat16, Device: cpu, Sampler settings: "
+        "num_train_timesteps=1000 beta_start=0.00085 timestep_spacing=leading, Version"
+    ) in last
     parsed = parse_infotext(text)  # A1111's parser finds every one of them
     assert (parsed["Batch pos"], parsed["Dtype"], parsed["NaN fallback"]) == ("3", "bfloat16", "UNet float32")
     back = info_from_infotext(text)
@@ -292,17 +360,20 @@ def test_compressed_text_chunks_are_read(tmp_path):
     assert read_parameters(tmp_path / "i.png") == "猫 text"
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: png_with(chunk(b"tEXt", b"parameters\0x"), width=100_000, height=100_000), "decompression bomb"),
-    (lambda: png_with(chunk(b"tEXt", b"parameters\0" + b"a" * (MAX_TEXT_CHUNK + 1))), "over the"),
-    (lambda: png_with(chunk(b"zTXt", b"parameters\0\0" + zlib.compress(b"a" * (MAX_TEXT + 1)))), "inflates past"),
-    (lambda: png_with(chunk(b"tEXt", b"parameters\0x"))[:-20], "truncated"),
-    (lambda: png_with(chunk(b"tEXt", b"parameters\0x"))[:40], "truncated"),
-    (lambda: png_with(chunk(b"tEXt", b"parameters\0x")).replace(b"parameters\0x", b"parameters\0y"), "checksum"),
-    (lambda: png_with(chunk(b"tEXt", b"parameters\0a"), chunk(b"tEXt", b"parameters\0b")), "two different"),
-    (lambda: b"GIF89a not a png at all", "not a PNG"),
-    (lambda: b"", "not a PNG"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: png_with(chunk(b"tEXt", b"parameters\0x"), width=100_000, height=100_000), "decompression bomb"),
+        (lambda: png_with(chunk(b"tEXt", b"parameters\0" + b"a" * (MAX_TEXT_CHUNK + 1))), "over the"),
+        (lambda: png_with(chunk(b"zTXt", b"parameters\0\0" + zlib.compress(b"a" * (MAX_TEXT + 1)))), "inflates past"),
+        (lambda: png_with(chunk(b"tEXt", b"parameters\0x"))[:-20], "truncated"),
+        (lambda: png_with(chunk(b"tEXt", b"parameters\0x"))[:40], "truncated"),
+        (lambda: png_with(chunk(b"tEXt", b"parameters\0x")).replace(b"parameters\0x", b"parameters\0y"), "checksum"),
+        (lambda: png_with(chunk(b"tEXt", b"parameters\0a"), chunk(b"tEXt", b"parameters\0b")), "two different"),
+        (lambda: b"GIF89a not a png at all", "not a PNG"),
+        (lambda: b"", "not a PNG"),
+    ],
+)
 def test_unsafe_or_broken_files_are_refused_in_one_line(tmp_path, make, message):
     path = tmp_path / "bad.png"
     path.write_bytes(make())
@@ -397,10 +468,12 @@ def write_folder(root, files: dict[str, bytes]):
 
 FOLDER = {
     "model_index.json": b'{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], '
-                        b'"vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"], '
-                        b'"safety_checker": [null, null]}',
-    "unet/diffusion_pytorch_model.safetensors": b"unet weights", "unet/config.json": b"{}",
-    "vae/diffusion_pytorch_model.safetensors": b"vae weights", "tokenizer/vocab.json": b"{}",
+    b'"vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"], '
+    b'"safety_checker": [null, null]}',
+    "unet/diffusion_pytorch_model.safetensors": b"unet weights",
+    "unet/config.json": b"{}",
+    "vae/diffusion_pytorch_model.safetensors": b"vae weights",
+    "tokenizer/vocab.json": b"{}",
 }
 
 
@@ -420,8 +493,11 @@ def test_a_folders_sha256_covers_every_part_and_its_short_hash_stays_the_unets(t
     lines = sorted((hashlib.sha256(data).hexdigest(), name) for name, data in FOLDER.items())
     listing = "".join(f"{digest}  {name}\n" for digest, name in sorted(lines, key=lambda x: x[1]))
     assert base.sha256 == hashlib.sha256(listing.encode()).hexdigest()
-    changes = {"vae/diffusion_pytorch_model.safetensors": b"other", "tokenizer/vocab.json": b'{"a": 1}',
-               "model_index.json": FOLDER["model_index.json"].replace(b"StableDiffusion", b"Other")}
+    changes = {
+        "vae/diffusion_pytorch_model.safetensors": b"other",
+        "tokenizer/vocab.json": b'{"a": 1}',
+        "model_index.json": FOLDER["model_index.json"].replace(b"StableDiffusion", b"Other"),
+    }
     for name, data in changes.items():
         changed = model_hashes(write_folder(tmp_path / name.replace("/", "_"), {**FOLDER, name: data}))
         assert changed.sha256 != base.sha256 and changed.short == base.short, name

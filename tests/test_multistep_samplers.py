@@ -15,31 +15,46 @@ import math
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from sampler_harness import SHAPE, reference_img2img, run_ours, run_reference, seeded_noise, start_noise, toy_model
 
 from diffuse.samplers.multistep import MULTISTEP_ALGORITHMS
 from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, make_denoiser, spaced_timesteps
 
-from sampler_harness import (SHAPE, reference_img2img, run_ours, run_reference, seeded_noise, start_noise,
-                             toy_model)
-
 SCALED_TOL = 1e-5
 
-SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
-REFERENCES = {"dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-              "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-              "unipc": (UniPCMultistepScheduler, {"solver_type": "bh2", "predict_x0": True})}
+SD_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    timestep_spacing="leading",
+)
+REFERENCES = {
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {"solver_type": "bh2", "predict_x0": True}),
+}
 
 
 def reference(key: str, options: SamplerOptions, prediction_type: str = "epsilon"):
     cls, extra = REFERENCES[key]
-    return cls.from_config({
-        **SD_CONFIG, **extra, "prediction_type": prediction_type,
-        "timestep_spacing": options.timestep_spacing, "steps_offset": options.steps_offset,
-        "use_karras_sigmas": options.sigma_schedule == "karras",
-        "use_exponential_sigmas": options.sigma_schedule == "exponential",
-        "final_sigmas_type": options.final_sigmas_type, "solver_order": options.solver_order,
-        "lower_order_final": options.lower_order_final})
+    return cls.from_config(
+        {
+            **SD_CONFIG,
+            **extra,
+            "prediction_type": prediction_type,
+            "timestep_spacing": options.timestep_spacing,
+            "steps_offset": options.steps_offset,
+            "use_karras_sigmas": options.sigma_schedule == "karras",
+            "use_exponential_sigmas": options.sigma_schedule == "exponential",
+            "final_sigmas_type": options.final_sigmas_type,
+            "solver_order": options.solver_order,
+            "lower_order_final": options.lower_order_final,
+        }
+    )
 
 
 def scaled_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,8 +109,10 @@ def test_trailing_spacing_has_exactly_the_steps_asked_for():
         assert torch.equal(timesteps, ref.timesteps[:steps])
 
 
-@pytest.mark.parametrize("bad", [dict(timestep_spacing="middle"), dict(solver_order=3),
-                                 dict(final_sigmas_type="one"), dict(sigma_schedule="beta")])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(timestep_spacing="middle"), dict(solver_order=3), dict(final_sigmas_type="one"), dict(sigma_schedule="beta")],
+)
 def test_unsupported_options_are_rejected(bad):
     for key in MULTISTEP_ALGORITHMS:
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -170,11 +187,15 @@ def test_callback_sees_every_step_and_can_replace_latents(key):
 # ---------------------------------------------------------------- img2img
 
 
-
-
 @pytest.mark.parametrize("key", ["dpmpp_2m", "unipc"])
-@pytest.mark.parametrize("options", [SamplerOptions(), SamplerOptions(final_sigmas_type="sigma_min"),
-                                     SamplerOptions(sigma_schedule="karras", timestep_spacing="trailing")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        SamplerOptions(),
+        SamplerOptions(final_sigmas_type="sigma_min"),
+        SamplerOptions(sigma_schedule="karras", timestep_spacing="trailing"),
+    ],
+)
 def test_img2img_matches_reference(key, options):
     """With sigma_min, 20 steps at strength 0.5 keep 10: the reference still takes a second-order
     last step, because it counts the 20 planned steps (Plan.planned_steps)."""
@@ -194,22 +215,22 @@ def test_img2img_matches_reference(key, options):
 # ---------------------------------------------------------------- DPM++ 2M SDE
 
 
-
-
-
-
-@pytest.mark.parametrize("prediction_type,options,step_counts", [
-    ("epsilon", SamplerOptions(), [1, 2, 7, 20]),
-    ("v_prediction", SamplerOptions(sigma_schedule="karras"), [3, 12]),
-    ("epsilon", SamplerOptions(final_sigmas_type="sigma_min"), [5, 16]),
-])
+@pytest.mark.parametrize(
+    "prediction_type,options,step_counts",
+    [
+        ("epsilon", SamplerOptions(), [1, 2, 7, 20]),
+        ("v_prediction", SamplerOptions(sigma_schedule="karras"), [3, 12]),
+        ("epsilon", SamplerOptions(final_sigmas_type="sigma_min"), [5, 16]),
+    ],
+)
 def test_sde_run_with_the_same_noise_matches_reference(prediction_type, options, step_counts):
     schedule = NoiseSchedule(prediction_type=prediction_type)
     for steps in step_counts:
         noise = start_noise(steps)
         ref = run_reference(reference("dpmpp_2m_sde", options, prediction_type), steps, noise, seed=100 + steps)
-        ours = run_ours(MULTISTEP_ALGORITHMS["dpmpp_2m_sde"], schedule, options, steps, noise,
-                        fresh_noise=seeded_noise(100 + steps))
+        ours = run_ours(
+            MULTISTEP_ALGORITHMS["dpmpp_2m_sde"], schedule, options, steps, noise, fresh_noise=seeded_noise(100 + steps)
+        )
         assert scaled_err(ours, ref) <= SCALED_TOL, steps
 
 
@@ -217,7 +238,9 @@ def test_sde_reproduces_per_seed_and_reduces_to_2m_without_renewal():
     sde, schedule, noise = MULTISTEP_ALGORITHMS["dpmpp_2m_sde"], NoiseSchedule(), start_noise()
     first = run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(1))
     assert torch.equal(first, run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(1)))
-    assert (first - run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(2))).abs().max() > 1e-2
+    assert (
+        first - run_ours(sde, schedule, SamplerOptions(), 10, noise, fresh_noise=seeded_noise(2))
+    ).abs().max() > 1e-2
     ode = run_ours(MULTISTEP_ALGORITHMS["dpmpp_2m"], schedule, SamplerOptions(), 10, noise)
     no_renewal = run_ours(sde, schedule, SamplerOptions(eta_ancestral=0.0), 10, noise, fresh_noise=seeded_noise(1))
     assert scaled_err(no_renewal, ode) <= SCALED_TOL
@@ -239,8 +262,9 @@ def test_sde_fresh_noise_keeps_the_marginal_noise_level():
         correlations.append((x * start).mean().item() / max(stds[-1], 1e-30))
 
     no_signal = lambda x, sigma, t: torch.zeros_like(x)  # noqa: E731
-    sde.run(no_signal, start * plan.sigmas[0], plan, lambda: torch.randn(n, generator=generator), record,
-            SamplerOptions())
+    sde.run(
+        no_signal, start * plan.sigmas[0], plan, lambda: torch.randn(n, generator=generator), record, SamplerOptions()
+    )
     for i, (std, corr) in enumerate(zip(stds[:-1], correlations)):
         sigma_next = plan.sigmas[i + 1].item()
         assert std == pytest.approx(sigma_next, rel=0.02), i

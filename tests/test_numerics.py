@@ -37,16 +37,23 @@ def tiny_pipe(dtype: torch.dtype) -> diffuse.Pipeline:
     """The training preset's architecture with random weights, stored as the loader stores them:
     in `dtype`, convolution kernels channels-last."""
     torch.manual_seed(0)
-    networks = {"text_encoder": CLIPTextEncoder(TINY.text_encoder), "unet": UNet(TINY.unet),
-                "vae": AutoencoderKL(TINY.vae)}
+    networks = {
+        "text_encoder": CLIPTextEncoder(TINY.text_encoder),
+        "unet": UNet(TINY.unet),
+        "vae": AutoencoderKL(TINY.vae),
+    }
     with torch.no_grad():
         for net in networks.values():
             net.eval()
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.05)  # off the zero-initialised outputs: a real image
                 p.data = inference_layout(p.data.to(dtype))
-    return diffuse.Pipeline(tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=TINY.pad_token_id), config=TINY,
-                            source=Path("in-memory"), **networks)
+    return diffuse.Pipeline(
+        tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=TINY.pad_token_id),
+        config=TINY,
+        source=Path("in-memory"),
+        **networks,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +143,11 @@ def test_fallback_records_each_network_once_and_errors_in_float32():
         assert net.weight.dtype == torch.float32  # the UNet stays float32 until the generation ends
     assert net.weight.dtype == torch.bfloat16 and taken == ["VAE float32", "UNet float32"]
     assert seen == [torch.bfloat16, torch.float32] * 3
-    with pytest.raises(NonFiniteError, match=r"^the UNet's output had non-finite values at step 2 of 5 in float32 "
-                                             r"\(as in bfloat16\); no image was made$"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^the UNet's output had non-finite values at step 2 of 5 in float32 "
+        r"\(as in bfloat16\); no image was made$",
+    ):
         Fallback().run(net, "UNet", lambda: torch.full((2,), float("nan")), where=" at step 2 of 5")
     assert net.weight.dtype == torch.bfloat16
 
@@ -175,8 +185,9 @@ def test_unet_nan_falls_back_to_float32_from_that_step_for_the_whole_batch(pipes
 
 
 @pytest.mark.parametrize("dtype", REDUCED, ids=str)
-@pytest.mark.parametrize("network, block, label", [("vae", "decoder", "VAE float32"),
-                                                   ("text_encoder", None, "text encoder float32")])
+@pytest.mark.parametrize(
+    "network, block, label", [("vae", "decoder", "VAE float32"), ("text_encoder", None, "text encoder float32")]
+)
 def test_vae_and_text_encoder_nan_is_redone_in_float32(pipes, dtype, network, block, label):
     pipe = pipes[dtype]
     before = snapshot(pipe)
@@ -239,12 +250,15 @@ def test_speedups_see_the_retried_call_as_the_first_try(pipes):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("where, message", [
-    ("unet", r"the UNet's output had non-finite values at step 3 of 4 in float32"),
-    ("vae.decoder", r"the VAE decoder's output had non-finite values in float32"),
-    ("vae.encoder", r"the VAE encoder's output had non-finite values in float32"),
-    ("text_encoder", r"the text encoder's output had non-finite values in float32"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("unet", r"the UNet's output had non-finite values at step 3 of 4 in float32"),
+        ("vae.decoder", r"the VAE decoder's output had non-finite values in float32"),
+        ("vae.encoder", r"the VAE encoder's output had non-finite values in float32"),
+        ("text_encoder", r"the text encoder's output had non-finite values in float32"),
+    ],
+)
 def test_nan_in_float32_too_is_an_error_naming_the_network(pipes, dtype, where, message):
     pipe = pipes[dtype]
     before = snapshot(pipe)
@@ -304,7 +318,8 @@ def test_cli_exits_2_with_one_line_and_writes_no_file(tmp_path, monkeypatch, cap
     # One error line (the progress bar, left open, may share its terminal line).
     assert err.count("diffuse: error:") == 1
     assert err.split("diffuse: error: ")[1].splitlines()[0] == (
-        "the UNet's output had non-finite values at step 2 of 3 in float32 (as in bfloat16); no image was made")
+        "the UNet's output had non-finite values at step 2 of 3 in float32 (as in bfloat16); no image was made"
+    )
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -20,13 +20,25 @@ from diffuse.metadata import read_parameters
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (make test installs it: scripts/install-browser.sh)",
-                allow_module_level=True)
+    pytest.skip(
+        "Debian's chromium is not installed (make test installs it: scripts/install-browser.sh)",
+        allow_module_level=True,
+    )
 
 # Headless, and quiet on a machine without a network: no background connections to Google's hosts.
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(os.environ.get("DIFFUSE_SCREENSHOTS", Path(__file__).resolve().parent.parent / "build" / "screenshots"))
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(
+    os.environ.get("DIFFUSE_SCREENSHOTS", Path(__file__).resolve().parent.parent / "build" / "screenshots")
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +71,11 @@ def test_generate_from_the_page(browser, server):
     page.wait_for_function("Number(document.getElementById('preview').dataset.updates || 0) >= 2", timeout=60_000)
     page.screenshot(path=str(SCREENSHOTS / "page-emerging.png"))
     page.wait_for_selector("#result figure img", timeout=120_000)
-    page.wait_for_function("(() => { const img = document.querySelector('#result img');"
-                           " return img && img.complete && img.naturalWidth === 64; })()", timeout=30_000)
+    page.wait_for_function(
+        "(() => { const img = document.querySelector('#result img');"
+        " return img && img.complete && img.naturalWidth === 64; })()",
+        timeout=30_000,
+    )
     caption = page.inner_text("#result figcaption")
     assert caption.startswith("a red circle above a blue square")
     assert "Steps: 120" in caption and "Seed: 42" in caption and "CFG scale: 3" in caption
@@ -78,13 +93,17 @@ def test_generate_from_the_page(browser, server):
     page.fill("#prompt", "something else entirely")
     page.fill("#seed", "-1")
     page.click("#gallery figure:first-child .remake")
-    page.wait_for_function(f"(() => {{ const link = document.querySelector('#result figure a');"
-                           f" return link && link.getAttribute('href') !== '{href}'; }})()", timeout=120_000)
+    page.wait_for_function(
+        f"(() => {{ const link = document.querySelector('#result figure a');"
+        f" return link && link.getAttribute('href') !== '{href}'; }})()",
+        timeout=120_000,
+    )
     assert page.input_value("#prompt") == "a red circle above a blue square" and page.input_value("#seed") == "42"
     assert page.input_value("#width") == "64" and page.input_value("#scheduler") == "Automatic"
     again = page.get_attribute("#result figure a", "href")
-    first, second = (Image.open(io.BytesIO(urllib.request.urlopen(server.base + url, timeout=10).read()))
-                     for url in (href, again))
+    first, second = (
+        Image.open(io.BytesIO(urllib.request.urlopen(server.base + url, timeout=10).read())) for url in (href, again)
+    )
     assert read_parameters(second) == read_parameters(first)
     assert second.convert("RGB").tobytes() == first.convert("RGB").tobytes()
     # The page's own posts are JSON: Interrupt, when idle, is answered.
@@ -98,7 +117,8 @@ def test_a_page_of_another_origin_cannot_drive_the_server(browser, server):
     target = server.base  # http://127.0.0.1:PORT; the page below is at http://localhost:PORT, another origin
     page = browser.new_page()
     page.goto(server.base.replace("127.0.0.1", "localhost") + "/")
-    outcomes = page.evaluate("""async (target) => {
+    outcomes = page.evaluate(
+        """async (target) => {
       const body = JSON.stringify({prompt: "x", steps: 2});
       const tries = {
         plain: () => fetch(target + "/sdapi/v1/txt2img", {method: "POST", mode: "no-cors", body,
@@ -121,7 +141,9 @@ def test_a_page_of_another_origin_cannot_drive_the_server(browser, server):
       form.submit();
       await loaded;
       return results;
-    }""", target)
+    }""",
+        target,
+    )
     # The no-cors post is opaque to the page (type "opaque", status 0), the others fail outright;
     # what matters is that the server ran nothing.
     assert outcomes == {"plain": "opaque 0", "json": "refused", "progress": "refused"}

@@ -19,7 +19,6 @@ from diffuse.preview import (
     to_pil,
 )
 
-
 # ---- to_pil ------------------------------------------------------------------------------------
 
 
@@ -134,7 +133,12 @@ def test_step_recorder_writes_every_step_and_a_filmstrip(tmp_path):
     strip = recorder.finish()
     assert strip == tmp_path / "steps" / "filmstrip.png"
     assert sorted(p.name for p in strip.parent.iterdir()) == [
-        "filmstrip.png", "step_000.png", "step_001.png", "step_002.png", "step_003.png"]
+        "filmstrip.png",
+        "step_000.png",
+        "step_001.png",
+        "step_002.png",
+        "step_003.png",
+    ]
     for i, latents in enumerate(steps):
         saved = np.asarray(Image.open(tmp_path / "steps" / f"step_{i:03d}.png"))
         assert np.array_equal(saved, np.asarray(cheap_decode(latents)[0]))

@@ -36,45 +36,65 @@ def words(word: str, count: int) -> str:
 # ---------------------------------------------------------------- parse_attention
 
 
-@pytest.mark.parametrize("text, expected", [  # the examples in A1111's parse_prompt_attention docstring
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    (r"\(literal\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", [
-        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-        (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [  # the examples in A1111's parse_prompt_attention docstring
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        (r"\(literal\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1),
+            ],
+        ),
+    ],
+)
 def test_parse_matches_a1111_examples(text, expected):
     assert parse_attention(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    (r"\(a\) \[b\] \\", [("(a) [b] \\", 1.0)]),
-    (r"(a\)b)", [("a)b", 1.1)]),  # an escaped bracket does not close the span
-    (r"a\b", [("ab", 1.0)]),  # a lone backslash is dropped
-    (r"\\(a)", [("\\", 1.0), ("a", 1.1)]),  # an escaped backslash leaves the bracket active
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"\(a\) \[b\] \\", [("(a) [b] \\", 1.0)]),
+        (r"(a\)b)", [("a)b", 1.1)]),  # an escaped bracket does not close the span
+        (r"a\b", [("ab", 1.0)]),  # a lone backslash is dropped
+        (r"\\(a)", [("\\", 1.0), ("a", 1.1)]),  # an escaped backslash leaves the bracket active
+    ],
+)
 def test_parse_escapes(text, expected):
     assert parse_attention(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", [("", 1.0)]),
-    ("()", [("", 1.0)]),
-    ("unbalanced)", [("unbalanced)", 1.0)]),  # closes nothing: literal text
-    ("a ] b", [("a ] b", 1.0)]),
-    ("a:1.2) b", [("a:1.2) b", 1.0)]),  # an explicit factor with no open bracket is text too
-    ("(a:1.3", [("a:1.3", 1.1)]),  # the factor needs its ")"; the open bracket applies 1.1 to the end
-    ("[a", [("a", 1 / 1.1)]),
-    ("(a [b", [("a ", 1.1), ("b", 1.1 * (1 / 1.1))]),  # left open: round ones apply first, then square
-    ("[a:1.3]", [("a:1.3", 1 / 1.1)]),  # explicit factors only close round brackets
-    ("((a:2))", [("a", 2.0 * 1.1)]),
-    ("[[a]]", [("a", (1 / 1.1) * (1 / 1.1))]),
-    ("(a:-0.5) (b:+2) (c:.5)", [("a", -0.5), (" ", 1.0), ("b", 2.0), (" ", 1.0), ("c", 0.5)]),
-    ("a: b (c:1) d", [("a: b c d", 1.0)]),  # lone colons are text; equal weights merge
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", [("", 1.0)]),
+        ("()", [("", 1.0)]),
+        ("unbalanced)", [("unbalanced)", 1.0)]),  # closes nothing: literal text
+        ("a ] b", [("a ] b", 1.0)]),
+        ("a:1.2) b", [("a:1.2) b", 1.0)]),  # an explicit factor with no open bracket is text too
+        ("(a:1.3", [("a:1.3", 1.1)]),  # the factor needs its ")"; the open bracket applies 1.1 to the end
+        ("[a", [("a", 1 / 1.1)]),
+        ("(a [b", [("a ", 1.1), ("b", 1.1 * (1 / 1.1))]),  # left open: round ones apply first, then square
+        ("[a:1.3]", [("a:1.3", 1 / 1.1)]),  # explicit factors only close round brackets
+        ("((a:2))", [("a", 2.0 * 1.1)]),
+        ("[[a]]", [("a", (1 / 1.1) * (1 / 1.1))]),
+        ("(a:-0.5) (b:+2) (c:.5)", [("a", -0.5), (" ", 1.0), ("b", 2.0), (" ", 1.0), ("c", 0.5)]),
+        ("a: b (c:1) d", [("a: b c d", 1.0)]),  # lone colons are text; equal weights merge
+    ],
+)
 def test_parse_brackets_and_weights(text, expected):
     assert parse_attention(text) == expected
 
@@ -85,13 +105,16 @@ def test_parse_rejects_a_malformed_weight():
             parse_attention(text)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
-    ("a BREAK BREAK b", [("a", 1.0), ("BREAK", -1.0), ("", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
-    ("a BREAKfast, a break", [("a BREAKfast, a break", 1.0)]),  # only the upper-case whole word
-    ("(a) BREAK (b)", [("a", 1.1), ("", 1.0), ("BREAK", -1.0), ("", 1.0), ("b", 1.1)]),
-    ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),  # scaled like any segment (A1111 too)
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+        ("a BREAK BREAK b", [("a", 1.0), ("BREAK", -1.0), ("", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+        ("a BREAKfast, a break", [("a BREAKfast, a break", 1.0)]),  # only the upper-case whole word
+        ("(a) BREAK (b)", [("a", 1.1), ("", 1.0), ("BREAK", -1.0), ("", 1.0), ("b", 1.1)]),
+        ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),  # scaled like any segment (A1111 too)
+    ],
+)
 def test_parse_break(text, expected):
     assert parse_attention(text) == expected
 
@@ -105,8 +128,9 @@ def framed(style: str, ids: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
-@pytest.mark.parametrize("prompt", ["a photograph of an astronaut riding a horse", "", words("cat", 75),
-                                    "a (red:1.5) car, [blurry]"])
+@pytest.mark.parametrize(
+    "prompt", ["a photograph of an astronaut riding a horse", "", words("cat", 75), "a (red:1.5) car, [blurry]"]
+)
 def test_single_chunk_ids_match_the_tokenizer(tokenizers, style, prompt):
     tokenizer = tokenizers[style]
     chunks = prompt_chunks(tokenizer, prompt)
@@ -194,8 +218,10 @@ def test_plain_prompts_encode_exactly_like_the_encoder(tokenizers, encoder, styl
         for prompt in prompts:
             got = encode_prompts(tokenizer, encoder, [prompt], clip_skip=clip_skip)
             assert torch.equal(got, encoder(tokenizer([prompt]), clip_skip=clip_skip)), prompt
-        assert torch.equal(encode_prompts(tokenizer, encoder, prompts, clip_skip=clip_skip),
-                           encoder(tokenizer(prompts), clip_skip=clip_skip))
+        assert torch.equal(
+            encode_prompts(tokenizer, encoder, prompts, clip_skip=clip_skip),
+            encoder(tokenizer(prompts), clip_skip=clip_skip),
+        )
 
 
 def emphasized(z: torch.Tensor, weights: list[float]) -> torch.Tensor:

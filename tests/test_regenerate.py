@@ -58,8 +58,26 @@ def cli_image(tmp_path_factory):
     def make(dtype: str) -> Path:
         if dtype not in made:
             folder = tmp_path_factory.mktemp(f"cli-{dtype}")
-            assert main(["txt2img", PROMPT, "-n", "green", *QUICK, "--seed", "11", "--batch-size", "2",
-                         "--dtype", dtype, "--out", str(folder)]) == 0
+            assert (
+                main(
+                    [
+                        "txt2img",
+                        PROMPT,
+                        "-n",
+                        "green",
+                        *QUICK,
+                        "--seed",
+                        "11",
+                        "--batch-size",
+                        "2",
+                        "--dtype",
+                        dtype,
+                        "--out",
+                        str(folder),
+                    ]
+                )
+                == 0
+            )
             made[dtype] = folder / "00001-12.png"
         return made[dtype]
 
@@ -97,8 +115,9 @@ def test_server_images_are_made_again_exactly(dtype, tmp_path, capsys):
     server_tests = pytest.importorskip("test_server")
     running = server_tests.Running(server_tests.settings(tmp_path, dtype=dtype))
     try:
-        status, body, _ = running.call("POST", "/sdapi/v1/txt2img", {**server_tests.QUICK, "steps": 2, "seed": 21,
-                                                                     "batch_size": 2})
+        status, body, _ = running.call(
+            "POST", "/sdapi/v1/txt2img", {**server_tests.QUICK, "steps": 2, "seed": 21, "batch_size": 2}
+        )
     finally:
         running.stop()
     assert status == 200, body
@@ -128,9 +147,11 @@ def test_another_model_is_named_before_loading(png, tmp_path, capsys, no_loading
     assert code == 1 and "cannot match: Dtype" in err
 
 
-A1111_TEXT = ("a red circle above a blue square\nNegative prompt: green\n"
-              "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4, Seed: 7, Size: 64x64, "
-              "Model hash: 0123456789, Model: sd, Lora hashes: \"x: 0123\", Version: v1.10.1")
+A1111_TEXT = (
+    "a red circle above a blue square\nNegative prompt: green\n"
+    "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4, Seed: 7, Size: 64x64, "
+    'Model hash: 0123456789, Model: sd, Lora hashes: "x: 0123", Version: v1.10.1'
+)
 
 
 def test_an_a1111_png_is_made_again_as_far_as_its_fields_go(tmp_path, capsys):
@@ -157,8 +178,25 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
     mask_image.paste(255, (16, 16, 48, 48))
     mask_image.save(mask)
     common = [*QUICK, "--seed", "4", "--dtype", "float32"]
-    assert run(["img2img", PROMPT, "--image", str(picture), "--strength", "0.6", *common, "--steps", "4",
-                "--out", str(tmp_path / "i")], capsys)[0] == 0
+    assert (
+        run(
+            [
+                "img2img",
+                PROMPT,
+                "--image",
+                str(picture),
+                "--strength",
+                "0.6",
+                *common,
+                "--steps",
+                "4",
+                "--out",
+                str(tmp_path / "i"),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     made = tmp_path / "i" / "00000-4.png"
     assert len(parse_infotext(read_parameters(made))["Init image hash"]) == 64
     code, _, err = check(made, capsys)
@@ -168,8 +206,13 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
     code, out, err = check(made, capsys, "--image", str(picture))
     assert code == 0 and "largest pixel difference 0/255" in out, err
 
-    assert run(["inpaint", PROMPT, "--image", str(picture), "--mask", str(mask), *common,
-                "--out", str(tmp_path / "p")], capsys)[0] == 0
+    assert (
+        run(
+            ["inpaint", PROMPT, "--image", str(picture), "--mask", str(mask), *common, "--out", str(tmp_path / "p")],
+            capsys,
+        )[0]
+        == 0
+    )
     made = tmp_path / "p" / "00000-4.png"
     code, _, err = check(made, capsys, "--image", str(picture), "--mask", str(picture))
     assert code == 1 and "the Mask hash differs" in err
@@ -177,18 +220,21 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
     assert code == 0 and "largest pixel difference 0/255" in out, err
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("Sampler: Euler a", "Sampler: Euler z", "unknown sampler 'Euler z'"),
-    ("Steps: 2", "Steps: 0", "Steps must be"),
-    ("Size: 64x64", "Size: 60x64", "Size (width) must be a multiple of 8"),
-    ("CFG scale: 4", "CFG scale: 400", "CFG scale must be"),
-    ("Seed: 12", "Seed: 4294967296", "seed"),
-    ("Seed: 12", "Seed: 0", "seed"),  # position 1 of its batch: the batch would start at seed -1
-    ("Batch pos: 1", "Batch pos: 2", "Batch pos 2"),
-    ("timestep_spacing=leading", "timestep_spacing=sideways", "sideways"),
-    ("rho=7.0", "rho=steep", "rho"),
-    ("eta=0.0", "eta=0.0 warp=9", "unknown setting 'warp'"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("Sampler: Euler a", "Sampler: Euler z", "unknown sampler 'Euler z'"),
+        ("Steps: 2", "Steps: 0", "Steps must be"),
+        ("Size: 64x64", "Size: 60x64", "Size (width) must be a multiple of 8"),
+        ("CFG scale: 4", "CFG scale: 400", "CFG scale must be"),
+        ("Seed: 12", "Seed: 4294967296", "seed"),
+        ("Seed: 12", "Seed: 0", "seed"),  # position 1 of its batch: the batch would start at seed -1
+        ("Batch pos: 1", "Batch pos: 2", "Batch pos 2"),
+        ("timestep_spacing=leading", "timestep_spacing=sideways", "sideways"),
+        ("rho=7.0", "rho=steep", "rho"),
+        ("eta=0.0", "eta=0.0 warp=9", "unknown setting 'warp'"),
+    ],
+)
 def test_bad_parameters_are_refused_before_loading(png, tmp_path, capsys, no_loading, old, new, message):
     code, _, err = check(edited(png, tmp_path / "bad.png", old, new), capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -202,7 +248,6 @@ def test_a_png_without_parameters_or_not_a_png_is_one_line(tmp_path, capsys, no_
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-
 def test_interrupted_server_images_carry_the_same_parameters():
     from diffuse.metadata import png_bytes
     from diffuse.server.a1111 import DEFAULT_STRENGTH, Limits, read_generation
@@ -210,11 +255,28 @@ def test_interrupted_server_images_carry_the_same_parameters():
 
     pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype="float32")
     picture = Image.new("RGB", (64, 64), (90, 20, 200))
-    body = {"prompt": PROMPT, "negative_prompt": "green", "steps": 4, "cfg_scale": 4.0, "sampler_name": "Euler a",
-            "seed": 5, "batch_size": 2, "init_images": [base64.b64encode(png_bytes(picture, None)).decode()]}
+    body = {
+        "prompt": PROMPT,
+        "negative_prompt": "green",
+        "steps": 4,
+        "cfg_scale": 4.0,
+        "sampler_name": "Euler a",
+        "seed": 5,
+        "batch_size": 2,
+        "init_images": [base64.b64encode(png_bytes(picture, None)).decode()],
+    }
     request = read_generation("img2img", body, Limits())
-    finished = pipe.img2img(picture, PROMPT, strength=DEFAULT_STRENGTH, negative_prompt="green", steps=4,
-                            guidance_scale=4.0, sampler="Euler a", seed=5, batch_size=2)
+    finished = pipe.img2img(
+        picture,
+        PROMPT,
+        strength=DEFAULT_STRENGTH,
+        negative_prompt="green",
+        steps=4,
+        guidance_scale=4.0,
+        sampler="Euler a",
+        seed=5,
+        batch_size=2,
+    )
     latents = torch.zeros(2, 4, 8, 8)
     partial = _partial(pipe, request.generation, Step(1, 4, 500.0, latents, latents))
     assert partial.infotexts == finished.infotexts and partial.info == finished.info

@@ -22,9 +22,8 @@ from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
-from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, prepare, resolve_device, resolve_dtype
+from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, layers, prepare, resolve_device, resolve_dtype
 from diffuse.runtime.attention import attention
-from diffuse.runtime import layers
 from diffuse.runtime.layers import OneDNNLinear
 from diffuse.runtime.upsample import phase_kernels, upsample_conv
 
@@ -135,8 +134,14 @@ def test_layout_and_folding_are_cpu_choices():
 
 def test_unet_keeps_odd_sizes_on_the_plain_path():
     """A latent side that halves to an odd size upsamples to 2x-1: not the folded map's shape."""
-    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8,
-                     attention_levels=(False, True))
+    cfg = UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        heads=(2, 2),
+        context_dim=16,
+        norm_groups=8,
+        attention_levels=(False, True),
+    )
     torch.manual_seed(0)
     unet = prepare(UNet(cfg).eval(), "cpu", torch.float64)
     x, context = torch.randn(1, 4, 7, 9, dtype=torch.float64), torch.randn(1, 3, 16, dtype=torch.float64)
@@ -201,11 +206,20 @@ def tiny_networks(linear_projection: bool = False) -> dict[str, torch.nn.Module]
     """Plain networks of every kind prepare() touches, with random weights (SD1's conv
     projections or SD2's linear ones in the UNet's transformers)."""
     torch.manual_seed(0)
-    unet_cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8,
-                          use_linear_projection=linear_projection)
+    unet_cfg = UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        heads=(2, 2),
+        context_dim=16,
+        norm_groups=8,
+        use_linear_projection=linear_projection,
+    )
     text_cfg = TextEncoderConfig(vocab_size=100, max_length=12, width=32, layers=3, heads=4, mlp_width=64)
-    networks = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)),
-                "text": CLIPTextEncoder(text_cfg)}
+    networks = {
+        "unet": UNet(unet_cfg),
+        "vae": AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)),
+        "text": CLIPTextEncoder(text_cfg),
+    }
     with torch.no_grad():  # no parameter left at an initial constant (zeroed biases, unit norms)
         for network in networks.values():
             for param in network.parameters():
@@ -222,10 +236,14 @@ def run_all(networks: dict[str, torch.nn.Module], dtype: torch.dtype) -> list[to
     ids = torch.randint(100, (2, 12), generator=generator)
     unet, vae, text = networks["unet"], networks["vae"], networks["text"]
     with torch.no_grad():
-        return [unet(latents.to(dtype), torch.tensor([3, 700]), context.to(dtype)),
-                unet(odd.to(dtype), torch.tensor([500]), context[:1].to(dtype)),
-                vae.decode(latents[:1, :, :16, :16].to(dtype)), vae.encode(image.to(dtype)).mean,
-                text(ids), text(ids, clip_skip=2)]
+        return [
+            unet(latents.to(dtype), torch.tensor([3, 700]), context.to(dtype)),
+            unet(odd.to(dtype), torch.tensor([500]), context[:1].to(dtype)),
+            vae.decode(latents[:1, :, :16, :16].to(dtype)),
+            vae.encode(image.to(dtype)).mean,
+            text(ids),
+            text(ids, clip_skip=2),
+        ]
 
 
 @pytest.mark.parametrize("linear_projection", [False, True], ids=["sd1-conv", "sd2-linear"])
@@ -256,7 +274,10 @@ def test_prepare_swaps_layers_in_place_and_keeps_every_weight():
         assert all(torch.equal(state[k], v) for k, v in before[name].items())
     unet, vae = networks["unet"], networks["vae"]
     assert type(unet.input_blocks[1][1].transformer_blocks[0].attn1) is layers.ChunkedAttention
-    assert type(unet.time_embed[0]) is layers.OneDNNLinear and type(networks["text"].final_layer_norm) is torch.nn.LayerNorm
+    assert (
+        type(unet.time_embed[0]) is layers.OneDNNLinear
+        and type(networks["text"].final_layer_norm) is torch.nn.LayerNorm
+    )
     assert type(vae.decoder) is layers.InPlaceDecoder and type(vae.decoder.up[1].upsample) is layers.FoldedVAEUpsample
     assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not any(type(m) in layers.FAST_LAYERS for network in networks.values() for m in network.modules())
@@ -299,9 +320,11 @@ def test_plain_networks_train():
     generator = torch.Generator().manual_seed(2)
     latents, context = torch.randn(2, 4, 32, 32, generator=generator), torch.randn(2, 5, 16, generator=generator)
     image = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
-    losses = [networks["unet"](latents, torch.tensor([3, 700]), context).square().mean(),
-              networks["vae"](image)[0].square().mean(),
-              networks["text"](torch.randint(100, (2, 12), generator=generator)).square().mean()]
+    losses = [
+        networks["unet"](latents, torch.tensor([3, 700]), context).square().mean(),
+        networks["vae"](image)[0].square().mean(),
+        networks["text"](torch.randint(100, (2, 12), generator=generator)).square().mean(),
+    ]
     sum(losses).backward()
     for name, network in networks.items():
         # The VAE's forward decodes a sample: its encoder's and decoder's weights all take part.
@@ -324,8 +347,9 @@ def test_no_model_file_imports_runtime_or_speedups(path):
             base = "diffuse.models" if node.level == 1 else "diffuse" if node.level == 2 else ""
             module = ".".join(part for part in (base, node.module) if part)
             imported += [module] + [f"{module}.{alias.name}" for alias in node.names]
-    forbidden = [name for name in imported
-                 if name.startswith(("diffuse.runtime", "diffuse.speedups", "diffuse.kernels"))]
+    forbidden = [
+        name for name in imported if name.startswith(("diffuse.runtime", "diffuse.speedups", "diffuse.kernels"))
+    ]
     assert not forbidden, f"{path.name} imports {forbidden}"
 
 
@@ -348,8 +372,10 @@ print(sum(count < 1000 for count in faults))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"),
-                    reason="the malloc setting is for glibc")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"),
+    reason="the malloc setting is for glibc",
+)
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_freed_memory_is_reused_without_page_faults(setting):
     """A 64 MB tensor is 16384 pages of 4 KB: by default each allocation faults them all in

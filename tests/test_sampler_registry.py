@@ -20,8 +20,16 @@ from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, predicted_x
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices from diffusers
 
-SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+SD_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    timestep_spacing="leading",
+)
 
 # (what a user types, algorithm, sigma schedule)
 PARSES = [
@@ -81,8 +89,9 @@ def test_names_and_aliases(typed, algorithm, sigma_schedule):
     assert sampler.options == SamplerOptions(sigma_schedule=sigma_schedule)
 
 
-@pytest.mark.parametrize("typed", ["Euler b", "", "   ", "Karras", "DPM++ 3M SDE", "DPM fast", "euler_karras_a",
-                                   "DDIM CFG++"])
+@pytest.mark.parametrize(
+    "typed", ["Euler b", "", "   ", "Karras", "DPM++ 3M SDE", "DPM fast", "euler_karras_a", "DDIM CFG++"]
+)
 def test_unknown_names_list_the_valid_ones(typed):
     with pytest.raises(ValueError) as error:
         get_sampler(typed)
@@ -121,12 +130,23 @@ def test_schedule_type_argument():
 
 
 def test_scheduler_config_supplies_schedule_and_options():
-    model_config = {"_class_name": "PNDMScheduler", "beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "linear",
-                    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "skip_prk_steps": True,
-                    "steps_offset": 0, "timestep_spacing": "trailing", "trained_betas": None, "clip_sample": False}
+    model_config = {
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
+        "skip_prk_steps": True,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+        "trained_betas": None,
+        "clip_sample": False,
+    }
     sampler = get_sampler("Euler a", scheduler_config=model_config)
-    assert sampler.schedule == NoiseSchedule(beta_start=0.001, beta_end=0.02, beta_schedule="linear",
-                                             prediction_type="v_prediction")
+    assert sampler.schedule == NoiseSchedule(
+        beta_start=0.001, beta_end=0.02, beta_schedule="linear", prediction_type="v_prediction"
+    )
     assert (sampler.options.timestep_spacing, sampler.options.steps_offset) == ("trailing", 0)
     # A model's Karras setting applies where the sampler has sigmas to ramp, and is left out elsewhere.
     karras_config = {**model_config, "use_karras_sigmas": True}
@@ -135,8 +155,13 @@ def test_scheduler_config_supplies_schedule_and_options():
     assert get_sampler("DDIM", scheduler_config=karras_config).label == "DDIM"
     # Without a config: Stable Diffusion's schedule and the options' defaults.
     assert get_sampler("Euler") == Sampler("euler", SamplerOptions(), NoiseSchedule())
-    for bad in ({"trained_betas": [0.1] * 1000}, {"rescale_betas_zero_snr": True},
-                {"beta_schedule": "squaredcos_cap_v2"}, {"use_beta_sigmas": True}, {"prediction_type": "sample"}):
+    for bad in (
+        {"trained_betas": [0.1] * 1000},
+        {"rescale_betas_zero_snr": True},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"use_beta_sigmas": True},
+        {"prediction_type": "sample"},
+    ):
         with pytest.raises(ValueError):
             get_sampler("Euler", scheduler_config={**model_config, **bad})
 
@@ -159,8 +184,11 @@ def test_sampler_properties_and_run():
 # (class, config changes, our algorithm)
 DIFFUSERS_CASES = [
     ("EulerDiscreteScheduler", {}, "euler"),
-    ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "timestep_spacing": "trailing",
-                                "prediction_type": "v_prediction"}, "euler"),
+    (
+        "EulerDiscreteScheduler",
+        {"use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        "euler",
+    ),
     ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "linspace"}, "euler_ancestral"),
     ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, "heun"),
     ("LMSDiscreteScheduler", {"timestep_spacing": "linspace"}, "lms"),
@@ -201,7 +229,7 @@ def test_diffusers_config_gives_the_same_timesteps(class_name, changes, algorith
         plan = sampler.plan(steps)
         told = []
 
-        def denoise(x, sigma, t):
+        def denoise(x, sigma, t, told=told):
             told.append(float(t))
             return 0.5 * x
 
@@ -211,8 +239,12 @@ def test_diffusers_config_gives_the_same_timesteps(class_name, changes, algorith
 
 
 def test_diffusers_config_options_carry_over():
-    changes = {"use_karras_sigmas": True, "timestep_spacing": "trailing", "steps_offset": 0,
-               "prediction_type": "v_prediction"}
+    changes = {
+        "use_karras_sigmas": True,
+        "timestep_spacing": "trailing",
+        "steps_offset": 0,
+        "prediction_type": "v_prediction",
+    }
     _, config = diffusers_scheduler("EulerDiscreteScheduler", changes)
     sampler = sampler_from_diffusers_config(config)
     assert sampler.label == "Euler Karras"
@@ -225,24 +257,30 @@ def test_diffusers_config_options_carry_over():
     assert (sampler.options.original_inference_steps, sampler.options.timestep_scaling) == (40, 5.0)
 
 
-@pytest.mark.parametrize("class_name, changes, named", [
-    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
-     "algorithm_type"),
-    ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
-    ("DPMSolverMultistepScheduler", {"euler_at_final": True}, "euler_at_final"),
-    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
-    ("UniPCMultistepScheduler", {"solver_type": "bh1"}, "solver_type"),
-    ("DDIMScheduler", {"clip_sample": True}, "clip_sample"),
-    ("DDIMScheduler", {"thresholding": True}, "thresholding"),
-    ("DDPMScheduler", {"variance_type": "fixed_large"}, "variance_type"),
-    ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type"),
-    ("EulerDiscreteScheduler", {"sigma_min": 0.1}, "sigma_min"),
-    ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
-    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-    ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
-    ("KDPM2DiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
-    ("PNDMScheduler", {"skip_prk_steps": False}, "skip_prk_steps"),
-])
+@pytest.mark.parametrize(
+    "class_name, changes, named",
+    [
+        (
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+            "algorithm_type",
+        ),
+        ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
+        ("DPMSolverMultistepScheduler", {"euler_at_final": True}, "euler_at_final"),
+        ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
+        ("UniPCMultistepScheduler", {"solver_type": "bh1"}, "solver_type"),
+        ("DDIMScheduler", {"clip_sample": True}, "clip_sample"),
+        ("DDIMScheduler", {"thresholding": True}, "thresholding"),
+        ("DDPMScheduler", {"variance_type": "fixed_large"}, "variance_type"),
+        ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type"),
+        ("EulerDiscreteScheduler", {"sigma_min": 0.1}, "sigma_min"),
+        ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
+        ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
+        ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ("KDPM2DiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("PNDMScheduler", {"skip_prk_steps": False}, "skip_prk_steps"),
+    ],
+)
 def test_diffusers_config_rejects_what_we_do_not_do(class_name, changes, named):
     if changes.get("use_beta_sigmas"):  # diffusers itself needs scipy for these
         _, config = diffusers_scheduler(class_name, {})
@@ -302,6 +340,5 @@ def test_img2img_strength_counts_planned_steps(name, extra_calls):
     assert plan.planned_steps == 10 and plan.steps == 10 + extra_calls
     tail = plan.from_strength(0.3)
     assert tail.planned_steps == 10 and tail.steps == 3 + extra_calls
-    assert torch.equal(tail.sigmas, plan.sigmas[-tail.steps - 1:])
-    assert torch.equal(tail.timesteps, plan.timesteps[-tail.steps:])
-
+    assert torch.equal(tail.sigmas, plan.sigmas[-tail.steps - 1 :])
+    assert torch.equal(tail.timesteps, plan.timesteps[-tail.steps :])

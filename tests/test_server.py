@@ -48,11 +48,20 @@ class Running:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.base = f"http://127.0.0.1:{port}"
 
-    def call(self, method: str, path: str, body=None, *, raw: bytes | None = None, headers: dict | None = None,
-             timeout: float = 120) -> tuple[int, dict | list | None, dict]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        *,
+        raw: bytes | None = None,
+        headers: dict | None = None,
+        timeout: float = 120,
+    ) -> tuple[int, dict | list | None, dict]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json", **(headers or {})})
+        request = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 payload = response.read()
@@ -86,9 +95,15 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, models_dir):
-    running = Running(settings(tmp_path_factory.mktemp("srv"), models_dir=models_dir,
-                               limits=Limits(max_side=256, max_steps=200, max_images=4, max_image_pixels=512 * 512),
-                               queue_capacity=4, max_body_bytes=2_000_000))
+    running = Running(
+        settings(
+            tmp_path_factory.mktemp("srv"),
+            models_dir=models_dir,
+            limits=Limits(max_side=256, max_steps=200, max_images=4, max_image_pixels=512 * 512),
+            queue_capacity=4,
+            max_body_bytes=2_000_000,
+        )
+    )
     yield running
     running.stop()
 
@@ -127,9 +142,14 @@ def test_txt2img_answers_as_a1111_does(server):
     assert 0 <= random_seed < 4294967294
 
 
-@pytest.mark.parametrize("fields", [{"sampler_name": "DPM++ 2M Karras"},
-                                    {"sampler_name": "DPM++ 2M", "scheduler": "karras"},
-                                    {"sampler_name": None, "sampler_index": "k_dpmpp_2m", "scheduler": "Karras"}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sampler_name": "DPM++ 2M Karras"},
+        {"sampler_name": "DPM++ 2M", "scheduler": "karras"},
+        {"sampler_name": None, "sampler_index": "k_dpmpp_2m", "scheduler": "Karras"},
+    ],
+)
 def test_sampler_names_with_a_schedule(server, fields):
     status, body, _ = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 4, **fields})
     assert status == 200, body
@@ -157,15 +177,26 @@ def test_batches_and_iterations_continue_the_seeds(server):
 
 def test_img2img_and_inpainting_take_data_urls(server):
     start = decode_png(server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 3})[1]["images"][0])
-    status, body, _ = server.call("POST", "/sdapi/v1/img2img", {
-        **QUICK, "seed": 3, "init_images": [png_data_url(start)], "denoising_strength": 0.5})
+    status, body, _ = server.call(
+        "POST",
+        "/sdapi/v1/img2img",
+        {**QUICK, "seed": 3, "init_images": [png_data_url(start)], "denoising_strength": 0.5},
+    )
     assert status == 200, body
     assert "Denoising strength: 0.5" in read_parameters(decode_png(body["images"][0]))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    status, body, _ = server.call("POST", "/sdapi/v1/img2img", {
-        **QUICK, "seed": 3, "init_images": [png_data_url(start)], "mask": png_data_url(mask),
-        "denoising_strength": 1.0})
+    status, body, _ = server.call(
+        "POST",
+        "/sdapi/v1/img2img",
+        {
+            **QUICK,
+            "seed": 3,
+            "init_images": [png_data_url(start)],
+            "mask": png_data_url(mask),
+            "denoising_strength": 1.0,
+        },
+    )
     assert status == 200, body
     out = decode_png(body["images"][0]).convert("RGB")
     # Outside the mask the original pixels are pasted back.
@@ -179,8 +210,11 @@ def test_img2img_and_inpainting_take_data_urls(server):
 
 def test_progress_while_running_then_interrupt(server):
     results = {}
-    worker = threading.Thread(target=lambda: results.update(
-        long=server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "steps": 200, "seed": 11})))
+    worker = threading.Thread(
+        target=lambda: results.update(
+            long=server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "steps": 200, "seed": 11})
+        )
+    )
     worker.start()
     deadline, seen = time.monotonic() + 60, None
     while time.monotonic() < deadline:
@@ -227,15 +261,24 @@ def test_model_list_and_switching(server):
     assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == second["title"]
     # A request can ask for its model, A1111's override_settings way: for that request only,
     # unless it says not to restore.
-    body = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 1,
-                                                     "override_settings": {"sd_model_checkpoint": "default"}})[1]
+    body = server.call(
+        "POST", "/sdapi/v1/txt2img", {**QUICK, "seed": 1, "override_settings": {"sd_model_checkpoint": "default"}}
+    )[1]
     assert "Model: default" in json.loads(body["info"])["infotexts"][0]
     assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == second["title"]
-    server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "override_settings": {"sd_model_checkpoint": "default"},
-                                              "override_settings_restore_afterwards": False})
+    server.call(
+        "POST",
+        "/sdapi/v1/txt2img",
+        {
+            **QUICK,
+            "override_settings": {"sd_model_checkpoint": "default"},
+            "override_settings_restore_afterwards": False,
+        },
+    )
     assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("default [")
-    status, body, _ = server.call("POST", "/sdapi/v1/txt2img", {**QUICK,
-                                                                "override_settings": {"sd_model_checkpoint": "x"}})
+    status, body, _ = server.call(
+        "POST", "/sdapi/v1/txt2img", {**QUICK, "override_settings": {"sd_model_checkpoint": "x"}}
+    )
     assert status == 404 and "no model 'x'" in body["detail"]
 
 
@@ -253,13 +296,23 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_current_model(server, models
 # ---- limits --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"width": 4096}, "width"), ({"height": 12}, "height"), ({"steps": 201}, "steps"), ({"steps": 0}, "steps"),
-    ({"batch_size": 3, "n_iter": 2}, "batch_size"), ({"cfg_scale": "high"}, "cfg_scale"),
-    ({"seed": 2**40}, "seed"), ({"sampler_name": "Nonesuch"}, None), ({"enable_hr": True}, "enable_hr"),
-    ({"prompt": 5}, "prompt"), ({"scheduler": "polyexponential"}, "scheduler"),
-    ({"override_settings": {"token_merging_ratio": 0.9}}, "override_settings.token_merging_ratio"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"width": 4096}, "width"),
+        ({"height": 12}, "height"),
+        ({"steps": 201}, "steps"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 3, "n_iter": 2}, "batch_size"),
+        ({"cfg_scale": "high"}, "cfg_scale"),
+        ({"seed": 2**40}, "seed"),
+        ({"sampler_name": "Nonesuch"}, None),
+        ({"enable_hr": True}, "enable_hr"),
+        ({"prompt": 5}, "prompt"),
+        ({"scheduler": "polyexponential"}, "scheduler"),
+        ({"override_settings": {"token_merging_ratio": 0.9}}, "override_settings.token_merging_ratio"),
+    ],
+)
 def test_bad_fields_are_refused_with_422(server, changes, field):
     status, body, _ = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, **changes})
     assert status == 422, body
@@ -287,8 +340,14 @@ def test_bodies_and_images_are_checked_before_decoding(server):
     wide = Image.new("RGB", (400, 64))  # within the pixel cap, wider than the 256-pixel side limit
     status, body, _ = server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [png_data_url(wide)]})
     assert status == 422 and body["field"] == "width" and "400x64" in body["detail"]
-    assert server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [png_data_url(wide)], "width": 128,
-                                                     "denoising_strength": 0.3})[0] == 200
+    assert (
+        server.call(
+            "POST",
+            "/sdapi/v1/img2img",
+            {**QUICK, "init_images": [png_data_url(wide)], "width": 128, "denoising_strength": 0.3},
+        )[0]
+        == 200
+    )
     for bad in ("https://example.com/cat.png", "file:///etc/passwd", "not base64!", base64.b64encode(b"text").decode()):
         status, body, _ = server.call("POST", "/sdapi/v1/img2img", {**QUICK, "init_images": [bad]})
         assert status == 422 and body["field"] == "init_images[0]", bad
@@ -314,8 +373,9 @@ def test_the_other_a1111_routes(server):
 
 def test_thirty_concurrent_requests_none_lost_or_mixed_up(server):
     def one(seed: int):
-        return seed, server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "steps": 2, "seed": seed,
-                                                               "prompt": f"{PROMPT} {seed}"})
+        return seed, server.call(
+            "POST", "/sdapi/v1/txt2img", {**QUICK, "steps": 2, "seed": seed, "prompt": f"{PROMPT} {seed}"}
+        )
 
     with ThreadPoolExecutor(max_workers=30) as pool:
         answers = list(pool.map(one, range(1000, 1030)))
@@ -359,8 +419,13 @@ def test_outputs_serve_only_the_folders_own_images(server, tmp_path):
     Image.new("RGB", (4, 4)).save(secret)
     (outputs / "00999-1.png").symlink_to(secret)
     (outputs / "notes.txt").write_text("not an image")
-    for path in ("/outputs/00999-1.png", "/outputs/notes.txt", "/outputs/..%2Fsecret.png",
-                 "/outputs/%2E%2E/secret.png", "/outputs/..%2F..%2Fetc%2Fpasswd"):
+    for path in (
+        "/outputs/00999-1.png",
+        "/outputs/notes.txt",
+        "/outputs/..%2Fsecret.png",
+        "/outputs/%2E%2E/secret.png",
+        "/outputs/..%2F..%2Fetc%2Fpasswd",
+    ):
         assert server.call("GET", path)[0] == 404, path
 
 
@@ -449,18 +514,43 @@ def test_an_a1111_body_reads_as_the_public_generation_request():
     from diffuse.server.a1111 import read_generation
     from diffuse.speedups import Speedups
 
-    body = {**QUICK, "negative_prompt": "green", "width": 64, "height": 48, "seed": 3, "batch_size": 2, "n_iter": 2,
-            "scheduler": "karras", "eta": 0.3, "send_images": False,
-            "override_settings": {"CLIP_stop_at_last_layers": 2, "token_merging_ratio": 0.5}}
+    body = {
+        **QUICK,
+        "negative_prompt": "green",
+        "width": 64,
+        "height": 48,
+        "seed": 3,
+        "batch_size": 2,
+        "n_iter": 2,
+        "scheduler": "karras",
+        "eta": 0.3,
+        "send_images": False,
+        "override_settings": {"CLIP_stop_at_last_layers": 2, "token_merging_ratio": 0.5},
+    }
     request = read_generation("txt2img", body, Limits())
     assert request.generation == GenerationRequest(
-        prompt=PROMPT, negative_prompt="green", width=64, height=48, steps=4, guidance_scale=3.0, sampler="Euler a",
-        schedule_type="Karras", seed=3, batch_size=2, clip_skip=2, eta=0.3, speedups=Speedups(token_merging=0.5))
+        prompt=PROMPT,
+        negative_prompt="green",
+        width=64,
+        height=48,
+        steps=4,
+        guidance_scale=3.0,
+        sampler="Euler a",
+        schedule_type="Karras",
+        seed=3,
+        batch_size=2,
+        clip_skip=2,
+        eta=0.3,
+        speedups=Speedups(token_merging=0.5),
+    )
     assert (request.kind, request.n_iter, request.send_images, request.model) == ("txt2img", 2, False, None)
 
     picture = Image.new("RGB", (32, 16), (200, 10, 10))
     mask = Image.new("L", (32, 16), 0)
-    inpaint = read_generation("img2img", {**QUICK, "init_images": [png_data_url(picture)], "mask": png_data_url(mask),
-                                          "inpainting_mask_invert": 1}, Limits()).generation
+    inpaint = read_generation(
+        "img2img",
+        {**QUICK, "init_images": [png_data_url(picture)], "mask": png_data_url(mask), "inpainting_mask_invert": 1},
+        Limits(),
+    ).generation
     assert inpaint.kind == "inpaint" and inpaint.strength == 0.75 and inpaint.keep_unmasked
     assert inpaint.image.size == (32, 16) and inpaint.mask.mode == "L" and inpaint.mask.getextrema() == (255, 255)

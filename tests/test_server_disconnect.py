@@ -21,8 +21,13 @@ def post_and_leave_open(base: str, path: str, body: dict) -> socket.socket:
     port = int(base.rsplit(":", 1)[1])
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+    sock.sendall(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        + data
+    )
     return sock
 
 
@@ -33,8 +38,9 @@ def read_body(sock: socket.socket) -> bytes:
         answer += (chunk := sock.recv(4096))
         assert chunk, "the server closed the connection before its answer"
     head, _, body = answer.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     while len(body) < length:
         body += (chunk := sock.recv(4096))
         assert chunk, "the server closed the connection in the middle of its answer"

@@ -27,8 +27,12 @@ def send_head_then_body(port: int, path: str, body: bytes, barrier: threading.Ba
     """POST `body` the careful way: the headers first; the body only if the server did not answer
     them at once (a refusal before the body is read), after every client has sent its headers."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+    )
     barrier.wait()
     answered, _, _ = select.select([sock], [], [], 1.0)
     if not answered:
@@ -54,9 +58,25 @@ def test_ten_bodies_of_30_mb_at_once_stay_within_the_budget(tmp_path):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    server = subprocess.Popen([sys.executable, "-m", "diffuse.cli", "serve", "--port", str(port), "--dtype", "float32",
-                               "--request-memory", "64", "--outputs", str(tmp_path)], cwd=REPOSITORY,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffuse.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--request-memory",
+            "64",
+            "--outputs",
+            str(tmp_path),
+        ],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -67,8 +87,11 @@ def test_ten_bodies_of_30_mb_at_once_stay_within_the_budget(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
                 time.sleep(0.2)
-        warm = urllib.request.Request(base + "/sdapi/v1/txt2img", data=json.dumps({**QUICK, "steps": 1}).encode(),
-                                      headers={"Content-Type": "application/json"})
+        warm = urllib.request.Request(
+            base + "/sdapi/v1/txt2img",
+            data=json.dumps({**QUICK, "steps": 1}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(warm, timeout=60).read()
         try:
             Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # the peak starts again from now
@@ -78,8 +101,12 @@ def test_ten_bodies_of_30_mb_at_once_stay_within_the_budget(tmp_path):
         body = json.dumps({**QUICK, "steps": 1, "seed": 1, "junk": "a" * (30 * MB)}).encode()
         barrier = threading.Barrier(10)
         answers = []
-        threads = [threading.Thread(target=lambda: answers.append(
-            send_head_then_body(port, "/sdapi/v1/txt2img", body, barrier))) for _ in range(10)]
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(send_head_then_body(port, "/sdapi/v1/txt2img", body, barrier))
+            )
+            for _ in range(10)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -111,8 +138,10 @@ def small(tmp_path):
 def test_a_body_without_a_length_is_counted_as_it_comes(small):
     port = int(small.base.rsplit(":", 1)[1])
     budget = small.app.budget
-    head = (f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
     first = socket.create_connection(("127.0.0.1", port), timeout=30)
     first.sendall(head)
     opening = b'{"prompt": "' + b"a" * (1536 * 1024)
@@ -135,13 +164,25 @@ def test_a_body_without_a_length_is_counted_as_it_comes(small):
 
 def test_images_held_by_queued_jobs_count(small):
     big = Image.new("RGB", (1024, 1024))  # 4 MB decoded, a few kB as a PNG
-    status, body, headers = small.call("POST", "/sdapi/v1/img2img", {**QUICK, "steps": 1, "width": 64, "height": 64,
-                                                                      "init_images": [png_data_url(big)]})
+    status, body, headers = small.call(
+        "POST",
+        "/sdapi/v1/img2img",
+        {**QUICK, "steps": 1, "width": 64, "height": 64, "init_images": [png_data_url(big)]},
+    )
     assert status == 503 and "images" in body["detail"] and headers.get("retry-after")
     fits = Image.new("RGB", (512, 512))  # 1 MB decoded
-    status, body, _ = small.call("POST", "/sdapi/v1/img2img", {**QUICK, "steps": 2, "width": 64, "height": 64,
-                                                               "denoising_strength": 0.5,
-                                                               "init_images": [png_data_url(fits)]})
+    status, body, _ = small.call(
+        "POST",
+        "/sdapi/v1/img2img",
+        {
+            **QUICK,
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "denoising_strength": 0.5,
+            "init_images": [png_data_url(fits)],
+        },
+    )
     assert status == 200, body
     assert small.app.budget.used == 0  # given back when the job ended
     assert set(body["parameters"]) >= {"prompt", "steps", "seed", "denoising_strength"}

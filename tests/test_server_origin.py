@@ -17,8 +17,9 @@ EVIL = "https://evil.example"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Running(settings(tmp_path_factory.mktemp("origin"), cors_allow_origins=(LISTED,),
-                               allow_hosts=("diffuse.lan",)))
+    running = Running(
+        settings(tmp_path_factory.mktemp("origin"), cors_allow_origins=(LISTED,), allow_hosts=("diffuse.lan",))
+    )
     yield running
     running.stop()
 
@@ -69,21 +70,39 @@ def test_cross_origin_reads_are_refused_too(server):
 
 def test_a_foreign_host_is_refused(server):
     port = server.base.rsplit(":", 1)[1]
-    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.2:{port}", f"localhost.evil.example:{port}",
-                 "[::1", "a b", f"127.0.0.1:{port}:1"):
+    for host in (
+        f"evil.example:{port}",
+        "evil.example",
+        f"127.0.0.2:{port}",
+        f"localhost.evil.example:{port}",
+        "[::1",
+        "a b",
+        f"127.0.0.1:{port}:1",
+    ):
         status, body, _ = server.call("GET", "/sdapi/v1/options", headers={"Host": host})
         assert status == 403, host
         if ":" in host and "[" not in host:
             assert "--allow-host" in body["detail"]
-    for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", "diffuse.lan",
-                 f"diffuse.lan:{port}"):
+    for host in (
+        f"localhost:{port}",
+        "LOCALHOST",
+        f"127.0.0.1:{port}",
+        "127.0.0.1",
+        f"[::1]:{port}",
+        "diffuse.lan",
+        f"diffuse.lan:{port}",
+    ):
         assert server.call("GET", "/sdapi/v1/options", headers={"Host": host})[0] == 200, host
 
 
 def test_the_servers_own_page_works(server):
     port = server.base.rsplit(":", 1)[1]
-    status, body, headers = server.call("POST", "/sdapi/v1/txt2img", {**QUICK, "steps": 2, "seed": 3},
-                                        headers={"Origin": own(server), "Sec-Fetch-Site": "same-origin"})
+    status, body, headers = server.call(
+        "POST",
+        "/sdapi/v1/txt2img",
+        {**QUICK, "steps": 2, "seed": 3},
+        headers={"Origin": own(server), "Sec-Fetch-Site": "same-origin"},
+    )
     assert status == 200 and len(body["images"]) == 1
     assert "access-control-allow-origin" not in {k.lower() for k in headers}  # same origin: no CORS needed
     # Reached as localhost, the page's origin is http://localhost:PORT.
@@ -99,8 +118,11 @@ def test_a_listed_origin_gets_cors_answers(server):
     assert status == 200 and len(body["images"]) == 1
     assert answer["access-control-allow-origin"] == LISTED and "Origin" in answer["vary"]
     assert answer["access-control-allow-credentials"] == "true"
-    preflight = {"Origin": LISTED, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type"}
+    preflight = {
+        "Origin": LISTED,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
     status, body, answer = server.call("OPTIONS", "/sdapi/v1/txt2img", headers=preflight)
     assert status == 204 and answer["access-control-allow-origin"] == LISTED
     assert "POST" in answer["access-control-allow-methods"]
@@ -108,8 +130,12 @@ def test_a_listed_origin_gets_cors_answers(server):
     status, _, answer = server.call("OPTIONS", "/sdapi/v1/txt2img", headers={**preflight, "Origin": EVIL})
     assert status == 403 and "access-control-allow-origin" not in {k.lower() for k in answer}
     # A listed origin still sends JSON: its form posts are refused like anyone's.
-    status, _, _ = server.call("POST", "/sdapi/v1/txt2img", raw=b"prompt=x",
-                               headers={"Origin": LISTED, "Content-Type": "application/x-www-form-urlencoded"})
+    status, _, _ = server.call(
+        "POST",
+        "/sdapi/v1/txt2img",
+        raw=b"prompt=x",
+        headers={"Origin": LISTED, "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert status == 415
 
 
@@ -120,8 +146,10 @@ def test_credentials_and_the_origin_rules_together(tmp_path):
         # Right credentials do not make a foreign page or a foreign Host welcome.
         assert running.call("POST", "/sdapi/v1/txt2img", QUICK, headers={**right, "Origin": EVIL})[0] == 403
         assert running.call("GET", "/sdapi/v1/options", headers={**right, "Host": "evil.example"})[0] == 403
-        assert running.call("POST", "/sdapi/v1/interrupt", raw=b"x", headers={**right, "Content-Type": "text/plain"}
-                            )[0] == 415
+        assert (
+            running.call("POST", "/sdapi/v1/interrupt", raw=b"x", headers={**right, "Content-Type": "text/plain"})[0]
+            == 415
+        )
         # A listed origin's preflight carries no credentials and is answered; its request needs them.
         preflight = {"Origin": LISTED, "Access-Control-Request-Method": "POST"}
         assert running.call("OPTIONS", "/sdapi/v1/interrupt", headers=preflight)[0] == 204
@@ -147,11 +175,18 @@ def test_every_address_answers_any_host_but_keeps_the_origin_rules():
     assert bound.origin_kind(None, "http", "pc.lan") == "none"
 
 
-@pytest.mark.parametrize("hosts, origins, message", [
-    (["*"], [], "--allow-host"), (["pc.lan:7860"], [], "--allow-host"), (["a b"], [], "--allow-host"),
-    ([], ["*"], "--cors-allow-origins"), ([], ["null"], "--cors-allow-origins"),
-    ([], ["http://x.example/path"], "--cors-allow-origins"), ([], ["ftp://x.example"], "--cors-allow-origins"),
-])
+@pytest.mark.parametrize(
+    "hosts, origins, message",
+    [
+        (["*"], [], "--allow-host"),
+        (["pc.lan:7860"], [], "--allow-host"),
+        (["a b"], [], "--allow-host"),
+        ([], ["*"], "--cors-allow-origins"),
+        ([], ["null"], "--cors-allow-origins"),
+        ([], ["http://x.example/path"], "--cors-allow-origins"),
+        ([], ["ftp://x.example"], "--cors-allow-origins"),
+    ],
+)
 def test_bad_flag_values_are_refused(hosts, origins, message):
     with pytest.raises(ValueError, match=message):
         OriginRules.create("127.0.0.1", hosts, origins)

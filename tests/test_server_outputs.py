@@ -14,8 +14,10 @@ from test_server import Running, settings
 from diffuse.metadata import read_parameters, save_png
 from diffuse.server.page_routes import remake_fields
 
-OURS = "a red circle\nSteps: 4, Sampler: Euler a, Schedule type: Karras, CFG scale: 3, Seed: {seed}, Size: 8x8, " \
-       "Model hash: 0123456789, Model: default, Version: diffuse 0.1.0"
+OURS = (
+    "a red circle\nSteps: 4, Sampler: Euler a, Schedule type: Karras, CFG scale: 3, Seed: {seed}, Size: 8x8, "
+    "Model hash: 0123456789, Model: default, Version: diffuse 0.1.0"
+)
 
 
 def ours(seed: int) -> str:
@@ -57,14 +59,28 @@ def test_only_diffuse_images_are_served(running):
 def test_the_gallery_skips_the_rest_and_sorts_by_number(running):
     status, gallery, _ = running.call("GET", "/diffuse/v1/gallery")
     assert status == 200
-    assert [entry["url"] for entry in gallery] == ["/outputs/100000-5.png", "/outputs/99999-4.png",
-                                                   "/outputs/00007-1.png"]
+    assert [entry["url"] for entry in gallery] == [
+        "/outputs/100000-5.png",
+        "/outputs/99999-4.png",
+        "/outputs/00007-1.png",
+    ]
     assert gallery[0]["parameters"] == ours(5)
-    assert gallery[0]["fields"] == {"prompt": "a red circle", "negative_prompt": "", "steps": 4,
-                                    "sampler_name": "Euler a", "scheduler": "Karras", "cfg_scale": 3.0, "seed": 5,
-                                    "width": 8, "height": 8, "model_hash": "0123456789"}
+    assert gallery[0]["fields"] == {
+        "prompt": "a red circle",
+        "negative_prompt": "",
+        "steps": 4,
+        "sampler_name": "Euler a",
+        "scheduler": "Karras",
+        "cfg_scale": 3.0,
+        "seed": 5,
+        "width": 8,
+        "height": 8,
+        "model_hash": "0123456789",
+    }
     assert [entry["url"] for entry in running.call("GET", "/diffuse/v1/gallery?limit=2")[1]] == [
-        "/outputs/100000-5.png", "/outputs/99999-4.png"]
+        "/outputs/100000-5.png",
+        "/outputs/99999-4.png",
+    ]
 
 
 def test_make_again_only_what_the_form_can_hold():

@@ -42,8 +42,9 @@ def test_defaults_change_nothing(pipe):
 
 def test_guidance_cutoff_runs_the_late_steps_unguided(pipe, monkeypatch):
     sizes = count_unet_batches(pipe, monkeypatch)
-    result = pipe.txt2img(PROMPT, width=32, height=32, steps=6, seed=3, sampler="Euler",
-                          speedups=Speedups(guidance_cutoff=0.5))
+    result = pipe.txt2img(
+        PROMPT, width=32, height=32, steps=6, seed=3, sampler="Euler", speedups=Speedups(guidance_cutoff=0.5)
+    )
     assert sizes == [2, 2, 2, 1, 1, 1]
     assert parse_infotext(result.infotexts[0])["Guidance cutoff"] == "0.5"
     sizes.clear()
@@ -85,8 +86,9 @@ def test_the_cache_refills_when_the_batch_changes(pipe):
 def test_deep_cache_in_a_generation(pipe, monkeypatch):
     sizes = count_unet_batches(pipe, monkeypatch)
     plain = pipe.txt2img(PROMPT, width=32, height=32, steps=6, seed=3, sampler="Euler")
-    cached = pipe.txt2img(PROMPT, width=32, height=32, steps=6, seed=3, sampler="Euler",
-                          speedups=Speedups(deep_cache_interval=3))
+    cached = pipe.txt2img(
+        PROMPT, width=32, height=32, steps=6, seed=3, sampler="Euler", speedups=Speedups(deep_cache_interval=3)
+    )
     assert len(sizes) == 12
     assert plain.images[0].tobytes() != cached.images[0].tobytes()
     assert parse_infotext(cached.infotexts[0])["Deep cache"] == "3/1"
@@ -140,8 +142,12 @@ def test_token_merging_in_a_generation(pipe, monkeypatch):
     plain = pipe.txt2img(PROMPT, width=32, height=32, steps=3, seed=3, sampler="Euler")
     full = set(lengths)
     lengths.clear()
-    merged = [pipe.txt2img(PROMPT, width=32, height=32, steps=3, seed=3, sampler="Euler",
-                           speedups=Speedups(token_merging=0.5)) for _ in range(2)]
+    merged = [
+        pipe.txt2img(
+            PROMPT, width=32, height=32, steps=3, seed=3, sampler="Euler", speedups=Speedups(token_merging=0.5)
+        )
+        for _ in range(2)
+    ]
     latent_side = 32 // pipe.config.vae.downsample_factor
     assert max(full) == latent_side**2  # the latent map itself
     half = latent_side**2 // 2
@@ -156,8 +162,9 @@ def test_driven_unet_without_speedups_is_the_unet(pipe):
     unet = pipe.unet
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, unet.cfg.context_dim)
     with torch.no_grad():
-        assert torch.equal(DrivenUNet(unet, Speedups(), (8, 8))(x, torch.tensor([400]), context),
-                           unet(x, torch.tensor([400]), context))
+        assert torch.equal(
+            DrivenUNet(unet, Speedups(), (8, 8))(x, torch.tensor([400]), context), unet(x, torch.tensor([400]), context)
+        )
 
 
 def test_token_merging_wraps_the_blocks_for_one_call_only(pipe, monkeypatch):
@@ -189,14 +196,17 @@ def test_token_merging_wraps_the_blocks_for_one_call_only(pipe, monkeypatch):
     assert not any(isinstance(m, TokenMergedBlock) for m in unet.modules())
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(token_merging=0.8), "token_merging 0.8"),
-    (dict(token_merging=-0.1), "token_merging -0.1"),
-    (dict(guidance_cutoff=1.5), "guidance_cutoff 1.5"),
-    (dict(guidance_cutoff=-0.1), "guidance_cutoff -0.1"),
-    (dict(deep_cache_interval=0), "deep_cache_interval 0"),
-    (dict(deep_cache_depth=0), "deep_cache_depth 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(token_merging=0.8), "token_merging 0.8"),
+        (dict(token_merging=-0.1), "token_merging -0.1"),
+        (dict(guidance_cutoff=1.5), "guidance_cutoff 1.5"),
+        (dict(guidance_cutoff=-0.1), "guidance_cutoff -0.1"),
+        (dict(deep_cache_interval=0), "deep_cache_interval 0"),
+        (dict(deep_cache_depth=0), "deep_cache_depth 0"),
+    ],
+)
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         Speedups(**bad)

@@ -1,11 +1,11 @@
 """The layers the folders show, checked from the source alone: ast, nothing of diffuse imported.
 
-  - the networks (diffuse/models) import none of the layers that run or train them;
-  - the shapes world reads nothing of training but the finished-component files, and only the
-    command line reaches into the server;
-  - the package's import-time imports form no cycle;
-  - no function on the generation path (pipeline, request, models, samplers, prompts) is over
-    MAX_FUNCTION_LINES lines.
+- the networks (diffuse/models) import none of the layers that run or train them;
+- the shapes world reads nothing of training but the finished-component files, and only the
+  command line reaches into the server;
+- the package's import-time imports form no cycle;
+- no function on the generation path (pipeline, request, models, samplers, prompts) is over
+  MAX_FUNCTION_LINES lines.
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ NOT_IN_MODELS = ("diffuse.runtime", "diffuse.speedups", "diffuse.server", "diffu
 SHAPES_INTO_TRAIN = {("diffuse.shapes.evaluate", "diffuse.train.components")}
 SERVER_USERS = {"diffuse.cli"}
 MAX_FUNCTION_LINES = 50
-SHORT_FUNCTION_FILES = ("pipeline*.py", "pipeline/**/*.py", "request.py", "generation*.py", "generation/**/*.py",
-                        "models/**/*.py", "samplers/**/*.py", "prompts*.py", "prompts/**/*.py")
+SHORT_FUNCTION_FILES = (
+    "pipeline*.py",
+    "pipeline/**/*.py",
+    "request.py",
+    "generation*.py",
+    "generation/**/*.py",
+    "models/**/*.py",
+    "samplers/**/*.py",
+    "prompts*.py",
+    "prompts/**/*.py",
+)
 
 
 # ---- reading the source ------------------------------------------------------------------------
@@ -36,8 +45,11 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def package_modules(package: Path = PACKAGE) -> dict[str, Path]:
-    return {module_name(path, package.parent): path for path in sorted(package.rglob("*.py"))
-            if "__pycache__" not in path.parts}
+    return {
+        module_name(path, package.parent): path
+        for path in sorted(package.rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
 
 
 def is_package(path: Path) -> bool:
@@ -49,7 +61,7 @@ def absolute_target(node: ast.ImportFrom, module: str, package: bool) -> str:
     if node.level == 0:
         return node.module or ""
     base = module.split(".") if package else module.split(".")[:-1]
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -71,11 +83,13 @@ def imported_modules(node: ast.Import | ast.ImportFrom, module: str, package: bo
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
-def imports_in(statements: list[ast.stmt], *, functions: bool,
-               type_checking: bool) -> Iterator[ast.Import | ast.ImportFrom]:
+def imports_in(
+    statements: list[ast.stmt], *, functions: bool, type_checking: bool
+) -> Iterator[ast.Import | ast.ImportFrom]:
     """The import statements among `statements`, and those nested in them: inside function bodies
     only with `functions`, under `if TYPE_CHECKING:` only with `type_checking`. Class bodies,
     try/except, with, loops and other ifs run at import time, so they always count."""
@@ -149,14 +163,20 @@ def cycle_through(start: str, graph: dict[str, set[str]], group: set[str]) -> li
 def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES, root: Path = ROOT) -> list[str]:
     """'file:line name (N lines)' for every function or method over `limit` lines, def line to last line."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    return [f"{path.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > limit]
+    return [
+        f"{path.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit
+    ]
 
 
 def offending_imports(graph: dict[str, set[str]], importers: set[str], forbidden: tuple[str, ...]) -> list[str]:
-    return sorted(f"{module} imports {target}" for module in importers for target in graph[module]
-                  if any(target == layer or target.startswith(layer + ".") for layer in forbidden))
+    return sorted(
+        f"{module} imports {target}"
+        for module in importers
+        for target in graph[module]
+        if any(target == layer or target.startswith(layer + ".") for layer in forbidden)
+    )
 
 
 def in_package(module: str, package: str) -> bool:
@@ -176,8 +196,13 @@ def test_the_networks_import_nothing_that_runs_or_trains_them():
 
 def test_the_shapes_world_reads_only_finished_components_from_training():
     graph = import_graph(package_modules(), functions=True, type_checking=True)
-    arrows = {(module, target) for module in graph if in_package(module, "diffuse.shapes")
-              for target in graph[module] if in_package(target, "diffuse.train")}
+    arrows = {
+        (module, target)
+        for module in graph
+        if in_package(module, "diffuse.shapes")
+        for target in graph[module]
+        if in_package(target, "diffuse.train")
+    }
     extra = sorted(f"{module} imports {target}" for module, target in arrows - SHAPES_INTO_TRAIN)
     assert not extra, "diffuse.shapes must not depend on training:\n  " + "\n  ".join(extra)
 
@@ -198,17 +223,21 @@ def test_no_import_cycle_in_the_package():
 def test_no_cycle_hidden_in_an_import_deferred_into_a_function():
     graph = import_graph(package_modules(), functions=True, type_checking=False)
     cycles = find_cycles(graph)
-    assert not cycles, ("modules that need each other (an import moved into a function only hides it):\n  "
-                        + "\n  ".join(" -> ".join(cycle) for cycle in cycles))
+    assert not cycles, (
+        "modules that need each other (an import moved into a function only hides it):\n  "
+        + "\n  ".join(" -> ".join(cycle) for cycle in cycles)
+    )
 
 
 def test_no_long_functions_on_the_generation_path():
-    files = sorted({path for pattern in SHORT_FUNCTION_FILES for path in PACKAGE.glob(pattern)
-                    if "__pycache__" not in path.parts})
+    files = sorted(
+        {path for pattern in SHORT_FUNCTION_FILES for path in PACKAGE.glob(pattern) if "__pycache__" not in path.parts}
+    )
     assert any(path.parent.name == "models" for path in files), "the file patterns no longer find diffuse/models"
     offenders = [line for path in files for line in long_functions(path)]
-    assert not offenders, (f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n  "
-                           + "\n  ".join(offenders))
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n  " + "\n  ".join(
+        offenders
+    )
 
 
 # ---- the checks themselves, on made-up packages ----------------------------------------------------
@@ -223,27 +252,40 @@ def write_package(root: Path, files: dict[str, str]) -> dict[str, Path]:
 
 
 def test_relative_and_submodule_imports_resolve(tmp_path):
-    modules = write_package(tmp_path, {
-        "pkg/__init__.py": "from .core import thing\n",
-        "pkg/core.py": "import os\nfrom . import util\nfrom .sub import deep\n",
-        "pkg/util.py": "from pkg.sub.deep import value\nimport pkg.core\n",
-        "pkg/sub/__init__.py": "from .. import util\n",
-        "pkg/sub/deep.py": "from ..core import thing\nvalue = 1\n",
-    })
+    modules = write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from .core import thing\n",
+            "pkg/core.py": "import os\nfrom . import util\nfrom .sub import deep\n",
+            "pkg/util.py": "from pkg.sub.deep import value\nimport pkg.core\n",
+            "pkg/sub/__init__.py": "from .. import util\n",
+            "pkg/sub/deep.py": "from ..core import thing\nvalue = 1\n",
+        },
+    )
     graph = import_graph(modules, functions=False, type_checking=False)
-    assert graph == {"pkg": {"pkg.core"}, "pkg.core": {"pkg.util", "pkg.sub.deep"},
-                     "pkg.util": {"pkg.sub.deep", "pkg.core"}, "pkg.sub": {"pkg.util"},
-                     "pkg.sub.deep": {"pkg.core"}}
+    assert graph == {
+        "pkg": {"pkg.core"},
+        "pkg.core": {"pkg.util", "pkg.sub.deep"},
+        "pkg.util": {"pkg.sub.deep", "pkg.core"},
+        "pkg.sub": {"pkg.util"},
+        "pkg.sub.deep": {"pkg.core"},
+    }
 
 
 def test_which_imports_count(tmp_path):
-    modules = write_package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import b\nelse:\n"
-                     "    from pkg import c\ndef later():\n    from pkg import d\nclass K:\n    from pkg import e\n"
-                     "try:\n    from pkg import f\nexcept ImportError:\n    from pkg import g\n"),
-        **{f"pkg/{name}.py": "" for name in "bcdefg"},
-    })
+    modules = write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import b\nelse:\n"
+                "    from pkg import c\ndef later():\n    from pkg import d\nclass K:\n    from pkg import e\n"
+                "try:\n    from pkg import f\nexcept ImportError:\n    from pkg import g\n"
+            ),
+            **{f"pkg/{name}.py": "" for name in "bcdefg"},
+        },
+    )
+
     def imported(**which: bool) -> set[str]:
         return import_graph(modules, **which)["pkg.a"]
 

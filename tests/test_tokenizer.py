@@ -17,31 +17,239 @@ from diffuse.tokenizer import CLIPTokenizer, find_bpe_gz
 PAD_ID = {"sd1": 49407, "sd2": 0}
 
 WORDS = [
-    "a", "photo", "of", "the", "cat", "Portrait", "LANDSCAPE", "masterpiece", "best", "quality", "highly", "detailed",
-    "octane", "render", "trending", "on", "artstation", "by", "greg", "rutkowski", "with", "and", "hdr", "bokeh",
-    "photorealistic", "Unreal", "Engine", "cyberpunk", "McDonald", "iPhone", "x", "I", "supercalifragilistic",
-    "café", "naïve", "résumé", "Zürich", "straße", "ÆON", "œuvre", "İstanbul", "ΣΟΦΊΑ", "ὈΔΥΣΣΕΎΣ", "Москва",
-    "привет", "ЁЖИК", "القاهرة", "שלום", "東京", "猫", "可爱的猫咪", "고양이", "ねこ", "カタカナ", "हिन्दी", "ภาษาไทย",
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "Portrait",
+    "LANDSCAPE",
+    "masterpiece",
+    "best",
+    "quality",
+    "highly",
+    "detailed",
+    "octane",
+    "render",
+    "trending",
+    "on",
+    "artstation",
+    "by",
+    "greg",
+    "rutkowski",
+    "with",
+    "and",
+    "hdr",
+    "bokeh",
+    "photorealistic",
+    "Unreal",
+    "Engine",
+    "cyberpunk",
+    "McDonald",
+    "iPhone",
+    "x",
+    "I",
+    "supercalifragilistic",
+    "café",
+    "naïve",
+    "résumé",
+    "Zürich",
+    "straße",
+    "ÆON",
+    "œuvre",
+    "İstanbul",
+    "ΣΟΦΊΑ",
+    "ὈΔΥΣΣΕΎΣ",
+    "Москва",
+    "привет",
+    "ЁЖИК",
+    "القاهرة",
+    "שלום",
+    "東京",
+    "猫",
+    "可爱的猫咪",
+    "고양이",
+    "ねこ",
+    "カタカナ",
+    "हिन्दी",
+    "ภาษาไทย",
 ]
 PIECES = {
-    "numbers": ["1,000", "3.14", "2x", "1024x768", "-5", "+3", "0.5", "10%", "1e-4", "2023-01-01", "42", "٣٤", "५",
-                "Ⅻ", "²", "½", "¹⁰", "①", "0x1F", "x2", "v1.5", "4k", "8K", "f/1.8", "35mm"],
-    "punctuation": ["!", "!!", "...", "?!", ",", ";", ":", "--", "—", "…", "***", "#", "@", "$", "&", "|", "<", ">",
-                    "<<>>", "~", "^", "`", "\\", "/", '"', "“", "”", "«", "»", "'", "''", "’", "!?!?", ",,", "._.", "€"],
-    "contractions": ["it's", "IT'S", "don't", "DON'T", "we're", "WE'RE", "I've", "I'VE", "I'm", "I'M", "you'll",
-                     "YOU'LL", "he'd", "HE'D", "it’s", "don’t", "'s", "'", "rock'n'roll", "''s", "o'clock", "'t'",
-                     "l'amour", "'sup", "'LL", "'d'", "!'s", "'re'", "cats'"],
-    "a1111": ["(masterpiece:1.2)", "[blurry]", "{x}", "((best quality))", "(red hair:0.8)", "[cat|dog]", "[a:b:0.5]",
-              "<lora:foo_v2:0.7>", "\\(escaped\\)", "BREAK", "AND", "(((eyes)))", "[[[low]]]", "{a|b|c}"],
+    "numbers": [
+        "1,000",
+        "3.14",
+        "2x",
+        "1024x768",
+        "-5",
+        "+3",
+        "0.5",
+        "10%",
+        "1e-4",
+        "2023-01-01",
+        "42",
+        "٣٤",
+        "५",
+        "Ⅻ",
+        "²",
+        "½",
+        "¹⁰",
+        "①",
+        "0x1F",
+        "x2",
+        "v1.5",
+        "4k",
+        "8K",
+        "f/1.8",
+        "35mm",
+    ],
+    "punctuation": [
+        "!",
+        "!!",
+        "...",
+        "?!",
+        ",",
+        ";",
+        ":",
+        "--",
+        "—",
+        "…",
+        "***",
+        "#",
+        "@",
+        "$",
+        "&",
+        "|",
+        "<",
+        ">",
+        "<<>>",
+        "~",
+        "^",
+        "`",
+        "\\",
+        "/",
+        '"',
+        "“",
+        "”",
+        "«",
+        "»",
+        "'",
+        "''",
+        "’",
+        "!?!?",
+        ",,",
+        "._.",
+        "€",
+    ],
+    "contractions": [
+        "it's",
+        "IT'S",
+        "don't",
+        "DON'T",
+        "we're",
+        "WE'RE",
+        "I've",
+        "I'VE",
+        "I'm",
+        "I'M",
+        "you'll",
+        "YOU'LL",
+        "he'd",
+        "HE'D",
+        "it’s",
+        "don’t",
+        "'s",
+        "'",
+        "rock'n'roll",
+        "''s",
+        "o'clock",
+        "'t'",
+        "l'amour",
+        "'sup",
+        "'LL",
+        "'d'",
+        "!'s",
+        "'re'",
+        "cats'",
+    ],
+    "a1111": [
+        "(masterpiece:1.2)",
+        "[blurry]",
+        "{x}",
+        "((best quality))",
+        "(red hair:0.8)",
+        "[cat|dog]",
+        "[a:b:0.5]",
+        "<lora:foo_v2:0.7>",
+        "\\(escaped\\)",
+        "BREAK",
+        "AND",
+        "(((eyes)))",
+        "[[[low]]]",
+        "{a|b|c}",
+    ],
     "emoji": ["😀", "🐱‍👤", "👍🏽", "🇫🇷", "❤️", "✨", "🔥🔥", "😀😀😀", "©", "™", "→", "♪"],
-    "unicode": ["e\u0301", "n\u0303o", "A\u030a", "Å", "ﬁ", "Ω", "K", "İ", "ß", "ẞ", "ǅ", "ΐ", "Ꭰ", "a\u0308\u0323",
-                "\u0301", "\u1100\u1161", "\u200b", "\u200d", "\ufeff", "\u00ad", "\x00", "\x1c", "\x7f", "ㄱ", "Σ",
-                "ΌΣ", "ᾼ", "ﬀ", "ǈ", "\u0130i", "\U0001d400", "\ue000"],
-    "whitespace": [" ", "  ", "\t", "\n", "\r\n", "\u3000", "\u00a0", "\u2003", "\x0b", "\x0c", "\x85", "\u2028",
-                   "\u180e", " \t \n "],
+    "unicode": [
+        "e\u0301",
+        "n\u0303o",
+        "A\u030a",
+        "Å",
+        "ﬁ",
+        "Ω",
+        "K",
+        "İ",
+        "ß",
+        "ẞ",
+        "ǅ",
+        "ΐ",
+        "Ꭰ",
+        "a\u0308\u0323",
+        "\u0301",
+        "\u1100\u1161",
+        "\u200b",
+        "\u200d",
+        "\ufeff",
+        "\u00ad",
+        "\x00",
+        "\x1c",
+        "\x7f",
+        "ㄱ",
+        "Σ",
+        "ΌΣ",
+        "ᾼ",
+        "ﬀ",
+        "ǈ",
+        "\u0130i",
+        "\U0001d400",
+        "\ue000",
+    ],
+    "whitespace": [
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\u3000",
+        "\u00a0",
+        "\u2003",
+        "\x0b",
+        "\x0c",
+        "\x85",
+        "\u2028",
+        "\u180e",
+        " \t \n ",
+    ],
     "html": ["&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&nbsp;", "&#x27;", "a&amp;b"],
-    "special": ["<|startoftext|>", "<|endoftext|>", "<|EndOfText|>", "<|endoftext", "<|startoftext|><|endoftext|>",
-                "x<|endoftext|>y", "<<|endoftext|>>", "!<|endoftext|>", "<|ENDOFTEXT|>!"],
+    "special": [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|EndOfText|>",
+        "<|endoftext",
+        "<|startoftext|><|endoftext|>",
+        "x<|endoftext|>y",
+        "<<|endoftext|>>",
+        "!<|endoftext|>",
+        "<|ENDOFTEXT|>!",
+    ],
 }
 SEPARATORS = ["", " ", " ", " ", ", ", "  ", "\t", "\n", ",", " | "]
 
@@ -126,7 +334,7 @@ def test_every_assigned_character_matches_transformers(ours, refs):
     (Characters newer than that database are classified by the reference's newer tables.)"""
     chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")]
     chunks = ["".join(chars[i : i + 48]) for i in range(0, len(chars), 48)]
-    texts = [f"{c}a{c}1{c}{c}!{c}" for c in chars[:: 7]] + [" ".join(chunk) for chunk in chunks] + chunks
+    texts = [f"{c}a{c}1{c}{c}!{c}" for c in chars[::7]] + [" ".join(chunk) for chunk in chunks] + chunks
     expected = refs["sd1"](texts, add_special_tokens=False).input_ids
     differ = [t for t, want in zip(texts, expected) if ours["sd1"].encode(t) != want]
     assert not differ, f"{len(differ)} of {len(texts)} texts differ: {[ascii(t) for t in differ[:5]]}"
@@ -137,7 +345,9 @@ def test_decode_matches_transformers(ours, refs):
         ids = ours[name](PROMPTS[:100])
         for row in ids:
             for skip in (False, True):
-                assert ours[name].decode(row, skip_special_tokens=skip) == refs[name].decode(row.tolist(), skip_special_tokens=skip)
+                assert ours[name].decode(row, skip_special_tokens=skip) == refs[name].decode(
+                    row.tolist(), skip_special_tokens=skip
+                )
 
 
 def test_from_folder_reference_pipelines(reference_folders, refs):
@@ -153,21 +363,44 @@ def test_from_folder_reference_pipelines(reference_folders, refs):
 
 def legacy_configs() -> dict[str, tuple[dict, dict | None]]:
     """tokenizer_config.json / special_tokens_map.json as older SD1/SD2 folders write them."""
+
     def added(content: str, normalized: bool) -> dict:
         return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False}
 
-    old_style = {k: {"__type": "AddedToken", **added(t, True)} for k, t in
-                 (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))}
-    token_map = {k: added(t, True) for k, t in
-                 (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))}
-    decoder = {"0": {**added("!", False), "special": True}, "49406": {**added("<|startoftext|>", False), "special": True},
-               "49407": {**added("<|endoftext|>", False), "special": True}}
+    old_style = {
+        k: {"__type": "AddedToken", **added(t, True)}
+        for k, t in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))
+    }
+    token_map = {
+        k: added(t, True)
+        for k, t in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))
+    }
+    decoder = {
+        "0": {**added("!", False), "special": True},
+        "49406": {**added("<|startoftext|>", False), "special": True},
+        "49407": {**added("<|endoftext|>", False), "special": True},
+    }
     return {
         "none": ({}, None),
-        "sd1_old": ({**old_style, "pad_token": "<|endoftext|>", "model_max_length": 77}, {**token_map, "pad_token": "<|endoftext|>"}),
-        "sd2_map_overrides": ({**old_style, "pad_token": "<|endoftext|>", "model_max_length": 77}, {**token_map, "pad_token": "!"}),
-        "sd2_decoder": ({"added_tokens_decoder": decoder, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                         "pad_token": "!", "unk_token": "<|endoftext|>", "model_max_length": 77}, None),
+        "sd1_old": (
+            {**old_style, "pad_token": "<|endoftext|>", "model_max_length": 77},
+            {**token_map, "pad_token": "<|endoftext|>"},
+        ),
+        "sd2_map_overrides": (
+            {**old_style, "pad_token": "<|endoftext|>", "model_max_length": 77},
+            {**token_map, "pad_token": "!"},
+        ),
+        "sd2_decoder": (
+            {
+                "added_tokens_decoder": decoder,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "!",
+                "unk_token": "<|endoftext|>",
+                "model_max_length": 77,
+            },
+            None,
+        ),
     }
 
 
@@ -194,7 +427,9 @@ def test_save_reloads_both_ways(name, ours, tmp_path):
 
     ours[name].save(tmp_path)
     again, hf = CLIPTokenizer.from_folder(tmp_path), HFTokenizer.from_pretrained(tmp_path)
-    assert (again.pad_token_id, hf.pad_token_id, again.max_length, hf.model_max_length) == (PAD_ID[name],) * 2 + (77,) * 2
+    assert (again.pad_token_id, hf.pad_token_id, again.max_length, hf.model_max_length) == (PAD_ID[name],) * 2 + (
+        77,
+    ) * 2
     expected = ours[name](PROMPTS)
     assert torch.equal(again(PROMPTS), expected)
     assert_same_rows(expected, reference_ids(hf, PROMPTS), PROMPTS)

@@ -183,14 +183,27 @@ def test_training_never_shows_held_out_combinations(described):
     seen = Counter()
     for scene, _ in described:
         for obj in scene.objects:
-            seen.update([("shape", obj.kind), ("colour", obj.colour), ("size", obj.size), ("position", obj.position),
-                         ("shape colour", obj.kind, obj.colour)])
+            seen.update(
+                [
+                    ("shape", obj.kind),
+                    ("colour", obj.colour),
+                    ("size", obj.size),
+                    ("position", obj.position),
+                    ("shape colour", obj.kind, obj.colour),
+                ]
+            )
         seen.update([("background", scene.background), ("objects", len(scene.objects))])
         if scene.relation:
             seen[("relation", scene.relation[1])] += 1
     # Every attribute value still appears, many times, in other combinations.
-    for kind, values in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS),
-                         ("background", BACKGROUNDS), ("relation", RELATIONS)):
+    for kind, values in (
+        ("shape", SHAPES),
+        ("colour", COLOURS),
+        ("size", SIZES),
+        ("position", POSITIONS),
+        ("background", BACKGROUNDS),
+        ("relation", RELATIONS),
+    ):
         for value in values:
             assert seen[(kind, value)] > 200, (kind, value)
     assert 0.35 < seen[("objects", 2)] / len(described) < 0.45
@@ -204,11 +217,14 @@ def test_held_out_scenes_show_only_held_out_combinations():
     assert singles == heldout_single_scenes(60, seed=1) and singles != heldout_single_scenes(60, seed=2)
     assert all(holdout.contains(s) and len(s.objects) == 1 for s in singles)
     assert all(holdout.contains(s) and len(s.objects) == 2 for s in pairs)
-    shown = {((s.objects[0].kind, s.objects[0].colour), s.relation[1], (s.objects[1].kind, s.objects[1].colour))
-             for s in pairs}
+    shown = {
+        ((s.objects[0].kind, s.objects[0].colour), s.relation[1], (s.objects[1].kind, s.objects[1].colour))
+        for s in pairs
+    }
     assert shown == set(holdout.pairs)
     combos = {(s.objects[0].kind, s.objects[0].colour) for s in singles} | {
-        (s.objects[0].colour, s.objects[0].position) for s in singles}
+        (s.objects[0].colour, s.objects[0].position) for s in singles
+    }
     assert set(holdout.shape_colours) <= combos and set(holdout.colour_positions) <= combos
     reading = analyze(render(pairs[0]))
     assert all_correct(pairs[0], reading)
@@ -266,8 +282,14 @@ def test_analyzer_survives_noise_and_blur():
 
 
 def test_matches_catches_each_wrong_attribute():
-    truth = Scene((Shape("star", "blue", "small", "top left", (0.2, 0.2)),
-                   Shape("circle", "yellow", "large", "bottom left", (0.2, 0.8))), "gray", (0, "above", 1))
+    truth = Scene(
+        (
+            Shape("star", "blue", "small", "top left", (0.2, 0.2)),
+            Shape("circle", "yellow", "large", "bottom left", (0.2, 0.8)),
+        ),
+        "gray",
+        (0, "above", 1),
+    )
     reading = analyze(render(truth))
     assert all_correct(truth, reading)
     assert all_correct(parse_caption("a blue star above a yellow circle on gray"), reading)
@@ -286,8 +308,9 @@ def test_matches_catches_each_wrong_attribute():
     assert not single["count"] and single["position"]
     missing = matches(truth, analyze(render(Scene(truth.objects[:1], "gray"))))
     assert not missing["count"] and not missing["shape"] and not missing["relation"]
-    assert not matches(parse_caption("a blue star in the top right on gray"),
-                       analyze(render(Scene(truth.objects[:1], "gray"))))["position"]
+    assert not matches(
+        parse_caption("a blue star in the top right on gray"), analyze(render(Scene(truth.objects[:1], "gray")))
+    )["position"]
 
 
 def test_generation_is_fast_enough():

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import train_worker
 from torch import nn
 
-import train_worker
 from diffuse.train import loop, state
-from diffuse.train.ema import WeightAverage
 from diffuse.train.distributed import DistInfo, shard, shard_weight
+from diffuse.train.ema import WeightAverage
 from diffuse.train.loop import BatchRandom, LoopConfig, learning_rate, train
 from diffuse.train.state import (
     checkpoint_path,
@@ -74,8 +74,14 @@ def tiny_model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def draws(generator: torch.Generator) -> list:
-    return [torch.rand(3), torch.randn(3, generator=generator), random.random(), random.gauss(0, 1),
-            np.random.rand(2), np.random.randn()]
+    return [
+        torch.rand(3),
+        torch.randn(3, generator=generator),
+        random.random(),
+        random.gauss(0, 1),
+        np.random.rand(2),
+        np.random.randn(),
+    ]
 
 
 def test_checkpoint_restores_models_optimizer_and_every_rng(tmp_path, one_thread):
@@ -84,9 +90,16 @@ def test_checkpoint_restores_models_optimizer_and_every_rng(tmp_path, one_thread
     torch.randn(4, generator=generator)
     random.gauss(0, 1)
     np.random.randn()  # both gauss caches now hold a value, which must survive too
-    path = save_checkpoint(tmp_path / "c.pt", config=LoopConfig(), models={"net": model},
-                           optimizers={"adamw": optimizer}, step=3, data_position=24,
-                           generators={"noise": generator}, extra={"note": "hi", "ema": torch.ones(2)})
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        config=LoopConfig(),
+        models={"net": model},
+        optimizers={"adamw": optimizer},
+        step=3,
+        data_position=24,
+        generators={"noise": generator},
+        extra={"note": "hi", "ema": torch.ones(2)},
+    )
     saved_params = {k: v.clone() for k, v in model.state_dict().items()}
     saved_moment = optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"].clone()
     expected = draws(generator)
@@ -95,8 +108,13 @@ def test_checkpoint_restores_models_optimizer_and_every_rng(tmp_path, one_thread
     optimizer.step()
     assert not torch.equal(model[0].weight, saved_params["0.weight"])
 
-    resumed = load_checkpoint(path, config=LoopConfig(), models={"net": model}, optimizers={"adamw": optimizer},
-                              generators={"noise": generator})
+    resumed = load_checkpoint(
+        path,
+        config=LoopConfig(),
+        models={"net": model},
+        optimizers={"adamw": optimizer},
+        generators={"noise": generator},
+    )
     assert (resumed.step, resumed.data_position, resumed.extra["note"]) == (3, 24, "hi")
     assert torch.equal(resumed.extra["ema"], torch.ones(2))
     for name, value in model.state_dict().items():
@@ -123,12 +141,19 @@ class ToyTrainConfig(LoopConfig):
 def test_config_mismatch_is_refused_field_by_field(tmp_path, one_thread):
     model, optimizer = tiny_model_and_optimizer()
     models, optimizers = {"net": model}, {"adamw": optimizer}
-    path = save_checkpoint(tmp_path / "run.pt", config=LoopConfig(lr=0.001, batch_size=8, steps=10),
-                           models=models, optimizers=optimizers, step=1, data_position=8)
+    path = save_checkpoint(
+        tmp_path / "run.pt",
+        config=LoopConfig(lr=0.001, batch_size=8, steps=10),
+        models=models,
+        optimizers=optimizers,
+        step=1,
+        data_position=8,
+    )
 
     with pytest.raises(ValueError) as refused:
-        load_checkpoint(path, config=LoopConfig(lr=0.002, batch_size=16, steps=99), models=models,
-                        optimizers=optimizers)
+        load_checkpoint(
+            path, config=LoopConfig(lr=0.002, batch_size=16, steps=99), models=models, optimizers=optimizers
+        )
     message = str(refused.value)
     assert str(path) in message
     assert "lr: checkpoint 0.001, now 0.002" in message
@@ -249,8 +274,15 @@ def test_checkpoint_folder_keeps_the_newest_and_resumes_further(tmp_path, one_th
     assert read_checkpoint(latest_checkpoint(out))["data_position"] == 9 * 8
 
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        train(train_worker.config(9, 2), {"net": train_worker.make_net(0.2)}, train_worker.loss_fn,
-              train_worker.make_batch, out, resume=False, progress=False)
+        train(
+            train_worker.config(9, 2),
+            {"net": train_worker.make_net(0.2)},
+            train_worker.loss_fn,
+            train_worker.make_batch,
+            out,
+            resume=False,
+            progress=False,
+        )
 
 
 def test_weight_average_follows_the_formula():
@@ -297,8 +329,9 @@ def test_ema_run_ends_with_the_average_and_resumes_it_exactly(tmp_path, one_thre
 def test_a_field_added_since_the_checkpoint_is_accepted_at_its_default(tmp_path, one_thread):
     model, optimizer = tiny_model_and_optimizer()
     models, optimizers = {"net": model}, {"adamw": optimizer}
-    path = save_checkpoint(tmp_path / "old.pt", config=LoopConfig(), models=models, optimizers=optimizers, step=1,
-                           data_position=8)
+    path = save_checkpoint(
+        tmp_path / "old.pt", config=LoopConfig(), models=models, optimizers=optimizers, step=1, data_position=8
+    )
     payload = torch.load(path, weights_only=True)
     del payload["config"]["fields"]["ema_decay"], payload["sha256"]  # written before the field existed
     payload["sha256"] = state._content_digest(payload)
@@ -317,8 +350,14 @@ def test_frozen_models_pass_through_and_bad_losses_stop_the_run(tmp_path, one_th
 
     config = train_worker.config(steps=3, checkpoint_every=3)
     net = train_worker.make_net(0.2)
-    train(config, {"net": net, "frozen": frozen}, loss_through_frozen, train_worker.make_batch, tmp_path / "a",
-          progress=False)
+    train(
+        config,
+        {"net": net, "frozen": frozen},
+        loss_through_frozen,
+        train_worker.make_batch,
+        tmp_path / "a",
+        progress=False,
+    )
     assert all(torch.equal(v, frozen_before[k]) for k, v in frozen.state_dict().items())
     assert list(read_checkpoint(tmp_path / "a" / "checkpoint-00000003.pt")["models"]) == ["net"]
 
@@ -330,16 +369,28 @@ def test_frozen_models_pass_through_and_bad_losses_stop_the_run(tmp_path, one_th
         return (loss * float("nan") if len(calls) == 2 else loss), logs
 
     with pytest.raises(ValueError, match="the loss became nan at step 2; not updating the models"):
-        train(config, {"net": train_worker.make_net(0.2)}, nan_at_step_2, train_worker.make_batch, tmp_path / "b",
-              progress=False)
+        train(
+            config,
+            {"net": train_worker.make_net(0.2)},
+            nan_at_step_2,
+            train_worker.make_batch,
+            tmp_path / "b",
+            progress=False,
+        )
     assert len(logged(tmp_path / "b")) == 1
 
     def per_sample_loss(models, batch, random):
         return (models["net"](batch["x"]) - batch["y"]).square().mean(dim=1), {}
 
     with pytest.raises(ValueError, match=r"scalar tensor, not a tensor of shape \[8\]"):
-        train(config, {"net": train_worker.make_net(0.2)}, per_sample_loss, train_worker.make_batch, tmp_path / "c",
-              progress=False)
+        train(
+            config,
+            {"net": train_worker.make_net(0.2)},
+            per_sample_loss,
+            train_worker.make_batch,
+            tmp_path / "c",
+            progress=False,
+        )
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
@@ -364,7 +415,9 @@ def test_shards_tile_the_global_batch_and_weight_to_its_mean():
             assert indices == list(range(global_batch))
             # DDP averages rank gradients; the weights make that the global mean's gradient.
             losses = torch.arange(global_batch, dtype=torch.float64) ** 2
-            ddp = sum(shard_weight(global_batch, info) * losses[o:o + c].mean() for info, (o, c) in zip(infos, slices))
+            ddp = sum(
+                shard_weight(global_batch, info) * losses[o : o + c].mean() for info, (o, c) in zip(infos, slices)
+            )
             assert float(ddp / world_size) == pytest.approx(float(losses.mean()), rel=1e-12)
     with pytest.raises(ValueError, match="smaller than the 4 training processes"):
         shard(3, DistInfo(0, 4, 0, torch.device("cpu")))
@@ -399,9 +452,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, monkeypatch
     steps, every = 40, 8
     killed = tmp_path / "killed"
     errors = open(tmp_path / "worker.err", "wb")
-    process = subprocess.Popen(worker_command(killed, "--steps", str(steps), "--checkpoint-every", str(every),
-                                              "--sleep", "0.03"),
-                               stdout=subprocess.DEVNULL, stderr=errors, env=worker_env())
+    process = subprocess.Popen(
+        worker_command(killed, "--steps", str(steps), "--checkpoint-every", str(every), "--sleep", "0.03"),
+        stdout=subprocess.DEVNULL,
+        stderr=errors,
+        env=worker_env(),
+    )
     try:
         # The uninterrupted run, in this process, while the other one starts up.
         uninterrupted = train_worker.run(str(tmp_path / "whole"), steps, every)
@@ -436,6 +492,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, monkeypatch
             else:  # the checkpointed generator: input noise
                 kwargs["generators"][loop.GENERATOR_NAME].manual_seed(train_worker.config(steps, every).seed)
             return state
+
         return load
 
     for what in ("rng", "generator"):
@@ -448,15 +505,31 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, monkeypatch
 def test_two_ddp_processes_match_one_process(tmp_path, one_thread):
     """torchrun, 2 CPU processes over gloo, global batches 8 (4 + 4) and 7 (4 + 3), against one process."""
     steps = 6
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(tmp_path / "ddp"), "--steps", str(steps), "--checkpoint-every", str(steps),
-               "--batch-size", "8", "7", "--dropout", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(tmp_path / "ddp"),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        str(steps),
+        "--batch-size",
+        "8",
+        "7",
+        "--dropout",
+        "0",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env())
     try:
         # The one-process runs, in this process, while torchrun starts its two.
-        single = {batch: train_worker.run(str(tmp_path / f"single-{batch}"), steps, steps, batch_size=batch,
-                                          dropout=0.0)
-                  for batch in (8, 7)}
+        single = {
+            batch: train_worker.run(str(tmp_path / f"single-{batch}"), steps, steps, batch_size=batch, dropout=0.0)
+            for batch in (8, 7)
+        }
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

@@ -40,8 +40,15 @@ from diffuse.train.presets import TINY, TINY_IMAGE_ENCODER, TINY_TEXT, TINY_UNET
 
 EOS = 99
 TEXT = TextEncoderConfig(vocab_size=100, max_length=8, width=32, layers=2, heads=2, mlp_width=64)
-UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(False, True),
-                  heads=(2, 2), context_dim=32, norm_groups=8)
+UNET = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(False, True),
+    heads=(2, 2),
+    context_dim=32,
+    norm_groups=8,
+)
 VAE = VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)  # f = 2
 IMAGE = ImageEncoderConfig(image_size=16, stage_channels=(16, 32), norm_groups=8, embed_dim=16)
 
@@ -134,8 +141,10 @@ def test_hard_negatives_join_the_captions_images_choose_among():
     own, against = logits.diagonal()[has], (scale * a @ n.T).diagonal()[has]
     assert logs["acc_vs_negative"] == (own > against).float().mean().item()
     # Rows without a negative add nothing: with none at all it is the plain loss.
-    assert contrastive_loss(images, texts, scale, ids, negatives, torch.zeros(6, dtype=torch.bool))[0] == \
-        contrastive_loss(images, texts, scale, ids)[0]
+    assert (
+        contrastive_loss(images, texts, scale, ids, negatives, torch.zeros(6, dtype=torch.bool))[0]
+        == contrastive_loss(images, texts, scale, ids)[0]
+    )
     with pytest.raises(ValueError, match="one \\[D\\] row per caption"):
         contrastive_loss(images, texts, scale, ids, negatives[:3], has)
 
@@ -337,7 +346,12 @@ def test_a_few_steps_reduce_every_loss():
     before, after = descend(vae.parameters(), lambda: vae_loss(vae, x, gen(1))[0])
     assert after < 0.9 * before, (before, after)
 
-    text, proj, image, scale = CLIPTextEncoder(TEXT), TextProjection(TEXT.width, IMAGE.embed_dim), ImageEncoder(IMAGE), LogitScale()
+    text, proj, image, scale = (
+        CLIPTextEncoder(TEXT),
+        TextProjection(TEXT.width, IMAGE.embed_dim),
+        ImageEncoder(IMAGE),
+        LogitScale(),
+    )
     ids = caption_ids(8)
     params = [*text.parameters(), *proj.parameters(), *image.parameters(), *scale.parameters()]
     before, after = descend(params, lambda: clip_loss(text, proj, image, scale, ids, images(8), EOS)[0])
@@ -362,18 +376,21 @@ def test_per_sample_draws_split_the_batch_exactly():
     model = StandInUNet()
     latents, context = torch.randn(4, 4, 4, 4, generator=gen(1)), torch.randn(4, 5, 8, generator=gen(2))
     whole, _ = unet_loss(model, context, latents, NoiseSchedule(), gen(3))
-    parts = [unet_loss(model, context[r.offset:r.offset + 2], latents[r.offset:r.offset + 2], NoiseSchedule(), r)[0]
-             for r in halves(3, 4)]
+    parts = [
+        unet_loss(model, context[r.offset : r.offset + 2], latents[r.offset : r.offset + 2], NoiseSchedule(), r)[0]
+        for r in halves(3, 4)
+    ]
     assert abs(whole.item() - (parts[0] + parts[1]).item() / 2) < 1e-6
 
     captions = [f"c{i}" for i in range(6)]
-    assert drop_captions(captions, 0.5, gen(4)) == [c for r in halves(4, 6)
-                                                   for c in drop_captions(captions[r.offset:r.offset + 3], 0.5, r)]
+    assert drop_captions(captions, 0.5, gen(4)) == [
+        c for r in halves(4, 6) for c in drop_captions(captions[r.offset : r.offset + 3], 0.5, r)
+    ]
 
     torch.manual_seed(0)
     vae = AutoencoderKL(VAE)
     x = images(4)
-    split = torch.cat([encode_latents(vae, x[r.offset:r.offset + 2], r, 0.5) for r in halves(5, 4)])
+    split = torch.cat([encode_latents(vae, x[r.offset : r.offset + 2], r, 0.5) for r in halves(5, 4)])
     assert torch.allclose(split, encode_latents(vae, x, gen(5), 0.5), atol=1e-6)
 
     with pytest.raises(ValueError, match="random source"):
@@ -414,8 +431,11 @@ def test_presets_build_and_fit_the_budget():
     assert TINY_VAE.downsample_factor == 8 and TINY_VAE.latent_channels == 4 and TINY.sample_size == 64 // 8
     assert TINY_UNET.context_dim == TINY_TEXT.width
     with torch.device("meta"):
-        sizes = {"text": count(CLIPTextEncoder(TINY_TEXT)), "unet": count(UNet(TINY_UNET)),
-                 "vae": count(AutoencoderKL(TINY_VAE))}
+        sizes = {
+            "text": count(CLIPTextEncoder(TINY_TEXT)),
+            "unet": count(UNet(TINY_UNET)),
+            "vae": count(AutoencoderKL(TINY_VAE)),
+        }
     fp16_mb = {name: 2 * n / 1e6 for name, n in sizes.items()}
     assert fp16_mb["unet"] <= 40 and sum(fp16_mb.values()) <= 60, fp16_mb
 

@@ -11,16 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import train_worker
+
 from diffuse.train import state
 from diffuse.train.loop import train
 from diffuse.train.state import latest_checkpoint, read_checkpoint
 
 
 def run(out: Path, steps: int, inputs: dict[str, Path] | None) -> list[float]:
-    return train(train_worker.config(steps, checkpoint_every=2), {"net": train_worker.make_net(0.2)},
-                 train_worker.loss_fn, train_worker.make_batch, out, progress=False, inputs=inputs)
+    return train(
+        train_worker.config(steps, checkpoint_every=2),
+        {"net": train_worker.make_net(0.2)},
+        train_worker.loss_fn,
+        train_worker.make_batch,
+        out,
+        progress=False,
+        inputs=inputs,
+    )
 
 
 def sha(data: bytes) -> str:
@@ -50,9 +57,12 @@ def test_an_input_with_other_content_at_the_same_path_is_refused(tmp_path, one_t
         run(out, 4, {"teacher weights": teacher})
     message = str(refused.value)
     assert "\n" not in message
-    assert re.search(rf"input teacher weights {re.escape(str(teacher))} has other content than when the checkpoint "
-                     rf"was written \(sha256 {sha(b'weights, first version')[:12]} then, "
-                     rf"{sha(b'weights, second version')[:12]} now\)", message), message
+    assert re.search(
+        rf"input teacher weights {re.escape(str(teacher))} has other content than when the checkpoint "
+        rf"was written \(sha256 {sha(b'weights, first version')[:12]} then, "
+        rf"{sha(b'weights, second version')[:12]} now\)",
+        message,
+    ), message
     assert "checkpoint-00000002.pt" in message
     assert logged_steps(out) == [1, 2]  # refused before the folder was touched
     teacher.write_bytes(b"weights, first version")  # put back, the run goes on

@@ -48,8 +48,15 @@ DATA = DataConfig(seed=3, image_size=32)
 MICRO_VAE = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)  # f = 4: 8x8 latents
 MICRO_TEXT = TextEncoderConfig(width=32, layers=1, heads=2, mlp_width=64)  # CLIP's vocabulary and 77 positions
 MICRO_IMAGE = ImageEncoderConfig(image_size=32, stage_channels=(8, 16), norm_groups=4, embed_dim=16)
-MICRO_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(False, True),
-                        heads=(2, 2), context_dim=32, norm_groups=8)
+MICRO_UNET = UNetConfig(
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(False, True),
+    heads=(2, 2),
+    context_dim=32,
+    norm_groups=8,
+)
 LOOP = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,8 +83,12 @@ def stages(tmp_path_factory):
     vae_config = VAETrainConfig(vae=MICRO_VAE, data=DATA, scaling_samples=8, steps=50, **LOOP)
     (root / "vae.json").write_text(json.dumps(json_fields(vae_config)))
     # --steps overrides the file's 50.
-    assert main_train(["vae", "--config", str(root / "vae.json"), "--out", str(root / "vae"), "--steps", "3",
-                       "--no-progress"]) == 0
+    assert (
+        main_train(
+            ["vae", "--config", str(root / "vae.json"), "--out", str(root / "vae"), "--steps", "3", "--no-progress"]
+        )
+        == 0
+    )
     clip_config = CLIPTrainConfig(text_encoder=MICRO_TEXT, image_encoder=MICRO_IMAGE, data=DATA, steps=3, **LOOP)
     clip_losses = train_clip(clip_config, root / "clip", progress=False)
     yield {"root": root, "vae_config": vae_config, "clip_config": clip_config, "clip_losses": clip_losses}
@@ -86,8 +97,14 @@ def stages(tmp_path_factory):
 
 
 def unet_config(stages, **changes) -> UNetTrainConfig:
-    fields = {"unet": MICRO_UNET, "vae_dir": str(stages["root"] / "vae"),
-              "text_encoder_dir": str(stages["root"] / "clip"), "data": DATA, "steps": 3, **LOOP}
+    fields = {
+        "unet": MICRO_UNET,
+        "vae_dir": str(stages["root"] / "vae"),
+        "text_encoder_dir": str(stages["root"] / "clip"),
+        "data": DATA,
+        "steps": 3,
+        **LOOP,
+    }
     return UNetTrainConfig(**{**fields, **changes})
 
 
@@ -135,11 +152,26 @@ def test_clip_with_two_processes_matches_one(stages, tmp_path, hard_negatives):
     wrongly, which Adam's steps alone would hide)."""
     config = dataclasses.replace(stages["clip_config"], steps=2, checkpoint_every=2, hard_negatives=hard_negatives)
     (tmp_path / "clip.json").write_text(json.dumps(json_fields(config)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "diffuse.train", "clip", "--config", str(tmp_path / "clip.json"), "--out", str(tmp_path / "ddp"),
-               "--no-progress"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "diffuse.train",
+        "clip",
+        "--config",
+        str(tmp_path / "clip.json"),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--no-progress",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         single = train_clip(config, tmp_path / "single", progress=False)
@@ -160,8 +192,11 @@ def test_clip_with_two_processes_matches_one(stages, tmp_path, hard_negatives):
     # Left out: the key projection's bias. Adding a constant to every key moves all of a query's
     # logits alike, so its true gradient is zero and what it gets is float round-off, which
     # Adam scales up to lr-sized steps that differ between any two summation orders.
-    differences = {name: (ddp_weights[name] - value).abs().max().item() for name, value in one_weights.items()
-                   if not name.endswith("k_proj.bias")}
+    differences = {
+        name: (ddp_weights[name] - value).abs().max().item()
+        for name, value in one_weights.items()
+        if not name.endswith("k_proj.bias")
+    }
     # Adam turns float round-off in a gradient near its eps (1e-8) into a visible share of a
     # step (seen: 3e-5 on one query weight with hard negatives, where the text batch is summed
     # in another order); a wrong gradient moves weights by about lr (1e-3).
@@ -179,11 +214,19 @@ def test_unet_trains_on_frozen_vae_and_text_encoder_with_caption_dropout(stages,
     conditioning.text_encoder.register_forward_hook(lambda module, args, out: seen_ids.append(args[0].clone()))
     conditioning.vae.encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
     models = build_models(config, conditioning)
-    frozen_before = {name: {k: v.clone() for k, v in models[name].state_dict().items()} for name in ("vae", "text_encoder")}
+    frozen_before = {
+        name: {k: v.clone() for k, v in models[name].state_dict().items()} for name in ("vae", "text_encoder")
+    }
     unet_before = {k: v.clone() for k, v in models["unet"].state_dict().items()}
 
-    losses = train(config, models, partial(loss_fn, config, conditioning), partial(make_batch, ShapesDataset(DATA)),
-                   tmp_path / "unet", progress=False)
+    losses = train(
+        config,
+        models,
+        partial(loss_fn, config, conditioning),
+        partial(make_batch, ShapesDataset(DATA)),
+        tmp_path / "unet",
+        progress=False,
+    )
 
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     for name, before in frozen_before.items():
@@ -222,8 +265,11 @@ def test_unet_resume_matches_a_straight_run(stages, tmp_path):
     assert file_digest(tmp_path / "resumed" / FINAL_WEIGHTS) == file_digest(tmp_path / "straight" / FINAL_WEIGHTS)
     unet, unet_cfg, extra = load_final(tmp_path / "straight", "unet")
     assert unet_cfg == MICRO_UNET and extra["sample_size"] == 8 and extra["prediction_type"] == "epsilon"
-    assert [file_digest(Path(folder) / FINAL_WEIGHTS) for folder in (config.vae_dir, config.text_encoder_dir)] \
-        == frozen_files == [extra["vae_sha256"], extra["text_encoder_sha256"]]  # recorded: what it trained on
+    assert (
+        [file_digest(Path(folder) / FINAL_WEIGHTS) for folder in (config.vae_dir, config.text_encoder_dir)]
+        == frozen_files
+        == [extra["vae_sha256"], extra["text_encoder_sha256"]]
+    )  # recorded: what it trained on
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train_unet(config, tmp_path / "straight", resume=False, progress=False)
 
@@ -238,9 +284,12 @@ def test_unet_resume_refuses_a_text_encoder_replaced_at_the_same_path(stages, tm
     original = weights.read_bytes()
     retrained = {name: tensor + 0.01 for name, tensor in safetensors.torch.load_file(weights).items()}
     safetensors.torch.save_file(retrained, weights)  # another text encoder, same path, same config
-    with pytest.raises(ValueError, match=rf"input text_encoder_dir text_encoder weights {re.escape(str(weights))} "
-                                         rf"has other content .*sha256 {hashlib.sha256(original).hexdigest()[:12]} "
-                                         rf"then, {file_digest(weights)[:12]} now"):
+    with pytest.raises(
+        ValueError,
+        match=rf"input text_encoder_dir text_encoder weights {re.escape(str(weights))} "
+        rf"has other content .*sha256 {hashlib.sha256(original).hexdigest()[:12]} "
+        rf"then, {file_digest(weights)[:12]} now",
+    ):
         train_unet(config, tmp_path / "run", progress=False)
     weights.write_bytes(original)
     assert train_unet(config, tmp_path / "run", progress=False) == straight
@@ -263,9 +312,11 @@ def test_clip_fine_tune_records_both_parts_it_starts_from(stages, tmp_path):
     train_clip(config, tmp_path / "tune", progress=False)
     recorded = read_checkpoint(latest_checkpoint(tmp_path / "tune"))["inputs"]
     assert {name: Path(entry["path"]).name for name, entry in recorded.items()} == {
-        "init_from text_encoder weights": FINAL_WEIGHTS, "init_from text_encoder config": FINAL_INFO,
+        "init_from text_encoder weights": FINAL_WEIGHTS,
+        "init_from text_encoder config": FINAL_INFO,
         "init_from image_tower weights": "final_image_tower.safetensors",
-        "init_from image_tower config": "final_image_tower.json"}
+        "init_from image_tower config": "final_image_tower.json",
+    }
     assert all(entry["sha256"] == file_digest(Path(entry["path"])) for entry in recorded.values())
 
 
@@ -296,8 +347,17 @@ def test_unet_refuses_stages_that_do_not_fit(stages, tmp_path):
 
 def test_config_files_build_nested_configs_and_presets(tmp_path):
     path = tmp_path / "vae.json"
-    path.write_text(json.dumps({"vae": "tiny", "data": {"image_size": 32, "holdout": {"shape_colours": [["star", "red"]]}},
-                                "betas": [0.9, 0.99], "lr": 1, "steps": 7}))
+    path.write_text(
+        json.dumps(
+            {
+                "vae": "tiny",
+                "data": {"image_size": 32, "holdout": {"shape_colours": [["star", "red"]]}},
+                "betas": [0.9, 0.99],
+                "lr": 1,
+                "steps": 7,
+            }
+        )
+    )
     config = read_config(VAETrainConfig, path)
     assert config.vae == TINY_VAE and config.data.image_size == 32 and config.betas == (0.9, 0.99)
     assert config.data.holdout.shape_colours == (("star", "red"),) and config.lr == 1.0 and config.steps == 7
@@ -307,18 +367,21 @@ def test_config_files_build_nested_configs_and_presets(tmp_path):
             assert config_from_dict(cls, json_fields(shipped)) == shipped  # round trip through plain JSON
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"stpes": 3}, r"unknown key\(s\) \['stpes'\] for VAETrainConfig"),
-    ({"data": {"image_sise": 32}}, r"data: unknown key\(s\) \['image_sise'\] for DataConfig"),
-    ({"steps": "ten"}, "steps: expected an integer, got 'ten'"),
-    ({"steps": True}, "steps: expected an integer"),
-    ({"lr": "fast"}, "lr: expected a number"),
-    ({"betas": [0.9]}, "betas: expected a list of 2 values"),
-    ({"vae": "huge"}, r"no VAEConfig preset named 'huge'; known: \['tiny'\]"),
-    ({"batch_size": 0}, "batch_size must be at least 1"),
-    ({"data": {"image_size": 36}}, "not a multiple of the VAE's downsampling factor 8"),
-    ([1, 2], "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"stpes": 3}, r"unknown key\(s\) \['stpes'\] for VAETrainConfig"),
+        ({"data": {"image_sise": 32}}, r"data: unknown key\(s\) \['image_sise'\] for DataConfig"),
+        ({"steps": "ten"}, "steps: expected an integer, got 'ten'"),
+        ({"steps": True}, "steps: expected an integer"),
+        ({"lr": "fast"}, "lr: expected a number"),
+        ({"betas": [0.9]}, "betas: expected a list of 2 values"),
+        ({"vae": "huge"}, r"no VAEConfig preset named 'huge'; known: \['tiny'\]"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"data": {"image_size": 36}}, "not a multiple of the VAE's downsampling factor 8"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
 def test_config_file_errors_are_clear(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(content))
@@ -327,7 +390,7 @@ def test_config_file_errors_are_clear(tmp_path, content, message):
 
 
 def test_main_train_reports_bad_config_files(tmp_path, capsys):
-    (tmp_path / "broken.json").write_text("{\"steps\": 3,")
+    (tmp_path / "broken.json").write_text('{"steps": 3,')
     assert main_train(["vae", "--config", str(tmp_path / "broken.json"), "--out", str(tmp_path / "run")]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
     assert main_train(["clip", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "run")]) == 2

@@ -14,8 +14,8 @@ import copy
 
 import pytest
 import torch
-
 from parity import TOL, max_err
+
 from diffuse.checkpoints.unet_layout import (
     config_from_diffusers,
     config_from_original,
@@ -26,7 +26,6 @@ from diffuse.checkpoints.unet_layout import (
 from diffuse.models.configs import SD1, SD2, UNetConfig
 from diffuse.models.unet import UNet
 from diffuse.runtime import prepare
-
 
 
 def ours_from(reference, prepared: bool = True) -> UNet:
@@ -43,7 +42,9 @@ def ours_from(reference, prepared: bool = True) -> UNet:
 def inputs(cfg: UNetConfig, batch: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random latents [B, in_channels, H, W] and text context [B, 7, context_dim]."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, cfg.in_channels, height, width, generator=g), torch.randn(batch, 7, cfg.context_dim, generator=g)
+    return torch.randn(batch, cfg.in_channels, height, width, generator=g), torch.randn(
+        batch, 7, cfg.context_dim, generator=g
+    )
 
 
 def perturbed(reference):
@@ -60,12 +61,15 @@ def reference(reference_pipes, style):
     return reference_pipes[style].unet
 
 
-@pytest.mark.parametrize("size, timesteps", [
-    ((16, 16), torch.tensor([10, 999])),
-    ((16, 24), 500),  # non-square latent, one python-number timestep for the batch
-    ((16, 24), torch.tensor(250.0)),  # a 0-d float tensor (schedulers may step at fractional t)
-    ((20, 12), torch.tensor([1, 700])),  # sides that the down path halves to odd sizes
-])
+@pytest.mark.parametrize(
+    "size, timesteps",
+    [
+        ((16, 16), torch.tensor([10, 999])),
+        ((16, 24), 500),  # non-square latent, one python-number timestep for the batch
+        ((16, 24), torch.tensor(250.0)),  # a 0-d float tensor (schedulers may step at fractional t)
+        ((20, 12), torch.tensor([1, 700])),  # sides that the down path halves to odd sizes
+    ],
+)
 @pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
 def test_matches_diffusers(reference, size, timesteps, prepared):
     model = ours_from(reference, prepared)
@@ -120,14 +124,23 @@ def test_inpainting_unet_with_9_input_channels(reference):
     assert config_from_original(model.state_dict(), head_dim=16).in_channels == 9
     latents, context = inputs(model.cfg, 2, 16, 16, seed=5)
     with torch.no_grad():
-        err = max_err(model(latents, torch.tensor([3, 800]), context), nine(latents, torch.tensor([3, 800]), context).sample)
+        err = max_err(
+            model(latents, torch.tensor([3, 800]), context), nine(latents, torch.tensor([3, 800]), context).sample
+        )
     assert err <= TOL
 
 
-@pytest.mark.parametrize("preset, heads, diffusers_config", [
-    (SD1, {"num_heads": 8}, dict(cross_attention_dim=768, attention_head_dim=8)),
-    (SD2, {"head_dim": 64}, dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)),
-])
+@pytest.mark.parametrize(
+    "preset, heads, diffusers_config",
+    [
+        (SD1, {"num_heads": 8}, dict(cross_attention_dim=768, attention_head_dim=8)),
+        (
+            SD2,
+            {"head_dim": 64},
+            dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+        ),
+    ],
+)
 def test_full_size_layout_matches_diffusers_converter(preset, heads, diffusers_config):
     """At SD's real size, on meta tensors: our names are the original checkpoint's names
     (diffusers' own ldm converter accepts all of them), and our mapping agrees with it."""
@@ -141,11 +154,15 @@ def test_full_size_layout_matches_diffusers_converter(preset, heads, diffusers_c
     ours = model.state_dict()
     assert config_from_original(ours, **heads) == preset.unet
 
-    converted = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in ours.items()}, reference.config)
+    converted = convert_ldm_unet_checkpoint(
+        {f"model.diffusion_model.{k}": v for k, v in ours.items()}, reference.config
+    )
     mapped = to_diffusers(ours, preset.unet)
     assert set(converted) == set(mapped) == set(reference.state_dict())
     assert all(converted[k] is mapped[k] for k in mapped)  # the same tensor under the same name
-    assert {k: v.shape for k, v in from_diffusers(reference.state_dict(), preset.unet).items()} == {k: v.shape for k, v in ours.items()}
+    assert {k: v.shape for k, v in from_diffusers(reference.state_dict(), preset.unet).items()} == {
+        k: v.shape for k, v in ours.items()
+    }
 
 
 def test_pairs_read_as_the_correspondence():
@@ -159,20 +176,23 @@ def test_pairs_read_as_the_correspondence():
     assert pairs["conv_norm_out"] == "out.0"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("addition_embed_type", "text_time"),  # SDXL's size/crop conditioning
-    ("class_embed_type", "timestep"),
-    ("transformer_layers_per_block", [1, 2, 10]),  # SDXL's non-uniform depth
-    ("flip_sin_to_cos", False),
-    ("freq_shift", 1),
-    ("time_embedding_type", "fourier"),
-    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("only_cross_attention", True),
-    ("resnet_time_scale_shift", "scale_shift"),
-    ("act_fn", "gelu"),
-    ("conv_in_kernel", 1),
-    ("up_block_types", ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("addition_embed_type", "text_time"),  # SDXL's size/crop conditioning
+        ("class_embed_type", "timestep"),
+        ("transformer_layers_per_block", [1, 2, 10]),  # SDXL's non-uniform depth
+        ("flip_sin_to_cos", False),
+        ("freq_shift", 1),
+        ("time_embedding_type", "fourier"),
+        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+        ("only_cross_attention", True),
+        ("resnet_time_scale_shift", "scale_shift"),
+        ("act_fn", "gelu"),
+        ("conv_in_kernel", 1),
+        ("up_block_types", ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    ],
+)
 def test_config_from_diffusers_refuses_unsupported(reference, field, value):
     config = {**reference.config, field: value}
     with pytest.raises(ValueError, match=field):

@@ -9,17 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import diffuse
-from diffuse.cli import main
-from diffuse.train.assemble import assemble
-from diffuse.train.components import final_files, load_final
-from diffuse.train.stages import clip as clip_stage, unet as unet_stage, vae as vae_stage
-from diffuse.train.stages.clip import CLIPTrainConfig, train_clip
-from diffuse.train.stages.unet import UNetTrainConfig, load_conditioning, train_unet
-from diffuse.train.stages.vae import VAETrainConfig
-from diffuse.train.unpack import unpack
-
 from test_assemble_eval import (  # noqa: F401
     DATA,
     FAST,
@@ -34,6 +23,18 @@ from test_assemble_eval import (  # noqa: F401
     stages,
 )
 
+import diffuse
+from diffuse.cli import main
+from diffuse.train.assemble import assemble
+from diffuse.train.components import final_files, load_final
+from diffuse.train.stages import clip as clip_stage
+from diffuse.train.stages import unet as unet_stage
+from diffuse.train.stages import vae as vae_stage
+from diffuse.train.stages.clip import CLIPTrainConfig, train_clip
+from diffuse.train.stages.unet import UNetTrainConfig, load_conditioning, train_unet
+from diffuse.train.stages.vae import VAETrainConfig
+from diffuse.train.unpack import unpack
+
 
 @pytest.fixture(scope="module")
 def unpacked(folder32, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
@@ -46,29 +47,55 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def clip_config(folder: Path, **changes) -> CLIPTrainConfig:
-    return dataclasses.replace(CLIPTrainConfig(text_encoder=MICRO_TEXT, image_encoder=MICRO_IMAGE, data=DATA, steps=1,
-                                               batch_size=4, warmup_steps=0, init_from=str(folder)), **changes)
+    return dataclasses.replace(
+        CLIPTrainConfig(
+            text_encoder=MICRO_TEXT,
+            image_encoder=MICRO_IMAGE,
+            data=DATA,
+            steps=1,
+            batch_size=4,
+            warmup_steps=0,
+            init_from=str(folder),
+        ),
+        **changes,
+    )
 
 
 def unet_config(unpacked: dict[str, Path], **changes) -> UNetTrainConfig:
-    return dataclasses.replace(UNetTrainConfig(unet=MICRO_UNET, vae_dir=str(unpacked["vae"]),
-                                               text_encoder_dir=str(unpacked["text_encoder"]), data=DATA, steps=1,
-                                               batch_size=2, warmup_steps=0, init_from=str(unpacked["unet"])),
-                               **changes)
+    return dataclasses.replace(
+        UNetTrainConfig(
+            unet=MICRO_UNET,
+            vae_dir=str(unpacked["vae"]),
+            text_encoder_dir=str(unpacked["text_encoder"]),
+            data=DATA,
+            steps=1,
+            batch_size=2,
+            warmup_steps=0,
+            init_from=str(unpacked["unet"]),
+        ),
+        **changes,
+    )
 
 
 def test_unpacked_stages_assemble_back_to_the_same_model(folder32, unpacked, tmp_path):  # noqa: F811
     assert all(final_files(folder, "vae")[1].is_file() for folder in unpacked.values())
     assert final_files(unpacked["text_encoder"], "image_tower")[1].is_file()
-    rebuilt = assemble(unpacked["vae"], unpacked["text_encoder"], unpacked["unet"], tmp_path / "again",
-                       dtype=torch.float32, preview_samples=PREVIEW_SAMPLES)
+    rebuilt = assemble(
+        unpacked["vae"],
+        unpacked["text_encoder"],
+        unpacked["unet"],
+        tmp_path / "again",
+        dtype=torch.float32,
+        preview_samples=PREVIEW_SAMPLES,
+    )
     original, again = diffuse.load_pipeline(folder32, dtype="float32"), diffuse.load_pipeline(rebuilt, dtype="float32")
     for name in ("text_encoder", "unet", "vae"):
         assert same_weights(getattr(original, name), getattr(again, name)), name
     assert again.config == dataclasses.replace(original.config, name="again")
     assert again.scheduler_config == original.scheduler_config
-    assert same_weights(load_final(folder32 / "image_tower", "image_tower")[0],
-                        load_final(rebuilt / "image_tower", "image_tower")[0])
+    assert same_weights(
+        load_final(folder32 / "image_tower", "image_tower")[0], load_final(rebuilt / "image_tower", "image_tower")[0]
+    )
     a, b = original.txt2img(PROMPT, seed=3, **FAST), again.txt2img(PROMPT, seed=3, **FAST)
     assert np.array_equal(pixels(a.images), pixels(b.images))
 
@@ -91,8 +118,9 @@ def test_stages_start_from_init_from(unpacked):
     scratch = unet_stage.build_models(dataclasses.replace(config, init_from=None), load_conditioning(config))
     assert not same_weights(scratch["unet"], models["unet"])
     # The VAE's scaling factor is measured, not chosen: a different one in the config is no refusal.
-    vae_config = VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, scaling_factor=0.5), data=DATA,
-                                init_from=str(unpacked["vae"]))
+    vae_config = VAETrainConfig(
+        vae=dataclasses.replace(MICRO_VAE, scaling_factor=0.5), data=DATA, init_from=str(unpacked["vae"])
+    )
     assert same_weights(vae_stage.build_models(vae_config)["vae"], load_final(unpacked["vae"], "vae")[0])
 
 
@@ -103,11 +131,13 @@ def test_fine_tuning_a_model_end_to_end(unpacked, tmp_path):
     assert not same_weights(tuned, load_final(unpacked["text_encoder"], "text_encoder")[0])
     # The unpacked UNet belongs to the unpacked text encoder: not to the one trained further.
     with pytest.raises(ValueError, match="trained on another text_encoder"):
-        assemble(unpacked["vae"], tmp_path / "clip", unpacked["unet"], tmp_path / "mixed",
-                 preview_samples=PREVIEW_SAMPLES)
+        assemble(
+            unpacked["vae"], tmp_path / "clip", unpacked["unet"], tmp_path / "mixed", preview_samples=PREVIEW_SAMPLES
+        )
     train_unet(unet_config(unpacked, text_encoder_dir=str(tmp_path / "clip")), tmp_path / "unet", progress=False)
-    folder = assemble(unpacked["vae"], tmp_path / "clip", tmp_path / "unet", tmp_path / "model",
-                      preview_samples=PREVIEW_SAMPLES)
+    folder = assemble(
+        unpacked["vae"], tmp_path / "clip", tmp_path / "unet", tmp_path / "model", preview_samples=PREVIEW_SAMPLES
+    )
     assert pixels(diffuse.load_pipeline(folder).txt2img(PROMPT, seed=1, **FAST).images).std() > 0
 
 
@@ -121,8 +151,11 @@ def test_init_from_another_architecture_is_refused(unpacked, tmp_path):
     with pytest.raises(ValueError, match="differ in num_res_blocks"):
         unet_stage.build_models(config, load_conditioning(config))
     with pytest.raises(ValueError, match=r"differ in base_channels\)"):
-        vae_stage.build_models(VAETrainConfig(vae=dataclasses.replace(MICRO_VAE, base_channels=16), data=DATA,
-                                                init_from=str(unpacked["vae"])))
+        vae_stage.build_models(
+            VAETrainConfig(
+                vae=dataclasses.replace(MICRO_VAE, base_channels=16), data=DATA, init_from=str(unpacked["vae"])
+            )
+        )
     # A CLIP stage is started on both sides or not at all.
     (tmp_path / "clip").mkdir()
     for path in final_files(unpacked["text_encoder"], "text_encoder"):
@@ -134,8 +167,10 @@ def test_init_from_another_architecture_is_refused(unpacked, tmp_path):
 def test_cli_unpack(folder32, tmp_path, capsys):  # noqa: F811
     assert main(["unpack", str(folder32), "--out", str(tmp_path / "runs")]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == [f"{name}: {tmp_path / 'runs' / folder}"
-                       for name, folder in (("vae", "vae"), ("text_encoder", "clip"), ("unet", "unet"))]
+    assert printed == [
+        f"{name}: {tmp_path / 'runs' / folder}"
+        for name, folder in (("vae", "vae"), ("text_encoder", "clip"), ("unet", "unet"))
+    ]
     assert main(["unpack", str(folder32), "--out", str(tmp_path / "runs")]) == 2
     assert "already holds a finished stage" in capsys.readouterr().err
     assert main(["unpack", str(tmp_path / "nothing"), "--out", str(tmp_path / "other")]) == 2

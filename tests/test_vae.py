@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
+from parity import TOL, max_err
 from safetensors.torch import load_file
 
-from parity import TOL, max_err
 from diffuse.checkpoints.vae_layout import (
     config_from_diffusers,
     config_from_original,
@@ -24,7 +24,6 @@ from diffuse.checkpoints.vae_layout import (
 from diffuse.models.configs import SD1
 from diffuse.models.vae import AutoencoderKL
 from diffuse.runtime import prepare
-
 
 
 def ours_from(reference, prepared: bool = True) -> AutoencoderKL:
@@ -150,8 +149,9 @@ def test_original_names_match_diffusers_converter(ours, reference):
     assert "decoder.up.0.block.2.nin_shortcut.weight" not in ours_state  # full resolution: 32 -> 32 channels
     assert "decoder.up.0.block.0.nin_shortcut.weight" in ours_state  # 64 -> 32 channels
 
-    converted = convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in ours_state.items()},
-                                           dict(reference.config))
+    converted = convert_ldm_vae_checkpoint(
+        {f"first_stage_model.{k}": v for k, v in ours_state.items()}, dict(reference.config)
+    )
     want = reference.state_dict()
     assert sorted(converted) == sorted(want)
     for key, tensor in want.items():
@@ -173,8 +173,9 @@ def test_diffusers_folder_loads_strictly(reference_folders, reference):
     assert cfg.scaling_factor == pytest.approx(reference.config.scaling_factor)
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
-    result = model.load_state_dict(from_diffusers(load_file(vae_dir / "diffusion_pytorch_model.safetensors"), cfg),
-                                   assign=True, strict=True)
+    result = model.load_state_dict(
+        from_diffusers(load_file(vae_dir / "diffusion_pytorch_model.safetensors"), cfg), assign=True, strict=True
+    )
     assert not result.missing_keys and not result.unexpected_keys
 
 
@@ -222,9 +223,15 @@ def test_full_size_sd_vae_matches_diffusers():
     from diffusers import AutoencoderKL as ReferenceVAE
 
     torch.manual_seed(0)
-    reference = ReferenceVAE(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                             norm_num_groups=32, sample_size=512).eval()
+    reference = ReferenceVAE(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    ).eval()
     with torch.no_grad():  # as the fixtures do: no parameter left at an initial constant
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -237,8 +244,11 @@ def test_full_size_sd_vae_matches_diffusers():
     with torch.no_grad():
         got, want = model.encode(x), reference.encode(x).latent_dist
         decoded, want_decoded = model.decode(latents), reference.decode(latents).sample
-    errors = {"mean": max_err(got.mean, want.mean), "logvar": max_err(got.logvar, want.logvar),
-              "decode": max_err(decoded, want_decoded)}
+    errors = {
+        "mean": max_err(got.mean, want.mean),
+        "logvar": max_err(got.logvar, want.logvar),
+        "decode": max_err(decoded, want_decoded),
+    }
     print(f"full-size SD VAE: max abs errors {errors}")
     assert decoded.shape == (1, 3, 64, 64)
     assert max(errors.values()) <= TOL

@@ -19,11 +19,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler
 from parity import TOL
+from sampler_harness import SHAPE, reference_loop, run_ours, run_reference, seeded_noise, start_noise, toy_model
 
 from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions, make_denoiser
 from diffuse.samplers.vp_samplers import VP_ALGORITHMS
-from sampler_harness import (SHAPE, reference_loop, run_ours, run_reference, seeded_noise, start_noise,
-                             toy_model)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 PREDICTIONS = ["epsilon", "v_prediction"]
@@ -46,8 +45,18 @@ def reference(name: str, prediction_type: str = "epsilon", **config):
 def options_for(scheduler) -> SamplerOptions:
     """Our options read from the reference's config, as a model folder's scheduler_config carries over."""
     config = scheduler.config
-    fields = {k: config[k] for k in ("timestep_spacing", "steps_offset", "set_alpha_to_one",
-                                     "original_inference_steps", "timestep_scaling", "skip_prk_steps") if k in config}
+    fields = {
+        k: config[k]
+        for k in (
+            "timestep_spacing",
+            "steps_offset",
+            "set_alpha_to_one",
+            "original_inference_steps",
+            "timestep_scaling",
+            "skip_prk_steps",
+        )
+        if k in config
+    }
     return SamplerOptions(**fields)
 
 
@@ -59,8 +68,6 @@ def sigma_at(scheduler, timesteps) -> torch.Tensor:
 def max_diff(ours: torch.Tensor, expected: torch.Tensor) -> float:
     assert ours.shape == expected.shape, (ours.shape, expected.shape)
     return ((ours - expected).abs().max() / expected.abs().max().clamp(min=1)).item()
-
-
 
 
 def run_reference_seeded(scheduler, timesteps, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -76,9 +83,13 @@ def run_reference_seeded(scheduler, timesteps, x: torch.Tensor, seed: int) -> to
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("name", ["ddim", "plms", "ddpm"])
 def test_plan_matches_reference(name, spacing, prediction_type):
-    for set_alpha_to_one in ([False, True] if name != "ddpm" else [False]):
-        scheduler = reference(name, prediction_type, timestep_spacing=spacing,
-                              **({"set_alpha_to_one": set_alpha_to_one} if name != "ddpm" else {}))
+    for set_alpha_to_one in [False, True] if name != "ddpm" else [False]:
+        scheduler = reference(
+            name,
+            prediction_type,
+            timestep_spacing=spacing,
+            **({"set_alpha_to_one": set_alpha_to_one} if name != "ddpm" else {}),
+        )
         schedule = NoiseSchedule(prediction_type=prediction_type)
         for steps in (1, 2, 7, 10, 25, 50):
             scheduler.set_timesteps(steps)
@@ -167,11 +178,19 @@ def test_plms_v_prediction_extrapolates_noise_predictions(spacing):
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
-@pytest.mark.parametrize("name,config,eta", [
-    ("ddim", {}, 0.5), ("ddim", {}, 1.0), ("ddim", {"timestep_spacing": "trailing"}, 0.7),
-    ("ddim", {"set_alpha_to_one": True}, 1.0), ("ddpm", {}, 0.0), ("ddpm", {"timestep_spacing": "linspace"}, 0.0),
-    ("lcm", {}, 0.0), ("lcm", {"original_inference_steps": 100}, 0.0),
-])
+@pytest.mark.parametrize(
+    "name,config,eta",
+    [
+        ("ddim", {}, 0.5),
+        ("ddim", {}, 1.0),
+        ("ddim", {"timestep_spacing": "trailing"}, 0.7),
+        ("ddim", {"set_alpha_to_one": True}, 1.0),
+        ("ddpm", {}, 0.0),
+        ("ddpm", {"timestep_spacing": "linspace"}, 0.0),
+        ("lcm", {}, 0.0),
+        ("lcm", {"original_inference_steps": 100}, 0.0),
+    ],
+)
 def test_stochastic_run_matches_reference_with_the_same_noise(name, config, eta, prediction_type):
     schedule = NoiseSchedule(prediction_type=prediction_type)
     for steps in (1, 4, 7):
@@ -203,8 +222,14 @@ def test_ddim_eta_zero_draws_no_noise_and_ddpm_is_ddim_eta_one():
     # DDIM with eta=1 stepping to the next planned timestep (leading spacing: one stride down) and
     # on to the clean latent (set_alpha_to_one) is DDPM.
     plan = VP_ALGORITHMS["ddpm"].plan(schedule, 7, SamplerOptions())
-    x = VP_ALGORITHMS["ddim"].run(make_denoiser(toy_model, "epsilon"), start_noise(5) * plan.init_noise_scale,
-                                  plan, seeded_noise(6), None, SamplerOptions(eta=1.0, set_alpha_to_one=True))
+    x = VP_ALGORITHMS["ddim"].run(
+        make_denoiser(toy_model, "epsilon"),
+        start_noise(5) * plan.init_noise_scale,
+        plan,
+        seeded_noise(6),
+        None,
+        SamplerOptions(eta=1.0, set_alpha_to_one=True),
+    )
     assert max_diff(ddpm, x) == 0
 
 
@@ -216,9 +241,14 @@ def test_fresh_noise_has_the_scheduled_variance(name):
     generator = torch.Generator().manual_seed(7)
     shape = (1, 4, 128, 128)  # 65536 values: the sample std is within ~1% of the true one
     variances = []
-    VP_ALGORITHMS[name].run(lambda x, sigma, t: torch.zeros_like(x), torch.randn(shape, generator=generator)
-                            * plan.sigmas[0], plan, lambda: torch.randn(shape, generator=generator),
-                            lambda i, x, d: variances.append(x.var().item()), SamplerOptions())
+    VP_ALGORITHMS[name].run(
+        lambda x, sigma, t: torch.zeros_like(x),
+        torch.randn(shape, generator=generator) * plan.sigmas[0],
+        plan,
+        lambda: torch.randn(shape, generator=generator),
+        lambda i, x, d: variances.append(x.var().item()),
+        SamplerOptions(),
+    )
     expected = (plan.sigmas[1:-1] ** 2).tolist()
     assert variances[:-1] == pytest.approx(expected, rel=0.03)
     assert variances[-1] == pytest.approx(0, abs=1e-8)  # the last step returns the (zero) clean estimate
@@ -242,7 +272,7 @@ def test_img2img_matches_reference(name, spacing):
         scheduler = reference(name, timestep_spacing=spacing)
         scheduler.set_timesteps(steps)
         t_start = steps - min(int(steps * strength), steps)
-        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         start = scheduler.add_noise(clean, noise, timesteps[:1])
@@ -250,8 +280,14 @@ def test_img2img_matches_reference(name, spacing):
 
         plan = VP_ALGORITHMS[name].plan(schedule, steps, options_for(scheduler)).from_strength(strength)
         assert torch.equal(plan.timesteps, timesteps.float())
-        x = VP_ALGORITHMS[name].run(make_denoiser(toy_model, "epsilon"), clean + plan.sigmas[0] * noise, plan,
-                                    seeded_noise(10), None, options_for(scheduler))
+        x = VP_ALGORITHMS[name].run(
+            make_denoiser(toy_model, "epsilon"),
+            clean + plan.sigmas[0] * noise,
+            plan,
+            seeded_noise(10),
+            None,
+            options_for(scheduler),
+        )
         ours = x / (1 + plan.sigmas[-1] ** 2) ** 0.5
         assert max_diff(ours, expected) < TOL, (steps, strength, max_diff(ours, expected))
 
@@ -272,7 +308,7 @@ def test_callback_replacement_matches_reference_inpainting(name):
     for i, t in enumerate(scheduler.timesteps):
         x = scheduler.step(toy_model(x, t), t, x).prev_sample
         if i + 1 < len(scheduler.timesteps):
-            noised = scheduler.add_noise(clean, fixed_noise, scheduler.timesteps[i + 1: i + 2])
+            noised = scheduler.add_noise(clean, fixed_noise, scheduler.timesteps[i + 1 : i + 2])
             x = known * noised + (1 - known) * x
     plan = VP_ALGORITHMS[name].plan(NoiseSchedule(), steps, options_for(scheduler))
     calls = []
@@ -283,8 +319,9 @@ def test_callback_replacement_matches_reference_inpainting(name):
             return known * (clean + plan.sigmas[i + 1] * fixed_noise) + (1 - known) * x
         return None
 
-    ours = run_ours(VP_ALGORITHMS[name], NoiseSchedule(), options_for(scheduler), steps, start_noise(13),
-                    callback=replace_known)
+    ours = run_ours(
+        VP_ALGORITHMS[name], NoiseSchedule(), options_for(scheduler), steps, start_noise(13), callback=replace_known
+    )
     assert calls == list(range(plan.steps))
     assert max_diff(ours, x) < TOL
 

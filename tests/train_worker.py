@@ -41,8 +41,16 @@ def loss_fn(models: dict[str, nn.Module], batch: dict, random: BatchRandom) -> t
 
 
 def config(steps: int, checkpoint_every: int, batch_size: int = 8) -> LoopConfig:
-    return LoopConfig(steps=steps, batch_size=batch_size, lr=3e-2, warmup_steps=3, checkpoint_every=checkpoint_every,
-                      log_every=1, keep_checkpoints=2, seed=7)
+    return LoopConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=3e-2,
+        warmup_steps=3,
+        checkpoint_every=checkpoint_every,
+        log_every=1,
+        keep_checkpoints=2,
+        seed=7,
+    )
 
 
 def make_net(dropout: float) -> nn.Module:
@@ -50,14 +58,21 @@ def make_net(dropout: float) -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.GELU(), nn.Dropout(dropout), nn.Linear(HIDDEN, OUTPUTS))
 
 
-def run(out_dir: str, steps: int, checkpoint_every: int, *, batch_size: int = 8, dropout: float = 0.2,
-        sleep: float = 0.0) -> list[float]:
+def run(
+    out_dir: str, steps: int, checkpoint_every: int, *, batch_size: int = 8, dropout: float = 0.2, sleep: float = 0.0
+) -> list[float]:
     def slow_batch(start: int, count: int) -> dict:
         time.sleep(sleep)
         return make_batch(start, count)
 
-    return train(config(steps, checkpoint_every, batch_size), {"net": make_net(dropout)}, loss_fn,
-                 slow_batch if sleep else make_batch, out_dir, progress=False)
+    return train(
+        config(steps, checkpoint_every, batch_size),
+        {"net": make_net(dropout)},
+        loss_fn,
+        slow_batch if sleep else make_batch,
+        out_dir,
+        progress=False,
+    )
 
 
 def main() -> None:
@@ -65,8 +80,9 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--checkpoint-every", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[8],
-                        help="several: one run per size, each in OUT_DIR/batch-<size>")
+    parser.add_argument(
+        "--batch-size", type=int, nargs="+", default=[8], help="several: one run per size, each in OUT_DIR/batch-<size>"
+    )
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, to leave time for a kill")
     args = parser.parse_args()
@@ -74,15 +90,27 @@ def main() -> None:
     # fight over two cores.
     torch.set_num_threads(1)
     if len(args.batch_size) == 1:
-        run(args.out_dir, args.steps, args.checkpoint_every, batch_size=args.batch_size[0], dropout=args.dropout,
-            sleep=args.sleep)
+        run(
+            args.out_dir,
+            args.steps,
+            args.checkpoint_every,
+            batch_size=args.batch_size[0],
+            dropout=args.dropout,
+            sleep=args.sleep,
+        )
         return
     # Several runs share one process group, joined once here: train() then leaves it alone.
     distributed.setup()
     try:
         for batch_size in args.batch_size:
-            run(f"{args.out_dir}/batch-{batch_size}", args.steps, args.checkpoint_every, batch_size=batch_size,
-                dropout=args.dropout, sleep=args.sleep)
+            run(
+                f"{args.out_dir}/batch-{batch_size}",
+                args.steps,
+                args.checkpoint_every,
+                batch_size=batch_size,
+                dropout=args.dropout,
+                sleep=args.sleep,
+            )
     finally:
         distributed.teardown()
 

@@ -81,7 +81,7 @@ def count_layers(state: Mapping[str, torch.Tensor]) -> int:
 
 def _block_index(key: str) -> int | None:
     """i for "transformer.resblocks.{i}.*", else None."""
-    return int(key[len(OPEN_CLIP_BLOCKS):].split(".")[0]) if key.startswith(OPEN_CLIP_BLOCKS) else None
+    return int(key[len(OPEN_CLIP_BLOCKS) :].split(".")[0]) if key.startswith(OPEN_CLIP_BLOCKS) else None
 
 
 def open_clip_layers(state: Mapping[str, torch.Tensor]) -> int:
@@ -107,7 +107,11 @@ def sd2_layers(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def _block_pairs(layers: int) -> PrefixPairs:
-    return [(f"{OPEN_CLIP_BLOCKS}{i}.{a}", f"encoder.layers.{i}.{b}") for i in range(layers) for a, b in OPEN_CLIP_BLOCK_PAIRS]
+    return [
+        (f"{OPEN_CLIP_BLOCKS}{i}.{a}", f"encoder.layers.{i}.{b}")
+        for i in range(layers)
+        for a, b in OPEN_CLIP_BLOCK_PAIRS
+    ]
 
 
 def from_open_clip(state: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
@@ -141,7 +145,9 @@ def to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if proj not in ("q_proj", "k_proj", "v_proj"):
             fused[key] = tensor
         elif proj == "q_proj":  # k_proj and v_proj are gathered here too
-            fused[f"{attn}.in_proj_{leaf}"] = torch.cat([state[f"{attn}.{p}.{leaf}"] for p in ("q_proj", "k_proj", "v_proj")])
+            fused[f"{attn}.in_proj_{leaf}"] = torch.cat(
+                [state[f"{attn}.{p}.{leaf}"] for p in ("q_proj", "k_proj", "v_proj")]
+            )
     return rename_prefixes(fused, invert(OPEN_CLIP_PAIRS + _block_pairs(count_layers(state))))
 
 
@@ -165,7 +171,9 @@ TRANSFORMERS_FIELDS = {
 def config_from_transformers(config: Mapping) -> TextEncoderConfig:
     """A diffusers folder's text_encoder/config.json (a transformers CLIPTextConfig) -> ours."""
     check_fields(config, TRANSFORMERS_FIELDS)
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in config]
+    missing = [
+        k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in config
+    ]
     if missing:
         raise ValueError(f"text encoder config lacks {missing}")
     activation = config.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default
@@ -220,7 +228,11 @@ def config_from_weights(state: Mapping[str, torch.Tensor], *, activation: str, h
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unsupported text encoder activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-    for key in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight", "encoder.layers.0.mlp.fc1.weight"):
+    for key in (
+        "embeddings.token_embedding.weight",
+        "embeddings.position_embedding.weight",
+        "encoder.layers.0.mlp.fc1.weight",
+    ):
         if key not in state:
             raise ValueError(f"text encoder state lacks {key}")
     vocab_size, width = dims(state, "embeddings.token_embedding.weight", 2)

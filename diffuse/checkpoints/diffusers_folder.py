@@ -121,8 +121,10 @@ def check_tokenizer_files(folder: Path) -> None:
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name
         if path.is_file() and path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
-            raise CheckpointError(path, f"is {path.stat().st_size} bytes, over the "
-                                        f"{MAX_TOKENIZER_FILE_BYTES}-byte limit for a tokenizer file")
+            raise CheckpointError(
+                path,
+                f"is {path.stat().st_size} bytes, over the {MAX_TOKENIZER_FILE_BYTES}-byte limit for a tokenizer file",
+            )
 
 
 def read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -144,18 +146,25 @@ def read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]
             single = folder / f"{stem}{suffix}"
             if single.is_file():
                 return read_state_dict(single), single
-    raise CheckpointError(folder, "no weights file found (expected e.g. diffusion_pytorch_model.safetensors or model.safetensors)")
+    raise CheckpointError(
+        folder, "no weights file found (expected e.g. diffusion_pytorch_model.safetensors or model.safetensors)"
+    )
 
 
-def read_diffusers_folder(root: Path, pad_token_id: int) -> tuple[PipelineConfig, dict[str, tuple[dict[str, torch.Tensor], Path]]]:
+def read_diffusers_folder(
+    root: Path, pad_token_id: int
+) -> tuple[PipelineConfig, dict[str, tuple[dict[str, torch.Tensor], Path]]]:
     """The pipeline config and, per component, its tensors in OUR layout and the file they came from.
 
     `pad_token_id` comes from the folder's own tokenizer files, read by the caller.
     """
-    unet_cfg, sample_size = read_config(root / "unet" / "config.json", lambda config: (
-        unet_layout.config_from_diffusers(config),
-        config.get("sample_size") or 64,  # null (diffusers' own default) means SD's 64
-    ))
+    unet_cfg, sample_size = read_config(
+        root / "unet" / "config.json",
+        lambda config: (
+            unet_layout.config_from_diffusers(config),
+            config.get("sample_size") or 64,  # null (diffusers' own default) means SD's 64
+        ),
+    )
     vae_cfg = read_config(root / "vae" / "config.json", vae_layout.config_from_diffusers)
     text_cfg = read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
     prediction_type = read_scheduler_config(root).get("prediction_type", "epsilon")
@@ -184,7 +193,7 @@ def preview_matrix_json(matrix: torch.Tensor) -> dict:
     """What PREVIEW_MATRIX_FILE holds: the [C, 3] or [C + 1, 3] matrix as rows of numbers."""
     return {
         "_description": "latent -> RGB preview: one row per latent channel (UNet scale), then an optional bias "
-                        "row; rgb = latents @ rows, in [-1, 1]",
+        "row; rgb = latents @ rows, in [-1, 1]",
         "matrix": [[float(v) for v in row] for row in matrix.tolist()],
     }
 

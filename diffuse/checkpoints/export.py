@@ -40,13 +40,22 @@ from ..samplers.schedule import NoiseSchedule, SamplerOptions
 from . import clip_layout, unet_layout, vae_layout
 from .diffusers_folder import PREVIEW_MATRIX_FILE, preview_matrix_json
 
-WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-           "text_encoder": "model.safetensors"}
+WEIGHTS = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def save_diffusers_folder(pipe: Pipeline, folder: str | Path, *, dtype: torch.dtype | None = None,
-                          overwrite: bool = False, extra_files: Mapping[str, bytes] | None = None) -> Path:
+def save_diffusers_folder(
+    pipe: Pipeline,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
     """Write `pipe` as a diffusers folder at `folder` and return its path.
 
     `dtype` casts the weights as they are written (e.g. torch.float16 to ship half the
@@ -99,15 +108,20 @@ def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     cfg, tokenizer = pipe.config, pipe.tokenizer
     if tokenizer.pad_token_id != cfg.pad_token_id:
         # The folder states the pad token once, in the tokenizer; the two must agree.
-        raise ValueError(f"the tokenizer pads with id {tokenizer.pad_token_id} but the pipeline config says "
-                         f"pad_token_id={cfg.pad_token_id}")
+        raise ValueError(
+            f"the tokenizer pads with id {tokenizer.pad_token_id} but the pipeline config says "
+            f"pad_token_id={cfg.pad_token_id}"
+        )
     configs = {
         "unet": unet_layout.config_to_diffusers(cfg.unet, sample_size=cfg.sample_size),
         # The VAE works in pixels: the trained image side is the latent side times its downsampling.
         "vae": vae_layout.config_to_diffusers(cfg.vae, sample_size=cfg.image_size),
         "text_encoder": clip_layout.config_to_transformers(
-            cfg.text_encoder, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id),
+            cfg.text_encoder,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
     }
     read_back = {
         "unet": (unet_layout.config_from_diffusers(configs["unet"]), cfg.unet),
@@ -116,7 +130,9 @@ def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     }
     for name, (got, want) in read_back.items():
         if got != want:
-            raise ValueError(f"{name}: the diffusers config cannot express this architecture ({want} reads back as {got})")
+            raise ValueError(
+                f"{name}: the diffusers config cannot express this architecture ({want} reads back as {got})"
+            )
     return configs
 
 
@@ -187,8 +203,10 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
     # Contiguous CPU tensors, as safetensors stores each one's bytes; only floating weights are cast.
-    tensors = {k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
-               for k, v in state.items()}
+    tensors = {
+        k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+        for k, v in state.items()
+    }
     data = safetensors_bytes(tensors, metadata={"format": "pt"})  # transformers insists on the format tag
     del tensors
     atomic_write(path, lambda f: f.write(data))

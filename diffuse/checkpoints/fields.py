@@ -25,6 +25,7 @@ def integer(low: int, high: int) -> Check:
         if not _is_int(value) or not low <= value <= high:
             return f"must be an integer from {low} to {high}"
         return None
+
     return check
 
 
@@ -37,6 +38,7 @@ def number(low: float, high: float, *, above_low: bool = False) -> Check:
         if not finite or value > high or value < low or (above_low and value == low):
             return f"must be a finite number {span}"
         return None
+
     return check
 
 
@@ -46,17 +48,20 @@ def flag(value: Any) -> str | None:
 
 def text(*choices: str) -> Check:
     """A string; one of `choices` when they are given."""
+
     def check(value: Any) -> str | None:
         if not isinstance(value, str):
             return "must be a string"
         if choices and value not in choices:
             return f"must be one of {', '.join(map(repr, choices))}"
         return None
+
     return check
 
 
 def listing(item: Check, low: int, high: int) -> Check:
     """A list of `low` to `high` values, each passing `item`."""
+
     def check(value: Any) -> str | None:
         if not isinstance(value, (list, tuple)) or not low <= len(value) <= high:
             return f"must be a list of {low} to {high} entries"
@@ -64,24 +69,29 @@ def listing(item: Check, low: int, high: int) -> Check:
             if (problem := item(entry)) is not None:
                 return f"entry {i} {problem}"
         return None
+
     return check
 
 
 def one_of(*checks: Check) -> Check:
     """Passes when any of `checks` does (e.g. a count, or a list of counts per level)."""
+
     def check(value: Any) -> str | None:
         problems = [c(value) for c in checks]
         return None if None in problems else " or ".join(dict.fromkeys(problems))
+
     return check
 
 
 def optional(inner: Check) -> Check:
     """null, or a value passing `inner`."""
+
     def check(value: Any) -> str | None:
         if value is None:
             return None
         problem = inner(value)
         return None if problem is None else f"{problem} (or null)"
+
     return check
 
 

@@ -57,13 +57,17 @@ def build_and_fill(
         raise CheckpointError(path, f"{component}: missing tensor(s) {_listing(missing)}")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise CheckpointError(path, f"{component}: unexpected tensor(s) {_listing(unexpected)}; "
-                                    "the checkpoint does not match the detected architecture")
+        raise CheckpointError(
+            path,
+            f"{component}: unexpected tensor(s) {_listing(unexpected)}; "
+            "the checkpoint does not match the detected architecture",
+        )
     for name, want in expected.items():
         got = state[name]
         if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(path, f"{component}: tensor {name} has shape {tuple(got.shape)}, "
-                                        f"expected {tuple(want.shape)}")
+            raise CheckpointError(
+                path, f"{component}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+            )
         if not got.is_floating_point():
             raise CheckpointError(path, f"{component}: tensor {name} has dtype {got.dtype}, expected floating point")
     # Each tensor's file pages are given back once read (diffuse.checkpoints.pages): the
@@ -87,6 +91,9 @@ def _refuse_non_finite(name: str, source: torch.Tensor, cast: torch.Tensor, path
     only in the run's dtype (finite values beyond its range)."""
     check_finite({name: source}, path)  # raises when the file itself holds NaN or Inf
     dtype = str(cast.dtype).removeprefix("torch.")
-    raise CheckpointError(path, f"tensor {name} overflows {dtype}: {int(torch.isinf(cast).sum())} of its "
-                                f"{cast.numel()} values are beyond {dtype}'s ±{torch.finfo(cast.dtype).max:g} "
-                                f"(largest {source.abs().max().item():g}); load it in float32")
+    raise CheckpointError(
+        path,
+        f"tensor {name} overflows {dtype}: {int(torch.isinf(cast).sum())} of its "
+        f"{cast.numel()} values are beyond {dtype}'s ±{torch.finfo(cast.dtype).max:g} "
+        f"(largest {source.abs().max().item():g}); load it in float32",
+    )

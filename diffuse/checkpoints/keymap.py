@@ -44,7 +44,7 @@ def child_indices(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     indices = set()
     for key in state:
         if key.startswith(prefix):
-            head = key[len(prefix):].split(".", 1)[0]
+            head = key[len(prefix) :].split(".", 1)[0]
             if head.isdigit():
                 indices.add(int(head))
     return sorted(indices)
@@ -72,4 +72,4 @@ def dims(state: Mapping[str, torch.Tensor], key: str, rank: int) -> torch.Size:
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` (e.g. "model.diffusion_model."), with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -54,7 +54,7 @@ _STAND_INS = [(_InertMetadata, name) for name in ALLOWED_METADATA_GLOBALS]
 
 
 def sniff_format(path: str | Path) -> str:
-    """"safetensors", "torch-zip" or "torch-legacy", decided from the first bytes."""
+    """ "safetensors", "torch-zip" or "torch-legacy", decided from the first bytes."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file")
@@ -69,8 +69,11 @@ def sniff_format(path: str | Path) -> str:
     if size == 0:
         raise CheckpointError(path, "empty file (0 bytes)")
     if head.startswith(LFS_POINTER):
-        raise CheckpointError(path, "is a Git LFS pointer file, not the weights: the real file was never "
-                                    "fetched (run `git lfs pull` in its repository, or download it directly)")
+        raise CheckpointError(
+            path,
+            "is a Git LFS pointer file, not the weights: the real file was never "
+            "fetched (run `git lfs pull` in its repository, or download it directly)",
+        )
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith(b"<") and (b"<html" in text or b"<!doctype html" in text):
         raise CheckpointError(path, "is an HTML page, not a checkpoint (a failed or login-walled download?)")
@@ -83,8 +86,9 @@ def sniff_format(path: str | Path) -> str:
     if head[8:9] == b"{":  # safetensors: u64 header length, then a JSON object
         header_length(path, size, head)  # refused here, unread, when over the cap or past the file's end
         return "safetensors"
-    raise CheckpointError(path, f"unrecognized format, first bytes {head[:16]!r} "
-                                "(expected safetensors or a torch.save checkpoint)")
+    raise CheckpointError(
+        path, f"unrecognized format, first bytes {head[:16]!r} (expected safetensors or a torch.save checkpoint)"
+    )
 
 
 # ---------------------------------------------------------------- safetensors
@@ -111,12 +115,18 @@ def _refused(path: Path, message: str) -> UnsafeCheckpointError:
         name = (blocked or unknown).group(1)
         if unknown and "." not in name:
             name = f"builtins.{name}"  # torch's message drops the "builtins." of e.g. builtins.eval
-        return UnsafeCheckpointError(path, f"refused: its pickle calls {name}, which is not tensor data "
-                                           "(nothing was executed; do not load this file with plain torch.load)")
+        return UnsafeCheckpointError(
+            path,
+            f"refused: its pickle calls {name}, which is not tensor data "
+            "(nothing was executed; do not load this file with plain torch.load)",
+        )
     paragraphs = [p.strip() for p in message.split("\n\n") if p.strip()]
     reason = next((p for p in reversed(paragraphs) if not p.startswith("Check the documentation")), message)
-    return UnsafeCheckpointError(path, f"refused: its pickle does something torch's weights-only loader "
-                                       f"does not allow ({reason}); nothing was executed")
+    return UnsafeCheckpointError(
+        path,
+        f"refused: its pickle does something torch's weights-only loader "
+        f"does not allow ({reason}); nothing was executed",
+    )
 
 
 def _read_torch(path: Path, is_zip: bool) -> object:
@@ -183,5 +193,6 @@ def check_finite(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
             continue
         nan = int(torch.isnan(tensor).sum())
         bad = tensor.numel() - int(torch.isfinite(tensor).sum())
-        raise CheckpointError(path, f"tensor {name} has {bad} non-finite value(s) of {tensor.numel()} "
-                                    f"({nan} NaN, {bad - nan} Inf)")
+        raise CheckpointError(
+            path, f"tensor {name} has {bad} non-finite value(s) of {tensor.numel()} ({nan} NaN, {bad - nan} Inf)"
+        )

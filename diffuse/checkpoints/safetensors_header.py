@@ -31,8 +31,24 @@ METADATA = "__metadata__"
 
 # The dtypes safetensors' torch loader knows, with their sizes in bytes.
 ITEM_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U64": 8, "U32": 4, "U16": 2, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "C64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
 }
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -45,11 +61,16 @@ def header_length(path: Path, file_size: int, first_bytes: bytes) -> int:
     """The declared header length, refused when over the cap or longer than the file, unread."""
     length = struct.unpack("<Q", first_bytes[:8])[0]
     if length > MAX_HEADER_BYTES:
-        raise CheckpointError(path, f"safetensors header length {length} is over the {MAX_HEADER_BYTES}-byte limit "
-                                    "(a corrupt or hostile file; nothing of it was read)")
+        raise CheckpointError(
+            path,
+            f"safetensors header length {length} is over the {MAX_HEADER_BYTES}-byte limit "
+            "(a corrupt or hostile file; nothing of it was read)",
+        )
     if 8 + length > file_size:
-        raise CheckpointError(path, f"truncated: the safetensors header is {length} bytes "
-                                    f"but only {file_size - 8} bytes follow its length")
+        raise CheckpointError(
+            path,
+            f"truncated: the safetensors header is {length} bytes but only {file_size - 8} bytes follow its length",
+        )
     return length
 
 
@@ -61,8 +82,11 @@ def _check_structure(path: Path, raw: bytes) -> None:
         raise CheckpointError(path, f"safetensors header holds over {MAX_HEADER_VALUES} JSON values")
     flat = _FLAT_OBJECT.sub(b"", _FLAT_OBJECT.sub(b"", _LEAF_LIST.sub(b"", skeleton)))
     if flat:
-        raise CheckpointError(path, "corrupt safetensors header: JSON nested deeper than "
-                                    "{tensor: {field: [numbers]}} (or its brackets do not match)")
+        raise CheckpointError(
+            path,
+            "corrupt safetensors header: JSON nested deeper than "
+            "{tensor: {field: [numbers]}} (or its brackets do not match)",
+        )
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -81,6 +105,7 @@ def _is_count(value: Any) -> bool:
 
 def _entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[int, int]:
     """One tensor's (start, end) in the data area, after checking its every field."""
+
     def fault(problem: str) -> CheckpointError:
         return CheckpointError(path, f"safetensors header: tensor {shown(name)}: {problem}")
 
@@ -102,14 +127,19 @@ def _entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[int, int]
     if not 0 <= start <= end:
         raise fault(f"data_offsets {offsets} are not in order (0 <= start <= end)")
     if end > data_size:
-        raise CheckpointError(path, f"truncated: header promises {end} bytes of tensor data but the file has "
-                                    f"{data_size} (tensor {shown(name)})")
+        raise CheckpointError(
+            path,
+            f"truncated: header promises {end} bytes of tensor data but the file has "
+            f"{data_size} (tensor {shown(name)})",
+        )
     numel = 1
     for d in shape:
         numel *= d
     if numel * ITEM_SIZES[dtype] != end - start:
-        raise fault(f"shape {shape} of {dtype} needs {numel * ITEM_SIZES[dtype]} bytes "
-                    f"but data_offsets {offsets} hold {end - start}")
+        raise fault(
+            f"shape {shape} of {dtype} needs {numel * ITEM_SIZES[dtype]} bytes "
+            f"but data_offsets {offsets} hold {end - start}"
+        )
     return start, end
 
 
@@ -121,7 +151,9 @@ def read_header(path: Path) -> dict[str, Any]:
         length = header_length(path, size, file.read(8))
         raw = file.read(length)
     if len(raw) != length:
-        raise CheckpointError(path, f"truncated: the safetensors header is {length} bytes but only {len(raw)} were read")
+        raise CheckpointError(
+            path, f"truncated: the safetensors header is {length} bytes but only {len(raw)} were read"
+        )
     _check_structure(path, raw)
     try:
         header = json.loads(raw, object_pairs_hook=_object_without_duplicates)
@@ -139,13 +171,21 @@ def read_header(path: Path) -> dict[str, Any]:
     covered, previous = 0, None
     for (start, end), name in spans:
         if start < covered:
-            raise CheckpointError(path, f"safetensors header: tensor {shown(name)}'s data {start}..{end} "
-                                        f"overlaps tensor {shown(previous)}'s")
+            raise CheckpointError(
+                path,
+                f"safetensors header: tensor {shown(name)}'s data {start}..{end} overlaps tensor {shown(previous)}'s",
+            )
         if start > covered:
-            raise CheckpointError(path, f"safetensors header: bytes {covered}..{start} of the data area belong "
-                                        f"to no tensor (before tensor {shown(name)})")
+            raise CheckpointError(
+                path,
+                f"safetensors header: bytes {covered}..{start} of the data area belong "
+                f"to no tensor (before tensor {shown(name)})",
+            )
         covered, previous = max(covered, end), name
     if covered != data_size:
-        raise CheckpointError(path, f"safetensors header: its tensors cover {covered} bytes of data but the file "
-                                    f"has {data_size} (bytes after the last tensor)")
+        raise CheckpointError(
+            path,
+            f"safetensors header: its tensors cover {covered} bytes of data but the file "
+            f"has {data_size} (bytes after the last tensor)",
+        )
     return header

@@ -35,7 +35,7 @@ _UNUSED_VAE_PREFIXES = ("loss.",)
 
 
 def detect_family(state: dict[str, torch.Tensor], path: Path) -> str:
-    """"sd1" or "sd2", from which text encoder the checkpoint carries."""
+    """ "sd1" or "sd2", from which text encoder the checkpoint carries."""
     if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
         return "sd2"
     if any(k.startswith(SD1_TEXT_PREFIX) for k in state):
@@ -44,7 +44,9 @@ def detect_family(state: dict[str, torch.Tensor], path: Path) -> str:
         raise CheckpointError(path, "this is an SDXL checkpoint; diffuse runs SD 1.x and 2.x")
     if not any(k.startswith(UNET_PREFIX) for k in state):
         raise CheckpointError(path, f"no Stable Diffusion UNet found (no tensor starts with {UNET_PREFIX!r})")
-    raise CheckpointError(path, "no text encoder found (neither cond_stage_model.transformer. nor cond_stage_model.model.)")
+    raise CheckpointError(
+        path, "no text encoder found (neither cond_stage_model.transformer. nor cond_stage_model.model.)"
+    )
 
 
 def split_single_file(
@@ -74,9 +76,15 @@ def split_single_file(
         text_cfg = clip_layout.config_from_weights(text_state, activation=preset.text_encoder.activation)
     except ValueError as e:
         raise CheckpointError(path, f"unrecognized {family.upper()} architecture: {e}") from None
-    config = PipelineConfig(name=path.stem, text_encoder=text_cfg, unet=unet_cfg, vae=vae_cfg,
-                            prediction_type=sidecar_prediction_type(path) or preset.prediction_type,
-                            pad_token_id=preset.pad_token_id, sample_size=preset.sample_size)
+    config = PipelineConfig(
+        name=path.stem,
+        text_encoder=text_cfg,
+        unet=unet_cfg,
+        vae=vae_cfg,
+        prediction_type=sidecar_prediction_type(path) or preset.prediction_type,
+        pad_token_id=preset.pad_token_id,
+        sample_size=preset.sample_size,
+    )
     return config, networks
 
 
@@ -89,7 +97,7 @@ def sidecar_prediction_type(path: Path) -> str | None:
     if not yaml.is_file():
         return None
     text = yaml.read_text(encoding="utf-8", errors="replace")
-    return "v_prediction" if "parameterization: \"v\"" in text or "parameterization: v" in text else "epsilon"
+    return "v_prediction" if 'parameterization: "v"' in text or "parameterization: v" in text else "epsilon"
 
 
 def join_single_file(

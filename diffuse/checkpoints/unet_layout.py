@@ -160,7 +160,9 @@ _BLOCK_TYPES = listing(text(), 1, limits.MAX_LEVELS)
 # Every field of `unet/config.json` that config_from_diffusers reads: its type and range,
 # checked before any is used (diffuse.checkpoints.fields).
 DIFFUSERS_FIELDS = {
-    "sample_size": optional(one_of(integer(1, limits.MAX_SAMPLE_SIZE), listing(integer(1, limits.MAX_SAMPLE_SIZE), 1, 2))),
+    "sample_size": optional(
+        one_of(integer(1, limits.MAX_SAMPLE_SIZE), listing(integer(1, limits.MAX_SAMPLE_SIZE), 1, 2))
+    ),
     "in_channels": _IO,
     "out_channels": _IO,
     "block_out_channels": listing(_CHANNELS, 1, limits.MAX_LEVELS),
@@ -169,8 +171,12 @@ DIFFUSERS_FIELDS = {
     "layers_per_block": _per_level(integer(1, limits.MAX_RES_BLOCKS)),
     "attention_head_dim": optional(_per_level(integer(1, limits.MAX_HEADS))),
     "num_attention_heads": optional(_per_level(integer(1, limits.MAX_HEADS))),
-    "transformer_layers_per_block": _per_level(one_of(integer(1, limits.MAX_TRANSFORMER_DEPTH),
-                                                      listing(integer(1, limits.MAX_TRANSFORMER_DEPTH), 1, limits.MAX_RES_BLOCKS + 1))),
+    "transformer_layers_per_block": _per_level(
+        one_of(
+            integer(1, limits.MAX_TRANSFORMER_DEPTH),
+            listing(integer(1, limits.MAX_TRANSFORMER_DEPTH), 1, limits.MAX_RES_BLOCKS + 1),
+        )
+    ),
     "cross_attention_dim": _per_level(_CHANNELS),
     "use_linear_projection": optional(flag),
     "only_cross_attention": _per_level(flag),
@@ -187,7 +193,9 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         if field in config and config[field] not in allowed:
             raise refuse(field, config[field], f"this UNet runs SD 1.x/2.x, which use {allowed[0]!r}")
     if uniform(config, "only_cross_attention", False):
-        raise refuse("only_cross_attention", config["only_cross_attention"], "every transformer here has self-attention")
+        raise refuse(
+            "only_cross_attention", config["only_cross_attention"], "every transformer here has self-attention"
+        )
     norm_groups = config.get("norm_num_groups", 32)
     if norm_groups is None:
         raise refuse("norm_num_groups", None, "this UNet normalises with GroupNorm")
@@ -272,13 +280,20 @@ def config_from_original(
     """
     if (num_heads is None) == (head_dim is None):
         raise ValueError("give exactly one of num_heads (SD1: 8) or head_dim (SD2: 64)")
-    required = ["time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.1.proj_in.weight",
-                "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "out.2.weight"]
+    required = [
+        "time_embed.0.weight",
+        "input_blocks.0.0.weight",
+        "middle_block.1.proj_in.weight",
+        "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        "out.2.weight",
+    ]
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"does not look like a Stable Diffusion UNet: no {', '.join(missing)}")
     if any(k.startswith("label_emb.") for k in state):
-        raise ValueError("the UNet has label_emb (class labels or SDXL's size conditioning), which diffuse does not run")
+        raise ValueError(
+            "the UNet has label_emb (class labels or SDXL's size conditioning), which diffuse does not run"
+        )
 
     conv_in = dims(state, "input_blocks.0.0.weight", 4)
     model_channels = conv_in[0]
@@ -291,7 +306,9 @@ def config_from_original(
     if extra or num_res_blocks == 0 or downsamples != expected_downsamples or inputs != list(range(len(inputs))):
         raise ValueError(f"input_blocks {inputs} with downsamples at {downsamples} do not form SD's level structure")
     if child_indices(state, "output_blocks.") != list(range(levels * (num_res_blocks + 1))):
-        raise ValueError(f"expected {levels * (num_res_blocks + 1)} output_blocks for {levels} levels of {num_res_blocks}")
+        raise ValueError(
+            f"expected {levels * (num_res_blocks + 1)} output_blocks for {levels} levels of {num_res_blocks}"
+        )
 
     channel_mult, attention_levels = [], []
     for level in range(levels):
@@ -308,7 +325,9 @@ def config_from_original(
         if m := re.match(r"^(.*)\.transformer_blocks\.(\d+)\.", key):
             depth_of[m.group(1)] = max(depth_of.get(m.group(1), 0), int(m.group(2)) + 1)
     if len(set(depth_of.values())) != 1:
-        raise ValueError(f"transformer depths differ between blocks ({sorted(set(depth_of.values()))}); diffuse needs one depth")
+        raise ValueError(
+            f"transformer depths differ between blocks ({sorted(set(depth_of.values()))}); diffuse needs one depth"
+        )
 
     widths = [model_channels * m for m in channel_mult]
     if head_dim is not None and any(w % head_dim for w in widths):

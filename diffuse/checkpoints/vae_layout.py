@@ -92,8 +92,9 @@ _IO = integer(1, limits.MAX_IO_CHANNELS)
 # Every field of `vae/config.json` that config_from_diffusers reads: its type and range,
 # checked before any is used (diffuse.checkpoints.fields).
 DIFFUSERS_FIELDS = {
-    "sample_size": optional(one_of(integer(1, 8 * limits.MAX_SAMPLE_SIZE),
-                                   listing(integer(1, 8 * limits.MAX_SAMPLE_SIZE), 1, 2))),
+    "sample_size": optional(
+        one_of(integer(1, 8 * limits.MAX_SAMPLE_SIZE), listing(integer(1, 8 * limits.MAX_SAMPLE_SIZE), 1, 2))
+    ),
     "in_channels": _IO,
     "out_channels": _IO,
     "latent_channels": _IO,
@@ -183,8 +184,14 @@ def config_from_original(state: Mapping[str, torch.Tensor]) -> VAEConfig:
     GroupNorm's group count and the scaling factor are not in the tensors; they are
     taken as SD's (32, 0.18215).
     """
-    needed = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight",
-              "quant_conv.weight", "post_quant_conv.weight", "encoder.mid.attn_1.q.weight")
+    needed = (
+        "encoder.conv_in.weight",
+        "encoder.conv_out.weight",
+        "decoder.conv_out.weight",
+        "quant_conv.weight",
+        "post_quant_conv.weight",
+        "encoder.mid.attn_1.q.weight",
+    )
     missing = [k for k in needed if k not in state]
     if missing:
         hint = ""
@@ -200,7 +207,10 @@ def config_from_original(state: Mapping[str, torch.Tensor]) -> VAEConfig:
         raise ValueError("not an original-layout SD VAE state dict: no encoder.down.{i}.block.{j} tensors")
     if any(".attn." in k for k in state if k.startswith(("encoder.down.", "decoder.up."))):
         raise ValueError("VAE has attention inside its resolution levels (attn_resolutions); SD's VAE has none")
-    if count_numbered(state, "decoder.up.") != levels or count_numbered(state, "decoder.up.0.block.") != num_res_blocks + 1:
+    if (
+        count_numbered(state, "decoder.up.") != levels
+        or count_numbered(state, "decoder.up.0.block.") != num_res_blocks + 1
+    ):
         raise ValueError(f"VAE decoder does not mirror the encoder ({levels} levels of {num_res_blocks} blocks)")
 
     base_channels, in_channels = dims(state, "encoder.conv_in.weight", 4)[:2]

@@ -27,7 +27,9 @@ MAX_PICKLE_BYTES = 64_000_000  # the pickle torch reads whole (SD's: ~100 kB)
 _END = struct.Struct("<4s4H2LH")  # end of central directory
 _END64_LOCATOR = struct.Struct("<4sLQL")
 _END64 = struct.Struct("<4sQ2H2L4Q")
-_LOCAL = struct.Struct("<4s5H3L2H")  # local file header: sig, version, flags, method, time, date, crc, sizes, name/extra lengths
+_LOCAL = struct.Struct(
+    "<4s5H3L2H"
+)  # local file header: sig, version, flags, method, time, date, crc, sizes, name/extra lengths
 _SEARCH = _END.size + 65_535  # the end record can be followed by a comment of up to 64 kB
 _HAS_DESCRIPTOR = 0x08
 
@@ -46,7 +48,7 @@ def _directory_span(file: BinaryIO, size: int, path: Path) -> tuple[int, int, in
         raise CheckpointError(path, "corrupt torch zip archive: bytes after the end of central directory")
     directory_end = end_record
     locator = at - _END64_LOCATOR.size
-    if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
         end64 = _END64_LOCATOR.unpack_from(tail, locator)[2]
         if end64 + _END64.size > tail_start + locator:
             raise CheckpointError(path, "corrupt torch zip archive: its zip64 end record lies outside the file")
@@ -56,11 +58,17 @@ def _directory_span(file: BinaryIO, size: int, path: Path) -> tuple[int, int, in
             raise CheckpointError(path, "corrupt torch zip archive: no zip64 end record where its locator points")
         directory_end = end64
     if dir_offset + dir_size != directory_end:
-        raise CheckpointError(path, f"corrupt torch zip archive: the central directory is said to span "
-                                    f"{dir_offset}..{dir_offset + dir_size} but ends at {directory_end}")
+        raise CheckpointError(
+            path,
+            f"corrupt torch zip archive: the central directory is said to span "
+            f"{dir_offset}..{dir_offset + dir_size} but ends at {directory_end}",
+        )
     if dir_size > MAX_DIRECTORY_BYTES or count > MAX_RECORDS:
-        raise CheckpointError(path, f"torch zip archive has {count} records in a {dir_size}-byte directory, over "
-                                    f"the limits ({MAX_RECORDS} records, {MAX_DIRECTORY_BYTES} bytes)")
+        raise CheckpointError(
+            path,
+            f"torch zip archive has {count} records in a {dir_size}-byte directory, over "
+            f"the limits ({MAX_RECORDS} records, {MAX_DIRECTORY_BYTES} bytes)",
+        )
     return dir_offset, dir_size, count
 
 
@@ -85,8 +93,9 @@ def check_zip_records(path: Path) -> None:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise CheckpointError(path, f"truncated or corrupt torch zip archive: {e}") from None
         if len(infos) != count:
-            raise CheckpointError(path, f"corrupt torch zip archive: {len(infos)} records in the directory, "
-                                        f"{count} in its end record")
+            raise CheckpointError(
+                path, f"corrupt torch zip archive: {len(infos)} records in the directory, {count} in its end record"
+            )
         names = [info.filename for info in infos]
         if len(set(names)) != len(names):
             raise CheckpointError(path, "corrupt torch zip archive: a record name appears twice")
@@ -114,12 +123,16 @@ def _check_record(file: BinaryIO, path: Path, info: zipfile.ZipInfo, next_start:
     data_start = info.header_offset + _LOCAL.size + name_length + extra_length
     data_end = data_start + info.compress_size
     if data_end > next_start:
-        raise fault(f"short: its {info.compress_size} bytes of data from offset {data_start} run past "
-                    f"the next record at {next_start}")
+        raise fault(
+            f"short: its {info.compress_size} bytes of data from offset {data_start} run past "
+            f"the next record at {next_start}"
+        )
     if flags & _HAS_DESCRIPTOR:
         file.seek(data_end)
         if not _descriptor_matches(file.read(min(24, next_start - data_end)), info):
-            raise fault(f"short or altered: no data descriptor with its CRC and {info.compress_size}-byte size "
-                        f"where its data should end (offset {data_end})")
+            raise fault(
+                f"short or altered: no data descriptor with its CRC and {info.compress_size}-byte size "
+                f"where its data should end (offset {data_end})"
+            )
     elif crc != info.CRC or (stated != 0xFFFFFFFF and stated != info.compress_size):
         raise fault("its local header's CRC or size differs from the central directory's")

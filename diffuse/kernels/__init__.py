@@ -54,8 +54,13 @@ def build(source: Path, folder: Path, compiler: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             built = Path(scratch) / library.name
-            result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)],
-                                    capture_output=True, text=True, timeout=COMPILE_SECONDS, check=False)
+            result = subprocess.run(
+                [compiler, *FLAGS, str(source), "-o", str(built)],
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_SECONDS,
+                check=False,
+            )
             if result.returncode != 0:
                 lines = result.stderr.strip().splitlines() or ["no message"]
                 first_error = next((line for line in lines if "error" in line), lines[-1])
@@ -90,11 +95,18 @@ def load_softmax() -> tuple[ctypes.CDLL, Path]:
     added_runtimes = openmp_runtimes() - runtimes_before
     if runtimes_before and added_runtimes:
         # A second runtime's threads would compete with PyTorch's for the same cores.
-        raise KernelUnavailable(f"it loaded OpenMP runtime {sorted(added_runtimes)} next to PyTorch's "
-                                f"{sorted(runtimes_before)}")
+        raise KernelUnavailable(
+            f"it loaded OpenMP runtime {sorted(added_runtimes)} next to PyTorch's {sorted(runtimes_before)}"
+        )
     loaded.softmax_bf16_rows.restype = None
-    loaded.softmax_bf16_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_void_p, ctypes.c_int]
+    loaded.softmax_bf16_rows.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return loaded, library
 
 
@@ -123,10 +135,17 @@ def softmax_bf16_(scores: torch.Tensor) -> bool:
     library, _ = _softmax_kernel()
     if library is None:
         return False
-    if (scores.dtype != torch.bfloat16 or scores.device.type != "cpu" or scores.dim() != 2 or scores.stride(-1) != 1
-            or scores.requires_grad):
-        raise ValueError(f"needs a 2-D bf16 CPU tensor with contiguous rows outside autograd, got {scores.dtype} "
-                         f"{tuple(scores.shape)} with strides {scores.stride()} on {scores.device}")
+    if (
+        scores.dtype != torch.bfloat16
+        or scores.device.type != "cpu"
+        or scores.dim() != 2
+        or scores.stride(-1) != 1
+        or scores.requires_grad
+    ):
+        raise ValueError(
+            f"needs a 2-D bf16 CPU tensor with contiguous rows outside autograd, got {scores.dtype} "
+            f"{tuple(scores.shape)} with strides {scores.stride()} on {scores.device}"
+        )
     rows, cols = scores.shape
     if rows and cols:
         threads = torch.get_num_threads()

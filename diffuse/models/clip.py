@@ -66,7 +66,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         if cfg.activation not in ACTIVATIONS:
-            raise ValueError(f"unsupported text encoder activation {cfg.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"unsupported text encoder activation {cfg.activation!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
         self.activation = ACTIVATIONS[cfg.activation]
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
         self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)

@@ -175,8 +175,10 @@ def check_unet(cfg: UNetConfig) -> None:
     # Down and up paths: n and n + 1 blocks per attending level; the middle block: one.
     blocks = sum(2 * cfg.num_res_blocks + 1 for attends in cfg.attention_levels if attends) + 1
     if blocks * cfg.transformer_depth > MAX_TRANSFORMER_LAYERS:
-        raise ValueError(f"transformer_depth={cfg.transformer_depth} over {blocks} attention blocks makes "
-                         f"{blocks * cfg.transformer_depth} transformer layers, over the limit of {MAX_TRANSFORMER_LAYERS}")
+        raise ValueError(
+            f"transformer_depth={cfg.transformer_depth} over {blocks} attention blocks makes "
+            f"{blocks * cfg.transformer_depth} transformer layers, over the limit of {MAX_TRANSFORMER_LAYERS}"
+        )
     for level, (mult, heads) in enumerate(zip(cfg.channel_mult, _per_level("heads", cfg.heads, levels))):
         width = cfg.model_channels * mult
         _count(f"heads[{level}]", heads, 1, MAX_HEADS)
@@ -202,8 +204,9 @@ def check_vae(cfg: VAEConfig) -> None:
     _small_positive("scaling_factor", cfg.scaling_factor, 1000.0)
     for mult in cfg.channel_mult:
         if cfg.base_channels * mult % cfg.norm_groups:
-            raise ValueError(f"norm_groups={cfg.norm_groups} does not divide a level's "
-                             f"{cfg.base_channels * mult} channels")
+            raise ValueError(
+                f"norm_groups={cfg.norm_groups} does not divide a level's {cfg.base_channels * mult} channels"
+            )
 
 
 def check_pipeline(cfg: PipelineConfig) -> None:

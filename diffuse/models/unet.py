@@ -204,8 +204,9 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-def run_block(block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor,
-              upsample_size: torch.Size | None = None) -> Tensor:
+def run_block(
+    block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor, upsample_size: torch.Size | None = None
+) -> Tensor:
     """One input, middle or output block: each layer takes what it needs of (timestep, text)."""
     for layer in block:
         if isinstance(layer, ResBlock):
@@ -226,6 +227,14 @@ def run_output_block(block: nn.ModuleList, h: Tensor, skips: list[Tensor], emb: 
     return run_block(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
 
 
+def level_block(cfg: UNetConfig, level: int, in_channels: int, out_channels: int) -> nn.ModuleList:
+    """A ResBlock, then a SpatialTransformer on the levels that attend to the text."""
+    block = nn.ModuleList([ResBlock(in_channels, out_channels, cfg.time_embed_dim, cfg)])
+    if cfg.attention_levels[level]:
+        block.append(SpatialTransformer(out_channels, cfg.heads[level], cfg))
+    return block
+
+
 class UNet(nn.Module):
     """The noise predictor; see the module docstring for its shape."""
 
@@ -243,38 +252,35 @@ class UNet(nn.Module):
         skip_channels, ch = [ch0], ch0
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                out_ch = ch0 * mult
-                block = nn.ModuleList([ResBlock(ch, out_ch, emb_dim, cfg)])
-                ch = out_ch
-                if cfg.attention_levels[level]:
-                    block.append(SpatialTransformer(ch, cfg.heads[level], cfg))
-                self.input_blocks.append(block)
+                self.input_blocks.append(level_block(cfg, level, ch, ch0 * mult))
+                ch = ch0 * mult
                 skip_channels.append(ch)
             if level < levels - 1:
                 self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = nn.ModuleList([
-            ResBlock(ch, ch, emb_dim, cfg),
-            SpatialTransformer(ch, cfg.mid_heads, cfg),
-            ResBlock(ch, ch, emb_dim, cfg),
-        ])
+        self.middle_block = nn.ModuleList(
+            [
+                ResBlock(ch, ch, emb_dim, cfg),
+                SpatialTransformer(ch, cfg.mid_heads, cfg),
+                ResBlock(ch, ch, emb_dim, cfg),
+            ]
+        )
 
         # Up path: one more block per level than the down path, so every skip is consumed.
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
             for i in range(cfg.num_res_blocks + 1):
-                out_ch = ch0 * cfg.channel_mult[level]
-                block = nn.ModuleList([ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, cfg)])
-                ch = out_ch
-                if cfg.attention_levels[level]:
-                    block.append(SpatialTransformer(ch, cfg.heads[level], cfg))
+                block = level_block(cfg, level, ch + skip_channels.pop(), ch0 * cfg.channel_mult[level])
+                ch = ch0 * cfg.channel_mult[level]
                 if level > 0 and i == cfg.num_res_blocks:
                     block.append(Upsample(ch))
                 self.output_blocks.append(block)
 
         self.out = nn.Sequential(
-            nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+            nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps),
+            nn.SiLU(),
+            nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
         )
 
     def embed_time(self, timesteps: Tensor | float, latents: Tensor) -> Tensor:

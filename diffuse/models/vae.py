@@ -256,7 +256,10 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(
-        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None,
+        self,
+        images: Tensor,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
         """Reconstruction and posterior, for training: decode a sample (or the mean) of encode(images).

@@ -18,5 +18,12 @@ plain PyTorch.
 from diffuse.runtime.device import auto_dtype, cpu_has_bf16, keep_freed_memory, resolve_device, resolve_dtype
 from diffuse.runtime.layers import inference_layout, prepare
 
-__all__ = ["auto_dtype", "cpu_has_bf16", "inference_layout", "keep_freed_memory", "prepare", "resolve_device",
-           "resolve_dtype"]
+__all__ = [
+    "auto_dtype",
+    "cpu_has_bf16",
+    "inference_layout",
+    "keep_freed_memory",
+    "prepare",
+    "resolve_device",
+    "resolve_dtype",
+]

@@ -10,8 +10,14 @@ import sys
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @functools.cache
@@ -58,7 +64,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+            raise ValueError(
+                f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' asked for, but this torch sees no Apple GPU")
     elif device.type not in ("cpu", "cuda", "mps"):

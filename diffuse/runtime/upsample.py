@@ -63,11 +63,14 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     # so a strided view of all_phases lists the output's elements in the output's order.
     s_b, s_c, s_h, s_w = all_phases.stride()
     phases_in_output_order = all_phases.as_strided(
-        (b, c_out, h, 2, w, 2), (s_b, s_c, s_h, 2 * c_out * s_c + s_h, s_w, c_out * s_c + s_w),
-        all_phases.storage_offset())
+        (b, c_out, h, 2, w, 2),
+        (s_b, s_c, s_h, 2 * c_out * s_c + s_h, s_w, c_out * s_c + s_w),
+        all_phases.storage_offset(),
+    )
     # The output keeps the layout the convolution chose (channels-last when its weights are).
-    out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=all_phases.dtype, device=x.device,
-                      memory_format=memory_format_of(all_phases))
+    out = torch.empty(
+        (b, c_out, 2 * h, 2 * w), dtype=all_phases.dtype, device=x.device, memory_format=memory_format_of(all_phases)
+    )
     out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).copy_(phases_in_output_order)
     return out
 
@@ -80,8 +83,13 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     weight, bias = conv.weight, conv.bias
     if torch.is_grad_enabled() and weight.requires_grad:
         return phase_kernels(weight), None if bias is None else bias.repeat(4)
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
-           None if bias is None else (bias.data_ptr(), bias._version))
+    key = (
+        weight.data_ptr(),
+        weight._version,
+        weight.dtype,
+        weight.device,
+        None if bias is None else (bias.data_ptr(), bias._version),
+    )
     cached = getattr(conv, "_phase_cache", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():

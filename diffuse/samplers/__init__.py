@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields, replace
-from typing import Optional
 
 from torch import Tensor
 
@@ -54,6 +53,7 @@ def sampler_aliases(label: str) -> tuple[str, ...]:
     """A1111's other names for the sampler `label` (what its /sdapi/v1/samplers lists as aliases)."""
     return _LABELS[label][1]
 
+
 _LABEL_OF_ALGORITHM = {algorithm: label for label, (algorithm, _) in _LABELS.items()}
 
 # A1111's "Schedule type" <-> SamplerOptions.sigma_schedule ("Automatic": the sampler's own spacing).
@@ -75,9 +75,7 @@ def _compact(text: str) -> str:
 
 # Every spelling we accept, compacted -> label: the label itself, the algorithm key, A1111's aliases.
 _LABEL_OF_KEY: dict[str, str] = {
-    _compact(alias): label
-    for label, (algorithm, aliases) in _LABELS.items()
-    for alias in (label, algorithm, *aliases)
+    _compact(alias): label for label, (algorithm, aliases) in _LABELS.items() for alias in (label, algorithm, *aliases)
 }
 
 
@@ -93,8 +91,10 @@ class Sampler:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown sampler algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}")
         if self.options.sigma_schedule not in _TYPE_OF_SIGMA_SCHEDULE:
-            raise ValueError(f"unsupported sigma_schedule {self.options.sigma_schedule!r}; "
-                             f"use one of {', '.join(_TYPE_OF_SIGMA_SCHEDULE)}")
+            raise ValueError(
+                f"unsupported sigma_schedule {self.options.sigma_schedule!r}; "
+                f"use one of {', '.join(_TYPE_OF_SIGMA_SCHEDULE)}"
+            )
 
     @property
     def name(self) -> str:
@@ -123,13 +123,19 @@ class Sampler:
     def plan(self, steps: int) -> Plan:
         return ALGORITHMS[self.algorithm].plan(self.schedule, steps, self.options)
 
-    def run(self, denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-            callback: Optional[StepCallback] = None) -> Tensor:
+    def run(
+        self,
+        denoise: Denoiser,
+        x: Tensor,
+        plan: Plan,
+        noise: NoiseSource | None = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
         """Walk `plan` from x at plan.sigmas[0]; `noise` gives fresh N(0, 1) noise for stochastic samplers."""
         return ALGORITHMS[self.algorithm].run(denoise, x, plan, noise, callback, self.options, self.schedule)
 
 
-def _parse_name(name: str) -> tuple[str, Optional[str]]:
+def _parse_name(name: str) -> tuple[str, str | None]:
     """A1111 label (case/space tolerant) or alias -> (label, sigma schedule from a trailing word or None)."""
     words = [w for w in re.split(r"[\s_]+", name.strip()) if w]
     suffix = None
@@ -137,13 +143,15 @@ def _parse_name(name: str) -> tuple[str, Optional[str]]:
         suffix = _SCHEDULE_SUFFIXES[words.pop().lower()]
     label = _LABEL_OF_KEY.get(_compact("".join(words)))
     if label is None:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)} "
-                         f"(optionally followed by 'Karras' or 'Exponential')")
+        raise ValueError(
+            f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)} "
+            f"(optionally followed by 'Karras' or 'Exponential')"
+        )
     return label, suffix
 
 
-def _parse_schedule_type(schedule_type: Optional[str]) -> Optional[str]:
-    """"Karras"/"Exponential" -> sigma schedule; None or "Automatic" -> None (no override)."""
+def _parse_schedule_type(schedule_type: str | None) -> str | None:
+    """ "Karras"/"Exponential" -> sigma schedule; None or "Automatic" -> None (no override)."""
     if schedule_type is None:
         return None
     for known, sigma_schedule in _SIGMA_SCHEDULE_OF_TYPE.items():
@@ -183,8 +191,9 @@ def _checked(sampler: Sampler) -> Sampler:
     return sampler
 
 
-def get_sampler(name: str, scheduler_config: Optional[dict] = None, schedule_type: Optional[str] = None,
-                eta: Optional[float] = None) -> Sampler:
+def get_sampler(
+    name: str, scheduler_config: dict | None = None, schedule_type: str | None = None, eta: float | None = None
+) -> Sampler:
     """A sampler by A1111 name: "Euler a", "dpm++ 2m karras", "k_dpmpp_2m", "euler_ancestral", ...
 
     A trailing "Karras"/"Exponential" or `schedule_type` picks the sigma ramp ("Automatic": the
@@ -203,8 +212,9 @@ def get_sampler(name: str, scheduler_config: Optional[dict] = None, schedule_typ
     chosen = from_name or from_type
     if chosen is not None:
         if algorithm not in _RAMPED:
-            raise ValueError(f"{label} visits whole training timesteps and has no {chosen} schedule type; "
-                             "use 'Automatic'")
+            raise ValueError(
+                f"{label} visits whole training timesteps and has no {chosen} schedule type; use 'Automatic'"
+            )
         options = replace(options, sigma_schedule=chosen)
     elif algorithm not in _RAMPED:
         options = replace(options, sigma_schedule="default")  # a model's Karras setting is for ramped samplers
@@ -259,9 +269,19 @@ _FIXED_PER_CLASS = {
 }
 # Fields that only matter when one of the fixed switches above is on.
 _IRRELEVANT = {"dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range", "flow_shift", "time_shift_type"}
-_HANDLED = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas",
-            "rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-            "algorithm_type"}
+_HANDLED = {
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "algorithm_type",
+}
 
 
 def sampler_from_diffusers_config(config: dict) -> Sampler:
@@ -275,8 +295,10 @@ def sampler_from_diffusers_config(config: dict) -> Sampler:
     if class_name == "DPMSolverMultistepScheduler":
         algorithm_type = config.get("algorithm_type", "dpmsolver++")
         if algorithm_type not in _DPM_ALGORITHM_TYPES:
-            raise ValueError(f"DPMSolverMultistepScheduler algorithm_type {algorithm_type!r} is not supported; "
-                             f"supported: {', '.join(_DPM_ALGORITHM_TYPES)}")
+            raise ValueError(
+                f"DPMSolverMultistepScheduler algorithm_type {algorithm_type!r} is not supported; "
+                f"supported: {', '.join(_DPM_ALGORITHM_TYPES)}"
+            )
         algorithm = _DPM_ALGORITHM_TYPES[algorithm_type]
     ours = {f.name for f in fields(SamplerOptions)}
     unsupported = []

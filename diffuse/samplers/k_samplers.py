@@ -13,8 +13,6 @@ model gives the same picture here as under those schedulers.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -33,20 +31,23 @@ from diffuse.samplers.schedule import (
     spaced_timesteps,
 )
 
-
 # ---------------------------------------------------------------- plans
 
 
 def _check_options(options: SamplerOptions) -> None:
     if options.interpolation_type != "linear":
-        raise ValueError(f"interpolation_type {options.interpolation_type!r} is not supported by the k-samplers; "
-                         "use 'linear'")
+        raise ValueError(
+            f"interpolation_type {options.interpolation_type!r} is not supported by the k-samplers; use 'linear'"
+        )
     if options.final_sigmas_type != "zero":
-        raise ValueError(f"final_sigmas_type {options.final_sigmas_type!r} is not supported by the k-samplers, "
-                         "which end at sigma 0; use 'zero'")
+        raise ValueError(
+            f"final_sigmas_type {options.final_sigmas_type!r} is not supported by the k-samplers, "
+            "which end at sigma 0; use 'zero'"
+        )
     if options.sigma_schedule not in ("default", "karras", "exponential"):
-        raise ValueError(f"unsupported sigma_schedule {options.sigma_schedule!r}; "
-                         "use 'default', 'karras' or 'exponential'")
+        raise ValueError(
+            f"unsupported sigma_schedule {options.sigma_schedule!r}; use 'default', 'karras' or 'exponential'"
+        )
 
 
 def _k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions, round_ramp_timesteps: bool = False) -> Plan:
@@ -73,8 +74,7 @@ def _k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions, round_
     # uses sqrt(sigma_max^2 + 1) (the pure-noise latent of unit-variance data); kept for parity.
     top = sigmas.max()
     init = top if options.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
-    return Plan(sigmas=sigmas, timesteps=timesteps.to(torch.float32), init_noise_scale=float(init),
-                planned_steps=steps)
+    return Plan(sigmas=sigmas, timesteps=timesteps.to(torch.float32), init_noise_scale=float(init), planned_steps=steps)
 
 
 def k_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -102,7 +102,7 @@ def _ancestral_split(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Ten
     return sigma_down, sigma_up
 
 
-def _noise_source(noise: Optional[NoiseSource], name: str, eta: float) -> Optional[NoiseSource]:
+def _noise_source(noise: NoiseSource | None, name: str, eta: float) -> NoiseSource | None:
     if eta < 0:
         raise ValueError(f"eta_ancestral must be >= 0, got {eta}")
     if noise is None and eta > 0:
@@ -119,9 +119,15 @@ def _toward(denoised: Tensor, x: Tensor, ratio: Tensor) -> Tensor:
 # ---------------------------------------------------------------- samplers
 
 
-def sample_euler(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                 callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                 schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_euler(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in range(plan.steps):
         sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
@@ -131,10 +137,15 @@ def sample_euler(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[Noise
     return x
 
 
-def sample_euler_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                           callback: Optional[StepCallback] = None,
-                           options: SamplerOptions = SamplerOptions(),
-                           schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_euler_ancestral(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """Euler down to sigma_down, then fresh noise up to the next level."""
     noise = _noise_source(noise, "euler_ancestral", options.eta_ancestral)
     for i in range(plan.steps):
@@ -148,9 +159,15 @@ def sample_euler_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Opti
     return x
 
 
-def sample_heun(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_heun(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """Heun's method: an Euler step, then the average of the slopes at both ends (second order).
     The step to sigma 0 stays Euler, since the slope there is undefined."""
     for i in range(plan.steps):
@@ -185,16 +202,23 @@ def _lagrange_weight(sigmas: list[float], i: int, j: int, order: int) -> float:
     return antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])
 
 
-def sample_lms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-               callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-               schedule: NoiseSchedule = NoiseSchedule(), order: int = 4) -> Tensor:
+def sample_lms(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+    order: int = 4,
+) -> Tensor:
     """Linear multistep: integrate the polynomial through the last `order` slopes over each step.
     It restarts at first order on every run, img2img included."""
     sigmas = plan.sigmas.tolist()
     slopes: list[Tensor] = []  # newest last
     for i in range(plan.steps):
         denoised = denoise(x, plan.sigmas[i], plan.timesteps[i])
-        slopes = slopes[-(order - 1):] + [(x - denoised) / plan.sigmas[i]]
+        slopes = slopes[-(order - 1) :] + [(x - denoised) / plan.sigmas[i]]
         current = min(i + 1, order)
         weights = [_lagrange_weight(sigmas, i, j, current) for j in range(current)]
         x = x + sum(w * s for w, s in zip(weights, reversed(slopes)))
@@ -207,8 +231,9 @@ def _log_midpoint(a: Tensor, b: Tensor) -> Tensor:
     return a.log().lerp(b.log(), 0.5).exp()
 
 
-def _dpm2_step(denoise: Denoiser, schedule: NoiseSchedule, x: Tensor, slope: Tensor, sigma: Tensor,
-               target: Tensor) -> Tensor:
+def _dpm2_step(
+    denoise: Denoiser, schedule: NoiseSchedule, x: Tensor, slope: Tensor, sigma: Tensor, target: Tensor
+) -> Tensor:
     """DPM-Solver-2: take the slope at the log-midpoint between sigma and target for the whole step."""
     sigma_mid = _log_midpoint(sigma, target)
     x_mid = x + slope * (sigma_mid - sigma)
@@ -216,9 +241,15 @@ def _dpm2_step(denoise: Denoiser, schedule: NoiseSchedule, x: Tensor, slope: Ten
     return x + slope_mid * (target - sigma)
 
 
-def sample_dpm2(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_dpm2(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022) in Karras' form; the step to sigma 0 stays Euler."""
     for i in range(plan.steps):
         sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
@@ -232,10 +263,15 @@ def sample_dpm2(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
     return x
 
 
-def sample_dpm2_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                          callback: Optional[StepCallback] = None,
-                          options: SamplerOptions = SamplerOptions(),
-                          schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_dpm2_ancestral(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DPM2 down to sigma_down, then fresh noise up to the next level."""
     noise = _noise_source(noise, "dpm2_ancestral", options.eta_ancestral)
     for i in range(plan.steps):
@@ -253,10 +289,15 @@ def sample_dpm2_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optio
     return x
 
 
-def sample_dpmpp_2s_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                              callback: Optional[StepCallback] = None,
-                              options: SamplerOptions = SamplerOptions(),
-                              schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_dpmpp_2s_ancestral(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022) down to sigma_down, then fresh noise up to the next level.
 
     A first-order step to the log-midpoint gives a second x0 prediction, which then carries the
@@ -280,9 +321,15 @@ def sample_dpmpp_2s_ancestral(denoise: Denoiser, x: Tensor, plan: Plan, noise: O
     return x
 
 
-def sample_dpmpp_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                     callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                     schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_dpmpp_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DPM-Solver++ SDE, k-diffusion's `dpmpp_sde` with r = 1/2 (A1111's "DPM++ SDE").
 
     Each step: an ancestral first-order step to the log-midpoint for a second x0 prediction, then

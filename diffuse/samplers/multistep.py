@@ -15,7 +15,6 @@ Plans and the order of each step follow diffusers' DPMSolverMultistepScheduler (
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -44,8 +43,10 @@ def _check_options(name: str, options: SamplerOptions) -> None:
     if options.final_sigmas_type not in ("zero", "sigma_min"):
         raise ValueError(f"unsupported final_sigmas_type {options.final_sigmas_type!r}; use 'zero' or 'sigma_min'")
     if options.sigma_schedule not in ("default", "karras", "exponential"):
-        raise ValueError(f"unsupported sigma_schedule {options.sigma_schedule!r} for {name}; "
-                         "use 'default', 'karras' or 'exponential'")
+        raise ValueError(
+            f"unsupported sigma_schedule {options.sigma_schedule!r} for {name}; "
+            "use 'default', 'karras' or 'exponential'"
+        )
 
 
 def _planned_levels(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> tuple[Tensor, Tensor]:
@@ -64,8 +65,9 @@ def _planned_levels(schedule: NoiseSchedule, steps: int, options: SamplerOptions
     return timesteps, train_sigmas[timesteps]
 
 
-def _multistep_plan(name: str, schedule: NoiseSchedule, steps: int, options: SamplerOptions,
-                    final_min_from_spacing: bool) -> Plan:
+def _multistep_plan(
+    name: str, schedule: NoiseSchedule, steps: int, options: SamplerOptions, final_min_from_spacing: bool
+) -> Plan:
     check_steps(schedule, steps)
     _check_options(name, options)
     timesteps, sigmas = _planned_levels(schedule, steps, options)
@@ -78,8 +80,9 @@ def _multistep_plan(name: str, schedule: NoiseSchedule, steps: int, options: Sam
     sigmas = torch.cat([sigmas, final]).to(torch.float32)
     # The reference's init_noise_sigma is 1 in the variance-preserving scale.
     init_noise_scale = float((1 + sigmas[0].double() ** 2) ** 0.5)
-    return Plan(sigmas=sigmas, timesteps=timesteps.to(torch.float32), init_noise_scale=init_noise_scale,
-                planned_steps=steps)
+    return Plan(
+        sigmas=sigmas, timesteps=timesteps.to(torch.float32), init_noise_scale=init_noise_scale, planned_steps=steps
+    )
 
 
 def plan_dpmpp(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -106,8 +109,9 @@ def _dpmpp_first_order_last(plan: Plan, i: int, options: SamplerOptions) -> bool
     return i == plan.steps - 1 and options.lower_order_final and plan.planned_steps < 15
 
 
-def _dpmpp_x0_estimate(plan: Plan, i: int, denoised: Tensor, previous: Optional[Tensor],
-                       options: SamplerOptions) -> Tensor:
+def _dpmpp_x0_estimate(
+    plan: Plan, i: int, denoised: Tensor, previous: Tensor | None, options: SamplerOptions
+) -> Tensor:
     """x0 to move towards over step i: this step's prediction, or for second order that prediction
     extrapolated (linearly in lambda, from the previous one) to the middle of the step."""
     if previous is None or options.solver_order == 1 or _dpmpp_first_order_last(plan, i, options):
@@ -120,9 +124,15 @@ def _dpmpp_x0_estimate(plan: Plan, i: int, denoised: Tensor, previous: Optional[
     return denoised + (denoised - previous) / (2 * r)
 
 
-def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                    callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                    schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_dpmpp_2m(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DPM-Solver++(2M): deterministic, one model call per step."""
     previous = None
     for i in range(plan.steps):
@@ -138,10 +148,15 @@ def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[No
     return x
 
 
-def sample_dpmpp_2m_sde(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                        callback: Optional[StepCallback] = None,
-                        options: SamplerOptions = SamplerOptions(),
-                        schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DPM-Solver++(2M) SDE: each step also forgets part of the old noise slice and draws that
     much fresh noise, so the latent keeps total noise sigma_next but with new randomness.
 
@@ -184,8 +199,7 @@ def _unipc_rhos(h: float, r: float) -> tuple[float, float]:
     return rho_older, b1 - rho_older
 
 
-def _unic_correct(start: Tensor, x0s: list[Tensor], denoised: Tensor, lam: list[float], i: int,
-                  order: int) -> Tensor:
+def _unic_correct(start: Tensor, x0s: list[Tensor], denoised: Tensor, lam: list[float], i: int, order: int) -> Tensor:
     """UniC: rebuild step i-1 from its start, adding the slope towards the new prediction.
 
     Like the reference it does not read the predicted x: a callback's edit to it only steered
@@ -218,9 +232,15 @@ def _unip_predict(x: Tensor, x0s: list[Tensor], lam: list[float], i: int, order:
     return x
 
 
-def sample_unipc(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                 callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                 schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_unipc(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """UniPC (bh2, predicting x0): a UniP predictor step, then, once the model has been called at
     the new point, a UniC corrector that redoes that step using the new x0 prediction as well,
     at no extra model call. The last step is not corrected (no later prediction exists).

@@ -15,8 +15,8 @@ eps/v conversion and the `Plan` (sigmas and timesteps) each sampler walks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 # Fresh standard-normal noise shaped like the latents (drawn from the run's seeded generators).
 NoiseSource = Callable[[], Tensor]
 # Called after step i with the new latents and that step's x0 prediction; may return replacement latents.
-StepCallback = Callable[[int, Tensor, Tensor], Optional[Tensor]]
+StepCallback = Callable[[int, Tensor, Tensor], Tensor | None]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -115,8 +115,9 @@ def check_steps(schedule: NoiseSchedule, steps: int) -> None:
         raise ValueError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
 
 
-def spaced_timesteps(schedule: NoiseSchedule, steps: int, options: SamplerOptions, *, whole: bool = True,
-                     extra_point: bool = False) -> Tensor:
+def spaced_timesteps(
+    schedule: NoiseSchedule, steps: int, options: SamplerOptions, *, whole: bool = True, extra_point: bool = False
+) -> Tensor:
     """The training timesteps a plan of `steps` model calls visits, descending, per diffusers' timestep_spacing.
 
     whole: int64 timesteps on the training schedule (DDIM-line and multistep schedulers); otherwise
@@ -135,9 +136,11 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, options: SamplerOption
         return timesteps.to(torch.float32)
     timesteps = timesteps.to(torch.int64)
     if not 0 <= timesteps[-1] <= timesteps[0] < schedule.num_train_timesteps:
-        raise ValueError(f"leading spacing with steps_offset={options.steps_offset} and {steps} steps "
-                         f"reaches timestep {int(timesteps[0])}, outside the {schedule.num_train_timesteps} "
-                         "training timesteps")
+        raise ValueError(
+            f"leading spacing with steps_offset={options.steps_offset} and {steps} steps "
+            f"reaches timestep {int(timesteps[0])}, outside the {schedule.num_train_timesteps} "
+            "training timesteps"
+        )
     return timesteps
 
 
@@ -158,8 +161,9 @@ def _spacing(train: int, steps: int, points: int, options: SamplerOptions, round
         # many (61 steps: a 62nd at timestep -1), which a plan leaves out.
         stride = (train - train / steps) - train
         return (train + index[:steps] * stride).round() - 1
-    raise ValueError(f"unsupported timestep_spacing {options.timestep_spacing!r}; "
-                     f"use {', '.join(map(repr, TIMESTEP_SPACINGS))}")
+    raise ValueError(
+        f"unsupported timestep_spacing {options.timestep_spacing!r}; use {', '.join(map(repr, TIMESTEP_SPACINGS))}"
+    )
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
@@ -221,7 +225,7 @@ class Algorithm:
     stochastic: bool
 
 
-def after_step(callback: Optional[StepCallback], i: int, x: Tensor, denoised: Tensor) -> Tensor:
+def after_step(callback: StepCallback | None, i: int, x: Tensor, denoised: Tensor) -> Tensor:
     """Hand step i's result to the callback; continue from its replacement if it returns one."""
     replaced = callback(i, x, denoised) if callback is not None else None
     return x if replaced is None else replaced

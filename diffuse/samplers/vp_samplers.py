@@ -13,8 +13,6 @@ was produced at; `_reinterpret` reproduces that, so the plans and runs match the
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -53,8 +51,12 @@ def _vp_plan(schedule: NoiseSchedule, timesteps: Tensor, last_sigma: Tensor, pla
     sigmas = torch.cat([_sigma(schedule.alphas_cumprod()[timesteps]), last_sigma.reshape(1)])
     # The reference starts txt2img from unit-variance noise at sigmas[0], i.e. x_vp = noise.
     init_noise_scale = float((1 + sigmas[0].double() ** 2) ** 0.5)
-    return Plan(sigmas=sigmas.to(torch.float32), timesteps=timesteps.to(torch.float32),
-                init_noise_scale=init_noise_scale, planned_steps=planned_steps)
+    return Plan(
+        sigmas=sigmas.to(torch.float32),
+        timesteps=timesteps.to(torch.float32),
+        init_noise_scale=init_noise_scale,
+        planned_steps=planned_steps,
+    )
 
 
 def ddim_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Plan:
@@ -87,7 +89,9 @@ def lcm_plan(schedule: NoiseSchedule, steps: int, options: SamplerOptions) -> Pl
     """LCM visits `steps` evenly chosen points of its distillation grid of original_inference_steps."""
     original = options.original_inference_steps
     if not 1 <= original <= schedule.num_train_timesteps:
-        raise ValueError(f"original_inference_steps must be between 1 and {schedule.num_train_timesteps}, got {original}")
+        raise ValueError(
+            f"original_inference_steps must be between 1 and {schedule.num_train_timesteps}, got {original}"
+        )
     if not 1 <= steps <= original:
         raise ValueError(f"lcm steps must be between 1 and original_inference_steps={original}, got {steps}")
     stride = schedule.num_train_timesteps // original
@@ -108,8 +112,9 @@ def _reinterpret(x: Tensor, produced_at: Tensor, read_at: Tensor) -> Tensor:
     return x * ((1 + read_at**2) / (1 + produced_at**2)) ** 0.5
 
 
-def _ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, target: Tensor, eta: float,
-               noise: Optional[NoiseSource]) -> Tensor:
+def _ddim_step(
+    x: Tensor, denoised: Tensor, sigma: Tensor, target: Tensor, eta: float, noise: NoiseSource | None
+) -> Tensor:
     """Move from sigma to target keeping the predicted noise, replacing an eta-share of it with fresh noise.
 
     In the VP form this is DDIM's  std = eta * sqrt((1-a')/(1-a) * (1 - a/a')); divided by sqrt(a')
@@ -125,8 +130,15 @@ def _ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, target: Tensor, eta: 
     return denoised + kept * eps + fresh * noise()
 
 
-def _ddim_walk(denoise: Denoiser, x: Tensor, plan: Plan, landing: Tensor, eta: float,
-               noise: Optional[NoiseSource], callback: Optional[StepCallback]) -> Tensor:
+def _ddim_walk(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    landing: Tensor,
+    eta: float,
+    noise: NoiseSource | None,
+    callback: StepCallback | None,
+) -> Tensor:
     """DDIM steps from each plan point to landing[i], the latent then read at plan.sigmas[i + 1]."""
     for i in range(plan.steps):
         sigma = plan.sigmas[i]
@@ -137,9 +149,15 @@ def _ddim_walk(denoise: Denoiser, x: Tensor, plan: Plan, landing: Tensor, eta: f
     return x
 
 
-def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_ddim(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DDIM (Song et al. 2020); eta = 0 is deterministic, eta = 1 samples like DDPM."""
     if not 0 <= options.eta <= 1:
         raise ValueError(f"ddim eta must be between 0 and 1, got {options.eta}")
@@ -147,9 +165,15 @@ def sample_ddim(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseS
     return _ddim_walk(denoise, x, plan, landing, options.eta, noise, callback)
 
 
-def sample_ddpm(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_ddpm(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020), variance "fixed_small".
 
     Its posterior q(x_prev | x_t, x0) has exactly the mean and variance of a DDIM step with eta = 1
@@ -179,9 +203,15 @@ def _restart_sigma(schedule: NoiseSchedule, t: Tensor, planned_steps: int) -> Te
     return _sigma(schedule.alphas_cumprod()[above])
 
 
-def sample_plms(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-                callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-                schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_plms(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, PNDM with its Runge-Kutta warm-up skipped).
 
     Each step is a DDIM move whose noise prediction is extrapolated from the earlier ones.
@@ -216,9 +246,15 @@ def _boundary_scalings(t: Tensor, timestep_scaling: float) -> tuple[Tensor, Tens
     return c_skip, c_out
 
 
-def sample_lcm(denoise: Denoiser, x: Tensor, plan: Plan, noise: Optional[NoiseSource] = None,
-               callback: Optional[StepCallback] = None, options: SamplerOptions = SamplerOptions(),
-               schedule: NoiseSchedule = NoiseSchedule()) -> Tensor:
+def sample_lcm(
+    denoise: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    schedule: NoiseSchedule = NoiseSchedule(),
+) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): jump to the clean estimate, then
     re-noise it with fresh noise to the next point; the last jump is the result."""
     for i in range(plan.steps):

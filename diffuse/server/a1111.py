@@ -72,8 +72,14 @@ class A1111Request:
 
 
 # A1111 fields diffuse has no feature for, and the values that mean "off".
-_OFF = {"enable_hr": (None, False), "restore_faces": (None, False), "tiling": (None, False),
-        "subseed_strength": (None, 0, 0.0), "script_name": (None, ""), "styles": (None, [])}
+_OFF = {
+    "enable_hr": (None, False),
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "subseed_strength": (None, 0, 0.0),
+    "script_name": (None, ""),
+    "styles": (None, []),
+}
 
 
 def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
@@ -89,8 +95,14 @@ def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
     generation = replace(generation, clip_skip=_clip_skip(body), speedups=_speedups(body))
     if kind == "img2img":
         generation = _with_images(generation, body, limits)
-    request = A1111Request(kind=kind, generation=generation, n_iter=n_iter, send_images=send_images, model=model,
-                           restore_model=restore_model)
+    request = A1111Request(
+        kind=kind,
+        generation=generation,
+        n_iter=n_iter,
+        send_images=send_images,
+        model=model,
+        restore_model=restore_model,
+    )
     return replace(request, echo=_echo(body, request))
 
 
@@ -103,14 +115,25 @@ def _generation(body: dict, limits: Limits) -> tuple[GenerationRequest, int]:
         raise RequestError("steps", f"must be from 1 to {limits.max_steps} on this server, got {steps}")
     batch_size, n_iter = _int(body, "batch_size", 1), _int(body, "n_iter", 1)
     if batch_size < 1 or n_iter < 1 or batch_size * n_iter > limits.max_images:
-        raise RequestError("batch_size", f"batch_size x n_iter must be from 1 to {limits.max_images} images on this "
-                                         f"server, got {batch_size} x {n_iter}")
+        raise RequestError(
+            "batch_size",
+            f"batch_size x n_iter must be from 1 to {limits.max_images} images on this "
+            f"server, got {batch_size} x {n_iter}",
+        )
     sampler, schedule_type = _sampler(body)
     generation = GenerationRequest(
-        prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
-        guidance_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0), sampler=sampler,
-        schedule_type=schedule_type, seed=_seed(body, batch_size * n_iter), batch_size=batch_size,
-        eta=_optional_number(body, "eta", 0.0, 1.0))
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=_number(body, "cfg_scale", DEFAULT_CFG, 0.0, 100.0),
+        sampler=sampler,
+        schedule_type=schedule_type,
+        seed=_seed(body, batch_size * n_iter),
+        batch_size=batch_size,
+        eta=_optional_number(body, "eta", 0.0, 1.0),
+    )
     return generation, n_iter
 
 
@@ -132,8 +155,11 @@ def _with_images(generation: GenerationRequest, body: dict, limits: Limits) -> G
     own_width, own_height = image.size
     for name, asked, own in (("width", generation.width, own_width), ("height", generation.height, own_height)):
         if asked is None and own > limits.max_side:
-            raise RequestError(name, f"the image is {own_width}x{own_height}; give a {name} of at most "
-                                     f"{limits.max_side} pixels (this server's limit) to draw it smaller")
+            raise RequestError(
+                name,
+                f"the image is {own_width}x{own_height}; give a {name} of at most "
+                f"{limits.max_side} pixels (this server's limit) to draw it smaller",
+            )
     return replace(generation, strength=strength, image=image, mask=mask)
 
 
@@ -142,13 +168,27 @@ def _echo(body: dict, request: A1111Request) -> dict[str, Any]:
     a client sent is kept or sent back (unknown keys could be megabytes); neither are the
     images, which A1111 echoes as megabytes of base64 nobody reads back."""
     generation = request.generation
-    echo = {"prompt": generation.prompt, "negative_prompt": generation.negative_prompt, "width": generation.width,
-            "height": generation.height, "steps": generation.steps, "cfg_scale": generation.guidance_scale,
-            "sampler_name": generation.sampler, "scheduler": generation.schedule_type, "seed": generation.seed,
-            "batch_size": generation.batch_size, "n_iter": request.n_iter, "eta": generation.eta,
-            "send_images": request.send_images, "override_settings_restore_afterwards": request.restore_model}
-    used = {"sd_model_checkpoint": request.model, "CLIP_stop_at_last_layers": generation.clip_skip,
-            "token_merging_ratio": generation.speedups.token_merging}
+    echo = {
+        "prompt": generation.prompt,
+        "negative_prompt": generation.negative_prompt,
+        "width": generation.width,
+        "height": generation.height,
+        "steps": generation.steps,
+        "cfg_scale": generation.guidance_scale,
+        "sampler_name": generation.sampler,
+        "scheduler": generation.schedule_type,
+        "seed": generation.seed,
+        "batch_size": generation.batch_size,
+        "n_iter": request.n_iter,
+        "eta": generation.eta,
+        "send_images": request.send_images,
+        "override_settings_restore_afterwards": request.restore_model,
+    }
+    used = {
+        "sd_model_checkpoint": request.model,
+        "CLIP_stop_at_last_layers": generation.clip_skip,
+        "token_merging_ratio": generation.speedups.token_merging,
+    }
     echo["override_settings"] = {key: value for key, value in used.items() if key in _override(body)}
     echo.update({name: body[name] for name in _OFF if name in body})  # checked above: each one off, small
     if request.kind == "img2img":
@@ -279,8 +319,9 @@ def _sampler(body: dict) -> tuple[str, str | None]:
     for label in SCHEDULE_TYPES:  # A1111 matches a scheduler by name ("karras") or label ("Karras")
         if scheduler.lower() == label.lower():
             return name, label
-    raise RequestError("scheduler", f"unknown or unsupported schedule type {scheduler!r}; diffuse has "
-                                    f"{', '.join(SCHEDULE_TYPES)}")
+    raise RequestError(
+        "scheduler", f"unknown or unsupported schedule type {scheduler!r}; diffuse has {', '.join(SCHEDULE_TYPES)}"
+    )
 
 
 def _override(body: dict) -> dict:
@@ -293,15 +334,22 @@ def _override(body: dict) -> dict:
 def _clip_skip(body: dict) -> int:
     value = _override(body).get("CLIP_stop_at_last_layers", 1)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 12:
-        raise RequestError("override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, "
-                                                                          f"got {value!r}")
+        raise RequestError(
+            "override_settings.CLIP_stop_at_last_layers", f"must be an integer from 1 to 12, got {value!r}"
+        )
     return value
 
 
 def _speedups(body: dict) -> Speedups:
     """override_settings.token_merging_ratio sets token merging; diffuse's other speed-ups stay off."""
-    ratio = _number(_override(body), "token_merging_ratio", 0.0, 0.0, MAX_TOKEN_MERGING,
-                    field="override_settings.token_merging_ratio")
+    ratio = _number(
+        _override(body),
+        "token_merging_ratio",
+        0.0,
+        0.0,
+        MAX_TOKEN_MERGING,
+        field="override_settings.token_merging_ratio",
+    )
     return Speedups(token_merging=ratio)
 
 

@@ -53,15 +53,31 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
 def _add_model_routes(app: FastAPI, server: Server) -> None:
     @app.get("/sdapi/v1/sd-models", tags=["A1111"])
     def sd_models() -> list[dict]:
-        return [{"title": e.title, "model_name": e.name, "hash": e.short_hash, "sha256": None,
-                 "filename": str(e.path), "config": None} for e in server.host.entries]
+        return [
+            {
+                "title": e.title,
+                "model_name": e.name,
+                "hash": e.short_hash,
+                "sha256": None,
+                "filename": str(e.path),
+                "config": None,
+            }
+            for e in server.host.entries
+        ]
 
     @app.get("/sdapi/v1/options", tags=["A1111"])
     def get_options() -> dict:
         current = server.host.current
-        return {"sd_model_checkpoint": current.title, "sd_checkpoint_hash": server.host.sha256(current),
-                "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
-                "samples_format": "png", "enable_pnginfo": True, "show_progress_every_n_steps": 1}
+        return {
+            "sd_model_checkpoint": current.title,
+            "sd_checkpoint_hash": server.host.sha256(current),
+            "sd_vae": "Automatic",
+            "CLIP_stop_at_last_layers": 1,
+            "eta_noise_seed_delta": 0,
+            "samples_format": "png",
+            "enable_pnginfo": True,
+            "show_progress_every_n_steps": 1,
+        }
 
     @app.post("/sdapi/v1/options", tags=["A1111"])
     async def set_options(request: Request) -> None:
@@ -85,8 +101,16 @@ def _add_listing_routes(app: FastAPI, server: Server) -> None:
     @app.get("/sdapi/v1/schedulers", tags=["A1111"])
     def schedulers() -> list[dict]:
         rho = {"Karras": 7.0}
-        return [{"name": label.lower(), "label": label, "aliases": None, "default_rho": rho.get(label, -1),
-                 "need_inner_model": False} for label in SCHEDULE_TYPES]
+        return [
+            {
+                "name": label.lower(),
+                "label": label,
+                "aliases": None,
+                "default_rho": rho.get(label, -1),
+                "need_inner_model": False,
+            }
+            for label in SCHEDULE_TYPES
+        ]
 
     @app.get("/sdapi/v1/scripts", tags=["A1111"])
     def scripts() -> dict:
@@ -108,8 +132,11 @@ def _add_listing_routes(app: FastAPI, server: Server) -> None:
 async def _generation(server: Server, request: A1111Request, client: Request) -> dict:
     generated = await server.generate(request, client)
     images = [png_base64(image, text) for image, text in zip(generated.images, generated.infotexts)]
-    return {"images": images if request.send_images else [], "parameters": request.echo,
-            "info": json.dumps(processed_info(request, generated, server.host.current.short_hash))}
+    return {
+        "images": images if request.send_images else [],
+        "parameters": request.echo,
+        "info": json.dumps(processed_info(request, generated, server.host.current.short_hash)),
+    }
 
 
 def progress_report(server: Server, with_image: bool = True) -> dict:
@@ -117,26 +144,51 @@ def progress_report(server: Server, with_image: bool = True) -> dict:
     job = server.queue.current()
     waiting = server.queue.waiting()
     if job is None:
-        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-                 "job_count": waiting, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "",
+            "job_count": waiting,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
     fraction = job.step / job.total_steps if job.total_steps else 0.0
-    state = {"skipped": False, "interrupted": job.stop_requested, "stopping_generation": job.stop_requested,
-             "job": job.kind, "job_count": waiting + 1, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-             "job_no": job.number, "sampling_step": job.step, "sampling_steps": job.total_steps, "job_id": job.id}
+    state = {
+        "skipped": False,
+        "interrupted": job.stop_requested,
+        "stopping_generation": job.stop_requested,
+        "job": job.kind,
+        "job_count": waiting + 1,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "job_no": job.number,
+        "sampling_step": job.step,
+        "sampling_steps": job.total_steps,
+        "job_id": job.id,
+    }
     image = None
     step = job.latest
     if with_image and step is not None:
         image = png_base64(step.preview()[0], None)
-    return {"progress": fraction, "eta_relative": job.eta(), "state": state, "current_image": image,
-            "textinfo": f"step {job.step} of {job.total_steps}"}
+    return {
+        "progress": fraction,
+        "eta_relative": job.eta(),
+        "state": state,
+        "current_image": image,
+        "textinfo": f"step {job.step} of {job.total_steps}",
+    }
 
 
 def memory_report() -> dict:
     """The process's peak resident memory and the machine's RAM; the GPU's allocations when there is one."""
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports kilobytes
-    ram = {"peak_resident_bytes": peak_kb * 1024,
-           "total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
-    cuda = ({"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()}
-            if torch.cuda.is_available() else {"error": "no GPU"})
+    ram = {"peak_resident_bytes": peak_kb * 1024, "total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
+    cuda = (
+        {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()}
+        if torch.cuda.is_available()
+        else {"error": "no GPU"}
+    )
     return {"ram": ram, "cuda": cuda}

@@ -42,8 +42,10 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
     """The server's app: the model loaded (or `host`), the routes added, the Guard around them."""
     rules = OriginRules.create(settings.bound_host, list(settings.allow_hosts), list(settings.cors_allow_origins))
     if settings.request_memory_bytes < settings.max_body_bytes:
-        raise ValueError(f"--request-memory ({settings.request_memory_bytes / 2**20:g} MB) must hold at least one "
-                         f"whole body ({settings.max_body_bytes / 2**20:g} MB)")
+        raise ValueError(
+            f"--request-memory ({settings.request_memory_bytes / 2**20:g} MB) must hold at least one "
+            f"whole body ({settings.max_body_bytes / 2**20:g} MB)"
+        )
     budget = MemoryBudget(settings.request_memory_bytes)
     host = host or ModelHost(find_models(settings.model, settings.models_dir), settings.dtype, settings.device)
     server = Server(settings, host, budget)
@@ -53,15 +55,20 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
         yield
         server.queue.close()  # the running job finishes; waiting ones are cancelled
 
-    app = FastAPI(title="diffuse", version=VERSION.split()[-1], lifespan=lifespan,
-                  description="Stable Diffusion from its parts: an AUTOMATIC1111-compatible API and a web page.")
+    app = FastAPI(
+        title="diffuse",
+        version=VERSION.split()[-1],
+        lifespan=lifespan,
+        description="Stable Diffusion from its parts: an AUTOMATIC1111-compatible API and a web page.",
+    )
     app.state.server = server
     for error_type in ERROR_STATUS:
         app.add_exception_handler(error_type, _answer_error)
     add_a1111_routes(app, server)
     add_page_routes(app, server)
-    return Guard(app, credentials=settings.credentials, max_body_bytes=settings.max_body_bytes, rules=rules,
-                 budget=budget)
+    return Guard(
+        app, credentials=settings.credentials, max_body_bytes=settings.max_body_bytes, rules=rules, budget=budget
+    )
 
 
 async def _answer_error(_: Request, error: Exception) -> JSONResponse:
@@ -70,5 +77,6 @@ async def _answer_error(_: Request, error: Exception) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(error, RETRY_LATER) else None
     extra = {"field": error.field} if isinstance(error, RequestError) else {}
     message = str(error.args[0]) if isinstance(error, LookupError) and error.args else str(error)
-    return JSONResponse({"error": type(error).__name__, "detail": message, **extra}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": type(error).__name__, "detail": message, **extra}, status_code=status, headers=headers
+    )

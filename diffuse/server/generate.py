@@ -40,7 +40,7 @@ def run_request(pipe: Pipeline, request: A1111Request, job: Job) -> Generated:
         round_request = replace(generation, seed=generation.seed + round_ * generation.batch_size)
         done_before = round_ * generation.steps
 
-        def on_step(step: Step) -> None:
+        def on_step(step: Step, done_before: int = done_before) -> None:
             job.step_done(done_before + step.index + 1, total, step)
 
         try:
@@ -76,21 +76,39 @@ def processed_info(request: A1111Request, generated: Generated, model_hash: str 
     """A1111's Processed.js(), the "info" string's content."""
     generation, info, seeds = request.generation, generated.info, generated.seeds
     return {
-        "prompt": generation.prompt, "all_prompts": [generation.prompt] * len(seeds),
+        "prompt": generation.prompt,
+        "all_prompts": [generation.prompt] * len(seeds),
         "negative_prompt": generation.negative_prompt,
         "all_negative_prompts": [generation.negative_prompt] * len(seeds),
-        "seed": seeds[0] if seeds else generation.seed, "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
-        "width": info.get("width"), "height": info.get("height"), "sampler_name": info.get("sampler"),
-        "cfg_scale": generation.guidance_scale, "steps": generation.steps, "batch_size": generation.batch_size,
-        "restore_faces": False, "face_restoration_model": None, "sd_model_name": info.get("model"),
-        "sd_model_hash": info.get("model_hash", model_hash), "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed": seeds[0] if seeds else generation.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": info.get("width"),
+        "height": info.get("height"),
+        "sampler_name": info.get("sampler"),
+        "cfg_scale": generation.guidance_scale,
+        "steps": generation.steps,
+        "batch_size": generation.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": info.get("model"),
+        "sd_model_hash": info.get("model_hash", model_hash),
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
         "denoising_strength": generation.strength if request.kind == "img2img" else None,
         "extra_generation_params": {"Schedule type": info.get("schedule_type")} if info else {},
-        "index_of_first_image": 0, "infotexts": generated.infotexts, "styles": [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip,
-        "is_using_inpainting_conditioning": False, "version": VERSION, "interrupted": generated.interrupted,
+        "index_of_first_image": 0,
+        "infotexts": generated.infotexts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": generation.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": VERSION,
+        "interrupted": generated.interrupted,
     }
 
 

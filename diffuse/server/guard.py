@@ -76,8 +76,10 @@ class MemoryBudget:
         return reservation if reservation.grow(size) else None
 
     def refusal(self, what: str) -> str:
-        return (f"the server already holds {self.used / 2**20:.1f} MB of requests and {what} would take it past "
-                f"its {self.total / 2**20:.0f} MB (--request-memory); try again in a few seconds")
+        return (
+            f"the server already holds {self.used / 2**20:.1f} MB of requests and {what} would take it past "
+            f"its {self.total / 2**20:.0f} MB (--request-memory); try again in a few seconds"
+        )
 
 
 class Reservation:
@@ -113,8 +115,15 @@ def check_strict_json(body: bytes) -> str | None:
 
 
 class Guard:
-    def __init__(self, app: Callable, *, credentials: tuple[str, str] | None, max_body_bytes: int,
-                 rules: OriginRules | None = None, budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self,
+        app: Callable,
+        *,
+        credentials: tuple[str, str] | None,
+        max_body_bytes: int,
+        rules: OriginRules | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.app, self.credentials, self.max_body_bytes = app, credentials, max_body_bytes
         self.rules = rules or OriginRules()
         self.budget = budget or MemoryBudget(8 * max_body_bytes)
@@ -129,8 +138,10 @@ class Guard:
         kind = self.rules.origin_kind(origin, scope.get("scheme", "http"), headers.get("host"))
         extra = [(b"x-content-type-options", b"nosniff"), (b"vary", b"Origin")]
         if kind == "listed":
-            extra += [(b"access-control-allow-origin", origin.encode("latin-1")),
-                      (b"access-control-allow-credentials", b"true")]
+            extra += [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"access-control-allow-credentials", b"true"),
+            ]
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -143,13 +154,24 @@ class Guard:
             await _answer(send_with_headers, *refusal)
             return
         if method == "OPTIONS" and kind == "listed" and "access-control-request-method" in headers:
-            await _answer(send_with_headers, 204, None, [(b"access-control-allow-methods", CORS_METHODS),
-                                                         (b"access-control-allow-headers", CORS_HEADERS),
-                                                         (b"access-control-max-age", b"600")])
+            await _answer(
+                send_with_headers,
+                204,
+                None,
+                [
+                    (b"access-control-allow-methods", CORS_METHODS),
+                    (b"access-control-allow-headers", CORS_HEADERS),
+                    (b"access-control-max-age", b"600"),
+                ],
+            )
             return
         if self.credentials is not None and not self._authorized(headers.get("authorization", "")):
-            await _answer(send_with_headers, 401, {"detail": "Incorrect username or password"},
-                          [(b"www-authenticate", b'Basic realm="diffuse"')])
+            await _answer(
+                send_with_headers,
+                401,
+                {"detail": "Incorrect username or password"},
+                [(b"www-authenticate", b'Basic realm="diffuse"')],
+            )
             return
         if method not in STATE_CHANGING:
             await self.app(scope, receive, send_with_headers)
@@ -160,20 +182,28 @@ class Guard:
         """(status, answer) when the Host, Origin, fetch metadata or content type rules refuse the request."""
         host, origin = headers.get("host"), headers.get("origin")
         if not self.rules.host_allowed(host):
-            return 403, {"detail": f"Host {host!r} is not a name of this server (another site's name may point "
-                                   f"here); start the server with --allow-host NAME to answer to a name of its own"}
+            return 403, {
+                "detail": f"Host {host!r} is not a name of this server (another site's name may point "
+                f"here); start the server with --allow-host NAME to answer to a name of its own"
+            }
         if kind == "foreign":
-            return 403, {"detail": f"requests from the web page at {origin} are refused; start the server with "
-                                   f"--cors-allow-origins ORIGIN to let a page of another origin use it"}
+            return 403, {
+                "detail": f"requests from the web page at {origin} are refused; start the server with "
+                f"--cors-allow-origins ORIGIN to let a page of another origin use it"
+            }
         changes = method in STATE_CHANGING
         if changes and headers.get("sec-fetch-site") == "cross-site" and kind != "listed":
-            return 403, {"detail": "a cross-site request that changes something is refused; start the server "
-                                   "with --cors-allow-origins ORIGIN to let that site's page use it"}
+            return 403, {
+                "detail": "a cross-site request that changes something is refused; start the server "
+                "with --cors-allow-origins ORIGIN to let that site's page use it"
+            }
         media = headers.get("content-type", "").split(";")[0].strip().lower()
         no_body = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
         if changes and media != "application/json" and not (media == "" and no_body):
-            return 415, {"detail": f"a {method} body must be JSON sent with Content-Type: application/json, "
-                                   f"not {media or 'untyped'}"}
+            return 415, {
+                "detail": f"a {method} body must be JSON sent with Content-Type: application/json, "
+                f"not {media or 'untyped'}"
+            }
         return None
 
     async def _with_body(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
@@ -185,8 +215,9 @@ class Guard:
             return
         reservation = self.budget.reserve(int(declared or 0))
         if reservation is None:
-            await _answer(send, 503, {"detail": self.budget.refusal("this body")},
-                          [(b"retry-after", str(RETRY_AFTER_S).encode())])
+            await _answer(
+                send, 503, {"detail": self.budget.refusal("this body")}, [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            )
             return
         try:
             try:
@@ -195,8 +226,12 @@ class Guard:
                 await _answer(send, 413, too_large)
                 return
             except OverBudget:
-                await _answer(send, 503, {"detail": self.budget.refusal("this body")},
-                              [(b"retry-after", str(RETRY_AFTER_S).encode())])
+                await _answer(
+                    send,
+                    503,
+                    {"detail": self.budget.refusal("this body")},
+                    [(b"retry-after", str(RETRY_AFTER_S).encode())],
+                )
                 return
             problem = check_strict_json(body) if body else None
             if problem is not None:
@@ -251,6 +286,11 @@ class Guard:
 async def _answer(send: Send, status: int, payload: dict | None, headers: list[tuple[bytes, bytes]] = ()) -> None:
     body = b"" if payload is None else json.dumps(payload).encode()
     kind = [(b"content-type", b"application/json")] if payload is not None else []
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*kind, (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*kind, (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

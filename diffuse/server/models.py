@@ -13,9 +13,10 @@ checkpoint that fails to load leaves the current model in place, and the error s
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
 from diffuse.loader import load_pipeline

@@ -72,8 +72,14 @@ def normalize_origin(text: str) -> str | None:
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    if (scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") or parts.query
-            or parts.fragment or "@" in parts.netloc):
+    if (
+        scheme not in DEFAULT_PORTS
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
         return None
     if not _is_name_or_address(parts.hostname.lower()):
         return None
@@ -101,8 +107,10 @@ class OriginRules:
         for entry in _items(cors_origins):
             origin = normalize_origin(entry)
             if origin is None:
-                raise ValueError(f"--cors-allow-origins {entry!r} is not an origin like http://localhost:3000 "
-                                 f"(\"*\" and \"null\" are refused: they would let any web page in)")
+                raise ValueError(
+                    f"--cors-allow-origins {entry!r} is not an origin like http://localhost:3000 "
+                    f'("*" and "null" are refused: they would let any web page in)'
+                )
             origins.add(origin)
         bound = bound_host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
         return cls(bound, frozenset(hosts), frozenset(origins))
@@ -119,7 +127,7 @@ class OriginRules:
         return split is not None and split[0].rstrip(".") in (LOOPBACK_NAMES | self.allowed_hosts | {self.bound_host})
 
     def origin_kind(self, origin: str | None, scheme: str, host: str | None) -> str:
-        """"none" (no Origin header), "own" (the server's own origin), "listed" (--cors-allow-origins)
+        """ "none" (no Origin header), "own" (the server's own origin), "listed" (--cors-allow-origins)
         or "foreign" (anything else, "null" included)."""
         if origin is None:
             return "none"

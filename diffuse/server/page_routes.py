@@ -89,8 +89,9 @@ def _add_job_routes(app: FastAPI, server: Server) -> None:
         job = server.jobs.get(job_id)
         if job is None:
             return JSONResponse({"detail": f"no job {job_id!r}"}, status_code=404)
-        return StreamingResponse(_job_events(server, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return StreamingResponse(
+            _job_events(server, job), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
 
 
 def _add_output_routes(app: FastAPI, outputs: Path) -> None:
@@ -113,9 +114,14 @@ def _add_output_routes(app: FastAPI, outputs: Path) -> None:
         if opened is None:
             return JSONResponse({"detail": "not found"}, status_code=404)
         file = opened[0]
-        return StreamingResponse(_chunks(file), media_type="image/png",
-                                 headers={"Content-Length": str(os.fstat(file.fileno()).st_size),
-                                          "Content-Disposition": f'inline; filename="{name}"'})
+        return StreamingResponse(
+            _chunks(file),
+            media_type="image/png",
+            headers={
+                "Content-Length": str(os.fstat(file.fileno()).st_size),
+                "Content-Disposition": f'inline; filename="{name}"',
+            },
+        )
 
 
 def _save(server: Server, request: A1111Request, generated: Generated) -> dict:
@@ -191,10 +197,18 @@ def remake_fields(text: str) -> dict | None:
     foreign = ("Denoising strength", "Eta", "Token merging ratio", "Guidance cutoff", "Deep cache", "Mask blur")
     if any(key not in info for key in needed) or any(label in parsed for label in foreign) or info["clip_skip"] != 1:
         return None
-    return {"prompt": info.get("prompt", ""), "negative_prompt": info.get("negative_prompt", ""),
-            "steps": info["steps"], "sampler_name": info["sampler"], "scheduler": info["schedule_type"],
-            "cfg_scale": info["cfg_scale"], "seed": info["seed"], "width": info["width"], "height": info["height"],
-            "model_hash": info.get("model_hash")}
+    return {
+        "prompt": info.get("prompt", ""),
+        "negative_prompt": info.get("negative_prompt", ""),
+        "steps": info["steps"],
+        "sampler_name": info["sampler"],
+        "scheduler": info["schedule_type"],
+        "cfg_scale": info["cfg_scale"],
+        "seed": info["seed"],
+        "width": info["width"],
+        "height": info["height"],
+        "model_hash": info.get("model_hash"),
+    }
 
 
 def _chunks(file: BinaryIO) -> Iterator[bytes]:
@@ -218,8 +232,15 @@ async def _job_events(server: Server, job: Job):
                 yield _event("queued", {"ahead": position})
         elif job.step != sent_step:
             sent_step = job.step
-            yield _event("progress", {"step": job.step, "total": job.total_steps, "eta": round(job.eta(), 2),
-                                      "preview": _preview_url(job.latest)})
+            yield _event(
+                "progress",
+                {
+                    "step": job.step,
+                    "total": job.total_steps,
+                    "eta": round(job.eta(), 2),
+                    "preview": _preview_url(job.latest),
+                },
+            )
         await asyncio.sleep(EVENT_POLL_S)
     if job.future.cancelled():
         yield _event("failed", {"detail": "the server stopped before the job ran"})

@@ -30,23 +30,45 @@ AUTH_VARIABLE = "DIFFUSE_API_AUTH"
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     limits = Limits()
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
-                                                            "only; any other needs --api-auth)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; any other needs --api-auth)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's)")
     parser.add_argument("--models-dir", default=None, help="a folder of checkpoints clients may switch to")
     parser.add_argument("--outputs", default="outputs", help="where the page's images are saved (default outputs)")
-    parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD",
-                        help=f"require HTTP Basic credentials (or set {AUTH_VARIABLE})")
+    parser.add_argument(
+        "--api-auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"require HTTP Basic credentials (or set {AUTH_VARIABLE})",
+    )
     parser.add_argument("--queue", type=int, default=16, help="requests that may wait behind the running one")
-    parser.add_argument("--cors-allow-origins", action="append", default=[], metavar="ORIGINS",
-                        help="web pages of these origins (comma-separated, e.g. http://localhost:3000) may use the "
-                             "API; any other origin is refused")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAMES",
-                        help="more names the server answers to in the Host header (repeatable or comma-separated; "
-                             "localhost, 127.0.0.1, [::1] and the --host address always)")
-    parser.add_argument("--request-memory", type=int, default=256, metavar="MB",
-                        help="most memory request bodies being read and the images of queued jobs take together; "
-                             "more is answered 503 (default 256, at least the 32 MB one body may take)")
+    parser.add_argument(
+        "--cors-allow-origins",
+        action="append",
+        default=[],
+        metavar="ORIGINS",
+        help="web pages of these origins (comma-separated, e.g. http://localhost:3000) may use the "
+        "API; any other origin is refused",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="more names the server answers to in the Host header (repeatable or comma-separated; "
+        "localhost, 127.0.0.1, [::1] and the --host address always)",
+    )
+    parser.add_argument(
+        "--request-memory",
+        type=int,
+        default=256,
+        metavar="MB",
+        help="most memory request bodies being read and the images of queued jobs take together; "
+        "more is answered 503 (default 256, at least the 32 MB one body may take)",
+    )
     parser.add_argument("--max-side", type=int, default=limits.max_side, help="largest width or height, pixels")
     parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="most sampling steps per request")
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="most images per request")
@@ -75,8 +97,10 @@ def is_loopback(host: str) -> bool:
 
 def check_binding(host: str, credentials: tuple[str, str] | None) -> None:
     if not is_loopback(host) and credentials is None:
-        raise ValueError(f"listening on {host} lets other machines in: start with --api-auth USER:PASSWORD (or set "
-                         f"{AUTH_VARIABLE}), or listen on 127.0.0.1")
+        raise ValueError(
+            f"listening on {host} lets other machines in: start with --api-auth USER:PASSWORD (or set "
+            f"{AUTH_VARIABLE}), or listen on 127.0.0.1"
+        )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -92,14 +116,22 @@ def serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     settings = ServerSettings(
         model=Path(args.model),
-        models_dir=Path(args.models_dir) if args.models_dir else None, outputs=Path(args.outputs),
-        credentials=credentials, queue_capacity=args.queue, dtype=args.dtype, device=args.device,
+        models_dir=Path(args.models_dir) if args.models_dir else None,
+        outputs=Path(args.outputs),
+        credentials=credentials,
+        queue_capacity=args.queue,
+        dtype=args.dtype,
+        device=args.device,
         limits=Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images),
-        request_memory_bytes=args.request_memory * 2**20, bound_host=args.host,
-        allow_hosts=tuple(args.allow_host), cors_allow_origins=tuple(args.cors_allow_origins))
+        request_memory_bytes=args.request_memory * 2**20,
+        bound_host=args.host,
+        allow_hosts=tuple(args.allow_host),
+        cors_allow_origins=tuple(args.cors_allow_origins),
+    )
     app = create_app(settings)
-    print(f"diffuse: serving {settings.model} on http://{_shown(args.host)}:{args.port}/ (API docs at /docs)",
-          flush=True)
+    print(
+        f"diffuse: serving {settings.model} on http://{_shown(args.host)}:{args.port}/ (API docs at /docs)", flush=True
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -73,8 +73,9 @@ class Server:
             raise OverBudget(self.budget.refusal("this request's images"))
 
         def work(job: Job) -> Any:
-            generated = self.host.run_on(request.model, request.restore_model,
-                                         lambda pipe: run_request(pipe, request, job))
+            generated = self.host.run_on(
+                request.model, request.restore_model, lambda pipe: run_request(pipe, request, job)
+            )
             return finish(generated)
 
         try:

@@ -86,7 +86,7 @@ def _box3(image: np.ndarray) -> np.ndarray:
     pad = ((1, 1), (1, 1)) + ((0, 0),) * (image.ndim - 2)
     padded = np.pad(image, pad, mode="edge")
     h, w = image.shape[:2]
-    return sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+    return sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9.0
 
 
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
@@ -112,7 +112,7 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labels = np.where(mask, np.arange(h * w).reshape(h, w), outside)
     while True:
         padded = np.pad(labels, 1, constant_values=outside)
-        smallest = np.minimum.reduce([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+        smallest = np.minimum.reduce([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
         flat = np.append(smallest.ravel(), outside)
         jumped = np.where(mask, flat[smallest], outside)
         if np.array_equal(jumped, labels):
@@ -128,7 +128,7 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     h, w = mask.shape
     for _ in range(steps):
         padded = np.pad(mask, 1)
-        mask = np.logical_or.reduce([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+        mask = np.logical_or.reduce([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
     return mask
 
 
@@ -146,8 +146,14 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / np.maximum(a, b).sum())
 
 
-def _read_object(rgb: np.ndarray, smooth: np.ndarray, distance: np.ndarray, blob: np.ndarray, others: np.ndarray,
-                 background_rgb: np.ndarray) -> ObjectReading:
+def _read_object(
+    rgb: np.ndarray,
+    smooth: np.ndarray,
+    distance: np.ndarray,
+    blob: np.ndarray,
+    others: np.ndarray,
+    background_rgb: np.ndarray,
+) -> ObjectReading:
     h, w = distance.shape
     # The object's colour: the median of its pixels farthest from the background (its interior).
     blob_distance = distance[blob]
@@ -181,9 +187,16 @@ def _read_object(rgb: np.ndarray, smooth: np.ndarray, distance: np.ndarray, blob
     relative_area = area / (w * h)
     size = min(SIZES, key=lambda s: abs(math.log(relative_area / (_UNIT_AREA[shape] * SIZES[s] ** 2))))
     centroid = (cx / w, cy / h)
-    return ObjectReading(shape=shape, colour=_nearest(colour_rgb, _COLOUR_RGB), size=size,
-                         position=cell_of(*centroid), centroid=centroid, area=area / (w * h),
-                         rgb=tuple(float(v) for v in colour_rgb), shape_fit=fits[shape])
+    return ObjectReading(
+        shape=shape,
+        colour=_nearest(colour_rgb, _COLOUR_RGB),
+        size=size,
+        position=cell_of(*centroid),
+        centroid=centroid,
+        area=area / (w * h),
+        rgb=tuple(float(v) for v in colour_rgb),
+        shape_fit=fits[shape],
+    )
 
 
 def analyze(image: Image.Image | np.ndarray) -> SceneReading:
@@ -191,8 +204,10 @@ def analyze(image: Image.Image | np.ndarray) -> SceneReading:
     rgb = _as_rgb(image)
     h, w = rgb.shape[:2]
     if h != w or h < 4 * BORDER_WIDTH:
-        raise ValueError(f"expected a square image of at least {4 * BORDER_WIDTH} pixels (sizes and cells are "
-                         f"fractions of its side), got {w}x{h}")
+        raise ValueError(
+            f"expected a square image of at least {4 * BORDER_WIDTH} pixels (sizes and cells are "
+            f"fractions of its side), got {w}x{h}"
+        )
     ring = np.ones((h, w), dtype=bool)
     ring[BORDER_WIDTH:-BORDER_WIDTH, BORDER_WIDTH:-BORDER_WIDTH] = False
     background_rgb = np.median(rgb[ring], axis=0)
@@ -208,16 +223,25 @@ def analyze(image: Image.Image | np.ndarray) -> SceneReading:
     relation = None
     if len(objects) == 2:
         relation = (0, relation_between(objects[0].centroid, objects[1].centroid), 1)
-    return SceneReading(background=_nearest(background_rgb, _BACKGROUND_RGB),
-                        background_rgb=tuple(float(v) for v in background_rgb), objects=tuple(objects),
-                        relation=relation)
+    return SceneReading(
+        background=_nearest(background_rgb, _BACKGROUND_RGB),
+        background_rgb=tuple(float(v) for v in background_rgb),
+        objects=tuple(objects),
+        relation=relation,
+    )
 
 
 def _object_agreement(wanted, seen: ObjectReading | None) -> int:
     if seen is None:
         return 0
-    return sum((wanted.kind == seen.shape, wanted.colour == seen.colour, wanted.size in (None, seen.size),
-                wanted.position in (None, seen.position)))
+    return sum(
+        (
+            wanted.kind == seen.shape,
+            wanted.colour == seen.colour,
+            wanted.size in (None, seen.size),
+            wanted.position in (None, seen.position),
+        )
+    )
 
 
 def matches(scene: Scene, reading: SceneReading) -> dict[str, bool]:
@@ -229,8 +253,10 @@ def matches(scene: Scene, reading: SceneReading) -> dict[str, bool]:
     """
     wanted, seen = scene.objects, reading.objects
     candidates = list(seen) + [None] * max(0, len(wanted) - len(seen))  # None stands in for a missing object
-    order = max(itertools.permutations(range(len(candidates)), len(wanted)),
-                key=lambda order: sum(_object_agreement(o, candidates[j]) for o, j in zip(wanted, order)))
+    order = max(
+        itertools.permutations(range(len(candidates)), len(wanted)),
+        key=lambda order: sum(_object_agreement(o, candidates[j]) for o, j in zip(wanted, order)),
+    )
     pairs = [(o, candidates[j]) for o, j in zip(wanted, order)]
     result = {
         "count": len(seen) == len(wanted),
@@ -246,8 +272,9 @@ def matches(scene: Scene, reading: SceneReading) -> dict[str, bool]:
     if scene.relation is not None:
         a, rel, b = scene.relation
         found_a, found_b = pairs[a][1], pairs[b][1]
-        result["relation"] = (found_a is not None and found_b is not None
-                              and relation_between(found_a.centroid, found_b.centroid) == rel)
+        result["relation"] = (
+            found_a is not None and found_b is not None and relation_between(found_a.centroid, found_b.centroid) == rel
+        )
     return result
 
 

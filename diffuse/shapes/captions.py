@@ -78,8 +78,12 @@ def caption(scene: Scene, rng: random.Random) -> str:
             raise ValueError("a one-object caption needs the object's position")
         phrase = _noun_phrase(obj, rng)
         template = rng.choice(SINGLE_TEMPLATES)
-        return template.format(obj=_with_article(phrase), bare_obj=phrase, bg=scene.background,
-                               where=rng.choice(POSITION_PHRASES[obj.position]))
+        return template.format(
+            obj=_with_article(phrase),
+            bare_obj=phrase,
+            bg=scene.background,
+            where=rng.choice(POSITION_PHRASES[obj.position]),
+        )
     if scene.relation is None:
         raise ValueError("a two-object caption needs the relation between the objects")
     a, rel, b = scene.relation
@@ -87,8 +91,13 @@ def caption(scene: Scene, rng: random.Random) -> str:
         a, rel, b = b, INVERSE_RELATION[rel], a
     first, second = _noun_phrase(scene.objects[a], rng), _noun_phrase(scene.objects[b], rng)
     template = rng.choice(PAIR_TEMPLATES)
-    return template.format(a=_with_article(first), bare_a=first, b=_with_article(second), bg=scene.background,
-                           rel=rng.choice(RELATION_PHRASES[rel]))
+    return template.format(
+        a=_with_article(first),
+        bare_a=first,
+        b=_with_article(second),
+        bg=scene.background,
+        rel=rng.choice(RELATION_PHRASES[rel]),
+    )
 
 
 def _alternatives(words) -> str:
@@ -98,11 +107,25 @@ def _alternatives(words) -> str:
 
 _OBJECT = re.compile(rf"\b(?:({_alternatives(SIZES)})\s+)?({_alternatives(COLOURS)})\s+({_alternatives(SHAPES)})s?\b")
 _BACKGROUND = re.compile(rf"\b({_alternatives(BACKGROUNDS)})\b")
-_POSITION_WORDS = {**{name: name for name in POSITIONS}, "middle": "center", "centre": "center",
-                   "top middle": "top", "bottom middle": "bottom", "top center": "top", "bottom center": "bottom"}
+_POSITION_WORDS = {
+    **{name: name for name in POSITIONS},
+    "middle": "center",
+    "centre": "center",
+    "top middle": "top",
+    "bottom middle": "bottom",
+    "top center": "top",
+    "bottom center": "bottom",
+}
 _POSITION = re.compile(rf"\b({_alternatives(_POSITION_WORDS)})\b")
-_RELATION_WORDS = {"left of": "left of", "right of": "right of", "above": "above", "over": "above",
-                   "below": "below", "under": "below", "beneath": "below"}
+_RELATION_WORDS = {
+    "left of": "left of",
+    "right of": "right of",
+    "above": "above",
+    "over": "above",
+    "below": "below",
+    "under": "below",
+    "beneath": "below",
+}
 _RELATION = re.compile(rf"\b({_alternatives(_RELATION_WORDS)})\b")
 
 
@@ -119,7 +142,7 @@ def parse_caption(text: str) -> Scene:
     # Cut the object phrases out, so their colour words are not taken for the background.
     pieces, last = [], 0
     for match in found:
-        pieces.append(normalised[last:match.start()])
+        pieces.append(normalised[last : match.start()])
         last = match.end()
     pieces.append(normalised[last:])
     rest = " | ".join(pieces)
@@ -128,10 +151,15 @@ def parse_caption(text: str) -> Scene:
     if len(objects) == 1:
         where = _POSITION.search(rest)
         position = _POSITION_WORDS[where.group(1)] if where else None
-        return Scene(objects=(Shape(objects[0].kind, objects[0].colour, objects[0].size, position),),
-                     background=background.group(1) if background else None)
+        return Scene(
+            objects=(Shape(objects[0].kind, objects[0].colour, objects[0].size, position),),
+            background=background.group(1) if background else None,
+        )
     between = _RELATION.search(pieces[1])
     if between is None:
         raise ValueError(f"no relation (left of, right of, above, below) between the two objects in {text!r}")
-    return Scene(objects=tuple(objects), background=background.group(1) if background else None,
-                 relation=(0, _RELATION_WORDS[between.group(1)], 1))
+    return Scene(
+        objects=tuple(objects),
+        background=background.group(1) if background else None,
+        relation=(0, _RELATION_WORDS[between.group(1)], 1),
+    )

@@ -42,9 +42,25 @@ from diffuse.shapes.scenes import (
     render,
 )
 
-__all__ = ["BACKGROUNDS", "COLOURS", "DataConfig", "Holdout", "POSITIONS", "RELATIONS", "SHAPES", "SIZES", "Scene",
-           "Shape", "ShapesDataset", "caption", "heldout_pair_scenes", "heldout_single_scenes", "image_to_tensor",
-           "parse_caption", "render"]
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "DataConfig",
+    "Holdout",
+    "POSITIONS",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "Scene",
+    "Shape",
+    "ShapesDataset",
+    "caption",
+    "heldout_pair_scenes",
+    "heldout_single_scenes",
+    "image_to_tensor",
+    "parse_caption",
+    "render",
+]
 
 BORDER_MARGIN = 0.03  # a shape keeps at least this far (2 px at 64) from the image border
 MIN_GAP = 0.05  # two shapes keep at least this far apart (3 px at 64): separate blobs, a clear relation
@@ -76,8 +92,10 @@ class Holdout:
             if self.object_held_out(*a) or self.object_held_out(*b):
                 raise ValueError(f"held-out pair {a} {rel} {b} uses a held-out shape/colour: it could never be shown")
             if a == b or not backgrounds_for([a[1], b[1]]):
-                raise ValueError(f"held-out pair {a} {rel} {b} cannot be drawn: identical objects or no background "
-                                 "contrasts with both colours")
+                raise ValueError(
+                    f"held-out pair {a} {rel} {b} cannot be drawn: identical objects or no background "
+                    "contrasts with both colours"
+                )
 
     def object_held_out(self, kind: str, colour: str, position: str | None = None) -> bool:
         return (kind, colour) in self.shape_colours or (colour, position) in self.colour_positions
@@ -164,8 +182,9 @@ def _single_scene(rng: random.Random, holdout: Holdout, jitter: float, want_held
             return scene
 
 
-def _pair_scene(rng: random.Random, holdout: Holdout, jitter: float,
-                forced: tuple[ObjectId, str, ObjectId] | None = None) -> Scene:
+def _pair_scene(
+    rng: random.Random, holdout: Holdout, jitter: float, forced: tuple[ObjectId, str, ObjectId] | None = None
+) -> Scene:
     """A two-object training scene, or (with `forced`) one showing that held-out pair."""
     while True:
         if forced is None:

@@ -60,7 +60,15 @@ from diffuse.train.components import IMAGE_TOWER_DIR, final_files, load_final
 
 EVAL_DATA_SEED = 1000  # the rendered images' dataset seed: the training configs use 0, 1 and 2
 PROMPT_KINDS = {"singles": heldout_single_scenes, "pairs": heldout_pair_scenes}
-ATTRIBUTES = ("count", "shape", "colour", "size", "position", "relation", "background")  # matches()'s keys, in print order
+ATTRIBUTES = (
+    "count",
+    "shape",
+    "colour",
+    "size",
+    "position",
+    "relation",
+    "background",
+)  # matches()'s keys, in print order
 TIMED_RUNS = 3
 
 
@@ -110,8 +118,13 @@ def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progres
         # The name and A1111's hash identify the weights wherever the folder is (a path would not).
         "model": pipe.model_name,
         "model_hash": pipe.model_hash,
-        "settings": {**dataclasses.asdict(settings), "width": size, "height": size, "dtype": str(pipe.dtype),
-                     "eval_data_seed": EVAL_DATA_SEED},
+        "settings": {
+            **dataclasses.asdict(settings),
+            "width": size,
+            "height": size,
+            "dtype": str(pipe.dtype),
+            "eval_data_seed": EVAL_DATA_SEED,
+        },
         "prompt_adherence": adherence,
         "vae_reconstruction": vae_reconstruction(pipe, settings.images),
         "caption_retrieval": retrieval,
@@ -128,17 +141,25 @@ def heldout_prompts(kind: str, count: int, scene_seed: int = 0) -> list[str]:
     return [caption(scene, random.Random(f"eval-{kind}-{i}")) for i, scene in enumerate(scenes)]
 
 
-def generate(pipe: Pipeline, prompts: list[str], settings: EvalSettings, *, progress: bool = False,
-             label: str = "") -> list[Image.Image]:
+def generate(
+    pipe: Pipeline, prompts: list[str], settings: EvalSettings, *, progress: bool = False, label: str = ""
+) -> list[Image.Image]:
     """One image per prompt at the native size, prompt i with seed settings.seed + i."""
     size = pipe.config.image_size
     images: list[Image.Image] = []
     with tqdm(total=len(prompts), desc=label, unit="image", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(prompts), settings.batch_size):
-            chunk = prompts[start:start + settings.batch_size]
-            result = pipe.txt2img(chunk, width=size, height=size, steps=settings.steps,
-                                  guidance_scale=settings.cfg_scale, sampler=settings.sampler,
-                                  seed=settings.seed + start, speedups=settings.speedups)
+            chunk = prompts[start : start + settings.batch_size]
+            result = pipe.txt2img(
+                chunk,
+                width=size,
+                height=size,
+                steps=settings.steps,
+                guidance_scale=settings.cfg_scale,
+                sampler=settings.sampler,
+                seed=settings.seed + start,
+                speedups=settings.speedups,
+            )
             images.extend(result.images)
             bar.update(len(chunk))
     return images
@@ -184,9 +205,13 @@ def vae_reconstruction(pipe: Pipeline, count: int, chunk: int = 32) -> dict:
         for scene, pixels in zip(scenes, as_saved.permute(0, 2, 3, 1).numpy()):
             kind = "singles" if len(scene.objects) == 1 else "pairs"
             read_right[kind].append(all(matches(scene, analyze(pixels)).values()))
-    return {"images": count, "psnr_db_mean": statistics.fmean(values), "psnr_db_worst": min(values),
-            "read_right": {kind: statistics.fmean(v) if v else None for kind, v in read_right.items()},
-            "read_right_images": {kind: len(v) for kind, v in read_right.items()}}
+    return {
+        "images": count,
+        "psnr_db_mean": statistics.fmean(values),
+        "psnr_db_worst": min(values),
+        "read_right": {kind: statistics.fmean(v) if v else None for kind, v in read_right.items()},
+        "read_right_images": {kind: len(v) for kind, v in read_right.items()},
+    }
 
 
 def load_image_tower(model: Path) -> ImageTower | None:
@@ -203,9 +228,11 @@ def caption_retrieval(pipe: Pipeline, tower: ImageTower, count: int) -> dict:
     """Top-1 image -> caption retrieval among `count` held-out images and their captions."""
     size = pipe.config.image_size
     if tower.cfg.image_encoder.image_size != size or tower.cfg.text_width != pipe.config.text_encoder.width:
-        return {"skipped": f"the image tower reads {tower.cfg.image_encoder.image_size}px images and "
-                           f"{tower.cfg.text_width}-wide text states; the model draws {size}px images and its "
-                           f"text encoder is {pipe.config.text_encoder.width} wide"}
+        return {
+            "skipped": f"the image tower reads {tower.cfg.image_encoder.image_size}px images and "
+            f"{tower.cfg.text_width}-wide text states; the model draws {size}px images and its "
+            f"text encoder is {pipe.config.text_encoder.width} wide"
+        }
     dataset = eval_dataset(pipe)
     images, captions, _ = dataset.batch(0, count)
     similarity = tower.image_embeddings(images) @ _text_embeddings(pipe, tower, captions).T  # [images, captions]
@@ -221,9 +248,12 @@ def caption_retrieval(pipe: Pipeline, tower: ImageTower, count: int) -> dict:
     own = _text_embeddings(pipe, tower, [caption for (_, caption, _), _ in pairs])
     reversed_ = _text_embeddings(pipe, tower, [text for _, text in pairs])
     prefers_own = ((image_embeds * own).sum(-1) > (image_embeds * reversed_).sum(-1)).float().mean().item()
-    return {"images": count, "top1": correct / count,
-            "chance": statistics.fmean(copies[text] / count for text in captions),
-            "relation_vs_reversed": {"pairs": len(pairs), "own_caption_preferred": prefers_own}}
+    return {
+        "images": count,
+        "top1": correct / count,
+        "chance": statistics.fmean(copies[text] / count for text in captions),
+        "relation_vs_reversed": {"pairs": len(pairs), "own_caption_preferred": prefers_own},
+    }
 
 
 def _text_embeddings(pipe: Pipeline, tower: ImageTower, captions: list[str]) -> torch.Tensor:
@@ -238,8 +268,16 @@ def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict
 
     def run() -> float:
         start = time.perf_counter()
-        pipe.txt2img(prompt, width=size, height=size, steps=settings.steps, guidance_scale=settings.cfg_scale,
-                     sampler=settings.sampler, seed=settings.seed, speedups=settings.speedups)
+        pipe.txt2img(
+            prompt,
+            width=size,
+            height=size,
+            steps=settings.steps,
+            guidance_scale=settings.cfg_scale,
+            sampler=settings.sampler,
+            seed=settings.seed,
+            speedups=settings.speedups,
+        )
         return time.perf_counter() - start
 
     run()  # the first run pays for allocations and lazy set-up
@@ -251,7 +289,7 @@ def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict
 
 
 def _speedups_text(speedups: dict | None) -> str:
-    """", speed-ups: ..." for the ones used (None: a report written before they existed)."""
+    """ ", speed-ups: ..." for the ones used (None: a report written before they existed)."""
     used = {k: v for k, v in Speedups(**speedups).info().items() if v is not None} if speedups else {}
     return ", speed-ups: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in used.items()) if used else ""
 
@@ -259,12 +297,14 @@ def _speedups_text(speedups: dict | None) -> str:
 def format_report(results: dict) -> str:
     """The results as a table a person reads."""
     s = results["settings"]
-    lines = [f"model: {results['model']} [{results['model_hash']}]",
-             f"  {s['width']}x{s['height']}, {s['sampler']}, {s['steps']} steps, cfg {s['cfg_scale']}, "
-             f"seed {s['seed']}, scene seed {s.get('scene_seed', 0)}, "  # absent from reports before it existed: 0
-             f"{s['dtype'].replace('torch.', '')}{_speedups_text(s.get('speedups'))}",
-             "",
-             f"{'prompt adherence (held-out)':<30}{'singles':>10}{'pairs':>10}"]
+    lines = [
+        f"model: {results['model']} [{results['model_hash']}]",
+        f"  {s['width']}x{s['height']}, {s['sampler']}, {s['steps']} steps, cfg {s['cfg_scale']}, "
+        f"seed {s['seed']}, scene seed {s.get('scene_seed', 0)}, "  # absent from reports before it existed: 0
+        f"{s['dtype'].replace('torch.', '')}{_speedups_text(s.get('speedups'))}",
+        "",
+        f"{'prompt adherence (held-out)':<30}{'singles':>10}{'pairs':>10}",
+    ]
     kinds = [results["prompt_adherence"][kind] for kind in PROMPT_KINDS]
 
     def cell(value) -> str:
@@ -277,23 +317,36 @@ def format_report(results: dict) -> str:
     lines.append(f"{'  prompts':<30}" + "".join(f"{k['prompts']:>10}" for k in kinds))
     lines.append("")
     vae = results["vae_reconstruction"]
-    lines.append(f"{'VAE reconstruction PSNR':<30}{vae['psnr_db_mean']:.2f} dB mean, {vae['psnr_db_worst']:.2f} dB "
-                 f"worst ({vae['images']} images)")
-    lines.append(f"{'  read back right':<30}" + "".join(cell(vae["read_right"][kind]) for kind in PROMPT_KINDS)
-                 + "   (" + ", ".join(f"{n} {kind}" for kind, n in vae["read_right_images"].items()) + ")")
+    lines.append(
+        f"{'VAE reconstruction PSNR':<30}{vae['psnr_db_mean']:.2f} dB mean, {vae['psnr_db_worst']:.2f} dB "
+        f"worst ({vae['images']} images)"
+    )
+    lines.append(
+        f"{'  read back right':<30}"
+        + "".join(cell(vae["read_right"][kind]) for kind in PROMPT_KINDS)
+        + "   ("
+        + ", ".join(f"{n} {kind}" for kind, n in vae["read_right_images"].items())
+        + ")"
+    )
     retrieval = results["caption_retrieval"]
     if "skipped" in retrieval:
         lines.append(f"{'caption retrieval':<30}skipped: {retrieval['skipped']}")
     else:
-        lines.append(f"{'caption retrieval top-1':<30}{retrieval['top1']:.3f} (chance {retrieval['chance']:.3f}, "
-                     f"{retrieval['images']} images)")
+        lines.append(
+            f"{'caption retrieval top-1':<30}{retrieval['top1']:.3f} (chance {retrieval['chance']:.3f}, "
+            f"{retrieval['images']} images)"
+        )
         if "relation_vs_reversed" in retrieval:  # absent from reports written before it was measured
             relation = retrieval["relation_vs_reversed"]
-            lines.append(f"{'  own vs reversed relation':<30}{relation['own_caption_preferred']:.3f} (chance 0.5, "
-                         f"{relation['pairs']} two-object images)")
+            lines.append(
+                f"{'  own vs reversed relation':<30}{relation['own_caption_preferred']:.3f} (chance 0.5, "
+                f"{relation['pairs']} two-object images)"
+            )
     timing = results["generation_time"]
-    lines.append(f"{'generation time':<30}{timing['median_s']:.3f} s median of {len(timing['runs_s'])} "
-                 f"({timing['torch_threads']} torch threads)")
+    lines.append(
+        f"{'generation time':<30}{timing['median_s']:.3f} s median of {len(timing['runs_s'])} "
+        f"({timing['torch_threads']} torch threads)"
+    )
     return "\n".join(lines)
 
 

@@ -58,8 +58,10 @@ class ImageEncoderConfig:
         if not self.stage_channels:
             raise ValueError("ImageEncoderConfig.stage_channels needs at least one stage")
         if self.image_size % 2 ** len(self.stage_channels):
-            raise ValueError(f"image_size {self.image_size} is not divisible by 2**{len(self.stage_channels)} "
-                             f"(one halving per stage of {self.stage_channels})")
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**{len(self.stage_channels)} "
+                f"(one halving per stage of {self.stage_channels})"
+            )
         bad = [c for c in self.stage_channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"stage channels {bad} are not divisible by norm_groups {self.norm_groups}")
@@ -117,8 +119,9 @@ class ImageEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         size = self.cfg.image_size
         if images.ndim != 4 or images.shape[1:] != (self.cfg.in_channels, size, size):
-            raise ValueError(f"ImageEncoder expects images [B, {self.cfg.in_channels}, {size}, {size}], "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"ImageEncoder expects images [B, {self.cfg.in_channels}, {size}, {size}], got {tuple(images.shape)}"
+            )
         x = self.stem(images)
         for stage in self.stages:
             x = stage(x)

@@ -47,9 +47,15 @@ SIZES: dict[str, float] = {"small": 0.18, "large": 0.28}
 # The 3x3 grid: position name -> (column, row). Cell centres sit a little inside the
 # image's thirds so a large shape in an edge cell still keeps clear of the border.
 POSITIONS: dict[str, tuple[int, int]] = {
-    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
-    "left": (0, 1), "center": (1, 1), "right": (2, 1),
-    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "center": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
 }
 CELL_CENTRES = (0.2, 0.5, 0.8)
 CELL_EDGES = (0.35, 0.65)  # halfway between cell centres: where one cell ends and the next begins
@@ -153,8 +159,10 @@ def outline(kind: str, cx: float, cy: float, extent: float) -> list[tuple[float,
     if kind == "circle":
         r = _CIRCLE_RADIUS * extent
         steps = _CIRCLE_VERTICES
-        return [(cx + r * math.cos(2 * math.pi * i / steps), cy + r * math.sin(2 * math.pi * i / steps))
-                for i in range(steps)]
+        return [
+            (cx + r * math.cos(2 * math.pi * i / steps), cy + r * math.sin(2 * math.pi * i / steps))
+            for i in range(steps)
+        ]
     if kind == "square":
         h = _SQUARE_HALF_SIDE * extent
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
@@ -165,8 +173,10 @@ def outline(kind: str, cx: float, cy: float, extent: float) -> list[tuple[float,
     if kind == "star":
         outer = _STAR_OUTER_RADIUS * extent
         radii = [outer if i % 2 == 0 else outer * _STAR_INNER_RATIO for i in range(10)]
-        return [(cx + r * math.cos(math.radians(-90 + 36 * i)), cy + r * math.sin(math.radians(-90 + 36 * i)))
-                for i, r in enumerate(radii)]
+        return [
+            (cx + r * math.cos(math.radians(-90 + 36 * i)), cy + r * math.sin(math.radians(-90 + 36 * i)))
+            for i, r in enumerate(radii)
+        ]
     raise ValueError(f"unknown shape {kind!r}; expected one of {', '.join(SHAPES)}")
 
 

@@ -58,9 +58,16 @@ class AssemblyWarning(UserWarning):
     """Something about the stages that could not be checked, or that leaves the model without a part."""
 
 
-def assemble(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Path, out_folder: str | Path, *,
-             dtype: torch.dtype = torch.float16, overwrite: bool = False,
-             preview_samples: int = PREVIEW_SAMPLES) -> Path:
+def assemble(
+    vae_dir: str | Path,
+    clip_dir: str | Path,
+    unet_dir: str | Path,
+    out_folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+    preview_samples: int = PREVIEW_SAMPLES,
+) -> Path:
     """Write the model made of the three finished stages as a diffusers folder at `out_folder`; returns it."""
     out_folder = Path(out_folder).expanduser()
     pipe = build_pipeline(vae_dir, clip_dir, unet_dir, source=out_folder, preview_samples=preview_samples)
@@ -70,15 +77,24 @@ def assemble(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Path, ou
         check_image_tower(clip_dir, pipe.config)
         extra_files = {f"{IMAGE_TOWER_DIR}/{path.name}": path.read_bytes() for path in tower_files}
     else:
-        warnings.warn(f"{clip_dir} holds no image tower ({tower_files[1].name}): the model is written without one, "
-                      "and `diffuse eval` will skip caption retrieval. Running the CLIP stage again with the same "
-                      "config and --out writes it from the last checkpoint without training further.",
-                      AssemblyWarning, stacklevel=2)
+        warnings.warn(
+            f"{clip_dir} holds no image tower ({tower_files[1].name}): the model is written without one, "
+            "and `diffuse eval` will skip caption retrieval. Running the CLIP stage again with the same "
+            "config and --out writes it from the last checkpoint without training further.",
+            AssemblyWarning,
+            stacklevel=2,
+        )
     return save_diffusers_folder(pipe, out_folder, dtype=dtype, overwrite=overwrite, extra_files=extra_files)
 
 
-def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Path, *, source: str | Path,
-                   preview_samples: int = PREVIEW_SAMPLES) -> Pipeline:
+def build_pipeline(
+    vae_dir: str | Path,
+    clip_dir: str | Path,
+    unet_dir: str | Path,
+    *,
+    source: str | Path,
+    preview_samples: int = PREVIEW_SAMPLES,
+) -> Pipeline:
     """The float32 Pipeline of the three finished stages, checked to fit together, with a preview
     matrix fitted to its VAE. `source` is the folder it will be saved as (its name names the model)."""
     vae_dir, clip_dir, unet_dir, source = Path(vae_dir), Path(clip_dir), Path(unet_dir), Path(source)
@@ -86,11 +102,15 @@ def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Pa
     text_encoder, text_config, text_extra = load_final(clip_dir, "text_encoder")
     unet, unet_config, unet_extra = load_final(unet_dir, "unet")
     if unet_config.in_channels != vae_config.latent_channels or unet_config.out_channels != vae_config.latent_channels:
-        raise ValueError(f"the UNet in {unet_dir} has {unet_config.in_channels} in / {unet_config.out_channels} out "
-                         f"channels, but the VAE in {vae_dir} has {vae_config.latent_channels} latent channels")
+        raise ValueError(
+            f"the UNet in {unet_dir} has {unet_config.in_channels} in / {unet_config.out_channels} out "
+            f"channels, but the VAE in {vae_dir} has {vae_config.latent_channels} latent channels"
+        )
     if unet_config.context_dim != text_config.width:
-        raise ValueError(f"the UNet in {unet_dir} attends to {unet_config.context_dim}-wide text states, but the text "
-                         f"encoder in {clip_dir} is {text_config.width} wide")
+        raise ValueError(
+            f"the UNet in {unet_dir} attends to {unet_config.context_dim}-wide text states, but the text "
+            f"encoder in {clip_dir} is {text_config.width} wide"
+        )
     for key in ("prediction_type", "sample_size"):
         if key not in unet_extra:
             raise ValueError(f"{final_files(unet_dir, 'unet')[1]} does not record the UNet's {key}")
@@ -99,14 +119,26 @@ def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Pa
     for component, given in (("vae", vae_dir), ("text_encoder", clip_dir)):
         check_recorded_stage(unet_extra, given, component, unet_dir)
 
-    config = PipelineConfig(name=source.name, text_encoder=text_config, unet=unet_config, vae=vae_config,
-                            prediction_type=unet_extra["prediction_type"], pad_token_id=text_extra["pad_token_id"],
-                            sample_size=unet_extra["sample_size"])
+    config = PipelineConfig(
+        name=source.name,
+        text_encoder=text_config,
+        unet=unet_config,
+        vae=vae_config,
+        prediction_type=unet_extra["prediction_type"],
+        pad_token_id=text_extra["pad_token_id"],
+        sample_size=unet_extra["sample_size"],
+    )
     # Prepared as the loader prepares a model, so the preview fit and the evaluation run what users run.
     text_encoder, unet, vae = (prepare(net, "cpu", torch.float32) for net in (text_encoder, unet, vae))
-    pipe = Pipeline(tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id), text_encoder=text_encoder,
-                    unet=unet, vae=vae, config=config, source=source,
-                    preview_matrix=fit_vae_preview(vae, vae_config, config.image_size, preview_samples))
+    pipe = Pipeline(
+        tokenizer=CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id),
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        config=config,
+        source=source,
+        preview_matrix=fit_vae_preview(vae, vae_config, config.image_size, preview_samples),
+    )
     pipe.scheduler_config = trained_scheduler_config(pipe, unet_dir)
     return pipe
 
@@ -114,8 +146,11 @@ def build_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Pa
 def trained_scheduler_config(pipe: Pipeline, unet_dir: Path) -> dict:
     """SD's scheduler settings with the noise schedule the UNet was trained on (its training config's)."""
     trained_with = read_final_info(unet_dir, "unet").get("trained_with", {})
-    schedule = config_from_dict(NoiseSchedule, trained_with.get("schedule", {}),
-                                where=f"{final_files(unet_dir, 'unet')[1]}: trained_with.schedule")
+    schedule = config_from_dict(
+        NoiseSchedule,
+        trained_with.get("schedule", {}),
+        where=f"{final_files(unet_dir, 'unet')[1]}: trained_with.schedule",
+    )
     schedule = dataclasses.replace(schedule, prediction_type=pipe.config.prediction_type)
     return {**scheduler_config(pipe), **dataclasses.asdict(schedule)}
 
@@ -146,26 +181,36 @@ def check_recorded_stage(unet_extra: dict, given: Path, component: str, unet_dir
     recorded_sha = unet_extra.get(f"{component}_sha256")
     if recorded_sha is not None:
         if weights_sha256(given, component) != recorded_sha:
-            raise ValueError(f"the UNet in {unet_dir} was trained on another {component} than the one in {given} "
-                             f"(its weights' sha256 differs: retrained since, or another run's); assemble it with "
-                             f"the {component} it was trained on")
+            raise ValueError(
+                f"the UNet in {unet_dir} was trained on another {component} than the one in {given} "
+                f"(its weights' sha256 differs: retrained since, or another run's); assemble it with "
+                f"the {component} it was trained on"
+            )
         return
     recorded = unet_extra.get(f"{component}_dir")
     if recorded is None:
-        warnings.warn(f"{unet_dir} does not record which {component} it was trained on: cannot check {given}",
-                      AssemblyWarning, stacklevel=3)
+        warnings.warn(
+            f"{unet_dir} does not record which {component} it was trained on: cannot check {given}",
+            AssemblyWarning,
+            stacklevel=3,
+        )
         return
     recorded_dir = Path(recorded)
     if recorded_dir.resolve() == given.resolve():
         return
     if not final_files(recorded_dir, component)[1].is_file():
-        warnings.warn(f"the UNet in {unet_dir} was trained on the {component} in {recorded}, which is not there "
-                      f"(from {Path.cwd()}): cannot check that {given} holds the same one", AssemblyWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"the UNet in {unet_dir} was trained on the {component} in {recorded}, which is not there "
+            f"(from {Path.cwd()}): cannot check that {given} holds the same one",
+            AssemblyWarning,
+            stacklevel=3,
+        )
         return
     if _fingerprint(recorded_dir, component) != _fingerprint(given, component):
-        raise ValueError(f"the UNet in {unet_dir} was trained on the {component} in {recorded}, and {given} holds a "
-                         f"different one (other weights or config); assemble it with the {component} it was trained on")
+        raise ValueError(
+            f"the UNet in {unet_dir} was trained on the {component} in {recorded}, and {given} holds a "
+            f"different one (other weights or config); assemble it with the {component} it was trained on"
+        )
 
 
 def _fingerprint(folder: Path, component: str) -> tuple[str, dict]:
@@ -178,10 +223,15 @@ def check_image_tower(clip_dir: str | Path, config: PipelineConfig) -> None:
     (it is used for scoring alone, and the evaluation then skips it)."""
     _, tower_config, _ = load_final(clip_dir, "image_tower")
     if tower_config.text_width != config.text_encoder.width:
-        raise ValueError(f"the image tower in {clip_dir} projects {tower_config.text_width}-wide text states, but the "
-                         f"text encoder is {config.text_encoder.width} wide")
+        raise ValueError(
+            f"the image tower in {clip_dir} projects {tower_config.text_width}-wide text states, but the "
+            f"text encoder is {config.text_encoder.width} wide"
+        )
     image_size = config.image_size
     if tower_config.image_encoder.image_size != image_size:
-        warnings.warn(f"the image tower in {clip_dir} reads {tower_config.image_encoder.image_size}px images, the "
-                      f"model draws {image_size}px ones: caption retrieval will be skipped", AssemblyWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"the image tower in {clip_dir} reads {tower_config.image_encoder.image_size}px images, the "
+            f"model draws {image_size}px ones: caption retrieval will be skipped",
+            AssemblyWarning,
+            stacklevel=3,
+        )

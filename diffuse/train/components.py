@@ -83,8 +83,14 @@ def weights_sha256(folder: str | Path, component: str) -> str:
     return sha256_file(final_files(folder, component)[0])
 
 
-def save_final(out_dir: str | Path, component: str, model: nn.Module, model_config: Any, train_config: Any,
-               extra: dict | None = None) -> Path:
+def save_final(
+    out_dir: str | Path,
+    component: str,
+    model: nn.Module,
+    model_config: Any,
+    train_config: Any,
+    extra: dict | None = None,
+) -> Path:
     """Write the component's weights and info (final.safetensors / final.json for a stage's own
     component; weights first: the json marks it complete). `train_config` is the training config,
     or, for a component that was not trained here (diffuse.train.unpack), a dict saying where it is from."""
@@ -136,17 +142,23 @@ def load_final(folder: str | Path, component: str) -> tuple[nn.Module, Any, dict
     return model, config, info["extra"]
 
 
-def starting_weights(folder: str | Path, component: str, config: Any,
-                     measured: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
+def starting_weights(
+    folder: str | Path, component: str, config: Any, measured: tuple[str, ...] = ()
+) -> tuple[nn.Module, dict]:
     """(model, extra) of the finished component a stage starts from (its init_from) instead of random
     weights, refused unless it has the run's architecture `config`. Fields in `measured` are
     measured when a stage ends (the VAE's scaling factor), not chosen: they may differ."""
     model, loaded_config, extra = load_final(folder, component)
-    differing = [field.name for field in dataclasses.fields(config) if field.name not in measured
-                 and getattr(config, field.name) != getattr(loaded_config, field.name)]
+    differing = [
+        field.name
+        for field in dataclasses.fields(config)
+        if field.name not in measured and getattr(config, field.name) != getattr(loaded_config, field.name)
+    ]
     if differing:
-        raise ValueError(f"init_from {folder}: its {component} is not this run's architecture (they differ in "
-                         f"{', '.join(differing)})")
+        raise ValueError(
+            f"init_from {folder}: its {component} is not this run's architecture (they differ in "
+            f"{', '.join(differing)})"
+        )
     return model, extra
 
 

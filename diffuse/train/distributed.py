@@ -92,8 +92,10 @@ def shard(global_batch: int, info: DistInfo) -> tuple[int, int]:
     When the batch does not divide evenly the first ranks take one sample more.
     """
     if global_batch < info.world_size:
-        raise ValueError(f"global batch size {global_batch} is smaller than the {info.world_size} "
-                         f"training processes; every process needs at least one sample")
+        raise ValueError(
+            f"global batch size {global_batch} is smaller than the {info.world_size} "
+            f"training processes; every process needs at least one sample"
+        )
     base, remainder = divmod(global_batch, info.world_size)
     count = base + (1 if info.rank < remainder else 0)
     offset = info.rank * base + min(info.rank, remainder)

@@ -37,8 +37,9 @@ class WeightAverage:
             raise ValueError(f"the EMA decay must be between 0 and 1, not {decay}")
         self.decay = decay
         self.live = dict(models)
-        self.averages = {name + SUFFIX: copy.deepcopy(model).requires_grad_(False).eval()
-                         for name, model in models.items()}
+        self.averages = {
+            name + SUFFIX: copy.deepcopy(model).requires_grad_(False).eval() for name, model in models.items()
+        }
 
     @torch.no_grad()
     def update(self, step: int) -> None:

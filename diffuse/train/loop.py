@@ -30,9 +30,10 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -88,8 +89,10 @@ class LoopConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns the average off), not {self.ema_decay}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_steps, weight_decay and grad_clip must not be negative: "
-                             f"{self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")
+            raise ValueError(
+                "warmup_steps, weight_decay and grad_clip must not be negative: "
+                f"{self.warmup_steps}, {self.weight_decay}, {self.grad_clip}"
+            )
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), not {self.betas}")
 
@@ -138,7 +141,7 @@ class BatchRandom:
         return self._rows(torch.randint(low, high, (self.global_batch, *sample_shape), generator=self.generator))
 
     def _rows(self, values: Tensor) -> Tensor:
-        return values[self.offset:self.offset + self.count].to(self.device)
+        return values[self.offset : self.offset + self.count].to(self.device)
 
 
 LossFn = Callable[[dict[str, nn.Module], Any, BatchRandom], tuple[Tensor, dict[str, Any]]]
@@ -183,8 +186,19 @@ def train(
     started_group = not distributed.is_initialized()
     info = distributed.setup()
     try:
-        return _train(config, loop, models, loss_fn, make_batch, out_dir, info, resume, progress, data_workers,
-                      input_fingerprints(inputs or {}))
+        return _train(
+            config,
+            loop,
+            models,
+            loss_fn,
+            make_batch,
+            out_dir,
+            info,
+            resume,
+            progress,
+            data_workers,
+            input_fingerprints(inputs or {}),
+        )
     finally:
         if started_group:
             distributed.teardown()
@@ -210,8 +224,11 @@ class _Run:
     def checkpointed(self) -> dict[str, dict]:
         """The models, optimizers and generators a checkpoint holds, by name."""
         averages = self.average.averages if self.average is not None else {}
-        return {"models": {**self.trainable, **averages}, "optimizers": {OPTIMIZER_NAME: self.optimizer},
-                "generators": {GENERATOR_NAME: self.generator}}
+        return {
+            "models": {**self.trainable, **averages},
+            "optimizers": {OPTIMIZER_NAME: self.optimizer},
+            "generators": {GENERATOR_NAME: self.generator},
+        }
 
 
 @dataclass(frozen=True)
@@ -223,20 +240,36 @@ class _Shard:
     weight: float
 
 
-def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn: LossFn, make_batch: MakeBatch,
-           out_dir: Path, info: DistInfo, resume: bool, progress: bool, data_workers: int,
-           inputs: dict[str, dict[str, str]]) -> list[float]:
+def _train(
+    config: Any,
+    loop: LoopConfig,
+    models: dict[str, nn.Module],
+    loss_fn: LossFn,
+    make_batch: MakeBatch,
+    out_dir: Path,
+    info: DistInfo,
+    resume: bool,
+    progress: bool,
+    data_workers: int,
+    inputs: dict[str, dict[str, str]],
+) -> list[float]:
     run = _new_run(config, loop, models, out_dir, info, inputs)
     _resume(run, resume)
     losses = _open_log(run)
     wrapped = {name: distributed.wrap(m, info) if name in run.trainable else m for name, m in models.items()}
     offset, count = distributed.shard(loop.batch_size, info)
     shard = _Shard(offset, count, distributed.shard_weight(loop.batch_size, info))
-    bar = tqdm(total=loop.steps, initial=min(run.step, loop.steps), unit="step", desc=out_dir.name,
-               disable=not (progress and info.is_main))
+    bar = tqdm(
+        total=loop.steps,
+        initial=min(run.step, loop.steps),
+        unit="step",
+        desc=out_dir.name,
+        disable=not (progress and info.is_main),
+    )
     log = open(out_dir / LOG_NAME, "a", encoding="utf-8") if info.is_main else None
-    batches = batch_stream(make_batch, run.data_position + offset, loop.batch_size, count,
-                           max(0, loop.steps - run.step), data_workers)
+    batches = batch_stream(
+        make_batch, run.data_position + offset, loop.batch_size, count, max(0, loop.steps - run.step), data_workers
+    )
     try:
         while run.step < loop.steps:
             record = _train_step(run, wrapped, loss_fn, next(batches), shard)
@@ -254,8 +287,14 @@ def _train(config: Any, loop: LoopConfig, models: dict[str, nn.Module], loss_fn:
     return losses
 
 
-def _new_run(config: Any, loop: LoopConfig, models: dict[str, nn.Module], out_dir: Path, info: DistInfo,
-             inputs: dict[str, dict[str, str]]) -> _Run:
+def _new_run(
+    config: Any,
+    loop: LoopConfig,
+    models: dict[str, nn.Module],
+    out_dir: Path,
+    info: DistInfo,
+    inputs: dict[str, dict[str, str]],
+) -> _Run:
     """The models on the training device, the trainable ones in train mode, and a fresh optimizer,
     generator and weight average, all seeded from the config."""
     trainable = {name: m for name, m in models.items() if any(p.requires_grad for p in m.parameters())}
@@ -280,8 +319,10 @@ def _resume(run: _Run, resume: bool) -> None:
     if latest is None:
         return
     if not resume:
-        raise ValueError(f"{run.out_dir} already holds checkpoints (latest {latest.name}); "
-                         "resume from them or train in another folder")
+        raise ValueError(
+            f"{run.out_dir} already holds checkpoints (latest {latest.name}); "
+            "resume from them or train in another folder"
+        )
     state = load_checkpoint(latest, config=run.config, **run.checkpointed(), rank=run.info.rank, inputs=run.inputs)
     run.step, run.data_position = state.step, state.data_position
 
@@ -313,8 +354,10 @@ def _train_step(run: _Run, wrapped: dict[str, nn.Module], loss_fn: LossFn, batch
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, loop.grad_clip if loop.grad_clip > 0 else math.inf)
     means = _global_means(loss, logs, shard.count, loop.batch_size, device)
     if not math.isfinite(means["loss"]):
-        raise ValueError(f"the loss became {means['loss']} at step {run.step + 1}; "
-                         f"not updating the models (latest checkpoint: {latest_checkpoint(run.out_dir)})")
+        raise ValueError(
+            f"the loss became {means['loss']} at step {run.step + 1}; "
+            f"not updating the models (latest checkpoint: {latest_checkpoint(run.out_dir)})"
+        )
     run.optimizer.step()
     if run.average is not None:
         run.average.update(run.step)
@@ -342,9 +385,16 @@ def _save(run: _Run, log: IO[str] | None) -> None:
         os.fsync(log.fileno())
     rng_states = distributed.gather_objects(capture_rng_state(), run.info)
     if run.info.is_main:
-        save_checkpoint(checkpoint_path(run.out_dir, run.step), config=run.config, **run.checkpointed(),
-                        step=run.step, data_position=run.data_position, rng_states=rng_states,
-                        extra={"world_size": run.info.world_size}, inputs=run.inputs)
+        save_checkpoint(
+            checkpoint_path(run.out_dir, run.step),
+            config=run.config,
+            **run.checkpointed(),
+            step=run.step,
+            data_position=run.data_position,
+            rng_states=rng_states,
+            extra={"world_size": run.info.world_size},
+            inputs=run.inputs,
+        )
         prune_checkpoints(run.out_dir, run.loop.keep_checkpoints)
     distributed.barrier()
 
@@ -354,8 +404,10 @@ def _loop_config(config: Any) -> LoopConfig:
         return config
     if isinstance(getattr(config, "loop", None), LoopConfig):
         return config.loop
-    raise ValueError(f"config must be a LoopConfig, a subclass of it, or hold one in a field named 'loop'; "
-                     f"got {type(config).__name__}")
+    raise ValueError(
+        f"config must be a LoopConfig, a subclass of it, or hold one in a field named 'loop'; "
+        f"got {type(config).__name__}"
+    )
 
 
 def _seed_process(seed: int, rank: int) -> None:
@@ -382,8 +434,9 @@ def _make_optimizer(config: LoopConfig, models: dict[str, nn.Module]) -> torch.o
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
 
 
-def _global_means(loss: Tensor, logs: dict[str, Any], count: int, global_batch: int,
-                  device: torch.device) -> dict[str, float]:
+def _global_means(
+    loss: Tensor, logs: dict[str, Any], count: int, global_batch: int, device: torch.device
+) -> dict[str, float]:
     """The loss and logs averaged over the whole global batch, as one process would compute them."""
     # A loss_fn may log its own "loss"; the loop's (averaged over all processes) replaces it.
     logs = {name: value for name, value in logs.items() if name != "loss"}

@@ -69,8 +69,9 @@ class WholeBatch:
         return torch.rand((self.rows, *sample_shape), generator=self.generator, device=self.generator.device)
 
     def randint(self, low: int, high: int, *sample_shape: int) -> Tensor:
-        return torch.randint(low, high, (self.rows, *sample_shape), generator=self.generator,
-                             device=self.generator.device)
+        return torch.randint(
+            low, high, (self.rows, *sample_shape), generator=self.generator, device=self.generator.device
+        )
 
 
 Random = torch.Generator | SampleRandom
@@ -83,7 +84,9 @@ def per_sample(random: Random, rows: int) -> SampleRandom:
 def _checked(draw: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
     # A per-sample source built for another batch size would otherwise broadcast silently.
     if tuple(draw.shape) != tuple(shape):
-        raise ValueError(f"the random source gave {what} of shape {tuple(draw.shape)} for a batch needing {tuple(shape)}")
+        raise ValueError(
+            f"the random source gave {what} of shape {tuple(draw.shape)} for a batch needing {tuple(shape)}"
+        )
     return draw
 
 
@@ -104,8 +107,13 @@ def object_pixels(images: Tensor) -> Tensor:
 
 
 def vae_loss(
-    vae: AutoencoderKL, images: Tensor, random: Random, kl_weight: float = DEFAULT_KL_WEIGHT,
-    l1_weight: float = 1.0, l2_weight: float = 0.0, object_weight: float = 0.0,
+    vae: AutoencoderKL,
+    images: Tensor,
+    random: Random,
+    kl_weight: float = DEFAULT_KL_WEIGHT,
+    l1_weight: float = 1.0,
+    l2_weight: float = 0.0,
+    object_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Reconstruction of a posterior sample (l1_weight x L1 + l2_weight x squared error) plus
     kl_weight x KL(posterior || N(0, I)), all summed per image.
@@ -130,8 +138,10 @@ def vae_loss(
     so with a BatchRandom a 2-process run samples exactly what a 1-process run does.
     """
     if min(kl_weight, l1_weight, l2_weight, object_weight) < 0:
-        raise ValueError(f"kl_weight, l1_weight, l2_weight and object_weight must be >= 0, got {kl_weight}, "
-                         f"{l1_weight}, {l2_weight}, {object_weight}")
+        raise ValueError(
+            f"kl_weight, l1_weight, l2_weight and object_weight must be >= 0, got {kl_weight}, "
+            f"{l1_weight}, {l2_weight}, {object_weight}"
+        )
     cfg = _unwrapped(vae).cfg
     f = cfg.downsample_factor
     latent_shape = (len(images), cfg.latent_channels, images.shape[2] // f, images.shape[3] // f)
@@ -165,7 +175,9 @@ def encode_latents(vae: AutoencoderKL, images: Tensor, random: Random, scaling_f
     """
     with torch.no_grad():
         posterior = vae.encode(images)
-        noise = _checked(per_sample(random, len(images)).randn(*posterior.mean.shape[1:]), posterior.mean.shape, "noise")
+        noise = _checked(
+            per_sample(random, len(images)).randn(*posterior.mean.shape[1:]), posterior.mean.shape, "noise"
+        )
         return posterior.sample(noise=noise) * scaling_factor
 
 
@@ -185,9 +197,14 @@ def scaling_factor_for(latents: Tensor) -> float:
 # ---------------------------------------------------------------- the text encoder
 
 
-def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, ids: Tensor,
-                     negative_embeds: Tensor | None = None,
-                     has_negative: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+def contrastive_loss(
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    scale: Tensor,
+    ids: Tensor,
+    negative_embeds: Tensor | None = None,
+    has_negative: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """Symmetric InfoNCE: each image must pick its caption among the batch's, and each caption its image.
 
     Logits are cosine similarities times `scale` (LogitScale's output). Split from
@@ -206,8 +223,10 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
     how often an image scores its own caption above its own negative.
     """
     if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-        raise ValueError(f"image and text embeddings must both be [B, D], got {tuple(image_embeds.shape)} "
-                         f"and {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"image and text embeddings must both be [B, D], got {tuple(image_embeds.shape)} "
+            f"and {tuple(text_embeds.shape)}"
+        )
     if ids.shape[0] != image_embeds.shape[0]:
         raise ValueError(f"{ids.shape[0]} caption id rows for {image_embeds.shape[0]} embeddings")
     image_embeds = F.normalize(image_embeds.float(), dim=-1)
@@ -227,8 +246,14 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, i
 
 
 @torch.no_grad()
-def _contrastive_logs(loss: Tensor, logits_per_image: Tensor, scale: Tensor, ids: Tensor,
-                      negative_logits: Tensor | None = None, has_negative: Tensor | None = None) -> dict[str, float]:
+def _contrastive_logs(
+    loss: Tensor,
+    logits_per_image: Tensor,
+    scale: Tensor,
+    ids: Tensor,
+    negative_logits: Tensor | None = None,
+    has_negative: Tensor | None = None,
+) -> dict[str, float]:
     """Retrieval accuracies both ways, counting a copy of the right caption (identical ids) as right,
     and with hard negatives how often an image ranks its own caption above its negative."""
     labels = torch.arange(len(ids), device=logits_per_image.device)
@@ -292,7 +317,11 @@ def drop_captions(captions: Sequence[str], p: float, random: Random) -> list[str
 
 
 def unet_loss(
-    unet: UNet, context: Tensor, latents: Tensor, schedule: NoiseSchedule, random: Random,
+    unet: UNet,
+    context: Tensor,
+    latents: Tensor,
+    schedule: NoiseSchedule,
+    random: Random,
     min_snr_gamma: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Forward diffusion, then denoising: MSE between the UNet's prediction and its target.

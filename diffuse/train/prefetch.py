@@ -38,8 +38,9 @@ def _make_in_worker(start: int, count: int) -> Any:
     return _worker_make_batch(start, count)
 
 
-def batch_stream(make_batch: Callable[[int, int], Any], first_start: int, stride: int, count: int,
-                 batches: int, workers: int = 0) -> Iterator[Any]:
+def batch_stream(
+    make_batch: Callable[[int, int], Any], first_start: int, stride: int, count: int, batches: int, workers: int = 0
+) -> Iterator[Any]:
     """make_batch(first_start + k * stride, count) for k = 0 .. batches-1, in order.
 
     With workers > 0 that many processes make the batches ahead; make_batch must then be

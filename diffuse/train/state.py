@@ -72,10 +72,14 @@ def capture_rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss": py_gauss},
-        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
     }
 
 
@@ -91,8 +95,15 @@ def restore_rng_state(state: dict) -> None:
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
 
 
 # ---- saving and loading ------------------------------------------------------------------------
@@ -185,8 +196,10 @@ def load_checkpoint(
     differences = config_differences(payload["config"], config)
     if differences:
         listed = "\n  ".join(differences)
-        raise ValueError(f"checkpoint {path} was written with a different config; refusing to resume with:\n"
-                         f"  {listed}\nStart a new run in another folder, or change only resumable fields.")
+        raise ValueError(
+            f"checkpoint {path} was written with a different config; refusing to resume with:\n"
+            f"  {listed}\nStart a new run in another folder, or change only resumable fields."
+        )
     if inputs is not None and "inputs" in payload:
         check_inputs(path, payload["inputs"], inputs)
     generators = generators or {}
@@ -241,11 +254,15 @@ def check_inputs(path: str | Path, recorded: dict, current: dict[str, dict[str, 
         elif now is None:
             problems.append(f"its input {name} ({before['path']}) is not an input of this run")
         elif before["sha256"] != now["sha256"]:
-            problems.append(f"input {name} {now['path']} has other content than when the checkpoint was written "
-                            f"(sha256 {before['sha256'][:12]} then, {now['sha256'][:12]} now)")
+            problems.append(
+                f"input {name} {now['path']} has other content than when the checkpoint was written "
+                f"(sha256 {before['sha256'][:12]} then, {now['sha256'][:12]} now)"
+            )
     if problems:
-        raise ValueError(f"checkpoint {path}: refusing to resume: {'; '.join(problems)}; put back the files "
-                         f"it was trained on, or train in another folder")
+        raise ValueError(
+            f"checkpoint {path}: refusing to resume: {'; '.join(problems)}; put back the files "
+            f"it was trained on, or train in another folder"
+        )
 
 
 # ---- config comparison -------------------------------------------------------------------------
@@ -345,8 +362,10 @@ def _feed(digest: Any, value: Any, where: str) -> None:
     elif type(value) in _PLAIN_TYPES:
         digest.update(f"{type(value).__name__} {value!r}|".encode())
     else:
-        raise ValueError(f"{where} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, "
-                         f"strings, None, lists, tuples and dicts (all torch.load(weights_only=True) reads)")
+        raise ValueError(
+            f"{where} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, "
+            f"strings, None, lists, tuples and dicts (all torch.load(weights_only=True) reads)"
+        )
 
 
 # ---- checkpoint folders --------------------------------------------------------------------------

@@ -46,21 +46,37 @@ def unpack(model: str | Path, out_dir: str | Path) -> dict[str, Path]:
     if final_files(tower_folder, "image_tower")[1].is_file():
         tower, tower_config, _ = load_final(tower_folder, "image_tower")
         save_final(folders["text_encoder"], "image_tower", tower, tower_config, provenance)
-    save_final(folders["text_encoder"], "text_encoder", pipe.text_encoder.eval(), pipe.config.text_encoder,
-               provenance, extra={"pad_token_id": pipe.config.pad_token_id})
+    save_final(
+        folders["text_encoder"],
+        "text_encoder",
+        pipe.text_encoder.eval(),
+        pipe.config.text_encoder,
+        provenance,
+        extra={"pad_token_id": pipe.config.pad_token_id},
+    )
     # The UNet records the two stages beside it as the ones it was trained on, as a trained
     # UNet stage does: assembling it with a text encoder trained further is then refused.
-    save_final(folders["unet"], "unet", pipe.unet.eval(), pipe.config.unet,
-               {**provenance, "schedule": noise_schedule(pipe)},
-               extra={"prediction_type": pipe.config.prediction_type, "sample_size": pipe.config.sample_size,
-                      "vae_sha256": weights_sha256(folders["vae"], "vae"),
-                      "text_encoder_sha256": weights_sha256(folders["text_encoder"], "text_encoder")})
+    save_final(
+        folders["unet"],
+        "unet",
+        pipe.unet.eval(),
+        pipe.config.unet,
+        {**provenance, "schedule": noise_schedule(pipe)},
+        extra={
+            "prediction_type": pipe.config.prediction_type,
+            "sample_size": pipe.config.sample_size,
+            "vae_sha256": weights_sha256(folders["vae"], "vae"),
+            "text_encoder_sha256": weights_sha256(folders["text_encoder"], "text_encoder"),
+        },
+    )
     return folders
 
 
 def noise_schedule(pipe: Pipeline) -> dict:
     """The forward-diffusion settings in the folder's scheduler config (SD's defaults where it says nothing)."""
     defaults = NoiseSchedule()
-    settings = {name: pipe.scheduler_config.get(name, getattr(defaults, name))
-                for name in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    settings = {
+        name: pipe.scheduler_config.get(name, getattr(defaults, name))
+        for name in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    }
     return {**settings, "prediction_type": pipe.config.prediction_type}

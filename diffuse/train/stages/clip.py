@@ -62,11 +62,15 @@ class CLIPTrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_encoder.image_size != self.data.image_size:
-            raise ValueError(f"image_encoder.image_size {self.image_encoder.image_size} differs from "
-                             f"data.image_size {self.data.image_size}")
+            raise ValueError(
+                f"image_encoder.image_size {self.image_encoder.image_size} differs from "
+                f"data.image_size {self.data.image_size}"
+            )
         if self.text_encoder.max_length != CONTEXT_LENGTH:
-            raise ValueError(f"text_encoder.max_length must be the tokenizer's {CONTEXT_LENGTH} positions, "
-                             f"not {self.text_encoder.max_length}")
+            raise ValueError(
+                f"text_encoder.max_length must be the tokenizer's {CONTEXT_LENGTH} positions, "
+                f"not {self.text_encoder.max_length}"
+            )
 
 
 def build_models(config: CLIPTrainConfig) -> dict[str, nn.Module]:
@@ -80,12 +84,17 @@ def build_models(config: CLIPTrainConfig) -> dict[str, nn.Module]:
     if config.init_from is not None:
         text_encoder, extra = starting_weights(config.init_from, "text_encoder", config.text_encoder)
         if extra.get("pad_token_id") != config.pad_token_id:
-            raise ValueError(f"init_from {config.init_from}: its text encoder was trained with pad_token_id "
-                             f"{extra.get('pad_token_id')}, this run pads with {config.pad_token_id}")
+            raise ValueError(
+                f"init_from {config.init_from}: its text encoder was trained with pad_token_id "
+                f"{extra.get('pad_token_id')}, this run pads with {config.pad_token_id}"
+            )
         # Both sides: a trained text encoder against a random image tower would first be pulled
         # toward whatever the random tower makes of the images.
-        tower, _ = starting_weights(config.init_from, "image_tower", ImageTowerConfig(
-            image_encoder=config.image_encoder, text_width=config.text_encoder.width))
+        tower, _ = starting_weights(
+            config.init_from,
+            "image_tower",
+            ImageTowerConfig(image_encoder=config.image_encoder, text_width=config.text_encoder.width),
+        )
         models["text_encoder"].load_state_dict(text_encoder.state_dict())
         for name, part in tower.named_children():
             models[name].load_state_dict(part.state_dict())
@@ -100,8 +109,9 @@ def image_tower(config: CLIPTrainConfig, models: dict[str, nn.Module]) -> ImageT
     return tower.eval()
 
 
-def make_batch(dataset: ShapesDataset, tokenizer: CLIPTokenizer, start: int, count: int,
-               hard_negatives: bool = False) -> dict[str, Tensor]:
+def make_batch(
+    dataset: ShapesDataset, tokenizer: CLIPTokenizer, start: int, count: int, hard_negatives: bool = False
+) -> dict[str, Tensor]:
     images, captions, _ = dataset.batch(start, count)
     batch = {"images": images, "ids": tokenizer(captions)}
     if hard_negatives:
@@ -127,7 +137,7 @@ class _GatherRows(torch.autograd.Function):
         # Every process computes the same global loss, so the gradient for its own rows is
         # complete here. DDP then averages the parameter gradients over the processes, so
         # scale by the process count to end with the global loss's gradient.
-        return grad[ctx.start:ctx.start + ctx.count] * ctx.world
+        return grad[ctx.start : ctx.start + ctx.count] * ctx.world
 
 
 def gather_global_batch(rows: Tensor) -> Tensor:
@@ -137,12 +147,15 @@ def gather_global_batch(rows: Tensor) -> Tensor:
     return _GatherRows.apply(rows)
 
 
-def loss_fn(eos_token_id: int, models: dict[str, nn.Module], batch: dict[str, Tensor],
-            random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
+def loss_fn(
+    eos_token_id: int, models: dict[str, nn.Module], batch: dict[str, Tensor], random: BatchRandom
+) -> tuple[Tensor, dict[str, float]]:
     ids, images = batch["ids"], batch["images"]
     if distributed.is_initialized() and random.global_batch % dist.get_world_size():
-        raise ValueError(f"CLIP training gathers equal shares from every process: batch_size {random.global_batch} "
-                         f"must be a multiple of the {dist.get_world_size()} processes")
+        raise ValueError(
+            f"CLIP training gathers equal shares from every process: batch_size {random.global_batch} "
+            f"must be a multiple of the {dist.get_world_size()} processes"
+        )
     text_encoder = models["text_encoder"]
     negatives = "negative_ids" in batch
     all_ids = torch.cat([ids, batch["negative_ids"]]) if negatives else ids  # one forward: DDP counts calls
@@ -154,14 +167,21 @@ def loss_fn(eos_token_id: int, models: dict[str, nn.Module], batch: dict[str, Te
     scale = models["logit_scale"]()
     negative_embeds = has_negative = None
     if negatives:
-        text_embeds, negative_embeds = text_embeds[:len(ids)], gather_global_batch(text_embeds[len(ids):])
+        text_embeds, negative_embeds = text_embeds[: len(ids)], gather_global_batch(text_embeds[len(ids) :])
         has_negative = gather_global_batch(batch["has_negative"].float()).bool()
-    return contrastive_loss(gather_global_batch(image_embeds), gather_global_batch(text_embeds), scale,
-                            gather_global_batch(ids), negative_embeds, has_negative)
+    return contrastive_loss(
+        gather_global_batch(image_embeds),
+        gather_global_batch(text_embeds),
+        scale,
+        gather_global_batch(ids),
+        negative_embeds,
+        has_negative,
+    )
 
 
-def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = True,
-               progress: bool = True, data_workers: int = 0) -> list[float]:
+def train_clip(
+    config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True, data_workers: int = 0
+) -> list[float]:
     """Train the text encoder in `out_dir`, then write it as final.safetensors / final.json (and the image
     tower as final_image_tower.*); returns every step's loss."""
     models = build_models(config)
@@ -169,15 +189,31 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, resume: bool = T
     dataset = ShapesDataset(config.data)
     inputs = {}
     if config.init_from is not None:
-        inputs = {**stage_inputs("init_from", config.init_from, "text_encoder"),
-                  **stage_inputs("init_from", config.init_from, "image_tower")}
-    losses = train(config, models, partial(loss_fn, tokenizer.eos_token_id),
-                   partial(make_batch, dataset, tokenizer, hard_negatives=config.hard_negatives),
-                   out_dir, resume=resume, progress=progress, data_workers=data_workers, inputs=inputs)
+        inputs = {
+            **stage_inputs("init_from", config.init_from, "text_encoder"),
+            **stage_inputs("init_from", config.init_from, "image_tower"),
+        }
+    losses = train(
+        config,
+        models,
+        partial(loss_fn, tokenizer.eos_token_id),
+        partial(make_batch, dataset, tokenizer, hard_negatives=config.hard_negatives),
+        out_dir,
+        resume=resume,
+        progress=progress,
+        data_workers=data_workers,
+        inputs=inputs,
+    )
     if is_main_process():
         # The tower first: the text encoder's final.json is what marks the stage finished.
         tower = image_tower(config, models)
         save_final(out_dir, "image_tower", tower, tower.cfg, config)
-        save_final(out_dir, "text_encoder", models["text_encoder"].eval(), config.text_encoder, config,
-                   extra={"pad_token_id": config.pad_token_id})
+        save_final(
+            out_dir,
+            "text_encoder",
+            models["text_encoder"].eval(),
+            config.text_encoder,
+            config,
+            extra={"pad_token_id": config.pad_token_id},
+        )
     return losses

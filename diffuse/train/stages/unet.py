@@ -76,24 +76,34 @@ def load_conditioning(config: UNetTrainConfig) -> Conditioning:
     vae, vae_config, _ = load_final(config.vae_dir, "vae")
     text_encoder, text_config, text_extra = load_final(config.text_encoder_dir, "text_encoder")
     if config.unet.in_channels != vae_config.latent_channels or config.unet.out_channels != vae_config.latent_channels:
-        raise ValueError(f"the UNet's in/out channels ({config.unet.in_channels}, {config.unet.out_channels}) must "
-                         f"be the VAE's {vae_config.latent_channels} latent channels ({config.vae_dir})")
+        raise ValueError(
+            f"the UNet's in/out channels ({config.unet.in_channels}, {config.unet.out_channels}) must "
+            f"be the VAE's {vae_config.latent_channels} latent channels ({config.vae_dir})"
+        )
     if config.unet.context_dim != text_config.width:
-        raise ValueError(f"unet.context_dim {config.unet.context_dim} must be the text encoder's width "
-                         f"{text_config.width} ({config.text_encoder_dir})")
+        raise ValueError(
+            f"unet.context_dim {config.unet.context_dim} must be the text encoder's width "
+            f"{text_config.width} ({config.text_encoder_dir})"
+        )
     if config.data.image_size % vae_config.downsample_factor:
-        raise ValueError(f"data.image_size {config.data.image_size} is not a multiple of the VAE's "
-                         f"downsampling factor {vae_config.downsample_factor}")
+        raise ValueError(
+            f"data.image_size {config.data.image_size} is not a multiple of the VAE's "
+            f"downsampling factor {vae_config.downsample_factor}"
+        )
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=text_extra["pad_token_id"])
-    fingerprints = {"vae_sha256": weights_sha256(config.vae_dir, "vae"),
-                    "text_encoder_sha256": weights_sha256(config.text_encoder_dir, "text_encoder")}
+    fingerprints = {
+        "vae_sha256": weights_sha256(config.vae_dir, "vae"),
+        "text_encoder_sha256": weights_sha256(config.text_encoder_dir, "text_encoder"),
+    }
     return Conditioning(vae, vae_config.scaling_factor, text_encoder, tokenizer, fingerprints)
 
 
 def unet_inputs(config: UNetTrainConfig) -> dict[str, Path]:
     """The files of other stages this stage depends on: the frozen VAE and text encoder, and init_from."""
-    inputs = {**stage_inputs("vae_dir", config.vae_dir, "vae"),
-              **stage_inputs("text_encoder_dir", config.text_encoder_dir, "text_encoder")}
+    inputs = {
+        **stage_inputs("vae_dir", config.vae_dir, "vae"),
+        **stage_inputs("text_encoder_dir", config.text_encoder_dir, "text_encoder"),
+    }
     if config.init_from is not None:
         inputs.update(stage_inputs("init_from", config.init_from, "unet"))
     return inputs
@@ -114,8 +124,9 @@ def make_batch(dataset: ShapesDataset, start: int, count: int) -> dict:
     return {"images": images, "captions": captions}
 
 
-def loss_fn(config: UNetTrainConfig, conditioning: Conditioning, models: dict[str, nn.Module], batch: dict,
-            random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
+def loss_fn(
+    config: UNetTrainConfig, conditioning: Conditioning, models: dict[str, nn.Module], batch: dict, random: BatchRandom
+) -> tuple[Tensor, dict[str, float]]:
     images = batch["images"]
     captions = drop_captions(batch["captions"], config.caption_dropout, random)
     ids = conditioning.tokenizer(captions).to(images.device)
@@ -127,20 +138,37 @@ def loss_fn(config: UNetTrainConfig, conditioning: Conditioning, models: dict[st
     return loss, logs
 
 
-def train_unet(config: UNetTrainConfig, out_dir: str | Path, *, resume: bool = True,
-               progress: bool = True, data_workers: int = 0) -> list[float]:
+def train_unet(
+    config: UNetTrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True, data_workers: int = 0
+) -> list[float]:
     """Train the UNet in `out_dir` on the frozen stages, then write final.safetensors / final.json; returns every loss."""
     conditioning = load_conditioning(config)
     models = build_models(config, conditioning)
     dataset = ShapesDataset(config.data)
-    losses = train(config, models, partial(loss_fn, config, conditioning), partial(make_batch, dataset), out_dir,
-                   resume=resume, progress=progress, data_workers=data_workers, inputs=unet_inputs(config))
+    losses = train(
+        config,
+        models,
+        partial(loss_fn, config, conditioning),
+        partial(make_batch, dataset),
+        out_dir,
+        resume=resume,
+        progress=progress,
+        data_workers=data_workers,
+        inputs=unet_inputs(config),
+    )
     if is_main_process():
-        save_final(out_dir, "unet", models["unet"].eval(), config.unet, config, extra={
-            "prediction_type": config.schedule.prediction_type,
-            "sample_size": config.data.image_size // conditioning.vae.cfg.downsample_factor,
-            "vae_dir": config.vae_dir,
-            "text_encoder_dir": config.text_encoder_dir,
-            **conditioning.fingerprints,
-        })
+        save_final(
+            out_dir,
+            "unet",
+            models["unet"].eval(),
+            config.unet,
+            config,
+            extra={
+                "prediction_type": config.schedule.prediction_type,
+                "sample_size": config.data.image_size // conditioning.vae.cfg.downsample_factor,
+                "vae_dir": config.vae_dir,
+                "text_encoder_dir": config.text_encoder_dir,
+                **conditioning.fingerprints,
+            },
+        )
     return losses

@@ -43,11 +43,14 @@ class VAETrainConfig(LoopConfig):
         super().__post_init__()
         f = self.vae.downsample_factor
         if self.data.image_size % f:
-            raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of the VAE's "
-                             f"downsampling factor {f}")
+            raise ValueError(
+                f"data.image_size {self.data.image_size} is not a multiple of the VAE's downsampling factor {f}"
+            )
         if min(self.kl_weight, self.l1_weight, self.l2_weight, self.object_weight) < 0:
-            raise ValueError(f"kl_weight, l1_weight, l2_weight and object_weight must not be negative, not "
-                             f"{self.kl_weight}, {self.l1_weight}, {self.l2_weight}, {self.object_weight}")
+            raise ValueError(
+                f"kl_weight, l1_weight, l2_weight and object_weight must not be negative, not "
+                f"{self.kl_weight}, {self.l1_weight}, {self.l2_weight}, {self.object_weight}"
+            )
         if self.l1_weight == 0 and self.l2_weight == 0:
             raise ValueError("l1_weight and l2_weight are both 0: nothing would teach the autoencoder to reconstruct")
         if self.scaling_samples < 2:
@@ -66,7 +69,7 @@ def build_models(config: VAETrainConfig) -> dict[str, nn.Module]:
     # image. Starting the log-variance low (e.g. -8, std 0.02) lets the decoder read the latent
     # from the first step; with so small a KL weight the posterior would shrink there anyway.
     with torch.no_grad():
-        vae.quant_conv.bias[config.vae.latent_channels:] += config.initial_logvar
+        vae.quant_conv.bias[config.vae.latent_channels :] += config.initial_logvar
     return {"vae": vae}
 
 
@@ -75,15 +78,18 @@ def make_batch(dataset: ShapesDataset, start: int, count: int) -> Tensor:
     return images
 
 
-def loss_fn(config: VAETrainConfig, models: dict[str, nn.Module], images: Tensor,
-            random: BatchRandom) -> tuple[Tensor, dict[str, float]]:
-    return vae_loss(models["vae"], images, random, config.kl_weight, config.l1_weight, config.l2_weight,
-                    config.object_weight)
+def loss_fn(
+    config: VAETrainConfig, models: dict[str, nn.Module], images: Tensor, random: BatchRandom
+) -> tuple[Tensor, dict[str, float]]:
+    return vae_loss(
+        models["vae"], images, random, config.kl_weight, config.l1_weight, config.l2_weight, config.object_weight
+    )
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, dataset: ShapesDataset, samples: int, seed: int,
-                           chunk: int = 32) -> float:
+def measure_scaling_factor(
+    vae: AutoencoderKL, dataset: ShapesDataset, samples: int, seed: int, chunk: int = 32
+) -> float:
     """1 / std of posterior samples of the first `samples` images: SD's scale_by_std, on a fixed set."""
     device = next(vae.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -94,17 +100,33 @@ def measure_scaling_factor(vae: AutoencoderKL, dataset: ShapesDataset, samples: 
     return scaling_factor_for(torch.cat(latents))
 
 
-def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = True,
-              progress: bool = True, data_workers: int = 0) -> list[float]:
+def train_vae(
+    config: VAETrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True, data_workers: int = 0
+) -> list[float]:
     """Train the autoencoder in `out_dir`, then write final.safetensors / final.json there; returns every step's loss."""
     models = build_models(config)
     dataset = ShapesDataset(config.data)
     inputs = stage_inputs("init_from", config.init_from, "vae") if config.init_from is not None else {}
-    losses = train(config, models, partial(loss_fn, config), partial(make_batch, dataset), out_dir,
-                   resume=resume, progress=progress, data_workers=data_workers, inputs=inputs)
+    losses = train(
+        config,
+        models,
+        partial(loss_fn, config),
+        partial(make_batch, dataset),
+        out_dir,
+        resume=resume,
+        progress=progress,
+        data_workers=data_workers,
+        inputs=inputs,
+    )
     if is_main_process():
         vae = models["vae"].eval()
         factor = measure_scaling_factor(vae, dataset, config.scaling_samples, config.seed)
-        save_final(out_dir, "vae", vae, dataclasses.replace(config.vae, scaling_factor=factor), config,
-                   extra={"image_size": config.data.image_size})
+        save_final(
+            out_dir,
+            "vae",
+            vae,
+            dataclasses.replace(config.vae, scaling_factor=factor),
+            config,
+            extra={"image_size": config.data.image_size},
+        )
     return losses
