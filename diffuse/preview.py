@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .metadata import save_png
+from diffuse.metadata import save_png
 
 # A1111's "Approx cheap" coefficients for SD 1.x/2.x latents (UNet scale, i.e. already
 # multiplied by the VAE scaling factor 0.18215): row = latent channel, column = R, G, B,

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 
 import torch
 
-from ..models import configs as limits
-from ..models.clip import ACTIVATIONS
-from ..models.configs import TextEncoderConfig
-from .fields import check_fields, integer, number, text
-from .keymap import PrefixPairs, count_numbered, dims, invert, rename_prefixes
+from diffuse.checkpoints.fields import check_fields, integer, number, text
+from diffuse.checkpoints.keymap import PrefixPairs, count_numbered, dims, invert, rename_prefixes
+from diffuse.models import configs as limits
+from diffuse.models.clip import ACTIVATIONS
+from diffuse.models.configs import TextEncoderConfig
 
 # (transformers prefix, our prefix). Keys without "text_model." (older SD1 single files,
 # and what transformers 5 itself saves) match no pair and already have our names.

@@ -14,13 +14,13 @@ from typing import TypeVar
 
 import torch
 
-from ..models import configs as limits
-from ..models.configs import PipelineConfig
-from ..preview import check_preview_matrix
-from . import clip_layout, unet_layout, vae_layout
-from .errors import CheckpointError
-from .fields import check_fields, flag, integer, number, optional, text
-from .reader import read_state_dict
+from diffuse.checkpoints import clip_layout, unet_layout, vae_layout
+from diffuse.checkpoints.errors import CheckpointError
+from diffuse.checkpoints.fields import check_fields, flag, integer, number, optional, text
+from diffuse.checkpoints.reader import read_state_dict
+from diffuse.models import configs as limits
+from diffuse.models.configs import PipelineConfig
+from diffuse.preview import check_preview_matrix
 
 T = TypeVar("T")
 

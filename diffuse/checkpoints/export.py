@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ..metadata import atomic_write
-from ..pipeline import Pipeline
-from ..preview import check_preview_matrix
-from ..samplers.schedule import NoiseSchedule, SamplerOptions
-from . import clip_layout, unet_layout, vae_layout
-from .diffusers_folder import PREVIEW_MATRIX_FILE, preview_matrix_json
+from diffuse.checkpoints import clip_layout, unet_layout, vae_layout
+from diffuse.checkpoints.diffusers_folder import PREVIEW_MATRIX_FILE, preview_matrix_json
+from diffuse.metadata import atomic_write
+from diffuse.pipeline import Pipeline
+from diffuse.preview import check_preview_matrix
+from diffuse.samplers.schedule import NoiseSchedule, SamplerOptions
 
 WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",

@@ -15,9 +15,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .pages import PageReturner
-from .reader import check_finite
+from diffuse.checkpoints.errors import CheckpointError
+from diffuse.checkpoints.pages import PageReturner
+from diffuse.checkpoints.reader import check_finite
 
 M = TypeVar("M", bound=nn.Module)
 

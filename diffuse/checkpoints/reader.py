@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .errors import CheckpointError, UnsafeCheckpointError
-from .safetensors_header import header_length, read_header
-from .zip_records import check_zip_records
+from diffuse.checkpoints.errors import CheckpointError, UnsafeCheckpointError
+from diffuse.checkpoints.safetensors_header import header_length, read_header
+from diffuse.checkpoints.zip_records import check_zip_records
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 

@@ -18,8 +18,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .fields import shown
+from diffuse.checkpoints.errors import CheckpointError
+from diffuse.checkpoints.fields import shown
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 # JSON values in a header (one comma each): ten per tensor, so 100,000 tensors, 40 times

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..models.configs import SD1, SD2, PipelineConfig
-from . import clip_layout, unet_layout, vae_layout
-from .errors import CheckpointError
-from .keymap import strip_prefix
+from diffuse.checkpoints import clip_layout, unet_layout, vae_layout
+from diffuse.checkpoints.errors import CheckpointError
+from diffuse.checkpoints.keymap import strip_prefix
+from diffuse.models.configs import SD1, SD2, PipelineConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import CheckpointError
+from diffuse.checkpoints.errors import CheckpointError
 
 MAX_DIRECTORY_BYTES = 64_000_000  # SD's .ckpt: ~1,200 records, ~150 kB of directory
 MAX_RECORDS = 1_000_000
