@@ -33,9 +33,12 @@ class TextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Token vectors plus position vectors; `token_embeddings` [B, T, width], when given, stands
+        in for the lookup of `ids` (a textual-inversion embedding's vectors are written into it)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(ids) if token_embeddings is None else token_embeddings
+        return tokens + self.position_embedding(positions)
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,21 +111,26 @@ class CLIPTextEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, clip_skip: int = 1, token_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, width], the UNet's text conditioning.
 
         clip_skip=k takes the output of layer (layers - k + 1), counting from 1, and
         passes it through the final layer norm: 1 is the last layer, 2 the
         penultimate ("clip skip 2" as A1111 and diffusers apply it). No padding
         mask: SD runs the encoder with the causal mask only, so padding tokens see
-        the prompt and the prompt never sees them.
+        the prompt and the prompt never sees them. `token_embeddings` replaces the
+        token-vector lookup (see TextEmbeddings.forward).
         """
         layers = len(self.encoder.layers)
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"clip_skip must be between 1 and {layers} (the encoder's layer count), got {clip_skip}")
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's {self.cfg.max_length} positions")
-        x = self.embeddings(ids)
+        if token_embeddings is not None and token_embeddings.shape != (*ids.shape, self.cfg.width):
+            raise ValueError(f"token_embeddings {tuple(token_embeddings.shape)} do not fit ids {tuple(ids.shape)}")
+        x = self.embeddings(ids, token_embeddings)
         for layer in self.encoder.layers[: layers - clip_skip + 1]:
             x = layer(x)
         return self.final_layer_norm(x)
