@@ -62,6 +62,8 @@ _LABELS = {
     "init_image_hash": "Init image hash",  # img2img/inpaint: sha256 of the input's pixels (diffuse.inputs)
     "eta": "Eta",  # DDIM's eta or the ancestral noise share, written only when asked for
     "mask_blur": "Mask blur",
+    "lora_hashes": "Lora hashes",  # "name: hash, ...": each LoRA the prompts applied (diffuse.adapters.library)
+    "ti_hashes": "TI hashes",  # "name: hash, ...": each embedding the prompts used
     "guidance_cutoff": "Guidance cutoff",  # diffuse's optional speed-ups, written only when used
     "deep_cache": "Deep cache",
     "nan_fallback": "NaN fallback",  # what ran in float32 after a NaN in reduced precision, e.g. "UNet float32"
@@ -241,6 +243,8 @@ _FROM_LABEL = {
     "Init image hash": ("init_image_hash", str),
     "Eta": ("eta", float),
     "Mask blur": ("mask_blur", int),
+    "Lora hashes": ("lora_hashes", str),
+    "TI hashes": ("ti_hashes", str),
     "Guidance cutoff": ("guidance_cutoff", float),
     "Deep cache": ("deep_cache", str),
     "NaN fallback": ("nan_fallback", str),
@@ -257,6 +261,27 @@ _FROM_LABEL = {
 
 
 INFO_LABELS = frozenset(_FROM_LABEL)  # every label info_from_infotext reads
+
+
+def format_addon_hashes(pairs: list[tuple[str, str]]) -> str | None:
+    """A1111's "Lora hashes" / "TI hashes" value: "name: hash, name: hash", with ":" and ","
+    taken out of each name so the list reads back; None for no add-ons (the label is left out)."""
+    if not pairs:
+        return None
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in pairs)
+
+
+def parse_addon_hashes(text: str | None) -> list[tuple[str, str]]:
+    """The (name, hash) pairs of a "Lora hashes" / "TI hashes" value; ValueError for a malformed one."""
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, colon, short = item.partition(":")
+        if not colon or not name.strip() or not short.strip():
+            raise ValueError(f"add-on hashes: {item.strip()!r} is not 'name: hash'")
+        pairs.append((name.strip(), short.strip()))
+    return pairs
 
 
 def info_from_infotext(text: str) -> dict:

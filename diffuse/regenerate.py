@@ -67,8 +67,6 @@ _DESCRIPTIVE = {
     "Size-2",
     "Version",
     "User",
-    "Lora hashes",
-    "TI hashes",
     "RNG",
     "Clip skip",
     "Schedule type",

@@ -201,3 +201,54 @@ def addnet_hash(path: Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA file to merge with its text-encoder and UNet weights."""
+
+    file: LoraFile
+    te_weight: float
+    unet_weight: float
+
+    def key(self) -> tuple:
+        # The file's size and time stand for its contents: a file replaced in place is read again.
+        stat = self.file.path.stat()
+        return (self.file.path, stat.st_size, stat.st_mtime_ns, self.te_weight, self.unet_weight)
+
+
+class MergedLoras:
+    """The LoRAs merged into a pipeline's networks now, and the way back to its own weights.
+
+    `use(set)` keeps the merge when the set is the one merged already (so repeated generations
+    cost nothing), and otherwise restores the networks exactly before merging the new set. Every
+    new file is read and checked before the networks are touched: a refused file leaves them as
+    they were before the call, or as loaded when the old set had to go first."""
+
+    def __init__(self, networks: dict) -> None:
+        self.networks = networks  # {"unet": UNet, "text_encoder": CLIPTextEncoder}
+        self._merge = None
+        self._key: tuple = ()
+
+    @property
+    def active(self) -> tuple:
+        return self._key
+
+    def use(self, uses: Sequence[LoraUse]) -> None:
+        from diffuse.adapters.lora import LoraMerge, read_lora
+
+        key = tuple(use.key() for use in uses)
+        if key == self._key:
+            return
+        loras = [(read_lora(use.file.path), use.te_weight, use.unet_weight) for use in uses]
+        self.restore()
+        if loras:
+            merge = LoraMerge(self.networks)
+            merge.apply(loras)
+            self._merge, self._key = merge, key
+
+    def restore(self) -> None:
+        """The networks' own weights back, bit for bit."""
+        if self._merge is not None:
+            self._merge.restore()
+        self._merge, self._key = None, ()
