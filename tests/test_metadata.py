@@ -217,8 +217,26 @@ def test_parse_recent_a1111_line_with_quoted_hashes_and_hires():
         "model": "v1-5-pruned-emaonly",
         "denoising_strength": 0.4,
         "clip_skip": 2,
+        "lora_hashes": "add_detail: 7c6bad76eb54, film: 2a9b4c5d6e7f",
+        "ti_hashes": "easynegative: c74b4e810b03",
         "version": "v1.10.1",
     }
+
+
+def test_addon_hashes_are_written_as_a1111_quotes_them_and_read_back():
+    from diffuse.metadata import format_addon_hashes, parse_addon_hashes
+
+    value = format_addon_hashes([("add:detail", "7c6bad76eb54"), ("a,b", "2a9b4c5d6e7f")])
+    assert value == "adddetail: 7c6bad76eb54, ab: 2a9b4c5d6e7f"
+    assert format_addon_hashes([]) is None
+    text = infotext({"prompt": "x <lora:adddetail:1>", "steps": 2, "sampler": "Euler", "seed": 1, "lora_hashes": value})
+    assert 'Lora hashes: "adddetail: 7c6bad76eb54, ab: 2a9b4c5d6e7f"' in text
+    assert parse_addon_hashes(info_from_infotext(text)["lora_hashes"]) == [
+        ("adddetail", "7c6bad76eb54"),
+        ("ab", "2a9b4c5d6e7f"),
+    ]
+    with pytest.raises(ValueError, match="not 'name: hash'"):
+        parse_addon_hashes("nohash")
 
 
 def test_a_last_line_with_fewer_than_three_params_is_prompt():
