@@ -1,0 +1,209 @@
+"""LoRAs merged into a pipeline's weights, and the weights brought back bit for bit.
+
+LoraMerge owns the add-on state of one pipeline's networks. `apply(selection)` checks every
+patch of every LoRA against the model first (each key matched to a module, each change shaped
+as its weight, the LoRA made for this base) and refuses with the reason before touching
+anything; then, one weight at a time, it adds the sum of multiplier x ΔW (computed in float32
+from the original weight) once and casts back, in place, so the weight keeps its tensor, its
+memory layout and its dtype, and its version counter moves on (runtime/upsample's folded
+kernels are cached on it). Only the touched weights' originals are kept, in memory up to
+`spill_above` bytes, past that in an unnamed temporary file, so a LoRA on SD 1.5 costs no second
+copy of its attention weights in RAM. `restore()` copies them back; a failure midway restores
+what was touched before it re-raises.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffuse.adapters.lora import Lora, LoraError, listing
+from diffuse.adapters.lora_keys import module_index
+from diffuse.adapters.lora_math import DELTAS, Patch, bias_contribution, contribution
+from diffuse.models.configs import UNetConfig
+
+# Originals of the touched weights stay in memory up to this many bytes in all (a few LoRA'd
+# layers of a small model); beyond, they go to a temporary file, since for SD 1.5 an attention
+# LoRA touches hundreds of MB of weights and keeping them would grow the process by as much.
+SPILL_ABOVE = 64 << 20
+
+# A checked patch: (its module, the patch, its multiplier, the file it came from).
+Planned = tuple[nn.Module, Patch, float, "str | Path"]
+
+
+class _Originals:
+    """The original values of the weights an apply touched, to copy back on restore."""
+
+    def __init__(self, spill_above: int):
+        self.spill_above, self.in_memory = spill_above, 0
+        self.saved: list[tuple[Tensor, Tensor | tuple[int, int]]] = []
+        self.file = None
+
+    def keep(self, param: Tensor) -> None:
+        nbytes = param.numel() * param.element_size()
+        if self.in_memory + nbytes <= self.spill_above:
+            self.saved.append((param, param.detach().clone()))
+            self.in_memory += nbytes
+            return
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="diffuse-lora-")  # unlinked: private, gone on close
+        offset = self.file.seek(0, 2)
+        self.file.write(memoryview(param.detach().contiguous().view(-1).view(torch.uint8).numpy()))
+        self.saved.append((param, (offset, nbytes)))
+
+    @torch.no_grad()
+    def put_back(self) -> None:
+        for param, original in reversed(self.saved):
+            if isinstance(original, tuple):
+                offset, nbytes = original
+                raw = torch.empty(nbytes, dtype=torch.uint8)
+                self.file.seek(offset)
+                self.file.readinto(memoryview(raw.numpy()))
+                original = raw.view(param.dtype).view(param.shape)
+            param.copy_(original)  # into the same tensor: its layout stays, its version moves on
+        self.saved.clear()
+        self.in_memory = 0
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def model_base(networks: Mapping[str, nn.Module]) -> str:
+    cfg = getattr(networks.get("unet"), "cfg", None)
+    return "SD 2.x" if isinstance(cfg, UNetConfig) and cfg.use_linear_projection else "SD 1.x"
+
+
+def _source(lora: Lora) -> str | Path:
+    return lora.path or lora.name
+
+
+def _on_meta(patch: Patch) -> Patch:
+    tensors = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in patch.tensors.items()}
+    return Patch(patch.network, patch.target, patch.kind, tensors, patch.keys, patch.default_alpha)
+
+
+def _why_not_fit(patch: Patch, module: nn.Module, networks: Mapping[str, nn.Module]) -> str | None:
+    """None if the patch's change fits the module; else the reason, naming the base it was made for."""
+    weight = module.weight
+    try:
+        meta = _on_meta(patch)
+        contribution(meta, torch.empty(weight.shape, device="meta"), 1.0)
+        if "diff_b" in patch.tensors and (module.bias is None or module.bias.shape != patch.tensors["diff_b"].shape):
+            return f"module {patch.target}: diff_b does not fit the layer's bias"
+        return None
+    except (ValueError, RuntimeError) as e:
+        generic = f"module {patch.target}: {e}".splitlines()[0]
+    try:
+        shape = list(DELTAS[patch.kind](_on_meta(patch).tensors).shape)
+    except (ValueError, RuntimeError):
+        return generic
+    if patch.network == "text_encoder":
+        width = networks["text_encoder"].cfg.width
+        return f"made for a text encoder of another width: {generic}; this model's text encoder is {width} wide"
+    if patch.target.endswith(("attn2_to_k", "attn2_to_v")) and len(shape) == 2:
+        context = networks["unet"].cfg.context_dim
+        return (
+            f"made for another base: its cross-attention reads {shape[1]}-wide text, this model's "
+            f"({model_base(networks)}) reads {context}-wide ({patch.target})"
+        )
+    return generic
+
+
+def _metadata_refusal(lora: Lora, networks: Mapping[str, nn.Module]) -> str | None:
+    base = lora.base
+    if base is not None and base != model_base(networks):
+        return f"made for {base} (its metadata says so), this model is {model_base(networks)}"
+    return None
+
+
+class LoraMerge:
+    """The LoRAs merged into one pipeline's networks ({"unet": ..., "text_encoder": ...})."""
+
+    def __init__(self, networks: Mapping[str, nn.Module], spill_above: int = SPILL_ABOVE):
+        self.networks = dict(networks)
+        self._originals = _Originals(spill_above)
+        self._applied: tuple[tuple[Lora, float, float], ...] = ()
+        self._index: dict[tuple[str, str], str] | None = None
+
+    @property
+    def applied(self) -> tuple[tuple[Lora, float, float], ...]:
+        """What is merged now: (lora, te multiplier, unet multiplier) in the order applied."""
+        return self._applied
+
+    def _modules(self) -> dict[tuple[str, str], str]:
+        if self._index is None:
+            self._index = module_index(self.networks)
+        return self._index
+
+    def _module(self, network: str, path: str) -> nn.Module:
+        return self.networks[network].get_submodule(path)
+
+    def check(self, selection: Iterable[tuple[Lora, float, float]]) -> list[Planned]:
+        """Every patch matched to its module with its multiplier; raise LoraError, changing nothing,
+        if any LoRA was made for another base, has keys that match no module, or does not fit."""
+        index, plan = self._modules(), []
+        for lora, te_weight, unet_weight in selection:
+            refusal = _metadata_refusal(lora, self.networks)
+            unmatched = [k for p in lora.patches if (p.network, p.target) not in index for k in p.keys]
+            if refusal is None and unmatched:
+                total = sum(len(p.keys) for p in lora.patches)
+                refusal = f"{len(unmatched)} of {total} keys match no module of this model: {listing(unmatched)}"
+            for patch in lora.patches if refusal is None else ():
+                module = self._module(patch.network, index[(patch.network, patch.target)])
+                refusal = _why_not_fit(patch, module, self.networks)
+                if refusal is not None:
+                    break
+                plan.append((module, patch, unet_weight if patch.network == "unet" else te_weight, _source(lora)))
+            if refusal is not None:
+                raise LoraError(_source(lora), refusal)
+        return plan
+
+    def apply(self, selection: Iterable[tuple[Lora, float, float]]) -> None:
+        """Merge `selection`, a list of (lora, te_weight, unet_weight), into the networks. The same
+        selection as now applied is a no-op; another one restores the originals first. An empty
+        selection just restores."""
+        selection = tuple((lora, float(te), float(unet)) for lora, te, unet in selection)
+        if len(selection) == len(self._applied) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(selection, self._applied, strict=True)
+        ):
+            return
+        plan = self.check(selection)  # before restoring: a refused selection leaves the current one merged
+        self.restore()
+        try:
+            self._merge(plan)
+        except BaseException:
+            self._originals.put_back()
+            raise
+        self._applied = selection
+
+    @torch.no_grad()
+    def _merge(self, plan: list[Planned]) -> None:
+        by_module: dict[int, tuple[nn.Module, list[Planned]]] = {}
+        for planned in plan:
+            if planned[2] != 0.0:
+                by_module.setdefault(id(planned[0]), (planned[0], []))[1].append(planned)
+        for module, patches in by_module.values():
+            weight = module.weight
+            original = weight.detach().to(torch.float32)
+            total = sum(contribution(p, original, m) for _, p, m, _ in patches)
+            self._update(weight, original + total, patches)
+            biases = [b for _, p, m, _ in patches if (b := bias_contribution(p, m)) is not None]
+            if biases:
+                self._update(module.bias, module.bias.detach().to(torch.float32) + sum(biases), patches)
+
+    def _update(self, param: Tensor, value: Tensor, patches: list[Planned]) -> None:
+        value = value.to(param.dtype)
+        if not bool(torch.isfinite(value).all()):
+            sources = ", ".join(dict.fromkeys(str(s) for *_, s in patches))
+            raise LoraError(sources, f"merging into {patches[0][1].target} gives non-finite weights")
+        self._originals.keep(param)
+        param.copy_(value)
+
+    def restore(self) -> None:
+        """Bring every weight an apply touched back, bit for bit; nothing applied afterwards."""
+        self._originals.put_back()
+        self._applied = ()
