@@ -82,7 +82,11 @@ def _source(lora: Lora) -> str | Path:
 
 
 def _on_meta(patch: Patch) -> Patch:
-    tensors = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in patch.tensors.items()}
+    # alpha and scale stay real: they are read as numbers, and are 0-dim anyway.
+    tensors = {
+        k: v if k in ("alpha", "scale") else torch.empty(v.shape, dtype=torch.float32, device="meta")
+        for k, v in patch.tensors.items()
+    }
     return Patch(patch.network, patch.target, patch.kind, tensors, patch.keys, patch.default_alpha)
 
 
