@@ -14,6 +14,7 @@ import torch
 
 from diffuse.pipeline import Pipeline, Result, Step
 from diffuse.preflight import Checked, check_generation_args
+from diffuse.regenerate import add_addon_options
 from diffuse.request import GenerationRequest
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
@@ -66,7 +67,13 @@ def _load(args: argparse.Namespace) -> Pipeline:
             )
         model = DEFAULT_MODEL
     start = time.perf_counter()
-    pipe = load_pipeline(model, dtype=args.dtype, device=getattr(args, "device", "cpu"))  # convert: always the CPU
+    pipe = load_pipeline(
+        model,
+        dtype=args.dtype,
+        device=getattr(args, "device", "cpu"),  # convert: always the CPU
+        lora_dirs=getattr(args, "lora_dir", []),
+        embedding_dirs=getattr(args, "embeddings_dir", []),
+    )
     print(f"{pipe.source}: loaded in {time.perf_counter() - start:.1f} s ({pipe.dtype})", file=sys.stderr)
     return pipe
 
@@ -126,6 +133,7 @@ def generate(args: argparse.Namespace) -> int:
     from diffuse.metadata import numbered_path, save_png
 
     checked = check_generation_args(args)  # before the model loads: a bad option costs no loading time
+    _check_addon_folders(args)
     pipe = _load(args)
     request = _generation_request(args, checked)
     for batch in range(args.n_iter):
@@ -135,6 +143,14 @@ def generate(args: argparse.Namespace) -> int:
             print(save_png(image, numbered_path(args.out, image_seed), text, overwrite=False))
         request = replace(request, seed=result.seeds[-1] + 1)  # the next batch continues the seeds, as A1111 does
     return 0
+
+
+def _check_addon_folders(args: argparse.Namespace) -> None:
+    """A misspelt add-on folder fails before the model loads, not as "unknown LoRA" after."""
+    for flag, folders in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        for folder in folders:
+            if not Path(folder).expanduser().is_dir():
+                raise ValueError(f"{flag} {folder} is not a folder")
 
 
 def _generation_request(args: argparse.Namespace, checked: Checked) -> GenerationRequest:
@@ -349,6 +365,7 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     )
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    add_addon_options(p)
     _add_speedup_options(p)
     p.set_defaults(run=generate)
 

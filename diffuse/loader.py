@@ -9,11 +9,13 @@ and nothing half-loaded is ever returned.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from diffuse.adapters.library import AddonLibrary
 from diffuse.checkpoints.diffusers_folder import (
     check_tokenizer_files,
     is_diffusers_folder,
@@ -39,6 +41,8 @@ def load_pipeline(
     dtype: torch.dtype | str | None = "auto",
     device: str | torch.device = "cpu",
     config: PipelineConfig | None = None,
+    lora_dirs: Iterable[str | Path] = (),
+    embedding_dirs: Iterable[str | Path] = (),
 ) -> Pipeline:
     """Load a Stable Diffusion 1.x/2.x model from a diffusers folder or a single-file checkpoint.
 
@@ -48,16 +52,23 @@ def load_pipeline(
     matches the reference implementations. `config` overrides architecture detection for
     single-file checkpoints (head counts and v-prediction are not stored in the weights).
 
+    `lora_dirs` and `embedding_dirs` are the folders whose add-ons the prompts may name
+    (`<lora:NAME:0.8>`, an embedding's file name); `pipe.loras()` and `pipe.embeddings()` list
+    what they hold and `pipe.refresh_addons()` looks again. A folder that does not exist is a
+    ValueError before anything is read.
+
     Anything wrong with the files raises CheckpointError and nothing is kept: a caller that
     holds a pipeline already (the server) can go on using it.
     """
     path = Path(path).expanduser()
+    lora_dirs, embedding_dirs = list(lora_dirs), list(embedding_dirs)
+    addons = AddonLibrary(lora_dirs, embedding_dirs) if lora_dirs or embedding_dirs else None
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if device.type == "cpu":
         keep_freed_memory()
     try:
-        return _load(path, dtype, device, config)
+        pipe = _load(path, dtype, device, config)
     except CheckpointError:
         raise
     except (
@@ -74,6 +85,10 @@ def load_pipeline(
         # Each known fault has its own message; this keeps the promise above for an unforeseen one.
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(path, f"could not be loaded: {type(e).__name__}: {detail[:300]}") from e
+    if addons is not None:
+        pipe.addons = addons
+        pipe.refresh_addons()  # the embeddings read for this model's text-encoder width
+    return pipe
 
 
 def _load(path: Path, dtype: torch.dtype, device: torch.device, config: PipelineConfig | None) -> Pipeline:

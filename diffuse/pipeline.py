@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from diffuse import inputs
+from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.generation import (
     AfterStep,
     NoisePredictor,
@@ -31,7 +32,7 @@ from diffuse.generation import (
     paste_unmasked,
 )
 from diffuse.hashes import ModelHashes, model_hashes
-from diffuse.metadata import infotext
+from diffuse.metadata import format_addon_hashes, infotext
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import PipelineConfig
 from diffuse.models.unet import UNet
@@ -65,7 +66,8 @@ class Pipeline:
     `source` is the checkpoint file or folder the weights came from; `scheduler_config`
     the model's diffusers scheduler settings (empty: Stable Diffusion's defaults);
     `preview_matrix` the latent -> RGB map fitted to this model's VAE for step previews
-    (diffuse.preview; None: SD 1.x/2.x's, right only for their VAE).
+    (diffuse.preview; None: SD 1.x/2.x's, right only for their VAE); `addons` the LoRA and
+    embedding folders whose files the prompts may name (diffuse.adapters.library; None: none).
     """
 
     tokenizer: CLIPTokenizer
@@ -76,6 +78,13 @@ class Pipeline:
     source: Path
     scheduler_config: dict = field(default_factory=dict)
     preview_matrix: torch.Tensor | None = None
+    addons: AddonLibrary | None = None
+    _merged: MergedLoras = field(init=False, repr=False)
+    _embeddings: object = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._merged = MergedLoras({"unet": self.unet, "text_encoder": self.text_encoder})
+        self._embeddings = self._load_embeddings()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,13 +129,60 @@ class Pipeline:
         """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
         return model_sampler(name, self.config, self.scheduler_config, schedule_type, eta)
 
+    # ---- add-ons -------------------------------------------------------------------------------
+
+    def loras(self) -> list[LoraFile]:
+        """The LoRA files the prompts may name (`<lora:NAME:W>`), as found in the LoRA folders."""
+        return [] if self.addons is None else list(self.addons.loras)
+
+    def embeddings(self):
+        """The embeddings found in the embedding folders: (loaded, skipped), as diffuse.adapters.embeddings
+        reads them (skipped: files that do not fit this model's text encoder, with the reason)."""
+        return self._embeddings if self._embeddings is not None else ({}, {})
+
+    def refresh_addons(self) -> None:
+        """Look in the add-on folders again; the next generation sees files added, changed or removed."""
+        if self.addons is not None:
+            self.addons.refresh()
+            self._embeddings = self._load_embeddings()
+
+    def check_addons(self, request: GenerationRequest) -> None:
+        """Every LoRA the request's prompts name is in the folders (ValueError naming the first that is not)."""
+        self._lora_uses(request.resolve(self.config, self.scheduler_config))
+
+    def restore_weights(self) -> None:
+        """Take any merged LoRAs out: the networks are again bit for bit as loaded."""
+        self._merged.restore()
+
+    def _load_embeddings(self):
+        if self.addons is None or not self.addons.embedding_dirs:
+            return None
+        from diffuse.adapters.embeddings import load_embeddings
+
+        return load_embeddings(self.addons.embedding_dirs, self.config.text_encoder.width)
+
+    def _lora_uses(self, job: Job) -> list[LoraUse]:
+        """The files the job's `<lora:...>` tags name; an unknown name is an error before any work."""
+        if not job.loras:
+            return []
+        if self.addons is None:
+            raise ValueError(f"the prompt names LoRA {job.loras[0].name!r}, but no LoRA folder was given")
+        return [LoraUse(self.addons.find_lora(t.name), t.te_weight, t.unet_weight) for t in job.loras]
+
+    def _encode_options(self) -> dict:
+        """The embeddings for the prompt encoder, when there are any."""
+        return {} if self._embeddings is None else {"embeddings": self._embeddings[0]}
+
     # ---- the entry points -------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, callback: Callback | None = None) -> Result:
         """Make the images a request asks for; `callback` sees every sampler step (Step).
 
-        The request is checked in full before any network runs (ValueError names the setting)."""
-        return self._run(request.resolve(self.config, self.scheduler_config), callback)
+        The request is checked in full before any network runs (ValueError names the setting), and
+        the LoRAs its prompts name are found before any is merged. They stay merged for the next
+        generation with the same set and are taken out when the set changes."""
+        job = request.resolve(self.config, self.scheduler_config)
+        return self._run(job, self._lora_uses(job), callback)
 
     def describe(self, request: GenerationRequest) -> tuple[dict, list[str]]:
         """The generation info and the per-image parameters texts that running `request` records,
@@ -267,12 +323,13 @@ class Pipeline:
     # ---- the stages of a generation ---------------------------------------------------------
 
     @torch.no_grad()
-    def _run(self, job: Job, callback: Callback | None) -> Result:
+    def _run(self, job: Job, loras: list[LoraUse], callback: Callback | None) -> Result:
         # One CPU generator per image, seeded seed + i (as A1111 does): image i is the same
         # whatever the batch size or device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
         # Each network output is checked; a non-finite one reruns that network in float32 (diffuse.numerics).
         fallback = Fallback(job.nan_fallback)
+        self._merged.use(loras)  # before encoding: a LoRA changes the text encoder too
         context = self._conditioning(job)
         plan = self._plan(job)
         start = self._initial_latents(job, plan, generators, fallback)
@@ -284,11 +341,10 @@ class Pipeline:
         checked to be finite, recomputed in float32 if it is not (diffuse.numerics)."""
 
         def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
+            options = {"clip_skip": job.clip_skip, **self._encode_options()}
             if job.guidance_scale <= 1.0:  # no guidance: the unconditional pass would be wasted
-                return encode_prompts(self.tokenizer, self.text_encoder, job.prompts, clip_skip=job.clip_skip), None
-            return encode_prompt_pair(
-                self.tokenizer, self.text_encoder, job.prompts, job.negative_prompts, clip_skip=job.clip_skip
-            )
+                return encode_prompts(self.tokenizer, self.text_encoder, job.texts, **options), None
+            return encode_prompt_pair(self.tokenizer, self.text_encoder, job.texts, job.negative_texts, **options)
 
         return Fallback(job.nan_fallback).run(
             self.text_encoder, "text encoder", encode, outputs=lambda pair: tuple(c for c in pair if c is not None)
@@ -415,6 +471,7 @@ class Pipeline:
             "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
             "keep_unmasked": job.keep_unmasked if job.mask is not None else None,
             "nan_fallback": ", ".join(job.nan_fallback) or None,
+            **self._addon_hashes(job),
             # Reduced-precision GEMMs may round differently at another batch size: exactness needs the same batch.
             "batch_size": len(job.seeds),
             "batch_pos": 0,
@@ -429,6 +486,21 @@ class Pipeline:
             for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))
         ]
         return info, texts
+
+    def _addon_hashes(self, job: Job) -> dict:
+        """A1111's "Lora hashes" and "TI hashes": each add-on the prompts used, by its name there."""
+        loras = [(tag.name, use.file.short_hash()) for tag, use in zip(job.loras, self._lora_uses(job))]
+        return {"lora_hashes": format_addon_hashes(loras), "ti_hashes": format_addon_hashes(self._used_embeddings(job))}
+
+    def _used_embeddings(self, job: Job) -> list[tuple[str, str]]:
+        """The embeddings the job's prompts name, found as the encoder finds them (on token ids)."""
+        if self._embeddings is None:
+            return []
+        from diffuse.adapters.embeddings import embeddings_used
+
+        loaded = self._embeddings[0]
+        names = embeddings_used(self.tokenizer, [*job.texts, *job.negative_texts], loaded)
+        return [(name, loaded[name].short_hash) for name in names]
 
 
 def _given(**pictures: object) -> None:

@@ -31,6 +31,7 @@ from diffuse.metadata import (
     INFO_LABELS,
     info_from_infotext,
     numbered_path,
+    parse_addon_hashes,
     parse_infotext,
     read_parameters,
     save_png,
@@ -197,6 +198,34 @@ def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image 
     )
 
 
+def find_addons(recipe: Recipe, lora_dirs: list[str], embedding_dirs: list[str]) -> None:
+    """Find the recipe's LoRAs and embeddings in the folders by their recorded hashes, as A1111 does when
+    it pastes parameters: a LoRA found under another name has its `<lora:NAME:` tags renamed to it.
+    AddonError (a ValueError) names the first add-on that is not there."""
+    from diffuse.adapters.library import AddonError, AddonLibrary
+
+    info = recipe.info
+    loras, embeddings = parse_addon_hashes(info.get("lora_hashes")), parse_addon_hashes(info.get("ti_hashes"))
+    if not loras and not embeddings:
+        return
+    library = AddonLibrary(lora_dirs, embedding_dirs)
+    for name, short in loras:
+        found = library.lora_by_hash(short)
+        if found is None:
+            where = ", ".join(lora_dirs) or "no folder: give one with --lora-dir"
+            raise AddonError(f"the PNG's LoRA {name!r} (hash {short}) is in none of the LoRA folders ({where})")
+        for key in ("prompt", "negative_prompt"):
+            info[key] = info.get(key, "").replace(f"<lora:{name}:", f"<lora:{found.name}:")
+    for name, short in embeddings:
+        found = library.embedding_by_hash(short)
+        if found is None or found.name != name:
+            where = ", ".join(embedding_dirs) or "no folder: give one with --embeddings-dir"
+            elsewhere = "" if found is None else f"; a file with its hash is named {found.name!r}"
+            raise AddonError(
+                f"the PNG's embedding {name!r} (hash {short}) is in none of the embedding folders ({where}){elsewhere}"
+            )
+
+
 def tolerance(device: torch.device, dtype: torch.dtype) -> int:
     return TOLERANCE[(device.type, str(dtype).removeprefix("torch."))]
 
@@ -223,6 +252,25 @@ def add_regenerate_options(p: argparse.ArgumentParser, device_help: str) -> None
     p.add_argument("--mask", default=None, help="inpaint: the mask (checked against its hash)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the PNG's)")
     p.add_argument("--device", default=None, help=f"{device_help} (default: the PNG's)")
+    add_addon_options(p)
+
+
+def add_addon_options(p: argparse.ArgumentParser) -> None:
+    """--lora-dir and --embeddings-dir, each repeatable: the folders whose add-ons prompts may name."""
+    p.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of LoRA files (.safetensors, .pt, .ckpt) that <lora:NAME:WEIGHT> in a prompt names (repeatable)",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of textual-inversion embeddings, used by writing their file name in a prompt (repeatable)",
+    )
 
 
 def _inputs(recipe: Recipe, args: argparse.Namespace) -> tuple[Image.Image | None, Image.Image | None, list[str]]:
@@ -295,6 +343,7 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     if text is None:
         raise ValueError(f"{args.png}: no generation parameters in this image")
     recipe = read_recipe(text)
+    find_addons(recipe, args.lora_dir, args.embeddings_dir)  # a missing add-on is named before the model loads
     image, mask, problems = _inputs(recipe, args)
     device, dtype = _device_and_dtype(args, recipe.info)
     inputs.check_output_folder(args.out, "--out")
@@ -308,7 +357,7 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
 
     from diffuse.loader import load_pipeline
 
-    pipe = load_pipeline(model, dtype=dtype, device=device)
+    pipe = load_pipeline(model, dtype=dtype, device=device, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir)
     pipe.model_hashes = hashes  # hashed above from the same files: no second read
     result = pipe.generate(recipe_request(recipe, image, mask))
     made, made_text = result.images[recipe.batch_pos], result.infotexts[recipe.batch_pos]

@@ -78,6 +78,7 @@ class GenerationRequest:
         )
         inputs.check_clip_skip(self.clip_skip, config.text_encoder.layers)
         prompts, negatives = self._prompts()
+        texts, negative_texts, loras = lora_tags(prompts, negatives)
         first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
         sampler = self._sampler(config, scheduler_config)
         image = None if picture is None else inputs.image_to_tensor(picture, width, height)
@@ -86,6 +87,9 @@ class GenerationRequest:
             request=self,
             prompts=prompts,
             negative_prompts=negatives,
+            texts=texts,
+            negative_texts=negative_texts,
+            loras=loras,
             width=width,
             height=height,
             seeds=[first_seed + i for i in range(len(prompts))],
@@ -164,13 +168,46 @@ def model_sampler(
     return get_sampler(name, scheduler_config=model_schedule, schedule_type=schedule_type, eta=eta)
 
 
+@dataclass(frozen=True)
+class LoraTag:
+    """One `<lora:NAME:TE_W:UNET_W>` of a request's prompts: the name as written and its two weights."""
+
+    name: str
+    te_weight: float
+    unet_weight: float
+
+
+def lora_tags(prompts: list[str], negatives: list[str]) -> tuple[list[str], list[str], tuple[LoraTag, ...]]:
+    """The prompts without their `<lora:...>` tags, and the LoRAs those tags name in any of them.
+
+    A batch runs on one set of merged weights, so a name given twice must have the same weights."""
+    if not any("<" in text for text in (*prompts, *negatives)):  # no tag can be there
+        return list(prompts), list(negatives), ()
+    from diffuse.adapters.prompt_tags import split_lora_tags
+
+    found: dict[str, LoraTag] = {}
+    stripped: list[list[str]] = [[], []]
+    for side, texts in enumerate((prompts, negatives)):
+        for text in texts:
+            plain, tags = split_lora_tags(text)
+            stripped[side].append(plain)
+            for tag in tags:
+                tag = LoraTag(tag.name, float(tag.te_weight), float(tag.unet_weight))
+                if found.setdefault(tag.name, tag) != tag:
+                    raise ValueError(f"LoRA {tag.name!r} is given twice with different weights in one request")
+    return stripped[0], stripped[1], tuple(found.values())
+
+
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class Job:
     """A checked request resolved against one model: what the generation stages read."""
 
     request: GenerationRequest
-    prompts: list[str]  # one per image
+    prompts: list[str]  # one per image, as asked (add-on tags included: they are recorded)
     negative_prompts: list[str]
+    texts: list[str]  # the prompts as encoded: <lora:...> tags taken out
+    negative_texts: list[str]
+    loras: tuple[LoraTag, ...]  # what the tags ask to apply
     width: int
     height: int
     seeds: list[int]

@@ -221,9 +221,9 @@ class MergedLoras:
     """The LoRAs merged into a pipeline's networks now, and the way back to its own weights.
 
     `use(set)` keeps the merge when the set is the one merged already (so repeated generations
-    cost nothing), and otherwise restores the networks exactly before merging the new set. Every
-    new file is read and checked before the networks are touched: a refused file leaves them as
-    they were before the call, or as loaded when the old set had to go first."""
+    cost no reading or merging), and otherwise restores the networks exactly before merging the
+    new set (diffuse.adapters.merge). Every new file is read and checked before the networks are
+    touched: a refused set leaves the one merged before in place."""
 
     def __init__(self, networks: dict) -> None:
         self.networks = networks  # {"unet": UNet, "text_encoder": CLIPTextEncoder}
@@ -232,23 +232,24 @@ class MergedLoras:
 
     @property
     def active(self) -> tuple:
+        """(path, size, mtime, te weight, unet weight) of each LoRA merged now."""
         return self._key
 
     def use(self, uses: Sequence[LoraUse]) -> None:
-        from diffuse.adapters.lora import LoraMerge, read_lora
+        from diffuse.adapters.lora import read_lora
+        from diffuse.adapters.merge import LoraMerge
 
         key = tuple(use.key() for use in uses)
         if key == self._key:
             return
         loras = [(read_lora(use.file.path), use.te_weight, use.unet_weight) for use in uses]
-        self.restore()
-        if loras:
-            merge = LoraMerge(self.networks)
-            merge.apply(loras)
-            self._merge, self._key = merge, key
+        if self._merge is None:
+            self._merge = LoraMerge(self.networks)
+        self._merge.apply(loras)
+        self._key = key
 
     def restore(self) -> None:
         """The networks' own weights back, bit for bit."""
         if self._merge is not None:
             self._merge.restore()
-        self._merge, self._key = None, ()
+        self._key = ()

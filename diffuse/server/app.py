@@ -18,6 +18,7 @@ from diffuse.numerics import NonFiniteError
 from diffuse.pipeline import VERSION
 from diffuse.server.a1111 import RequestError
 from diffuse.server.a1111_routes import add_a1111_routes
+from diffuse.server.addon_routes import add_addon_routes
 from diffuse.server.guard import RETRY_AFTER_S, Guard, MemoryBudget, OverBudget
 from diffuse.server.jobs import QueueFull
 from diffuse.server.models import ModelHost, UnknownModel, find_models
@@ -47,7 +48,13 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
             f"whole body ({settings.max_body_bytes / 2**20:g} MB)"
         )
     budget = MemoryBudget(settings.request_memory_bytes)
-    host = host or ModelHost(find_models(settings.model, settings.models_dir), settings.dtype, settings.device)
+    host = host or ModelHost(
+        find_models(settings.model, settings.models_dir),
+        settings.dtype,
+        settings.device,
+        settings.lora_dirs,
+        settings.embedding_dirs,
+    )
     server = Server(settings, host, budget)
 
     @contextlib.asynccontextmanager
@@ -65,6 +72,7 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
     for error_type in ERROR_STATUS:
         app.add_exception_handler(error_type, _answer_error)
     add_a1111_routes(app, server)
+    add_addon_routes(app, server)
     add_page_routes(app, server)
     return Guard(
         app, credentials=settings.credentials, max_body_bytes=settings.max_body_bytes, rules=rules, budget=budget

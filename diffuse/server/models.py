@@ -64,14 +64,22 @@ def find_models(default: Path, models_dir: Path | None) -> list[ModelEntry]:
 class ModelHost:
     """The listed models and the loaded pipeline; switch() is safe to call while others read `pipe`."""
 
-    def __init__(self, entries: list[ModelEntry], dtype: str = "auto", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        entries: list[ModelEntry],
+        dtype: str = "auto",
+        device: str = "cpu",
+        lora_dirs: tuple[Path, ...] = (),
+        embedding_dirs: tuple[Path, ...] = (),
+    ) -> None:
         if not entries:
             raise ValueError("no model to serve")
         self.entries, self.dtype, self.device = entries, dtype, device
+        self.addon_dirs = {"lora_dirs": lora_dirs, "embedding_dirs": embedding_dirs}  # every model gets the same
         self._lock = threading.Lock()
         self._sha256: dict[ModelEntry, str | None] = {}
         self.current = entries[0]
-        self.pipe: Pipeline = load_pipeline(self.current.path, dtype=dtype, device=device)
+        self.pipe: Pipeline = load_pipeline(self.current.path, dtype=dtype, device=device, **self.addon_dirs)
 
     def find(self, wanted: str) -> ModelEntry:
         for entry in self.entries:
@@ -84,7 +92,8 @@ class ModelHost:
         entry = self.find(wanted)
         with self._lock:
             if entry != self.current:
-                pipe = load_pipeline(entry.path, dtype=self.dtype, device=self.device)  # raises: nothing changed
+                # raises: nothing changed
+                pipe = load_pipeline(entry.path, dtype=self.dtype, device=self.device, **self.addon_dirs)
                 self.pipe, self.current = pipe, entry
         return entry
 

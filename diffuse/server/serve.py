@@ -23,6 +23,7 @@ import os
 import socket
 from pathlib import Path
 
+from diffuse.regenerate import add_addon_options
 from diffuse.server.a1111 import Limits
 
 AUTH_VARIABLE = "DIFFUSE_API_AUTH"
@@ -74,6 +75,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="most images per request")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it), float32, ...")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    add_addon_options(parser)
 
 
 def credentials_from(api_auth: str | None) -> tuple[str, str] | None:
@@ -127,6 +129,8 @@ def serve(args: argparse.Namespace) -> int:
         bound_host=args.host,
         allow_hosts=tuple(args.allow_host),
         cors_allow_origins=tuple(args.cors_allow_origins),
+        lora_dirs=tuple(Path(folder) for folder in args.lora_dir),
+        embedding_dirs=tuple(Path(folder) for folder in args.embeddings_dir),
     )
     app = create_app(settings)
     print(

@@ -46,6 +46,8 @@ class ServerSettings:
     bound_host: str = "127.0.0.1"  # the address the server listens on: a Host it answers to
     allow_hosts: tuple[str, ...] = ()  # more names it answers to (--allow-host)
     cors_allow_origins: tuple[str, ...] = ()  # other web pages' origins that may use it (--cors-allow-origins)
+    lora_dirs: tuple[Path, ...] = ()  # the add-on folders given at start-up; requests name files only by name
+    embedding_dirs: tuple[Path, ...] = ()
 
 
 class ClientGone(Exception):
@@ -68,6 +70,8 @@ class Server:
             self.host.find(request.model)  # unknown: an error now, not after the queue
         generation = request.generation
         self.host.pipe.get_sampler(generation.sampler, generation.schedule_type)  # an unknown sampler: 422 now
+        if request.model is None:
+            self.host.pipe.check_addons(generation)  # an unknown LoRA: 422 now, not after the queue
         held = self.budget.reserve(held_image_bytes(request))
         if held is None:
             raise OverBudget(self.budget.refusal("this request's images"))
