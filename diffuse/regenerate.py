@@ -209,13 +209,17 @@ def find_addons(recipe: Recipe, lora_dirs: list[str], embedding_dirs: list[str])
     if not loras and not embeddings:
         return
     library = AddonLibrary(lora_dirs, embedding_dirs)
+    prompts = info.get("prompt", "") + info.get("negative_prompt", "")
     for name, short in loras:
+        if f"<lora:{name}:" not in prompts and f"<lora:{name}>" not in prompts:
+            continue  # listed but named by no tag: the image does not depend on it
         found = library.lora_by_hash(short)
         if found is None:
             where = ", ".join(lora_dirs) or "no folder: give one with --lora-dir"
             raise AddonError(f"the PNG's LoRA {name!r} (hash {short}) is in none of the LoRA folders ({where})")
         for key in ("prompt", "negative_prompt"):
-            info[key] = info.get(key, "").replace(f"<lora:{name}:", f"<lora:{found.name}:")
+            text = info.get(key, "").replace(f"<lora:{name}:", f"<lora:{found.name}:")
+            info[key] = text.replace(f"<lora:{name}>", f"<lora:{found.name}>")
     for name, short in embeddings:
         found = library.embedding_by_hash(short)
         if found is None or found.name != name:
