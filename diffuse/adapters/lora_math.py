@@ -111,7 +111,7 @@ def _lokr(t: dict[str, Tensor]) -> Tensor:
     w1, w2 = _lokr_factor(t, 1), _lokr_factor(t, 2)
     if w2.dim() == 4:  # a convolution: w2 carries the kernel, w1 scales whole kernels
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2)
+    return torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs; einsum's output may not allow it
 
 
 DELTAS = {"lora": _lora, "loha": _loha, "lokr": _lokr, "full": lambda t: _f32(t["diff"])}
