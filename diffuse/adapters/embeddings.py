@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from diffuse.checkpoints.errors import CheckpointError
-from diffuse.checkpoints.reader import _read_torch, check_finite, read_state_dict, sniff_format
+from diffuse.checkpoints.reader import check_finite, read_state_dict, read_torch_object, sniff_format
 from diffuse.checkpoints.zip_records import check_zip_records
 from diffuse.hashes import sha256_file
 from diffuse.prompts import prompt_chunks
@@ -110,7 +110,7 @@ def _read_contents(path: Path) -> Mapping:
     if fmt == "torch-zip":
         check_zip_records(path)
     with torch.serialization.safe_globals([(_InertParameterDict, PARAMETER_DICT)]):
-        loaded = _read_torch(path, is_zip=fmt == "torch-zip")
+        loaded = read_torch_object(path, is_zip=fmt == "torch-zip")
     if not isinstance(loaded, Mapping):
         raise EmbeddingError(path, f"holds a {type(loaded).__name__}, not a dict")
     return loaded

@@ -129,7 +129,9 @@ def _refused(path: Path, message: str) -> UnsafeCheckpointError:
     )
 
 
-def _read_torch(path: Path, is_zip: bool) -> object:
+def read_torch_object(path: Path, is_zip: bool) -> object:
+    """Whatever a torch pickle holds (nested dicts included), unpickled with only tensors and the
+    allowed stand-ins: the one safe way into a .pt or .ckpt file."""
     # torch.load routes a path ending in ".safetensors" to safetensors by its NAME. Our
     # bytes say pickle, so it gets an open file instead (mmap needs a path, so none then).
     by_name = str(path).endswith(".safetensors")
@@ -178,7 +180,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         if fmt == "torch-zip":
             check_zip_records(path)  # torch's loader trusts the records' layout; it is checked first
-        found = _unwrap(_read_torch(path, is_zip=fmt == "torch-zip"), path)
+        found = _unwrap(read_torch_object(path, is_zip=fmt == "torch-zip"), path)
         state = {k: v.detach() for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(path, "contains no tensors")
