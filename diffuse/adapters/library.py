@@ -13,12 +13,12 @@ PNG parameters carry their first 12 hex digits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffuse.adapters.files import addnet_hash
 from diffuse.checkpoints.errors import CheckpointError
 from diffuse.checkpoints.reader import sniff_format
 from diffuse.checkpoints.safetensors_header import METADATA, read_header
@@ -52,9 +52,9 @@ class AddonFile:
 @dataclass(frozen=True)
 class LoraFile(AddonFile):
     def sha256(self) -> str:
-        """sd-scripts' stored sshs_model_hash, else the addnet hash of a safetensors file, else the file's."""
-        kind = "addnet" if self.path.suffix.lower() == ".safetensors" else "file"
-        return _cached_hash(self.path, self.metadata.get("sshs_model_hash"), kind)
+        """sd-scripts' stored sshs_model_hash, else the addnet hash (a safetensors file's tensor data,
+        a pickle's whole file; the bytes say which)."""
+        return _cached_hash(self.path, self.metadata.get("sshs_model_hash"), "addnet")
 
     def api_entry(self) -> dict:
         """A1111's /sdapi/v1/loras entry: name, alias, path and the decoded metadata."""
@@ -189,18 +189,6 @@ def _cached_hash(path: Path, stored: str | None, kind: str) -> str:
     if key not in _HASHES:
         _HASHES[key] = addnet_hash(path) if kind == "addnet" else sha256_file(path)
     return _HASHES[key]
-
-
-def addnet_hash(path: Path) -> str:
-    """A1111's LoRA hash of a safetensors file: sha256 of everything after the JSON header,
-    so editing the metadata does not change it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        file.seek(8 + length)
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
