@@ -204,3 +204,20 @@ def test_ldm_names_equal_diffusers_names(reference_folders):
         results.append(after)
     for key, value in results[0].items():
         assert torch.equal(value, results[1][key]), key
+
+
+def test_conv_in_change_padded_for_inpainting(tmp_path, clip_vocab_dir):
+    """A 4-channel conv_in change on a 9-channel inpainting conv_in is zero-padded, as A1111 does."""
+    from conftest import build_reference
+
+    build_reference("sd1", clip_vocab_dir, in_channels=9).save_pretrained(tmp_path, safe_serialization=True)
+    pipe = diffuse.load_pipeline(tmp_path, dtype="float32")
+    down, up = rand(2, 4, 3, 3), rand(32, 2, 1, 1)
+    state = {"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up}
+    before, after, changed = merged(pipe, state, 1.0)
+    key = "input_blocks.0.0.weight"
+    assert changed == {key}
+    expected = before[key].clone()
+    expected[:, :4] += (up.flatten(1) @ down.flatten(1)).reshape(32, 4, 3, 3)
+    torch.testing.assert_close(after[key], expected)
+    assert torch.equal(after[key][:, 4:], before[key][:, 4:])
