@@ -1,7 +1,8 @@
 """The web page end to end in headless Chromium (Debian's chromium, driven by Playwright's Python
 package; `make test` installs both): type a prompt, press Generate, watch the image emerge, get
-the final image with its parameters, make a gallery image again; and a page of another origin
-that tries to drive the server. Screenshots go to build/screenshots/ (or $DIFFUSE_SCREENSHOTS)."""
+the final image with its parameters, make a gallery image again; the add-ons panel (LoRAs and
+embeddings listed, clicked into the prompt, generated with); and a page of another origin that
+tries to drive the server. Screenshots go to build/screenshots/ (or $DIFFUSE_SCREENSHOTS)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
+from test_addons_pipeline import kohya_lora
 from test_server import DEFAULT_MODEL, Running, settings
 
 from diffuse.metadata import read_parameters
@@ -148,3 +152,81 @@ def test_a_page_of_another_origin_cannot_drive_the_server(browser, server):
     # what matters is that the server ran nothing.
     assert outcomes == {"plain": "opaque 0", "json": "refused", "progress": "refused"}
     assert queue.submitted == before
+
+
+@pytest.fixture(scope="module")
+def addons_server(tmp_path_factory, reference_folders, reference_pipes):
+    root = tmp_path_factory.mktemp("page_addons")
+    loras, embeddings = root / "loras", root / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    save_file(kohya_lora(reference_pipes["sd1"]), loras / "detail.safetensors", {"ss_output_name": "fine"})
+    # A file name that is markup: the page must show it as text, never build elements from it.
+    save_file(kohya_lora(reference_pipes["sd1"], seed=1), loras / "<img src=x onerror=window.pwned=1>.safetensors")
+    width = reference_pipes["sd1"].text_encoder.config.hidden_size
+    save_file({"emb_params": torch.randn(2, width) * 3}, embeddings / "shiny.safetensors")
+    save_file({"emb_params": torch.randn(1, width + 1)}, embeddings / "narrow.safetensors")
+    running = Running(
+        settings(
+            root,
+            model=reference_folders["sd1"],
+            lora_dirs=(loras,),
+            embedding_dirs=(embeddings,),
+        )
+    )
+    yield running, loras
+    running.stop()
+
+
+def test_the_addons_panel_says_when_there_are_none(browser, server):
+    page = browser.new_page()
+    page.goto(server.base + "/")
+    page.wait_for_selector("#lora-list .empty")
+    assert "--lora-dir" in page.inner_text("#lora-list")
+    assert "--embeddings-dir" in page.inner_text("#embedding-list")
+    assert page.locator("#addons .addon-list button").count() == 0
+
+
+def test_addons_listed_inserted_and_generated_with(browser, addons_server):
+    server, loras = addons_server
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.base + "/")
+    page.wait_for_selector("#embedding-list button")
+    buttons = page.locator("#lora-list button")
+    assert sorted(buttons.all_inner_texts()) == sorted(["detail (fine)", "<img src=x onerror=window.pwned=1>"])
+    assert page.locator("#addons img").count() == 0 and page.evaluate("window.pwned") is None
+    assert page.inner_text("#embedding-list button") == "shiny · 2 vectors"
+    skipped = page.locator("#embedding-list .skipped")
+    assert skipped.inner_text() == "narrow (skipped)" and "wide" in skipped.get_attribute("title")
+
+    # At the cursor of the prompt box last focused, spaced from the words around it.
+    page.fill("#prompt", "a cat")
+    page.click("#lora-list button:has-text('detail')")
+    assert page.input_value("#prompt") == "a cat <lora:detail:1>"
+    page.evaluate("document.getElementById('prompt').setSelectionRange(1, 1)")
+    page.click("#embedding-list button")
+    assert page.input_value("#prompt") == "a shiny cat <lora:detail:1>"
+    page.focus("#negative_prompt")
+    page.click("#embedding-list button")
+    assert page.input_value("#negative_prompt") == "shiny" and page.input_value("#prompt").count("shiny") == 1
+
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    page.click("#generate")
+    page.wait_for_selector("#result figure img", timeout=120_000)
+    caption = page.inner_text("#result figcaption")
+    assert caption.startswith("a shiny cat <lora:detail:1>\nNegative prompt: shiny\n")
+    assert "Lora hashes: " in caption and "detail: " in caption and "TI hashes: " in caption
+    assert page.inner_text("#status") == "done"
+    page.screenshot(path=str(SCREENSHOTS / "page-addons.png"), full_page=True)
+
+    # Refresh looks in the folders again (a JSON POST, as the server demands of state changes).
+    (loras / "detail.safetensors").rename(loras / "renamed.safetensors")
+    page.click("#refresh-addons")
+    page.wait_for_selector("#lora-list button:has-text('renamed (fine)')")
+    assert page.locator("#lora-list button:has-text('detail')").count() == 0
+    assert page.inner_text("#status") == "add-ons looked for again"
+    assert errors == []

@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 let kind = "txt2img";
 let maskPainted = false;
+let promptBox = "prompt";  // where an add-on goes: the prompt box last focused, as in A1111
 
 async function getJSON(url, options) {
   const response = await fetch(url, options);
@@ -33,6 +34,61 @@ async function loadChoices() {
   for (const model of models) $("model").add(new Option(model.title, model.title));
   $("model").value = options.sd_model_checkpoint;
   $("model-line").textContent = options.sd_model_checkpoint;
+}
+
+async function loadAddons() {
+  // Names are file names: they go in as text only, never as markup.
+  const [loras, embeddings] = await Promise.all([getJSON("/sdapi/v1/loras"), getJSON("/sdapi/v1/embeddings")]);
+  const loraItems = loras.map((lora) => addonButton(
+    lora.alias && lora.alias !== lora.name ? `${lora.name} (${lora.alias})` : lora.name, `<lora:${lora.name}:1>`));
+  $("lora-list").replaceChildren(...(loraItems.length ? loraItems
+    : [note("empty", "none (serve with --lora-dir FOLDER to list a folder's)")]));
+  const embeddingItems = Object.entries(embeddings.loaded).map(([name, entry]) =>
+    addonButton(`${name} · ${entry.vectors} ${entry.vectors === 1 ? "vector" : "vectors"}`, name));
+  const skipped = Object.entries(embeddings.skipped).map(([name, entry]) =>
+    note("skipped", `${name} (skipped)`, entry.reason || ""));
+  const items = [...embeddingItems, ...skipped];
+  $("embedding-list").replaceChildren(...(items.length ? items
+    : [note("empty", "none (serve with --embeddings-dir FOLDER to list a folder's)")]));
+}
+
+function addonButton(label, syntax) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = label;
+  button.title = `insert ${syntax}`;
+  button.dataset.syntax = syntax;
+  button.addEventListener("click", () => insertIntoPrompt(syntax));
+  return button;
+}
+
+function note(className, text, title = "") {
+  const item = document.createElement("span");
+  item.className = className;
+  item.textContent = text;
+  item.title = title;
+  return item;
+}
+
+function insertIntoPrompt(text) {
+  const box = $(promptBox);
+  // A box never focused has its caret at the start; the end is where one would type next.
+  const [start, end] = box.dataset.focused
+    ? [box.selectionStart, box.selectionEnd] : [box.value.length, box.value.length];
+  const before = start > 0 && !/\s/.test(box.value[start - 1]) ? " " : "";
+  const after = end < box.value.length && !/\s/.test(box.value[end]) ? " " : "";
+  box.setRangeText(before + text + after, start, end, "end");
+  box.focus();
+}
+
+async function refreshAddons() {
+  $("refresh-addons").disabled = true;
+  try {
+    await postJSON("/sdapi/v1/refresh-loras", {});
+    await loadAddons();
+    setStatus("add-ons looked for again");
+  } catch (error) { setStatus(error.message, true); }
+  $("refresh-addons").disabled = false;
 }
 
 function numberOrNull(id) {
@@ -229,6 +285,7 @@ async function switchModel() {
   }
   $("model-line").textContent = $("model").value;
   $("generate").disabled = false;
+  loadAddons().catch(() => {});  // which embeddings fit depends on the model
   return loaded;
 }
 
@@ -240,5 +297,10 @@ $("init-image").addEventListener("change", (e) => { if (e.target.files[0]) loadI
 $("mask-canvas").addEventListener("pointerdown", paint);
 $("mask-canvas").addEventListener("pointermove", paint);
 $("clear-mask").addEventListener("click", clearMask);
+$("refresh-addons").addEventListener("click", refreshAddons);
+for (const id of ["prompt", "negative_prompt"]) {
+  $(id).addEventListener("focus", () => { promptBox = id; $(id).dataset.focused = "1"; });
+}
 loadChoices().catch((error) => setStatus(error.message, true));
+loadAddons().catch((error) => setStatus(error.message, true));
 loadGallery();
