@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _add_generation_options(commands.add_parser(kind, help=text), kind)
     # Listed here for `diffuse --help`; its own options are parsed by the training entry point.
-    commands.add_parser("train", help="train vae | clip | unet on the shapes dataset", add_help=False)
+    commands.add_parser(
+        "train", help="train vae | clip | unet (shapes dataset) or lora | embedding add-ons", add_help=False
+    )
     _add_model_folder_commands(commands)
     _add_eval_command(commands)
     _add_serving_and_reading_commands(commands)
