@@ -55,9 +55,7 @@ class EmbeddingTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.data:
-            raise ValueError("data must name a folder of images with captions (--data)")
-        if not self.token.strip() or any(c in self.token for c in "/\\:<>()[]"):
+        if self.token != self.token.strip() or any(c in self.token for c in "/\\:<>()[]"):
             raise ValueError(f"token must be a plain word to write in prompts (and a file name), not {self.token!r}")
         if not 1 <= self.vectors <= MAX_VECTORS:
             raise ValueError(f"vectors must be from 1 to {MAX_VECTORS}, not {self.vectors}")
@@ -130,6 +128,8 @@ def train_embedding(
 ) -> Path:
     """Train the vectors in `out_dir`, then write `<token>.safetensors` there; returns its path."""
     out_dir = Path(out_dir)
+    if not config.data or not config.token:
+        raise ValueError("an embedding needs data, a folder of images with captions, and its token (--data, --token)")
     base = load_base(config.model, config.image_size)
     data = CaptionedFolder(config.data, base.image_size)
     check_captions(data, base, config.token)

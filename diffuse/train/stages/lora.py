@@ -73,8 +73,6 @@ class LoraTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.data:
-            raise ValueError("data must name a folder of images with captions (--data)")
         if self.rank < 1 or not self.alpha > 0:
             raise ValueError(f"rank must be at least 1 and alpha positive, not {self.rank} and {self.alpha}")
         unknown = sorted(set(self.modules) - set(MODULE_GROUPS))
@@ -219,6 +217,8 @@ def train_lora(
 ) -> Path:
     """Train the adapters in `out_dir`, then write `<output_name>.safetensors` there; returns its path."""
     out_dir = Path(out_dir)
+    if not config.data:
+        raise ValueError("data must name a folder of images with captions (--data)")
     base = load_base(config.model, config.image_size)
     data = CaptionedFolder(config.data, base.image_size)
     network = build_network(config, base)
