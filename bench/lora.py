@@ -19,7 +19,7 @@ order, so a change in the machine's load hits all alike), medians over the round
     (the high-water mark reset after loading, which otherwise hides a small image's peak).
 Nothing passes or fails on a time: the bars of issue 22 are printed beside the figures.
 
-    .venv/bin/python bench/lora.py            # defaults (about 10 minutes on 2 cores)
+    .venv/bin/python bench/lora.py            # defaults (about 10 minutes on 2 cores, more under load)
     .venv/bin/python bench/lora.py --quick    # tiny sizes, one round: checks the bench runs
     .venv/bin/python bench/lora.py --fp32 --locon
 """
@@ -278,7 +278,7 @@ def measure_memory(lora_dir: Path, names: list[str], args: argparse.Namespace) -
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the step / merge cases")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the step / merge cases")
     parser.add_argument("--latent", type=int, default=64, help="latent side of the timed UNet steps")
     parser.add_argument("--fp32", action="store_true", help="time the fp32 steps too")
     parser.add_argument("--locon", action="store_true", help="patch the resnets' 3x3 convolutions as well")
