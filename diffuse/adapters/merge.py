@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from diffuse.models.configs import UNetConfig
 # Originals of the touched weights stay in memory up to this many bytes in all (a few LoRA'd
 # layers of a small model); beyond, they go to a temporary file, since for SD 1.5 an attention
 # LoRA touches hundreds of MB of weights and keeping them would grow the process by as much.
-SPILL_ABOVE = 64 << 20
+SPILL_ABOVE = 16 << 20
 
 # A checked patch: (its module, the patch, its multiplier, the file it came from).
 Planned = tuple[nn.Module, Patch, float, "str | Path"]
@@ -75,6 +76,19 @@ class _Originals:
 def model_base(networks: Mapping[str, nn.Module]) -> str:
     cfg = getattr(networks.get("unet"), "cfg", None)
     return "SD 2.x" if isinstance(cfg, UNetConfig) and cfg.use_linear_projection else "SD 1.x"
+
+
+def _kept(lora: Lora) -> Lora:
+    """What `applied` holds once a LoRA is merged: a file's LoRA without its tensors (restoring needs
+    only the originals, and the tensors would stay in memory for as long as it is merged); one made
+    in memory as it is, since only its identity tells it apart."""
+    return lora if lora.path is None else replace(lora, patches=[], bundled_embeddings={})
+
+
+def _same(a: Lora, b: Lora) -> bool:
+    if a.path is None or b.path is None:
+        return a is b
+    return (a.path, a.short_hash) == (b.path, b.short_hash)
 
 
 def _source(lora: Lora) -> str | Path:
@@ -135,7 +149,8 @@ class LoraMerge:
 
     @property
     def applied(self) -> tuple[tuple[Lora, float, float], ...]:
-        """What is merged now: (lora, te multiplier, unet multiplier) in the order applied."""
+        """What is merged now: (lora, te multiplier, unet multiplier) in the order applied (a file's
+        LoRA without its tensors)."""
         return self._applied
 
     def _modules(self) -> dict[tuple[str, str], str]:
@@ -172,7 +187,7 @@ class LoraMerge:
         selection just restores."""
         selection = tuple((lora, float(te), float(unet)) for lora, te, unet in selection)
         if len(selection) == len(self._applied) and all(
-            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(selection, self._applied, strict=True)
+            _same(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(selection, self._applied, strict=True)
         ):
             return
         plan = self.check(selection)  # before restoring: a refused selection leaves the current one merged
@@ -182,7 +197,7 @@ class LoraMerge:
         except BaseException:
             self._originals.put_back()
             raise
-        self._applied = selection
+        self._applied = tuple((_kept(lora), te, unet) for lora, te, unet in selection)
 
     @torch.no_grad()
     def _merge(self, plan: list[Planned]) -> None:
