@@ -32,6 +32,8 @@ from diffuse.models.configs import UNetConfig
 # LoRA touches hundreds of MB of weights and keeping them would grow the process by as much.
 SPILL_ABOVE = 16 << 20
 
+_WIDENED_IN_ADD = (torch.float16, torch.bfloat16, torch.float32)
+
 # A checked patch: (its module, the patch, its multiplier, the file it came from).
 Planned = tuple[nn.Module, Patch, float, "str | Path"]
 
@@ -207,9 +209,16 @@ class LoraMerge:
                 by_module.setdefault(id(planned[0]), (planned[0], []))[1].append(planned)
         for module, patches in by_module.values():
             weight = module.weight
-            original = weight.detach().to(torch.float32)
-            total = sum(contribution(p, original, m) for _, p, m, _ in patches)
-            self._update(weight, original + total, patches)
+            # DoRA reads the original weight in float32; the plain changes need only its shape.
+            dora = any("dora_scale" in p.tensors for _, p, _, _ in patches)
+            original = weight.detach().to(torch.float32) if dora else torch.empty(weight.shape, device="meta")
+            total = None
+            for _, patch, multiplier, _ in patches:
+                change = contribution(patch, original, multiplier)
+                total = change if total is None else total.add_(change)
+            # W + the sum in float32; a half-precision W is widened inside the add, not copied first.
+            widened = weight.detach() if weight.dtype in _WIDENED_IN_ADD else weight.detach().to(torch.float32)
+            self._update(weight, total.add_(widened), patches)
             biases = [b for _, p, m, _ in patches if (b := bias_contribution(p, m)) is not None]
             if biases:
                 self._update(module.bias, module.bias.detach().to(torch.float32) + sum(biases), patches)
