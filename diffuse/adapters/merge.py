@@ -26,6 +26,7 @@ from diffuse.adapters.lora import Lora, LoraError, listing
 from diffuse.adapters.lora_keys import module_index
 from diffuse.adapters.lora_math import DELTAS, Patch, bias_contribution, contribution
 from diffuse.models.configs import UNetConfig
+from diffuse.numerics import all_finite
 
 # Originals of the touched weights stay in memory up to this many bytes in all (a few LoRA'd
 # layers of a small model); beyond, they go to a temporary file, since for SD 1.5 an attention
@@ -225,7 +226,7 @@ class LoraMerge:
 
     def _update(self, param: Tensor, value: Tensor, patches: list[Planned]) -> None:
         value = value.to(param.dtype)
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             sources = ", ".join(dict.fromkeys(str(s) for *_, s in patches))
             raise LoraError(sources, f"merging into {patches[0][1].target} gives non-finite weights")
         self._originals.keep(param)
