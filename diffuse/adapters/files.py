@@ -7,6 +7,7 @@ weights-only reader, and non-finite tensors are refused, all as for a checkpoint
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,10 +27,26 @@ def _sha256(path: Path, start: int) -> str:
     return digest.hexdigest()
 
 
+_BY_VERSION: dict[tuple[Path, int, int, str], str] = {}
+
+
+def per_file_version(path: Path, kind: str, compute: Callable[[Path], str]) -> str:
+    """compute(path), kept while the file's size and modification time stay: an add-on is hashed
+    once, not again each time it is read or listed."""
+    stat = path.stat()
+    key = (path, stat.st_size, stat.st_mtime_ns, kind)
+    if key not in _BY_VERSION:
+        _BY_VERSION[key] = compute(path)
+    return _BY_VERSION[key]
+
+
 def addnet_hash(path: str | Path) -> str:
     """The full hash A1111 keeps for a LoRA file: for safetensors the "addnet" hash, SHA-256 of
     the bytes after the header (so editing the metadata keeps it); for a pickle, of the whole file."""
-    path = Path(path)
+    return per_file_version(Path(path), "addnet", _addnet_hash)
+
+
+def _addnet_hash(path: Path) -> str:
     if sniff_format(path) != "safetensors":
         return _sha256(path, 0)
     with open(path, "rb") as file:

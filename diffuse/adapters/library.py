@@ -18,7 +18,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffuse.adapters.files import addnet_hash
+from diffuse.adapters.files import addnet_hash, per_file_version
+from diffuse.adapters.lora import read_lora
+from diffuse.adapters.merge import LoraMerge
 from diffuse.checkpoints.errors import CheckpointError
 from diffuse.checkpoints.reader import sniff_format
 from diffuse.checkpoints.safetensors_header import METADATA, read_header
@@ -177,18 +179,11 @@ def _by_hash(entries: Sequence[AddonFile], short_hash: str):
     return next((entry for entry in entries if entry.sha256().startswith(short_hash)), None)
 
 
-_HASHES: dict[tuple[Path, int, int, str], str] = {}
-
-
 def _cached_hash(path: Path, stored: str | None, kind: str) -> str:
     """`stored` (sd-scripts' sshs_model_hash) when given, else the file's hash of `kind`, read once per version."""
     if stored:
         return stored.lower()
-    stat = path.stat()
-    key = (path, stat.st_size, stat.st_mtime_ns, kind)
-    if key not in _HASHES:
-        _HASHES[key] = addnet_hash(path) if kind == "addnet" else sha256_file(path)
-    return _HASHES[key]
+    return addnet_hash(path) if kind == "addnet" else per_file_version(path, kind, sha256_file)
 
 
 @dataclass(frozen=True)
@@ -214,8 +209,7 @@ class MergedLoras:
     touched: a refused set leaves the one merged before in place."""
 
     def __init__(self, networks: dict) -> None:
-        self.networks = networks  # {"unet": UNet, "text_encoder": CLIPTextEncoder}
-        self._merge = None
+        self._merge = LoraMerge(networks)  # {"unet": ..., "text_encoder": ...}; its module index is built on first use
         self._key: tuple = ()
 
     @property
@@ -224,20 +218,14 @@ class MergedLoras:
         return self._key
 
     def use(self, uses: Sequence[LoraUse]) -> None:
-        from diffuse.adapters.lora import read_lora
-        from diffuse.adapters.merge import LoraMerge
-
         key = tuple(use.key() for use in uses)
         if key == self._key:
             return
         loras = [(read_lora(use.file.path), use.te_weight, use.unet_weight) for use in uses]
-        if self._merge is None:
-            self._merge = LoraMerge(self.networks)
         self._merge.apply(loras)
         self._key = key
 
     def restore(self) -> None:
         """The networks' own weights back, bit for bit."""
-        if self._merge is not None:
-            self._merge.restore()
+        self._merge.restore()
         self._key = ()
