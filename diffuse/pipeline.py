@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from diffuse import inputs
+from diffuse.adapters.embeddings import load_embeddings
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.generation import (
     AfterStep,
@@ -157,8 +158,6 @@ class Pipeline:
     def _load_embeddings(self):
         if self.addons is None or not self.addons.embedding_dirs:
             return None
-        from diffuse.adapters.embeddings import load_embeddings
-
         return load_embeddings(self.addons.embedding_dirs, self.config.text_encoder.width)
 
     def _lora_uses(self, job: Job) -> list[LoraUse]:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from diffuse import inputs
+from diffuse.adapters.prompt_tags import LoraTag, split_lora_tags
 from diffuse.models.configs import PipelineConfig
 from diffuse.recipe import recorded_eta
 from diffuse.samplers import Sampler, get_sampler
@@ -168,23 +169,12 @@ def model_sampler(
     return get_sampler(name, scheduler_config=model_schedule, schedule_type=schedule_type, eta=eta)
 
 
-@dataclass(frozen=True)
-class LoraTag:
-    """One `<lora:NAME:TE_W:UNET_W>` of a request's prompts: the name as written and its two weights."""
-
-    name: str
-    te_weight: float
-    unet_weight: float
-
-
 def lora_tags(prompts: list[str], negatives: list[str]) -> tuple[list[str], list[str], tuple[LoraTag, ...]]:
     """The prompts without their `<lora:...>` tags, and the LoRAs those tags name in any of them.
 
     A batch runs on one set of merged weights, so a name given twice must have the same weights."""
     if not any("<" in text for text in (*prompts, *negatives)):  # no tag can be there
         return list(prompts), list(negatives), ()
-    from diffuse.adapters.prompt_tags import split_lora_tags
-
     found: dict[str, LoraTag] = {}
     stripped: list[list[str]] = [[], []]
     for side, texts in enumerate((prompts, negatives)):
@@ -192,8 +182,8 @@ def lora_tags(prompts: list[str], negatives: list[str]) -> tuple[list[str], list
             plain, tags = split_lora_tags(text)
             stripped[side].append(plain)
             for tag in tags:
-                tag = LoraTag(tag.name, float(tag.te_weight), float(tag.unet_weight))
-                if found.setdefault(tag.name, tag) != tag:
+                first = found.setdefault(tag.name, tag)  # <lora:...> and <lyco:...> name the same file
+                if (first.te_weight, first.unet_weight) != (tag.te_weight, tag.unet_weight):
                     raise ValueError(f"LoRA {tag.name!r} is given twice with different weights in one request")
     return stripped[0], stripped[1], tuple(found.values())
 
