@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from diffuse import inputs
-from diffuse.adapters.embeddings import load_embeddings
+from diffuse.adapters.embeddings import embeddings_used, load_embeddings
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.generation import (
     AfterStep,
@@ -495,8 +495,6 @@ class Pipeline:
         """The embeddings the job's prompts name, found as the encoder finds them (on token ids)."""
         if self._embeddings is None:
             return []
-        from diffuse.adapters.embeddings import embeddings_used
-
         loaded = self._embeddings[0]
         names = embeddings_used(self.tokenizer, [*job.texts, *job.negative_texts], loaded)
         return [(name, loaded[name].short_hash) for name in names]

@@ -20,10 +20,10 @@ from diffuse.adapters.embeddings import (
     embeddings_used,
     load_embeddings,
     read_embedding,
-    ti_hashes,
 )
 from diffuse.checkpoints.errors import CheckpointError, UnsafeCheckpointError
 from diffuse.hashes import sha256_file
+from diffuse.metadata import format_addon_hashes
 from diffuse.prompts import encode_prompt_pair, encode_prompts, prompt_chunks
 
 WIDTH = {"sd1": 32, "sd2": 48}  # the tiny text encoders' widths (tests/conftest.py)
@@ -287,7 +287,9 @@ def test_hashes_for_the_infotext(tokenizer):
     }
     used = embeddings_used(tokenizer, ["mytok cat", "a cat", "a:b,c and mytok"], embeddings)
     assert used == ["mytok", "a:b,c"]
-    assert ti_hashes(used, embeddings) == "mytok: fedcba987654, abc: 0123456789ab"
+    assert (
+        format_addon_hashes([(n, embeddings[n].short_hash) for n in used]) == "mytok: fedcba987654, abc: 0123456789ab"
+    )
 
 
 # ---------------------------------------------------------------- parity with diffusers

@@ -19,7 +19,6 @@ Public API:
       loaded: {name: Embedding} that fit a text encoder `width` wide, skipped: {name: reason}
       (A1111's "skipped" list: another width, an unreadable file, a name taken twice)
   embeddings_used(tokenizer, texts, embeddings) -> [name]   those the prompts use, in order
-  ti_hashes(names, embeddings) -> str                 the PNG infotext's "TI hashes" value
 Errors are diffuse.checkpoints' CheckpointError (a ValueError; EmbeddingError and
 UnsafeCheckpointError are kinds of it): one line naming the file and what was wrong.
 """
@@ -225,10 +224,3 @@ def embeddings_used(tokenizer: CLIPTokenizer, texts: Iterable[str], embeddings: 
         for chunk in prompt_chunks(tokenizer, text, embeddings):
             used.update((name, None) for _, name in chunk.fixes)
     return list(used)
-
-
-def ti_hashes(names: Iterable[str], embeddings: Mapping[str, Embedding]) -> str:
-    """A1111's "TI hashes" value, "name: 0123456789ab, ...", names without ':' and ','."""
-    return ", ".join(
-        f"{name.replace(':', '').replace(',', '')}: {embeddings[name].short_hash}" for name in dict.fromkeys(names)
-    )
