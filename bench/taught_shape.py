@@ -1,22 +1,33 @@
-"""Teach the shipped model a shape it never saw (a heart) with `diffuse train lora`, then measure it.
+"""Teach the shipped model a shape it never saw (a heart) with `diffuse train lora` and with
+`diffuse train embedding`, then measure how often it draws one where asked, and what it costs.
 
 1. Data: single-object scenes drawn as the shapes world draws them (diffuse/shapes/scenes.py:
    its colours, backgrounds, sizes and grid cells, supersampled polygons), each object a heart,
    captioned by the shapes world's own caption writer with the shape's word made "heart"
-   ("a small red heart at the left, gray background"). Beside them some ordinary scenes of the
-   old shapes with their captions, the prior-preservation images kohya calls regularisation
-   images, so that learning hearts does not overwrite the old shapes.
-2. Training: configs/train_lora.json on models/default (float32, frozen), timed.
+   ("a small red heart at the left, gray background"). The LoRA's folder adds some ordinary
+   scenes of the old shapes with their captions, the prior-preservation images kohya calls
+   regularisation images, so that learning hearts does not overwrite the old shapes. The
+   embedding's folder holds the same hearts with "heart" written as its name, heart-ti ("a small
+   red heart-ti at the left, ..."): every caption must name the embedding (its vectors are all
+   it trains), and old shapes' images would teach it nothing.
+2. Training, each from scratch and timed, on models/default (float32, frozen): configs/train_lora.json
+   (the "heart" LoRA), the same with train_text_encoder false (the "heart-unet" LoRA), and
+   configs/train_embedding.json (the heart-ti embedding).
 3. The judge, template based as diffuse/shapes/analyze.py reads shapes: the largest object's
    coverage (each pixel's place between background and object colour) is compared by soft
    intersection over union with each known shape and the heart, drawn at its centroid and area
    at a few blurs; the best fit names it.
-4. Measured with and without the LoRA, one image per prompt (seed = eval seed + i, the model
-   card's settings: Euler a, 20 steps, CFG 4): how often held-out heart prompts give a heart
-   (and its colour), and how the old shapes' held-out prompts still score (shapes world's judge).
+4. Measured as a user applies them, through pipelines loaded with lora_dirs / embedding_dirs: the
+   base model, each LoRA by `<lora:name:w>` at each weight (appended to heart and old prompts
+   alike), the embedding by its name in the heart prompts (old prompts unchanged). One image per
+   prompt (seed = eval seed + i, the model card's settings: Euler a, 20 steps, CFG 4): how often
+   held-out heart prompts give a heart (and in its colour), how the old shapes' held-out prompts
+   still score (shapes world's judge), and how many old images are bit-identical to the base's.
 
-    .venv/bin/python bench/taught_shape.py                 # writes bench/cache/taught_shape/
-    .venv/bin/python bench/taught_shape.py --quick         # a few steps and prompts: checks the bench runs
+    .venv/bin/python bench/taught_shape.py                  # all of it, into bench/cache/taught_shape/
+    .venv/bin/python bench/taught_shape.py --what embedding # one part (lora, lora-unet, embedding)
+    .venv/bin/python bench/taught_shape.py --what lora --lora-weights 1,0.5
+    .venv/bin/python bench/taught_shape.py --quick          # a few steps and prompts: checks the bench runs
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ import dataclasses
 import json
 import math
 import random
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -34,17 +47,20 @@ import torch
 from PIL import Image, ImageDraw
 
 import diffuse
-from diffuse.adapters import LoraMerge, read_lora
 from diffuse.shapes.analyze import DETECTION_DISTANCE, analyze, label_components, shape_coverage
 from diffuse.shapes.captions import caption
 from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.shapes.evaluate import EvalSettings, generate, heldout_prompts, score_adherence
 from diffuse.shapes.scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, SUPERSAMPLE, Scene, unit_area
 from diffuse.train.config_files import read_config
+from diffuse.train.stages.embedding import EmbeddingTrainConfig, train_embedding
 from diffuse.train.stages.lora import LoraTrainConfig, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "default"
 NEW = "heart"
+TOKEN = "heart-ti"  # the embedding's name: its captions and prompts write it where the others say "heart"
+PARTS = ("lora", "lora-unet", "embedding")
 BLURS = (0.0, 0.7, 1.3)  # pixels (Gaussian sigma) a generated edge may be softer by
 
 
@@ -86,11 +102,17 @@ def heart_scenes(count: int, seed: int) -> list[tuple[Scene, str]]:
     return found
 
 
-def write_data(folder: Path, hearts: int, old: int, size: int) -> None:
+def named(text: str, word: str) -> str:
+    """A heart caption with the shape's word written as `word` (an embedding's name)."""
+    return re.sub(rf"\b{NEW}\b", word, text)
+
+
+def write_data(folder: Path, hearts: int, old: int, size: int, word: str = NEW) -> None:
+    """`hearts` heart images captioned with `word` for the shape, then `old` scenes of the old shapes."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, (scene, text) in enumerate(heart_scenes(hearts, seed=11)):
         render_heart(scene, size).save(folder / f"heart{i:03d}.png")
-        (folder / f"heart{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+        (folder / f"heart{i:03d}.txt").write_text(named(text, word) + "\n", encoding="utf-8")
     dataset = ShapesDataset(DataConfig(seed=12, image_size=size))
     for i in range(old):
         image, text, _ = dataset.sample(i)
@@ -176,65 +198,172 @@ def heart_report(prompts: list[str], scenes: list[Scene], images: list[Image.Ima
     }
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- the add-ons
 
 
-def measure(pipe, lora, settings: EvalSettings, count: int, out: Path) -> dict:
-    hearts = heart_scenes(count, seed=1000)  # another seed than the training scenes
-    heart_prompts = [text for _, text in hearts]
-    old_prompts = heldout_prompts("singles", count)
-    results = {}
-    merge = LoraMerge({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    for label, selection in (("without", []), ("with", [(lora, 1.0, 1.0)])):
-        merge.apply(selection)
-        images = generate(pipe, heart_prompts, settings)
-        results[f"heart_prompts_{label}_lora"] = heart_report(heart_prompts, [s for s, _ in hearts], images)
-        old_images = generate(pipe, old_prompts, settings)
-        results[f"old_prompts_{label}_lora"] = score_adherence(old_prompts, old_images)
-        sheet = Image.new("RGB", (64 * 10, 64 * 2))
-        for i, image in enumerate(images[:10] + old_images[:10]):
-            sheet.paste(image.resize((64, 64)), (64 * (i % 10), 64 * (i // 10)))
-        sheet.save(out / f"sheet_{label}_lora.png")
-    merge.restore()
-    results["example_heart_prompts"] = heart_prompts[:5]
-    return results
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One way of drawing the held-out prompts: a pipeline and how each prompt names the add-on."""
+
+    label: str
+    pipe: diffuse.Pipeline
+    heart_word: str = NEW  # what the heart prompts write for the shape (an embedding's name)
+    tag: str = ""  # appended to every prompt, heart and old alike (a LoRA's <lora:name:w>)
+
+
+def timed_training(train_fn, config, run: Path) -> tuple[Path, float]:
+    """Train from scratch in `run` and time it (a resumed run would time only its last steps)."""
+    if run.exists():
+        shutil.rmtree(run)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    path = train_fn(config, run, progress=True)
+    return path, time.perf_counter() - started
+
+
+def record(config, path: Path, seconds: float, images: dict) -> dict:
+    return {
+        "images": images,
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "data")},
+        "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "bytes": path.stat().st_size,
+    }
+
+
+def train_heart_lora(out: Path, data: Path, name: str, quick: bool, images: dict, **changes) -> dict:
+    """configs/train_lora.json on the hearts (with `changes`), its file copied into out/loras."""
+    config = read_config(LoraTrainConfig, ROOT / "configs" / "train_lora.json")
+    config = dataclasses.replace(config, model=str(MODEL), data=str(data), output_name=name, **changes)
+    if quick:
+        config = dataclasses.replace(config, steps=3, checkpoint_every=3)
+    path, seconds = timed_training(train_lora, config, out / "runs" / name)
+    (out / "loras").mkdir(parents=True, exist_ok=True)
+    return record(config, Path(shutil.copyfile(path, out / "loras" / path.name)), seconds, images)
+
+
+def train_heart_embedding(out: Path, data: Path, quick: bool, images: dict) -> dict:
+    """configs/train_embedding.json on the hearts captioned with TOKEN, copied into out/embeddings."""
+    config = read_config(EmbeddingTrainConfig, ROOT / "configs" / "train_embedding.json")
+    config = dataclasses.replace(config, model=str(MODEL), data=str(data), token=TOKEN)
+    if quick:
+        config = dataclasses.replace(config, steps=3, checkpoint_every=3)
+    path, seconds = timed_training(train_embedding, config, out / "runs" / TOKEN)
+    (out / "embeddings").mkdir(parents=True, exist_ok=True)
+    return record(config, Path(shutil.copyfile(path, out / "embeddings" / path.name)), seconds, images)
+
+
+# ---------------------------------------------------------------- the measurement
+
+
+def measure(condition: Condition, hearts: list[tuple[Scene, str]], old_prompts: list[str], settings, out: Path):
+    """Heart prompts (the shape named as the condition names it) and old prompts, one image each."""
+    heart_prompts = [named(text, condition.heart_word) + condition.tag for _, text in hearts]
+    images = generate(condition.pipe, heart_prompts, settings)
+    old_images = generate(condition.pipe, [prompt + condition.tag for prompt in old_prompts], settings)
+    sheet = Image.new("RGB", (64 * 10, 64 * 2))
+    for i, image in enumerate(images[:10] + old_images[:10]):
+        sheet.paste(image.resize((64, 64)), (64 * (i % 10), 64 * (i // 10)))
+    sheet.save(out / f"sheet_{re.sub(r'[^a-z0-9.]+', '_', condition.label.lower())}.png")
+    result = {
+        "label": condition.label,
+        "example_heart_prompt": heart_prompts[0],
+        "heart_prompts": heart_report(heart_prompts, [s for s, _ in hearts], images),
+        "old_prompts": score_adherence(old_prompts, old_images),  # scored on the prompts' own words
+    }
+    return result, old_images
+
+
+def conditions(args, out: Path) -> list[Condition]:
+    """The base model, then each trained add-on at each weight, each applied as a user applies it."""
+    found = [Condition("without add-ons", diffuse.load_pipeline(MODEL, dtype="float32"))]
+    loras = [name for name in ("heart", "heart-unet") if (out / "loras" / f"{name}.safetensors").is_file()]
+    if "lora" in args.parts or "lora-unet" in args.parts:
+        pipe = diffuse.load_pipeline(MODEL, dtype="float32", lora_dirs=[out / "loras"])
+        for name in loras:
+            if {"heart": "lora", "heart-unet": "lora-unet"}[name] in args.parts:
+                found += [Condition(f"{name} LoRA at {w:g}", pipe, tag=f" <lora:{name}:{w:g}>") for w in args.weights]
+    if "embedding" in args.parts:
+        pipe = diffuse.load_pipeline(MODEL, dtype="float32", embedding_dirs=[out / "embeddings"])
+        found.append(Condition(f"{TOKEN} embedding", pipe, heart_word=TOKEN))
+    return found
+
+
+def percent(share: float, n: int) -> str:
+    return f"{100 * share:3.0f}% ±{100 * math.sqrt(share * (1 - share) / n):.0f}"
+
+
+def table(results: dict) -> str:
+    n = results["prompts"]
+    rows = [
+        f"{'':<28}{'heart drawn':>13}{'in its colour':>15}{'old: all right':>16}{'old: colour':>13}"
+        f"{'old: same image':>17}"
+    ]
+    for c in results["conditions"]:
+        heart, old = c["heart_prompts"], c["old_prompts"]
+        rows.append(
+            f"{c['label']:<28}{percent(heart['heart'], n):>13}{percent(heart['heart_and_colour'], n):>15}"
+            f"{percent(old['all_correct'], n):>16}{percent(old['attributes']['colour'], n):>13}"
+            f"{c['old_images_identical_to_base']:>13}/{n}"
+        )
+    rows.append(f"± one standard error, {n} prompts each: at most {100 * math.sqrt(0.25 / n):.1f} points (a 50% share)")
+    return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "cache" / "taught_shape")
+    parser.add_argument("--out", type=Path, help="default bench/cache/taught_shape (taught_shape_quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a few steps and prompts: checks the bench runs")
-    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--what", default="all", help="comma list of lora, lora-unet, embedding; all: every one")
+    parser.add_argument("--lora-weights", default="1,0.75,0.5", help="the weights each LoRA is drawn at")
+    parser.add_argument("--prompts", type=int, default=200, help="held-out heart prompts and old prompts, each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and drawing")
     args = parser.parse_args()
-    out = args.out
-    model = ROOT / "models" / "default"
-    config = read_config(LoraTrainConfig, ROOT / "configs" / "train_lora.json")
-    hearts, old, count = (40, 20, args.prompts) if not args.quick else (6, 2, 4)
-    data = out / "data"
-    if not data.is_dir():
-        write_data(data, hearts, old, 64)
-    config = dataclasses.replace(config, model=str(model), data=str(data), output_name="heart")
-    if args.quick:
-        config = dataclasses.replace(config, steps=3, checkpoint_every=3)
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    path = train_lora(config, out / "run", progress=True)
-    train_seconds = time.perf_counter() - started
-    pipe = diffuse.load_pipeline(model, dtype="float32")
+    args.parts = set(PARTS) if args.what == "all" else set(args.what.split(","))
+    args.weights = [float(w) for w in args.lora_weights.split(",")]
+    if not args.parts <= set(PARTS) or not args.weights:
+        parser.error(f"--what takes some of {', '.join(PARTS)} or all; --lora-weights one weight or more")
+    torch.set_num_threads(args.threads)
+    out = args.out or ROOT / "bench" / "cache" / ("taught_shape_quick" if args.quick else "taught_shape")
+    hearts, old, count = (6, 2, 4) if args.quick else (40, 20, args.prompts)
+    for folder, old_images, word in ((out / "data", old, NEW), (out / "data_embedding", 0, TOKEN)):
+        if not folder.is_dir():
+            write_data(folder, hearts, old_images, 64, word)
+    training = {}
+    if "lora" in args.parts:
+        images = {"hearts": hearts, "old_shapes": old}
+        training["heart"] = train_heart_lora(out, out / "data", "heart", args.quick, images)
+    if "lora-unet" in args.parts:
+        images = {"hearts": hearts, "old_shapes": old}
+        training["heart-unet"] = train_heart_lora(
+            out, out / "data", "heart-unet", args.quick, images, train_text_encoder=False
+        )
+    if "embedding" in args.parts:
+        training[TOKEN] = train_heart_embedding(out, out / "data_embedding", args.quick, {"hearts": hearts})
     settings = EvalSettings(cfg_scale=4.0, steps=20, sampler="Euler a")
+    held_hearts = heart_scenes(count, seed=1000)  # another seed than the training scenes
+    old_prompts = heldout_prompts("singles", count)
+    measured, base_images = [], None
+    for condition in conditions(args, out):
+        started = time.perf_counter()
+        result, old_images = measure(condition, held_hearts, old_prompts, settings, out)
+        base_images = base_images or old_images
+        same = sum(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(old_images, base_images))
+        measured.append({**result, "old_images_identical_to_base": int(same)})
+        print(f"{condition.label}: {time.perf_counter() - started:.0f} s", flush=True)
     results = {
-        "training": {
-            "images": {"hearts": hearts, "old_shapes": old},
-            "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "data")},
-            "seconds": round(train_seconds, 1),
-            "threads": torch.get_num_threads(),
-            "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
-        },
+        "training": training,
         "settings": {"steps": settings.steps, "sampler": settings.sampler, "cfg_scale": settings.cfg_scale},
-        **measure(pipe, read_lora(path), settings, count, out),
+        "prompts": count,
+        "threads": torch.get_num_threads(),
+        "conditions": measured,
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(results, indent=2))
+    for name, run in training.items():
+        print(f"{name}: trained in {run['seconds']} s on {run['threads']} thread(s), {run['bytes']} bytes")
+    print(table(results))
 
 
 if __name__ == "__main__":
