@@ -187,6 +187,106 @@ def test_the_addons_panel_says_when_there_are_none(browser, server):
     assert page.locator("#addons .addon-list button").count() == 0
 
 
+def pressed(page, selector: str) -> str:
+    return page.get_attribute(selector, "aria-pressed")
+
+
+def test_lora_weight_and_click_to_remove(browser, addons_server):
+    server, _ = addons_server
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.base + "/")
+    page.wait_for_selector("#lora-list button")
+    detail = "#lora-list button:has-text('detail')"
+    assert page.input_value("#lora-weight") == "1"
+    assert page.get_attribute("#lora-weight", "step") == "0.05"
+
+    # The weight box sets the tag's weight, written without trailing zeros.
+    page.fill("#prompt", "a cat")
+    page.fill("#lora-weight", "0.70")
+    assert "<lora:detail:0.7>" in page.get_attribute(detail, "title")
+    page.click(detail)
+    assert page.input_value("#prompt") == "a cat <lora:detail:0.7>" and pressed(page, detail) == "true"
+    page.click(detail)  # in the prompt already: the click takes it out
+    assert page.input_value("#prompt") == "a cat" and pressed(page, detail) == "false"
+    page.fill("#lora-weight", "-0.5")
+    page.click(detail)
+    assert page.input_value("#prompt") == "a cat <lora:detail:-0.5>"
+    page.click(detail)
+    page.fill("#lora-weight", "")
+    page.click(detail)
+    assert page.input_value("#prompt") == "a cat" and "weight must be a number" in page.inner_text("#status")
+    page.fill("#lora-weight", "1")
+
+    # Every form of its tag goes, by file stem or by alias, and only its own; the spaces close up.
+    page.fill(
+        "#prompt",
+        "a <lora:detail> cat, <lyco:detail:0.5:0.8> dog <lora:fine:te=1:unet=0.5>, <lora:other:1> <lora:details:1>",
+    )
+    assert pressed(page, detail) == "true"
+    assert pressed(page, "#lora-list button:has-text('img')") == "false"
+    page.click(detail)
+    assert page.input_value("#prompt") == "a cat, dog, <lora:other:1> <lora:details:1>"
+    assert pressed(page, detail) == "false"
+
+    # The mark follows typing.
+    page.fill("#prompt", "")
+    page.type("#prompt", "a cat <lora:detail:0.3")
+    assert pressed(page, detail) == "false"
+    page.keyboard.type(">")
+    assert pressed(page, detail) == "true"
+    page.keyboard.press("Backspace")
+    assert pressed(page, detail) == "false"
+    page.keyboard.type("> ")
+
+    # The negative prompt, once focused, is the box that the marks and the clicks are about.
+    page.focus("#negative_prompt")
+    assert page.inner_text("#addon-target") == "negative prompt" and pressed(page, detail) == "false"
+    page.click(detail)
+    assert page.input_value("#negative_prompt") == "<lora:detail:1>"
+    assert page.input_value("#prompt") == "a cat <lora:detail:0.3> "
+    page.focus("#prompt")
+    assert page.inner_text("#addon-target") == "prompt" and pressed(page, detail) == "true"
+
+    # From the keyboard: a LoRA button takes Enter like any button.
+    page.focus(detail)
+    page.keyboard.press("Enter")
+    assert page.input_value("#prompt") == "a cat " and pressed(page, detail) == "false"
+    assert errors == []
+
+
+def test_embedding_toggles_as_a_whole_word(browser, addons_server):
+    server, _ = addons_server
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.base + "/")
+    page.wait_for_selector("#embedding-list button")
+    shiny = "#embedding-list button"
+    # Inside a longer word, or as a LoRA tag's name, it is not the embedding; beside a digit it is
+    # (the tokenizer splits "shiny2" into "shiny" and "2").
+    page.fill("#prompt", "shinyness, <lora:shiny:1>")
+    assert pressed(page, shiny) == "false"
+    page.fill("#prompt", "shiny2")
+    assert pressed(page, shiny) == "true"
+    page.fill("#prompt", "a Shiny cat, shinyness, (shiny:1.2)")
+    assert pressed(page, shiny) == "true"
+    page.click(shiny)  # every time it is written, with the emphasis around it
+    assert page.input_value("#prompt") == "a cat, shinyness," and pressed(page, shiny) == "false"
+    page.click(shiny)  # back where the first one was
+    assert page.input_value("#prompt") == "a shiny cat, shinyness," and pressed(page, shiny) == "true"
+    page.fill("#prompt", "[shiny] and ((shiny)), my-shiny")
+    page.click(shiny)
+    assert page.input_value("#prompt") == "and, my-"
+    page.focus("#negative_prompt")
+    assert pressed(page, shiny) == "false"
+    page.click(shiny)
+    page.click(shiny)
+    assert page.input_value("#negative_prompt") == "" and page.input_value("#prompt") == "and, my-"
+    assert errors == []
+
+
 def test_addons_listed_inserted_and_generated_with(browser, addons_server):
     server, loras = addons_server
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -36,29 +36,42 @@ async function loadChoices() {
   $("model-line").textContent = options.sd_model_checkpoint;
 }
 
+// A1111's extra-networks pattern (as diffuse/adapters/prompt_tags.py reads it): <kind:NAME:args>.
+const TAG = /<(\w+):([^>]+)>/g;
+const BOX_NAMES = {prompt: "prompt", negative_prompt: "negative prompt"};
+let loras = [];    // the server's list, to tell which file a tag names
+let toggles = [];  // one per add-on button: {button, spansIn(text), syntax()}
+
 async function loadAddons() {
   // Names are file names: they go in as text only, never as markup.
-  const [loras, embeddings] = await Promise.all([getJSON("/sdapi/v1/loras"), getJSON("/sdapi/v1/embeddings")]);
+  const [loraList, embeddings] = await Promise.all([getJSON("/sdapi/v1/loras"), getJSON("/sdapi/v1/embeddings")]);
+  loras = loraList;
+  toggles = [];
   const loraItems = loras.map((lora) => addonButton(
-    lora.alias && lora.alias !== lora.name ? `${lora.name} (${lora.alias})` : lora.name, `<lora:${lora.name}:1>`));
+    lora.alias && lora.alias !== lora.name ? `${lora.name} (${lora.alias})` : lora.name,
+    (text) => loraTags(text).filter((tag) => loraNamed(tag.name) === lora),
+    () => loraSyntax(lora.name)));
   $("lora-list").replaceChildren(...(loraItems.length ? loraItems
     : [note("empty", "none (serve with --lora-dir FOLDER to list a folder's)")]));
-  const embeddingItems = Object.entries(embeddings.loaded).map(([name, entry]) =>
-    addonButton(`${name} · ${entry.vectors} ${entry.vectors === 1 ? "vector" : "vectors"}`, name));
+  const embeddingItems = Object.entries(embeddings.loaded).map(([name, entry]) => addonButton(
+    `${name} · ${entry.vectors} ${entry.vectors === 1 ? "vector" : "vectors"}`,
+    (text) => wordSpans(text, name), () => name));
   const skipped = Object.entries(embeddings.skipped).map(([name, entry]) =>
     note("skipped", `${name} (skipped)`, entry.reason || ""));
   const items = [...embeddingItems, ...skipped];
   $("embedding-list").replaceChildren(...(items.length ? items
     : [note("empty", "none (serve with --embeddings-dir FOLDER to list a folder's)")]));
+  markAddons();
 }
 
-function addonButton(label, syntax) {
+function addonButton(label, spansIn, syntax) {
   const button = document.createElement("button");
   button.type = "button";
   button.textContent = label;
-  button.title = `insert ${syntax}`;
-  button.dataset.syntax = syntax;
-  button.addEventListener("click", () => insertIntoPrompt(syntax));
+  button.setAttribute("aria-pressed", "false");
+  const toggle = {button, spansIn, syntax, label};
+  button.addEventListener("click", () => toggleAddon(toggle));
+  toggles.push(toggle);
   return button;
 }
 
@@ -68,6 +81,101 @@ function note(className, text, title = "") {
   item.textContent = text;
   item.title = title;
   return item;
+}
+
+function loraTags(text) {
+  // Every <lora:...> and <lyco:...> (A1111's alias) with its span; the name is the first argument without "=".
+  return [...text.matchAll(TAG)].filter((match) => match[1] === "lora" || match[1] === "lyco").map((match) => ({
+    start: match.index, end: match.index + match[0].length,
+    name: match[2].split(":").find((argument) => !argument.includes("=")) ?? "",
+  }));
+}
+
+function loraNamed(name) {
+  // As the server looks a name up: the exact file stem, else an alias that no other file has.
+  const byAlias = loras.filter((lora) => lora.alias === name);
+  return loras.find((lora) => lora.name === name) ?? (byAlias.length === 1 ? byAlias[0] : undefined);
+}
+
+function loraWeight() {
+  const weight = $("lora-weight").valueAsNumber;
+  // Four decimals and no trailing zeros: 0.7 rather than 0.70 or 0.7000000000000001.
+  return Number.isFinite(weight) ? String(Number(weight.toFixed(4))) : null;
+}
+
+function loraSyntax(name) {
+  const weight = loraWeight();
+  return weight === null ? null : `<lora:${name}:${weight}>`;
+}
+
+function wordSpans(text, word) {
+  // Where the tokenizer reads the name as its own words (case-blind; a tag is not read as words at all).
+  const outsideTags = text.replace(TAG, (tag) => " ".repeat(tag.length));
+  const pattern = new RegExp(word.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"), "giu");
+  return [...outsideTags.matchAll(pattern)]
+    .map((match) => ({start: match.index, end: match.index + match[0].length}))
+    .filter(({start, end}) => !joins(text[start - 1], text[start]) && !joins(text[end - 1], text[end]))
+    .map(({start, end}) => withEmphasis(text, start, end));
+}
+
+function joins(left, right) {
+  // CLIP's tokenizer keeps a run of letters, or of punctuation, as one word; each digit stands alone.
+  if (left === undefined || right === undefined) return false;
+  const letter = /\p{L}/u, punctuation = /[^\s\p{L}\p{N}]/u;
+  return (letter.test(left) && letter.test(right)) || (punctuation.test(left) && punctuation.test(right));
+}
+
+function withEmphasis(text, start, end) {
+  // "(shiny)", "((shiny))", "[shiny]" and "(shiny:1.2)" go whole, or empty brackets would stay behind.
+  for (;;) {
+    const close = /^(:[-+]?[\d.]+)?([)\]])/.exec(text.slice(end));
+    const open = text[start - 1];
+    if (!close || !(open === "(" ? close[2] === ")" : open === "[" && close[0] === "]")) return {start, end};
+    [start, end] = [start - 1, end + close[0].length];
+  }
+}
+
+function toggleAddon(toggle) {
+  // As A1111's extra-networks cards: an add-on already in the box is taken out, any other is put in.
+  const box = $(promptBox);
+  const spans = toggle.spansIn(box.value);
+  if (spans.length) {
+    removeSpans(box, spans);
+  } else {
+    const syntax = toggle.syntax();
+    if (syntax === null) { setStatus("the LoRA weight must be a number", true); return; }
+    insertIntoPrompt(syntax);
+  }
+  markAddons();
+}
+
+function removeSpans(box, spans) {
+  // From the last, so the earlier spans stay where they were found.
+  for (const span of [...spans].reverse()) {
+    const text = box.value;
+    let [start, end] = [span.start, span.end];
+    const before = /[ \t]*$/.exec(text.slice(0, start))[0].length;
+    const after = /^[ \t]*/.exec(text.slice(end))[0].length;
+    const lineStart = start - before === 0 || text[start - before - 1] === "\n";
+    // One side's spaces go with it, so the words around neither double their spacing nor join.
+    if (after > 0 && (before > 0 || lineStart)) end += after;
+    else if (before > 0 && after === 0) start -= before;
+    box.setRangeText("", start, end, "start");
+  }
+  box.focus();
+}
+
+function markAddons() {
+  // Pressed: the add-on is in the box a click would change (the prompt box last focused).
+  const box = $(promptBox);
+  const where = BOX_NAMES[promptBox];
+  $("addon-target").textContent = where;
+  for (const {button, spansIn, syntax, label} of toggles) {
+    const present = spansIn(box.value).length > 0;
+    button.setAttribute("aria-pressed", String(present));
+    button.title = present ? `in the ${where}: click to take ${label} out`
+      : `click to insert ${syntax() ?? "it"} into the ${where}`;
+  }
 }
 
 function insertIntoPrompt(text) {
@@ -196,6 +304,7 @@ async function makeAgain(fields) {
   selectTab(document.querySelector('.tab[data-kind="txt2img"]'));
   $("prompt").value = fields.prompt;
   $("negative_prompt").value = fields.negative_prompt;
+  markAddons();
   for (const id of ["steps", "cfg_scale", "seed", "width", "height"]) $(id).value = String(fields[id]);
   $("sampler_name").value = fields.sampler_name;
   $("scheduler").value = fields.scheduler;
@@ -299,8 +408,10 @@ $("mask-canvas").addEventListener("pointermove", paint);
 $("clear-mask").addEventListener("click", clearMask);
 $("refresh-addons").addEventListener("click", refreshAddons);
 for (const id of ["prompt", "negative_prompt"]) {
-  $(id).addEventListener("focus", () => { promptBox = id; $(id).dataset.focused = "1"; });
+  $(id).addEventListener("focus", () => { promptBox = id; $(id).dataset.focused = "1"; markAddons(); });
+  $(id).addEventListener("input", markAddons);
 }
+$("lora-weight").addEventListener("input", markAddons);
 loadChoices().catch((error) => setStatus(error.message, true));
 loadAddons().catch((error) => setStatus(error.message, true));
 loadGallery();
