@@ -1,7 +1,9 @@
 """Reading an add-on file: its tensors, its safetensors metadata and A1111's short hash.
 
 The format comes from the bytes (diffuse.checkpoints.reader), pickles go through the
-weights-only reader, and non-finite tensors are refused, all as for a checkpoint.
+weights-only reader, and non-finite tensors are refused, all as for a checkpoint. A
+safetensors file can also be read a few tensors at a time (SafetensorsFile), from the offsets
+of its checked header, so a LoRA is merged module by module without all of it in memory.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from diffuse.checkpoints.errors import CheckpointError
 from diffuse.checkpoints.reader import check_finite, read_state_dict, sniff_format
-from diffuse.checkpoints.safetensors_header import header_length, read_header
+from diffuse.checkpoints.safetensors_header import METADATA, header_length, read_header
 
 CHUNK = 1 << 20  # A1111 hashes in 1 MiB reads
 
@@ -64,5 +67,81 @@ def read_addon(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     metadata: dict[str, str] = {}
     if sniff_format(path) == "safetensors":
         metadata = dict(read_header(path).get("__metadata__", {}))
-    full = metadata.get("sshs_model_hash") or addnet_hash(path)
-    return state, metadata, full[:12]
+    return state, metadata, short_hash_of(path, metadata)
+
+
+def short_hash_of(path: Path, metadata: dict[str, str]) -> str:
+    """The 12 hex A1111 shows for an add-on: sd-scripts' stored `sshs_model_hash`, else the addnet hash's."""
+    return (metadata.get("sshs_model_hash") or addnet_hash(path))[:12]
+
+
+# The safetensors dtypes an add-on's tensors come in, as torch dtypes.
+TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FINITE_CHECK_BYTES = 64 << 20  # tensors read per batch while checking a whole file
+
+
+class SafetensorsFile:
+    """A safetensors file whose header is checked now and whose tensors are read when asked for.
+
+    `meta(name)` is a tensor's shape and dtype on the meta device; `read(names)` reads those
+    tensors from their offsets (each into memory of its own, nothing mapped) and refuses
+    non-finite values naming the file and the tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        header = read_header(self.path)
+        self.metadata: dict[str, str] = dict(header.get(METADATA, {}))
+        self.entries: dict[str, dict] = {name: entry for name, entry in header.items() if name != METADATA}
+        for name, entry in self.entries.items():
+            if entry["dtype"] not in TORCH_DTYPES:
+                raise CheckpointError(self.path, f"tensor {name}: dtype {entry['dtype']} is not one an add-on holds")
+        with open(self.path, "rb") as file:
+            self.data_start = 8 + header_length(self.path, self.path.stat().st_size, file.read(8))
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def meta(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        return torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]], device="meta")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        with open(self.path, "rb") as file:
+            for name in names:
+                entry = self.entries[name]
+                start, end = entry["data_offsets"]
+                raw = torch.empty(end - start, dtype=torch.uint8)
+                file.seek(self.data_start + start)
+                if end > start and file.readinto(memoryview(raw.numpy())) != end - start:
+                    raise CheckpointError(self.path, f"truncated since it was opened: tensor {name} cannot be read")
+                tensors[name] = raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        check_finite(tensors, self.path)
+        return tensors
+
+    def check_finite(self) -> None:
+        """Refuse the file if any tensor holds a NaN or an infinity; reads it a batch at a time,
+        once per file version (an unchanged file is not read again)."""
+        per_file_version(self.path, "finite", self._check_all)
+
+    def _check_all(self, path: Path) -> str:
+        batch, size = [], 0
+        for name, entry in sorted(self.entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+            batch.append(name)
+            size += entry["data_offsets"][1] - entry["data_offsets"][0]
+            if size >= FINITE_CHECK_BYTES:
+                self.read(batch)
+                batch, size = [], 0
+        self.read(batch)
+        return "finite"

@@ -222,7 +222,14 @@ class MergedLoras:
         if key == self._key:
             return
         loras = [(read_lora(use.file.path), use.te_weight, use.unet_weight) for use in uses]
-        self._merge.apply(loras)
+        try:
+            self._merge.apply(loras)
+        except BaseException:
+            # A refusal before the merge began leaves the set merged before; a failure during it
+            # leaves the networks' own weights, and the key must not claim otherwise.
+            if not self._merge.applied:
+                self._key = ()
+            raise
         self._key = key
 
     def restore(self) -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from diffuse.adapters.files import read_addon
+from diffuse.adapters.files import SafetensorsFile, read_addon, short_hash_of
 from diffuse.adapters.lora_keys import BUNDLED_EMBEDDING, PEFT_NETWORKS, alpha_for, parse_key
 from diffuse.adapters.lora_math import COMMON, KINDS, OPTIONAL, Patch
 from diffuse.checkpoints.errors import CheckpointError
-from diffuse.checkpoints.reader import check_finite
+from diffuse.checkpoints.reader import check_finite, sniff_format
 
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' JSON of each component's LoraConfig
 
@@ -64,7 +64,7 @@ def _kind(names: set[str]) -> str | None:
 
 
 def _patch(network: str, target: str, group: dict, source: str | Path) -> Patch:
-    tensors, keys = group["tensors"], group["keys"]
+    tensors, keys, file_keys = group["tensors"], group["keys"], group["file_keys"]
     kind = _kind(set(tensors))
     if kind is None:
         raise LoraError(source, f"{listing(keys)}: no weight change beside them (a lone alpha or scale?)")
@@ -73,7 +73,7 @@ def _patch(network: str, target: str, group: dict, source: str | Path) -> Patch:
     if missing or stray:
         what = f"lacks {', '.join(missing)}" if missing else f"mixes in {', '.join(stray)}"
         raise LoraError(source, f"module {target}: its {kind} tensors are incomplete ({what}): {listing(keys)}")
-    return Patch(network, target, kind, tensors, keys)
+    return Patch(network, target, kind, tensors, keys, file_keys=file_keys)
 
 
 def _peft_configs(metadata: Mapping[str, str], source: str | Path) -> dict[str, dict]:
@@ -107,11 +107,12 @@ def patches_from_state_dict(
             unknown.append(key)
             continue
         network, target, param, path = parsed
-        group = groups.setdefault((network, target), {"tensors": {}, "keys": [], "path": path})
+        group = groups.setdefault((network, target), {"tensors": {}, "keys": [], "file_keys": {}, "path": path})
         if param in group["tensors"]:
             raise LoraError(source, f"keys {group['keys'][0]} and {key} give module {target} two {param} tensors")
         group["tensors"][param] = tensor
         group["keys"].append(key)
+        group["file_keys"][param] = key
     if unknown:
         raise LoraError(source, f"unsupported key(s), not a LoRA or LyCORIS tensor diffuse reads: {listing(unknown)}")
     if not groups:
@@ -136,7 +137,7 @@ def lora_from_state_dict(
     """A Lora from tensors in memory (a trainer's output, a test); `name` stands for the file in errors."""
     metadata = dict(metadata or {})
     source = path or name
-    check_finite(state, source)
+    check_finite({key: tensor for key, tensor in state.items() if not tensor.is_meta}, source)
     patches, bundled = patches_from_state_dict(state, metadata, source)
     alias = metadata.get("ss_output_name") or name
     return Lora(name, alias, path, short_hash, metadata, patches, bundled)
@@ -145,7 +146,19 @@ def lora_from_state_dict(
 def read_lora(path: str | Path) -> Lora:
     """Read a LoRA / LyCORIS file (.safetensors, .pt, .ckpt: the bytes decide) into a Lora.
 
+    A safetensors file is checked in full (its header, every tensor finite) but only its scalars
+    and bundled embeddings stay in memory: the patches' tensors are read again, module by module,
+    when they are merged (Patch.loaded). A pickle is read whole, as it can only be.
     Raises CheckpointError (LoraError for LoRA-specific faults), one line naming the file."""
     path = Path(path)
-    state, metadata, short_hash = read_addon(path)
-    return lora_from_state_dict(state, path.stem, metadata, path, short_hash)
+    if sniff_format(path) != "safetensors":
+        state, metadata, short_hash = read_addon(path)
+        return lora_from_state_dict(state, path.stem, metadata, path, short_hash)
+    file = SafetensorsFile(path)
+    file.check_finite()
+    eager = [n for n in file.names() if n.startswith(BUNDLED_EMBEDDING) or file.meta(n).numel() <= 1]
+    state = {name: file.meta(name) for name in file.names()} | file.read(eager)
+    lora = lora_from_state_dict(state, path.stem, file.metadata, path, short_hash_of(path, file.metadata))
+    for patch in lora.patches:
+        patch.source = file
+    return lora

@@ -9,7 +9,8 @@ to check shapes before anything is merged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +43,19 @@ class Patch:
     tensors: dict[str, Tensor]
     keys: list[str] = field(default_factory=list)
     default_alpha: float | None = None  # PEFT files: lora_alpha from the file's metadata
+    # A patch read lazily (adapters.lora.read_lora): its large tensors are on the meta device and
+    # `source` (an adapters.files.SafetensorsFile) reads them by `file_keys` (canonical name -> key).
+    source: Any = None
+    file_keys: dict[str, str] = field(default_factory=dict)
+
+    def loaded(self) -> Patch:
+        """This patch with every tensor in memory (itself when it has no source)."""
+        lazy = [name for name, tensor in self.tensors.items() if tensor.is_meta]
+        if self.source is None or not lazy:
+            return self
+        read = self.source.read([self.file_keys[name] for name in lazy])
+        tensors = {name: read[self.file_keys[name]] if name in lazy else t for name, t in self.tensors.items()}
+        return replace(self, tensors=tensors, source=None)
 
     @property
     def rank(self) -> int | None:

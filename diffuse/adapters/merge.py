@@ -6,14 +6,17 @@ as its weight, the LoRA made for this base) and refuses with the reason before t
 anything; then, one weight at a time, it adds the sum of multiplier x ΔW (computed in float32
 from the original weight) once and casts back, in place, so the weight keeps its tensor, its
 memory layout and its dtype, and its version counter moves on (runtime/upsample's folded
-kernels are cached on it). Only the touched weights' originals are kept, in memory up to
-`spill_above` bytes, past that in an unnamed temporary file, so a LoRA on SD 1.5 costs no second
-copy of its attention weights in RAM. `restore()` copies them back; a failure midway restores
-what was touched before it re-raises.
+kernels are cached on it). The LoRA's own tensors are read module by module as they are merged
+(Patch.loaded), so a large file is never in memory whole. Only the touched weights' originals are
+kept, in memory up to `spill_above` bytes, past that in an unnamed temporary file on disk
+(spill_folder), so a LoRA on SD 1.5 costs no second copy of its attention weights in RAM; that
+file is kept for the next apply, which rewrites only weights changed since. `restore()` copies
+them back; a failure midway restores what was touched before it re-raises.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -33,19 +36,43 @@ from diffuse.numerics import all_finite
 # LoRA touches hundreds of MB of weights and keeping them would grow the process by as much.
 SPILL_ABOVE = 16 << 20
 
+
+def spill_folder() -> str:
+    """Where spilled originals go: $DIFFUSE_SPILL_DIR, else /var/tmp, which systems keep on disk
+    (/tmp is often a RAM-backed tmpfs, where a spill would cost the memory it is meant to save)."""
+    chosen = os.environ.get("DIFFUSE_SPILL_DIR")
+    if chosen:
+        return chosen
+    return "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
+
+
 _WIDENED_IN_ADD = (torch.float16, torch.bfloat16, torch.float32)
 
 # A checked patch: (its module, the patch, its multiplier, the file it came from).
 Planned = tuple[nn.Module, Patch, float, "str | Path"]
 
 
+def _state(param: Tensor) -> tuple | None:
+    """What identifies a parameter's current values: its version counter (moved by every in-place
+    change), storage and dtype; None for an inference tensor, which keeps no version."""
+    try:
+        return (param._version, param.data_ptr(), param.dtype, tuple(param.shape))
+    except RuntimeError:
+        return None
+
+
 class _Originals:
-    """The original values of the weights an apply touched, to copy back on restore."""
+    """The original values of the weights an apply touched, to copy back on restore.
+
+    The spill file outlives a restore: the weights it holds are the ones just put back, so the
+    next apply writes a weight again only if it has changed since (its version counter says)."""
 
     def __init__(self, spill_above: int):
         self.spill_above, self.in_memory = spill_above, 0
         self.saved: list[tuple[Tensor, Tensor | tuple[int, int]]] = []
         self.file = None
+        # id(param) -> (param, its _state when the file's copy was last true, offset, nbytes)
+        self.on_file: dict[int, tuple[Tensor, tuple | None, int, int]] = {}
 
     def keep(self, param: Tensor) -> None:
         nbytes = param.numel() * param.element_size()
@@ -53,11 +80,20 @@ class _Originals:
             self.saved.append((param, param.detach().clone()))
             self.in_memory += nbytes
             return
+        self.saved.append((param, self._spilled(param, nbytes)))
+
+    def _spilled(self, param: Tensor, nbytes: int) -> tuple[int, int]:
         if self.file is None:
-            self.file = tempfile.TemporaryFile(prefix="diffuse-lora-")  # unlinked: private, gone on close
-        offset = self.file.seek(0, 2)
+            # Unlinked at once: private to this process, and gone when it closes or exits.
+            self.file = tempfile.TemporaryFile(prefix="diffuse-lora-", dir=spill_folder())
+        known = self.on_file.get(id(param))
+        if known is not None and known[0] is param and known[1] is not None and known[1] == _state(param):
+            return known[2], known[3]
+        offset = known[2] if known is not None and known[3] == nbytes else self.file.seek(0, 2)
+        self.file.seek(offset)
         self.file.write(memoryview(param.detach().contiguous().view(-1).view(torch.uint8).numpy()))
-        self.saved.append((param, (offset, nbytes)))
+        self.on_file[id(param)] = (param, None, offset, nbytes)  # true again once restored
+        return offset, nbytes
 
     @torch.no_grad()
     def put_back(self) -> None:
@@ -67,13 +103,12 @@ class _Originals:
                 raw = torch.empty(nbytes, dtype=torch.uint8)
                 self.file.seek(offset)
                 self.file.readinto(memoryview(raw.numpy()))
-                original = raw.view(param.dtype).view(param.shape)
-            param.copy_(original)  # into the same tensor: its layout stays, its version moves on
+                param.copy_(raw.view(param.dtype).view(param.shape))  # same tensor: layout stays, version moves on
+                self.on_file[id(param)] = (param, _state(param), offset, nbytes)
+            else:
+                param.copy_(original)
         self.saved.clear()
         self.in_memory = 0
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 def model_base(networks: Mapping[str, nn.Module]) -> str:
@@ -208,8 +243,9 @@ class LoraMerge:
         for planned in plan:
             if planned[2] != 0.0:
                 by_module.setdefault(id(planned[0]), (planned[0], []))[1].append(planned)
-        for module, patches in by_module.values():
+        for module, planned in by_module.values():
             weight = module.weight
+            patches = [(m, patch.loaded(), multiplier, source) for m, patch, multiplier, source in planned]
             # DoRA reads the original weight in float32; the plain changes need only its shape.
             dora = any("dora_scale" in p.tensors for _, p, _, _ in patches)
             original = weight.detach().to(torch.float32) if dora else torch.empty(weight.shape, device="meta")
