@@ -1,0 +1,37 @@
+"""A figure of the report: its kind, its file, the caption that states it in the run's own numbers.
+
+Plots are drawn with matplotlib's Agg backend (no display, no network) into files beside the
+report's index.html.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: files only, whatever display the machine has
+
+from matplotlib import pyplot  # noqa: E402
+
+DPI = 110
+
+
+@dataclass
+class Figure:
+    kind: str  # "components", "tokens", "embeddings", "steps", "schedule", "forward_diffusion", ...
+    file: str  # the image's file name, relative to the report's folder
+    caption: str  # what the figure shows, in this run's numbers
+    numbers: dict[str, Any] = field(default_factory=dict)  # the figure's numbers, written into report.json
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "file": self.file, "caption": self.caption, **self.numbers}
+
+
+def save(fig: pyplot.Figure, folder: Path, name: str) -> str:
+    """Write a matplotlib figure as PNG into `folder`, close it, and return its file name."""
+    fig.savefig(folder / name, dpi=DPI, bbox_inches="tight")
+    pyplot.close(fig)
+    return name
