@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 
 from diffuse import inputs
+from diffuse.adapters.library import AddonError, AddonLibrary
+from diffuse.adapters.prompt_tags import names_lora, rename_lora
 from diffuse.hashes import ModelHashes, model_hashes
 from diffuse.metadata import (
     INFO_LABELS,
@@ -200,26 +202,24 @@ def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image 
 
 def find_addons(recipe: Recipe, lora_dirs: list[str], embedding_dirs: list[str]) -> None:
     """Find the recipe's LoRAs and embeddings in the folders by their recorded hashes, as A1111 does when
-    it pastes parameters: a LoRA found under another name has its `<lora:NAME:` tags renamed to it.
+    it pastes parameters: a LoRA found under another name has its `<lora:NAME...>` and `<lyco:NAME...>` tags renamed to it.
     AddonError (a ValueError) names the first add-on that is not there."""
-    from diffuse.adapters.library import AddonError, AddonLibrary
 
     info = recipe.info
     loras, embeddings = parse_addon_hashes(info.get("lora_hashes")), parse_addon_hashes(info.get("ti_hashes"))
     if not loras and not embeddings:
         return
     library = AddonLibrary(lora_dirs, embedding_dirs)
-    prompts = info.get("prompt", "") + info.get("negative_prompt", "")
+    prompts = info.get("prompt", "") + "\n" + info.get("negative_prompt", "")
     for name, short in loras:
-        if f"<lora:{name}:" not in prompts and f"<lora:{name}>" not in prompts:
+        if not names_lora(prompts, name):
             continue  # listed but named by no tag: the image does not depend on it
         found = library.lora_by_hash(short)
         if found is None:
             where = ", ".join(lora_dirs) or "no folder: give one with --lora-dir"
             raise AddonError(f"the PNG's LoRA {name!r} (hash {short}) is in none of the LoRA folders ({where})")
         for key in ("prompt", "negative_prompt"):
-            text = info.get(key, "").replace(f"<lora:{name}:", f"<lora:{found.name}:")
-            info[key] = text.replace(f"<lora:{name}>", f"<lora:{found.name}>")
+            info[key] = rename_lora(info.get(key, ""), name, found.name)
     for name, short in embeddings:
         found = library.embedding_by_hash(short)
         if found is None or found.name != name:

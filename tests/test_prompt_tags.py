@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffuse.adapters.prompt_tags import LoraTag, split_lora_tags, split_lora_tags_pair
+from diffuse.adapters.prompt_tags import LoraTag, names_lora, rename_lora, split_lora_tags, split_lora_tags_pair
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,11 @@ def test_malformed_tags_are_one_line_errors_naming_the_tag(prompt, message):
     with pytest.raises(ValueError, match=message) as caught:
         split_lora_tags(prompt)
     assert "\n" not in str(caught.value) and "prompt tag '<" in str(caught.value)
+
+
+def test_rename_keeps_each_tag_and_its_kind():
+    prompt = "<lora:old:0.5> a cat <lyco:old:1:0.2>, <lora:older:1> <lora:old> <hypernet:old:1>"
+    renamed = rename_lora(prompt, "old", "new")
+    assert renamed == "<lora:new:0.5> a cat <lyco:new:1:0.2>, <lora:older:1> <lora:new> <hypernet:old:1>"
+    assert names_lora(prompt, "old") and names_lora("x <lyco:old>", "old")
+    assert not names_lora(prompt, "ol") and not names_lora("<hypernet:old:1>", "old")

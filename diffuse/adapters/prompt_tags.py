@@ -64,6 +64,23 @@ def split_lora_tags_pair(prompt: str, negative_prompt: str) -> tuple[str, str, l
     return text, negative_text, tags + negative_tags
 
 
+def rename_lora(prompt: str, old: str, new: str) -> str:
+    """The prompt with every `<lora:OLD...>` / `<lyco:OLD...>` tag naming `new` instead, the rest of each tag kept."""
+
+    def renamed(match: re.Match) -> str:
+        name, colon, rest = match.group(2).partition(":")
+        if match.group(1) not in LORA_KINDS or name != old:
+            return match.group(0)
+        return f"<{match.group(1)}:{new}{colon}{rest}>"
+
+    return TAG.sub(renamed, prompt)
+
+
+def names_lora(prompt: str, name: str) -> bool:
+    """Whether a `<lora:...>` / `<lyco:...>` tag of the prompt names `name`."""
+    return any(m.group(1) in LORA_KINDS and m.group(2).partition(":")[0] == name for m in TAG.finditer(prompt))
+
+
 def _lora_tag(match: re.Match) -> LoraTag:
     tag, kind = match.group(0), match.group(1)
     if kind not in LORA_KINDS:
