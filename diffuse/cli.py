@@ -1,9 +1,10 @@
-"""The `diffuse` command line: txt2img, img2img, inpaint, convert, pnginfo, regenerate, info, and for
-diffuse's own model: train, assemble (three trained stages -> the model folder) and eval (measure a model)."""
+"""The `diffuse` command line: txt2img, img2img, inpaint, illustrate, convert, pnginfo, regenerate, info, and
+for diffuse's own model: train, assemble (three trained stages -> the model folder) and eval (measure a model)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -206,6 +207,73 @@ def _draw_batch(pipe: Pipeline, request: GenerationRequest, args: argparse.Names
     return result
 
 
+def illustrate(args: argparse.Namespace) -> int:
+    """Generate once with every part recorded and write the figures of "The Illustrated Stable
+    Diffusion" for this run: OUT/index.html (opens offline) and OUT/report.json."""
+    from diffuse.illustrate.report import illustrate as illustrate_run
+
+    seed, out = _check_illustrate_args(args)  # before the model loads
+    _check_addon_folders(args)
+    pipe = _load(args)
+    report = illustrate_run(
+        pipe,
+        args.prompt,
+        out=out,
+        seed=seed,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        overwrite=args.overwrite,
+    )
+    for entry in report.errors:
+        print(f"diffuse illustrate: the {entry['kind']} figure failed: {entry['error']}", file=sys.stderr)
+    timings = report.report["timings"]
+    print(
+        f"{len(report.figures)} figures in {timings['report']:.1f} s (the run {timings['record']:.1f} s)",
+        file=sys.stderr,
+    )
+    print(report.folder / "index.html")
+    return 1 if report.errors else 0
+
+
+def _check_illustrate_args(args: argparse.Namespace) -> tuple[int, Path]:
+    """Every illustrate option that needs no model, one line naming the first bad one: the seed
+    (-1 picked now) and the folder the report goes to."""
+    from diffuse import inputs
+    from diffuse.illustrate.report import check_out
+    from diffuse.runtime import resolve_device, resolve_dtype
+    from diffuse.samplers import get_sampler
+
+    inputs.prompt_list(args.prompt, "prompt")
+    inputs.prompt_list(args.negative_prompt, "negative prompt (-n)")
+    if args.steps is not None:
+        inputs.check_steps(args.steps, "--steps")
+    if args.cfg_scale is not None:
+        inputs.check_number("--cfg-scale", args.cfg_scale, 0.0, 100.0)
+    for name, value in (("-W/--width", args.width), ("-H/--height", args.height)):
+        if value is not None:
+            inputs.check_side(name, value)
+    if args.sampler is not None:
+        get_sampler(args.sampler)
+    try:
+        seed = inputs.resolve_seed(args.seed)
+        resolve_dtype(args.dtype, resolve_device(args.device))
+    except ValueError as e:
+        raise ValueError(f"--seed/--dtype/--device: {e}") from None
+    out = Path(args.out) if args.out is not None else Path("outputs", "illustrated", f"{seed}-{_slug(args.prompt)}")
+    inputs.check_output_folder(out, "--out")
+    check_out(out, args.overwrite)
+    return seed, out
+
+
+def _slug(prompt: str, length: int = 48) -> str:
+    """A folder name from a prompt: lower-case letters and digits joined by dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length].rstrip("-") or "prompt"
+
+
 def convert(args: argparse.Namespace) -> int:
     """Write any loadable checkpoint as a diffusers folder (optionally cast, e.g. to float16)."""
     from diffuse.checkpoints.export import save_diffusers_folder
@@ -396,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("inpaint", "repaint the masked part of an image"),
     ):
         _add_generation_options(commands.add_parser(kind, help=text), kind)
+    _add_illustrate_command(commands)
     # Listed here for `diffuse --help`; its own options are parsed by the training entry point.
     commands.add_parser(
         "train", help="train vae | clip | unet (shapes dataset) or lora | embedding add-ons", add_help=False
@@ -404,6 +473,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(commands)
     _add_serving_and_reading_commands(commands)
     return parser
+
+
+def _add_illustrate_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "illustrate",
+        help="generate once and write every figure of The Illustrated Stable Diffusion for this run (HTML + JSON)",
+    )
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the shipped model)")
+    p.add_argument("--seed", type=int, default=0, help="the noise's seed (default 0; -1 picks one)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--sampler", default=None, help='A1111 name, e.g. "Euler a" (default: the model\'s)')
+    p.add_argument(
+        "--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the model's)"
+    )
+    p.add_argument("-W", "--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("-H", "--height", type=int, default=None, help="pixels, a multiple of 8")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="the report's folder (default outputs/illustrated/SEED-PROMPT)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not a previous report")
+    p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    add_addon_options(p)
+    p.set_defaults(run=illustrate)
 
 
 def _add_model_folder_commands(commands: argparse._SubParsersAction) -> None:
