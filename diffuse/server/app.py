@@ -20,6 +20,7 @@ from diffuse.server.a1111 import RequestError
 from diffuse.server.a1111_routes import add_a1111_routes
 from diffuse.server.addon_routes import add_addon_routes
 from diffuse.server.guard import RETRY_AFTER_S, Guard, MemoryBudget, OverBudget
+from diffuse.server.illustrate_routes import ReportStore, add_illustrate_routes
 from diffuse.server.jobs import QueueFull
 from diffuse.server.models import ModelHost, UnknownModel, find_models
 from diffuse.server.origin import OriginRules
@@ -56,11 +57,13 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
         settings.embedding_dirs,
     )
     server = Server(settings, host, budget)
+    reports = ReportStore()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         server.queue.close()  # the running job finishes; waiting ones are cancelled
+        reports.close()  # the "How it was made" reports live only as long as the server
 
     app = FastAPI(
         title="diffuse",
@@ -69,11 +72,13 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
         description="Stable Diffusion from its parts: an AUTOMATIC1111-compatible API and a web page.",
     )
     app.state.server = server
+    app.state.reports = reports
     for error_type in ERROR_STATUS:
         app.add_exception_handler(error_type, _answer_error)
     add_a1111_routes(app, server)
     add_addon_routes(app, server)
     add_page_routes(app, server)
+    add_illustrate_routes(app, server, reports)
     return Guard(
         app, credentials=settings.credentials, max_body_bytes=settings.max_body_bytes, rules=rules, budget=budget
     )

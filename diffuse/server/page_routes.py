@@ -4,11 +4,14 @@
     POST /diffuse/v1/jobs               a txt2img / img2img request in A1111's fields -> {"id"} at once
     GET  /diffuse/v1/jobs/{id}/events   the job as server-sent events: "queued" (how many jobs are
                                         ahead), "progress" (step, total, a preview of the image
-                                        emerging), then "done" (the saved images and their
-                                        parameters) or "failed"
+                                        emerging), then "done" (the saved images, their
+                                        parameters and, as the gallery gives them, the request
+                                        fields that make them again) or "failed"
     GET  /diffuse/v1/gallery            diffuse's saved images, newest first, with their parameters
                                         and, for a txt2img image, the request fields that make it again
     GET  /outputs/{name}                one saved image
+
+The "How it was made" view of a result has its own routes (illustrate_routes).
 
 A page job is not tied to the connection that submitted it, nor to anyone following its events:
 it runs to its end and its images are saved, so a page reloaded (or closed) meanwhile finds
@@ -113,15 +116,7 @@ def _add_output_routes(app: FastAPI, outputs: Path) -> None:
         opened = open_own_image(outputs, name)
         if opened is None:
             return JSONResponse({"detail": "not found"}, status_code=404)
-        file = opened[0]
-        return StreamingResponse(
-            _chunks(file),
-            media_type="image/png",
-            headers={
-                "Content-Length": str(os.fstat(file.fileno()).st_size),
-                "Content-Disposition": f'inline; filename="{name}"',
-            },
-        )
+        return stream_file(opened[0], "image/png", {"Content-Disposition": f'inline; filename="{name}"'})
 
 
 def _save(server: Server, request: A1111Request, generated: Generated) -> dict:
@@ -130,7 +125,7 @@ def _save(server: Server, request: A1111Request, generated: Generated) -> dict:
     outputs.mkdir(parents=True, exist_ok=True)
     for image, text, seed in zip(generated.images, generated.infotexts, generated.seeds):
         path = save_png(image, numbered_path(outputs, seed), text, overwrite=False)
-        saved.append({"url": f"/outputs/{path.name}", "parameters": text})
+        saved.append({"url": f"/outputs/{path.name}", "parameters": text, "fields": remake_fields(text)})
     info = processed_info(request, generated, server.host.current.short_hash)
     return {"images": saved, "info": info, "interrupted": generated.interrupted}
 
@@ -209,6 +204,12 @@ def remake_fields(text: str) -> dict | None:
         "height": info["height"],
         "model_hash": info.get("model_hash"),
     }
+
+
+def stream_file(file: BinaryIO, media_type: str, headers: dict[str, str]) -> StreamingResponse:
+    """An opened file as the answer, read in chunks and closed at the end."""
+    size = str(os.fstat(file.fileno()).st_size)
+    return StreamingResponse(_chunks(file), media_type=media_type, headers={"Content-Length": size, **headers})
 
 
 def _chunks(file: BinaryIO) -> Iterator[bytes]:
