@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from markupsafe import escape
 from matplotlib import pyplot
 from PIL import Image
 
@@ -233,7 +234,7 @@ def test_the_page_names_only_its_own_files(shipped_report):
     positions = [page.index(f'id="{kind}"') for kind in KINDS]
     assert positions == sorted(positions)
     for figure in shipped_report.figures:
-        assert TITLES[figure.kind] in page
+        assert f"<h2>{escape(TITLES[figure.kind])}</h2>" in page
     assert page.index('id="final-image"') < positions[0]
 
 
@@ -287,17 +288,17 @@ def test_the_page_shows_every_figure_with_the_network_blocked(shipped_report):
 
 def test_the_command_writes_a_report(tmp_path, capsys):
     out = tmp_path / "report"
-    assert cli.main(["illustrate", PROMPT, "--seed", "7", "--steps", "4", "--cfg-scale", "4", "--out", str(out)]) == 0
+    options = ["--seed", "7", "--steps", "4", "--cfg-scale", "4", "--sampler", "Euler a", "-W", "72", "-H", "64"]
+    assert cli.main(["illustrate", PROMPT, *options, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out / "index.html")
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert (data["seed"], data["settings"]["steps"], data["settings"]["sampler"]) == (7, 4, "DPM++ 2M Karras")
+    settings = data["settings"]
+    assert (data["seed"], settings["steps"], settings["sampler"], settings["cfg_scale"]) == (7, 4, "Euler a", 4.0)
+    assert (settings["width"], settings["height"]) == (72, 64) and Image.open(out / IMAGE).size == (72, 64)
     assert [entry["kind"] for entry in data["figures"]] == list(KINDS)
     assert all("error" not in entry for entry in data["figures"])
     check_offline_page(out)
-    # Again into the same folder: a previous report is replaced.
-    assert cli.main(["illustrate", PROMPT, "--steps", "2", "--out", str(out)]) == 0
-    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["settings"]["steps"] == 2
 
 
 def test_the_default_folder_is_named_by_seed_and_prompt(tmp_path, monkeypatch):
