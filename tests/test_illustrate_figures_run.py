@@ -179,3 +179,16 @@ def test_a_run_without_guidance_or_attention_says_so(pipe, tmp_path):
     assert "Guidance was off in this run (CFG scale 1)" in guidance.caption
     attention = made(pipe, plain, tmp_path, "attention")
     assert "not recorded" in attention.caption
+
+
+def test_a_long_prompt_and_a_tall_image(pipe, tmp_path):
+    long = " ".join([PROMPT] * 14)  # 98 tokens: two chunks
+    tall = record(pipe, long, seed=2, steps=2, sampler="Euler", width=48, height=64, guidance_steps=[1])
+    tokens = made(pipe, tall, tmp_path, "tokens")
+    assert tokens.caption.startswith("The prompt's first of 2 chunks is 75 tokens")
+    assert "no position is left for padding" in tokens.caption and tokens.numbers["padding"] == 0
+    attention = made(pipe, tall, tmp_path, "attention")
+    assert "upsampled from 6x8 to 48x64" in attention.caption
+    assert "to the first 23 of the prompt's 75 tokens" in attention.caption
+    assert upsampled_maps(tall).shape == (75, 64, 48)
+    assert made(pipe, tall, tmp_path, "guidance").numbers["guidance_steps"] == [2]

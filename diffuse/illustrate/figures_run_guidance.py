@@ -14,6 +14,7 @@ from diffuse.illustrate.figures_run_text import token_label
 from diffuse.illustrate.recording import Recording
 
 ATTENTION_COLUMNS = 6
+MAX_TOKENS = 23  # a long prompt's first tokens fill four rows with the image; each panel is drawn at image size
 
 
 def _note_figure(kind: str, out: Path, note: str) -> Figure:
@@ -87,7 +88,8 @@ def attention(pipe, rec: Recording, out: Path) -> Figure:
         return _note_figure("attention", out, "Cross-attention was not recorded in this run.")
     maps = upsampled_maps(rec).numpy()
     picture = np.asarray(rec.image.convert("RGB"))
-    cells = len(record.tokens) + 1
+    shown = min(len(record.tokens), MAX_TOKENS)
+    cells = shown + 1
     cols = min(ATTENTION_COLUMNS, cells)
     rows = -(-cells // cols)
     fig, axes = pyplot.subplots(rows, cols, figsize=(2.0 * cols, 2.2 * rows), squeeze=False)
@@ -95,17 +97,20 @@ def attention(pipe, rec: Recording, out: Path) -> Figure:
         ax.axis("off")
     axes.flat[0].imshow(picture)
     axes.flat[0].set_title("image", fontsize=9)
-    for ax, token, values in zip(axes.flat[1:], record.tokens, maps):
+    for ax, token, values in zip(axes.flat[1:], record.tokens[:shown], maps):
         ax.imshow(picture)
         # Each map spread over its own range: the figure compares where a token looks, not how hard.
         ax.imshow(values, cmap="jet", alpha=0.5, vmin=values.min(), vmax=values.max())
         ax.set_title(token_label(token), fontsize=9)
     peaks = [float(m.max()) for m in record.maps]
-    strongest = int(np.argmax(peaks))
+    strongest = int(np.argmax(peaks[:shown]))
     h, w = record.maps.shape[1:]
+    which = f"each of the prompt's {shown} tokens"
+    if shown < len(record.tokens):
+        which = f"the first {shown} of the prompt's {len(record.tokens)} tokens"
     caption = (
-        f"Cross-attention from the image to each of the prompt's {len(record.tokens)} tokens, averaged over heads, "
-        f"{record.layers} layers and {record.steps} steps, upsampled from {h}x{w} to {rec.width}x{rec.height} and "
+        f"Cross-attention from the image to {which}, averaged over heads, "
+        f"{record.layers} layers and {record.steps} steps, upsampled from {w}x{h} to {rec.width}x{rec.height} and "
         f"laid over the image, each map coloured from its own lowest to its highest value; the highest peak is "
         f"{token_label(record.tokens[strongest])!r}'s ({peaks[strongest]:.3f})."
     )

@@ -20,6 +20,7 @@ from diffuse.samplers.schedule import NoiseSchedule
 # decodes every step well within it; an SD1.5-size model is held to 8 decodes.
 DECODE_PIXELS = 8 * 512 * 512
 MAX_COLUMNS = 20  # steps drawn side by side; more are spread evenly
+PREDICTS = {"epsilon": "the noise ε", "v_prediction": "v = √ᾱ·ε − √(1 − ᾱ)·x₀"}
 
 
 def spread(count: int, most: int) -> list[int]:
@@ -170,11 +171,13 @@ def schedule(pipe, rec: Recording, out: Path) -> Figure:
     caption = (
         f"The {noise.beta_schedule.replace('_', '-')} schedule, β from {noise.beta_start:g} to {noise.beta_end:g} over "
         f"{noise.num_train_timesteps} training timesteps: ᾱ falls from {abar[0]:.4f} to {abar[-1]:.4f} and σ rises "
-        f"from {sigma[0]:.3f} to {sigma[-1]:.1f}. This run's {len(visited)} steps of {rec.sampler} visited t = "
+        f"from {sigma[0]:.3f} to {sigma[-1]:.1f}; the UNet was trained to predict {PREDICTS[noise.prediction_type]}. "
+        f"This run's {len(visited)} steps of {rec.sampler} visited t = "
         f"{_timesteps_text(visited)} (σ {visited_sigma[0]:.2f} down to {visited_sigma[-1]:.3f})."
     )
     numbers = {
         "beta_schedule": noise.beta_schedule,
+        "prediction_type": noise.prediction_type,
         "beta_start": noise.beta_start,
         "beta_end": noise.beta_end,
         "num_train_timesteps": noise.num_train_timesteps,

@@ -14,8 +14,10 @@ from diffuse.illustrate.figure import Figure, save
 from diffuse.illustrate.recording import Recording
 
 END_OF_WORD = "</w>"
+LONGEST_LABEL = 16  # characters of a token that fit in its cell and title
 PADDING_SHOWN = 3  # padding positions drawn before the rest are summed up in a note
 CELLS_PER_ROW = 10
+LISTED_TOKENS = 16  # a caption names this many of a long prompt's tokens
 MAX_CHANNELS = 256  # wider encoders show their first channels only, so a column stays a visible stripe
 
 ROLE_COLOURS = {"start": "#b7e4c7", "prompt": "#a9d6f5", "end": "#f5b7b1", "padding": "#e5e5e5"}
@@ -24,7 +26,8 @@ ROLE_COLOURS = {"start": "#b7e4c7", "prompt": "#a9d6f5", "end": "#f5b7b1", "padd
 def token_label(token: str) -> str:
     """A token as a reader recognizes it: the word-end mark the BPE vocabulary carries left off."""
     word = token.removesuffix(END_OF_WORD)
-    return word if word.strip() else repr(word)
+    word = word if word.strip() else repr(word)
+    return word if len(word) <= LONGEST_LABEL else word[: LONGEST_LABEL - 1] + "…"
 
 
 def shape_text(shape: list[int]) -> str:
@@ -129,19 +132,27 @@ def tokens(pipe, rec: Recording, out: Path) -> Figure:
     handles = [Patch(fc=colour, ec="none", label=role) for role, colour in ROLE_COLOURS.items()]
     ax.legend(handles=handles, loc="lower left", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0, 0))
     ax.text(CELLS_PER_ROW, rows + 0.4, note, fontsize=8, ha="right", va="center")
-    prompt_part = ", ".join(
-        f"{token_label(t)} ({i})" for t, i in zip(text.tokens[1 : text.prompt_length + 1], text.ids[1:])
+    listed = [f"{token_label(t)} ({i})" for t, i in zip(text.tokens[1:], text.ids[1 : text.prompt_length + 1])]
+    if len(listed) > LISTED_TOKENS:
+        listed = listed[: LISTED_TOKENS - 2] + ["…"] + listed[-2:]
+    rest = (
+        f"the other {padding} of the {len(text.ids)} positions are padding (id {text.ids[-1]})"
+        if padding
+        else "no position is left for padding"
     )
+    chunks = rec.shapes["context"][1] // len(text.ids)
+    shown_part = f"The prompt's first of {chunks} chunks is" if chunks > 1 else "The prompt is"
     caption = (
-        f"The prompt is {text.prompt_length} tokens, {prompt_part}, between the start token ({text.ids[0]}) and the "
-        f"end token ({text.ids[text.prompt_length + 1]}); the other {padding} of the {len(text.ids)} positions are "
-        f"padding (id {text.ids[-1]}), and the text encoder reads all {len(text.ids)}."
+        f"{shown_part} {text.prompt_length} tokens, {', '.join(listed)}, between the start token ({text.ids[0]}) "
+        f"and the end token ({text.ids[text.prompt_length + 1]}); {rest}, and the text encoder reads all "
+        f"{len(text.ids)}."
     )
     numbers = {
         "ids": list(text.ids),
         "prompt_length": text.prompt_length,
         "padding": padding,
         "pad_id": text.ids[-1] if padding else None,
+        "chunks": chunks,
     }
     return Figure("tokens", save(fig, out, "tokens.png"), caption, numbers)
 
