@@ -1,12 +1,14 @@
 """The web page end to end in headless Chromium (Debian's chromium, driven by Playwright's Python
 package; `make test` installs both): type a prompt, press Generate, watch the image emerge, get
-the final image with its parameters, make a gallery image again; the add-ons panel (LoRAs and
-embeddings listed, clicked into the prompt, generated with); and a page of another origin that
-tries to drive the server. Screenshots go to build/screenshots/ (or $DIFFUSE_SCREENSHOTS)."""
+the final image with its parameters, make a gallery image again; "How it was made" on a result
+(the report's figures shown in the page, the whole report opened in a new tab); the add-ons panel
+(LoRAs and embeddings listed, clicked into the prompt, generated with); and a page of another
+origin that tries to drive the server. Screenshots go to build/screenshots/ (or $DIFFUSE_SCREENSHOTS)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import urllib.request
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 from test_addons_pipeline import kohya_lora
 from test_server import DEFAULT_MODEL, Running, settings
 
+from diffuse.illustrate.report import KINDS, TITLES
 from diffuse.metadata import read_parameters
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
@@ -112,6 +115,70 @@ def test_generate_from_the_page(browser, server):
     assert second.convert("RGB").tobytes() == first.convert("RGB").tobytes()
     # The page's own posts are JSON: Interrupt, when idle, is answered.
     assert page.evaluate("postJSON('/sdapi/v1/interrupt', {})") == {"interrupted": False, "job": None}
+    assert errors == []
+
+
+def test_how_it_was_made(browser, server):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors, requested = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(server.base + "/")
+    page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
+    page.fill("#prompt", "a red circle above a blue square")
+    page.fill("#steps", "3")
+    page.fill("#cfg_scale", "3")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_selector("#result figure .how-made", timeout=120_000)
+    assert page.locator("#how-made[open]").count() == 0
+    page.click("#result figure .how-made")
+    page.wait_for_selector("#how-made[open]")
+    page.wait_for_function(
+        "Number(document.getElementById('how-made-figures').dataset.count || 0) > 0", timeout=180_000
+    )
+    page.wait_for_function(
+        "[...document.querySelectorAll('#how-made-figures img')].every((img) => img.complete && img.naturalWidth > 0)",
+        timeout=30_000,
+    )
+    # The figures of the report the server wrote, in its order, with its headings and captions.
+    link = page.get_attribute("#how-made-link", "href")
+    assert page.get_attribute("#how-made-link", "target") == "_blank"
+    assert page.get_attribute("#how-made-link", "rel") == "noopener"
+    assert link.startswith("/diffuse/v1/illustrate/") and link.endswith("/files/index.html")
+    report = json.loads(
+        urllib.request.urlopen(server.base + link.removesuffix("index.html") + "report.json", timeout=10).read()
+    )
+    assert report["prompt"] == "a red circle above a blue square" and report["seed"] == 7
+    assert report["settings"]["steps"] == 3 and report["settings"]["sampler"] == "Euler a"
+    kinds = page.eval_on_selector_all("#how-made-figures figure", "items => items.map((item) => item.dataset.kind)")
+    assert kinds == [entry["kind"] for entry in report["figures"]] == list(KINDS)
+    assert page.locator("#how-made-figures img").count() == len(KINDS)
+    assert page.locator("#how-made-figures h3").all_inner_texts() == [TITLES[kind] for kind in KINDS]
+    captions = page.locator("#how-made-figures figcaption").all_inner_texts()
+    assert captions == [entry["caption"] for entry in report["figures"]] and all(captions)
+    images = page.eval_on_selector_all("#how-made-figures img", "items => items.map((item) => item.src)")
+    assert images == [server.base + link.removesuffix("index.html") + entry["file"] for entry in report["figures"]]
+    assert page.inner_text("#how-made-status").startswith(f"{len(KINDS)} of {len(KINDS)} figures drawn")
+    page.screenshot(path=str(SCREENSHOTS / "page-how-made.png"))
+    assert (SCREENSHOTS / "page-how-made.png").stat().st_size > 0
+
+    # The whole report in a new tab: the offline index.html, its images served beside it.
+    with page.context.expect_page() as opened:
+        page.click("#how-made-link")
+    tab = opened.value
+    tab.on("request", lambda request: requested.append(request.url))
+    tab.wait_for_load_state()
+    assert tab.url == server.base + link and tab.title().startswith("How it was made")
+    tab.wait_for_function("[...document.images].every((img) => img.complete && img.naturalWidth > 0)")
+    assert tab.locator("section.figure img").count() == len(KINDS)
+    tab.close()
+    # Nothing was asked of anyone but the page's own server.
+    assert requested and all(url.startswith(server.base + "/") or url.startswith("data:") for url in requested)
+
+    page.click("#how-made-close")
+    assert page.locator("#how-made[open]").count() == 0
     assert errors == []
 
 

@@ -277,6 +277,15 @@ function figure(image, canRemake = false) {
   const caption = document.createElement("figcaption");
   caption.textContent = image.parameters || "";
   item.append(link, caption);
+  if (image.fields) {
+    const how = document.createElement("button");
+    how.type = "button";
+    how.className = "how-made";
+    how.textContent = "How it was made";
+    how.title = "draw this image again with every part recorded, and show the figures of that run";
+    how.addEventListener("click", () => howItWasMade(image.fields));
+    item.append(how);
+  }
   if (canRemake && image.fields) {
     const again = document.createElement("button");
     again.type = "button";
@@ -317,8 +326,89 @@ async function makeAgain(fields) {
 }
 
 function showResult(images) {
-  $("result").replaceChildren(...images.map(figure));
+  $("result").replaceChildren(...images.map((image) => figure(image)));
   $("result").dataset.count = String(images.length);
+}
+
+// "How it was made": the server draws the result again with its parts recorded (diffuse illustrate)
+// and the report's figures are shown here, in the order and with the headings the report gives them.
+const REPORT_FIELDS = ["prompt", "negative_prompt", "seed", "steps", "sampler_name", "scheduler", "cfg_scale",
+  "width", "height", "model_hash"];
+const REPORT_POLL_MS = 500;
+let reportTurn = 0;  // a newer request makes the answers to an older one stale
+
+function setReportStatus(text, isError = false) {
+  $("how-made-status").textContent = text;
+  $("how-made-status").className = isError ? "error" : "";
+}
+
+async function howItWasMade(fields) {
+  const turn = ++reportTurn;
+  $("how-made-title").textContent = `How it was made: ${fields.prompt}`;
+  $("how-made-figures").replaceChildren();
+  $("how-made-figures").dataset.count = "0";
+  $("how-made-link").hidden = true;
+  setReportStatus("asking the server to draw it again, recording every part...");
+  if (!$("how-made").open) $("how-made").showModal();
+  const body = Object.fromEntries(REPORT_FIELDS.filter((key) => fields[key] !== undefined && fields[key] !== null)
+    .map((key) => [key, fields[key]]));
+  try {
+    const {id} = await postJSON("/diffuse/v1/illustrate", body);
+    const state = await reportMade(id, turn);
+    if (state === null) return;
+    const report = await getJSON(state.files + "report.json");
+    if (turn === reportTurn) showReport(report, state.files, state.titles);
+  } catch (error) {
+    if (turn === reportTurn) setReportStatus(error.message, true);
+  }
+}
+
+async function reportMade(id, turn) {
+  // The report's state, asked for until it is made (null once a newer request took over).
+  for (;;) {
+    if (turn !== reportTurn) return null;
+    const state = await getJSON(`/diffuse/v1/illustrate/${encodeURIComponent(id)}`);
+    if (state.state === "done") return state;
+    if (state.state !== "queued" && state.state !== "running") {
+      throw new Error(state.detail || `the report was ${state.state}`);
+    }
+    if (turn === reportTurn) {
+      setReportStatus(state.state === "queued" ? `queued (${state.ahead} ahead)`
+        : "drawing it again and the figures of the run...");
+    }
+    await new Promise((resolve) => setTimeout(resolve, REPORT_POLL_MS));
+  }
+}
+
+function showReport(report, base, titles) {
+  // Captions and prompts are text: never markup. A figure that could not be drawn says why.
+  const items = report.figures.map((entry) => {
+    const item = document.createElement("figure");
+    item.className = "report-figure";
+    item.dataset.kind = entry.kind;
+    const heading = document.createElement("h3");
+    heading.textContent = titles[entry.kind] || entry.kind;
+    const caption = document.createElement("figcaption");
+    if (entry.error) {
+      item.classList.add("failed");
+      caption.textContent = `This figure could not be drawn: ${entry.error}`;
+      item.append(heading, caption);
+      return item;
+    }
+    const img = document.createElement("img");
+    img.src = base + encodeURIComponent(entry.file);
+    img.alt = entry.caption;
+    caption.textContent = entry.caption;
+    item.append(heading, img, caption);
+    return item;
+  });
+  $("how-made-figures").replaceChildren(...items);
+  $("how-made-figures").dataset.count = String(items.length);
+  $("how-made-link").href = base + "index.html";
+  $("how-made-link").hidden = false;
+  const drawn = report.figures.filter((entry) => !entry.error).length;
+  setReportStatus(
+    `${drawn} of ${items.length} figures drawn from a live run: seed ${report.seed}, model ${report.model}`);
 }
 
 async function loadGallery() {
@@ -407,6 +497,8 @@ $("mask-canvas").addEventListener("pointerdown", paint);
 $("mask-canvas").addEventListener("pointermove", paint);
 $("clear-mask").addEventListener("click", clearMask);
 $("refresh-addons").addEventListener("click", refreshAddons);
+$("how-made-close").addEventListener("click", () => { reportTurn++; $("how-made").close(); });
+$("how-made").addEventListener("close", () => { reportTurn++; });
 for (const id of ["prompt", "negative_prompt"]) {
   $(id).addEventListener("focus", () => { promptBox = id; $(id).dataset.focused = "1"; markAddons(); });
   $(id).addEventListener("input", markAddons);
