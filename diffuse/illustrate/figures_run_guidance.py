@@ -39,7 +39,7 @@ def guidance(pipe, rec: Recording, out: Path) -> Figure:
     scale = guided_steps[0].guidance.scale
     channels = guided_steps[0].guidance.cond.shape[0]
     titles = ["unconditional", "conditional", "cond − uncond", f"guided = uncond + {scale:g}·(cond − uncond)"]
-    fig, axes = pyplot.subplots(len(guided_steps), 4, figsize=(10, 2.3 * len(guided_steps)), squeeze=False)
+    fig, axes = pyplot.subplots(len(guided_steps), 4, figsize=(11, 2.3 * len(guided_steps)), squeeze=False)
     differences = []
     for r, (row, step) in enumerate(zip(axes, guided_steps)):
         g = step.guidance
@@ -52,14 +52,15 @@ def guidance(pipe, rec: Recording, out: Path) -> Figure:
             image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            fig.colorbar(image, ax=ax, fraction=0.046)
+            fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)
             if r == 0:
                 ax.set_title(titles[c], fontsize=8)
         row[0].set_ylabel(f"step {step.index + 1}\nt = {step.timestep:g}", fontsize=8)
+    without = f"the negative prompt {rec.negative_prompt!r}" if rec.negative_prompt else "the empty prompt"
     listed = ", ".join(f"{d:.4f} at step {s.index + 1}" for d, s in zip(differences, guided_steps))
     caption = (
         f"At {len(guided_steps)} of {len(rec.step_records)} steps, the UNet's prediction without the prompt "
-        f"(negative prompt {rec.negative_prompt!r}) and with it, each the mean of the {channels} latent channels; "
+        f"({without}) and with it, each the mean of the {channels} latent channels; "
         f"guidance scale {scale:g} multiplies their difference, mean |cond − uncond| {listed}."
     )
     numbers = {
