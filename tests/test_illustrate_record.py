@@ -7,6 +7,7 @@ each attention map is an average of softmax rows, and no hook outlives the call.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 import diffuse
 from diffuse import generation
 from diffuse.generation import Step
-from diffuse.illustrate import record as recorder
 from diffuse.illustrate.record import cross_attention_layers, layer_grid, record
 
+# The module itself: the package may export the function under the same name.
+recorder = importlib.import_module("diffuse.illustrate.record")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 PROMPT = "a red circle and a blue square"
 
@@ -163,6 +165,10 @@ def test_all_layers_and_steps_average_to_one(pipes):
     assert rec.attention.maps.shape == (77, 16, 16)
     assert torch.allclose(rec.attention.maps.sum(0), torch.ones(16, 16), atol=1e-5)
     assert bool((rec.attention.maps >= 0).all())
+    # Without guidance the UNet sees the prompt alone, a batch of 1, and no step keeps guidance.
+    unguided = record(pipe, PROMPT, steps=2, width=64, height=64, cfg_scale=1.0, all_tokens=True)
+    assert torch.allclose(unguided.attention.maps.sum(0), torch.ones(16, 16), atol=1e-5)
+    assert all(s.guidance is None for s in unguided.step_records)
 
 
 def test_hooks_are_removed_also_after_an_error(pipes, monkeypatch):

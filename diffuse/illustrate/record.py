@@ -57,25 +57,31 @@ def layer_grid(queries: int, latent_size: tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"{queries} query positions fit no halving of the {latent_size} latent")
 
 
-def softmax_rows(module: nn.Module, x: Tensor, context: Tensor) -> Tensor:
+def softmax_rows(module: nn.Module, x: Tensor, context: Tensor, max_scores: int = 2**22) -> Tensor:
     """softmax(q k^T / sqrt(d)) of one cross-attention layer, averaged over heads: [N, M] in float32
-    for one image's queries x [1, N, dim] and context [1, M, context_dim]."""
+    for one image's queries x [1, N, dim] and context [1, M, context_dim]. The query rows go in
+    chunks of at most `max_scores` scores, so memory stays bounded at any image size."""
     q, k, _ = module.qkv(x, context)  # [1, heads, N, d], [1, heads, M, d]
-    scores = torch.matmul(q[0].float(), k[0].float().transpose(1, 2)) * q.shape[-1] ** -0.5
-    return scores.softmax(-1).mean(0)
+    heads, n, d = q.shape[1:]
+    keys_t = k[0].float().transpose(1, 2) * d**-0.5
+    rows = max(1, max_scores // (heads * keys_t.shape[-1]))
+    return torch.cat(
+        [torch.matmul(q[0, :, start : start + rows].float(), keys_t).softmax(-1).mean(0) for start in range(0, n, rows)]
+    )
 
 
 class CrossAttentionMaps:
     """DAAM's attention maps, gathered by forward hooks on every cross-attention layer.
 
-    For each UNet call, each layer's softmax rows (the conditional image of the batch, averaged over
-    heads) are laid on the layer's grid, upsampled to the latent size (bilinear) and added up; a
-    call's sum counts once its UNet output turns out finite (a call redone in float32 counts once).
-    `maps()` is the mean over layers and calls, [tokens, h, w] for the first `tokens` key
-    positions: at every latent position the 77 maps of a one-chunk prompt sum to 1.
+    For each UNet call, each layer's softmax rows (the conditional image of the batch, averaged
+    over heads) are laid on the layer's grid and added up per grid size; a call's sums count once
+    its UNet output turns out finite (a call redone in float32 counts once). `maps()` upsamples
+    each grid's sum to the latent size (bilinear, which is linear, so this equals upsampling every
+    layer's map) and divides by the number of layers and calls: [tokens, h, w] for the first
+    `tokens` key positions. At every latent position the 77 maps of a one-chunk prompt sum to 1.
 
-    `layers` picks layers by name (None: all); `calls` picks which UNet calls count, by their
-    0-based step index (None: all)."""
+    `layers` picks layers by name (None: all); `steps` the 0-based steps whose UNet calls count
+    (None: all)."""
 
     def __init__(
         self,
@@ -94,8 +100,8 @@ class CrossAttentionMaps:
         self.latent_size, self.tokens = latent_size, tokens
         self.steps = None if steps is None else set(steps)
         self.step = 0  # the step the next UNet call belongs to (set by the recorder's callback)
-        self.total = torch.zeros(tokens, *latent_size)
-        self.call_sum: Tensor | None = None
+        self.totals: dict[tuple[int, int], Tensor] = {}  # per grid size, [tokens, gh, gw]
+        self.call_sums: dict[tuple[int, int], Tensor] | None = None
         self.calls, self.counted_steps, self.seconds = 0, set(), 0.0
 
     def hooks(self) -> list[RemovableHandle]:
@@ -104,33 +110,35 @@ class CrossAttentionMaps:
         return handles + [self.unet.register_forward_hook(self._call_done)]
 
     def _call_starts(self, module: nn.Module, args: tuple) -> None:
-        counted = self.steps is None or self.step in self.steps
-        self.call_sum = torch.zeros_like(self.total) if counted else None
+        self.call_sums = {} if self.steps is None or self.step in self.steps else None
 
     def _layer_done(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self.call_sum is None:
+        if self.call_sums is None:
             return
         began = time.perf_counter()
         x, context = args[0], args[1]
         cond = len(x) - 1  # [uncond, cond] when guided, [cond] when not
         rows = softmax_rows(module, x[cond : cond + 1], context[cond : cond + 1])[:, : self.tokens]
-        grid = rows.T.reshape(1, -1, *layer_grid(rows.shape[0], self.latent_size))
-        up = F.interpolate(grid, size=self.latent_size, mode="bilinear", align_corners=False)
-        self.call_sum += up[0]
+        grid = layer_grid(rows.shape[0], self.latent_size)
+        layer_map = rows.T.reshape(-1, *grid)
+        self.call_sums[grid] = layer_map if grid not in self.call_sums else self.call_sums[grid] + layer_map
         self.seconds += time.perf_counter() - began
 
     def _call_done(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self.call_sum is not None and bool(torch.isfinite(self.call_sum).all()):
-            self.total += self.call_sum
-            self.calls += 1
-            self.counted_steps.add(self.step)
-        self.call_sum = None
+        sums, self.call_sums = self.call_sums, None
+        if sums is None or not all(bool(torch.isfinite(s).all()) for s in sums.values()):
+            return
+        for grid, layer_sum in sums.items():
+            self.totals[grid] = layer_sum if grid not in self.totals else self.totals[grid] + layer_sum
+        self.calls += 1
+        self.counted_steps.add(self.step)
 
     def maps(self) -> Tensor:
-        """[tokens, h, w]: the sum over layers and calls divided by their counts."""
+        """[tokens, h, w]: the sum over layers and calls, upsampled, divided by their counts."""
         if not self.calls:
             raise ValueError("no UNet call was recorded for the attention maps")
-        return self.total / (len(self.layers) * self.calls)
+        up = [F.interpolate(t[None], size=self.latent_size, mode="bilinear")[0] for t in self.totals.values()]
+        return torch.stack(up).sum(0) / (len(self.layers) * self.calls)
 
 
 # ---- the rest of the run -----------------------------------------------------------------------
