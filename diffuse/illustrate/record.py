@@ -190,8 +190,10 @@ class _Watch:
         step, context = len(self.steps), args[2]
         if self.context is None:
             self.context = context[-1:].detach().float().cpu()
-        # The first call of a guided step is the one at the step's own noise level.
-        if step in self.guidance_steps and step not in self.guidance and len(output) == 2:
+        # The first call of a guided step is the one at the step's own noise level; a non-finite
+        # output is about to be made again in float32, and the retry is what the sampler uses.
+        wanted = step in self.guidance_steps and step not in self.guidance and len(output) == 2
+        if wanted and bool(torch.isfinite(output).all()):
             uncond, cond = output.float().chunk(2)
             guided = uncond + self.scale * (cond - uncond)  # NoisePredictor's formula, in its order
             self.guidance[step] = GuidanceRecord(uncond[0].cpu(), cond[0].cpu(), guided[0].cpu(), self.scale)
