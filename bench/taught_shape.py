@@ -47,6 +47,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import diffuse
+from diffuse.adapters.embeddings import read_embedding
 from diffuse.shapes.analyze import DETECTION_DISTANCE, analyze, label_components, shape_coverage
 from diffuse.shapes.captions import caption
 from diffuse.shapes.data import DataConfig, ShapesDataset
@@ -251,7 +252,22 @@ def train_heart_embedding(out: Path, data: Path, quick: bool, images: dict) -> d
         config = dataclasses.replace(config, steps=3, checkpoint_every=3)
     path, seconds = timed_training(train_embedding, config, out / "runs" / TOKEN)
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    return record(config, Path(shutil.copyfile(path, out / "embeddings" / path.name)), seconds, images)
+    result = record(config, Path(shutil.copyfile(path, out / "embeddings" / path.name)), seconds, images)
+    return {**result, "vectors_near": vectors_near(path, config.init_text)}
+
+
+def vectors_near(path: Path, init_text: str) -> dict:
+    """How far the trained vectors went: each one's cosine with the init text's and the shape words' token vectors."""
+    vectors = read_embedding(path).vectors
+    pipe = diffuse.load_pipeline(MODEL, dtype="float32")
+    table = pipe.text_encoder.embeddings.token_embedding.weight.detach().float()
+    words = dict.fromkeys([init_text, *SHAPES, NEW])
+    return {
+        word: [
+            round(c, 3) for c in torch.cosine_similarity(vectors, table[pipe.tokenizer.encode(word)[0]][None]).tolist()
+        ]
+        for word in words
+    }
 
 
 # ---------------------------------------------------------------- the measurement
@@ -266,11 +282,15 @@ def measure(condition: Condition, hearts: list[tuple[Scene, str]], old_prompts: 
     for i, image in enumerate(images[:10] + old_images[:10]):
         sheet.paste(image.resize((64, 64)), (64 * (i % 10), 64 * (i // 10)))
     sheet.save(out / f"sheet_{re.sub(r'[^a-z0-9.]+', '_', condition.label.lower())}.png")
+    # The shapes world's judge knows only the old shapes, so a heart drawn for an old prompt is
+    # counted by the heart judge.
+    old_hearts = sum(read_shape(image)[0] == NEW for image in old_images)
     result = {
         "label": condition.label,
         "example_heart_prompt": heart_prompts[0],
         "heart_prompts": heart_report(heart_prompts, [s for s, _ in hearts], images),
         "old_prompts": score_adherence(old_prompts, old_images),  # scored on the prompts' own words
+        "old_prompts_drawn_as_heart": old_hearts / len(old_images),
     }
     return result, old_images
 
@@ -298,13 +318,14 @@ def table(results: dict) -> str:
     n = results["prompts"]
     rows = [
         f"{'':<28}{'heart drawn':>13}{'in its colour':>15}{'old: all right':>16}{'old: colour':>13}"
-        f"{'old: same image':>17}"
+        f"{'old: a heart':>14}{'old: same image':>17}"
     ]
     for c in results["conditions"]:
         heart, old = c["heart_prompts"], c["old_prompts"]
         rows.append(
             f"{c['label']:<28}{percent(heart['heart'], n):>13}{percent(heart['heart_and_colour'], n):>15}"
             f"{percent(old['all_correct'], n):>16}{percent(old['attributes']['colour'], n):>13}"
+            f"{percent(c['old_prompts_drawn_as_heart'], n):>14}"
             f"{c['old_images_identical_to_base']:>13}/{n}"
         )
     rows.append(f"± one standard error, {n} prompts each: at most {100 * math.sqrt(0.25 / n):.1f} points (a 50% share)")
@@ -363,6 +384,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name, run in training.items():
         print(f"{name}: trained in {run['seconds']} s on {run['threads']} thread(s), {run['bytes']} bytes")
+        if "vectors_near" in run:
+            print(f"{name}: its vectors' cosine with the token vectors of {run['vectors_near']}")
     print(table(results))
 
 
