@@ -282,7 +282,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=64, help="latent side of the timed UNet steps")
     parser.add_argument("--fp32", action="store_true", help="time the fp32 steps too")
     parser.add_argument("--locon", action="store_true", help="patch the resnets' 3x3 convolutions as well")
-    parser.add_argument("--memory-rounds", type=int, default=2)
+    parser.add_argument("--memory-rounds", type=int, default=2, help="fresh-process memory rounds (0: none)")
     parser.add_argument("--image", type=int, default=256, help="side of the memory case's image")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps of the memory case's image")
     parser.add_argument("--peak-repeats", type=int, default=3)
@@ -321,7 +321,8 @@ def main() -> None:
         lines += report_steps("bf16", measure_steps(folder, files, torch.bfloat16, args), with_merge=True)
         if args.fp32:
             lines += report_steps("fp32", measure_steps(folder, files, torch.float32, args), with_merge=True)
-        lines += measure_memory(Path(scratch), list(files), args)
+        if args.memory_rounds:
+            lines += measure_memory(Path(scratch), list(files), args)
     print("\n".join(lines))
 
 
