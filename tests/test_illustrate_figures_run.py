@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import diffuse
+from diffuse.illustrate.figure import model_schedule
 from diffuse.illustrate.figures_run import MAKERS, decode_steps
 from diffuse.illustrate.figures_run_guidance import upsampled_maps
-from diffuse.illustrate.figures_run_steps import decode_plan, model_schedule, schedule_curves, spread, step_changes
+from diffuse.illustrate.figures_run_steps import decode_plan, schedule_curves, spread, step_changes
 from diffuse.illustrate.figures_run_text import shape_text, token_label
 from diffuse.illustrate.record import record
 
@@ -109,7 +110,7 @@ def test_schedule_values_equal_the_schedulers(pipe, rec, seen, tmp_path):
 
     reference = EulerDiscreteScheduler.from_pretrained(MODEL / "scheduler")
     reference.set_timesteps(RUN["steps"])
-    t, abar, sigma = schedule_curves(model_schedule(pipe, rec))
+    t, abar, sigma = schedule_curves(model_schedule(pipe))
     np.testing.assert_allclose(abar, reference.alphas_cumprod.numpy(), rtol=1e-6)
     np.testing.assert_allclose(sigma, ((1 - abar) / abar) ** 0.5, rtol=1e-6)
     assert len(t) == reference.config.num_train_timesteps

@@ -16,6 +16,8 @@ matplotlib.use("Agg")  # before pyplot: files only, whatever display the machine
 
 from matplotlib import pyplot  # noqa: E402
 
+from diffuse.samplers.schedule import NoiseSchedule  # noqa: E402
+
 DPI = 110
 
 
@@ -35,3 +37,9 @@ def save(fig: pyplot.Figure, folder: Path, name: str) -> str:
     fig.savefig(folder / name, dpi=DPI, bbox_inches="tight")
     pyplot.close(fig)
     return name
+
+
+def model_schedule(pipe) -> NoiseSchedule:
+    """The noise schedule `pipe`'s model was trained with, as its samplers get it (scheduler config and
+    prediction type); the same whichever sampler asks."""
+    return pipe.get_sampler("Euler").schedule

@@ -20,14 +20,8 @@ from diffuse.generation import draw_noise
 from diffuse.numerics import Fallback, network_dtype
 from diffuse.pipeline import Pipeline
 from diffuse.preview import to_pil
-from diffuse.samplers.schedule import NoiseSchedule
 
 PARTS_MAX_SIDE = 256  # pixels: the longer side the parts' figures work at
-
-
-def model_schedule(pipe: Pipeline) -> NoiseSchedule:
-    """The training noise schedule of `pipe`'s model, as its samplers get it (scheduler config and prediction type)."""
-    return pipe.get_sampler("Euler").schedule
 
 
 def parts_size(pipe: Pipeline, width: int, height: int) -> tuple[int, int]:

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffuse.illustrate.figure import Figure, pyplot, save
+from diffuse.illustrate.figure import Figure, model_schedule, pyplot, save
 from diffuse.illustrate.figures_parts_common import (
     decode,
     encode_with_noise,
-    model_schedule,
     parts_pixels,
     shape_text,
     show_image,

@@ -11,7 +11,7 @@ import torch
 from matplotlib import pyplot
 from matplotlib.ticker import MaxNLocator
 
-from diffuse.illustrate.figure import Figure, save
+from diffuse.illustrate.figure import Figure, model_schedule, save
 from diffuse.illustrate.recording import Recording
 from diffuse.preview import latents_to_rgb_cheap
 from diffuse.samplers.schedule import NoiseSchedule
@@ -134,11 +134,6 @@ def steps(pipe, rec: Recording, out: Path) -> Figure:
 # ---- schedule -----------------------------------------------------------------------------------
 
 
-def model_schedule(pipe, rec: Recording) -> NoiseSchedule:
-    """The noise schedule the model was trained with, as the pipeline builds it from the scheduler config."""
-    return pipe.get_sampler(rec.sampler).schedule
-
-
 def schedule_curves(schedule: NoiseSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training timesteps, alpha_bar and sigma at each, as the samplers compute them."""
     t = np.arange(schedule.num_train_timesteps)
@@ -147,7 +142,7 @@ def schedule_curves(schedule: NoiseSchedule) -> tuple[np.ndarray, np.ndarray, np
 
 def schedule(pipe, rec: Recording, out: Path) -> Figure:
     """alpha_bar and sigma over the training timesteps, this run's visited timesteps marked."""
-    noise = model_schedule(pipe, rec)
+    noise = model_schedule(pipe)
     t, abar, sigma = schedule_curves(noise)
     visited = np.array([s.timestep for s in rec.step_records], dtype=np.float64)
     visited_sigma = np.array([s.sigma for s in rec.step_records], dtype=np.float64)  # the sampler's own levels
