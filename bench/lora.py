@@ -12,7 +12,10 @@ order, so a change in the machine's load hits all alike), medians over the round
   - a guided UNet step (batch 2, 64x64 latents) in bf16 (and fp32 with --fp32) with each
     LoRA merged against without: the step just after the switch, and the next one;
   - reading the file, merging it (LoraMerge.apply) and restoring the weights, in bf16, and
-    whether every parameter is bit-identical to before after all the rounds (sha256);
+    whether every parameter is bit-identical to before after all the rounds (sha256); the
+    warm-up round's read + apply, the process's first, apart: it checks the whole file for
+    non-finite values and writes the touched weights' originals to the spill file, which later
+    applies reuse;
   - the peak resident memory (ru_maxrss) of a process that loads the model with a LoRA folder
     and makes one small image, with the LoRA's tag in the prompt and without, a fresh process
     per case and round; beside it the peak of loading alone and the peak while generating
@@ -165,12 +168,13 @@ def measure_steps(folder: Path, files: dict[str, Path], dtype: torch.dtype, args
     t = torch.tensor([500, 500])
     cases = ["none", *files]
     times = {case: {"read": [], "apply": [], "first": [], "step": [], "restore": []} for case in cases}
+    warm = {case: {name: [] for name in times[case]} for case in cases}  # round 0: the process's first apply
     before = weights_hash(networks)
     with torch.no_grad():
         pipe.unet(x, t, c)  # warm-up: first calls allocate and pick kernels
         for round_ in range(args.rounds + 1):  # round 0 warms every case up and is not kept
             for case in cases[round_ % len(cases) :] + cases[: round_ % len(cases)]:
-                got = times[case] if round_ else {k: [] for k in times[case]}
+                got = times[case] if round_ else warm[case]
                 if case != "none":
                     start = time.perf_counter()
                     lora = read_lora(files[case])
@@ -181,7 +185,7 @@ def measure_steps(folder: Path, files: dict[str, Path], dtype: torch.dtype, args
                 if case != "none":
                     got["restore"].append(timed(merge.restore))
             print(f"  round {round_} of {args.rounds} done", file=sys.stderr, flush=True)
-    return {"times": times, "identical": weights_hash(networks) == before}
+    return {"times": times, "warm": warm, "identical": weights_hash(networks) == before}
 
 
 def report_steps(label: str, result: dict, with_merge: bool) -> list[str]:
@@ -205,6 +209,11 @@ def report_steps(label: str, result: dict, with_merge: bool) -> list[str]:
         lines.append(
             f"  {case:>8}: read {spread(got['read'])}; apply {spread(got['apply'])}; "
             f"restore {spread(got['restore'])}; apply + restore {spread(both)}"
+        )
+        first = result["warm"][case]
+        lines.append(
+            f"  {case:>8}: the process's first read + apply (the whole file checked finite, the originals "
+            f"written to the spill file): {first['read'][0] + first['apply'][0]:.3f} s"
         )
     verdict = "bit-identical" if result["identical"] else "DIFFERENT"
     lines.append(f"  every UNet and text encoder parameter after all rounds vs before (sha256): {verdict}")
