@@ -276,7 +276,7 @@ def record(
         negative_prompt=negative_prompt,
         seed=result.seeds[0],
         steps=job.steps,
-        sampler=result.info["sampler"],
+        sampler=job.sampler.label,
         cfg_scale=job.guidance_scale,
         width=job.width,
         height=job.height,

@@ -70,7 +70,7 @@ class Recording:
     negative_prompt: str
     seed: int
     steps: int
-    sampler: str
+    sampler: str  # what a user types to get it back, e.g. "DPM++ 2M Karras"
     cfg_scale: float
     width: int
     height: int
