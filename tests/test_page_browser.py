@@ -254,16 +254,22 @@ def test_the_addons_panel_says_when_there_are_none(browser, server):
     assert page.locator("#addons .addon-list button").count() == 0
 
 
+def open_page(browser, server):
+    """The page in a new tab, and the list its script errors are collected in."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.base + "/")
+    return page, errors
+
+
 def pressed(page, selector: str) -> str:
     return page.get_attribute(selector, "aria-pressed")
 
 
 def test_lora_weight_and_click_to_remove(browser, addons_server):
     server, _ = addons_server
-    page = browser.new_page()
-    errors = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(server.base + "/")
+    page, errors = open_page(browser, server)
     page.wait_for_selector("#lora-list button")
     detail = "#lora-list button:has-text('detail')"
     assert page.input_value("#lora-weight") == "1"
@@ -325,10 +331,7 @@ def test_lora_weight_and_click_to_remove(browser, addons_server):
 
 def test_embedding_toggles_as_a_whole_word(browser, addons_server):
     server, _ = addons_server
-    page = browser.new_page()
-    errors = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(server.base + "/")
+    page, errors = open_page(browser, server)
     page.wait_for_selector("#embedding-list button")
     shiny = "#embedding-list button"
     # Inside a longer word, or as a LoRA tag's name, it is not the embedding; beside a digit it is

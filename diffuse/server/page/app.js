@@ -83,6 +83,16 @@ function note(className, text, title = "") {
   return item;
 }
 
+function actionButton(className, label, title, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = label;
+  button.title = title;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
 function loraTags(text) {
   // Every <lora:...> and <lyco:...> (A1111's alias) with its span; the name is the first argument without "=".
   return [...text.matchAll(TAG)].filter((match) => match[1] === "lora" || match[1] === "lyco").map((match) => ({
@@ -278,22 +288,13 @@ function figure(image, canRemake = false) {
   caption.textContent = image.parameters || "";
   item.append(link, caption);
   if (image.fields) {
-    const how = document.createElement("button");
-    how.type = "button";
-    how.className = "how-made";
-    how.textContent = "How it was made";
-    how.title = "draw this image again with every part recorded, and show the figures of that run";
-    how.addEventListener("click", () => howItWasMade(image.fields));
-    item.append(how);
+    item.append(actionButton("how-made", "How it was made",
+      "draw this image again with every part recorded, and show the figures of that run",
+      () => howItWasMade(image.fields)));
   }
   if (canRemake && image.fields) {
-    const again = document.createElement("button");
-    again.type = "button";
-    again.className = "remake";
-    again.textContent = "Make again";
-    again.title = "fill the form with this image's parameters and generate it again";
-    again.addEventListener("click", () => makeAgain(image.fields));
-    item.append(again);
+    item.append(actionButton("remake", "Make again",
+      "fill the form with this image's parameters and generate it again", () => makeAgain(image.fields)));
   }
   return item;
 }
