@@ -23,6 +23,7 @@ class TextEncoderConfig:
     mlp_width: int = 3072
     activation: str = "quick_gelu"  # SD1 "quick_gelu", SD2 "gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int = 0  # width of the pooled output's text_projection (SDXL's bigG: 1280); 0: none
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,11 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)  # which levels cross-attend
     heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level
     transformer_depth: int = 1
+    # Layers per attention block at each level (SDXL: (0, 2, 10)); None: transformer_depth at every level.
+    transformer_depths: tuple[int, ...] | None = None
+    mid_transformer_depth: int | None = None  # None: the deepest level's depth
     context_dim: int = 768
+    adm_in_channels: int = 0  # width of SDXL's vector conditioning y, added to the time embedding; 0: none
     use_linear_projection: bool = False  # SD2 projects in/out of the transformer with Linear, SD1 with 1x1 conv
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -49,6 +54,18 @@ class UNetConfig:
     @property
     def mid_heads(self) -> int:
         return self.heads[-1]
+
+    def depth(self, level: int) -> int:
+        """Transformer layers in each attention block of `level` (0 where the level does not attend)."""
+        if not self.attention_levels[level]:
+            return 0
+        return self.transformer_depth if self.transformer_depths is None else self.transformer_depths[level]
+
+    @property
+    def mid_depth(self) -> int:
+        if self.mid_transformer_depth is not None:
+            return self.mid_transformer_depth
+        return self.transformer_depth if self.transformer_depths is None else self.transformer_depths[-1]
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,9 @@ class PipelineConfig:
     prediction_type: str = "epsilon"  # or "v_prediction" (SD2-768-v)
     pad_token_id: int = 49407  # SD1 pads with <|endoftext|>, SD2 with "!" (id 0)
     sample_size: int = 64  # latent side the UNet was trained at (512 px / 8)
+    text_encoder_2: TextEncoderConfig | None = None  # SDXL's OpenCLIP ViT-bigG/14; None: SD 1/2
+    pad_token_id_2: int = 0  # the second tokenizer pads with id 0 (A1111 and the SDXL folders)
+    size_embed_dim: int = 0  # SDXL: each size/crop scalar becomes a 256-wide sinusoid; 0: no size conditioning
 
     @property
     def image_size(self) -> int:
@@ -105,7 +125,30 @@ SD2_V = PipelineConfig(
     sample_size=96,
 )
 
-PRESETS: dict[str, PipelineConfig] = {c.name: c for c in (SD1, SD2, SD2_V)}
+# SDXL base (sgm sd_xl_base.yaml): no attention at the top level, 64-channel heads, context = CLIP-L (768)
+# and bigG (1280) side by side, y = pooled bigG (1280) + six 256-wide size sinusoids = 2816.
+SDXL = PipelineConfig(
+    name="sdxl",
+    text_encoder=TextEncoderConfig(),
+    text_encoder_2=TextEncoderConfig(
+        width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", projection_dim=1280
+    ),
+    unet=UNetConfig(
+        channel_mult=(1, 2, 4),
+        attention_levels=(False, True, True),
+        heads=(5, 10, 20),
+        transformer_depths=(0, 2, 10),
+        context_dim=2048,
+        use_linear_projection=True,
+        adm_in_channels=2816,
+    ),
+    vae=VAEConfig(scaling_factor=0.13025),
+    pad_token_id_2=0,
+    sample_size=128,
+    size_embed_dim=256,
+)
+
+PRESETS: dict[str, PipelineConfig] = {c.name: c for c in (SD1, SD2, SD2_V, SDXL)}
 
 
 # ---------------------------------------------------------------- limits
@@ -153,6 +196,7 @@ def check_text_encoder(cfg: TextEncoderConfig) -> None:
     _count("heads", cfg.heads, 1, MAX_HEADS)
     _count("mlp_width", cfg.mlp_width, 1, MAX_MLP_WIDTH)
     _small_positive("layer_norm_eps", cfg.layer_norm_eps, 1.0)
+    _count("projection_dim", cfg.projection_dim, 0, MAX_WIDTH)
     if cfg.width % cfg.heads:
         raise ValueError(f"width={cfg.width} does not split into heads={cfg.heads} equal heads")
 
@@ -169,15 +213,24 @@ def check_unet(cfg: UNetConfig) -> None:
     _per_level("attention_levels", cfg.attention_levels, levels)
     _count("num_res_blocks", cfg.num_res_blocks, 1, MAX_RES_BLOCKS)
     _count("transformer_depth", cfg.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+    if cfg.transformer_depths is not None:
+        for level, depth in enumerate(_per_level("transformer_depths", cfg.transformer_depths, levels)):
+            low = 1 if cfg.attention_levels[level] else 0
+            _count(f"transformer_depths[{level}]", depth, low, MAX_TRANSFORMER_DEPTH)
+    if cfg.mid_transformer_depth is not None:
+        _count("mid_transformer_depth", cfg.mid_transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
     _count("context_dim", cfg.context_dim, 1, MAX_WIDTH)
+    _count("adm_in_channels", cfg.adm_in_channels, 0, MAX_WIDTH)
     _count("norm_groups", cfg.norm_groups, 1, MAX_WIDTH)
     _small_positive("norm_eps", cfg.norm_eps, 1.0)
     # Down and up paths: n and n + 1 blocks per attending level; the middle block: one.
     blocks = sum(2 * cfg.num_res_blocks + 1 for attends in cfg.attention_levels if attends) + 1
-    if blocks * cfg.transformer_depth > MAX_TRANSFORMER_LAYERS:
+    layers = sum((2 * cfg.num_res_blocks + 1) * cfg.depth(level) for level in range(levels)) + cfg.mid_depth
+    if layers > MAX_TRANSFORMER_LAYERS:
+        depths = cfg.transformer_depths or cfg.transformer_depth
         raise ValueError(
-            f"transformer_depth={cfg.transformer_depth} over {blocks} attention blocks makes "
-            f"{blocks * cfg.transformer_depth} transformer layers, over the limit of {MAX_TRANSFORMER_LAYERS}"
+            f"transformer_depth={depths} over {blocks} attention blocks makes "
+            f"{layers} transformer layers, over the limit of {MAX_TRANSFORMER_LAYERS}"
         )
     for level, (mult, heads) in enumerate(zip(cfg.channel_mult, _per_level("heads", cfg.heads, levels))):
         width = cfg.model_channels * mult
@@ -221,3 +274,12 @@ def check_pipeline(cfg: PipelineConfig) -> None:
         raise ValueError(f"prediction_type={cfg.prediction_type!r}: must be one of {', '.join(PREDICTION_TYPES)}")
     _count("sample_size", cfg.sample_size, 1, MAX_SAMPLE_SIZE)
     _count("pad_token_id", cfg.pad_token_id, 0, cfg.text_encoder.vocab_size - 1)
+    _count("size_embed_dim", cfg.size_embed_dim, 0, MAX_WIDTH)
+    if cfg.size_embed_dim % 2:
+        raise ValueError(f"size_embed_dim={cfg.size_embed_dim}: must be even (cos and sin halves)")
+    if cfg.text_encoder_2 is not None:
+        try:
+            check_text_encoder(cfg.text_encoder_2)
+        except ValueError as e:
+            raise ValueError(f"text_encoder_2: {e}") from None
+        _count("pad_token_id_2", cfg.pad_token_id_2, 0, cfg.text_encoder_2.vocab_size - 1)
