@@ -76,9 +76,12 @@ class NoisePredictor:
         last_guided_t: float,
         total_steps: int,
         inpaint_inputs: tuple[Tensor, Tensor] | None = None,
+        vectors: tuple[Tensor, Tensor | None] | None = None,
     ):
         self.unet, self.driven, self.fallback = unet, driven, fallback
         self.cond, self.uncond = context
+        # SDXL's vector conditioning y for the prompts and the negative prompts, batched like the context.
+        self.y_cond, self.y_uncond = vectors if vectors is not None else (None, None)
         self.guidance_scale, self.last_guided_t = guidance_scale, last_guided_t
         self.total_steps, self.steps_done = total_steps, 0
         self.inpaint_inputs = inpaint_inputs  # (mask latents, masked-image latents) for a 9-channel UNet
@@ -88,18 +91,19 @@ class NoisePredictor:
             mask, masked_image = self.inpaint_inputs
             x_vp = torch.cat([x_vp, mask.expand(len(x_vp), -1, -1, -1), masked_image], dim=1)
         if self.uncond is None or float(t.reshape(-1)[0]) <= self.last_guided_t:
-            return self._checked_unet(x_vp, t, self.cond)
-        out = self._checked_unet(torch.cat([x_vp, x_vp]), t, torch.cat([self.uncond, self.cond]))
+            return self._checked_unet(x_vp, t, self.cond, self.y_cond)
+        y = None if self.y_cond is None else torch.cat([self.y_uncond, self.y_cond])
+        out = self._checked_unet(torch.cat([x_vp, x_vp]), t, torch.cat([self.uncond, self.cond]), y)
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
-    def _checked_unet(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def _checked_unet(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         kept = self.driven.state()  # a retry must see the speed-ups as the first try did
 
         def compute() -> Tensor:
             self.driven.restore(kept)
             dtype = network_dtype(self.unet)
-            return self.driven(x.to(dtype), t, context.to(dtype))
+            return self.driven(x.to(dtype), t, context.to(dtype), None if y is None else y.to(dtype))
 
         where = f" at step {self.steps_done + 1} of {self.total_steps}"
         return self.fallback.run(self.unet, "UNet", compute, where=where, stay=True).float()

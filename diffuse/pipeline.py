@@ -23,6 +23,7 @@ from PIL import Image
 from diffuse import inputs
 from diffuse.adapters.embeddings import embeddings_used, load_embeddings
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
+from diffuse.conditioning_xl import encode_prompt_pair_xl, encode_prompts_xl, vector_conditioning
 from diffuse.generation import (
     AfterStep,
     NoisePredictor,
@@ -50,6 +51,7 @@ from diffuse.tokenizer import CLIPTokenizer
 
 VERSION = "diffuse 0.1.0"
 Callback = Callable[[Step], None]
+Pair = tuple[torch.Tensor, torch.Tensor | None]  # for the prompts and, with guidance, the negative prompts
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Pipeline:
     `preview_matrix` the latent -> RGB map fitted to this model's VAE for step previews
     (diffuse.preview; None: SD 1.x/2.x's, right only for their VAE); `addons` the LoRA and
     embedding folders whose files the prompts may name (diffuse.adapters.library; None: none).
+
+    SDXL models also have a second tokenizer and text encoder (OpenCLIP bigG; None for SD 1/2);
+    `zeros_for_empty_prompt` is their folder's `force_zeros_for_empty_prompt` (diffuse.conditioning_xl).
     """
 
     tokenizer: CLIPTokenizer
@@ -80,12 +85,20 @@ class Pipeline:
     scheduler_config: dict = field(default_factory=dict)
     preview_matrix: torch.Tensor | None = None
     addons: AddonLibrary | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextEncoder | None = None
+    zeros_for_empty_prompt: bool = True
     _merged: MergedLoras = field(init=False, repr=False)
     _embeddings: object = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._merged = MergedLoras({"unet": self.unet, "text_encoder": self.text_encoder})
         self._embeddings = self._load_embeddings()
+
+    @property
+    def is_xl(self) -> bool:
+        """An SDXL model: two text encoders, and size conditioning added to the time embedding."""
+        return self.text_encoder_2 is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,6 +137,10 @@ class Pipeline:
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
         """Text conditioning: prompts → token ids (75-token chunks, (word:1.2) weights) → context [B, 77·k, D]."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.is_xl:
+            if clip_skip != 1:
+                raise ValueError("clip_skip does not apply to SDXL, which reads both encoders' penultimate layer")
+            return encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)[0]
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip=clip_skip)
 
     def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
@@ -156,7 +173,8 @@ class Pipeline:
         self._merged.restore()
 
     def _load_embeddings(self):
-        if self.addons is None or not self.addons.embedding_dirs:
+        # SDXL's embeddings carry vectors for both encoders (clip_l, clip_g), which are not read yet.
+        if self.addons is None or not self.addons.embedding_dirs or self.is_xl:
             return None
         return load_embeddings(self.addons.embedding_dirs, self.config.text_encoder.width)
 
@@ -164,6 +182,8 @@ class Pipeline:
         """The files the job's `<lora:...>` tags name; an unknown name is an error before any work."""
         if not job.loras:
             return []
+        if self.is_xl:
+            raise ValueError(f"the prompt names LoRA {job.loras[0].name!r}; LoRAs on SDXL models are not supported yet")
         if self.addons is None:
             raise ValueError(f"the prompt names LoRA {job.loras[0].name!r}, but no LoRA folder was given")
         return [LoraUse(self.addons.find_lora(t.name), t.te_weight, t.unet_weight) for t in job.loras]
@@ -329,15 +349,16 @@ class Pipeline:
         # Each network output is checked; a non-finite one reruns that network in float32 (diffuse.numerics).
         fallback = Fallback(job.nan_fallback)
         self._merged.use(loras)  # before encoding: a LoRA changes the text encoder too
-        context = self._conditioning(job)
+        context, vectors = self._conditioning(job) if not self.is_xl else self._conditioning_xl(job)
         plan = self._plan(job)
         start = self._initial_latents(job, plan, generators, fallback)
-        latents = self._denoise(job, plan, start, context, generators, fallback, callback)
+        latents = self._denoise(job, plan, start, context, generators, fallback, callback, vectors)
         return self._result(job, self._decode(job, latents))
 
-    def _conditioning(self, job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _conditioning(self, job: Job) -> tuple[Pair, None]:
         """Context for the prompts and, when guidance is on, for the negative prompts (same length);
-        checked to be finite, recomputed in float32 if it is not (diffuse.numerics)."""
+        checked to be finite, recomputed in float32 if it is not (diffuse.numerics). SD 1/2 have
+        no vector conditioning (None)."""
 
         def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
             options = {"clip_skip": job.clip_skip, **self._encode_options()}
@@ -345,9 +366,38 @@ class Pipeline:
                 return encode_prompts(self.tokenizer, self.text_encoder, job.texts, **options), None
             return encode_prompt_pair(self.tokenizer, self.text_encoder, job.texts, job.negative_texts, **options)
 
-        return Fallback(job.nan_fallback).run(
+        contexts = Fallback(job.nan_fallback).run(
             self.text_encoder, "text encoder", encode, outputs=lambda pair: tuple(c for c in pair if c is not None)
         )
+        return contexts, None
+
+    def _tokenizers(self) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+        return self.tokenizer, self.tokenizer_2
+
+    def _text_encoders(self) -> tuple[CLIPTextEncoder, CLIPTextEncoder]:
+        return self.text_encoder, self.text_encoder_2
+
+    def _conditioning_xl(self, job: Job) -> tuple[Pair, Pair]:
+        """SDXL's contexts and vectors y (pooled text and sizes), for the prompts and, when guidance
+        is on, the negative prompts; a non-finite output reruns both encoders in float32."""
+        tokenizers, encoders = self._tokenizers(), self._text_encoders()
+
+        def encode():
+            if job.guidance_scale <= 1.0:
+                return encode_prompts_xl(tokenizers, encoders, job.texts), None
+            negatives = job.negative_texts
+            return encode_prompt_pair_xl(tokenizers, encoders, job.texts, negatives, self.zeros_for_empty_prompt)
+
+        cond, uncond = Fallback(job.nan_fallback).run(
+            torch.nn.ModuleList(encoders),
+            "text encoder",
+            encode,
+            outputs=lambda pair: tuple(t for side in pair if side is not None for t in side),
+        )
+        sizes = job.height, job.width, self.config.size_embed_dim
+        if uncond is None:
+            return (cond[0], None), (vector_conditioning(cond[1], *sizes), None)
+        return (cond[0], uncond[0]), (vector_conditioning(cond[1], *sizes), vector_conditioning(uncond[1], *sizes))
 
     @staticmethod
     def _plan(job: Job) -> Plan:
@@ -400,8 +450,10 @@ class Pipeline:
         generators: list[torch.Generator],
         fallback: Fallback,
         callback: Callback | None,
+        vectors: Pair | None = None,
     ) -> torch.Tensor:
-        """The sampler's loop from `start`, guided by the prompts; the final latents in the UNet's scale."""
+        """The sampler's loop from `start`, guided by the prompts (and for SDXL the vectors y); the
+        final latents in the UNet's scale."""
         shape, sigmas = self._latent_shape(job), plan.sigmas.to(self.device)
         driven = DrivenUNet(self.unet, job.speedups, shape[1:])
         inpaint_unet = self.config.unet.in_channels == 9
@@ -414,6 +466,7 @@ class Pipeline:
             last_guided_timestep(plan.timesteps, plan.steps, job.speedups.guidance_cutoff),
             plan.steps,
             (start.mask, start.masked_image) if inpaint_unet else None,
+            vectors,
         )
         blend_known = start.image is not None and start.mask is not None and not inpaint_unet
         after_step = AfterStep(predictor, plan, sigmas, start, blend_known, callback, self.preview_matrix)

@@ -308,6 +308,13 @@ def encode_chunks(
         hidden = text_encoder(ids, clip_skip=clip_skip, token_embeddings=vectors)
     else:  # the plain call, so prompts without embeddings encode exactly as before
         hidden = text_encoder(ids, clip_skip=clip_skip)
+    return apply_weights(hidden, chunks)
+
+
+def apply_weights(hidden: torch.Tensor, chunks: list[PromptChunk]) -> torch.Tensor:
+    """A1111's "Original" emphasis on hidden states [N, 77, D] of `chunks` (see encode_chunks);
+    `hidden` itself when no chunk weights a token."""
+    device = hidden.device
     weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32, device=device)
     weighted_rows = (weights != 1.0).any(dim=1)
     if not bool(weighted_rows.any()):

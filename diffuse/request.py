@@ -78,6 +78,7 @@ class GenerationRequest:
             multiple=config.vae.downsample_factor,
         )
         inputs.check_clip_skip(self.clip_skip, config.text_encoder.layers)
+        self._check_for_xl(config)
         prompts, negatives = self._prompts()
         texts, negative_texts, loras = lora_tags(prompts, negatives)
         first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
@@ -101,6 +102,16 @@ class GenerationRequest:
             image=image,
             mask=mask,
         )
+
+    def _check_for_xl(self, config: PipelineConfig) -> None:
+        """What an SDXL model cannot take: clip skip (it reads both encoders' penultimate layer) and
+        token merging (it merges at full resolution, where SDXL's UNet has no attention)."""
+        if config.text_encoder_2 is None:
+            return
+        if self.clip_skip != 1:
+            raise ValueError(f"clip_skip {self.clip_skip} does not apply to SDXL, which reads the penultimate layer")
+        if self.speedups is not None and self.speedups.token_merging and not config.unet.attention_levels[0]:
+            raise ValueError("token merging works on full-resolution attention, which this SDXL UNet does not have")
 
     def _pictures(self) -> tuple[Image.Image | None, Image.Image | None]:
         """The input image and mask, opened now so that a broken file fails first."""

@@ -85,9 +85,9 @@ class DeepCache:
         self.calls += 1
         return not due and self.features is not None and self.features.shape[0] == batch
 
-    def __call__(self, latents: Tensor, timesteps: Tensor | float, context: Tensor) -> Tensor:
+    def __call__(self, latents: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor | None = None) -> Tensor:
         unet = self.unet
-        emb = unet.embed_time(timesteps, latents)
+        emb = unet.embed_time(timesteps, latents, y)
         # The first `shallow` input blocks and the last `shallow` output blocks (which take
         # exactly their skips) always run; the rest is the deep part.
         shallow = min(self.depth, unet.cfg.num_res_blocks + 1)
@@ -233,7 +233,7 @@ def merging_self_attention(unet: nn.Module, merging: TokenMerging) -> Iterator[N
 
 
 class DrivenUNet:
-    """The UNet as one generation calls it: `driven(latents, timesteps, context)`, with that
+    """The UNet as one generation calls it: `driven(latents, timesteps, context, y)`, with that
     generation's speed-ups (none, cache, merging) applied. `state()` and `restore(state)` let a
     call be made again exactly as the first try was (diffuse.numerics' float32 retry).
 
@@ -246,12 +246,14 @@ class DrivenUNet:
         self.cache = DeepCache(unet, interval, depth) if interval > 1 else None
         self.merging = TokenMerging(speedups.token_merging, latent_size) if speedups.token_merging else None
 
-    def __call__(self, latents: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    def __call__(self, latents: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """y is SDXL's vector conditioning (None for SD 1/2), which every speed-up passes on."""
         run = self.cache if self.cache is not None else self.unet
+        inputs = (latents, timesteps, context) if y is None else (latents, timesteps, context, y)
         if self.merging is None:
-            return run(latents, timesteps, context)
+            return run(*inputs)
         with merging_self_attention(self.unet, self.merging):
-            return run(latents, timesteps, context)
+            return run(*inputs)
 
     def state(self) -> tuple:
         cache = (self.cache.calls, self.cache.features) if self.cache is not None else None

@@ -1,0 +1,99 @@
+"""SDXL's conditioning: what its UNet cross-attends to, and the vector y added to its time embedding.
+
+    prompt ─tokenizer 1 (pads with EOS)─▶ CLIP ViT-L ──penultimate──┐
+          ─tokenizer 2 (pads with id 0)─▶ OpenCLIP bigG ─penultimate─┴─▶ context [B, 77·k, 768 + 1280]
+                                                 └─last layer, final norm, first EOS, projection─▶ pooled [B, 1280]
+    y = [pooled | sinusoids of (original h, w, crop top, left, target h, w)]  [B, 1280 + 6·256]
+
+Both encoders give their penultimate layer WITHOUT the final layer norm (SD1's "clip skip 2"
+does apply it). Long prompts are read in 75-token chunks as for SD 1/2 (diffuse.prompts), each
+encoder's chunks laid end to end; the pooled vector comes from bigG's first chunk, as in A1111.
+An empty negative prompt is all zeros, context and pooled alike (diffusers'
+`force_zeros_for_empty_prompt`, A1111's `force_zero_embeddings`): the model was trained to
+read zeros as "no text".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.unet import timestep_embedding
+from diffuse.prompts import PromptChunk, apply_weights, prompt_chunks
+from diffuse.tokenizer import CLIPTokenizer
+
+
+def size_conditioning(batch: int, height: int, width: int, dim: int, crop: tuple[int, int] = (0, 0)) -> Tensor:
+    """The micro-conditioning part of y [batch, 6·dim]: original size, crop corner, target size,
+    height first, each scalar as a dim-wide [cos | sin] sinusoid (max period 10000).
+
+    The original and target sizes are the size asked for, as diffusers and A1111 set them: the
+    model then draws as it did for uncropped training images of that size."""
+    values = torch.tensor([height, width, *crop, height, width], dtype=torch.float32)
+    return timestep_embedding(values, dim).reshape(1, -1).expand(batch, -1)
+
+
+def vector_conditioning(pooled: Tensor, height: int, width: int, dim: int) -> Tensor:
+    """y = [pooled | size_conditioning] [B, pooled width + 6·dim], in float32."""
+    sizes = size_conditioning(len(pooled), height, width, dim).to(pooled.device)
+    return torch.cat([pooled.float(), sizes], dim=1)
+
+
+def _chunks_per_text(tokenizers: Sequence[CLIPTokenizer], text: str) -> list[list[PromptChunk]]:
+    """The text's chunks for each tokenizer; the counts must agree, as the contexts are joined on channels."""
+    per_tokenizer = [prompt_chunks(tokenizer, text) for tokenizer in tokenizers]
+    if len({len(chunks) for chunks in per_tokenizer}) != 1:
+        raise ValueError(f"the two tokenizers split the prompt {text[:60]!r} into different numbers of chunks")
+    return per_tokenizer
+
+
+def encode_prompts_xl(
+    tokenizers: Sequence[CLIPTokenizer], text_encoders: Sequence[CLIPTextEncoder], texts: list[str]
+) -> tuple[Tensor, Tensor]:
+    """Prompts -> (context [B, 77·k, sum of widths], pooled [B, projection width]) from the last encoder.
+
+    k is the largest chunk count among the prompts; a prompt with fewer chunks is filled up with
+    the empty prompt's chunk, as A1111 fills a conditioning up. Each distinct text is encoded once."""
+    unique = list(dict.fromkeys(texts))
+    per_text = [_chunks_per_text(tokenizers, text) for text in unique]
+    count = max(len(chunks[0]) for chunks in per_text)
+    padded = [
+        [c + prompt_chunks(tok, "") * (count - len(c)) for tok, c in zip(tokenizers, chunks)] for chunks in per_text
+    ]
+    contexts, pooled = [], None
+    for n, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders)):
+        chunks = [chunk for per_tokenizer in padded for chunk in per_tokenizer[n]]
+        device = next(encoder.parameters()).device
+        ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=device)
+        hidden, pooled = encoder.sdxl_outputs(ids, tokenizer.eos_token_id)
+        contexts.append(apply_weights(hidden, chunks).reshape(len(unique), count * ids.shape[1], -1))
+    context = torch.cat([c.to(contexts[0].dtype) for c in contexts], dim=-1)
+    first_chunk_pooled = pooled.reshape(len(unique), count, -1)[:, 0]
+    row = {text: i for i, text in enumerate(unique)}
+    index = torch.tensor([row[text] for text in texts], device=context.device)
+    return context[index], first_chunk_pooled[index.to(pooled.device)]
+
+
+def encode_prompt_pair_xl(
+    tokenizers: Sequence[CLIPTokenizer],
+    text_encoders: Sequence[CLIPTextEncoder],
+    prompts: list[str],
+    negative_prompts: list[str],
+    zeros_for_empty: bool = True,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((context, pooled) of the prompts, (context, pooled) of the negative prompts), with the same
+    context length, encoded in one call per encoder. With `zeros_for_empty` an empty negative
+    prompt's context and pooled vector are zeros."""
+    if len(prompts) != len(negative_prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; they must pair up")
+    context, pooled = encode_prompts_xl(tokenizers, text_encoders, list(prompts) + list(negative_prompts))
+    n = len(prompts)
+    uncond_context, uncond_pooled = context[n:], pooled[n:]
+    if zeros_for_empty:
+        empty = torch.tensor([text == "" for text in negative_prompts])
+        uncond_context = torch.where(empty.to(context.device)[:, None, None], 0.0, uncond_context)
+        uncond_pooled = torch.where(empty.to(pooled.device)[:, None], 0.0, uncond_pooled)
+    return (context[:n], pooled[:n]), (uncond_context, uncond_pooled)
