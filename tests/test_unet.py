@@ -179,9 +179,9 @@ def test_pairs_read_as_the_correspondence():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("addition_embed_type", "text_time"),  # SDXL's size/crop conditioning
+        ("addition_embed_type", "text_image"),  # Kandinsky's; SDXL's "text_time" is supported
         ("class_embed_type", "timestep"),
-        ("transformer_layers_per_block", [1, 2, 10]),  # SDXL's non-uniform depth
+        ("transformer_layers_per_block", [[1, 2], 1, 1, 1]),  # depths differing within a level
         ("flip_sin_to_cos", False),
         ("freq_shift", 1),
         ("time_embedding_type", "fourier"),

@@ -44,23 +44,27 @@ OPEN_CLIP_BLOCK_PAIRS: PrefixPairs = [
 ]
 
 # Tensors the checkpoints carry that conditioning never uses: CLIP's contrastive head
-# (projection and temperature) and transformers' position-id buffer of older files.
+# (projection and temperature) and transformers' position-id buffer of older files. SDXL's
+# second encoder keeps its projection (TextEncoderConfig.projection_dim).
 UNUSED_KEYS = ("text_projection", "logit_scale", "embeddings.position_ids")
+PROJECTION = "text_projection"
 
 OPEN_CLIP_BLOCKS = "transformer.resblocks."
 FUSED_QKV = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
 
 
-def without_unused(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if not any(k == u or k.startswith(u + ".") for u in UNUSED_KEYS)}
+def without_unused(state: Mapping[str, torch.Tensor], keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    unused = [u for u in UNUSED_KEYS if u not in keep]
+    return {k: v for k, v in state.items() if not any(k == u or k.startswith(u + ".") for u in unused)}
 
 
 # ---------------------------------------------------------------- transformers
 
 
-def from_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict ("text_model.*", or the older unprefixed layout) -> ours."""
-    return without_unused(rename_prefixes(state, TRANSFORMERS_PAIRS))
+def from_transformers(state: Mapping[str, torch.Tensor], *, with_projection: bool = False) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict ("text_model.*", or the older unprefixed layout) -> ours;
+    `with_projection` keeps CLIPTextModelWithProjection's `text_projection` (SDXL's text_encoder_2)."""
+    return without_unused(rename_prefixes(state, TRANSFORMERS_PAIRS), keep=(PROJECTION,) if with_projection else ())
 
 
 def to_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,11 +169,16 @@ TRANSFORMERS_FIELDS = {
     "intermediate_size": integer(1, limits.MAX_MLP_WIDTH),
     "hidden_act": text(),  # the supported names are checked below, where the message lists them
     "layer_norm_eps": number(0, 1, above_low=True),
+    "projection_dim": integer(1, limits.MAX_WIDTH),
 }
 
 
-def config_from_transformers(config: Mapping) -> TextEncoderConfig:
-    """A diffusers folder's text_encoder/config.json (a transformers CLIPTextConfig) -> ours."""
+def config_from_transformers(config: Mapping, *, with_projection: bool = False) -> TextEncoderConfig:
+    """A diffusers folder's text_encoder/config.json (a transformers CLIPTextConfig) -> ours.
+
+    `with_projection`: the folder holds a CLIPTextModelWithProjection (SDXL's text_encoder_2),
+    whose `projection_dim` (CLIPTextConfig's default: 512) sizes text_projection. A plain
+    CLIPTextModel's config names a projection_dim too, but its weights have no projection."""
     check_fields(config, TRANSFORMERS_FIELDS)
     missing = [
         k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in config
@@ -188,6 +197,7 @@ def config_from_transformers(config: Mapping) -> TextEncoderConfig:
         mlp_width=int(config["intermediate_size"]),
         activation=activation,
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        projection_dim=int(config.get("projection_dim", 512)) if with_projection else 0,
     )
     limits.check_text_encoder(cfg)  # what the fields allow one by one may still not build (heads vs width)
     return cfg
@@ -197,7 +207,7 @@ def config_to_transformers(cfg: TextEncoderConfig, *, bos_token_id: int, eos_tok
     """A transformers CLIPTextConfig dict (text_encoder/config.json) for ours; the inverse of
     config_from_transformers. The special-token ids come from the tokenizer the encoder is used with."""
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_length,
@@ -207,9 +217,9 @@ def config_to_transformers(cfg: TextEncoderConfig, *, bos_token_id: int, eos_tok
         "intermediate_size": cfg.mlp_width,
         "hidden_act": cfg.activation,
         "layer_norm_eps": cfg.layer_norm_eps,
-        # Only CLIPTextModelWithProjection has a projection; SD uses the hidden states, so it
-        # is sized like them (as CLIP-L's 768 and OpenCLIP-H's 1024 are).
-        "projection_dim": cfg.width,
+        # Only CLIPTextModelWithProjection has a projection; SD 1/2 use the hidden states, so
+        # theirs is sized like them (as CLIP-L's 768 and OpenCLIP-H's 1024 are).
+        "projection_dim": cfg.projection_dim or cfg.width,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,

@@ -152,21 +152,30 @@ def read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]
 
 
 def read_diffusers_folder(
-    root: Path, pad_token_id: int
+    root: Path, pad_token_id: int, pad_token_id_2: int = 0
 ) -> tuple[PipelineConfig, dict[str, tuple[dict[str, torch.Tensor], Path]]]:
     """The pipeline config and, per component, its tensors in OUR layout and the file they came from.
 
-    `pad_token_id` comes from the folder's own tokenizer files, read by the caller.
+    `pad_token_id` (and, for SDXL's second tokenizer, `pad_token_id_2`) come from the folder's
+    own tokenizer files, read by the caller. An SDXL folder adds "text_encoder_2" (a
+    CLIPTextModelWithProjection, its text_projection kept).
     """
-    unet_cfg, sample_size = read_config(
+    unet_cfg, sample_size, size_embed_dim = read_config(
         root / "unet" / "config.json",
         lambda config: (
             unet_layout.config_from_diffusers(config),
             config.get("sample_size") or 64,  # null (diffusers' own default) means SD's 64
+            config.get("addition_time_embed_dim") if config.get("addition_embed_type") == "text_time" else 0,
         ),
     )
     vae_cfg = read_config(root / "vae" / "config.json", vae_layout.config_from_diffusers)
     text_cfg = read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
+    second = root / "text_encoder_2"
+    text_cfg_2 = None
+    if (second / "config.json").is_file():
+        text_cfg_2 = read_config(
+            second / "config.json", lambda config: clip_layout.config_from_transformers(config, with_projection=True)
+        )
     prediction_type = read_scheduler_config(root).get("prediction_type", "epsilon")
 
     unet_state, unet_file = read_component_weights(root / "unet")
@@ -177,6 +186,9 @@ def read_diffusers_folder(
         "vae": (vae_layout.from_diffusers(vae_state, vae_cfg), vae_file),
         "text_encoder": (clip_layout.from_transformers(text_state), text_file),
     }
+    if text_cfg_2 is not None:
+        text_state_2, text_file_2 = read_component_weights(second)
+        weights["text_encoder_2"] = (clip_layout.from_transformers(text_state_2, with_projection=True), text_file_2)
     config = PipelineConfig(
         name=root.name,
         text_encoder=text_cfg,
@@ -185,6 +197,9 @@ def read_diffusers_folder(
         prediction_type=prediction_type,
         pad_token_id=pad_token_id,
         sample_size=sample_size if isinstance(sample_size, int) else sample_size[0],
+        text_encoder_2=text_cfg_2,
+        pad_token_id_2=pad_token_id_2,
+        size_embed_dim=size_embed_dim,
     )
     return config, weights
 

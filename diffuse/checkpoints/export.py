@@ -106,6 +106,8 @@ def save_diffusers_folder(
 def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     """Each network's config.json, checked to describe exactly the network it came from."""
     cfg, tokenizer = pipe.config, pipe.tokenizer
+    if cfg.text_encoder_2 is not None or cfg.unet.adm_in_channels:
+        raise ValueError("writing an SDXL model is not supported yet")
     if tokenizer.pad_token_id != cfg.pad_token_id:
         # The folder states the pad token once, in the tokenizer; the two must agree.
         raise ValueError(

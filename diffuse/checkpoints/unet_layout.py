@@ -31,6 +31,8 @@ from diffuse.models.configs import UNetConfig
 TOP_LEVEL_PAIRS: PrefixPairs = [
     ("time_embedding.linear_1", "time_embed.0"),
     ("time_embedding.linear_2", "time_embed.2"),
+    ("add_embedding.linear_1", "label_emb.0.0"),  # SDXL's vector conditioning y
+    ("add_embedding.linear_2", "label_emb.0.2"),
     ("conv_in", "input_blocks.0.0"),
     ("conv_norm_out", "out.0"),
     ("conv_out", "out.2"),
@@ -101,10 +103,10 @@ def to_diffusers(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str
 
 
 # diffusers config fields that, set otherwise, describe a network this UNet does not
-# build (SDXL's added conditioning, class labels, other time embeddings or blocks):
-# field -> the values SD 1.x/2.x use (diffusers' defaults, which a config may omit).
+# build (class labels, other time embeddings or blocks): field -> the values SD 1.x/2.x
+# use (diffusers' defaults, which a config may omit), then the ones SDXL adds.
 SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
     "encoder_hid_dim": (None,),
@@ -183,6 +185,8 @@ DIFFUSERS_FIELDS = {
     "norm_num_groups": optional(_CHANNELS),
     "norm_eps": number(0, 1, above_low=True),
     "time_embedding_dim": optional(integer(1, 4 * limits.MAX_WIDTH)),
+    "projection_class_embeddings_input_dim": optional(_CHANNELS),
+    "addition_time_embed_dim": optional(integer(2, limits.MAX_WIDTH)),
 }
 
 
@@ -191,7 +195,7 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     check_fields(config, DIFFUSERS_FIELDS)
     for field, allowed in SUPPORTED_VALUES.items():
         if field in config and config[field] not in allowed:
-            raise refuse(field, config[field], f"this UNet runs SD 1.x/2.x, which use {allowed[0]!r}")
+            raise refuse(field, config[field], f"this UNet runs {' or '.join(map(repr, allowed))}")
     if uniform(config, "only_cross_attention", False):
         raise refuse(
             "only_cross_attention", config["only_cross_attention"], "every transformer here has self-attention"
@@ -221,16 +225,18 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     if len(heads) != len(down):
         raise refuse("attention_head_dim", heads, "one head count per level")
 
+    attention_levels = tuple(DOWN_BLOCKS[t] for t in down)
     cfg = UNetConfig(
         in_channels=config.get("in_channels", 4),
         out_channels=config.get("out_channels", 4),
         model_channels=channels[0],
         channel_mult=tuple(c // channels[0] for c in channels),
         num_res_blocks=uniform(config, "layers_per_block", 2),
-        attention_levels=tuple(DOWN_BLOCKS[t] for t in down),
+        attention_levels=attention_levels,
         heads=heads,
-        transformer_depth=uniform(config, "transformer_layers_per_block", 1),
+        **transformer_depths(config, attention_levels),
         context_dim=uniform(config, "cross_attention_dim", 1280),
+        adm_in_channels=added_embedding_width(config),
         use_linear_projection=bool(config.get("use_linear_projection", False)),
         norm_groups=norm_groups,
         norm_eps=config.get("norm_eps", 1e-5),
@@ -239,10 +245,61 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     return cfg
 
 
-def config_to_diffusers(cfg: UNetConfig, *, sample_size: int) -> dict[str, Any]:
+def transformer_depths(config: Mapping[str, Any], attention_levels: tuple[bool, ...]) -> dict[str, Any]:
+    """UNetConfig's depth fields from `transformer_layers_per_block`: one depth for all, or one per
+    level (SDXL: [1, 2, 10]); the middle block takes the deepest level's entry, as diffusers builds it."""
+    value = config.get("transformer_layers_per_block", 1)
+    if not isinstance(value, (list, tuple)):
+        return {"transformer_depth": value}
+    if len(value) != len(attention_levels):
+        raise refuse("transformer_layers_per_block", value, "one depth per level")
+    per_level = []
+    for entry in value:  # an entry may itself list a depth per block of its level
+        blocks = set(entry) if isinstance(entry, (list, tuple)) else {entry}
+        if len(blocks) != 1:
+            raise refuse("transformer_layers_per_block", value, "this UNet needs one depth per level")
+        per_level.append(blocks.pop())
+    mid = per_level[-1]
+    attending = {d for d, attends in zip(per_level, attention_levels) if attends}
+    if attending <= {mid}:  # one depth everywhere (SD 1.x/2.x write [1, 1, 1, 1])
+        return {"transformer_depth": mid}
+    depths = tuple(d if attends else 0 for d, attends in zip(per_level, attention_levels))
+    # Stated only where it is not the deepest level's own depth (a deepest level without attention).
+    return {"transformer_depths": depths, "mid_transformer_depth": None if depths[-1] == mid else mid}
+
+
+def diffusers_depths(cfg: UNetConfig) -> int | list[int]:
+    """`transformer_layers_per_block` for our config. diffusers' middle block reads the last entry,
+    so the deepest level, where it attends, must have the middle block's depth."""
+    if cfg.transformer_depths is None and cfg.mid_transformer_depth in (None, cfg.transformer_depth):
+        return cfg.transformer_depth
+    last = len(cfg.channel_mult) - 1
+    if cfg.attention_levels[last] and cfg.depth(last) != cfg.mid_depth:
+        raise ValueError(
+            f"diffusers cannot state a middle depth ({cfg.mid_depth}) other than the deepest level's ({cfg.depth(last)})"
+        )
+    # Levels without attention keep diffusers' 1 there.
+    return [cfg.depth(level) or 1 for level in range(last)] + [cfg.mid_depth]
+
+
+def added_embedding_width(config: Mapping[str, Any]) -> int:
+    """adm_in_channels: the width of y that `add_embedding` takes (SDXL's "text_time"), else 0."""
+    if config.get("addition_embed_type") != "text_time":
+        return 0
+    for field in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        if config.get(field) is None:
+            raise refuse(field, None, 'addition_embed_type "text_time" needs it')
+    if config["addition_time_embed_dim"] % 2:
+        raise refuse("addition_time_embed_dim", config["addition_time_embed_dim"], "must be even (cos and sin halves)")
+    return config["projection_class_embeddings_input_dim"]
+
+
+def config_to_diffusers(cfg: UNetConfig, *, sample_size: int, size_embed_dim: int = 0) -> dict[str, Any]:
     """A diffusers `unet/config.json` dict for our UNetConfig (the inverse of config_from_diffusers).
 
-    `sample_size` is the latent side the model was trained at (PipelineConfig.sample_size).
+    `sample_size` is the latent side the model was trained at (PipelineConfig.sample_size);
+    `size_embed_dim` the width of each size-conditioning sinusoid (PipelineConfig.size_embed_dim),
+    which a UNet with vector conditioning (adm_in_channels) needs.
     Every field of SUPPORTED_VALUES is written out with SD's value, so the file states the
     whole architecture instead of leaning on diffusers' defaults.
     """
@@ -259,7 +316,7 @@ def config_to_diffusers(cfg: UNetConfig, *, sample_size: int) -> dict[str, Any]:
         # diffusers' naming quirk again: per-level head COUNTS go in attention_head_dim.
         "attention_head_dim": list(cfg.heads),
         "num_attention_heads": None,
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": diffusers_depths(cfg),
         "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.use_linear_projection,
         "only_cross_attention": False,
@@ -267,6 +324,20 @@ def config_to_diffusers(cfg: UNetConfig, *, sample_size: int) -> dict[str, Any]:
         "norm_eps": cfg.norm_eps,
         "time_embedding_dim": None,  # 4 * block_out_channels[0], as config_from_diffusers requires
         **{field: allowed[0] for field, allowed in SUPPORTED_VALUES.items()},
+        **added_embedding_config(cfg, size_embed_dim),
+    }
+
+
+def added_embedding_config(cfg: UNetConfig, size_embed_dim: int) -> dict[str, Any]:
+    """The config fields of SDXL's `add_embedding` (none for a UNet without vector conditioning)."""
+    if not cfg.adm_in_channels:
+        return {}
+    if not size_embed_dim:
+        raise ValueError("a UNet with vector conditioning (adm_in_channels) needs size_embed_dim")
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": size_embed_dim,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels,
     }
 
 

@@ -3,7 +3,9 @@
 SD1 uses OpenAI's CLIP ViT-L/14 text tower, SD2 OpenCLIP's ViT-H/14 one; both are
 the same pre-norm causal transformer and differ only in size and MLP activation.
 Stable Diffusion conditions on the per-token hidden states (after the final layer
-norm), not on CLIP's pooled contrastive embedding.
+norm), not on CLIP's pooled contrastive embedding. SDXL conditions on both: the
+penultimate layer's hidden states (without the final norm) and, from its second
+encoder (OpenCLIP ViT-bigG/14), the pooled embedding through `text_projection`.
 
 Parameter names follow transformers' CLIPTextModel (without its leading
 "text_model."), so a diffusers folder's text encoder loads by a prefix strip.
@@ -110,6 +112,9 @@ class CLIPTextEncoder(nn.Module):
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        if cfg.projection_dim:
+            # CLIP's contrastive head: the pooled token into the joint text-image space.
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def forward(
         self, ids: torch.Tensor, clip_skip: int = 1, token_embeddings: torch.Tensor | None = None
@@ -126,14 +131,37 @@ class CLIPTextEncoder(nn.Module):
         layers = len(self.encoder.layers)
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"clip_skip must be between 1 and {layers} (the encoder's layer count), got {clip_skip}")
+        x = self.embed(ids, token_embeddings)
+        for layer in self.encoder.layers[: layers - clip_skip + 1]:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+    def embed(self, ids: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """The first layer's input [B, T, width], after checking ids (and token_embeddings) fit the encoder."""
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's {self.cfg.max_length} positions")
         if token_embeddings is not None and token_embeddings.shape != (*ids.shape, self.cfg.width):
             raise ValueError(f"token_embeddings {tuple(token_embeddings.shape)} do not fit ids {tuple(ids.shape)}")
-        x = self.embeddings(ids, token_embeddings)
-        for layer in self.encoder.layers[: layers - clip_skip + 1]:
+        return self.embeddings(ids, token_embeddings)
+
+    def sdxl_outputs(
+        self, ids: torch.Tensor, eos_token_id: int = 49407, token_embeddings: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What SDXL takes from this encoder, in one pass: (the penultimate layer's hidden states
+        [B, T, width], WITHOUT the final layer norm, and the last layer's final-normed state at the
+        first end-of-text token [B, projection_dim], through text_projection where there is one,
+        else [B, width]). The two are different layers: the context the UNet attends to is the
+        input of the last layer, the pooled vector its output."""
+        if len(self.encoder.layers) < 2:
+            raise ValueError("SDXL's conditioning needs a text encoder of at least 2 layers")
+        x = self.embed(ids, token_embeddings)
+        for layer in self.encoder.layers[:-1]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        penultimate = x
+        pooled = self.pooled(self.final_layer_norm(self.encoder.layers[-1](x)), ids, eos_token_id)
+        if self.cfg.projection_dim:
+            pooled = self.text_projection(pooled)
+        return penultimate, pooled
 
     def pooled(self, hidden: torch.Tensor, ids: torch.Tensor, eos_token_id: int = 49407) -> torch.Tensor:
         """The hidden state at each row's first end-of-text token [B, width].

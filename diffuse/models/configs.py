@@ -219,6 +219,7 @@ def check_unet(cfg: UNetConfig) -> None:
             _count(f"transformer_depths[{level}]", depth, low, MAX_TRANSFORMER_DEPTH)
     if cfg.mid_transformer_depth is not None:
         _count("mid_transformer_depth", cfg.mid_transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+    _count("the middle block's depth", cfg.mid_depth, 1, MAX_TRANSFORMER_DEPTH)
     _count("context_dim", cfg.context_dim, 1, MAX_WIDTH)
     _count("adm_in_channels", cfg.adm_in_channels, 0, MAX_WIDTH)
     _count("norm_groups", cfg.norm_groups, 1, MAX_WIDTH)
@@ -283,3 +284,27 @@ def check_pipeline(cfg: PipelineConfig) -> None:
         except ValueError as e:
             raise ValueError(f"text_encoder_2: {e}") from None
         _count("pad_token_id_2", cfg.pad_token_id_2, 0, cfg.text_encoder_2.vocab_size - 1)
+    check_vector_conditioning(cfg)
+
+
+def check_vector_conditioning(cfg: PipelineConfig) -> None:
+    """SDXL base: the UNet's y is the second encoder's pooled vector and six size sinusoids, and its
+    context both encoders' hidden states side by side; anything else cannot be conditioned here."""
+    if not cfg.unet.adm_in_channels and cfg.text_encoder_2 is None:
+        return
+    if cfg.text_encoder_2 is None or not cfg.size_embed_dim:
+        raise ValueError(
+            f"unet: adm_in_channels={cfg.unet.adm_in_channels} needs text_encoder_2 and size_embed_dim "
+            "(SDXL base; the refiner is not supported yet)"
+        )
+    pooled = cfg.text_encoder_2.projection_dim or cfg.text_encoder_2.width
+    if cfg.unet.adm_in_channels != pooled + 6 * cfg.size_embed_dim:
+        raise ValueError(
+            f"unet: adm_in_channels={cfg.unet.adm_in_channels} is not the pooled width {pooled} "
+            f"+ 6 x size_embed_dim {cfg.size_embed_dim} (SDXL base; the refiner is not supported yet)"
+        )
+    if cfg.unet.context_dim != cfg.text_encoder.width + cfg.text_encoder_2.width:
+        raise ValueError(
+            f"unet: context_dim={cfg.unet.context_dim} is not the two text encoders' widths together "
+            f"({cfg.text_encoder.width} + {cfg.text_encoder_2.width})"
+        )

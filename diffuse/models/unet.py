@@ -150,7 +150,7 @@ class SpatialTransformer(nn.Module):
     (after flattening); the two are the same map, stored with different weight shapes.
     """
 
-    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, depth: int, cfg: UNetConfig):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels do not split into {heads} attention heads")
@@ -158,7 +158,7 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, cfg.context_dim, heads) for _ in range(cfg.transformer_depth)
+            BasicTransformerBlock(channels, cfg.context_dim, heads) for _ in range(depth)
         )
         self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
@@ -231,7 +231,7 @@ def level_block(cfg: UNetConfig, level: int, in_channels: int, out_channels: int
     """A ResBlock, then a SpatialTransformer on the levels that attend to the text."""
     block = nn.ModuleList([ResBlock(in_channels, out_channels, cfg.time_embed_dim, cfg)])
     if cfg.attention_levels[level]:
-        block.append(SpatialTransformer(out_channels, cfg.heads[level], cfg))
+        block.append(SpatialTransformer(out_channels, cfg.heads[level], cfg.depth(level), cfg))
     return block
 
 
@@ -245,6 +245,12 @@ class UNet(nn.Module):
         levels = len(cfg.channel_mult)
 
         self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:
+            # SDXL's vector conditioning (pooled text and image sizes) joins the timestep embedding;
+            # nested as in sgm so the names read `label_emb.0.0` / `label_emb.0.2`.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         # Down path. skip_channels records each block's output width, which the up
         # path meets again, in reverse, through its skip connections.
@@ -262,7 +268,7 @@ class UNet(nn.Module):
         self.middle_block = nn.ModuleList(
             [
                 ResBlock(ch, ch, emb_dim, cfg),
-                SpatialTransformer(ch, cfg.mid_heads, cfg),
+                SpatialTransformer(ch, cfg.mid_heads, cfg.mid_depth, cfg),
                 ResBlock(ch, ch, emb_dim, cfg),
             ]
         )
@@ -283,17 +289,29 @@ class UNet(nn.Module):
             nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
         )
 
-    def embed_time(self, timesteps: Tensor | float, latents: Tensor) -> Tensor:
+    def embed_time(self, timesteps: Tensor | float, latents: Tensor, y: Tensor | None = None) -> Tensor:
         """The timestep embedding [B, time_embed_dim] every ResBlock adds, for timesteps [B] or
-        one for the whole batch of latents."""
+        one for the whole batch of latents, plus the embedded vector conditioning y where the
+        UNet takes one (SDXL)."""
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         t_features = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
-        return self.time_embed(t_features)
+        emb = self.time_embed(t_features)
+        if self.cfg.adm_in_channels:
+            if y is None or y.shape != (latents.shape[0], self.cfg.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(
+                    f"this UNet needs y of shape [{latents.shape[0]}, {self.cfg.adm_in_channels}], got {got}"
+                )
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        elif y is not None:
+            raise ValueError("this UNet takes no vector conditioning y")
+        return emb
 
-    def forward(self, latents: Tensor, timesteps: Tensor | float, context: Tensor) -> Tensor:
-        """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim]
+    def forward(self, latents: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """latents [B, in_channels, H, W], timesteps [B] or one for all, context [B, T, context_dim],
+        y [B, adm_in_channels] where the UNet takes vector conditioning (SDXL)
         -> noise prediction [B, out_channels, H, W]."""
-        emb = self.embed_time(timesteps, latents)
+        emb = self.embed_time(timesteps, latents, y)
         h, skips = latents, []
         for block in self.input_blocks:
             h = run_block(block, h, emb, context)
