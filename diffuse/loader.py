@@ -20,6 +20,7 @@ from diffuse.checkpoints.diffusers_folder import (
     check_tokenizer_files,
     is_diffusers_folder,
     read_diffusers_folder,
+    read_json,
     read_preview_matrix,
     read_scheduler_config,
 )
@@ -100,8 +101,12 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
                 path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)"
             )
         tokenizer = read_tokenizer(path / "tokenizer")
-        detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id)
+        # SDXL's second tokenizer (bigG's); its pad id is its own (0 in the SDXL folders).
+        tokenizer_2 = read_tokenizer(path / "tokenizer_2") if (path / "tokenizer_2").is_dir() else None
+        pad_2 = {} if tokenizer_2 is None else {"pad_token_id_2": tokenizer_2.pad_token_id}
+        detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id, **pad_2)
         config = config or detected
+        zeros_for_empty_prompt = read_zeros_for_empty_prompt(path)
         files = {name: file for name, (_, file) in weights.items()}
         states = {name: state for name, (state, _) in weights.items()}
         del weights  # `states` alone holds the tensors now: filling releases them one by one
@@ -115,6 +120,7 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         config, states = split_single_file(state, path, config)
         del state  # `states` alone holds the tensors now: filling releases them one by one
         tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
+        tokenizer_2, zeros_for_empty_prompt = None, True
         files = dict.fromkeys(states, path)
         scheduler_config = {}  # Stable Diffusion's defaults
         preview_matrix = None  # nor does a single file carry a preview matrix: SD's
@@ -122,6 +128,8 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         check_pipeline(config)  # before anything is built from it
     except ValueError as e:
         raise CheckpointError(path, f"unusable architecture: {e}") from None
+    if len({config.text_encoder_2 is not None, tokenizer_2 is not None, "text_encoder_2" in states}) != 1:
+        raise CheckpointError(path, "an SDXL model needs its text_encoder_2 config, weights and tokenizer_2 together")
 
     def fill(name, make):
         # Laid out while filling, so each weight is copied once; prepare() then finds it in place.
@@ -133,6 +141,9 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
     unet = fill("unet", lambda: UNet(config.unet))
     if probe and predicts_v(unet):
         config = replace(config, prediction_type="v_prediction")
+    text_encoder_2 = None
+    if config.text_encoder_2 is not None:
+        text_encoder_2 = fill("text_encoder_2", lambda: CLIPTextEncoder(config.text_encoder_2))
     return Pipeline(
         tokenizer=tokenizer,
         text_encoder=fill("text_encoder", lambda: CLIPTextEncoder(config.text_encoder)),
@@ -142,6 +153,9 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         source=path,
         scheduler_config=scheduler_config,
         preview_matrix=preview_matrix,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
+        zeros_for_empty_prompt=zeros_for_empty_prompt,
     )
 
 
@@ -152,6 +166,15 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
         return CLIPTokenizer.from_folder(folder)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
         raise CheckpointError(folder, f"unreadable tokenizer files: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def read_zeros_for_empty_prompt(root: Path) -> bool:
+    """model_index.json's `force_zeros_for_empty_prompt` (SDXL; diffusers' default True when absent)."""
+    index = root / "model_index.json"
+    value = read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+    if not isinstance(value, bool):
+        raise CheckpointError(index, f"force_zeros_for_empty_prompt={value!r}: must be true or false")
+    return value
 
 
 @torch.no_grad()

@@ -9,15 +9,19 @@ that diffuse's loader reads.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import reference_tokenizer
+from PIL import Image
 
 import diffuse
-from diffuse.conditioning_xl import size_conditioning
+from diffuse.conditioning_xl import encode_prompt_pair_xl, encode_prompts_xl, size_conditioning
+from diffuse.prompts import prompt_chunks
 
 PIXEL_TOL = 2  # out of 255
 SIZE = 64  # the model's own size: sample_size 32 x the tiny VAE's 2
+STEPS = 10
 PROMPT = "A painting of a squirrel eating a burger"
 NEGATIVE = "blurry, green"
 
@@ -120,3 +124,177 @@ def test_size_conditioning_matches_diffusers_time_ids(reference_pipe):
     ours_y = size_conditioning(2, 48, 80, 8)
     assert ours_y.shape == (2, 48)
     torch.testing.assert_close(ours_y, expected.expand(2, -1), atol=1e-6, rtol=0)
+
+
+def test_an_sdxl_folder_loads_with_both_text_encoders(ours, sdxl_folder):
+    assert ours.is_xl and ours.text_encoder_2 is not None
+    assert ours.tokenizer.pad_token_id == 49407 and ours.tokenizer_2.pad_token_id == 0
+    assert ours.config.image_size == SIZE  # the default size is the model's own
+    assert ours.zeros_for_empty_prompt
+
+
+def test_text_conditioning_matches_diffusers_encode_prompt(ours, reference_pipe):
+    """Context (both penultimate states side by side) and pooled bigG, for a prompt and a negative prompt."""
+    expected = reference_pipe.encode_prompt(
+        PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVE
+    )
+    (context, pooled), (uncond, uncond_pooled) = encode_prompt_pair_xl(
+        (ours.tokenizer, ours.tokenizer_2), (ours.text_encoder, ours.text_encoder_2), [PROMPT], [NEGATIVE]
+    )
+    for got, want in zip((context, uncond, pooled, uncond_pooled), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_an_empty_negative_prompt_is_zeros_as_in_diffusers(ours, reference_pipe):
+    expected = reference_pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True)
+    cond, uncond = encode_prompt_pair_xl(
+        (ours.tokenizer, ours.tokenizer_2), (ours.text_encoder, ours.text_encoder_2), [PROMPT], [""]
+    )
+    assert not uncond[0].any() and not uncond[1].any()
+    for got, want in zip((cond[0], uncond[0], cond[1], uncond[1]), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_long_prompt_is_read_in_chunks_with_the_pooled_vector_of_the_first(ours):
+    """A1111's reading: 75-token chunks laid end to end, each encoder its own; pooled from chunk one."""
+    long_prompt = ", ".join(["a red circle above a blue square"] * 14)
+    pair = (ours.tokenizer, ours.tokenizer_2), (ours.text_encoder, ours.text_encoder_2)
+    context, pooled = encode_prompts_xl(*pair, [long_prompt])
+    assert context.shape == (1, 2 * 77, 72)
+    chunks = [prompt_chunks(tokenizer, long_prompt) for tokenizer in pair[0]]
+    assert [len(c) for c in chunks] == [2, 2]
+    first_ids = torch.tensor([chunks[1][0].ids])
+    _, first_pooled = ours.text_encoder_2.sdxl_outputs(first_ids, ours.tokenizer_2.eos_token_id)
+    torch.testing.assert_close(pooled, first_pooled)
+    # bigG's chunks pad with id 0 after their first EOS, CLIP-L's with EOS.
+    last = chunks[1][-1].ids
+    assert last[last.index(49407) + 1 :] and set(last[last.index(49407) + 1 :]) == {0}
+    assert set(chunks[0][-1].ids[chunks[0][-1].ids.index(49407) :]) == {49407}
+
+
+SCHEDULERS = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def reference_with(reference_pipe, sampler: str, kind: str = "txt2img"):
+    import diffusers
+
+    class_name, extra = SCHEDULERS[sampler]
+    scheduler = getattr(diffusers, class_name).from_config(reference_pipe.scheduler.config, **extra)
+    pipeline_class = {
+        "txt2img": diffusers.StableDiffusionXLPipeline,
+        "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+    }[kind]
+    return pipeline_class(**{**reference_pipe.components, "scheduler": scheduler}).to(torch.float32)
+
+
+def assert_same_images(ours_images, reference_images) -> None:
+    ours_pixels = np.stack([np.asarray(image, dtype=np.int16) for image in ours_images])
+    reference_pixels = np.stack([np.asarray(image, dtype=np.int16) for image in reference_images])
+    assert ours_pixels.shape == reference_pixels.shape
+    assert np.abs(ours_pixels - reference_pixels).max() <= PIXEL_TOL
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""], ids=["negative", "no-negative"])
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_txt2img_matches_diffusers(sampler, negative, ours, reference_pipe):
+    """An empty negative prompt is diffusers' None: zeros for its context and pooled vector."""
+    expected = reference_with(reference_pipe, sampler)(
+        PROMPT,
+        negative_prompt=negative or None,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(1234),
+    ).images
+    result = ours.txt2img(PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler=sampler, seed=1234)
+    assert result.images[0].size == (SIZE, SIZE)  # the model's own size, as diffusers' default
+    assert_same_images(result.images, expected)
+
+
+def test_the_unet_sees_diffusers_vector_conditioning_at_a_non_square_size(ours, reference_pipe):
+    """y for the negative and the positive half, as diffusers builds it from text_embeds and
+    add_time_ids: a swapped height and width or a wrong order of parts shows here, however
+    little the tiny UNet's image changes."""
+    seen = {}
+
+    def keep_diffusers(module, args, kwargs):
+        added = kwargs["added_cond_kwargs"]
+        sizes = module.add_time_proj(added["time_ids"].flatten()).reshape(len(added["time_ids"]), -1)
+        seen.setdefault("reference", torch.cat([added["text_embeds"], sizes], dim=1))
+
+    def keep_ours(module, args, kwargs):
+        seen.setdefault("ours", args[3] if len(args) > 3 else kwargs["y"])
+
+    hooks = [
+        reference_pipe.unet.register_forward_pre_hook(keep_diffusers, with_kwargs=True),
+        ours.unet.register_forward_pre_hook(keep_ours, with_kwargs=True),
+    ]
+    try:
+        reference_pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=1, height=48, width=64, guidance_scale=5.0)
+        ours.txt2img(
+            PROMPT, negative_prompt=NEGATIVE, steps=1, width=64, height=48, guidance_scale=5.0, sampler="Euler"
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["ours"].shape == (2, 72)
+    torch.testing.assert_close(seen["ours"].float(), seen["reference"].float(), atol=1e-4, rtol=0)
+
+
+def picture() -> Image.Image:
+    """A deterministic colourful picture at the model's size, for img2img."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(8 * x * y)], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M Karras"])
+def test_img2img_matches_diffusers(sampler, ours, reference_pipe):
+    expected = reference_with(reference_pipe, sampler, "img2img")(
+        PROMPT,
+        image=picture(),
+        strength=0.6,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(99),
+    ).images
+    result = ours.img2img(
+        picture(),
+        PROMPT,
+        strength=0.6,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        guidance_scale=5.0,
+        sampler=sampler,
+        seed=99,
+    )
+    assert_same_images(result.images, expected)
+
+
+def test_what_sdxl_cannot_take_yet_is_refused_before_any_work(ours):
+    with pytest.raises(ValueError, match="clip_skip 2 does not apply to SDXL"):
+        ours.txt2img(PROMPT, steps=1, clip_skip=2)
+    with pytest.raises(ValueError, match="token merging"):
+        ours.txt2img(PROMPT, steps=1, speedups=diffuse.Speedups(token_merging=0.5))
+    with pytest.raises(ValueError, match="LoRAs on SDXL models are not supported yet"):
+        ours.txt2img(PROMPT + " <lora:style:0.8>", steps=1)
+
+
+def test_speedups_pass_the_vector_conditioning_on(ours):
+    """The deep cache embeds y with the timestep as the UNet does; guidance cut-off keeps the positive half."""
+    plain = ours.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=4, guidance_scale=5.0, sampler="Euler", seed=5)
+    quick = ours.txt2img(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=4,
+        guidance_scale=5.0,
+        sampler="Euler",
+        seed=5,
+        speedups=diffuse.Speedups(deep_cache_interval=2, guidance_cutoff=0.5),
+    )
+    difference = np.abs(np.asarray(plain.images[0], np.int16) - np.asarray(quick.images[0], np.int16))
+    assert 0 < difference.max() < 128
