@@ -10,7 +10,7 @@ and nothing half-loaded is ever returned.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -92,70 +92,92 @@ def load_pipeline(
     return pipe
 
 
+@dataclass
+class _Read:
+    """What a model's files hold before any network is built: the tensors per network in diffuse's
+    layout (popped as each network is filled, so each is held once), and what goes with them."""
+
+    config: PipelineConfig
+    states: dict[str, dict[str, torch.Tensor]]
+    files: dict[str, Path]
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer (bigG's)
+    scheduler_config: dict = field(default_factory=dict)  # {}: Stable Diffusion's defaults
+    preview_matrix: torch.Tensor | None = None  # None: SD's
+    probe_v: bool = False  # whether to ask the UNet if it predicts v (SD2 single files)
+    zeros_for_empty_prompt: bool = True
+
+
+def _read_folder(path: Path, config: PipelineConfig | None) -> _Read:
+    if not is_diffusers_folder(path):
+        raise CheckpointError(
+            path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)"
+        )
+    tokenizer = read_tokenizer(path / "tokenizer")
+    # SDXL's second tokenizer (bigG's); its pad id is its own (0 in the SDXL folders).
+    tokenizer_2 = read_tokenizer(path / "tokenizer_2") if (path / "tokenizer_2").is_dir() else None
+    pad_2 = {} if tokenizer_2 is None else {"pad_token_id_2": tokenizer_2.pad_token_id}
+    detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id, **pad_2)
+    config = config or detected
+    return _Read(
+        config=config,
+        states={name: state for name, (state, _) in weights.items()},
+        files={name: file for name, (_, file) in weights.items()},
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler_config=read_scheduler_config(path),
+        preview_matrix=read_preview_matrix(path, config.vae.latent_channels),
+        zeros_for_empty_prompt=read_zeros_for_empty_prompt(path),
+    )
+
+
+def _read_single_file(path: Path, config: PipelineConfig | None) -> _Read:
+    state = read_state_dict(path)
+    # SD2 weights do not say whether they predict noise (512-base) or v (768-v).
+    probe = config is None and detect_family(state, path) == "sd2" and sidecar_prediction_type(path) is None
+    config, states = split_single_file(state, path, config)
+    del state  # `states` alone holds the tensors now: filling releases them one by one
+    tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
+    return _Read(config, states, dict.fromkeys(states, path), tokenizer, probe_v=probe)
+
+
 def _load(path: Path, dtype: torch.dtype, device: torch.device, config: PipelineConfig | None) -> Pipeline:
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
-    if path.is_dir():
-        if not is_diffusers_folder(path):
-            raise CheckpointError(
-                path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)"
-            )
-        tokenizer = read_tokenizer(path / "tokenizer")
-        # SDXL's second tokenizer (bigG's); its pad id is its own (0 in the SDXL folders).
-        tokenizer_2 = read_tokenizer(path / "tokenizer_2") if (path / "tokenizer_2").is_dir() else None
-        pad_2 = {} if tokenizer_2 is None else {"pad_token_id_2": tokenizer_2.pad_token_id}
-        detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id, **pad_2)
-        config = config or detected
-        zeros_for_empty_prompt = read_zeros_for_empty_prompt(path)
-        files = {name: file for name, (_, file) in weights.items()}
-        states = {name: state for name, (state, _) in weights.items()}
-        del weights  # `states` alone holds the tensors now: filling releases them one by one
-        scheduler_config = read_scheduler_config(path)
-        preview_matrix = read_preview_matrix(path, config.vae.latent_channels)
-        probe = False  # the folder's scheduler config says which
-    else:
-        state = read_state_dict(path)
-        # SD2 weights do not say whether they predict noise (512-base) or v (768-v).
-        probe = config is None and detect_family(state, path) == "sd2" and sidecar_prediction_type(path) is None
-        config, states = split_single_file(state, path, config)
-        del state  # `states` alone holds the tensors now: filling releases them one by one
-        tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
-        tokenizer_2, zeros_for_empty_prompt = None, True
-        files = dict.fromkeys(states, path)
-        scheduler_config = {}  # Stable Diffusion's defaults
-        preview_matrix = None  # nor does a single file carry a preview matrix: SD's
+    read = _read_folder(path, config) if path.is_dir() else _read_single_file(path, config)
+    config = read.config
     try:
         check_pipeline(config)  # before anything is built from it
     except ValueError as e:
         raise CheckpointError(path, f"unusable architecture: {e}") from None
-    if len({config.text_encoder_2 is not None, tokenizer_2 is not None, "text_encoder_2" in states}) != 1:
+    if len({config.text_encoder_2 is not None, read.tokenizer_2 is not None, "text_encoder_2" in read.states}) != 1:
         raise CheckpointError(path, "an SDXL model needs its text_encoder_2 config, weights and tokenizer_2 together")
 
     def fill(name, make):
         # Laid out while filling, so each weight is copied once; prepare() then finds it in place.
         module = build_and_fill(
-            make, states.pop(name), files[name], name, dtype=dtype, device=device, layout=inference_layout
+            make, read.states.pop(name), read.files[name], name, dtype=dtype, device=device, layout=inference_layout
         )
         return prepare(module, device, dtype)
 
     unet = fill("unet", lambda: UNet(config.unet))
-    if probe and predicts_v(unet):
+    if read.probe_v and predicts_v(unet):
         config = replace(config, prediction_type="v_prediction")
     text_encoder_2 = None
     if config.text_encoder_2 is not None:
         text_encoder_2 = fill("text_encoder_2", lambda: CLIPTextEncoder(config.text_encoder_2))
     return Pipeline(
-        tokenizer=tokenizer,
+        tokenizer=read.tokenizer,
         text_encoder=fill("text_encoder", lambda: CLIPTextEncoder(config.text_encoder)),
         unet=unet,
         vae=fill("vae", lambda: AutoencoderKL(config.vae)),
         config=config,
         source=path,
-        scheduler_config=scheduler_config,
-        preview_matrix=preview_matrix,
-        tokenizer_2=tokenizer_2,
+        scheduler_config=read.scheduler_config,
+        preview_matrix=read.preview_matrix,
+        tokenizer_2=read.tokenizer_2,
         text_encoder_2=text_encoder_2,
-        zeros_for_empty_prompt=zeros_for_empty_prompt,
+        zeros_for_empty_prompt=read.zeros_for_empty_prompt,
     )
 
 
