@@ -298,3 +298,53 @@ def test_speedups_pass_the_vector_conditioning_on(ours):
     )
     difference = np.abs(np.asarray(plain.images[0], np.int16) - np.asarray(quick.images[0], np.int16))
     assert 0 < difference.max() < 128
+
+
+def test_inpaint_by_latent_blending_matches_diffusers(ours, reference_pipe):
+    """A plain SDXL UNet inpaints by putting the known region back after each step, as diffusers does."""
+    import diffusers
+
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, SIZE // 2 :] = 255
+    mask_picture = Image.fromarray(mask, mode="L")
+    reference = diffusers.StableDiffusionXLInpaintPipeline(**reference_pipe.components).to(torch.float32)
+    expected = reference(
+        PROMPT,
+        image=picture(),
+        mask_image=mask_picture,
+        strength=0.7,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images
+    result = ours.inpaint(
+        picture(),
+        mask_picture,
+        PROMPT,
+        strength=0.7,
+        steps=STEPS,
+        guidance_scale=5.0,
+        sampler="Euler",
+        seed=5,
+        keep_unmasked=False,
+    )
+    assert_same_images(result.images, expected)
+
+
+def test_a_non_finite_text_encoding_reruns_both_encoders_in_float32(sdxl_folder):
+    pipe = diffuse.load_pipeline(sdxl_folder, dtype="bfloat16")
+
+    def nan_in_bfloat16(_module, _args, out):
+        return torch.full_like(out, float("nan")) if out.dtype == torch.bfloat16 else None
+
+    handle = pipe.text_encoder_2.encoder.layers[-2].register_forward_hook(nan_in_bfloat16)
+    try:
+        result = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=2, sampler="Euler", seed=1)
+    finally:
+        handle.remove()
+    assert result.info["nan_fallback"] == "text encoder float32"
+    assert np.asarray(result.images[0]).std() > 0
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}  # back as loaded
