@@ -9,10 +9,13 @@ different widths. Every weight is perturbed, so no zero-initialised tensor hides
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
-from diffuse.checkpoints import clip_layout, unet_layout
+from diffuse.checkpoints import clip_layout, single_file, unet_layout
 from diffuse.checkpoints.diffusers_folder import read_diffusers_folder
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import SDXL, UNetConfig, check_pipeline, check_unet
@@ -230,8 +233,6 @@ def test_unet_takes_y_only_where_it_has_label_emb():
     ],
 )
 def test_sdxl_unet_fields_are_bounded(fields, message):
-    from dataclasses import replace
-
     with pytest.raises(ValueError, match=message):
         check_unet(replace(SDXL.unet, **fields))
 
@@ -246,8 +247,6 @@ def test_sdxl_unet_fields_are_bounded(fields, message):
     ],
 )
 def test_sdxl_pipeline_fields_are_checked_together(fields, message):
-    from dataclasses import replace
-
     check_pipeline(SDXL)
     with pytest.raises(ValueError, match=message):
         check_pipeline(replace(SDXL, **fields))
@@ -265,3 +264,62 @@ def test_text_encoder_2_config_and_projection_are_read():
         "text_projection.weight",
     }
     assert set(clip_layout.from_transformers(state)) == {"final_layer_norm.weight"}
+
+
+def meta_state(module_class, cfg) -> dict:
+    with torch.device("meta"):  # shapes without memory: enough for reading an architecture off a file
+        return module_class(cfg).state_dict()
+
+
+def test_full_size_sdxl_single_file_is_detected():
+    """An original SDXL base file (reference 3.5's prefixes, bigG in OpenCLIP's names and fused
+    attention) reads back as the SDXL preset, every network under our names."""
+    from diffuse.models.vae import AutoencoderKL
+
+    ours = {
+        "unet": meta_state(UNet, SDXL.unet),
+        "vae": meta_state(AutoencoderKL, SDXL.vae),
+        "text_encoder": meta_state(CLIPTextEncoder, SDXL.text_encoder),
+        "text_encoder_2": meta_state(CLIPTextEncoder, SDXL.text_encoder_2),
+    }
+    state = single_file.join_single_file("sdxl", **ours)
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
+    assert "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight" in state
+    assert "model.diffusion_model.label_emb.0.0.weight" in state
+    path = Path("sd_xl_base_1.0.safetensors")
+    assert single_file.detect_family(state, path) == "sdxl"
+    config, networks = single_file.split_single_file(state, path)
+    assert config == replace(SDXL, name="sd_xl_base_1.0")
+    assert {name: {k: v.shape for k, v in net.items()} for name, net in networks.items()} == {
+        name: {k: v.shape for k, v in net.items()} for name, net in ours.items()
+    }
+
+
+def test_sdxl_single_file_round_trip_keeps_every_value(folder):
+    """Our tiny SDXL networks through the single-file layout and back: every tensor the same,
+    the projection transposed on the way out and back again (OpenCLIP applies it as x @ P)."""
+    _, states, _ = folder
+    state = single_file.join_single_file("sdxl", **states)
+    projection = state["conditioner.embedders.1.model.text_projection"]
+    assert torch.equal(projection, states["text_encoder_2"]["text_projection.weight"].t())
+    back = single_file.split_networks(state, "sdxl")
+    assert set(back) == set(states)
+    for name, net in states.items():
+        assert set(back[name]) == set(net), name
+        assert all(torch.equal(back[name][k], v) for k, v in net.items()), name
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (["conditioner.embedders.0.model.ln_final.weight"], "refiner"),
+        (["conditioner.embedders.1.model.ln_final.weight"], "first text encoder"),
+        (["conditioner.embedders.2.foo"], "does not know"),
+    ],
+)
+def test_other_sdxl_style_files_are_refused_by_name(keys, message):
+    from diffuse.checkpoints.errors import CheckpointError
+
+    state = dict.fromkeys(["model.diffusion_model.out.2.weight", *keys], torch.zeros(1))
+    with pytest.raises(CheckpointError, match=message):
+        single_file.detect_family(state, Path("x.safetensors"))

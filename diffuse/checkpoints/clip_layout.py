@@ -118,12 +118,22 @@ def _block_pairs(layers: int) -> PrefixPairs:
     ]
 
 
-def from_open_clip(state: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+def from_open_clip(
+    state: Mapping[str, torch.Tensor], layers: int, *, with_projection: bool = False
+) -> dict[str, torch.Tensor]:
     """An OpenCLIP text tower state ("cond_stage_model.model." already stripped) -> ours,
-    keeping blocks 0..layers-1 (see sd2_layers for how many SD2 uses)."""
+    keeping blocks 0..layers-1 (see sd2_layers for how many SD2 uses). `with_projection` keeps
+    the contrastive head's `text_projection` (SDXL's bigG), which OpenCLIP applies as x @ P:
+    our Linear weight is its transpose."""
     blocks = open_clip_layers(state)
     if not 1 <= layers <= blocks:
         raise ValueError(f"cannot keep {layers} layers of an OpenCLIP tower with {blocks} blocks")
+    projection = {}
+    if with_projection:
+        if PROJECTION not in state:
+            raise ValueError(f"no {PROJECTION} in the OpenCLIP tower")
+        dims(state, PROJECTION, 2)  # a matrix, before it is transposed
+        projection = {f"{PROJECTION}.weight": state[PROJECTION].t().contiguous()}
     kept = {k: v for k, v in without_unused(state).items() if _block_index(k) is None or _block_index(k) < layers}
     renamed = rename_prefixes(kept, OPEN_CLIP_PAIRS + _block_pairs(layers))
     ours = {}
@@ -137,16 +147,19 @@ def from_open_clip(state: Mapping[str, torch.Tensor], layers: int) -> dict[str, 
         # Cloned so the three tensors own their storage (safetensors refuses to save shared storage).
         for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
             ours[f"{head}.{name}.{FUSED_QKV[leaf]}"] = part.clone()
-    return ours
+    return {**ours, **projection}
 
 
 def to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> OpenCLIP names, q/k/v fused into in_proj; only the blocks we have (no contrastive head)."""
+    """Ours -> OpenCLIP names, q/k/v fused into in_proj; only the blocks we have (and the contrastive
+    head's projection only where ours has one: SDXL's bigG)."""
     fused = {}
     for key, tensor in state.items():
         head, _, leaf = key.rpartition(".")
         attn, _, proj = head.rpartition(".")
-        if proj not in ("q_proj", "k_proj", "v_proj"):
+        if key == f"{PROJECTION}.weight":
+            fused[PROJECTION] = tensor.t().contiguous()  # OpenCLIP applies it as x @ P
+        elif proj not in ("q_proj", "k_proj", "v_proj"):
             fused[key] = tensor
         elif proj == "q_proj":  # k_proj and v_proj are gathered here too
             fused[f"{attn}.in_proj_{leaf}"] = torch.cat(

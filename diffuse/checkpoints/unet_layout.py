@@ -259,12 +259,15 @@ def transformer_depths(config: Mapping[str, Any], attention_levels: tuple[bool, 
         if len(blocks) != 1:
             raise refuse("transformer_layers_per_block", value, "this UNet needs one depth per level")
         per_level.append(blocks.pop())
-    mid = per_level[-1]
-    attending = {d for d, attends in zip(per_level, attention_levels) if attends}
-    if attending <= {mid}:  # one depth everywhere (SD 1.x/2.x write [1, 1, 1, 1])
+    return depth_fields(tuple(d if attends else 0 for d, attends in zip(per_level, attention_levels)), per_level[-1])
+
+
+def depth_fields(depths: tuple[int, ...], mid: int) -> dict[str, Any]:
+    """UNetConfig's depth fields for these per-level depths (0 where a level does not attend) and the
+    middle block's, in one form whatever file they come from, so that equal networks compare equal."""
+    if set(depths) - {0} <= {mid}:  # one depth everywhere (SD 1.x/2.x)
         return {"transformer_depth": mid}
-    depths = tuple(d if attends else 0 for d, attends in zip(per_level, attention_levels))
-    # Stated only where it is not the deepest level's own depth (a deepest level without attention).
+    # The middle depth is stated only where it is not the deepest level's own (one without attention).
     return {"transformer_depths": depths, "mid_transformer_depth": None if depths[-1] == mid else mid}
 
 
@@ -361,10 +364,9 @@ def config_from_original(
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"does not look like a Stable Diffusion UNet: no {', '.join(missing)}")
-    if any(k.startswith("label_emb.") for k in state):
-        raise ValueError(
-            "the UNet has label_emb (class labels or SDXL's size conditioning), which diffuse does not run"
-        )
+    label_emb = {k for k in state if k.startswith("label_emb.")}
+    if label_emb and "label_emb.0.0.weight" not in label_emb:
+        raise ValueError("the UNet has a label_emb other than SDXL's (class labels), which diffuse does not run")
 
     conv_in = dims(state, "input_blocks.0.0.weight", 4)
     model_channels = conv_in[0]
@@ -390,15 +392,7 @@ def config_from_original(
         channel_mult.append(channels // model_channels)
         attention_levels.append(f"input_blocks.{first}.1.proj_in.weight" in state)
 
-    # Every transformer must have the same depth (SDXL's do not).
-    depth_of: dict[str, int] = {}
-    for key in state:
-        if m := re.match(r"^(.*)\.transformer_blocks\.(\d+)\.", key):
-            depth_of[m.group(1)] = max(depth_of.get(m.group(1), 0), int(m.group(2)) + 1)
-    if len(set(depth_of.values())) != 1:
-        raise ValueError(
-            f"transformer depths differ between blocks ({sorted(set(depth_of.values()))}); diffuse needs one depth"
-        )
+    depths = original_depths(state, attention_levels, num_res_blocks)
 
     widths = [model_channels * m for m in channel_mult]
     if head_dim is not None and any(w % head_dim for w in widths):
@@ -411,8 +405,33 @@ def config_from_original(
         num_res_blocks=num_res_blocks,
         attention_levels=tuple(attention_levels),
         heads=tuple(num_heads if num_heads is not None else w // head_dim for w in widths),
-        transformer_depth=next(iter(depth_of.values())),
+        **depths,
         context_dim=dims(state, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2)[1],
+        adm_in_channels=dims(state, "label_emb.0.0.weight", 2)[1] if label_emb else 0,
         # SD2 stores the transformer's in/out projections as Linear [C, C], SD1 as 1x1 conv [C, C, 1, 1].
         use_linear_projection=state["middle_block.1.proj_in.weight"].ndim == 2,
     )
+
+
+def original_depths(
+    state: Mapping[str, torch.Tensor], attention_levels: list[bool], num_res_blocks: int
+) -> dict[str, Any]:
+    """The depth fields from the transformer_blocks each SpatialTransformer holds: one depth per
+    level, the same in the down and up path (SDXL: 0, 2, 10), and the middle block's."""
+    depth_of: dict[str, int] = {}
+    for key in state:
+        if m := re.match(r"^(.*)\.transformer_blocks\.(\d+)\.", key):
+            depth_of[m.group(1)] = max(depth_of.get(m.group(1), 0), int(m.group(2)) + 1)
+    levels, n = len(attention_levels), num_res_blocks
+    per_level: list[set[int]] = [set() for _ in range(levels)]
+    for prefix, depth in depth_of.items():
+        if m := re.match(r"^input_blocks\.(\d+)\.1$", prefix):
+            per_level[(int(m.group(1)) - 1) // (n + 1)].add(depth)
+        elif m := re.match(r"^output_blocks\.(\d+)\.1$", prefix):
+            per_level[levels - 1 - int(m.group(1)) // (n + 1)].add(depth)
+        elif prefix != "middle_block.1":
+            raise ValueError(f"transformer blocks under {prefix}, where no SpatialTransformer belongs")
+    if any(len(found) > 1 for found in per_level):
+        raise ValueError(f"transformer depths differ within a level ({[sorted(f) for f in per_level]})")
+    depths = tuple(found.pop() if found and attends else 0 for found, attends in zip(per_level, attention_levels))
+    return depth_fields(depths, depth_of.get("middle_block.1", 0))
