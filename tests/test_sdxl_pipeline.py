@@ -348,3 +348,16 @@ def test_a_non_finite_text_encoding_reruns_both_encoders_in_float32(sdxl_folder)
     assert np.asarray(result.images[0]).std() > 0
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}  # back as loaded
+
+
+def test_the_a1111_api_serves_an_sdxl_model_at_its_own_size(sdxl_folder, tmp_path):
+    pytest.importorskip("fastapi")
+    from test_server import Running, decode_png, settings
+
+    running = Running(settings(tmp_path, model=sdxl_folder))
+    try:
+        status, body, _ = running.call("POST", "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2, "seed": 4})
+    finally:
+        running.stop()
+    assert status == 200, body
+    assert decode_png(body["images"][0]).size == (SIZE, SIZE)
