@@ -138,7 +138,9 @@ def _read_single_file(path: Path, config: PipelineConfig | None) -> _Read:
     config, states = split_single_file(state, path, config)
     del state  # `states` alone holds the tensors now: filling releases them one by one
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
-    return _Read(config, states, dict.fromkeys(states, path), tokenizer, probe_v=probe)
+    # SDXL's bigG reads the same vocabulary, padded with its own id.
+    tokenizer_2 = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id_2) if config.text_encoder_2 else None
+    return _Read(config, states, dict.fromkeys(states, path), tokenizer, probe_v=probe, tokenizer_2=tokenizer_2)
 
 
 def _load(path: Path, dtype: torch.dtype, device: torch.device, config: PipelineConfig | None) -> Pipeline:

@@ -323,3 +323,44 @@ def test_other_sdxl_style_files_are_refused_by_name(keys, message):
     state = dict.fromkeys(["model.diffusion_model.out.2.weight", *keys], torch.zeros(1))
     with pytest.raises(CheckpointError, match=message):
         single_file.detect_family(state, Path("x.safetensors"))
+
+
+def test_an_sdxl_single_file_loads_and_draws(tmp_path):
+    """A small SDXL base single file (64-channel heads, as the detection assumes) loads through
+    load_pipeline with both encoders and both tokenizers, its networks holding the file's values,
+    and draws."""
+    import diffuse
+    from diffuse.models.configs import TextEncoderConfig, VAEConfig
+    from diffuse.models.vae import AutoencoderKL
+
+    text_1 = TextEncoderConfig(width=64, layers=2, heads=1, mlp_width=96)
+    text_2 = TextEncoderConfig(width=128, layers=3, heads=2, mlp_width=160, activation="gelu", projection_dim=96)
+    unet_cfg = replace(
+        SDXL.unet, model_channels=64, channel_mult=(1, 2), attention_levels=(False, True), heads=(1, 2),
+        transformer_depths=None, transformer_depth=2, context_dim=64 + 128, adm_in_channels=96 + 6 * 256,
+    )  # fmt: skip
+    vae_cfg = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, scaling_factor=SDXL.vae.scaling_factor)
+    torch.manual_seed(0)
+    networks = {
+        "unet": UNet(unet_cfg),
+        "vae": AutoencoderKL(vae_cfg),
+        "text_encoder": CLIPTextEncoder(text_1),
+        "text_encoder_2": CLIPTextEncoder(text_2),
+    }
+    for seed, module in enumerate(networks.values()):
+        perturb(module, seed)
+    states = {name: module.state_dict() for name, module in networks.items()}
+    path = single_file.save_single_file(
+        single_file.join_single_file("sdxl", **states), tmp_path / "tiny_xl.safetensors"
+    )
+
+    pipe = diffuse.load_pipeline(path, dtype="float32")
+    assert pipe.config == replace(
+        SDXL, name="tiny_xl", text_encoder=text_1, text_encoder_2=text_2, unet=unet_cfg, vae=vae_cfg
+    )
+    assert pipe.tokenizer.pad_token_id == 49407 and pipe.tokenizer_2.pad_token_id == 0
+    for name, want in states.items():
+        got = getattr(pipe, name).state_dict()
+        assert all(torch.equal(got[k].float(), v) for k, v in want.items()), name
+    image = pipe.txt2img("a red square", steps=1, width=64, height=64, seed=1).images[0]
+    assert image.size == (64, 64)
