@@ -361,3 +361,48 @@ def test_the_a1111_api_serves_an_sdxl_model_at_its_own_size(sdxl_folder, tmp_pat
         running.stop()
     assert status == 200, body
     assert decode_png(body["images"][0]).size == (SIZE, SIZE)
+
+
+@pytest.fixture(scope="module")
+def turbo_folder(sdxl_folder, tmp_path_factory):
+    """The same weights set up as SDXL-Turbo is used: trailing timestep spacing; and a folder that
+    says force_zeros_for_empty_prompt false, so an empty negative prompt is encoded as text."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl_turbo") / "model"
+    shutil.copytree(sdxl_folder, folder)
+    for name, changes in (
+        ("scheduler/scheduler_config.json", {"timestep_spacing": "trailing", "steps_offset": 0}),
+        ("model_index.json", {"force_zeros_for_empty_prompt": False}),
+    ):
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_turbo_style_few_steps_without_guidance_match_diffusers(steps, turbo_folder):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline.from_pretrained(turbo_folder, add_watermarker=False).to(torch.float32)
+    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config)
+    expected = reference(
+        PROMPT, num_inference_steps=steps, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(8)
+    ).images
+    ours = diffuse.load_pipeline(turbo_folder, dtype="float32")
+    result = ours.txt2img(PROMPT, steps=steps, guidance_scale=0.0, sampler="Euler a", seed=8)
+    assert_same_images(result.images, expected)
+
+
+def test_a_folder_without_zeros_for_empty_prompt_encodes_the_empty_negative_prompt(turbo_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline.from_pretrained(turbo_folder, add_watermarker=False).to(torch.float32)
+    expected = reference(
+        PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(2)
+    ).images
+    ours = diffuse.load_pipeline(turbo_folder, dtype="float32")
+    assert not ours.zeros_for_empty_prompt
+    result = ours.txt2img(PROMPT, steps=STEPS, guidance_scale=5.0, sampler="Euler", seed=2)
+    assert_same_images(result.images, expected)
