@@ -325,11 +325,8 @@ def test_other_sdxl_style_files_are_refused_by_name(keys, message):
         single_file.detect_family(state, Path("x.safetensors"))
 
 
-def test_an_sdxl_single_file_loads_and_draws(tmp_path):
-    """A small SDXL base single file (64-channel heads, as the detection assumes) loads through
-    load_pipeline with both encoders and both tokenizers, its networks holding the file's values,
-    and draws."""
-    import diffuse
+def tiny_xl_networks() -> dict[str, torch.nn.Module]:
+    """A small SDXL base with 64-channel heads, as single-file detection assumes, on CLIP's vocabulary."""
     from diffuse.models.configs import TextEncoderConfig, VAEConfig
     from diffuse.models.vae import AutoencoderKL
 
@@ -349,18 +346,62 @@ def test_an_sdxl_single_file_loads_and_draws(tmp_path):
     }
     for seed, module in enumerate(networks.values()):
         perturb(module, seed)
-    states = {name: module.state_dict() for name, module in networks.items()}
-    path = single_file.save_single_file(
-        single_file.join_single_file("sdxl", **states), tmp_path / "tiny_xl.safetensors"
-    )
+    return networks
 
+
+@pytest.fixture(scope="module")
+def tiny_xl_file(tmp_path_factory):
+    networks = tiny_xl_networks()
+    states = {name: module.state_dict() for name, module in networks.items()}
+    path = tmp_path_factory.mktemp("single") / "tiny_xl.safetensors"
+    single_file.save_single_file(single_file.join_single_file("sdxl", **states), path)
+    return path, networks
+
+
+def test_an_sdxl_single_file_loads_and_draws(tiny_xl_file):
+    """The small SDXL base single file loads through load_pipeline with both encoders and both
+    tokenizers, its networks holding the file's values, and draws."""
+    import diffuse
+
+    path, networks = tiny_xl_file
     pipe = diffuse.load_pipeline(path, dtype="float32")
-    assert pipe.config == replace(
-        SDXL, name="tiny_xl", text_encoder=text_1, text_encoder_2=text_2, unet=unet_cfg, vae=vae_cfg
-    )
+    configs = {name: module.cfg for name, module in networks.items()}
+    assert pipe.config == replace(SDXL, name="tiny_xl", **configs)
     assert pipe.tokenizer.pad_token_id == 49407 and pipe.tokenizer_2.pad_token_id == 0
-    for name, want in states.items():
+    for name, module in networks.items():
         got = getattr(pipe, name).state_dict()
-        assert all(torch.equal(got[k].float(), v) for k, v in want.items()), name
+        assert all(torch.equal(got[k].float(), v) for k, v in module.state_dict().items()), name
     image = pipe.txt2img("a red square", steps=1, width=64, height=64, seed=1).images[0]
     assert image.size == (64, 64)
+
+
+@torch.no_grad()
+def test_an_sdxl_model_converts_to_a_diffusers_folder(tiny_xl_file, tmp_path):
+    """`diffuse convert` of an SDXL single file: diffusers' StableDiffusionXLPipeline reads the folder
+    and its UNet and second text encoder compute what ours do; diffuse reads it back as it was."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import diffuse
+    from diffuse.checkpoints.export import save_diffusers_folder
+
+    path, networks = tiny_xl_file
+    pipe = diffuse.load_pipeline(path, dtype="float32")
+    folder = save_diffusers_folder(pipe, tmp_path / "tiny_xl")
+    again = diffuse.load_pipeline(folder, dtype="float32")
+    assert again.config == replace(pipe.config, name="tiny_xl")
+    assert again.tokenizer_2.pad_token_id == 0 and again.zeros_for_empty_prompt
+
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False).to(torch.float32)
+    ids = pipe.tokenizer_2("a red square")
+    out = reference.text_encoder_2(ids, output_hidden_states=True)
+    penultimate, pooled = networks["text_encoder_2"].sdxl_outputs(ids, pipe.tokenizer_2.eos_token_id)
+    assert (penultimate - out.hidden_states[-2]).abs().max().item() <= TOL
+    assert (pooled - out.text_embeds).abs().max().item() <= TOL
+    generator = torch.Generator().manual_seed(2)
+    latents, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 5, 192, generator=generator)
+    pooled, time_ids = torch.randn(1, 96, generator=generator), torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    want = reference.unet(
+        latents, 10, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+    ).sample
+    y = torch.cat([pooled, reference.unet.add_time_proj(time_ids.flatten()).reshape(1, -1)], dim=1)
+    assert (networks["unet"](latents, 10, context, y) - want).abs().max().item() <= TOL

@@ -4,6 +4,7 @@
     scheduler/scheduler_config.json
     text_encoder/config.json + model.safetensors                (transformers' CLIPTextModel)
     tokenizer/vocab.json, merges.txt, tokenizer_config.json
+    text_encoder_2/, tokenizer_2/   SDXL's second encoder (CLIPTextModelWithProjection) and its tokenizer
     unet/config.json + diffusion_pytorch_model.safetensors
     vae/config.json  + diffusion_pytorch_model.safetensors
     vae/latent_rgb.json     the step-preview matrix, when the pipeline has its own (diffuse only)
@@ -44,6 +45,7 @@ WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
     "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",
 }
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -83,6 +85,8 @@ def save_diffusers_folder(
         write_json(staging / "model_index.json", model_index(pipe))
         write_json(staging / "scheduler" / "scheduler_config.json", scheduler_config(pipe))
         pipe.tokenizer.save(staging / "tokenizer")
+        if pipe.tokenizer_2 is not None:
+            pipe.tokenizer_2.save(staging / "tokenizer_2")
         states = component_states(pipe)
         for name, config in configs.items():
             write_json(staging / name / "config.json", config)
@@ -105,31 +109,31 @@ def save_diffusers_folder(
 
 def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     """Each network's config.json, checked to describe exactly the network it came from."""
-    cfg, tokenizer = pipe.config, pipe.tokenizer
-    if cfg.text_encoder_2 is not None or cfg.unet.adm_in_channels:
-        raise ValueError("writing an SDXL model is not supported yet")
-    if tokenizer.pad_token_id != cfg.pad_token_id:
-        # The folder states the pad token once, in the tokenizer; the two must agree.
-        raise ValueError(
-            f"the tokenizer pads with id {tokenizer.pad_token_id} but the pipeline config says "
-            f"pad_token_id={cfg.pad_token_id}"
-        )
+    cfg = pipe.config
+    encoders = text_encoders(pipe)
     configs = {
-        "unet": unet_layout.config_to_diffusers(cfg.unet, sample_size=cfg.sample_size),
+        "unet": unet_layout.config_to_diffusers(
+            cfg.unet, sample_size=cfg.sample_size, size_embed_dim=cfg.size_embed_dim
+        ),
         # The VAE works in pixels: the trained image side is the latent side times its downsampling.
         "vae": vae_layout.config_to_diffusers(cfg.vae, sample_size=cfg.image_size),
-        "text_encoder": clip_layout.config_to_transformers(
-            cfg.text_encoder,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
     }
     read_back = {
         "unet": (unet_layout.config_from_diffusers(configs["unet"]), cfg.unet),
         "vae": (vae_layout.config_from_diffusers(configs["vae"]), cfg.vae),
-        "text_encoder": (clip_layout.config_from_transformers(configs["text_encoder"]), cfg.text_encoder),
     }
+    for name, (encoder_cfg, tokenizer) in encoders.items():
+        configs[name] = clip_layout.config_to_transformers(
+            encoder_cfg,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with_projection = bool(encoder_cfg.projection_dim)
+        read_back[name] = (
+            clip_layout.config_from_transformers(configs[name], with_projection=with_projection),
+            encoder_cfg,
+        )
     for name, (got, want) in read_back.items():
         if got != want:
             raise ValueError(
@@ -138,19 +142,56 @@ def component_configs(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def text_encoders(pipe: Pipeline) -> dict[str, tuple]:
+    """Each text encoder's config with the tokenizer that feeds it, which must pad as the config says
+    (the folder states the pad token once, in the tokenizer)."""
+    cfg = pipe.config
+    pairs = {"text_encoder": (cfg.text_encoder, pipe.tokenizer)}
+    pads = [(pipe.tokenizer, cfg.pad_token_id, "pad_token_id")]
+    if cfg.text_encoder_2 is not None or pipe.text_encoder_2 is not None or cfg.unet.adm_in_channels:
+        if cfg.text_encoder_2 is None or pipe.text_encoder_2 is None or pipe.tokenizer_2 is None:
+            raise ValueError("an SDXL pipeline needs text_encoder_2 in its config, its network and tokenizer_2")
+        pairs["text_encoder_2"] = (cfg.text_encoder_2, pipe.tokenizer_2)
+        pads.append((pipe.tokenizer_2, cfg.pad_token_id_2, "pad_token_id_2"))
+    for tokenizer, pad, field in pads:
+        if tokenizer.pad_token_id != pad:
+            raise ValueError(
+                f"the tokenizer pads with id {tokenizer.pad_token_id} but the pipeline config says {field}={pad}"
+            )
+    return pairs
+
+
 def component_states(pipe: Pipeline) -> dict[str, dict[str, torch.Tensor]]:
-    """Each network's tensors under diffusers' / transformers' names."""
-    return {
+    """Each network's tensors under diffusers' / transformers' names (text_projection, where an
+    encoder has one, is already transformers' name)."""
+    states = {
         "unet": unet_layout.to_diffusers(pipe.unet.state_dict(), pipe.config.unet),
         "vae": vae_layout.to_diffusers(pipe.vae.state_dict(), pipe.config.vae),
         "text_encoder": clip_layout.to_transformers(pipe.text_encoder.state_dict()),
     }
+    if pipe.text_encoder_2 is not None:
+        states["text_encoder_2"] = clip_layout.to_transformers(pipe.text_encoder_2.state_dict())
+    return states
 
 
 def model_index(pipe: Pipeline) -> dict[str, Any]:
     """Which class reads each subfolder; the optional safety components are absent."""
     # A 9-channel UNet takes the mask and the masked image: diffusers' inpainting pipeline.
     inpaint = pipe.config.unet.in_channels == 9
+    if pipe.text_encoder_2 is not None:
+        return {
+            "_class_name": "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline",
+            "scheduler": ["diffusers", scheduler_config(pipe)["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+            "force_zeros_for_empty_prompt": pipe.zeros_for_empty_prompt,
+        }
     return {
         "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
         "scheduler": ["diffusers", scheduler_config(pipe)["_class_name"]],
