@@ -60,9 +60,8 @@ def encode_prompts_xl(
     unique = list(dict.fromkeys(texts))
     per_text = [_chunks_per_text(tokenizers, text) for text in unique]
     count = max(len(chunks[0]) for chunks in per_text)
-    padded = [
-        [c + prompt_chunks(tok, "") * (count - len(c)) for tok, c in zip(tokenizers, chunks)] for chunks in per_text
-    ]
+    empty = [prompt_chunks(tokenizer, "")[0] for tokenizer in tokenizers]
+    padded = [[c + [e] * (count - len(c)) for e, c in zip(empty, chunks)] for chunks in per_text]
     contexts, pooled = [], None
     for n, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders)):
         chunks = [chunk for per_tokenizer in padded for chunk in per_tokenizer[n]]

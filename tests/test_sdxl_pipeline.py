@@ -17,7 +17,7 @@ from PIL import Image
 
 import diffuse
 from diffuse.conditioning_xl import encode_prompt_pair_xl, encode_prompts_xl, size_conditioning
-from diffuse.prompts import prompt_chunks
+from diffuse.prompts import apply_weights, prompt_chunks
 
 PIXEL_TOL = 2  # out of 255
 SIZE = 64  # the model's own size: sample_size 32 x the tiny VAE's 2
@@ -406,3 +406,33 @@ def test_a_folder_without_zeros_for_empty_prompt_encodes_the_empty_negative_prom
     assert not ours.zeros_for_empty_prompt
     result = ours.txt2img(PROMPT, steps=STEPS, guidance_scale=5.0, sampler="Euler", seed=2)
     assert_same_images(result.images, expected)
+
+
+def test_prompt_weights_scale_each_encoders_half_as_a1111_does(ours):
+    """Each encoder's penultimate states are weighted and their mean restored on their own (A1111's
+    two embedders), and the pooled vector is the unweighted text's."""
+    tokenizers, encoders = (ours.tokenizer, ours.tokenizer_2), (ours.text_encoder, ours.text_encoder_2)
+    weighted, weighted_pooled = encode_prompts_xl(tokenizers, encoders, ["a (red:1.5) circle"])
+    plain, plain_pooled = encode_prompts_xl(tokenizers, encoders, ["a red circle"])
+    torch.testing.assert_close(weighted_pooled, plain_pooled)
+    halves = []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        chunks = prompt_chunks(tokenizer, "a (red:1.5) circle")
+        hidden, _ = encoder.sdxl_outputs(torch.tensor([chunks[0].ids]), tokenizer.eos_token_id)
+        halves.append(apply_weights(hidden, chunks))
+    torch.testing.assert_close(weighted, torch.cat(halves, dim=-1))
+    assert not torch.equal(weighted, plain)
+
+
+def test_a_batch_of_prompts_is_conditioned_as_each_prompt_alone(ours):
+    tokenizers, encoders = (ours.tokenizer, ours.tokenizer_2), (ours.text_encoder, ours.text_encoder_2)
+    prompts = [PROMPT, ", ".join(["a red circle above a blue square"] * 14), PROMPT]
+    (context, pooled), (uncond, uncond_pooled) = encode_prompt_pair_xl(
+        tokenizers, encoders, prompts, ["", NEGATIVE, NEGATIVE]
+    )
+    assert context.shape[1] == uncond.shape[1] == 2 * 77  # filled up to the longest prompt's chunks
+    alone, alone_pooled = encode_prompts_xl(tokenizers, encoders, [PROMPT])
+    torch.testing.assert_close(context[0, :77], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled[2], alone_pooled[0], atol=1e-5, rtol=0)
+    assert not uncond[0].any() and not uncond_pooled[0].any() and uncond[1].any()
+    torch.testing.assert_close(uncond[1], uncond[2])
