@@ -135,7 +135,9 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Text conditioning: prompts → token ids (75-token chunks, (word:1.2) weights) → context [B, 77·k, D]."""
+        """Text conditioning: prompts → token ids (75-token chunks, (word:1.2) weights) → context [B, 77·k, D].
+
+        For SDXL the context is both encoders' side by side (its pooled vector: diffuse.conditioning_xl)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if self.is_xl:
             if clip_skip != 1:
