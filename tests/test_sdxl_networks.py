@@ -405,3 +405,13 @@ def test_an_sdxl_model_converts_to_a_diffusers_folder(tiny_xl_file, tmp_path):
     ).sample
     y = torch.cat([pooled, reference.unet.add_time_proj(time_ids.flatten()).reshape(1, -1)], dim=1)
     assert (networks["unet"](latents, 10, context, y) - want).abs().max().item() <= TOL
+
+
+def test_a_refiner_folder_is_refused_by_name(tmp_path):
+    from diffuse.checkpoints.errors import CheckpointError
+
+    for name in ("unet", "vae", "text_encoder_2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="refiner"):
+        read_diffusers_folder(tmp_path, pad_token_id=0)

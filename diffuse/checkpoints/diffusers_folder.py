@@ -169,8 +169,10 @@ def read_diffusers_folder(
         ),
     )
     vae_cfg = read_config(root / "vae" / "config.json", vae_layout.config_from_diffusers)
-    text_cfg = read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
     second = root / "text_encoder_2"
+    if (second / "config.json").is_file() and not (root / "text_encoder" / "config.json").is_file():
+        raise CheckpointError(root, "an SDXL refiner folder (text_encoder_2 alone), which diffuse does not run yet")
+    text_cfg = read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
     text_cfg_2 = None
     if (second / "config.json").is_file():
         text_cfg_2 = read_config(

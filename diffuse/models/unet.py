@@ -17,6 +17,11 @@ The timestep enters every ResBlock (as a per-channel bias); the text enters ever
 SpatialTransformer (through cross-attention, queries from the image, keys and values
 from the text).
 
+SDXL is the same network with other settings: no attention at the top level, deeper
+transformers lower down (2 and 10 layers per block), and a vector y (the pooled text
+embedding and the image's size and crop, embedded as sinusoids) that `label_emb` maps
+into the time embedding, so every ResBlock sees it too.
+
 Parameter names follow the original CompVis/ldm layout (time_embed, input_blocks,
 middle_block, output_blocks, out), so the tensors under `model.diffusion_model.` in a
 single-file checkpoint load with only that prefix stripped. diffusers' names are mapped
