@@ -415,3 +415,40 @@ def test_a_refiner_folder_is_refused_by_name(tmp_path):
         (tmp_path / name / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="refiner"):
         read_diffusers_folder(tmp_path, pad_token_id=0)
+
+
+@torch.no_grad()
+def test_a_refiner_shaped_unet_matches_diffusers():
+    """The refiner's shape (reference 3.3): the deepest level without attention, so the middle
+    block's depth is its own (here 3, where the attending level has 2), and y of another width."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(
+        block_out_channels=(4, 8, 8),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 2, 4),
+        transformer_layers_per_block=(1, 2, 3),
+        layers_per_block=1,
+        norm_num_groups=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12 + 5 * 4,  # pooled + orig, crop and aesthetic score
+        cross_attention_dim=12,
+    ).eval()
+    perturb(reference, 3)
+    cfg = unet_layout.config_from_diffusers(reference.config)
+    assert (cfg.transformer_depths, cfg.mid_depth) == ((0, 2, 0), 3)
+    unet = filled(UNet(cfg), unet_layout.from_diffusers(reference.state_dict(), cfg))
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    pooled, time_ids = torch.randn(2, 12), torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0], [32.0, 48.0, 2.0, 1.0, 2.5]])
+    want = reference(
+        latents, 500, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+    ).sample
+    y = torch.cat([pooled, reference.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=1)
+    assert (unet(latents, 500, context, y) - want).abs().max().item() <= TOL
+    assert (
+        unet_layout.config_from_diffusers(unet_layout.config_to_diffusers(cfg, sample_size=8, size_embed_dim=4)) == cfg
+    )
