@@ -243,6 +243,8 @@ def test_sdxl_unet_fields_are_bounded(fields, message):
         (dict(size_embed_dim=255), "size_embed_dim"),
         (dict(size_embed_dim=128), "adm_in_channels"),  # y would not be pooled + 6 sinusoids
         (dict(text_encoder_2=None), "text_encoder_2"),
+        (dict(unet=replace(SDXL.unet, adm_in_channels=0)), "together"),  # two encoders but no y
+        (dict(unet=replace(SDXL.unet, context_dim=1280)), "context_dim"),
         (dict(pad_token_id_2=49408), "pad_token_id_2"),
     ],
 )

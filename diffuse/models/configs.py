@@ -292,10 +292,11 @@ def check_vector_conditioning(cfg: PipelineConfig) -> None:
     context both encoders' hidden states side by side; anything else cannot be conditioned here."""
     if not cfg.unet.adm_in_channels and cfg.text_encoder_2 is None:
         return
-    if cfg.text_encoder_2 is None or not cfg.size_embed_dim:
+    if cfg.text_encoder_2 is None or not cfg.size_embed_dim or not cfg.unet.adm_in_channels:
+        second = "set" if cfg.text_encoder_2 is not None else None
         raise ValueError(
-            f"unet: adm_in_channels={cfg.unet.adm_in_channels} needs text_encoder_2 and size_embed_dim "
-            "(SDXL base; the refiner is not supported yet)"
+            f"SDXL takes text_encoder_2, size_embed_dim and the UNet's adm_in_channels together (got text_encoder_2="
+            f"{second}, size_embed_dim={cfg.size_embed_dim}, adm_in_channels={cfg.unet.adm_in_channels})"
         )
     pooled = cfg.text_encoder_2.projection_dim or cfg.text_encoder_2.width
     if cfg.unet.adm_in_channels != pooled + 6 * cfg.size_embed_dim:
