@@ -33,6 +33,12 @@ def info(args: argparse.Namespace) -> int:
         f"  text encoder  {_count(pipe.text_encoder):>7}  width {cfg.text_encoder.width}, "
         f"{cfg.text_encoder.layers} layers, {cfg.text_encoder.activation}, pad id {cfg.pad_token_id}"
     )
+    if cfg.text_encoder_2 is not None:
+        second = cfg.text_encoder_2
+        print(
+            f"  text encoder 2 {_count(pipe.text_encoder_2):>6}  width {second.width}, {second.layers} layers, "
+            f"{second.activation}, pooled projection {second.projection_dim}, pad id {cfg.pad_token_id_2}"
+        )
     print(
         f"  unet          {_count(pipe.unet):>7}  {cfg.unet.in_channels} in-channels, model channels "
         f"{cfg.unet.model_channels} x {cfg.unet.channel_mult}, context {cfg.unet.context_dim}, {cfg.prediction_type}"
@@ -44,10 +50,11 @@ def info(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     with torch.no_grad():
-        context = pipe.encode_prompt(args.prompt)
         side = 64 // cfg.vae.downsample_factor
         latents = torch.randn(1, cfg.unet.in_channels, side, side, generator=torch.Generator().manual_seed(0))
-        noise = pipe.unet(latents.to(pipe.dtype), torch.tensor([500]), context)
+        context, y = pipe.unet_conditioning(args.prompt, width=64, height=64)
+        y = None if y is None else y.to(pipe.dtype)
+        noise = pipe.unet(latents.to(pipe.dtype), torch.tensor([500]), context, y)
         image = pipe.vae.decode(latents[:, : cfg.vae.latent_channels].to(pipe.dtype))
     print(
         f"  one pass: context {tuple(context.shape)}, noise prediction {tuple(noise.shape)}, "

@@ -145,6 +145,17 @@ class Pipeline:
             return encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)[0]
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip=clip_skip)
 
+    def unet_conditioning(
+        self, prompts: str | list[str], width: int, height: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the UNet reads for prompts at an image size: the context and, for SDXL, the vector y
+        (the pooled text and the size conditioning; None for SD 1/2)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.is_xl:
+            return self.encode_prompt(prompts), None
+        context, pooled = encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)
+        return context, vector_conditioning(pooled, height, width, self.config.size_embed_dim)
+
     def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
         """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
         return model_sampler(name, self.config, self.scheduler_config, schedule_type, eta)

@@ -357,10 +357,12 @@ def test_the_a1111_api_serves_an_sdxl_model_at_its_own_size(sdxl_folder, tmp_pat
     running = Running(settings(tmp_path, model=sdxl_folder))
     try:
         status, body, _ = running.call("POST", "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2, "seed": 4})
+        refused, why, _ = running.call("POST", "/diffuse/v1/illustrate", {"prompt": PROMPT, "steps": 2})
     finally:
         running.stop()
     assert status == 200, body
     assert decode_png(body["images"][0]).size == (SIZE, SIZE)
+    assert refused == 422 and "SDXL" in str(why)  # refused before it is queued
 
 
 @pytest.fixture(scope="module")
@@ -436,3 +438,36 @@ def test_a_batch_of_prompts_is_conditioned_as_each_prompt_alone(ours):
     torch.testing.assert_close(pooled[2], alone_pooled[0], atol=1e-5, rtol=0)
     assert not uncond[0].any() and not uncond_pooled[0].any() and uncond[1].any()
     torch.testing.assert_close(uncond[1], uncond[2])
+
+
+def test_unet_conditioning_is_what_generation_gives_the_unet(ours):
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.setdefault("context", args[2][1:])  # the guided batch: [negative, prompt]
+        seen.setdefault("y", args[3][1:])
+
+    hook = ours.unet.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        ours.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=1, width=64, height=48, sampler="Euler")
+    finally:
+        hook.remove()
+    context, y = ours.unet_conditioning(PROMPT, width=64, height=48)
+    # Alone, not batched with the negative prompt: equal up to the last bits of a batched matmul.
+    torch.testing.assert_close(context, seen["context"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=0)
+    assert y.shape == (1, 72)
+
+
+def test_info_and_illustrate_on_an_sdxl_model(sdxl_folder, tmp_path, capsys):
+    from diffuse.cli import main
+    from diffuse.illustrate.record import record
+
+    assert main(["info", str(sdxl_folder), "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "text encoder 2" in printed and "context (1, 77, 72), noise prediction (1, 4, 32, 32)" in printed
+    assert main(["illustrate", "a squirrel", "--model", str(sdxl_folder), "--out", str(tmp_path / "r")]) == 2
+    assert "SDXL models are not illustrated yet" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="not illustrated yet"):
+        record(diffuse.load_pipeline(sdxl_folder, dtype="float32"), "a squirrel")

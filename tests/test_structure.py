@@ -32,6 +32,7 @@ SHORT_FUNCTION_FILES = (
     "samplers/**/*.py",
     "prompts*.py",
     "prompts/**/*.py",
+    "conditioning*.py",
 )
 
 

@@ -220,6 +220,13 @@ class _Watch:
 # ---- record -------------------------------------------------------------------------------------
 
 
+def check_supported(pipe) -> None:
+    """Refuse, in one line, a model the recording cannot watch yet: SDXL's two text encoders and its
+    vector conditioning y reach the UNet by another path than the one hooked here."""
+    if getattr(pipe, "is_xl", False):
+        raise ValueError("diffuse illustrate draws SD 1.x and 2.x models; SDXL models are not illustrated yet")
+
+
 def record(
     pipe: Pipeline,
     prompt: str,
@@ -245,6 +252,7 @@ def record(
     maps are gathered from `attention_layers` (names as cross_attention_layers gives them; None:
     all) over `attention_steps` (None: all), for the prompt's own tokens, or with `all_tokens` for
     all 77 positions of the first chunk (start, end and padding included)."""
+    check_supported(pipe)
     request = _request(prompt, negative_prompt, seed, steps, sampler, cfg_scale, width, height)
     job = request.resolve(pipe.config, pipe.scheduler_config)
     plan = job.sampler.plan(job.steps)
