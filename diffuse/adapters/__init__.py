@@ -5,9 +5,10 @@ Public API:
     read_lora(path: str | Path) -> Lora
         Any supported file (.safetensors, .pt, .ckpt; the bytes decide, pickles read weights-only,
         non-finite tensors refused): kohya / A1111 (`lora_unet_*` in diffusers or LDM names,
-        `lora_te_*`; LoCon convolutions, Tucker `lora_mid`, per-module `scale`), LyCORIS LoHa,
+        `lora_te_*`, SDXL's `lora_te1_*` / `lora_te2_*`; LoCon convolutions, Tucker `lora_mid`, per-module `scale`), LyCORIS LoHa,
         LoKr, Full and DoRA `dora_scale`, diffusers / PEFT (`unet.…lora_A.weight`, the older
-        `to_q_lora` / `lora_linear_layer` names; alpha from `lora_adapter_metadata`).
+        `to_q_lora` / `lora_linear_layer` names, SDXL's `text_encoder_2.`; alpha from
+        `lora_adapter_metadata`).
     lora_from_state_dict(state, name, metadata=None, path=None, short_hash="") -> Lora
         The same for tensors in memory.
     Lora: name (file stem), alias (`ss_output_name` or the stem), path, short_hash (12 hex as
@@ -15,8 +16,10 @@ Public API:
         bundled_embeddings (`bundle_emb.*` tensors, untouched), base ("SD 1.x" / "SD 2.x" / "SDXL"
         when the metadata says).
     LoraMerge(networks: Mapping[str, nn.Module], spill_above: int = SPILL_ABOVE)
-        networks = {"unet": pipe.unet, "text_encoder": pipe.text_encoder} (prepared or plain,
-        float32 or bfloat16).
+        networks = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, plus
+        "text_encoder_2": pipe.text_encoder_2 for SDXL (prepared or plain, float32 or bfloat16).
+        A LoRA made for another base is refused with the reason: its metadata, a second text
+        encoder's keys on SD 1/2, or SD 1/2's single `lora_te_` encoder on SDXL.
         .apply([(lora, te_weight, unet_weight), ...]) checks everything, then merges in place;
             the same selection again is a no-op, another one restores first, [] restores.
         .restore() puts every touched weight back bit for bit.

@@ -8,8 +8,10 @@ Both end up as (network, target) with the target's dots and underscores all unde
 how kohya spells it; `module_index` lists every module of a network under those spellings, in
 diffuse's own (LDM) names and, for the UNet, diffusers' names as well.
 
-SDXL is a table away: its kohya prefixes `lora_te1`/`lora_te2` and PEFT `text_encoder_2.` join
-KOHYA_NETWORKS / PEFT_NETWORKS naming a "text_encoder_2" network.
+SDXL: kohya's `lora_te1_` (CLIP-L) and `lora_te2_` (bigG), PEFT's `text_encoder_2.`; its kohya UNet
+names are LDM names (`input_blocks_4_1_...`), which are diffuse's own, so the UNet needs no table of
+its own: unet_layout's pairs already follow SDXL's per-level depths, levels without attention and
+label_emb. `lora_te_` marks a file made for a model with one text encoder (SD 1.x / 2.x).
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from diffuse.models.configs import UNetConfig
 KOHYA_NETWORKS: dict[str, tuple[str, str]] = {
     "lora_unet_": ("unet", ""),
     "lora_te_": ("text_encoder", "text_model_"),
+    "lora_te1_": ("text_encoder", "text_model_"),
+    "lora_te2_": ("text_encoder_2", "text_model_"),
 }
+SINGLE_ENCODER_PREFIX = "lora_te_"  # SD 1.x / 2.x kohya files; SDXL's write lora_te1_ / lora_te2_
 # PEFT component prefix -> (network, path prefix diffuse's module lacks).
 PEFT_NETWORKS: dict[str, tuple[str, str]] = {
     "unet.": ("unet", ""),
     "text_encoder.": ("text_encoder", "text_model."),
+    "text_encoder_2.": ("text_encoder_2", "text_model."),
 }
 
 # A kohya key's part after the module name -> the canonical tensor name (lora_math).

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from diffuse.adapters.lora import Lora, LoraError, listing
-from diffuse.adapters.lora_keys import module_index
+from diffuse.adapters.lora_keys import SINGLE_ENCODER_PREFIX, module_index
 from diffuse.adapters.lora_math import DELTAS, Patch, bias_contribution, contribution
 from diffuse.models.configs import UNetConfig
 from diffuse.numerics import all_finite
@@ -112,7 +112,10 @@ class _Originals:
 
 
 def model_base(networks: Mapping[str, nn.Module]) -> str:
+    """ "SDXL" (a second text encoder, or a UNet that reads the vector y), "SD 2.x" or "SD 1.x"."""
     cfg = getattr(networks.get("unet"), "cfg", None)
+    if "text_encoder_2" in networks or (isinstance(cfg, UNetConfig) and cfg.adm_in_channels):
+        return "SDXL"
     return "SD 2.x" if isinstance(cfg, UNetConfig) and cfg.use_linear_projection else "SD 1.x"
 
 
@@ -157,9 +160,9 @@ def _why_not_fit(patch: Patch, module: nn.Module, networks: Mapping[str, nn.Modu
         shape = list(DELTAS[patch.kind](_on_meta(patch).tensors).shape)
     except (ValueError, RuntimeError):
         return generic
-    if patch.network == "text_encoder":
-        width = networks["text_encoder"].cfg.width
-        return f"made for a text encoder of another width: {generic}; this model's text encoder is {width} wide"
+    if patch.network != "unet":
+        width = networks[patch.network].cfg.width
+        return f"made for a text encoder of another width: {generic}; this model's {patch.network} is {width} wide"
     if patch.target.endswith(("attn2_to_k", "attn2_to_v")) and len(shape) == 2:
         context = networks["unet"].cfg.context_dim
         return (
@@ -169,15 +172,25 @@ def _why_not_fit(patch: Patch, module: nn.Module, networks: Mapping[str, nn.Modu
     return generic
 
 
-def _metadata_refusal(lora: Lora, networks: Mapping[str, nn.Module]) -> str | None:
-    base = lora.base
-    if base is not None and base != model_base(networks):
-        return f"made for {base} (its metadata says so), this model is {model_base(networks)}"
+def _base_refusal(lora: Lora, networks: Mapping[str, nn.Module]) -> str | None:
+    """Why the LoRA was made for another base, from its metadata or from which text encoders its
+    keys name; None if neither tells it apart from this model."""
+    base, model = lora.base, model_base(networks)
+    if base is not None and base != model:
+        return f"made for {base} (its metadata says so), this model is {model}"
+    keys = [k for p in lora.patches for k in p.keys]
+    second = next((k for p in lora.patches if p.network == "text_encoder_2" for k in p.keys), None)
+    if second is not None and model != "SDXL":
+        return f"made for SDXL (it changes a second text encoder: {second}), this model is {model}"
+    single = next((k for k in keys if k.startswith(SINGLE_ENCODER_PREFIX)), None)
+    if single is not None and model == "SDXL":
+        return f"made for SD 1.x / 2.x (its key {single} names their one text encoder), this model is SDXL"
     return None
 
 
 class LoraMerge:
-    """The LoRAs merged into one pipeline's networks ({"unet": ..., "text_encoder": ...})."""
+    """The LoRAs merged into one pipeline's networks ({"unet": ..., "text_encoder": ...}, and
+    "text_encoder_2" for SDXL)."""
 
     def __init__(self, networks: Mapping[str, nn.Module], spill_above: int = SPILL_ABOVE):
         self.networks = dict(networks)
@@ -204,11 +217,14 @@ class LoraMerge:
         if any LoRA was made for another base, has keys that match no module, or does not fit."""
         index, plan = self._modules(), []
         for lora, te_weight, unet_weight in selection:
-            refusal = _metadata_refusal(lora, self.networks)
+            refusal = _base_refusal(lora, self.networks)
             unmatched = [k for p in lora.patches if (p.network, p.target) not in index for k in p.keys]
             if refusal is None and unmatched:
                 total = sum(len(p.keys) for p in lora.patches)
-                refusal = f"{len(unmatched)} of {total} keys match no module of this model: {listing(unmatched)}"
+                refusal = (
+                    f"{len(unmatched)} of {total} keys match no module of this model "
+                    f"({model_base(self.networks)}): {listing(unmatched)}"
+                )
             for patch in lora.patches if refusal is None else ():
                 module = self._module(patch.network, index[(patch.network, patch.target)])
                 refusal = _why_not_fit(patch, module, self.networks)
