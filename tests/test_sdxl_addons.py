@@ -1,24 +1,35 @@
-"""SDXL LoRAs against diffusers 0.42 + peft on its tiny random SDXL base, and exact restore.
+"""SDXL LoRAs and embeddings against diffusers 0.42 + peft on its tiny random SDXL base.
 
 A kohya-format SDXL LoRA (LDM UNet names as sd-scripts writes them, `lora_te1_` for CLIP-L and
 `lora_te2_` for bigG) and a PEFT one (`unet.`, `text_encoder.`, `text_encoder_2.`) go through
 diffusers' `load_lora_weights` + `fuse_lora`; its fused weights, renamed to diffuse's modules,
-must equal ours after LoraMerge.apply on the three networks.
+must equal ours after LoraMerge.apply on the three networks, and restore bit for bit. An SDXL
+embedding ({"clip_l", "clip_g"}) gives each encoder its half, as diffusers' load_textual_inversion
+called once per encoder does.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_lora import TEXT_TARGETS, UNET_TARGETS, _factors, _targets
 from test_lora_restore import random_lora
 from test_sdxl_pipeline import build_sdxl_reference
 
 import diffuse
 from diffuse.adapters import LoraError, LoraMerge, lora_from_state_dict
+from diffuse.adapters.embeddings import (
+    SDXL_HALVES,
+    EmbeddingError,
+    load_sdxl_embeddings,
+    per_encoder,
+    read_sdxl_embedding,
+)
 from diffuse.adapters.merge import model_base
 from diffuse.checkpoints.clip_layout import from_transformers
 from diffuse.checkpoints.unet_layout import config_from_diffusers, from_diffusers
+from diffuse.prompts import _token_vectors, apply_weights, prompt_chunks
 
 WEIGHT_TOL = 2e-5
 ATTENTION_TARGETS = UNET_TARGETS[:12]  # attention, feed-forward and the transformers' proj_in / proj_out
@@ -173,3 +184,69 @@ def test_an_sdxl_lora_on_sd1_is_refused_with_the_reason(reference, reference_fol
     )
     with pytest.raises(LoraError, match=r"made for SDXL \(its metadata says so\), this model is SD 1.x"):
         LoraMerge(sd1_networks).apply([(tagged, 1.0, 1.0)])
+
+
+# ---- embeddings -----------------------------------------------------------------------------------
+
+
+def sdxl_embedding_file(folder, name: str, count: int, widths=(32, 40), seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    halves = {key: torch.randn(count, width, generator=gen) * 0.3 for key, width in zip(SDXL_HALVES, widths)}
+    save_file(halves, str(folder / f"{name}.safetensors"))
+    return halves
+
+
+def encode_with_embeddings(pipe, texts: list[str], embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context and pooled vector as conditioning_xl gives them, each encoder reading its half."""
+    contexts, pooled = [], None
+    for n, table in enumerate(per_encoder(embeddings)):
+        tokenizer, encoder = (pipe.tokenizer, pipe.text_encoder) if n == 0 else (pipe.tokenizer_2, pipe.text_encoder_2)
+        chunks = [chunk for text in texts for chunk in prompt_chunks(tokenizer, text, table)]
+        ids = torch.tensor([chunk.ids for chunk in chunks])
+        vectors = _token_vectors(encoder, ids, chunks, table)
+        hidden, pooled = encoder.sdxl_outputs(ids, tokenizer.eos_token_id, token_embeddings=vectors)
+        contexts.append(apply_weights(hidden, chunks))
+    return torch.cat(contexts, dim=-1), pooled
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_an_sdxl_embedding_conditions_as_diffusers_loads_it_into_both_encoders(count, ours, reference, tmp_path):
+    halves = sdxl_embedding_file(tmp_path, "sksobj", count, seed=count)
+    loaded, skipped = load_sdxl_embeddings([tmp_path], (32, 40))
+    assert list(loaded) == ["sksobj"] and not skipped
+    assert loaded["sksobj"].api_entry()["shape"] == 72 and loaded["sksobj"].count == count
+    for half, encoder, tokenizer in (
+        ("clip_l", reference.text_encoder, reference.tokenizer),
+        ("clip_g", reference.text_encoder_2, reference.tokenizer_2),
+    ):
+        reference.load_textual_inversion(halves[half], token="sksobj", text_encoder=encoder, tokenizer=tokenizer)
+    prompt = "a photo of sksobj on a table"
+    with torch.no_grad():
+        expected, _, expected_pooled, _ = reference.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        context, pooled = encode_with_embeddings(ours, [prompt], loaded)
+        plain, plain_pooled = encode_with_embeddings(ours, [prompt], {})
+    torch.testing.assert_close(context, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(pooled, expected_pooled, atol=1e-4, rtol=0)
+    # The embedding changed both halves of the context, and the pooled vector bigG gives.
+    assert (context - plain)[..., :32].abs().max() > 1e-3 and (context - plain)[..., 32:].abs().max() > 1e-3
+    assert (pooled - plain_pooled).abs().max() > 1e-3
+
+
+def test_sdxl_embeddings_need_both_halves_of_the_encoders_widths(tmp_path):
+    sdxl_embedding_file(tmp_path, "good", 2)
+    sdxl_embedding_file(tmp_path, "wide", 2, widths=(32, 48))
+    save_file({"clip_l": torch.ones(2, 32)}, str(tmp_path / "half.safetensors"))
+    save_file({"clip_l": torch.ones(2, 32), "clip_g": torch.ones(3, 40)}, str(tmp_path / "uneven.safetensors"))
+    save_file({"emb_params": torch.ones(2, 32)}, str(tmp_path / "sd1.safetensors"))
+    loaded, skipped = load_sdxl_embeddings([tmp_path], (32, 40))
+    assert list(loaded) == ["good"]
+    assert set(skipped) == {"wide", "half", "uneven", "sd1"}
+    assert "wide.safetensors: its clip_g vectors are 48 wide; this model's encoder takes 40" in skipped["wide"]
+    assert "it lacks clip_g" in skipped["half"] and "lacks clip_l and clip_g (keys: emb_params)" in skipped["sd1"]
+    assert "clip_l has 2 vectors and clip_g 3" in skipped["uneven"]
+    with pytest.raises(EmbeddingError, match=r"half.safetensors: an SDXL embedding needs clip_l and clip_g"):
+        read_sdxl_embedding(tmp_path / "half.safetensors", (32, 40))
+    first, second = per_encoder(loaded)
+    assert first["good"].width == 32 and second["good"].width == 40 and first["good"].name == "good"

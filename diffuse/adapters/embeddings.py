@@ -11,7 +11,10 @@ pickle only ever goes through torch's weights-only unpickler; nothing in it runs
     place (files saved by torch 1.11) is read through an inert stand-in for its class.
   - sd-scripts `.safetensors`: {"emb_params": [n, D]}.
   - diffusers `learned_embeds.bin` / `.safetensors`: {token: [D] or [n, D]}.
-An SDXL embedding ({"clip_l", "clip_g"}) is refused for now: SD1/SD2 have one text encoder.
+An SDXL embedding ({"clip_l": [n, 768], "clip_g": [n, 1280]}, as sd-scripts writes it) holds
+one half per text encoder, for the same n token slots: read_sdxl_embedding / load_sdxl_embeddings
+read it, and `per_encoder` gives each encoder its half (CLIP-L's clip_l, bigG's clip_g), as A1111
+and diffusers' two load_textual_inversion calls put them. SD1/SD2 models refuse it.
 
 Public API:
   read_embedding(path, name=None) -> Embedding        one file; its name is the file's stem
@@ -19,6 +22,10 @@ Public API:
       loaded: {name: Embedding} that fit a text encoder `width` wide, skipped: {name: reason}
       (A1111's "skipped" list: another width, an unreadable file, a name taken twice)
   embeddings_used(tokenizer, texts, embeddings) -> [name]   those the prompts use, in order
+  read_sdxl_embedding(path, widths, name=None) -> SDXLEmbedding   both halves, widths checked
+  load_sdxl_embeddings(dirs, widths) -> (loaded, skipped)   the same for an SDXL model's two
+      encoders, widths = (CLIP-L's, bigG's)
+  per_encoder(embeddings) -> ({name: Embedding}, {name: Embedding})   each encoder's half
 Errors are diffuse.checkpoints' CheckpointError (a ValueError; EmbeddingError and
 UnsafeCheckpointError are kinds of it): one line naming the file and what was wrong.
 """
@@ -224,3 +231,91 @@ def embeddings_used(tokenizer: CLIPTokenizer, texts: Iterable[str], embeddings: 
         for chunk in prompt_chunks(tokenizer, text, embeddings):
             used.update((name, None) for _, name in chunk.fixes)
     return list(used)
+
+
+# ---- SDXL: one half per text encoder -------------------------------------------------------------
+
+SDXL_HALVES = ("clip_l", "clip_g")  # the first encoder's (CLIP-L) half, then the second's (bigG)
+
+
+@dataclass(frozen=True, eq=False)
+class SDXLEmbedding:
+    """An SDXL embedding: `halves` are the Embeddings for the first and the second text encoder,
+    named alike and with as many vectors each (the same token slots in both encoders' prompts)."""
+
+    name: str
+    halves: tuple[Embedding, Embedding]
+
+    @property
+    def count(self) -> int:
+        return self.halves[0].count
+
+    @property
+    def width(self) -> int:
+        """Both halves' widths together, as A1111's listing gives an SDXL embedding's shape."""
+        return sum(half.width for half in self.halves)
+
+    @property
+    def short_hash(self) -> str:
+        return self.halves[0].short_hash
+
+    def api_entry(self) -> dict:
+        return self.halves[0].api_entry() | {"shape": self.width}
+
+
+def read_sdxl_embedding(path: str | os.PathLike, widths: tuple[int, int], name: str | None = None) -> SDXLEmbedding:
+    """An SDXL embedding file {"clip_l": [n, widths[0]], "clip_g": [n, widths[1]]}; EmbeddingError
+    (one line naming the file) when a half is missing, has another width, or the counts differ."""
+    path = Path(path)
+    contents = _read_contents(path)
+    missing = [key for key in SDXL_HALVES if key not in contents]
+    if missing:
+        keys = ", ".join(sorted(map(str, contents))[:6])
+        raise EmbeddingError(
+            path, f"an SDXL embedding needs clip_l and clip_g; it lacks {' and '.join(missing)} (keys: {keys})"
+        )
+    name = path.stem if name is None else name
+    digest = sha256_file(path)
+    halves = []
+    for key, width in zip(SDXL_HALVES, widths, strict=True):
+        vectors = contents[key]
+        if not isinstance(vectors, torch.Tensor):
+            raise EmbeddingError(path, f"its {key} is a {type(vectors).__name__}, not a tensor")
+        vectors = _checked_vectors(vectors, path)
+        if vectors.shape[1] != width:
+            raise EmbeddingError(
+                path, f"its {key} vectors are {vectors.shape[1]} wide; this model's encoder takes {width}"
+            )
+        halves.append(Embedding(name=name, vectors=vectors, path=path, sha256=digest))
+    if halves[0].count != halves[1].count:
+        raise EmbeddingError(
+            path, f"clip_l has {halves[0].count} vectors and clip_g {halves[1].count}; they must agree"
+        )
+    return SDXLEmbedding(name, (halves[0], halves[1]))
+
+
+def load_sdxl_embeddings(
+    dirs: Iterable[str | os.PathLike], widths: tuple[int, int]
+) -> tuple[dict[str, SDXLEmbedding], dict[str, str]]:
+    """Every embedding under `dirs` for an SDXL model whose encoders are `widths` wide: (loaded, skipped)
+    as load_embeddings gives them; a one-encoder (SD 1/2) file is skipped with the reason."""
+    loaded: dict[str, SDXLEmbedding] = {}
+    skipped: dict[str, str] = {}
+    for path in embedding_files(dirs):
+        name = path.stem
+        if name in loaded or name in skipped:
+            skipped.setdefault(name, f"{path}: the name {name!r} is taken by another file")
+            continue
+        try:
+            loaded[name] = read_sdxl_embedding(path, widths)
+        except CheckpointError as e:
+            skipped[name] = str(e)
+    return loaded, skipped
+
+
+def per_encoder(embeddings: Mapping[str, SDXLEmbedding]) -> tuple[dict[str, Embedding], dict[str, Embedding]]:
+    """The embeddings each SDXL text encoder reads, by name: the first encoder's halves, the second's."""
+    return (
+        {name: e.halves[0] for name, e in embeddings.items()},
+        {name: e.halves[1] for name, e in embeddings.items()},
+    )
