@@ -5,6 +5,9 @@
                                                  └─last layer, final norm, first EOS, projection─▶ pooled [B, 1280]
     y = [pooled | sinusoids of (original h, w, crop top, left, target h, w)]  [B, 1280 + 6·256]
 
+The refiner reads bigG alone (context [B, 77·k, 1280]) and an aesthetic score in place of the
+target size (y [B, 1280 + 5·256]).
+
 Both encoders give their penultimate layer WITHOUT the final layer norm (SD1's "clip skip 2"
 does apply it). Long prompts are read in 75-token chunks as for SD 1/2 (diffuse.prompts), each
 encoder's chunks laid end to end; the pooled vector comes from bigG's first chunk, as in A1111.
@@ -25,20 +28,36 @@ from diffuse.models.unet import timestep_embedding
 from diffuse.prompts import PromptChunk, apply_weights, prompt_chunks
 from diffuse.tokenizer import CLIPTokenizer
 
+# The refiner's aesthetic scores for the prompts and the negative prompts (diffusers' and A1111's
+# defaults): high asks for the look of the training images rated good, low steers away from the poor.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 
-def size_conditioning(batch: int, height: int, width: int, dim: int, crop: tuple[int, int] = (0, 0)) -> Tensor:
+
+def size_conditioning(
+    batch: int,
+    height: int,
+    width: int,
+    dim: int,
+    crop: tuple[int, int] = (0, 0),
+    aesthetic_score: float | None = None,
+) -> Tensor:
     """The micro-conditioning part of y [batch, 6·dim]: original size, crop corner, target size,
-    height first, each scalar as a dim-wide [cos | sin] sinusoid (max period 10000).
+    height first, each scalar as a dim-wide [cos | sin] sinusoid (max period 10000). The refiner
+    reads an aesthetic score in place of the target size: [batch, 5·dim].
 
     The original and target sizes are the size asked for, as diffusers and A1111 set them: the
     model then draws as it did for uncropped training images of that size."""
-    values = torch.tensor([height, width, *crop, height, width], dtype=torch.float32)
+    last = [height, width] if aesthetic_score is None else [aesthetic_score]
+    values = torch.tensor([height, width, *crop, *last], dtype=torch.float32)
     return timestep_embedding(values, dim).reshape(1, -1).expand(batch, -1)
 
 
-def vector_conditioning(pooled: Tensor, height: int, width: int, dim: int) -> Tensor:
-    """y = [pooled | size_conditioning] [B, pooled width + 6·dim], in float32."""
-    sizes = size_conditioning(len(pooled), height, width, dim).to(pooled.device)
+def vector_conditioning(
+    pooled: Tensor, height: int, width: int, dim: int, aesthetic_score: float | None = None
+) -> Tensor:
+    """y = [pooled | size_conditioning] [B, pooled width + 6·dim (refiner: 5·dim)], in float32."""
+    sizes = size_conditioning(len(pooled), height, width, dim, aesthetic_score=aesthetic_score).to(pooled.device)
     return torch.cat([pooled.float(), sizes], dim=1)
 
 

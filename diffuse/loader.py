@@ -100,7 +100,7 @@ class _Read:
     config: PipelineConfig
     states: dict[str, dict[str, torch.Tensor]]
     files: dict[str, Path]
-    tokenizer: CLIPTokenizer
+    tokenizer: CLIPTokenizer | None  # None: the SDXL refiner, which has the second alone
     tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer (bigG's)
     scheduler_config: dict = field(default_factory=dict)  # {}: Stable Diffusion's defaults
     preview_matrix: torch.Tensor | None = None  # None: SD's
@@ -113,11 +113,14 @@ def _read_folder(path: Path, config: PipelineConfig | None) -> _Read:
         raise CheckpointError(
             path, "a folder, but not a diffusers model folder (no model_index.json or unet/config.json)"
         )
-    tokenizer = read_tokenizer(path / "tokenizer")
-    # SDXL's second tokenizer (bigG's); its pad id is its own (0 in the SDXL folders).
+    # SDXL's second tokenizer (bigG's); its pad id is its own (0 in the SDXL folders). The refiner has it alone.
     tokenizer_2 = read_tokenizer(path / "tokenizer_2") if (path / "tokenizer_2").is_dir() else None
+    tokenizer = (
+        None if tokenizer_2 is not None and not (path / "tokenizer").exists() else read_tokenizer(path / "tokenizer")
+    )
+    pad = {} if tokenizer is None else {"pad_token_id": tokenizer.pad_token_id}
     pad_2 = {} if tokenizer_2 is None else {"pad_token_id_2": tokenizer_2.pad_token_id}
-    detected, weights = read_diffusers_folder(path, pad_token_id=tokenizer.pad_token_id, **pad_2)
+    detected, weights = read_diffusers_folder(path, **pad, **pad_2)
     config = config or detected
     return _Read(
         config=config,
@@ -154,6 +157,10 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         raise CheckpointError(path, f"unusable architecture: {e}") from None
     if len({config.text_encoder_2 is not None, read.tokenizer_2 is not None, "text_encoder_2" in read.states}) != 1:
         raise CheckpointError(path, "an SDXL model needs its text_encoder_2 config, weights and tokenizer_2 together")
+    if len({config.text_encoder is not None, read.tokenizer is not None, "text_encoder" in read.states}) != 1:
+        raise CheckpointError(
+            path, "the text_encoder config, weights and tokenizer must be there together or not at all"
+        )
 
     def fill(name, make):
         # Laid out while filling, so each weight is copied once; prepare() then finds it in place.
@@ -165,12 +172,14 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
     unet = fill("unet", lambda: UNet(config.unet))
     if read.probe_v and predicts_v(unet):
         config = replace(config, prediction_type="v_prediction")
-    text_encoder_2 = None
+    text_encoder = text_encoder_2 = None
+    if config.text_encoder is not None:
+        text_encoder = fill("text_encoder", lambda: CLIPTextEncoder(config.text_encoder))
     if config.text_encoder_2 is not None:
         text_encoder_2 = fill("text_encoder_2", lambda: CLIPTextEncoder(config.text_encoder_2))
     return Pipeline(
         tokenizer=read.tokenizer,
-        text_encoder=fill("text_encoder", lambda: CLIPTextEncoder(config.text_encoder)),
+        text_encoder=text_encoder,
         unet=unet,
         vae=fill("vae", lambda: AutoencoderKL(config.vae)),
         config=config,

@@ -23,7 +23,13 @@ from PIL import Image
 from diffuse import inputs
 from diffuse.adapters.embeddings import embeddings_used, load_embeddings
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
-from diffuse.conditioning_xl import encode_prompt_pair_xl, encode_prompts_xl, vector_conditioning
+from diffuse.conditioning_xl import (
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    encode_prompt_pair_xl,
+    encode_prompts_xl,
+    vector_conditioning,
+)
 from diffuse.generation import (
     AfterStep,
     NoisePredictor,
@@ -74,10 +80,12 @@ class Pipeline:
 
     SDXL models also have a second tokenizer and text encoder (OpenCLIP bigG; None for SD 1/2);
     `zeros_for_empty_prompt` is their folder's `force_zeros_for_empty_prompt` (diffuse.conditioning_xl).
+    The SDXL refiner has the second alone (`tokenizer` and `text_encoder` None): it continues
+    another model's generation (`generate(request, refiner=...)`) or repaints an image.
     """
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextEncoder
+    tokenizer: CLIPTokenizer | None
+    text_encoder: CLIPTextEncoder | None
     unet: UNet
     vae: AutoencoderKL
     config: PipelineConfig
@@ -92,7 +100,8 @@ class Pipeline:
     _embeddings: object = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        self._merged = MergedLoras({"unet": self.unet, "text_encoder": self.text_encoder})
+        networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+        self._merged = MergedLoras({name: net for name, net in networks.items() if net is not None})
         self._embeddings = self._load_embeddings()
 
     @property
@@ -154,7 +163,8 @@ class Pipeline:
         if not self.is_xl:
             return self.encode_prompt(prompts), None
         context, pooled = encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)
-        return context, vector_conditioning(pooled, height, width, self.config.size_embed_dim)
+        score = AESTHETIC_SCORE if self.config.aesthetic_score else None
+        return context, vector_conditioning(pooled, height, width, self.config.size_embed_dim, score)
 
     def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
         """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
@@ -384,11 +394,12 @@ class Pipeline:
         )
         return contexts, None
 
-    def _tokenizers(self) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-        return self.tokenizer, self.tokenizer_2
+    def _tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        """SDXL's tokenizers, in the order their contexts are joined (the refiner: bigG's alone)."""
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
 
-    def _text_encoders(self) -> tuple[CLIPTextEncoder, CLIPTextEncoder]:
-        return self.text_encoder, self.text_encoder_2
+    def _text_encoders(self) -> tuple[CLIPTextEncoder, ...]:
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
 
     def _conditioning_xl(self, job: Job) -> tuple[Pair, Pair]:
         """SDXL's contexts and vectors y (pooled text and sizes), for the prompts and, when guidance
@@ -408,9 +419,14 @@ class Pipeline:
             outputs=lambda pair: tuple(t for side in pair if side is not None for t in side),
         )
         sizes = job.height, job.width, self.config.size_embed_dim
+        # The refiner's y ends with an aesthetic score: high for the prompts, low for the negative ones.
+        score, negative_score = (
+            (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE) if self.config.aesthetic_score else (None,) * 2
+        )
+        y = vector_conditioning(cond[1], *sizes, score)
         if uncond is None:
-            return (cond[0], None), (vector_conditioning(cond[1], *sizes), None)
-        return (cond[0], uncond[0]), (vector_conditioning(cond[1], *sizes), vector_conditioning(uncond[1], *sizes))
+            return (cond[0], None), (y, None)
+        return (cond[0], uncond[0]), (y, vector_conditioning(uncond[1], *sizes, negative_score))
 
     @staticmethod
     def _plan(job: Job) -> Plan:

@@ -77,7 +77,7 @@ class GenerationRequest:
             self.eta,
             multiple=config.vae.downsample_factor,
         )
-        inputs.check_clip_skip(self.clip_skip, config.text_encoder.layers)
+        inputs.check_clip_skip(self.clip_skip, (config.text_encoder or config.text_encoder_2).layers)
         self._check_for_xl(config)
         prompts, negatives = self._prompts()
         texts, negative_texts, loras = lora_tags(prompts, negatives)

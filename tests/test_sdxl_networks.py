@@ -409,16 +409,6 @@ def test_an_sdxl_model_converts_to_a_diffusers_folder(tiny_xl_file, tmp_path):
     assert (networks["unet"](latents, 10, context, y) - want).abs().max().item() <= TOL
 
 
-def test_a_refiner_folder_is_refused_by_name(tmp_path):
-    from diffuse.checkpoints.errors import CheckpointError
-
-    for name in ("unet", "vae", "text_encoder_2"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="refiner"):
-        read_diffusers_folder(tmp_path, pad_token_id=0)
-
-
 @torch.no_grad()
 def test_a_refiner_shaped_unet_matches_diffusers():
     """The refiner's shape (reference 3.3): the deepest level without attention, so the middle

@@ -152,13 +152,14 @@ def read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]
 
 
 def read_diffusers_folder(
-    root: Path, pad_token_id: int, pad_token_id_2: int = 0
+    root: Path, pad_token_id: int = 49407, pad_token_id_2: int = 0
 ) -> tuple[PipelineConfig, dict[str, tuple[dict[str, torch.Tensor], Path]]]:
     """The pipeline config and, per component, its tensors in OUR layout and the file they came from.
 
     `pad_token_id` (and, for SDXL's second tokenizer, `pad_token_id_2`) come from the folder's
-    own tokenizer files, read by the caller. An SDXL folder adds "text_encoder_2" (a
-    CLIPTextModelWithProjection, its text_projection kept).
+    own tokenizer files, read by the caller (`pad_token_id` is unused without a first tokenizer).
+    An SDXL folder adds "text_encoder_2" (a CLIPTextModelWithProjection, its text_projection kept);
+    the refiner's has it alone, without "text_encoder", and `requires_aesthetics_score` set.
     """
     unet_cfg, sample_size, size_embed_dim = read_config(
         root / "unet" / "config.json",
@@ -170,9 +171,11 @@ def read_diffusers_folder(
     )
     vae_cfg = read_config(root / "vae" / "config.json", vae_layout.config_from_diffusers)
     second = root / "text_encoder_2"
-    if (second / "config.json").is_file() and not (root / "text_encoder" / "config.json").is_file():
-        raise CheckpointError(root, "an SDXL refiner folder (text_encoder_2 alone), which diffuse does not run yet")
-    text_cfg = read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
+    # The SDXL refiner's folder has text_encoder_2 alone: its text_encoder slot is empty.
+    refiner = (second / "config.json").is_file() and not (root / "text_encoder").exists()
+    text_cfg = (
+        None if refiner else read_config(root / "text_encoder" / "config.json", clip_layout.config_from_transformers)
+    )
     text_cfg_2 = None
     if (second / "config.json").is_file():
         text_cfg_2 = read_config(
@@ -182,12 +185,13 @@ def read_diffusers_folder(
 
     unet_state, unet_file = read_component_weights(root / "unet")
     vae_state, vae_file = read_component_weights(root / "vae")
-    text_state, text_file = read_component_weights(root / "text_encoder")
     weights = {
         "unet": (unet_layout.from_diffusers(unet_state, unet_cfg), unet_file),
         "vae": (vae_layout.from_diffusers(vae_state, vae_cfg), vae_file),
-        "text_encoder": (clip_layout.from_transformers(text_state), text_file),
     }
+    if text_cfg is not None:
+        text_state, text_file = read_component_weights(root / "text_encoder")
+        weights["text_encoder"] = (clip_layout.from_transformers(text_state), text_file)
     if text_cfg_2 is not None:
         text_state_2, text_file_2 = read_component_weights(second)
         weights["text_encoder_2"] = (clip_layout.from_transformers(text_state_2, with_projection=True), text_file_2)
@@ -202,8 +206,18 @@ def read_diffusers_folder(
         text_encoder_2=text_cfg_2,
         pad_token_id_2=pad_token_id_2,
         size_embed_dim=size_embed_dim,
+        aesthetic_score=read_index_flag(root, "requires_aesthetics_score", False),
     )
     return config, weights
+
+
+def read_index_flag(root: Path, name: str, default: bool) -> bool:
+    """A true/false setting of the folder's model_index.json (`default` when absent)."""
+    index = root / "model_index.json"
+    value = read_json(index).get(name, default) if index.is_file() else default
+    if not isinstance(value, bool):
+        raise CheckpointError(index, f"{name}={value!r}: must be true or false")
+    return value
 
 
 def preview_matrix_json(matrix: torch.Tensor) -> dict:

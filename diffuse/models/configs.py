@@ -91,7 +91,8 @@ class PipelineConfig:
     """Everything a pipeline needs beyond the three networks' shapes."""
 
     name: str
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # None: the SDXL refiner, which reads OpenCLIP bigG alone (text_encoder_2).
+    text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     prediction_type: str = "epsilon"  # or "v_prediction" (SD2-768-v)
@@ -100,6 +101,9 @@ class PipelineConfig:
     text_encoder_2: TextEncoderConfig | None = None  # SDXL's OpenCLIP ViT-bigG/14; None: SD 1/2
     pad_token_id_2: int = 0  # the second tokenizer pads with id 0 (A1111 and the SDXL folders)
     size_embed_dim: int = 0  # SDXL: each size/crop scalar becomes a 256-wide sinusoid; 0: no size conditioning
+    # The SDXL refiner's y ends with an aesthetic score in place of the target size (diffusers'
+    # requires_aesthetics_score): it was trained to tell good pictures from poor ones by it.
+    aesthetic_score: bool = False
 
     @property
     def image_size(self) -> int:
@@ -148,7 +152,31 @@ SDXL = PipelineConfig(
     size_embed_dim=256,
 )
 
-PRESETS: dict[str, PipelineConfig] = {c.name: c for c in (SD1, SD2, SD2_V, SDXL)}
+# SDXL refiner (sgm sd_xl_refiner.yaml): bigG alone (context 1280), four levels with attention on the
+# middle two, depth 4; y = pooled (1280) + original size, crop and aesthetic score (5 x 256) = 2560.
+SDXL_REFINER = PipelineConfig(
+    name="sdxl-refiner",
+    text_encoder=None,
+    text_encoder_2=SDXL.text_encoder_2,
+    unet=UNetConfig(
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        attention_levels=(False, True, True, False),
+        heads=(6, 12, 24, 24),
+        transformer_depths=(0, 4, 4, 0),
+        mid_transformer_depth=4,
+        context_dim=1280,
+        use_linear_projection=True,
+        adm_in_channels=2560,
+    ),
+    vae=SDXL.vae,
+    pad_token_id_2=0,
+    sample_size=128,
+    size_embed_dim=256,
+    aesthetic_score=True,
+)
+
+PRESETS: dict[str, PipelineConfig] = {c.name: c for c in (SD1, SD2, SD2_V, SDXL, SDXL_REFINER)}
 
 
 # ---------------------------------------------------------------- limits
@@ -267,6 +295,8 @@ def check_pipeline(cfg: PipelineConfig) -> None:
     """ValueError "part: field=value: why" when any network's config, or the pipeline's own
     fields, are outside the limits (check before building anything from `cfg`)."""
     for part, check in (("text_encoder", check_text_encoder), ("unet", check_unet), ("vae", check_vae)):
+        if getattr(cfg, part) is None and part == "text_encoder" and cfg.text_encoder_2 is not None:
+            continue  # the SDXL refiner: bigG alone
         try:
             check(getattr(cfg, part))
         except ValueError as e:
@@ -274,7 +304,8 @@ def check_pipeline(cfg: PipelineConfig) -> None:
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={cfg.prediction_type!r}: must be one of {', '.join(PREDICTION_TYPES)}")
     _count("sample_size", cfg.sample_size, 1, MAX_SAMPLE_SIZE)
-    _count("pad_token_id", cfg.pad_token_id, 0, cfg.text_encoder.vocab_size - 1)
+    if cfg.text_encoder is not None:
+        _count("pad_token_id", cfg.pad_token_id, 0, cfg.text_encoder.vocab_size - 1)
     _count("size_embed_dim", cfg.size_embed_dim, 0, MAX_WIDTH)
     if cfg.size_embed_dim % 2:
         raise ValueError(f"size_embed_dim={cfg.size_embed_dim}: must be even (cos and sin halves)")
@@ -288,9 +319,12 @@ def check_pipeline(cfg: PipelineConfig) -> None:
 
 
 def check_vector_conditioning(cfg: PipelineConfig) -> None:
-    """SDXL base: the UNet's y is the second encoder's pooled vector and six size sinusoids, and its
-    context both encoders' hidden states side by side; anything else cannot be conditioned here."""
-    if not cfg.unet.adm_in_channels and cfg.text_encoder_2 is None:
+    """SDXL: the UNet's y is the second encoder's pooled vector and six size sinusoids (the refiner:
+    five, the last its aesthetic score), and its context the encoders' hidden states side by side;
+    anything else cannot be conditioned here."""
+    if not isinstance(cfg.aesthetic_score, bool):
+        raise ValueError(f"aesthetic_score={cfg.aesthetic_score!r}: must be true or false")
+    if not cfg.unet.adm_in_channels and cfg.text_encoder_2 is None and not cfg.aesthetic_score:
         return
     if cfg.text_encoder_2 is None or not cfg.size_embed_dim or not cfg.unet.adm_in_channels:
         second = "set" if cfg.text_encoder_2 is not None else None
@@ -299,13 +333,15 @@ def check_vector_conditioning(cfg: PipelineConfig) -> None:
             f"{second}, size_embed_dim={cfg.size_embed_dim}, adm_in_channels={cfg.unet.adm_in_channels})"
         )
     pooled = cfg.text_encoder_2.projection_dim or cfg.text_encoder_2.width
-    if cfg.unet.adm_in_channels != pooled + 6 * cfg.size_embed_dim:
+    scalars, model = (5, "SDXL refiner") if cfg.aesthetic_score else (6, "SDXL base")
+    if cfg.unet.adm_in_channels != pooled + scalars * cfg.size_embed_dim:
         raise ValueError(
             f"unet: adm_in_channels={cfg.unet.adm_in_channels} is not the pooled width {pooled} "
-            f"+ 6 x size_embed_dim {cfg.size_embed_dim} (SDXL base; the refiner is not supported yet)"
+            f"+ {scalars} x size_embed_dim {cfg.size_embed_dim} ({model})"
         )
-    if cfg.unet.context_dim != cfg.text_encoder.width + cfg.text_encoder_2.width:
+    encoders = [e for e in (cfg.text_encoder, cfg.text_encoder_2) if e is not None]
+    if cfg.unet.context_dim != sum(e.width for e in encoders):
+        widths = " + ".join(str(e.width) for e in encoders)
         raise ValueError(
-            f"unet: context_dim={cfg.unet.context_dim} is not the two text encoders' widths together "
-            f"({cfg.text_encoder.width} + {cfg.text_encoder_2.width})"
+            f"unet: context_dim={cfg.unet.context_dim} is not the text encoders' widths together ({widths})"
         )

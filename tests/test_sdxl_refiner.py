@@ -1,0 +1,179 @@
+"""The SDXL refiner, and the base -> refiner hand-off, against diffusers on tiny random weights.
+
+The refiner is built as diffusers' StableDiffusionXLImg2ImgPipeline holds it: no first text
+encoder or tokenizer, bigG alone (context = its width), `requires_aesthetics_score` (y = pooled
++ original size, crop and aesthetic score, five sinusoids). Its UNet has the tiny base's shape
+with those widths; every weight is perturbed so that no zero-initialised tensor hides a wrong map.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import reference_tokenizer
+from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, picture
+
+import diffuse
+from diffuse.checkpoints.errors import CheckpointError
+from diffuse.conditioning_xl import size_conditioning
+
+
+def build_refiner_reference(vocab_dir, seed: int = 1):
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=24 + 5 * 8,  # pooled + original size, crop, aesthetic score
+        cross_attention_dim=40,  # bigG's width alone
+        norm_num_groups=1,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=40,
+            intermediate_size=52,
+            projection_dim=24,
+            pad_token_id=0,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        )
+    )
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder_2):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            module.eval()
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=reference_tokenizer(vocab_dir, "sd2"),
+        unet=unet,
+        scheduler=scheduler,
+        requires_aesthetics_score=True,
+        add_watermarker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def refiner_folder(tmp_path_factory, clip_vocab_dir):
+    folder = tmp_path_factory.mktemp("tiny_sdxl_refiner")
+    build_refiner_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_refiner(refiner_folder):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, add_watermarker=False).to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def refiner(refiner_folder):
+    return diffuse.load_pipeline(refiner_folder, dtype="float32")
+
+
+def test_a_refiner_folder_loads_with_big_g_alone(refiner):
+    assert refiner.is_xl and refiner.text_encoder is None and refiner.tokenizer is None
+    assert refiner.config.text_encoder is None and refiner.config.aesthetic_score
+    assert refiner.config.unet.context_dim == 40 and refiner.config.unet.adm_in_channels == 24 + 5 * 8
+
+
+def test_the_refiner_sees_diffusers_aesthetic_conditioning(refiner, reference_refiner):
+    """y for the negative and positive halves: the aesthetic scores 2.5 and 6.0 in place of the target size."""
+    seen = {}
+
+    def keep_diffusers(module, args, kwargs):
+        added = kwargs["added_cond_kwargs"]
+        sizes = module.add_time_proj(added["time_ids"].flatten()).reshape(len(added["time_ids"]), -1)
+        seen.setdefault("reference", torch.cat([added["text_embeds"], sizes], dim=1))
+
+    def keep_ours(module, args, kwargs):
+        seen.setdefault("ours", args[3] if len(args) > 3 else kwargs["y"])
+
+    hooks = [
+        reference_refiner.unet.register_forward_pre_hook(keep_diffusers, with_kwargs=True),
+        refiner.unet.register_forward_pre_hook(keep_ours, with_kwargs=True),
+    ]
+    try:
+        reference_refiner(PROMPT, image=picture(), negative_prompt=NEGATIVE, num_inference_steps=2, strength=0.5)
+        refiner.img2img(picture(), PROMPT, negative_prompt=NEGATIVE, steps=2, strength=0.5, sampler="Euler")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["ours"].shape == (2, 24 + 5 * 8)
+    torch.testing.assert_close(seen["ours"].float(), seen["reference"].float(), atol=1e-4, rtol=0)
+    assert torch.equal(
+        size_conditioning(1, 64, 64, 8, aesthetic_score=6.0)[:, :32], size_conditioning(1, 64, 64, 8)[:, :32]
+    )
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""], ids=["negative", "no-negative"])
+def test_refiner_img2img_matches_diffusers(negative, refiner, reference_refiner):
+    expected = reference_refiner(
+        PROMPT,
+        image=picture(),
+        strength=0.3,
+        negative_prompt=negative or None,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(7),
+    ).images
+    result = refiner.img2img(
+        picture(),
+        PROMPT,
+        strength=0.3,
+        negative_prompt=negative,
+        steps=STEPS,
+        guidance_scale=5.0,
+        sampler="Euler",
+        seed=7,
+    )
+    assert_same_images(result.images, expected)
+
+
+def test_a_refiner_folder_without_its_tokenizer_is_refused_naming_the_folder(refiner_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(refiner_folder, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(CheckpointError, match="broken/tokenizer: unreadable tokenizer files"):
+        diffuse.load_pipeline(broken, dtype="float32")
