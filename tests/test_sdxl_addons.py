@@ -33,6 +33,7 @@ from diffuse.prompts import _token_vectors, apply_weights, prompt_chunks
 
 WEIGHT_TOL = 2e-5
 ATTENTION_TARGETS = UNET_TARGETS[:12]  # attention, feed-forward and the transformers' proj_in / proj_out
+LOCON_TARGETS = (*UNET_TARGETS, "add_embedding.linear_1", "add_embedding.linear_2", "time_embedding.linear_1")
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -59,12 +60,17 @@ def networks(pipe) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipe, name) for name in NETWORKS}
 
 
-def kohya_sdxl_lora(reference, seed: int) -> dict[str, torch.Tensor]:
-    """A random SDXL LoRA named as sd-scripts names it: the UNet's modules by their LDM names."""
+def kohya_sdxl_lora(
+    reference, seed: int, targets: tuple[str, ...] = ATTENTION_TARGETS, ldm_names: bool = True
+) -> dict[str, torch.Tensor]:
+    """A random SDXL LoRA named as sd-scripts names it: the UNet's modules by their LDM names (or,
+    as some other trainers write them, by diffusers' names)."""
     gen = torch.Generator().manual_seed(seed)
-    unet = _targets(reference.unet, ATTENTION_TARGETS)
-    ldm = from_diffusers({f"{n}.weight": n for n in unet}, config_from_diffusers(dict(reference.unet.config)))
-    layers = {f"lora_unet_{key.removesuffix('.weight')}": unet[n] for key, n in ldm.items()}
+    unet = _targets(reference.unet, targets)
+    names = {f"{n}.weight": n for n in unet}
+    if ldm_names:
+        names = from_diffusers(names, config_from_diffusers(dict(reference.unet.config)))
+    layers = {f"lora_unet_{key.removesuffix('.weight')}": unet[n] for key, n in names.items()}
     for prefix, encoder in (("lora_te1_", reference.text_encoder), ("lora_te2_", reference.text_encoder_2)):
         layers |= {prefix + n: m for n, m in _targets(encoder, TEXT_TARGETS).items()}
     rank = 2 + seed % 3
@@ -122,9 +128,18 @@ def assert_bit_exact(pipe, before: dict[str, torch.Tensor]) -> None:
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("style", ["kohya", "peft"])
+LORAS = {
+    "kohya": kohya_sdxl_lora,
+    # LoCon: every resnet conv, the samplers, time_emb_proj, and the time and label embeddings too.
+    "kohya-locon": lambda reference, seed: kohya_sdxl_lora(reference, seed, targets=LOCON_TARGETS),
+    "kohya-diffusers-names": lambda reference, seed: kohya_sdxl_lora(reference, seed, ldm_names=False),
+    "peft": peft_sdxl_lora,
+}
+
+
+@pytest.mark.parametrize("style", list(LORAS))
 def test_an_sdxl_lora_merges_as_diffusers_fuses_it_and_restores_exactly(style, ours, reference):
-    state = (kohya_sdxl_lora if style == "kohya" else peft_sdxl_lora)(reference, seed=1)
+    state = LORAS[style](reference, seed=1)
     weight = 0.75
     lora = lora_from_state_dict(state, style)
     assert {patch.network for patch in lora.patches} == set(NETWORKS)
