@@ -263,5 +263,9 @@ def test_sdxl_embeddings_need_both_halves_of_the_encoders_widths(tmp_path):
     assert "clip_l has 2 vectors and clip_g 3" in skipped["uneven"]
     with pytest.raises(EmbeddingError, match=r"half.safetensors: an SDXL embedding needs clip_l and clip_g"):
         read_sdxl_embedding(tmp_path / "half.safetensors", (32, 40))
+    # The refiner has bigG alone: clip_l is not checked against an encoder it lacks.
+    sdxl_embedding_file(tmp_path, "other_l", 2, widths=(24, 40))
+    assert "its clip_l vectors are 24 wide" in load_sdxl_embeddings([tmp_path], (32, 40))[1]["other_l"]
+    assert set(load_sdxl_embeddings([tmp_path], (None, 40))[0]) == {"good", "other_l"}
     first, second = per_encoder(loaded)
     assert first["good"].width == 32 and second["good"].width == 40 and first["good"].name == "good"

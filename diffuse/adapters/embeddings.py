@@ -23,6 +23,7 @@ Public API:
       (A1111's "skipped" list: another width, an unreadable file, a name taken twice)
   embeddings_used(tokenizer, texts, embeddings) -> [name]   those the prompts use, in order
   read_sdxl_embedding(path, widths, name=None) -> SDXLEmbedding   both halves, widths checked
+      (widths[0] None: the refiner, which has no CLIP-L, takes clip_g alone)
   load_sdxl_embeddings(dirs, widths) -> (loaded, skipped)   the same for an SDXL model's two
       encoders, widths = (CLIP-L's, bigG's)
   per_encoder(embeddings) -> ({name: Embedding}, {name: Embedding})   each encoder's half
@@ -263,9 +264,12 @@ class SDXLEmbedding:
         return self.halves[0].api_entry() | {"shape": self.width}
 
 
-def read_sdxl_embedding(path: str | os.PathLike, widths: tuple[int, int], name: str | None = None) -> SDXLEmbedding:
+def read_sdxl_embedding(
+    path: str | os.PathLike, widths: tuple[int | None, int], name: str | None = None
+) -> SDXLEmbedding:
     """An SDXL embedding file {"clip_l": [n, widths[0]], "clip_g": [n, widths[1]]}; EmbeddingError
-    (one line naming the file) when a half is missing, has another width, or the counts differ."""
+    (one line naming the file) when a half is missing, has another width, or the counts differ.
+    widths[0] None: a model without CLIP-L (the refiner), whose clip_l width is not checked."""
     path = Path(path)
     contents = _read_contents(path)
     missing = [key for key in SDXL_HALVES if key not in contents]
@@ -282,7 +286,7 @@ def read_sdxl_embedding(path: str | os.PathLike, widths: tuple[int, int], name: 
         if not isinstance(vectors, torch.Tensor):
             raise EmbeddingError(path, f"its {key} is a {type(vectors).__name__}, not a tensor")
         vectors = _checked_vectors(vectors, path)
-        if vectors.shape[1] != width:
+        if width is not None and vectors.shape[1] != width:
             raise EmbeddingError(
                 path, f"its {key} vectors are {vectors.shape[1]} wide; this model's encoder takes {width}"
             )
@@ -295,7 +299,7 @@ def read_sdxl_embedding(path: str | os.PathLike, widths: tuple[int, int], name: 
 
 
 def load_sdxl_embeddings(
-    dirs: Iterable[str | os.PathLike], widths: tuple[int, int]
+    dirs: Iterable[str | os.PathLike], widths: tuple[int | None, int]
 ) -> tuple[dict[str, SDXLEmbedding], dict[str, str]]:
     """Every embedding under `dirs` for an SDXL model whose encoders are `widths` wide: (loaded, skipped)
     as load_embeddings gives them; a one-encoder (SD 1/2) file is skipped with the reason."""
