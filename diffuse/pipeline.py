@@ -13,8 +13,9 @@ used, seeds included, comes back in `Result.info`, so any image can be made agai
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -217,20 +218,28 @@ class Pipeline:
 
     # ---- the entry points -------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest, callback: Callback | None = None) -> Result:
+    def generate(
+        self, request: GenerationRequest, callback: Callback | None = None, refiner: Pipeline | None = None
+    ) -> Result:
         """Make the images a request asks for; `callback` sees every sampler step (Step).
 
         The request is checked in full before any network runs (ValueError names the setting), and
         the LoRAs its prompts name are found before any is merged. They stay merged for the next
-        generation with the same set and are taken out when the set changes."""
-        job = request.resolve(self.config, self.scheduler_config)
-        return self._run(job, self._lora_uses(job), callback)
+        generation with the same set and are taken out when the set changes.
 
-    def describe(self, request: GenerationRequest) -> tuple[dict, list[str]]:
+        `refiner`, another loaded SDXL pipeline (usually the SDXL refiner), takes over at
+        `request.refiner_switch_at` of the denoising: this model walks the noise levels down to
+        that point and the refiner the rest from its latents, with its own conditioning, and
+        decodes (A1111's refiner; diffusers' denoising_end and denoising_start)."""
+        job = request.resolve(self.config, self.scheduler_config)
+        self._check_refiner(job, refiner)
+        return self._run(job, self._lora_uses(job), callback, refiner)
+
+    def describe(self, request: GenerationRequest, refiner: Pipeline | None = None) -> tuple[dict, list[str]]:
         """The generation info and the per-image parameters texts that running `request` records,
         without running it: for images made outside the loop (the server's interrupted rounds),
         so every PNG carries the same fields from this one place."""
-        return self._info(request.resolve(self.config, self.scheduler_config))
+        return self._info(request.resolve(self.config, self.scheduler_config), refiner)
 
     def txt2img(
         self,
@@ -365,7 +374,9 @@ class Pipeline:
     # ---- the stages of a generation ---------------------------------------------------------
 
     @torch.no_grad()
-    def _run(self, job: Job, loras: list[LoraUse], callback: Callback | None) -> Result:
+    def _run(
+        self, job: Job, loras: list[LoraUse], callback: Callback | None, refiner: Pipeline | None = None
+    ) -> Result:
         # One CPU generator per image, seeded seed + i (as A1111 does): image i is the same
         # whatever the batch size or device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
@@ -375,8 +386,53 @@ class Pipeline:
         context, vectors = self._conditioning(job) if not self.is_xl else self._conditioning_xl(job)
         plan = self._plan(job)
         start = self._initial_latents(job, plan, generators, fallback)
+        if refiner is not None:
+            plan, rest = split_plan(plan, job.request.refiner_switch_at, self._train_timesteps())
+            callback, refiner_callback = (
+                _counted(callback, 0, plan.steps + rest.steps),
+                _counted(callback, plan.steps, plan.steps + rest.steps),
+            )
         latents = self._denoise(job, plan, start, context, generators, fallback, callback, vectors)
+        if refiner is not None:
+            images = refiner._refine(job, rest, latents, generators, fallback, refiner_callback)
+            return self._result(job, images, refiner)
         return self._result(job, self._decode(job, latents))
+
+    def _check_refiner(self, job: Job, refiner: Pipeline | None) -> None:
+        """A hand-off needs both the switch point and the refiner, SDXL models on the same latents,
+        and what the refiner's part cannot take yet refused before any work."""
+        switch = job.request.refiner_switch_at
+        if refiner is None:
+            if switch is not None:
+                raise ValueError(f"refiner_switch_at {switch} needs a refiner pipeline to switch to")
+            return
+        if switch is None:
+            raise ValueError(
+                "a refiner was given without refiner_switch_at (the fraction of the steps to hand over at)"
+            )
+        if not (self.is_xl and refiner.is_xl):
+            raise ValueError("the refiner hand-off is for SDXL models: both the model and its refiner must be SDXL")
+        if (refiner.config.vae.latent_channels, refiner.config.vae.downsample_factor) != (
+            self.config.vae.latent_channels,
+            self.config.vae.downsample_factor,
+        ):
+            raise ValueError(f"the refiner {refiner.model_name!r} works on other latents than {self.model_name!r}")
+        if refiner.config.unet.in_channels != refiner.config.vae.latent_channels:
+            raise ValueError(f"the refiner {refiner.model_name!r} is an inpainting model, which cannot continue")
+        split_plan(self._plan(job), switch, self._train_timesteps())  # both parts must get steps
+
+    def _train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    def _refine(
+        self, job: Job, plan: Plan, latents: torch.Tensor, generators: list, fallback: Fallback, callback
+    ) -> list[Image.Image]:
+        """The refiner's part of a hand-off: its own conditioning (bigG alone, the aesthetic scores),
+        the rest of the plan from the base's latents, and its VAE's decoding."""
+        context, vectors = self._conditioning_xl(job)
+        x = latents.to(self.device) * (1 + plan.sigmas[0] ** 2) ** 0.5  # back to the sampler's scale
+        start = Start(x, torch.zeros_like(x))  # no noise is drawn here: the latents carry the base's
+        return self._decode(job, self._denoise(job, plan, start, context, generators, fallback, callback, vectors))
 
     def _conditioning(self, job: Job) -> tuple[Pair, None]:
         """Context for the prompts and, when guidance is on, for the negative prompts (same length);
@@ -525,11 +581,11 @@ class Pipeline:
 
     # ---- what a run records -----------------------------------------------------------------
 
-    def _result(self, job: Job, images: list[Image.Image]) -> Result:
-        info, texts = self._info(job)
+    def _result(self, job: Job, images: list[Image.Image], refiner: Pipeline | None = None) -> Result:
+        info, texts = self._info(job, refiner)
         return Result(images=images, seeds=list(job.seeds), info=info, infotexts=texts)
 
-    def _info(self, job: Job) -> tuple[dict, list[str]]:
+    def _info(self, job: Job, refiner: Pipeline | None = None) -> tuple[dict, list[str]]:
         """The first image's generation info, and every image's parameters text: what a PNG needs to
         be made again (diffuse.regenerate) and to tell whether that can match exactly."""
         info = {
@@ -547,6 +603,7 @@ class Pipeline:
             "clip_skip": job.clip_skip,
             "denoising_strength": job.strength if job.image is not None else None,
             "eta": job.eta,
+            **_refiner_info(refiner, job.request.refiner_switch_at),
             **job.speedups.info(),
             "init_image_hash": inputs.image_sha256(job.image) if job.image is not None else None,
             "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
@@ -563,7 +620,7 @@ class Pipeline:
             "version": VERSION,
         }
         texts = [
-            infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
+            infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i}) + _refiner_params(info)
             for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))
         ]
         return info, texts
@@ -580,6 +637,43 @@ class Pipeline:
         loaded = self._embeddings[0]
         names = embeddings_used(self.tokenizer, [*job.texts, *job.negative_texts], loaded)
         return [(name, loaded[name].short_hash) for name in names]
+
+
+def split_plan(plan: Plan, switch_at: float, train_timesteps: int) -> tuple[Plan, Plan]:
+    """The base's and the refiner's parts of a plan: the base takes the steps whose timestep is at
+    or above (1 - switch_at) of the training timesteps, the refiner the rest, as diffusers'
+    denoising_end and denoising_start cut them. ValueError when either part would be empty."""
+    cutoff = int(round(train_timesteps - switch_at * train_timesteps))
+    k = int((plan.timesteps >= cutoff).sum())
+    if not 0 < k < plan.steps:
+        part = "the model" if k == 0 else "the refiner"
+        raise ValueError(f"refiner_switch_at {switch_at} over {plan.steps} steps leaves none to {part}")
+    base = replace(plan, sigmas=plan.sigmas[: k + 1], timesteps=plan.timesteps[:k])
+    return base, replace(plan, sigmas=plan.sigmas[k:], timesteps=plan.timesteps[k:])
+
+
+def _counted(callback: Callback | None, before: int, total: int) -> Callback | None:
+    """A hand-off's step reports numbered over both models' steps."""
+    if callback is None:
+        return None
+    return lambda step: callback(replace(step, index=step.index + before, total=total))
+
+
+def _refiner_info(refiner: Pipeline | None, switch_at: float | None) -> dict:
+    """A1111's "Refiner: name [hash]" and "Refiner switch at" for a hand-off (nothing without one)."""
+    if refiner is None:
+        return {}
+    name = refiner.model_name if refiner.model_hash is None else f"{refiner.model_name} [{refiner.model_hash}]"
+    return {"refiner": name, "refiner_switch_at": switch_at}
+
+
+def _refiner_params(info: dict) -> str:
+    """The refiner's fields for the parameters text, quoted as A1111 quotes a value with , : or a newline."""
+    if info.get("refiner") is None:
+        return ""
+    values = {"Refiner": info["refiner"], "Refiner switch at": info["refiner_switch_at"]}
+    quoted = {k: json.dumps(str(v)) if any(c in str(v) for c in ',:\n"') else v for k, v in values.items()}
+    return "".join(f", {label}: {value}" for label, value in quoted.items())
 
 
 def _given(**pictures: object) -> None:

@@ -35,6 +35,8 @@ class GenerationRequest:
     inpainting (txt2img starts from pure noise). sampler: an A1111 name, shaped by schedule_type
     and eta, or a ready Sampler, which carries its own. seed: None or -1 picks one; image i of the
     batch uses seed + i. keep_unmasked: paste the original pixels back outside the mask.
+    refiner_switch_at: the fraction of the denoising after which the refiner given to
+    Pipeline.generate takes over (A1111's "Refiner switch at"); None: no refiner.
     """
 
     prompt: str | list[str]
@@ -54,6 +56,7 @@ class GenerationRequest:
     mask: Image.Image | str | Path | None = None
     strength: float | None = None
     keep_unmasked: bool = True
+    refiner_switch_at: float | None = None
 
     @property
     def kind(self) -> str:
@@ -79,6 +82,7 @@ class GenerationRequest:
         )
         inputs.check_clip_skip(self.clip_skip, (config.text_encoder or config.text_encoder_2).layers)
         self._check_for_xl(config)
+        self._check_refiner_switch()
         prompts, negatives = self._prompts()
         texts, negative_texts, loras = lora_tags(prompts, negatives)
         first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
@@ -112,6 +116,15 @@ class GenerationRequest:
             raise ValueError(f"clip_skip {self.clip_skip} does not apply to SDXL, which reads the penultimate layer")
         if self.speedups is not None and self.speedups.token_merging and not config.unet.attention_levels[0]:
             raise ValueError("token merging works on full-resolution attention, which this SDXL UNet does not have")
+
+    def _check_refiner_switch(self) -> None:
+        switch = self.refiner_switch_at
+        if switch is None:
+            return
+        if not isinstance(switch, (int, float)) or isinstance(switch, bool) or not 0 < switch < 1:
+            raise ValueError(f"refiner_switch_at {switch!r}: must be a fraction of the steps above 0 and below 1")
+        if self.mask is not None:
+            raise ValueError("the refiner hand-off does not take an inpainting mask yet")
 
     def _pictures(self) -> tuple[Image.Image | None, Image.Image | None]:
         """The input image and mask, opened now so that a broken file fails first."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import reference_tokenizer
-from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, picture
+from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, build_sdxl_reference, picture
 
 import diffuse
 from diffuse.checkpoints.errors import CheckpointError
 from diffuse.conditioning_xl import size_conditioning
+from diffuse.metadata import parse_infotext
 
 
 def build_refiner_reference(vocab_dir, seed: int = 1):
@@ -177,3 +178,92 @@ def test_a_refiner_folder_without_its_tokenizer_is_refused_naming_the_folder(ref
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(CheckpointError, match="broken/tokenizer: unreadable tokenizer files"):
         diffuse.load_pipeline(broken, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory, clip_vocab_dir):
+    folder = tmp_path_factory.mktemp("tiny_sdxl_base")
+    build_sdxl_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(base_folder):
+    return diffuse.load_pipeline(base_folder, dtype="float32")
+
+
+def reference_handoff(base_folder, reference_refiner, switch_at: float, negative: str, seed: int):
+    """diffusers' ensemble of experts: the base to denoising_end as latents, the refiner from denoising_start."""
+    from diffusers import StableDiffusionXLPipeline
+
+    reference_base = StableDiffusionXLPipeline.from_pretrained(base_folder, add_watermarker=False).to(torch.float32)
+    common = dict(negative_prompt=negative or None, num_inference_steps=STEPS, guidance_scale=5.0)
+    latents = reference_base(
+        PROMPT,
+        denoising_end=switch_at,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **common,
+    ).images
+    return reference_refiner(
+        PROMPT, image=latents, denoising_start=switch_at, generator=torch.Generator("cpu").manual_seed(seed), **common
+    ).images
+
+
+@pytest.mark.parametrize("switch_at, negative", [(0.8, NEGATIVE), (0.55, "")])
+def test_base_to_refiner_handoff_matches_diffusers(switch_at, negative, base, refiner, base_folder, reference_refiner):
+    expected = reference_handoff(base_folder, reference_refiner, switch_at, negative, seed=21)
+    steps = []
+    request = diffuse.GenerationRequest(
+        PROMPT,
+        negative_prompt=negative,
+        steps=STEPS,
+        guidance_scale=5.0,
+        sampler="Euler",
+        seed=21,
+        refiner_switch_at=switch_at,
+    )
+    result = base.generate(request, callback=lambda step: steps.append((step.index, step.total)), refiner=refiner)
+    assert_same_images(result.images, expected)
+    # The step reports count over both models' steps.
+    assert steps == [(i, STEPS) for i in range(STEPS)]
+    alone = base.txt2img(PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler="Euler", seed=21)
+    assert_differ(result.images[0], alone.images[0])
+
+
+def assert_differ(a, b) -> None:
+    import numpy as np
+
+    assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() > 2
+
+
+def test_a_handoff_records_a1111s_refiner_fields(base, refiner):
+    request = diffuse.GenerationRequest(PROMPT, steps=4, sampler="Euler", seed=3, refiner_switch_at=0.8)
+    result = base.generate(request, refiner=refiner)
+    assert result.info["refiner"] == f"{refiner.model_name} [{refiner.model_hash}]"
+    assert result.info["refiner_switch_at"] == 0.8
+    params = parse_infotext(result.infotexts[0])
+    assert params["Refiner"] == f"{refiner.model_name} [{refiner.model_hash}]"
+    assert params["Refiner switch at"] == "0.8"
+    assert params["Model"] == base.model_name and params["Steps"] == "4"
+    plain = base.txt2img(PROMPT, steps=1, sampler="Euler", seed=3)
+    assert "refiner" not in plain.info and "Refiner" not in plain.infotexts[0]
+
+
+def test_what_a_handoff_cannot_take_is_refused_before_any_work(base, refiner):
+    def request(**kw):
+        return diffuse.GenerationRequest(PROMPT, steps=4, sampler="Euler", **kw)
+
+    with pytest.raises(ValueError, match="needs a refiner pipeline"):
+        base.generate(request(refiner_switch_at=0.8))
+    with pytest.raises(ValueError, match="without refiner_switch_at"):
+        base.generate(request(), refiner=refiner)
+    for bad in (0, 1, 1.5, -0.2, True):
+        with pytest.raises(ValueError, match="refiner_switch_at"):
+            base.generate(request(refiner_switch_at=bad), refiner=refiner)
+    with pytest.raises(ValueError, match="leaves none to the refiner"):
+        base.generate(request(refiner_switch_at=0.9995), refiner=refiner)
+    with pytest.raises(ValueError, match="leaves none to the model"):
+        base.generate(request(refiner_switch_at=0.01), refiner=refiner)
+    with pytest.raises(ValueError, match="inpainting mask"):
+        base.generate(request(refiner_switch_at=0.5, image=picture(), mask=picture()), refiner=refiner)
