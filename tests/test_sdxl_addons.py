@@ -22,6 +22,7 @@ from diffuse.adapters import LoraError, LoraMerge, lora_from_state_dict
 from diffuse.adapters.embeddings import (
     SDXL_HALVES,
     EmbeddingError,
+    embeddings_used,
     load_sdxl_embeddings,
     per_encoder,
     read_sdxl_embedding,
@@ -30,6 +31,7 @@ from diffuse.adapters.merge import model_base
 from diffuse.checkpoints.clip_layout import from_transformers
 from diffuse.checkpoints.unet_layout import config_from_diffusers, from_diffusers
 from diffuse.prompts import _token_vectors, apply_weights, prompt_chunks
+from diffuse.server.addon_routes import embedding_entry
 
 WEIGHT_TOL = 2e-5
 ATTENTION_TARGETS = UNET_TARGETS[:12]  # attention, feed-forward and the transformers' proj_in / proj_out
@@ -229,7 +231,9 @@ def test_an_sdxl_embedding_conditions_as_diffusers_loads_it_into_both_encoders(c
     halves = sdxl_embedding_file(tmp_path, "sksobj", count, seed=count)
     loaded, skipped = load_sdxl_embeddings([tmp_path], (32, 40))
     assert list(loaded) == ["sksobj"] and not skipped
-    assert loaded["sksobj"].api_entry()["shape"] == 72 and loaded["sksobj"].count == count
+    entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 72, "vectors": count}
+    assert loaded["sksobj"].api_entry() == entry == embedding_entry(loaded["sksobj"])  # A1111's listing
+    assert embeddings_used(ours.tokenizer, ["x, SKSOBJ!", "y"], loaded) == ["sksobj"]
     for half, encoder, tokenizer in (
         ("clip_l", reference.text_encoder, reference.tokenizer),
         ("clip_g", reference.text_encoder_2, reference.tokenizer_2),

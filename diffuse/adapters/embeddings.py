@@ -248,6 +248,12 @@ class SDXLEmbedding:
     halves: tuple[Embedding, Embedding]
 
     @property
+    def vectors(self) -> torch.Tensor:
+        """Both halves side by side [n, clip_g + clip_l width], bigG's first, as A1111 lists an SDXL
+        embedding's shape; a prompt's matching needs only n. Each encoder reads its half (per_encoder)."""
+        return torch.cat([self.halves[1].vectors, self.halves[0].vectors], dim=1)
+
+    @property
     def count(self) -> int:
         return self.halves[0].count
 
@@ -259,6 +265,11 @@ class SDXLEmbedding:
     @property
     def short_hash(self) -> str:
         return self.halves[0].short_hash
+
+    # Training provenance, as A1111's listing gives it: safetensors files record none.
+    step = property(lambda self: self.halves[0].step)
+    sd_checkpoint = property(lambda self: self.halves[0].sd_checkpoint)
+    sd_checkpoint_name = property(lambda self: self.halves[0].sd_checkpoint_name)
 
     def api_entry(self) -> dict:
         return self.halves[0].api_entry() | {"shape": self.width}
