@@ -140,8 +140,8 @@ def _read_single_file(path: Path, config: PipelineConfig | None) -> _Read:
     probe = config is None and detect_family(state, path) == "sd2" and sidecar_prediction_type(path) is None
     config, states = split_single_file(state, path, config)
     del state  # `states` alone holds the tensors now: filling releases them one by one
-    tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
-    # SDXL's bigG reads the same vocabulary, padded with its own id.
+    tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id) if config.text_encoder else None
+    # SDXL's bigG reads the same vocabulary, padded with its own id (the refiner has it alone).
     tokenizer_2 = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id_2) if config.text_encoder_2 else None
     return _Read(config, states, dict.fromkeys(states, path), tokenizer, probe_v=probe, tokenizer_2=tokenizer_2)
 

@@ -8,15 +8,22 @@ with those widths; every weight is perturbed so that no zero-initialised tensor 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import reference_tokenizer
 from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, build_sdxl_reference, picture
 
 import diffuse
+from diffuse.checkpoints import single_file
 from diffuse.checkpoints.errors import CheckpointError
 from diffuse.conditioning_xl import size_conditioning
 from diffuse.metadata import parse_infotext
+from diffuse.models.clip import CLIPTextEncoder
+from diffuse.models.configs import SDXL_REFINER, TextEncoderConfig, VAEConfig
+from diffuse.models.unet import UNet
+from diffuse.models.vae import AutoencoderKL
 
 
 def build_refiner_reference(vocab_dir, seed: int = 1):
@@ -267,3 +274,40 @@ def test_what_a_handoff_cannot_take_is_refused_before_any_work(base, refiner):
         base.generate(request(refiner_switch_at=0.01), refiner=refiner)
     with pytest.raises(ValueError, match="inpainting mask"):
         base.generate(request(refiner_switch_at=0.5, image=picture(), mask=picture()), refiner=refiner)
+
+
+def tiny_refiner_networks() -> dict[str, torch.nn.Module]:
+    """A small refiner with 64-channel heads, as single-file detection assumes: the deepest level
+    without attention, a middle block of its own depth, bigG alone, y of five sinusoids."""
+    text_2 = TextEncoderConfig(width=128, layers=3, heads=2, mlp_width=160, activation="gelu", projection_dim=96)
+    unet_cfg = replace(
+        SDXL_REFINER.unet, model_channels=64, channel_mult=(1, 2, 2), attention_levels=(False, True, False),
+        heads=(1, 2, 2), transformer_depths=(0, 2, 0), mid_transformer_depth=3, context_dim=128,
+        adm_in_channels=96 + 5 * 256,
+    )  # fmt: skip
+    vae_cfg = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, scaling_factor=0.13025)
+    torch.manual_seed(0)
+    networks = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(vae_cfg), "text_encoder_2": CLIPTextEncoder(text_2)}
+    with torch.no_grad():
+        for module in networks.values():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return networks
+
+
+def test_a_refiner_single_file_is_detected_and_loads(tmp_path):
+    """bigG at conditioner.embedders.0.model. alone: the refiner, its architecture read off the tensors."""
+    networks = tiny_refiner_networks()
+    states = {name: module.state_dict() for name, module in networks.items()}
+    state = single_file.join_single_file("sdxl_refiner", text_encoder=None, **states)
+    assert single_file.detect_family(state, tmp_path / "x.safetensors") == "sdxl_refiner"
+    path = single_file.save_single_file(state, tmp_path / "tiny_refiner.safetensors")
+    pipe = diffuse.load_pipeline(path, dtype="float32")
+    assert pipe.tokenizer is None and pipe.text_encoder is None and pipe.tokenizer_2.pad_token_id == 0
+    assert pipe.config.aesthetic_score and pipe.config.text_encoder is None
+    for name, module in networks.items():
+        assert getattr(pipe, name).cfg == module.cfg, name
+        got = getattr(pipe, name).state_dict()
+        assert all(torch.equal(got[k].float(), v) for k, v in module.state_dict().items()), name
+    image = pipe.img2img(picture(), "a red square", strength=0.5, steps=2, seed=1).images[0]
+    assert image.size == picture().size
