@@ -273,3 +273,16 @@ def test_sdxl_embeddings_need_both_halves_of_the_encoders_widths(tmp_path):
     assert set(load_sdxl_embeddings([tmp_path], (None, 40))[0]) == {"good", "other_l"}
     first, second = per_encoder(loaded)
     assert first["good"].width == 32 and second["good"].width == 40 and first["good"].name == "good"
+
+
+def test_the_text_encoder_weight_moves_both_encoders_and_the_unet_weight_the_unet(ours, reference):
+    """`<lora:NAME:TE:UNET>`: A1111's te multiplier reaches both of SDXL's encoders."""
+    lora = lora_from_state_dict(kohya_sdxl_lora(reference, seed=4), "split")
+    before = snapshot(ours)
+    merge = LoraMerge(networks(ours))
+    for te_weight, unet_weight, moved in ((0.0, 1.0, {"unet"}), (1.0, 0.0, {"text_encoder", "text_encoder_2"})):
+        merge.apply([(lora, te_weight, unet_weight)])
+        changed = {k.split(".")[0] for k, v in snapshot(ours).items() if not torch.equal(v, before[k])}
+        assert changed == moved
+    merge.restore()
+    assert_bit_exact(ours, before)
