@@ -311,3 +311,36 @@ def test_a_refiner_single_file_is_detected_and_loads(tmp_path):
         assert all(torch.equal(got[k].float(), v) for k, v in module.state_dict().items()), name
     image = pipe.img2img(picture(), "a red square", strength=0.5, steps=2, seed=1).images[0]
     assert image.size == picture().size
+
+
+def test_a_refiner_single_file_converts_to_a_folder_diffusers_runs_as_we_do(tmp_path):
+    """`diffuse convert` of a refiner file: diffusers reads the folder as its SDXL img2img pipeline
+    (no first encoder, requires_aesthetics_score) and repaints as diffuse does; diffuse reads it back."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    from diffuse.checkpoints.export import save_diffusers_folder
+
+    networks = tiny_refiner_networks()
+    state = single_file.join_single_file(
+        "sdxl_refiner", text_encoder=None, **{n: m.state_dict() for n, m in networks.items()}
+    )
+    ours = diffuse.load_pipeline(single_file.save_single_file(state, tmp_path / "r.safetensors"), dtype="float32")
+    folder = save_diffusers_folder(ours, tmp_path / "converted")
+    reference = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False).to(torch.float32)
+    assert reference.text_encoder is None and reference.config.requires_aesthetics_score
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    expected = reference(
+        PROMPT,
+        image=picture(),
+        strength=0.5,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(4),
+    ).images
+    result = ours.img2img(
+        picture(), PROMPT, strength=0.5, negative_prompt=NEGATIVE, steps=6, guidance_scale=5.0, sampler="Euler", seed=4
+    )
+    assert_same_images(result.images, expected)
+    back = diffuse.load_pipeline(folder, dtype="float32")
+    assert back.config == replace(ours.config, name="converted")

@@ -84,7 +84,8 @@ def save_diffusers_folder(
     try:
         write_json(staging / "model_index.json", model_index(pipe))
         write_json(staging / "scheduler" / "scheduler_config.json", scheduler_config(pipe))
-        pipe.tokenizer.save(staging / "tokenizer")
+        if pipe.tokenizer is not None:  # the SDXL refiner has bigG's alone
+            pipe.tokenizer.save(staging / "tokenizer")
         if pipe.tokenizer_2 is not None:
             pipe.tokenizer_2.save(staging / "tokenizer_2")
         states = component_states(pipe)
@@ -146,8 +147,12 @@ def text_encoders(pipe: Pipeline) -> dict[str, tuple]:
     """Each text encoder's config with the tokenizer that feeds it, which must pad as the config says
     (the folder states the pad token once, in the tokenizer)."""
     cfg = pipe.config
-    pairs = {"text_encoder": (cfg.text_encoder, pipe.tokenizer)}
-    pads = [(pipe.tokenizer, cfg.pad_token_id, "pad_token_id")]
+    pairs, pads = {}, []
+    if cfg.text_encoder is not None or pipe.text_encoder is not None or pipe.tokenizer is not None:
+        if cfg.text_encoder is None or pipe.text_encoder is None or pipe.tokenizer is None:
+            raise ValueError("the pipeline needs its text_encoder config, network and tokenizer together")
+        pairs["text_encoder"] = (cfg.text_encoder, pipe.tokenizer)
+        pads.append((pipe.tokenizer, cfg.pad_token_id, "pad_token_id"))
     if cfg.text_encoder_2 is not None or pipe.text_encoder_2 is not None or cfg.unet.adm_in_channels:
         if cfg.text_encoder_2 is None or pipe.text_encoder_2 is None or pipe.tokenizer_2 is None:
             raise ValueError("an SDXL pipeline needs text_encoder_2 in its config, its network and tokenizer_2")
@@ -167,8 +172,9 @@ def component_states(pipe: Pipeline) -> dict[str, dict[str, torch.Tensor]]:
     states = {
         "unet": unet_layout.to_diffusers(pipe.unet.state_dict(), pipe.config.unet),
         "vae": vae_layout.to_diffusers(pipe.vae.state_dict(), pipe.config.vae),
-        "text_encoder": clip_layout.to_transformers(pipe.text_encoder.state_dict()),
     }
+    if pipe.text_encoder is not None:
+        states["text_encoder"] = clip_layout.to_transformers(pipe.text_encoder.state_dict())
     if pipe.text_encoder_2 is not None:
         states["text_encoder_2"] = clip_layout.to_transformers(pipe.text_encoder_2.state_dict())
     return states
@@ -178,6 +184,22 @@ def model_index(pipe: Pipeline) -> dict[str, Any]:
     """Which class reads each subfolder; the optional safety components are absent."""
     # A 9-channel UNet takes the mask and the masked image: diffusers' inpainting pipeline.
     inpaint = pipe.config.unet.in_channels == 9
+    if pipe.text_encoder_2 is not None and pipe.text_encoder is None:
+        # The SDXL refiner: diffusers runs it as an img2img pipeline with empty first-encoder slots.
+        return {
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "scheduler": ["diffusers", scheduler_config(pipe)["_class_name"]],
+            "text_encoder": [None, None],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [None, None],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+            "force_zeros_for_empty_prompt": pipe.zeros_for_empty_prompt,
+            "requires_aesthetics_score": pipe.config.aesthetic_score,
+        }
     if pipe.text_encoder_2 is not None:
         return {
             "_class_name": "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline",
