@@ -344,3 +344,12 @@ def test_a_refiner_single_file_converts_to_a_folder_diffusers_runs_as_we_do(tmp_
     assert_same_images(result.images, expected)
     back = diffuse.load_pipeline(folder, dtype="float32")
     assert back.config == replace(ours.config, name="converted")
+
+
+def test_the_a1111_api_refuses_a_refiner_by_name_rather_than_ignoring_it():
+    from diffuse.server.a1111 import Limits, RequestError, read_generation
+
+    for off in (None, "", "None"):
+        read_generation("txt2img", {"prompt": "x", "refiner_checkpoint": off, "refiner_switch_at": 0.8}, Limits())
+    with pytest.raises(RequestError, match="refiner_checkpoint: is not supported"):
+        read_generation("txt2img", {"prompt": "x", "refiner_checkpoint": "sd_xl_refiner_1.0"}, Limits())

@@ -11,8 +11,9 @@ What differs from A1111, and why:
   - width and height default to the model's own size (A1111: 512, which is SD1's own size);
   - an unknown sampler or schedule type is an error rather than a silent fallback;
   - image URLs are never fetched, only base64 (raw or as a data URL);
-  - the features diffuse does not have (hires fix, face restoration, tiling, scripts, subseeds,
-    styles) are ignored when switched off and refused when asked for, never silently skipped;
+  - the features diffuse does not have here (hires fix, face restoration, tiling, scripts, subseeds,
+    styles, a refiner checkpoint) are ignored when switched off and refused when asked for, never
+    silently skipped;
   - an inpainting mask is used as sent: mask_blur, inpainting_fill and resize_mode are not applied.
 """
 
@@ -79,6 +80,8 @@ _OFF = {
     "subseed_strength": (None, 0, 0.0),
     "script_name": (None, ""),
     "styles": (None, []),
+    # The refiner hand-off runs in Pipeline.generate, but the server does not load a second model yet.
+    "refiner_checkpoint": (None, "", "None"),
 }
 
 
