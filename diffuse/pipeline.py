@@ -26,7 +26,6 @@ from diffuse.adapters.embeddings import embeddings_used, load_embeddings
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.conditioning_xl import (
     AESTHETIC_SCORE,
-    NEGATIVE_AESTHETIC_SCORE,
     encode_prompt_pair_xl,
     encode_prompts_xl,
     vector_conditioning,
@@ -164,7 +163,7 @@ class Pipeline:
         if not self.is_xl:
             return self.encode_prompt(prompts), None
         context, pooled = encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)
-        score = AESTHETIC_SCORE if self.config.aesthetic_score else None
+        score = AESTHETIC_SCORE if self.config.aesthetic_score else None  # the request's default
         return context, vector_conditioning(pooled, height, width, self.config.size_embed_dim, score)
 
     def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
@@ -476,9 +475,8 @@ class Pipeline:
         )
         sizes = job.height, job.width, self.config.size_embed_dim
         # The refiner's y ends with an aesthetic score: high for the prompts, low for the negative ones.
-        score, negative_score = (
-            (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE) if self.config.aesthetic_score else (None,) * 2
-        )
+        scores = job.request.aesthetic_score, job.request.negative_aesthetic_score
+        score, negative_score = scores if self.config.aesthetic_score else (None, None)
         y = vector_conditioning(cond[1], *sizes, score)
         if uncond is None:
             return (cond[0], None), (y, None)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from diffuse import inputs
 from diffuse.adapters.prompt_tags import LoraTag, split_lora_tags
+from diffuse.conditioning_xl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 from diffuse.models.configs import PipelineConfig
 from diffuse.recipe import recorded_eta
 from diffuse.samplers import Sampler, get_sampler
@@ -37,6 +38,9 @@ class GenerationRequest:
     batch uses seed + i. keep_unmasked: paste the original pixels back outside the mask.
     refiner_switch_at: the fraction of the denoising after which the refiner given to
     Pipeline.generate takes over (A1111's "Refiner switch at"); None: no refiner.
+    aesthetic_score, negative_aesthetic_score: what the SDXL refiner is told of the prompts' and
+    the negative prompts' look (diffusers' defaults, A1111's sdxl_refiner_high/low_aesthetic_score);
+    other models ignore them.
     """
 
     prompt: str | list[str]
@@ -57,6 +61,8 @@ class GenerationRequest:
     strength: float | None = None
     keep_unmasked: bool = True
     refiner_switch_at: float | None = None
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
 
     @property
     def kind(self) -> str:
@@ -83,6 +89,7 @@ class GenerationRequest:
         inputs.check_clip_skip(self.clip_skip, (config.text_encoder or config.text_encoder_2).layers)
         self._check_for_xl(config)
         self._check_refiner_switch()
+        self._check_aesthetic_scores()
         prompts, negatives = self._prompts()
         texts, negative_texts, loras = lora_tags(prompts, negatives)
         first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
@@ -125,6 +132,13 @@ class GenerationRequest:
             raise ValueError(f"refiner_switch_at {switch!r}: must be a fraction of the steps above 0 and below 1")
         if self.mask is not None:
             raise ValueError("the refiner hand-off does not take an inpainting mask yet")
+
+    def _check_aesthetic_scores(self) -> None:
+        # The refiner was trained on scores from 0 to 10; the bound also keeps the sinusoids finite.
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10:
+                raise ValueError(f"{name} {value!r}: must be a number from 0 to 10")
 
     def _pictures(self) -> tuple[Image.Image | None, Image.Image | None]:
         """The input image and mask, opened now so that a broken file fails first."""

@@ -124,8 +124,10 @@ def test_a_refiner_folder_loads_with_big_g_alone(refiner):
     assert refiner.config.unet.context_dim == 40 and refiner.config.unet.adm_in_channels == 24 + 5 * 8
 
 
-def test_the_refiner_sees_diffusers_aesthetic_conditioning(refiner, reference_refiner):
-    """y for the negative and positive halves: the aesthetic scores 2.5 and 6.0 in place of the target size."""
+@pytest.mark.parametrize("scores", [{}, {"aesthetic_score": 8.5, "negative_aesthetic_score": 1.0}])
+def test_the_refiner_sees_diffusers_aesthetic_conditioning(scores, refiner, reference_refiner):
+    """y for the negative and positive halves: the aesthetic scores (2.5 and 6.0 unless asked) in
+    place of the target size."""
     seen = {}
 
     def keep_diffusers(module, args, kwargs):
@@ -141,8 +143,10 @@ def test_the_refiner_sees_diffusers_aesthetic_conditioning(refiner, reference_re
         refiner.unet.register_forward_pre_hook(keep_ours, with_kwargs=True),
     ]
     try:
-        reference_refiner(PROMPT, image=picture(), negative_prompt=NEGATIVE, num_inference_steps=2, strength=0.5)
-        refiner.img2img(picture(), PROMPT, negative_prompt=NEGATIVE, steps=2, strength=0.5, sampler="Euler")
+        common = dict(negative_prompt=NEGATIVE, strength=0.5)
+        reference_refiner(PROMPT, image=picture(), num_inference_steps=2, **common, **scores)
+        request = diffuse.GenerationRequest(PROMPT, image=picture(), steps=2, sampler="Euler", **common, **scores)
+        refiner.generate(request)
     finally:
         for hook in hooks:
             hook.remove()
@@ -268,6 +272,9 @@ def test_what_a_handoff_cannot_take_is_refused_before_any_work(base, refiner):
     for bad in (0, 1, 1.5, -0.2, True):
         with pytest.raises(ValueError, match="refiner_switch_at"):
             base.generate(request(refiner_switch_at=bad), refiner=refiner)
+    for bad in (-1, 10.5, float("nan"), "6"):
+        with pytest.raises(ValueError, match="negative_aesthetic_score"):
+            refiner.generate(request(image=picture(), negative_aesthetic_score=bad))
     with pytest.raises(ValueError, match="leaves none to the refiner"):
         base.generate(request(refiner_switch_at=0.9995), refiner=refiner)
     with pytest.raises(ValueError, match="leaves none to the model"):
