@@ -286,3 +286,44 @@ def test_the_text_encoder_weight_moves_both_encoders_and_the_unet_weight_the_une
         assert changed == moved
     merge.restore()
     assert_bit_exact(ours, before)
+
+
+def sgm_attention_blocks() -> dict[str, int]:
+    """SDXL base's transformers as sd-scripts names them (sgm layout, reference 1.1): block -> depth."""
+    blocks = {f"input_blocks_{i}_1": 2 for i in (4, 5)} | {f"input_blocks_{i}_1": 10 for i in (7, 8)}
+    blocks["middle_block_1"] = 10
+    return blocks | {f"output_blocks_{i}_1": 10 for i in (0, 1, 2)} | {f"output_blocks_{i}_1": 2 for i in (3, 4, 5)}
+
+
+def test_every_module_a_full_size_sdxl_kohya_lora_names_is_found():
+    """sd-scripts' 722 UNet, 72 CLIP-L and 192 bigG modules of SDXL base, named from its layout
+    rather than from our modules, all resolve on the full-size networks (built on meta)."""
+    from diffuse.adapters.lora_keys import module_index, parse_key
+    from diffuse.models.clip import CLIPTextEncoder
+    from diffuse.models.configs import SDXL
+    from diffuse.models.unet import UNet
+
+    with torch.device("meta"):
+        full = {
+            "unet": UNet(SDXL.unet),
+            "text_encoder": CLIPTextEncoder(SDXL.text_encoder),
+            "text_encoder_2": CLIPTextEncoder(SDXL.text_encoder_2),
+        }
+    layer = ["attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", *[f"attn2_{p}" for p in ("to_q", "to_k")]]
+    layer += ["attn2_to_v", "attn2_to_out_0", "ff_net_0_proj", "ff_net_2"]
+    unet = [
+        f"lora_unet_{block}_{part}"
+        for block, depth in sgm_attention_blocks().items()
+        for part in ["proj_in", "proj_out", *[f"transformer_blocks_{d}_{p}" for d in range(depth) for p in layer]]
+    ]
+    text = [f"self_attn_{p}_proj" for p in ("q", "k", "v", "out")] + ["mlp_fc1", "mlp_fc2"]
+    te1 = [f"lora_te1_text_model_encoder_layers_{i}_{p}" for i in range(12) for p in text]
+    te2 = [f"lora_te2_text_model_encoder_layers_{i}_{p}" for i in range(32) for p in text]
+    assert (len(unet), len(te1), len(te2)) == (722, 72, 192)
+    index = module_index(full)
+    for name in unet + te1 + te2:
+        network, target, _, _ = parse_key(f"{name}.lora_down.weight")
+        assert (network, target) in index, name
+    cross = full["unet"].get_submodule(index[("unet", "middle_block_1_transformer_blocks_9_attn2_to_k")])
+    assert cross.in_features == 2048
+    assert model_base(full) == "SDXL"
