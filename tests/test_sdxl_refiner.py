@@ -360,3 +360,22 @@ def test_the_a1111_api_refuses_a_refiner_by_name_rather_than_ignoring_it():
         read_generation("txt2img", {"prompt": "x", "refiner_checkpoint": off, "refiner_switch_at": 0.8}, Limits())
     with pytest.raises(RequestError, match="refiner_checkpoint: is not supported"):
         read_generation("txt2img", {"prompt": "x", "refiner_checkpoint": "sd_xl_refiner_1.0"}, Limits())
+
+
+def test_refiner_configs_are_checked_before_anything_is_built():
+    from diffuse.models.configs import SD1, check_pipeline
+
+    check_pipeline(SDXL_REFINER)
+    bad = {
+        r"missing \(only the SDXL refiner": replace(SD1, text_encoder=None),
+        r"adm_in_channels=2816 is not the pooled width 1280 \+ 5 x size_embed_dim 256 \(SDXL refiner\)": replace(
+            SDXL_REFINER, unet=replace(SDXL_REFINER.unet, adm_in_channels=2816)
+        ),
+        r"context_dim=2048 is not the text encoders' widths together \(1280\)": replace(
+            SDXL_REFINER, unet=replace(SDXL_REFINER.unet, context_dim=2048)
+        ),
+        "aesthetic_score=1: must be true or false": replace(SDXL_REFINER, aesthetic_score=1),
+    }
+    for message, config in bad.items():
+        with pytest.raises(ValueError, match=message):
+            check_pipeline(config)

@@ -295,8 +295,10 @@ def check_pipeline(cfg: PipelineConfig) -> None:
     """ValueError "part: field=value: why" when any network's config, or the pipeline's own
     fields, are outside the limits (check before building anything from `cfg`)."""
     for part, check in (("text_encoder", check_text_encoder), ("unet", check_unet), ("vae", check_vae)):
-        if getattr(cfg, part) is None and part == "text_encoder" and cfg.text_encoder_2 is not None:
-            continue  # the SDXL refiner: bigG alone
+        if getattr(cfg, part) is None:
+            if part == "text_encoder" and cfg.text_encoder_2 is not None:
+                continue  # the SDXL refiner: bigG alone
+            raise ValueError(f"{part}: missing (only the SDXL refiner, with text_encoder_2, has no text_encoder)")
         try:
             check(getattr(cfg, part))
         except ValueError as e:
