@@ -112,7 +112,7 @@ class _Originals:
 
 
 def model_base(networks: Mapping[str, nn.Module]) -> str:
-    """ "SDXL" (a second text encoder, or a UNet that reads the vector y), "SD 2.x" or "SD 1.x"."""
+    """The model's base: "SDXL" (a second text encoder, or a UNet reading the vector y), "SD 2.x" or "SD 1.x"."""
     cfg = getattr(networks.get("unet"), "cfg", None)
     if "text_encoder_2" in networks or (isinstance(cfg, UNetConfig) and cfg.adm_in_channels):
         return "SDXL"
