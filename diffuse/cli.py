@@ -29,10 +29,11 @@ def info(args: argparse.Namespace) -> int:
     """Load a checkpoint, print what was detected, and run each network once on a small input."""
     pipe = _load(args)
     cfg = pipe.config
-    print(
-        f"  text encoder  {_count(pipe.text_encoder):>7}  width {cfg.text_encoder.width}, "
-        f"{cfg.text_encoder.layers} layers, {cfg.text_encoder.activation}, pad id {cfg.pad_token_id}"
-    )
+    if cfg.text_encoder is not None:  # an SDXL refiner reads bigG alone
+        print(
+            f"  text encoder  {_count(pipe.text_encoder):>7}  width {cfg.text_encoder.width}, "
+            f"{cfg.text_encoder.layers} layers, {cfg.text_encoder.activation}, pad id {cfg.pad_token_id}"
+        )
     if cfg.text_encoder_2 is not None:
         second = cfg.text_encoder_2
         print(

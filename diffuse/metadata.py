@@ -62,6 +62,8 @@ _LABELS = {
     "init_image_hash": "Init image hash",  # img2img/inpaint: sha256 of the input's pixels (diffuse.inputs)
     "eta": "Eta",  # DDIM's eta or the ancestral noise share, written only when asked for
     "mask_blur": "Mask blur",
+    "refiner": "Refiner",  # SDXL's base -> refiner hand-off: "name [hash]" and the fraction it switched at
+    "refiner_switch_at": "Refiner switch at",
     "lora_hashes": "Lora hashes",  # "name: hash, ...": each LoRA the prompts applied (diffuse.adapters.library)
     "ti_hashes": "TI hashes",  # "name: hash, ...": each embedding the prompts used
     "guidance_cutoff": "Guidance cutoff",  # diffuse's optional speed-ups, written only when used
@@ -243,6 +245,8 @@ _FROM_LABEL = {
     "Init image hash": ("init_image_hash", str),
     "Eta": ("eta", float),
     "Mask blur": ("mask_blur", int),
+    "Refiner": ("refiner", str),
+    "Refiner switch at": ("refiner_switch_at", float),
     "Lora hashes": ("lora_hashes", str),
     "TI hashes": ("ti_hashes", str),
     "Guidance cutoff": ("guidance_cutoff", float),

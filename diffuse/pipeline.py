@@ -13,7 +13,6 @@ used, seeds included, comes back in `Result.info`, so any image can be made agai
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -618,7 +617,7 @@ class Pipeline:
             "version": VERSION,
         }
         texts = [
-            infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i}) + _refiner_params(info)
+            infotext({**info, "prompt": p, "negative_prompt": n, "seed": s, "batch_pos": i})
             for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))
         ]
         return info, texts
@@ -663,15 +662,6 @@ def _refiner_info(refiner: Pipeline | None, switch_at: float | None) -> dict:
         return {}
     name = refiner.model_name if refiner.model_hash is None else f"{refiner.model_name} [{refiner.model_hash}]"
     return {"refiner": name, "refiner_switch_at": switch_at}
-
-
-def _refiner_params(info: dict) -> str:
-    """The refiner's fields for the parameters text, quoted as A1111 quotes a value with , : or a newline."""
-    if info.get("refiner") is None:
-        return ""
-    values = {"Refiner": info["refiner"], "Refiner switch at": info["refiner_switch_at"]}
-    quoted = {k: json.dumps(str(v)) if any(c in str(v) for c in ',:\n"') else v for k, v in values.items()}
-    return "".join(f", {label}: {value}" for label, value in quoted.items())
 
 
 def _given(**pictures: object) -> None:

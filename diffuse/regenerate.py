@@ -145,6 +145,10 @@ def read_recipe(text: str) -> Recipe:
 
 def _check(recipe: Recipe) -> None:
     info = recipe.info
+    if "refiner" in info:  # the base alone would make another image
+        raise ValueError(
+            f"made by a base -> refiner hand-off (Refiner: {info['refiner']}), which regenerate does not remake yet"
+        )
     inputs.prompt_list(info.get("prompt", ""), "Prompt")
     inputs.prompt_list(info.get("negative_prompt", ""), "Negative prompt")
     inputs.check_settings(

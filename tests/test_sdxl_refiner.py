@@ -379,3 +379,15 @@ def test_refiner_configs_are_checked_before_anything_is_built():
     for message, config in bad.items():
         with pytest.raises(ValueError, match=message):
             check_pipeline(config)
+
+
+def test_regenerate_refuses_a_hand_off_rather_than_draw_the_base_alone():
+    from diffuse.regenerate import read_recipe
+
+    text = (
+        "a castle\nSteps: 10, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, "
+        "Refiner: tiny [0123456789], Refiner switch at: 0.8, Version: diffuse 0.1"
+    )
+    with pytest.raises(ValueError, match="refiner hand-off"):
+        read_recipe(text)
+    read_recipe(text.replace("Refiner: tiny [0123456789], Refiner switch at: 0.8, ", ""))
