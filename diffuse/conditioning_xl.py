@@ -18,14 +18,14 @@ read zeros as "no text".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.unet import timestep_embedding
-from diffuse.prompts import PromptChunk, apply_weights, prompt_chunks
+from diffuse.prompts import PromptChunk, TokenVectors, apply_weights, prompt_chunks, token_vectors
 from diffuse.tokenizer import CLIPTokenizer
 
 # The refiner's aesthetic scores for the prompts and the negative prompts (diffusers' and A1111's
@@ -61,32 +61,45 @@ def vector_conditioning(
     return torch.cat([pooled.float(), sizes], dim=1)
 
 
-def _chunks_per_text(tokenizers: Sequence[CLIPTokenizer], text: str) -> list[list[PromptChunk]]:
+# Per text encoder, the embeddings its prompts may name: {name: that encoder's half}
+# (diffuse.adapters.embeddings.per_encoder); the same names in each, so the token slots agree.
+EncoderEmbeddings = Sequence[Mapping[str, TokenVectors]]
+
+
+def _chunks_per_text(
+    tokenizers: Sequence[CLIPTokenizer], text: str, embeddings: EncoderEmbeddings
+) -> list[list[PromptChunk]]:
     """The text's chunks for each tokenizer; the counts must agree, as the contexts are joined on channels."""
-    per_tokenizer = [prompt_chunks(tokenizer, text) for tokenizer in tokenizers]
+    per_tokenizer = [prompt_chunks(tokenizer, text, table) for tokenizer, table in zip(tokenizers, embeddings)]
     if len({len(chunks) for chunks in per_tokenizer}) != 1:
         raise ValueError(f"the two tokenizers split the prompt {text[:60]!r} into different numbers of chunks")
     return per_tokenizer
 
 
 def encode_prompts_xl(
-    tokenizers: Sequence[CLIPTokenizer], text_encoders: Sequence[CLIPTextEncoder], texts: list[str]
+    tokenizers: Sequence[CLIPTokenizer],
+    text_encoders: Sequence[CLIPTextEncoder],
+    texts: list[str],
+    embeddings: EncoderEmbeddings | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prompts -> (context [B, 77·k, sum of widths], pooled [B, projection width]) from the last encoder.
 
     k is the largest chunk count among the prompts; a prompt with fewer chunks is filled up with
-    the empty prompt's chunk, as A1111 fills a conditioning up. Each distinct text is encoded once."""
+    the empty prompt's chunk, as A1111 fills a conditioning up. Each distinct text is encoded once.
+    An embedding named in a prompt puts each encoder's half of it in the same token slots."""
+    embeddings = embeddings or [{}] * len(tokenizers)
     unique = list(dict.fromkeys(texts))
-    per_text = [_chunks_per_text(tokenizers, text) for text in unique]
+    per_text = [_chunks_per_text(tokenizers, text, embeddings) for text in unique]
     count = max(len(chunks[0]) for chunks in per_text)
     empty = [prompt_chunks(tokenizer, "")[0] for tokenizer in tokenizers]
     padded = [[c + [e] * (count - len(c)) for e, c in zip(empty, chunks)] for chunks in per_text]
     contexts, pooled = [], None
-    for n, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders)):
+    for n, (tokenizer, encoder, table) in enumerate(zip(tokenizers, text_encoders, embeddings)):
         chunks = [chunk for per_tokenizer in padded for chunk in per_tokenizer[n]]
         device = next(encoder.parameters()).device
         ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=device)
-        hidden, pooled = encoder.sdxl_outputs(ids, tokenizer.eos_token_id)
+        vectors = token_vectors(encoder, ids, chunks, table) if any(c.fixes for c in chunks) else None
+        hidden, pooled = encoder.sdxl_outputs(ids, tokenizer.eos_token_id, token_embeddings=vectors)
         contexts.append(apply_weights(hidden, chunks).reshape(len(unique), count * ids.shape[1], -1))
     context = torch.cat([c.to(contexts[0].dtype) for c in contexts], dim=-1)
     first_chunk_pooled = pooled.reshape(len(unique), count, -1)[:, 0]
@@ -101,13 +114,15 @@ def encode_prompt_pair_xl(
     prompts: list[str],
     negative_prompts: list[str],
     zeros_for_empty: bool = True,
+    embeddings: EncoderEmbeddings | None = None,
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """((context, pooled) of the prompts, (context, pooled) of the negative prompts), with the same
     context length, encoded in one call per encoder. With `zeros_for_empty` an empty negative
     prompt's context and pooled vector are zeros."""
     if len(prompts) != len(negative_prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; they must pair up")
-    context, pooled = encode_prompts_xl(tokenizers, text_encoders, list(prompts) + list(negative_prompts))
+    texts = list(prompts) + list(negative_prompts)
+    context, pooled = encode_prompts_xl(tokenizers, text_encoders, texts, embeddings)
     n = len(prompts)
     uncond_context, uncond_pooled = context[n:], pooled[n:]
     if zeros_for_empty:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from diffuse import inputs
-from diffuse.adapters.embeddings import embeddings_used, load_embeddings
+from diffuse.adapters.embeddings import embeddings_used, load_embeddings, load_sdxl_embeddings, per_encoder
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.conditioning_xl import (
     AESTHETIC_SCORE,
@@ -99,7 +99,7 @@ class Pipeline:
     _embeddings: object = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+        networks = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         self._merged = MergedLoras({name: net for name, net in networks.items() if net is not None})
         self._embeddings = self._load_embeddings()
 
@@ -150,7 +150,7 @@ class Pipeline:
         if self.is_xl:
             if clip_skip != 1:
                 raise ValueError("clip_skip does not apply to SDXL, which reads both encoders' penultimate layer")
-            return encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)[0]
+            return encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts, self._xl_embeddings())[0]
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip=clip_skip)
 
     def unet_conditioning(
@@ -161,7 +161,7 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.is_xl:
             return self.encode_prompt(prompts), None
-        context, pooled = encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts)
+        context, pooled = encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts, self._xl_embeddings())
         score = AESTHETIC_SCORE if self.config.aesthetic_score else None  # the request's default
         return context, vector_conditioning(pooled, height, width, self.config.size_embed_dim, score)
 
@@ -195,17 +195,24 @@ class Pipeline:
         self._merged.restore()
 
     def _load_embeddings(self):
-        # SDXL's embeddings carry vectors for both encoders (clip_l, clip_g), which are not read yet.
-        if self.addons is None or not self.addons.embedding_dirs or self.is_xl:
+        if self.addons is None or not self.addons.embedding_dirs:
             return None
+        if self.is_xl:  # a half per encoder (clip_l, clip_g); the refiner has bigG's alone
+            first = None if self.text_encoder is None else self.text_encoder.cfg.width
+            return load_sdxl_embeddings(self.addons.embedding_dirs, (first, self.text_encoder_2.cfg.width))
         return load_embeddings(self.addons.embedding_dirs, self.config.text_encoder.width)
+
+    def _xl_embeddings(self) -> list[dict] | None:
+        """Each SDXL text encoder's halves of the embeddings, in the order of _text_encoders()."""
+        if self._embeddings is None:
+            return None
+        halves = per_encoder(self._embeddings[0])
+        return list(halves if self.text_encoder is not None else halves[1:])
 
     def _lora_uses(self, job: Job) -> list[LoraUse]:
         """The files the job's `<lora:...>` tags name; an unknown name is an error before any work."""
         if not job.loras:
             return []
-        if self.is_xl:
-            raise ValueError(f"the prompt names LoRA {job.loras[0].name!r}; LoRAs on SDXL models are not supported yet")
         if self.addons is None:
             raise ValueError(f"the prompt names LoRA {job.loras[0].name!r}, but no LoRA folder was given")
         return [LoraUse(self.addons.find_lora(t.name), t.te_weight, t.unet_weight) for t in job.loras]
@@ -458,13 +465,13 @@ class Pipeline:
     def _conditioning_xl(self, job: Job) -> tuple[Pair, Pair]:
         """SDXL's contexts and vectors y (pooled text and sizes), for the prompts and, when guidance
         is on, the negative prompts; a non-finite output reruns both encoders in float32."""
-        tokenizers, encoders = self._tokenizers(), self._text_encoders()
+        tokenizers, encoders, embeddings = self._tokenizers(), self._text_encoders(), self._xl_embeddings()
 
         def encode():
             if job.guidance_scale <= 1.0:
-                return encode_prompts_xl(tokenizers, encoders, job.texts), None
-            negatives = job.negative_texts
-            return encode_prompt_pair_xl(tokenizers, encoders, job.texts, negatives, self.zeros_for_empty_prompt)
+                return encode_prompts_xl(tokenizers, encoders, job.texts, embeddings), None
+            negatives, zeros = job.negative_texts, self.zeros_for_empty_prompt
+            return encode_prompt_pair_xl(tokenizers, encoders, job.texts, negatives, zeros, embeddings)
 
         cond, uncond = Fallback(job.nan_fallback).run(
             torch.nn.ModuleList(encoders),
@@ -632,7 +639,7 @@ class Pipeline:
         if self._embeddings is None:
             return []
         loaded = self._embeddings[0]
-        names = embeddings_used(self.tokenizer, [*job.texts, *job.negative_texts], loaded)
+        names = embeddings_used(self._tokenizers()[0], [*job.texts, *job.negative_texts], loaded)
         return [(name, loaded[name].short_hash) for name in names]
 
 

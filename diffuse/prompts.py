@@ -304,7 +304,7 @@ def encode_chunks(
     device = next(text_encoder.parameters()).device
     ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=device)
     if any(chunk.fixes for chunk in chunks):
-        vectors = _token_vectors(text_encoder, ids, chunks, embeddings or {})
+        vectors = token_vectors(text_encoder, ids, chunks, embeddings or {})
         hidden = text_encoder(ids, clip_skip=clip_skip, token_embeddings=vectors)
     else:  # the plain call, so prompts without embeddings encode exactly as before
         hidden = text_encoder(ids, clip_skip=clip_skip)
@@ -327,7 +327,7 @@ def apply_weights(hidden: torch.Tensor, chunks: list[PromptChunk]) -> torch.Tens
     return hidden
 
 
-def _token_vectors(
+def token_vectors(
     text_encoder: CLIPTextEncoder, ids: torch.Tensor, chunks: list[PromptChunk], embeddings: Mapping[str, TokenVectors]
 ) -> torch.Tensor:
     """The encoder's token vectors for `ids` [N, 77, D], each fix's slots overwritten by its embedding's

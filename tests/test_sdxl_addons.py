@@ -30,7 +30,7 @@ from diffuse.adapters.embeddings import (
 from diffuse.adapters.merge import model_base
 from diffuse.checkpoints.clip_layout import from_transformers
 from diffuse.checkpoints.unet_layout import config_from_diffusers, from_diffusers
-from diffuse.prompts import _token_vectors, apply_weights, prompt_chunks
+from diffuse.prompts import apply_weights, prompt_chunks, token_vectors
 from diffuse.server.addon_routes import embedding_entry
 
 WEIGHT_TOL = 2e-5
@@ -220,7 +220,7 @@ def encode_with_embeddings(pipe, texts: list[str], embeddings) -> tuple[torch.Te
         tokenizer, encoder = (pipe.tokenizer, pipe.text_encoder) if n == 0 else (pipe.tokenizer_2, pipe.text_encoder_2)
         chunks = [chunk for text in texts for chunk in prompt_chunks(tokenizer, text, table)]
         ids = torch.tensor([chunk.ids for chunk in chunks])
-        vectors = _token_vectors(encoder, ids, chunks, table)
+        vectors = token_vectors(encoder, ids, chunks, table)
         hidden, pooled = encoder.sdxl_outputs(ids, tokenizer.eos_token_id, token_embeddings=vectors)
         contexts.append(apply_weights(hidden, chunks))
     return torch.cat(contexts, dim=-1), pooled

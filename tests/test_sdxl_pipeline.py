@@ -280,7 +280,7 @@ def test_what_sdxl_cannot_take_yet_is_refused_before_any_work(ours):
         ours.txt2img(PROMPT, steps=1, clip_skip=2)
     with pytest.raises(ValueError, match="token merging"):
         ours.txt2img(PROMPT, steps=1, speedups=diffuse.Speedups(token_merging=0.5))
-    with pytest.raises(ValueError, match="LoRAs on SDXL models are not supported yet"):
+    with pytest.raises(ValueError, match="no LoRA folder was given"):
         ours.txt2img(PROMPT + " <lora:style:0.8>", steps=1)
 
 
