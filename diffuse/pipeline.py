@@ -49,6 +49,7 @@ from diffuse.preview import to_pil
 from diffuse.prompts import encode_prompt_pair, encode_prompts
 from diffuse.recipe import sampler_settings
 from diffuse.request import GenerationRequest, Job, model_sampler
+from diffuse.runtime import vae_tiles
 from diffuse.samplers import Sampler
 from diffuse.samplers.schedule import Plan, make_denoiser
 from diffuse.speedups import DrivenUNet, Speedups
@@ -579,7 +580,7 @@ class Pipeline:
         (and "VAE float32" added to `nan_fallback`); in float32 it raises NonFiniteError."""
         z = latents / self.config.vae.scaling_factor
         pixels = Fallback(nan_fallback).run(
-            self.vae, "VAE decoder", lambda: self.vae.decode(z.to(network_dtype(self.vae)))
+            self.vae, "VAE decoder", lambda: vae_tiles.decode(self.vae, z.to(network_dtype(self.vae)))
         )
         return pixels.float()
 

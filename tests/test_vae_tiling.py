@@ -14,7 +14,7 @@ import diffuse
 from diffuse.cli import DEFAULT_MODEL
 from diffuse.models.configs import VAEConfig
 from diffuse.models.vae import AutoencoderKL
-from diffuse.runtime import prepare
+from diffuse.runtime import prepare, vae_tiles
 from diffuse.runtime.vae_tiles import (
     DEFAULT_BUDGET_BYTES,
     decode,
@@ -174,3 +174,18 @@ def test_the_rule_keeps_a_1024_sdxl_decode_whole_and_tiles_a_2048_one():
 def test_an_overlap_as_large_as_the_tile_is_refused():
     with pytest.raises(ValueError, match="overlap 32 must be under the tile 32"):
         tiled_decode(tiny_vae(), torch.randn(1, 4, 40, 40), tile=32, overlap=32)
+
+
+def test_the_pipeline_decodes_in_tiles_past_the_budget(monkeypatch):
+    pipe = diffuse.load_pipeline(DEFAULT_MODEL, dtype="float32")
+    latents = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(5)) * 0.8
+    whole = pipe.decode_latents(latents)
+    calls = []
+    real = vae_tiles.tiled_decode
+    monkeypatch.setattr(vae_tiles, "tiled_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        vae_tiles, "DEFAULT_BUDGET_BYTES", vae_tiles.decoder_peak_bytes(pipe.vae, (1, 4, 20, 20), torch.float32)
+    )
+    tiled = pipe.decode_latents(latents)
+    assert calls, "over the budget the pipeline must decode in tiles"
+    assert (tiled - whole).abs().max().item() * 127.5 <= 2.0

@@ -72,9 +72,11 @@ def tile_for_budget(vae: AutoencoderKL, latents: Tensor, budget_bytes: int, over
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, latents: Tensor, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Tensor:
+def decode(vae: AutoencoderKL, latents: Tensor, budget_bytes: int | None = None) -> Tensor:
     """Raw latents [B, C, h, w] → images [B, 3, h*f, w*f], as `vae.decode`; in tiles as large as the
-    budget allows where `needs_tiles` says so (then within a fraction of a 1/255 step of it)."""
+    budget (None: DEFAULT_BUDGET_BYTES) allows where `needs_tiles` says so (then within a fraction
+    of a 1/255 step of it)."""
+    budget_bytes = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
     if needs_tiles(vae, latents, budget_bytes):
         return tiled_decode(vae, latents, tile_for_budget(vae, latents, budget_bytes))
     return vae.decode(latents)
