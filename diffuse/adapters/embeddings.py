@@ -34,9 +34,10 @@ UnsafeCheckpointError are kinds of it): one line naming the file and what was wr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -46,6 +47,8 @@ from diffuse.checkpoints.zip_records import check_zip_records
 from diffuse.hashes import sha256_file
 from diffuse.prompts import prompt_chunks
 from diffuse.tokenizer import CLIPTokenizer
+
+T = TypeVar("T")
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")  # A1111 also reads embeddings hidden in images: not here
 MAX_VECTORS = 75  # one prompt chunk; more could never be placed
@@ -206,7 +209,19 @@ def load_embeddings(dirs: Iterable[str | os.PathLike], width: int) -> tuple[dict
     maps the name of each file that cannot be used to why (another width, an unreadable or
     refused file, or a name an earlier file, in path order, already has).
     """
-    loaded: dict[str, Embedding] = {}
+
+    def read(path: Path) -> Embedding:
+        embedding = read_embedding(path)
+        if embedding.width != width:
+            raise CheckpointError(path, f"vectors are {embedding.width} wide; this model's text encoder takes {width}")
+        return embedding
+
+    return _load_each(dirs, read)
+
+
+def _load_each(dirs: Iterable[str | os.PathLike], read: Callable[[Path], T]) -> tuple[dict[str, T], dict[str, str]]:
+    """read(path) for every embedding file under `dirs`, by file stem: (loaded, skipped with the reason)."""
+    loaded: dict[str, T] = {}
     skipped: dict[str, str] = {}
     for path in embedding_files(dirs):
         name = path.stem
@@ -214,14 +229,9 @@ def load_embeddings(dirs: Iterable[str | os.PathLike], width: int) -> tuple[dict
             skipped.setdefault(name, f"{path}: the name {name!r} is taken by another file")
             continue
         try:
-            embedding = read_embedding(path)
+            loaded[name] = read(path)
         except CheckpointError as e:
             skipped[name] = str(e)
-            continue
-        if embedding.width != width:
-            skipped[name] = f"{path}: vectors are {embedding.width} wide; this model's text encoder takes {width}"
-        else:
-            loaded[name] = embedding
     return loaded, skipped
 
 
@@ -314,18 +324,7 @@ def load_sdxl_embeddings(
 ) -> tuple[dict[str, SDXLEmbedding], dict[str, str]]:
     """Every embedding under `dirs` for an SDXL model whose encoders are `widths` wide: (loaded, skipped)
     as load_embeddings gives them; a one-encoder (SD 1/2) file is skipped with the reason."""
-    loaded: dict[str, SDXLEmbedding] = {}
-    skipped: dict[str, str] = {}
-    for path in embedding_files(dirs):
-        name = path.stem
-        if name in loaded or name in skipped:
-            skipped.setdefault(name, f"{path}: the name {name!r} is taken by another file")
-            continue
-        try:
-            loaded[name] = read_sdxl_embedding(path, widths)
-        except CheckpointError as e:
-            skipped[name] = str(e)
-    return loaded, skipped
+    return _load_each(dirs, lambda path: read_sdxl_embedding(path, widths))
 
 
 def per_encoder(embeddings: Mapping[str, SDXLEmbedding]) -> tuple[dict[str, Embedding], dict[str, Embedding]]:
