@@ -16,7 +16,7 @@ import torch
 
 from diffuse.checkpoints.errors import CheckpointError
 from diffuse.checkpoints.reader import check_finite, read_state_dict, sniff_format
-from diffuse.checkpoints.safetensors_header import METADATA, header_length, read_header
+from diffuse.checkpoints.safetensors_header import METADATA, TORCH_DTYPES, header_length, read_header
 
 CHUNK = 1 << 20  # A1111 hashes in 1 MiB reads
 
@@ -75,19 +75,6 @@ def short_hash_of(path: Path, metadata: dict[str, str]) -> str:
     return (metadata.get("sshs_model_hash") or addnet_hash(path))[:12]
 
 
-# The safetensors dtypes an add-on's tensors come in, as torch dtypes.
-TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 FINITE_CHECK_BYTES = 64 << 20  # tensors read per batch while checking a whole file
 
 

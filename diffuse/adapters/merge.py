@@ -71,7 +71,8 @@ class _Originals:
         self.spill_above, self.in_memory = spill_above, 0
         self.saved: list[tuple[Tensor, Tensor | tuple[int, int]]] = []
         self.file = None
-        # id(param) -> (param, its _state when the file's copy was last true, offset, nbytes)
+        # id(param) -> (param, its _state when the file's copy was last true, offset, nbytes); holding
+        # the param keeps its id from being reused by another tensor.
         self.on_file: dict[int, tuple[Tensor, tuple | None, int, int]] = {}
 
     def keep(self, param: Tensor) -> None:
@@ -87,7 +88,7 @@ class _Originals:
             # Unlinked at once: private to this process, and gone when it closes or exits.
             self.file = tempfile.TemporaryFile(prefix="diffuse-lora-", dir=spill_folder())
         known = self.on_file.get(id(param))
-        if known is not None and known[0] is param and known[1] is not None and known[1] == _state(param):
+        if known is not None and known[1] is not None and known[1] == _state(param):
             return known[2], known[3]
         offset = known[2] if known is not None and known[3] == nbytes else self.file.seek(0, 2)
         self.file.seek(offset)

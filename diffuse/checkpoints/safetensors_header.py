@@ -18,6 +18,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffuse.checkpoints.errors import CheckpointError
 from diffuse.checkpoints.fields import shown
 
@@ -49,6 +51,20 @@ ITEM_SIZES = {
     "F8_E5M2": 1,
     "F8_E4M3FNUZ": 1,
     "F8_E5M2FNUZ": 1,
+}
+
+# The dtypes of ITEM_SIZES that tensors are read and written in here, as torch dtypes.
+TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

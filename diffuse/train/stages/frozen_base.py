@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffuse.checkpoints.safetensors_header import TORCH_DTYPES
 from diffuse.loader import load_pipeline
 from diffuse.metadata import atomic_write
 from diffuse.pipeline import Pipeline
@@ -92,7 +93,7 @@ def diffusion_loss(
     return loss, logs
 
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_DTYPES = {TORCH_DTYPES[name]: name for name in ("F32", "F16", "BF16")}  # the ones trained add-ons hold
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
