@@ -21,13 +21,13 @@ from torch import Tensor, nn
 from diffuse.adapters.embeddings import Embedding, embeddings_used
 from diffuse.train.captioned_folder import CaptionedFolder
 from diffuse.train.components import is_main_process
-from diffuse.train.loop import BatchRandom, LoopConfig, train
+from diffuse.train.loop import BatchRandom, LoopConfig
 from diffuse.train.stages.frozen_base import (
     DEFAULT_MODEL,
     FrozenBase,
     diffusion_loss,
     load_base,
-    run_inputs,
+    train_beside_base,
     write_safetensors,
 )
 from diffuse.train.state import resumable
@@ -134,18 +134,16 @@ def train_embedding(
     data = CaptionedFolder(config.data, base.image_size)
     check_captions(data, base, config.token)
     embedding = TokenVectors(initial_vectors(base, config.init_text, config.vectors))
-    pipe = base.pipe
-    models = {"embedding": embedding, "unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
-    train(
+    train_beside_base(
         config,
-        models,
+        base,
+        data,
+        ("embedding", embedding),
         partial(loss_fn, config, base),
-        data.batch,
         out_dir,
         resume=resume,
         progress=progress,
         data_workers=data_workers,
-        inputs=run_inputs(config.model, data),
     )
     path = out_dir / f"{config.token}.safetensors"
     if is_main_process():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from diffuse.pipeline import Pipeline
 from diffuse.prompts import TokenVectors, encode_prompts
 from diffuse.samplers.schedule import NoiseSchedule
 from diffuse.train.captioned_folder import CaptionedFolder
-from diffuse.train.loop import BatchRandom
+from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import drop_captions, encode_latents, unet_loss
 from diffuse.train.unpack import noise_schedule
 
@@ -69,6 +69,24 @@ def model_files(model: str | Path) -> dict[str, Path]:
 def run_inputs(model: str | Path, data: CaptionedFolder) -> dict[str, Path]:
     """Everything besides the config that decides a run's result: the base's files and the data's."""
     return {**model_files(model), **data.files()}
+
+
+def train_beside_base(
+    config: LoopConfig,
+    base: FrozenBase,
+    data: CaptionedFolder,
+    trained: tuple[str, nn.Module],
+    loss_fn: Callable,
+    out_dir: Path,
+    **loop_options,
+) -> None:
+    """The training loop for an add-on, `trained` (its name in the checkpoints, the module), on the
+    frozen base's networks, which the checkpoints list beside it; `loop_options` are train's
+    resume, progress and data_workers."""
+    name, module = trained
+    pipe = base.pipe
+    models = {name: module, "unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    train(config, models, loss_fn, data.batch, out_dir, inputs=run_inputs(config.model, data), **loop_options)
 
 
 def diffusion_loss(

@@ -29,13 +29,13 @@ from torch import Tensor, nn
 from diffuse.adapters.lora_keys import KOHYA_NETWORKS, module_index, underscored
 from diffuse.train.captioned_folder import CaptionedFolder
 from diffuse.train.components import is_main_process
-from diffuse.train.loop import BatchRandom, LoopConfig, train
+from diffuse.train.loop import BatchRandom, LoopConfig
 from diffuse.train.stages.frozen_base import (
     DEFAULT_MODEL,
     FrozenBase,
     diffusion_loss,
     load_base,
-    run_inputs,
+    train_beside_base,
     write_safetensors,
 )
 from diffuse.train.state import resumable
@@ -222,17 +222,16 @@ def train_lora(
     base = load_base(config.model, config.image_size)
     data = CaptionedFolder(config.data, base.image_size)
     network = build_network(config, base)
-    models = {"lora": network, "unet": base.pipe.unet, "text_encoder": base.pipe.text_encoder, "vae": base.pipe.vae}
-    train(
+    train_beside_base(
         config,
-        models,
+        base,
+        data,
+        ("lora", network),
         partial(loss_fn, config, base),
-        data.batch,
         out_dir,
         resume=resume,
         progress=progress,
         data_workers=data_workers,
-        inputs=run_inputs(config.model, data),
     )
     network.detach()
     name = config.output_name or out_dir.resolve().name
