@@ -26,13 +26,11 @@ PROMPT = "A painting of a squirrel eating a burger"
 NEGATIVE = "blurry, green"
 
 
-def build_sdxl_reference(vocab_dir, seed: int = 0):
-    """diffusers' tiny SDXL base: UNet and VAE as its tests build them, text encoders on CLIP's vocabulary."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def tiny_xl_unet(y_width: int, context_width: int):
+    """diffusers' tiny SDXL UNet (its tests' get_dummy_components) for a y and a context of these widths."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(2, 4),
         layers_per_block=2,
         sample_size=32,
@@ -45,15 +43,24 @@ def build_sdxl_reference(vocab_dir, seed: int = 0):
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=24 + 6 * 8,  # pooled width + six 8-wide size sinusoids
-        cross_attention_dim=32 + 40,  # the two encoders' widths side by side
+        projection_class_embeddings_input_dim=y_width,
+        cross_attention_dim=context_width,
         norm_num_groups=1,
     )
-    scheduler = EulerDiscreteScheduler(
+
+
+def tiny_xl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
@@ -62,8 +69,13 @@ def build_sdxl_reference(vocab_dir, seed: int = 0):
         latent_channels=4,
         sample_size=128,
     )
-    torch.manual_seed(seed)
-    common = dict(
+
+
+def tiny_text_config(**sizes):
+    """A 5-layer CLIP text config on CLIP's real vocabulary; `sizes` gives its widths and pad id."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         bos_token_id=49406,
         eos_token_id=49407,
         layer_norm_eps=1e-05,
@@ -72,16 +84,42 @@ def build_sdxl_reference(vocab_dir, seed: int = 0):
         vocab_size=49408,
         max_position_embeddings=77,
         hidden_act="gelu",
+        **sizes,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, pad_token_id=49407, **common))
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=40, intermediate_size=52, projection_dim=24, pad_token_id=0, **common)
+
+
+def tiny_big_g():
+    """The tiny second encoder: 40 wide with a 24-wide projection, padding with id 0 as bigG does."""
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(
+        tiny_text_config(hidden_size=40, intermediate_size=52, projection_dim=24, pad_token_id=0)
     )
+
+
+def perturbed(*modules) -> None:
+    """Every weight moved off its initial value, so that no zero-initialised tensor hides a wrong mapping."""
     with torch.no_grad():
-        for module in (unet, vae, text_encoder, text_encoder_2):
+        for module in modules:
             for p in module.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
             module.eval()
+
+
+def build_sdxl_reference(vocab_dir, seed: int = 0):
+    """diffusers' tiny SDXL base: UNet and VAE as its tests build them, text encoders on CLIP's vocabulary."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = tiny_xl_unet(24 + 6 * 8, 32 + 40)  # pooled + six 8-wide size sinusoids; the two encoders side by side
+    scheduler = tiny_xl_scheduler()
+    torch.manual_seed(seed)
+    vae = tiny_vae()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(tiny_text_config(hidden_size=32, intermediate_size=37, pad_token_id=49407))
+    text_encoder_2 = tiny_big_g()
+    perturbed(unet, vae, text_encoder, text_encoder_2)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -13,7 +13,19 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import reference_tokenizer
-from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, build_sdxl_reference, picture
+from test_sdxl_pipeline import (
+    NEGATIVE,
+    PROMPT,
+    STEPS,
+    assert_same_images,
+    build_sdxl_reference,
+    perturbed,
+    picture,
+    tiny_big_g,
+    tiny_vae,
+    tiny_xl_scheduler,
+    tiny_xl_unet,
+)
 
 import diffuse
 from diffuse.checkpoints import single_file
@@ -27,65 +39,14 @@ from diffuse.models.vae import AutoencoderKL
 
 
 def build_refiner_reference(vocab_dir, seed: int = 1):
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLImg2ImgPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(2, 4),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=24 + 5 * 8,  # pooled + original size, crop, aesthetic score
-        cross_attention_dim=40,  # bigG's width alone
-        norm_num_groups=1,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=128,
-    )
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            hidden_size=40,
-            intermediate_size=52,
-            projection_dim=24,
-            pad_token_id=0,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        )
-    )
-    with torch.no_grad():
-        for module in (unet, vae, text_encoder_2):
-            for p in module.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-            module.eval()
+    unet = tiny_xl_unet(24 + 5 * 8, 40)  # pooled + original size, crop, aesthetic score; bigG's width alone
+    scheduler = tiny_xl_scheduler()
+    vae = tiny_vae()
+    text_encoder_2 = tiny_big_g()
+    perturbed(unet, vae, text_encoder_2)
     return StableDiffusionXLImg2ImgPipeline(
         vae=vae,
         text_encoder=None,
