@@ -392,13 +392,15 @@ class Pipeline:
         context, vectors = self._conditioning(job) if not self.is_xl else self._conditioning_xl(job)
         plan = self._plan(job)
         start = self._initial_latents(job, plan, generators, fallback)
+        sampler = job.sampler
         if refiner is not None:
             plan, rest = split_plan(plan, job.request.refiner_switch_at, self._train_timesteps())
+            sampler = head_sampler(sampler)
             callback, refiner_callback = (
                 _counted(callback, 0, plan.steps + rest.steps),
                 _counted(callback, plan.steps, plan.steps + rest.steps),
             )
-        latents = self._denoise(job, plan, start, context, generators, fallback, callback, vectors)
+        latents = self._denoise(job, plan, start, context, generators, fallback, callback, vectors, sampler)
         if refiner is not None:
             images = refiner._refine(job, rest, latents, generators, fallback, refiner_callback)
             return self._result(job, images, refiner)
@@ -541,9 +543,11 @@ class Pipeline:
         fallback: Fallback,
         callback: Callback | None,
         vectors: Pair | None = None,
+        sampler: Sampler | None = None,
     ) -> torch.Tensor:
         """The sampler's loop from `start`, guided by the prompts (and for SDXL the vectors y); the
-        final latents in the UNet's scale."""
+        final latents in the UNet's scale. `sampler`: the job's unless given (a hand-off's first part)."""
+        sampler = sampler or job.sampler
         shape, sigmas = self._latent_shape(job), plan.sigmas.to(self.device)
         driven = DrivenUNet(self.unet, job.speedups, shape[1:])
         inpaint_unet = self.config.unet.in_channels == 9
@@ -562,7 +566,7 @@ class Pipeline:
         after_step = AfterStep(predictor, plan, sigmas, start, blend_known, callback, self.preview_matrix)
         denoise = make_denoiser(predictor, self.config.prediction_type)  # what the model predicts is the model's fact
         with fallback:  # a UNet moved to float32 goes back to its own dtype however sampling ends
-            x = job.sampler.run(denoise, start.x, plan, lambda: draw_noise(generators, shape, self.device), after_step)
+            x = sampler.run(denoise, start.x, plan, lambda: draw_noise(generators, shape, self.device), after_step)
         return x / (1 + sigmas[-1] ** 2) ** 0.5
 
     def _decode(self, job: Job, latents: torch.Tensor) -> list[Image.Image]:
@@ -655,6 +659,13 @@ def split_plan(plan: Plan, switch_at: float, train_timesteps: int) -> tuple[Plan
         raise ValueError(f"refiner_switch_at {switch_at} over {plan.steps} steps leaves none to {part}")
     base = replace(plan, sigmas=plan.sigmas[: k + 1], timesteps=plan.timesteps[:k])
     return base, replace(plan, sigmas=plan.sigmas[k:], timesteps=plan.timesteps[k:])
+
+
+def head_sampler(sampler: Sampler) -> Sampler:
+    """The sampler for the model's part of a hand-off: that part does not reach the schedule's end,
+    so a multistep solver keeps its full order there, as diffusers' denoising_end does (the steps
+    of lower order belong to the refiner's last steps, whose history starts afresh at the switch)."""
+    return replace(sampler, options=replace(sampler.options, lower_order_final=False))
 
 
 def _counted(callback: Callback | None, before: int, total: int) -> Callback | None:

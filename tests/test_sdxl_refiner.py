@@ -16,6 +16,7 @@ from conftest import reference_tokenizer
 from test_sdxl_pipeline import (
     NEGATIVE,
     PROMPT,
+    SCHEDULERS,
     STEPS,
     assert_same_images,
     build_sdxl_reference,
@@ -164,11 +165,20 @@ def base(base_folder):
     return diffuse.load_pipeline(base_folder, dtype="float32")
 
 
-def reference_handoff(base_folder, reference_refiner, switch_at: float, negative: str, seed: int):
-    """diffusers' ensemble of experts: the base to denoising_end as latents, the refiner from denoising_start."""
-    from diffusers import StableDiffusionXLPipeline
+def reference_handoff(
+    base_folder, reference_refiner, switch_at: float, negative: str, seed: int, sampler: str = "Euler", **extra
+):
+    """diffusers' ensemble of experts: the base to denoising_end as latents, the refiner from
+    denoising_start; `sampler` names both pipelines' scheduler (test_sdxl_pipeline.SCHEDULERS).
+    The base's latents at the switch and the refiner's images (or what `extra` asks for)."""
+    import diffusers
 
-    reference_base = StableDiffusionXLPipeline.from_pretrained(base_folder, add_watermarker=False).to(torch.float32)
+    reference_base = diffusers.StableDiffusionXLPipeline.from_pretrained(base_folder, add_watermarker=False)
+    class_name, options = SCHEDULERS[sampler]
+    reference_base.scheduler = getattr(diffusers, class_name).from_config(reference_base.scheduler.config, **options)
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **{**reference_refiner.components, "scheduler": reference_base.scheduler}, requires_aesthetics_score=True
+    )
     common = dict(negative_prompt=negative or None, num_inference_steps=STEPS, guidance_scale=5.0)
     latents = reference_base(
         PROMPT,
@@ -177,14 +187,13 @@ def reference_handoff(base_folder, reference_refiner, switch_at: float, negative
         generator=torch.Generator("cpu").manual_seed(seed),
         **common,
     ).images
-    return reference_refiner(
-        PROMPT, image=latents, denoising_start=switch_at, generator=torch.Generator("cpu").manual_seed(seed), **common
-    ).images
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return latents, refiner(PROMPT, image=latents, denoising_start=switch_at, generator=generator, **common, **extra)
 
 
 @pytest.mark.parametrize("switch_at, negative", [(0.8, NEGATIVE), (0.55, "")])
 def test_base_to_refiner_handoff_matches_diffusers(switch_at, negative, base, refiner, base_folder, reference_refiner):
-    expected = reference_handoff(base_folder, reference_refiner, switch_at, negative, seed=21)
+    expected = reference_handoff(base_folder, reference_refiner, switch_at, negative, seed=21)[1].images
     steps = []
     request = diffuse.GenerationRequest(
         PROMPT,
@@ -201,6 +210,36 @@ def test_base_to_refiner_handoff_matches_diffusers(switch_at, negative, base, re
     assert steps == [(i, STEPS) for i in range(STEPS)]
     alone = base.txt2img(PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler="Euler", seed=21)
     assert_differ(result.images[0], alone.images[0])
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""], ids=["negative", "no-negative"])
+def test_a_multistep_handoff_matches_diffusers_at_the_switch_and_after(
+    negative, base, refiner, base_folder, reference_refiner
+):
+    """DPM++ 2M Karras: the base keeps second order up to the switch (its part does not end the
+    schedule, so no first-order last step) and the refiner's history starts afresh there, as
+    diffusers' denoising_end / denoising_start do. Latents are compared as well as images: the
+    tiny VAE hides the difference a first-order step at the switch makes."""
+    switch_at, sampler = 0.7, "DPM++ 2M Karras"
+    at_switch, expected = reference_handoff(
+        base_folder, reference_refiner, switch_at, negative, seed=13, sampler=sampler, output_type="latent"
+    )
+    _, expected_images = reference_handoff(base_folder, reference_refiner, switch_at, negative, 13, sampler)
+    steps = []
+    request = diffuse.GenerationRequest(
+        PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler=sampler, seed=13,
+        refiner_switch_at=switch_at,
+    )  # fmt: skip
+    result = base.generate(request, callback=lambda step: steps.append(step.latents), refiner=refiner)
+    base_steps = int(sampler_plan(base, sampler).timesteps.ge(1000 * (1 - switch_at)).sum())
+    assert 0 < base_steps < STEPS
+    torch.testing.assert_close(steps[base_steps - 1], at_switch, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(steps[-1], expected.images, atol=1e-3, rtol=1e-4)
+    assert_same_images(result.images, expected_images.images)
+
+
+def sampler_plan(pipe, sampler: str):
+    return pipe.get_sampler(sampler).plan(STEPS)
 
 
 def assert_differ(a, b) -> None:
