@@ -12,6 +12,10 @@
 plus any `extra_files` the caller adds (files diffusers and the loader do not read, such
 as the shipped model's CLIP image tower).
 
+Or as one original-layout (CompVis / SGM) single file, as A1111, ComfyUI and diffusers'
+from_single_file read it: the weights alone (single_file.join_single_file), see
+save_single_file_checkpoint.
+
 The configs are the inverses of the ones the loader reads (unet_layout, vae_layout,
 clip_layout), each checked to read back as the architecture it came from, so the
 folder rebuilds exactly this pipeline in diffuse and in diffusers.
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from diffuse.checkpoints import clip_layout, unet_layout, vae_layout
+from diffuse.checkpoints import clip_layout, single_file, unet_layout, vae_layout
 from diffuse.checkpoints.diffusers_folder import PREVIEW_MATRIX_FILE, preview_matrix_json
 from diffuse.metadata import atomic_write
 from diffuse.pipeline import Pipeline
@@ -103,6 +107,63 @@ def save_diffusers_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def save_single_file_checkpoint(
+    pipe: Pipeline, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Write `pipe` as one original-layout checkpoint at `path` (.safetensors, or .ckpt for torch's
+    zip format) and return its path.
+
+    The file holds the weights alone: whoever reads it back takes the architecture from tensor
+    shapes and the family's conventions (64-channel UNet heads for SD2 and SDXL, the family's latent
+    scale, the CLIP vocabulary), as for any downloaded single file. The one fact the A1111 convention
+    keeps beside it, v-prediction, is written as the inference .yaml that readers look for.
+    """
+    path = Path(path).expanduser()
+    fmt = SINGLE_FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: a single-file checkpoint ends in .safetensors or .ckpt")
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"unsupported save dtype {dtype}; use one of float32, float16, bfloat16")
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+    sidecar = path.with_suffix(".yaml")
+    stale = sidecar.is_file() and single_file.sidecar_prediction_type(path) != pipe.config.prediction_type
+    if stale and not overwrite:
+        raise ValueError(f"{sidecar} says another prediction type; pass overwrite=True to replace it")
+    family = single_file_family(pipe)
+    text = pipe.text_encoder.state_dict() if pipe.text_encoder is not None else None
+    text_2 = pipe.text_encoder_2.state_dict() if pipe.text_encoder_2 is not None else None
+    state = single_file.join_single_file(family, pipe.unet.state_dict(), pipe.vae.state_dict(), text, text_2)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    single_file.save_single_file(state, path, fmt)
+    if stale or (pipe.config.prediction_type == "v_prediction" and not sidecar.is_file()):
+        if pipe.config.prediction_type == "v_prediction":
+            atomic_write(sidecar, lambda f: f.write(V_PREDICTION_YAML.encode("utf-8")))
+        else:
+            sidecar.unlink()  # a replaced v-model's sidecar would misread this one
+    return path
+
+
+SINGLE_FILE_FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt"}
+# What single_file.sidecar_prediction_type (and A1111, from its configs' yaml) reads as v-prediction.
+V_PREDICTION_YAML = 'model:\n  params:\n    parameterization: "v"\n'
+
+
+def single_file_family(pipe: Pipeline) -> str:
+    """Which original layout holds this pipeline's text encoders: SDXL's (base or refiner) by its
+    second encoder, else SD1's CLIP-L (quick_gelu) or SD2's OpenCLIP (gelu) by the activation the
+    reader assumes for each."""
+    cfg = pipe.config
+    if cfg.text_encoder_2 is not None:
+        return "sdxl" if cfg.text_encoder is not None else "sdxl_refiner"
+    for family in ("sd1", "sd2"):
+        if cfg.text_encoder.activation == single_file.FAMILY_PRESETS[family].text_encoder.activation:
+            return family
+    raise ValueError(f"no single-file layout has a text encoder with activation {cfg.text_encoder.activation!r}")
 
 
 # ---------------------------------------------------------------- what goes in the files
