@@ -12,8 +12,8 @@ What differs from A1111, and why:
   - an unknown sampler or schedule type is an error rather than a silent fallback;
   - image URLs are never fetched, only base64 (raw or as a data URL);
   - the features diffuse does not have here (hires fix, face restoration, tiling, scripts, subseeds,
-    styles, a refiner checkpoint) are ignored when switched off and refused when asked for, never
-    silently skipped;
+    styles) are ignored when switched off and refused when asked for, never silently skipped;
+  - a refiner_checkpoint needs its refiner_switch_at (A1111 would run the refiner from the first step);
   - an inpainting mask is used as sent: mask_blur, inpainting_fill and resize_mode are not applied.
 """
 
@@ -69,6 +69,7 @@ class A1111Request:
     send_images: bool = True
     model: str | None = None  # override_settings.sd_model_checkpoint: the model for this request
     restore_model: bool = True  # override_settings_restore_afterwards: back to the previous model after it
+    refiner: str | None = None  # refiner_checkpoint: the SDXL model that takes over at generation.refiner_switch_at
     echo: dict[str, Any] = field(default_factory=dict)  # the request as A1111 echoes it in "parameters"
 
 
@@ -80,9 +81,8 @@ _OFF = {
     "subseed_strength": (None, 0, 0.0),
     "script_name": (None, ""),
     "styles": (None, []),
-    # The refiner hand-off runs in Pipeline.generate, but the server does not load a second model yet.
-    "refiner_checkpoint": (None, "", "None"),
 }
+REFINER_OFF = (None, "", "None")  # A1111's values of refiner_checkpoint for "no refiner"
 
 
 def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
@@ -95,7 +95,8 @@ def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
     generation, n_iter = _generation(body, limits)
     send_images, model = _bool(body, "send_images", True), _model_override(body)
     restore_model = _bool(body, "override_settings_restore_afterwards", True)
-    generation = replace(generation, clip_skip=_clip_skip(body), speedups=_speedups(body))
+    refiner, switch_at = _refiner(body)
+    generation = replace(generation, clip_skip=_clip_skip(body), speedups=_speedups(body), refiner_switch_at=switch_at)
     if kind == "img2img":
         generation = _with_images(generation, body, limits)
     request = A1111Request(
@@ -105,6 +106,7 @@ def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
         send_images=send_images,
         model=model,
         restore_model=restore_model,
+        refiner=refiner,
     )
     return replace(request, echo=_echo(body, request))
 
@@ -186,6 +188,8 @@ def _echo(body: dict, request: A1111Request) -> dict[str, Any]:
         "eta": generation.eta,
         "send_images": request.send_images,
         "override_settings_restore_afterwards": request.restore_model,
+        "refiner_checkpoint": request.refiner,
+        "refiner_switch_at": generation.refiner_switch_at,
     }
     used = {
         "sd_model_checkpoint": request.model,
@@ -354,6 +358,23 @@ def _speedups(body: dict) -> Speedups:
         field="override_settings.token_merging_ratio",
     )
     return Speedups(token_merging=ratio)
+
+
+def _refiner(body: dict) -> tuple[str | None, float | None]:
+    """(refiner_checkpoint, refiner_switch_at), or (None, None) for no refiner, whose switch A1111 ignores."""
+    name = body.get("refiner_checkpoint")
+    if name in REFINER_OFF:
+        return None, None
+    if not isinstance(name, str):
+        raise RequestError("refiner_checkpoint", f"must be a model title or name, got {name!r}")
+    if body.get("refiner_switch_at") is None:
+        raise RequestError(
+            "refiner_switch_at", "a refiner_checkpoint needs the fraction of the steps to switch at (A1111's page: 0.8)"
+        )
+    switch_at = _number(body, "refiner_switch_at", 0.0, 0.0, 1.0)
+    if not 0 < switch_at < 1:
+        raise RequestError("refiner_switch_at", f"must be above 0 and below 1, got {switch_at!r}")
+    return name, switch_at
 
 
 def _model_override(body: dict) -> str | None:

@@ -31,9 +31,10 @@ class Generated:
     interrupted: bool = False
 
 
-def run_request(pipe: Pipeline, request: A1111Request, job: Job) -> Generated:
-    """Every round of the request, reporting each step to the job; an interrupt ends it with what it had."""
-    generation = request.generation
+def run_request(pipe: Pipeline, request: A1111Request, job: Job, refiner: Pipeline | None = None) -> Generated:
+    """Every round of the request, reporting each step to the job; an interrupt ends it with what it had.
+    With a `refiner` it takes over at the request's refiner_switch_at; without one there is no switch."""
+    generation = request.generation if refiner is not None else replace(request.generation, refiner_switch_at=None)
     total = generation.steps * request.n_iter
     made = Generated([], [], [], {})
     for round_ in range(request.n_iter):
@@ -44,9 +45,9 @@ def run_request(pipe: Pipeline, request: A1111Request, job: Job) -> Generated:
             job.step_done(done_before + step.index + 1, total, step)
 
         try:
-            result = pipe.generate(round_request, callback=on_step)
+            result = pipe.generate(round_request, callback=on_step, refiner=refiner)
         except Interrupted:
-            _add(made, _partial(pipe, round_request, job.latest))
+            _add(made, _partial(pipe, round_request, job.latest, refiner))
             made.interrupted = True
             return made
         _add(made, Generated(result.images, result.infotexts, result.seeds, result.info))
@@ -60,15 +61,16 @@ def _add(made: Generated, round_made: Generated) -> None:
     made.info = made.info or round_made.info
 
 
-def _partial(pipe: Pipeline, request: GenerationRequest, step: Step | None) -> Generated:
-    """What an interrupted round had: its latest clean estimate, decoded (nothing before the first step)."""
+def _partial(pipe: Pipeline, request: GenerationRequest, step: Step | None, refiner: Pipeline | None) -> Generated:
+    """What an interrupted round had: its latest clean estimate, decoded (nothing before the first step);
+    a hand-off's latents decode alike by either model's VAE (the refiner's takes the same latents)."""
     if step is None:
         return Generated([], [], [], {}, interrupted=True)
     pixels = pipe.decode_latents(step.denoised)
     images = to_pil(pixels)
     height, width = pixels.shape[-2:]
     # The same info a finished round records, from the one place that builds it.
-    info, texts = pipe.describe(replace(request, width=width, height=height, batch_size=len(images)))
+    info, texts = pipe.describe(replace(request, width=width, height=height, batch_size=len(images)), refiner)
     return Generated(images, texts, [request.seed + i for i in range(len(images))], info, interrupted=True)
 
 
@@ -100,7 +102,7 @@ def processed_info(request: A1111Request, generated: Generated, model_hash: str 
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": generation.strength if request.kind == "img2img" else None,
-        "extra_generation_params": {"Schedule type": info.get("schedule_type")} if info else {},
+        "extra_generation_params": _extra_generation_params(info),
         "index_of_first_image": 0,
         "infotexts": generated.infotexts,
         "styles": [],
@@ -110,6 +112,16 @@ def processed_info(request: A1111Request, generated: Generated, model_hash: str 
         "version": VERSION,
         "interrupted": generated.interrupted,
     }
+
+
+def _extra_generation_params(info: dict) -> dict:
+    """A1111's extra_generation_params: the labels its infotext adds after the fixed ones."""
+    if not info:
+        return {}
+    extra = {"Schedule type": info.get("schedule_type")}
+    if info.get("refiner") is not None:
+        extra.update({"Refiner": info["refiner"], "Refiner switch at": info["refiner_switch_at"]})
+    return extra
 
 
 def png_base64(image: Image.Image, parameters: str | None) -> str:

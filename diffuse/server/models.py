@@ -8,6 +8,11 @@ client sends reaches the filesystem.
 
 Switching loads the new model first and swaps it in only when the load succeeded: a
 checkpoint that fails to load leaves the current model in place, and the error says why.
+
+A request may also name an SDXL refiner (A1111's refiner_checkpoint), from the same list and
+loaded by the same rules; it is kept for the next request that names it. The host holds at most
+two models at once, loads included: the kept refiner is let go before another model loads
+(a refiner that the new current model is, is moved over rather than loaded twice).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ T = TypeVar("T")
 
 class UnknownModel(LookupError):
     """No listed model has that title, name or hash."""
+
+
+class NotARefiner(ValueError):
+    """A refiner_checkpoint that is no SDXL model (base or refiner), so it cannot take over SDXL latents."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,9 @@ class ModelHost:
         self._lock = threading.Lock()
         self._sha256: dict[ModelEntry, str | None] = {}
         self.current = entries[0]
-        self.pipe: Pipeline = load_pipeline(self.current.path, dtype=dtype, device=device, **self.addon_dirs)
+        self.pipe: Pipeline = self._load(self.current)
+        self.refiner_entry: ModelEntry | None = None  # the refiner kept from the last request that named one
+        self._refiner: Pipeline | None = None
 
     def find(self, wanted: str) -> ModelEntry:
         for entry in self.entries:
@@ -92,10 +103,34 @@ class ModelHost:
         entry = self.find(wanted)
         with self._lock:
             if entry != self.current:
-                # raises: nothing changed
-                pipe = load_pipeline(entry.path, dtype=self.dtype, device=self.device, **self.addon_dirs)
+                kept = self._refiner if entry == self.refiner_entry else None
+                self._refiner = self.refiner_entry = None  # let go first: two models at most while loading
+                pipe = kept if kept is not None else self._load(entry)  # raises: the current model stays
                 self.pipe, self.current = pipe, entry
         return entry
+
+    def refiner(self, wanted: str | None) -> Pipeline | None:
+        """The loaded refiner a request names; None for none, or for the current model itself, which
+        A1111 does not hand over to. NotARefiner (a ValueError) for a model that is not SDXL."""
+        if wanted is None:
+            return None
+        entry = self.find(wanted)
+        if entry == self.current:
+            return None
+        with self._lock:
+            if entry != self.refiner_entry:
+                self._refiner = self.refiner_entry = None  # let go first: two models at most while loading
+                pipe = self._load(entry)
+                if not pipe.is_xl:
+                    raise NotARefiner(
+                        f"refiner_checkpoint: {entry.title} is not an SDXL model; a refiner must be an SDXL "
+                        "refiner or base"
+                    )
+                self._refiner, self.refiner_entry = pipe, entry
+            return self._refiner
+
+    def _load(self, entry: ModelEntry) -> Pipeline:
+        return load_pipeline(entry.path, dtype=self.dtype, device=self.device, **self.addon_dirs)
 
     def run_on(self, wanted: str | None, restore: bool, work: Callable[[Pipeline], T]) -> T:
         """work(pipe) on the named model (None: the current one); with `restore`, the model that was

@@ -27,7 +27,7 @@ from diffuse.server.a1111 import A1111Request, Limits
 from diffuse.server.generate import Generated, run_request
 from diffuse.server.guard import RELEASE_BODY, MemoryBudget, OverBudget
 from diffuse.server.jobs import Job, JobQueue, QueueFull
-from diffuse.server.models import ModelHost
+from diffuse.server.models import ModelHost, UnknownModel
 
 
 @dataclass
@@ -65,9 +65,15 @@ class Server:
 
     def submit(self, request: A1111Request, finish: Callable[[Generated], Any] = lambda generated: generated) -> Job:
         """Queue the request; its job returns finish(the Generated images). The request's own model,
-        if it names one, is loaded in the same job, so no other job runs on it by mistake."""
+        if it names one, is loaded in the same job, so no other job runs on it by mistake; so is
+        the refiner it names."""
         if request.model is not None:
             self.host.find(request.model)  # unknown: an error now, not after the queue
+        if request.refiner is not None:
+            try:
+                self.host.find(request.refiner)
+            except UnknownModel as error:
+                raise UnknownModel(f"refiner_checkpoint: {error.args[0]}") from None
         generation = request.generation
         self.host.pipe.get_sampler(generation.sampler, generation.schedule_type)  # an unknown sampler: 422 now
         if request.model is None:
@@ -78,7 +84,9 @@ class Server:
 
         def work(job: Job) -> Any:
             generated = self.host.run_on(
-                request.model, request.restore_model, lambda pipe: run_request(pipe, request, job)
+                request.model,
+                request.restore_model,
+                lambda pipe: run_request(pipe, request, job, self.host.refiner(request.refiner)),
             )
             return finish(generated)
 

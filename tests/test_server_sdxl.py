@@ -1,0 +1,185 @@
+"""The A1111 API on a tiny SDXL base and refiner: txt2img and img2img at the model's own size,
+the model list and switching, and the base -> refiner hand-off (refiner_checkpoint,
+refiner_switch_at) made exactly as the Python API makes it, with A1111's infotext."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from test_sdxl_pipeline import build_sdxl_reference, picture
+from test_sdxl_refiner import build_refiner_reference
+from test_server import DEFAULT_MODEL, Running, decode_png, png_data_url, settings
+
+import diffuse
+import diffuse.server.models
+from diffuse.metadata import parse_infotext, read_parameters
+from diffuse.server.models import ModelHost, find_models
+
+BASE_SIZE = 80  # the base's own size: sample_size 40 x the tiny VAE's 2 (SD1's shipped model draws 64)
+QUICK = {"prompt": "a castle on a hill", "negative_prompt": "blurry", "steps": 5, "cfg_scale": 5, "seed": 3}
+QUICK = {**QUICK, "sampler_name": "Euler"}
+
+
+@pytest.fixture(scope="session")
+def sdxl_models(tmp_path_factory, clip_vocab_dir):
+    """A models folder: the tiny SDXL base (80x80 by its own size), its refiner, and an SD1 model."""
+    folder = tmp_path_factory.mktemp("sdxl_models")
+    base = build_sdxl_reference(clip_vocab_dir)
+    base.unet.register_to_config(sample_size=BASE_SIZE // 2)
+    base.save_pretrained(folder / "tiny_base", safe_serialization=True)
+    build_refiner_reference(clip_vocab_dir).save_pretrained(folder / "tiny_refiner", safe_serialization=True)
+    (folder / "sd1").symlink_to(DEFAULT_MODEL, target_is_directory=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sdxl_models):
+    running = Running(settings(tmp_path_factory.mktemp("srv"), model=sdxl_models / "tiny_base", models_dir=sdxl_models))
+    yield running
+    running.stop()
+
+
+def titles(server) -> dict[str, str]:
+    return {model["model_name"]: model["title"] for model in server.call("GET", "/sdapi/v1/sd-models")[1]}
+
+
+def generate(server, route: str = "txt2img", **fields) -> tuple[int, dict]:
+    status, body, _ = server.call("POST", f"/sdapi/v1/{route}", {**QUICK, **fields})
+    return status, body
+
+
+def infotext(body: dict) -> dict[str, str]:
+    return parse_infotext(json.loads(body["info"])["infotexts"][0])
+
+
+def test_sd_models_lists_the_sdxl_models_and_options_switch_to_sd1_and_back(server):
+    listed = titles(server)
+    assert sorted(listed) == ["sd1", "tiny_base", "tiny_refiner"]
+    assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == listed["tiny_base"]
+    try:
+        assert server.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": listed["sd1"]})[0] == 200
+        status, body = generate(server)
+        assert status == 200 and decode_png(body["images"][0]).size == (64, 64)
+        assert infotext(body)["Model"] == "sd1"
+    finally:
+        assert server.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": listed["tiny_base"]})[0] == 200
+    status, body = generate(server)
+    assert status == 200 and infotext(body)["Model"] == "tiny_base"
+
+
+def test_txt2img_and_img2img_draw_at_the_models_and_the_images_own_size(server):
+    status, body = generate(server)
+    assert status == 200, body
+    image = decode_png(body["images"][0])
+    assert image.size == (BASE_SIZE, BASE_SIZE) and infotext(body)["Size-1"] == str(BASE_SIZE)
+    assert read_parameters(image) == json.loads(body["info"])["infotexts"][0]
+    assert "Refiner" not in infotext(body) and body["parameters"]["refiner_checkpoint"] is None
+    status, body = generate(server, "img2img", init_images=[png_data_url(picture().resize((48, 40)))])
+    assert status == 200, body
+    assert decode_png(body["images"][0]).size == (48, 40) and infotext(body)["Denoising strength"] == "0.75"
+    status, body = generate(server, width=96, height=72)
+    assert status == 200 and decode_png(body["images"][0]).size == (96, 72)
+
+
+@pytest.fixture(scope="module")
+def pipes(sdxl_models):
+    """The base and refiner loaded in this process, as the server loads them."""
+    return {name: diffuse.load_pipeline(sdxl_models / name, dtype="float32") for name in ("tiny_base", "tiny_refiner")}
+
+
+@pytest.mark.parametrize("route", ["txt2img", "img2img"])
+def test_the_refiner_takes_over_as_in_the_python_api(server, pipes, route):
+    refiner = titles(server)["tiny_refiner"]
+    images = {"init_images": [png_data_url(picture())], "denoising_strength": 0.9} if route == "img2img" else {}
+    status, body = generate(server, route, refiner_checkpoint=refiner, refiner_switch_at=0.6, **images)
+    assert status == 200, body
+    made = decode_png(body["images"][0])
+    request = diffuse.GenerationRequest(
+        QUICK["prompt"], QUICK["negative_prompt"], steps=5, guidance_scale=5, sampler="Euler", seed=3
+    )
+    if route == "img2img":
+        request = replace(request, image=picture(), strength=0.9)
+    expected = pipes["tiny_base"].generate(replace(request, refiner_switch_at=0.6), refiner=pipes["tiny_refiner"])
+    assert made.tobytes() == expected.images[0].tobytes()
+    alone = pipes["tiny_base"].generate(request).images[0]
+    assert made.tobytes() != alone.tobytes()
+    # A1111's labels: the refiner's short title ("name [hash]") and the fraction it switched at.
+    params, info = infotext(body), json.loads(body["info"])
+    assert params["Refiner"] == refiner and params["Refiner switch at"] == "0.6"
+    assert info["infotexts"][0] == expected.infotexts[0]
+    assert info["extra_generation_params"]["Refiner"] == refiner
+    assert info["extra_generation_params"]["Refiner switch at"] == 0.6
+    assert body["parameters"]["refiner_checkpoint"] == refiner and body["parameters"]["refiner_switch_at"] == 0.6
+
+
+def test_no_refiner_and_the_current_model_as_its_own_refiner_hand_over_nothing(server):
+    plain = generate(server)[1]["images"][0]
+    for off in (None, "", "None", titles(server)["tiny_base"]):
+        status, body = generate(server, refiner_checkpoint=off, refiner_switch_at=0.6)
+        assert status == 200, body
+        assert body["images"][0] == plain and "Refiner" not in infotext(body)
+
+
+@pytest.mark.parametrize(
+    "fields, status, message",
+    [
+        (
+            {"refiner_checkpoint": "nothing-like-it", "refiner_switch_at": 0.8},
+            404,
+            "refiner_checkpoint: no model 'nothing-like",
+        ),
+        (
+            {"refiner_checkpoint": "sd1", "refiner_switch_at": 0.8},
+            422,
+            "is not an SDXL model; a refiner must be an SDXL refiner or base",
+        ),
+        ({"refiner_checkpoint": "tiny_refiner"}, 422, "refiner_switch_at: a refiner_checkpoint needs"),
+        ({"refiner_checkpoint": "tiny_refiner", "refiner_switch_at": 1}, 422, "must be above 0 and below 1"),
+        (
+            {"refiner_checkpoint": "tiny_refiner", "refiner_switch_at": "0.8"},
+            422,
+            "refiner_switch_at: must be a number",
+        ),
+        ({"refiner_checkpoint": 5, "refiner_switch_at": 0.8}, 422, "refiner_checkpoint: must be a model title"),
+        ({"refiner_checkpoint": "tiny_refiner", "refiner_switch_at": 0.9995}, 422, "leaves none to the refiner"),
+    ],
+)
+def test_refiners_that_cannot_take_over_are_refused_in_one_line(server, fields, status, message):
+    got, body = generate(server, **fields)
+    assert got == status and message in body["detail"] and "\n" not in body["detail"], body
+    assert generate(server)[0] == 200  # the server goes on with its models
+
+
+def test_the_host_holds_two_models_at_most_and_keeps_the_refiner(sdxl_models, monkeypatch):
+    entries = find_models(sdxl_models / "tiny_base", sdxl_models)
+    host = ModelHost(entries, dtype="float32")
+    loads, real_load = [], diffuse.server.models.load_pipeline
+
+    def counted(path, **options):
+        live = sum(pipe is not None for pipe in (host.pipe, host._refiner))
+        loads.append((path.name, live))
+        return real_load(path, **options)
+
+    monkeypatch.setattr(diffuse.server.models, "load_pipeline", counted)
+    refiner = host.refiner("tiny_refiner")
+    assert refiner.is_xl and host.refiner("tiny_refiner") is refiner and host.refiner(None) is None
+    assert host.refiner("tiny_base") is None  # the current model itself: A1111 hands over to nothing
+    with pytest.raises(ValueError, match="is not an SDXL model"):
+        host.refiner("sd1")
+    assert host.refiner_entry is None and host.current.name == "tiny_base"  # the base stays in place
+    host.refiner("tiny_refiner")
+    host.switch("tiny_refiner")  # moved over, not loaded again
+    assert host.pipe is not None and host.refiner_entry is None
+    host.switch("tiny_base")
+    # One model held beside each load, never two.
+    assert loads == [("tiny_refiner", 1), ("sd1", 1), ("tiny_refiner", 1), ("tiny_base", 1)]
+
+
+def test_an_sd1_model_refuses_an_sdxl_refiner(server):
+    listed = titles(server)
+    override = {"override_settings": {"sd_model_checkpoint": "sd1"}}
+    status, body = generate(server, refiner_checkpoint=listed["tiny_refiner"], refiner_switch_at=0.8, **override)
+    assert status == 422 and "both the model and its refiner must be SDXL" in body["detail"]
+    assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == listed["tiny_base"]
