@@ -19,6 +19,7 @@ read zeros as "no text".
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,31 +35,37 @@ AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
-def size_conditioning(
-    batch: int,
-    height: int,
-    width: int,
-    dim: int,
-    crop: tuple[int, int] = (0, 0),
-    aesthetic_score: float | None = None,
-) -> Tensor:
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning in pixels, (height, width) and (top, left): the size of the
+    training image the model is told it sees, the corner of the crop taken from it, and the size
+    it is asked to draw. The size asked for, uncropped (`plain`), draws as the model did for
+    uncropped training images of that size, as diffusers and A1111 set it."""
+
+    original: tuple[int, int]
+    crop: tuple[int, int]
+    target: tuple[int, int]
+
+    @classmethod
+    def plain(cls, height: int, width: int, crop: tuple[int, int] = (0, 0)) -> SizeConditioning:
+        return cls((height, width), crop, (height, width))
+
+
+def size_conditioning(batch: int, sizes: SizeConditioning, dim: int, aesthetic_score: float | None = None) -> Tensor:
     """The micro-conditioning part of y [batch, 6·dim]: original size, crop corner, target size,
     height first, each scalar as a dim-wide [cos | sin] sinusoid (max period 10000). The refiner
-    reads an aesthetic score in place of the target size: [batch, 5·dim].
-
-    The original and target sizes are the size asked for, as diffusers and A1111 set them: the
-    model then draws as it did for uncropped training images of that size."""
-    last = [height, width] if aesthetic_score is None else [aesthetic_score]
-    values = torch.tensor([height, width, *crop, *last], dtype=torch.float32)
+    reads an aesthetic score in place of the target size: [batch, 5·dim]."""
+    last = list(sizes.target) if aesthetic_score is None else [aesthetic_score]
+    values = torch.tensor([*sizes.original, *sizes.crop, *last], dtype=torch.float32)
     return timestep_embedding(values, dim).reshape(1, -1).expand(batch, -1)
 
 
 def vector_conditioning(
-    pooled: Tensor, height: int, width: int, dim: int, aesthetic_score: float | None = None
+    pooled: Tensor, sizes: SizeConditioning, dim: int, aesthetic_score: float | None = None
 ) -> Tensor:
     """y = [pooled | size_conditioning] [B, pooled width + 6·dim (refiner: 5·dim)], in float32."""
-    sizes = size_conditioning(len(pooled), height, width, dim, aesthetic_score=aesthetic_score).to(pooled.device)
-    return torch.cat([pooled.float(), sizes], dim=1)
+    micro = size_conditioning(len(pooled), sizes, dim, aesthetic_score).to(pooled.device)
+    return torch.cat([pooled.float(), micro], dim=1)
 
 
 # Per text encoder, the embeddings its prompts may name: {name: that encoder's half}

@@ -71,6 +71,13 @@ _LABELS = {
     "nan_fallback": "NaN fallback",  # what ran in float32 after a NaN in reduced precision, e.g. "UNet float32"
     "mask_hash": "Mask hash",  # inpaint: sha256 of the mask as the model saw it (diffuse.inputs)
     "keep_unmasked": "Keep unmasked",  # inpaint: written only when off (A1111 always pastes back)
+    # SDXL's size conditioning, written only where the request moved it off the size asked for, uncropped.
+    "crop_top": "Crop top",
+    "crop_left": "Crop left",
+    "negative_original_size": "Negative original size",
+    "negative_target_size": "Negative target size",
+    "negative_crop_top": "Negative crop top",
+    "negative_crop_left": "Negative crop left",
     "batch_size": "Batch size",  # images drawn together (A1111's old labels); written from 2 up
     "batch_pos": "Batch pos",
     "model_sha256": "Model sha256",  # diffuse.hashes: the file's, or a folder's every part's
@@ -78,6 +85,14 @@ _LABELS = {
     "device": "Device",  # the device type: "cpu", "cuda", "mps"
     "sampler_settings": "Sampler settings",  # diffuse.recipe: every schedule and sampler option
     "version": "Version",
+}
+
+# Labels written "WxH" from a width key and a height key, as A1111 writes "Size"; they read back
+# as "<label>-1" and "<label>-2".
+_SIZE_KEYS = {
+    "size": ("width", "height"),
+    "negative_original_size": ("negative_original_width", "negative_original_height"),
+    "negative_target_size": ("negative_target_width", "negative_target_height"),
 }
 
 # A1111's "Key: value" pattern: a key starting with a word character, then a value that is
@@ -145,14 +160,14 @@ def infotext(info: dict) -> str:
     """A1111's parameters text for one image from our generation-info dict.
 
     Keys read: prompt, negative_prompt (both through escape_newlines), width and height (as
-    "Size"), clip_skip (written only above 1), batch_size and batch_pos (only for batches of
+    "Size"; the negative size conditioning's widths and heights likewise), clip_skip (written only above 1), batch_size and batch_pos (only for batches of
     2 or more), keep_unmasked (only when False) and every other key of _LABELS. None values
     and other keys are left out.
     """
     values: dict[str, object] = {}
     for key, label in _LABELS.items():
-        if key == "size":
-            width, height = info.get("width"), info.get("height")
+        if key in _SIZE_KEYS:
+            width, height = (info.get(side) for side in _SIZE_KEYS[key])
             if width is not None and height is not None:
                 values[label] = f"{int(width)}x{int(height)}"
             continue
@@ -254,6 +269,14 @@ _FROM_LABEL = {
     "NaN fallback": ("nan_fallback", str),
     "Mask hash": ("mask_hash", str),
     "Keep unmasked": ("keep_unmasked", _boolean),
+    "Crop top": ("crop_top", int),
+    "Crop left": ("crop_left", int),
+    "Negative original size-1": ("negative_original_width", int),
+    "Negative original size-2": ("negative_original_height", int),
+    "Negative target size-1": ("negative_target_width", int),
+    "Negative target size-2": ("negative_target_height", int),
+    "Negative crop top": ("negative_crop_top", int),
+    "Negative crop left": ("negative_crop_left", int),
     "Batch size": ("batch_size", int),
     "Batch pos": ("batch_pos", int),
     "Model sha256": ("model_sha256", str),

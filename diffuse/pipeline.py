@@ -25,6 +25,7 @@ from diffuse.adapters.embeddings import embeddings_used, load_embeddings, load_s
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.conditioning_xl import (
     AESTHETIC_SCORE,
+    SizeConditioning,
     encode_prompt_pair_xl,
     encode_prompts_xl,
     vector_conditioning,
@@ -164,7 +165,8 @@ class Pipeline:
             return self.encode_prompt(prompts), None
         context, pooled = encode_prompts_xl(self._tokenizers(), self._text_encoders(), prompts, self._xl_embeddings())
         score = AESTHETIC_SCORE if self.config.aesthetic_score else None  # the request's default
-        return context, vector_conditioning(pooled, height, width, self.config.size_embed_dim, score)
+        sizes = SizeConditioning.plain(height, width)
+        return context, vector_conditioning(pooled, sizes, self.config.size_embed_dim, score)
 
     def get_sampler(self, name: str, schedule_type: str | None = None, eta: float | None = None) -> Sampler:
         """A sampler by its A1111 name ("Euler a", "DPM++ 2M Karras", ...) with this model's noise schedule."""
@@ -482,14 +484,14 @@ class Pipeline:
             encode,
             outputs=lambda pair: tuple(t for side in pair if side is not None for t in side),
         )
-        sizes = job.height, job.width, self.config.size_embed_dim
+        dim = self.config.size_embed_dim
         # The refiner's y ends with an aesthetic score: high for the prompts, low for the negative ones.
         scores = job.request.aesthetic_score, job.request.negative_aesthetic_score
         score, negative_score = scores if self.config.aesthetic_score else (None, None)
-        y = vector_conditioning(cond[1], *sizes, score)
+        y = vector_conditioning(cond[1], job.sizes, dim, score)
         if uncond is None:
             return (cond[0], None), (y, None)
-        return (cond[0], uncond[0]), (y, vector_conditioning(uncond[1], *sizes, negative_score))
+        return (cond[0], uncond[0]), (y, vector_conditioning(uncond[1], job.negative_sizes, dim, negative_score))
 
     @staticmethod
     def _plan(job: Job) -> Plan:
@@ -613,6 +615,7 @@ class Pipeline:
             "denoising_strength": job.strength if job.image is not None else None,
             "eta": job.eta,
             **_refiner_info(refiner, job.request.refiner_switch_at),
+            **_size_info(job),
             **job.speedups.info(),
             "init_image_hash": inputs.image_sha256(job.image) if job.image is not None else None,
             "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
@@ -681,6 +684,19 @@ def _refiner_info(refiner: Pipeline | None, switch_at: float | None) -> dict:
         return {}
     name = refiner.model_name if refiner.model_hash is None else f"{refiner.model_name} [{refiner.model_hash}]"
     return {"refiner": name, "refiner_switch_at": switch_at}
+
+
+def _size_info(job: Job) -> dict:
+    """SDXL's crop and negative size conditioning, each where it differs from the default: the size
+    asked for, uncropped, and for the negative prompts the prompts' own."""
+    own, negative = job.sizes, job.negative_sizes
+    pairs = {
+        ("crop_top", "crop_left"): (own.crop, (0, 0)),
+        ("negative_original_height", "negative_original_width"): (negative.original, own.original),
+        ("negative_target_height", "negative_target_width"): (negative.target, own.target),
+        ("negative_crop_top", "negative_crop_left"): (negative.crop, own.crop),
+    }
+    return {key: value for keys, (pair, default) in pairs.items() if pair != default for key, value in zip(keys, pair)}
 
 
 def _given(**pictures: object) -> None:

@@ -17,13 +17,16 @@ from PIL import Image
 
 from diffuse import inputs
 from diffuse.adapters.prompt_tags import LoraTag, split_lora_tags
-from diffuse.conditioning_xl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
+from diffuse.conditioning_xl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SizeConditioning
 from diffuse.models.configs import PipelineConfig
 from diffuse.recipe import recorded_eta
 from diffuse.samplers import Sampler, get_sampler
 from diffuse.speedups import Speedups
 
 DEFAULT_STRENGTH = {"txt2img": 1.0, "img2img": 0.75, "inpaint": 1.0}
+# SDXL's size conditioning (original and target sizes, crop corners) in pixels: training images
+# reach a few thousand; the bound keeps every value one the sinusoids tell apart.
+MAX_CONDITIONED_PIXELS = 16384
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class GenerationRequest:
     aesthetic_score, negative_aesthetic_score: what the SDXL refiner is told of the prompts' and
     the negative prompts' look (diffusers' defaults, A1111's sdxl_refiner_high/low_aesthetic_score);
     other models ignore them.
+    crop_top, crop_left: the corner of the crop SDXL is told its training image was cut at
+    (A1111's sdxl_crop_top / sdxl_crop_left; diffusers' crops_coords_top_left); 0, 0: uncropped.
+    negative_original_size, negative_target_size (width, height) and negative_crop (top, left):
+    SDXL's size conditioning for the negative prompts (diffusers' negative_original_size,
+    negative_target_size, negative_crops_coords_top_left, whose sizes are (height, width));
+    None: the prompts' own. Each applies on its own (diffusers reads the negative sizes only
+    when both are given). The refiner reads no target size.
     """
 
     prompt: str | list[str]
@@ -63,6 +73,11 @@ class GenerationRequest:
     refiner_switch_at: float | None = None
     aesthetic_score: float = AESTHETIC_SCORE
     negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+    crop_top: int = 0
+    crop_left: int = 0
+    negative_original_size: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    negative_crop: tuple[int, int] | None = None
 
     @property
     def kind(self) -> str:
@@ -90,6 +105,7 @@ class GenerationRequest:
         self._check_for_xl(config)
         self._check_refiner_switch()
         self._check_aesthetic_scores()
+        self._check_size_conditioning(config)
         prompts, negatives = self._prompts()
         texts, negative_texts, loras = lora_tags(prompts, negatives)
         first_seed = inputs.resolve_seed(self.seed, count=len(prompts))
@@ -139,6 +155,31 @@ class GenerationRequest:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10:
                 raise ValueError(f"{name} {value!r}: must be a number from 0 to 10")
+
+    def _check_size_conditioning(self, config: PipelineConfig) -> None:
+        """Each value a whole number of pixels within MAX_CONDITIONED_PIXELS, pairs of two; set only
+        for SDXL, the one family whose UNet reads them."""
+        pairs = {
+            "crop_top, crop_left": (self.crop_top, self.crop_left),
+            "negative_original_size": self.negative_original_size,
+            "negative_target_size": self.negative_target_size,
+            "negative_crop": self.negative_crop,
+        }
+        for name, pair in pairs.items():
+            if pair is None:
+                continue
+            low = 0 if "crop" in name else 1
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_whole(v, low) for v in pair)):
+                raise ValueError(
+                    f"{name} {pair!r}: must be two whole numbers of pixels from {low} to {MAX_CONDITIONED_PIXELS}"
+                )
+        if config.text_encoder_2 is None and self._conditions_sizes():
+            raise ValueError("crop and negative size conditioning are SDXL's; this model reads no size conditioning")
+
+    def _conditions_sizes(self) -> bool:
+        """Whether the request sets any of SDXL's size conditioning away from its default."""
+        negatives = (self.negative_original_size, self.negative_target_size, self.negative_crop)
+        return (self.crop_top, self.crop_left) != (0, 0) or any(pair is not None for pair in negatives)
 
     def _pictures(self) -> tuple[Image.Image | None, Image.Image | None]:
         """The input image and mask, opened now so that a broken file fails first."""
@@ -193,6 +234,10 @@ class GenerationRequest:
                 "carries its own schedule and eta; pass the sampler's name to set them"
             )
         return self.sampler
+
+
+def _whole(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_CONDITIONED_PIXELS
 
 
 def model_sampler(
@@ -268,3 +313,18 @@ class Job:
     @property
     def keep_unmasked(self) -> bool:
         return self.request.keep_unmasked
+
+    @property
+    def sizes(self) -> SizeConditioning:
+        """SDXL's size conditioning for the prompts: the size asked for, at the crop asked for."""
+        return SizeConditioning.plain(self.height, self.width, (self.request.crop_top, self.request.crop_left))
+
+    @property
+    def negative_sizes(self) -> SizeConditioning:
+        """SDXL's size conditioning for the negative prompts: the prompts' but where the request sets its own."""
+        r, own = self.request, self.sizes
+        return SizeConditioning(
+            own.original if r.negative_original_size is None else tuple(r.negative_original_size)[::-1],
+            own.crop if r.negative_crop is None else tuple(r.negative_crop),
+            own.target if r.negative_target_size is None else tuple(r.negative_target_size)[::-1],
+        )

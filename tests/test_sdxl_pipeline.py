@@ -16,7 +16,7 @@ from conftest import reference_tokenizer
 from PIL import Image
 
 import diffuse
-from diffuse.conditioning_xl import encode_prompt_pair_xl, encode_prompts_xl, size_conditioning
+from diffuse.conditioning_xl import SizeConditioning, encode_prompt_pair_xl, encode_prompts_xl, size_conditioning
 from diffuse.prompts import apply_weights, prompt_chunks
 
 PIXEL_TOL = 2  # out of 255
@@ -156,12 +156,13 @@ def test_size_conditioning_matches_diffusers_time_ids(reference_pipe):
     with the UNet's add_time_proj; ours must give the same numbers in the same order."""
     unet = reference_pipe.unet
     time_ids = reference_pipe._get_add_time_ids(
-        (48, 80), (0, 0), (48, 80), dtype=torch.float32, text_encoder_projection_dim=24
+        (48, 80), (16, 24), (32, 40), dtype=torch.float32, text_encoder_projection_dim=24
     )
     expected = unet.add_time_proj(time_ids.flatten()).reshape(1, -1)
-    ours_y = size_conditioning(2, 48, 80, 8)
+    ours_y = size_conditioning(2, SizeConditioning((48, 80), (16, 24), (32, 40)), 8)
     assert ours_y.shape == (2, 48)
     torch.testing.assert_close(ours_y, expected.expand(2, -1), atol=1e-6, rtol=0)
+    assert SizeConditioning.plain(48, 80) == SizeConditioning((48, 80), (0, 0), (48, 80))
 
 
 def test_an_sdxl_folder_loads_with_both_text_encoders(ours, sdxl_folder):
@@ -280,6 +281,105 @@ def test_the_unet_sees_diffusers_vector_conditioning_at_a_non_square_size(ours, 
             hook.remove()
     assert seen["ours"].shape == (2, 72)
     torch.testing.assert_close(seen["ours"].float(), seen["reference"].float(), atol=1e-4, rtol=0)
+
+
+def first_vectors(reference_unet, our_unet, run_reference, run_ours) -> tuple[torch.Tensor, torch.Tensor]:
+    """The y each UNet reads at its first call (negative and positive halves): diffusers' built
+    from text_embeds and add_time_ids with its add_time_proj, ours as passed."""
+    seen = {}
+
+    def keep_diffusers(module, args, kwargs):
+        added = kwargs["added_cond_kwargs"]
+        sizes = module.add_time_proj(added["time_ids"].flatten()).reshape(len(added["time_ids"]), -1)
+        seen.setdefault("reference", torch.cat([added["text_embeds"], sizes], dim=1))
+
+    def keep_ours(module, args, kwargs):
+        seen.setdefault("ours", args[3] if len(args) > 3 else kwargs["y"])
+
+    hooks = [
+        reference_unet.register_forward_pre_hook(keep_diffusers, with_kwargs=True),
+        our_unet.register_forward_pre_hook(keep_ours, with_kwargs=True),
+    ]
+    try:
+        run_reference()
+        run_ours()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["ours"].float(), seen["reference"].float()
+
+
+# diffusers' arguments (sizes as (height, width)) and ours (sizes as (width, height)) for the same conditioning.
+SIZE_SETTINGS = {
+    "crop": ({"crops_coords_top_left": (16, 8)}, {"crop_top": 16, "crop_left": 8}),
+    "negative-sizes": (
+        {"negative_original_size": (32, 48), "negative_target_size": (40, 56)},
+        {"negative_original_size": (48, 32), "negative_target_size": (56, 40), "negative_crop": (0, 0)},
+    ),
+    "crop-and-negative": (
+        {
+            "crops_coords_top_left": (24, 4),
+            "negative_original_size": (128, 96),
+            "negative_crops_coords_top_left": (4, 12),
+            "negative_target_size": (64, 64),
+        },
+        {"crop_top": 24, "crop_left": 4, "negative_original_size": (96, 128), "negative_crop": (4, 12)},
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", list(SIZE_SETTINGS))
+def test_crop_and_negative_size_conditioning_match_diffusers(setting, ours, reference_pipe):
+    theirs, mine = SIZE_SETTINGS[setting]
+    images = {}
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=5.0)
+
+    def run_reference():
+        generator = torch.Generator("cpu").manual_seed(3)
+        images["reference"] = reference_with(reference_pipe, "Euler")(
+            PROMPT, num_inference_steps=STEPS, generator=generator, **common, **theirs
+        ).images
+
+    def run_ours():
+        request = diffuse.GenerationRequest(PROMPT, steps=STEPS, sampler="Euler", seed=3, **common, **mine)
+        images["ours"] = ours.generate(request).images
+
+    y, expected = first_vectors(reference_with(reference_pipe, "Euler").unet, ours.unet, run_reference, run_ours)
+    assert y.shape == (2, 72)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=0)
+    assert_same_images(images["ours"], images["reference"])
+
+
+def test_size_conditioning_is_recorded_only_away_from_its_defaults(ours):
+    from diffuse.metadata import info_from_infotext
+
+    plain = ours.txt2img(PROMPT, steps=1, sampler="Euler", seed=1)
+    assert "Crop" not in plain.infotexts[0] and "Negative original" not in plain.infotexts[0]
+    request = diffuse.GenerationRequest(
+        PROMPT, steps=1, sampler="Euler", seed=1, crop_top=16, negative_original_size=(48, 32),
+        negative_target_size=(64, 64), negative_crop=(16, 0),
+    )  # fmt: skip
+    result = ours.generate(request)
+    assert "Negative original size: 48x32" in result.infotexts[0]
+    assert "Negative target size" not in result.infotexts[0] and "Negative crop" not in result.infotexts[0]
+    info = info_from_infotext(result.infotexts[0])
+    assert (info["crop_top"], info["crop_left"]) == (16, 0)
+    assert (info["negative_original_width"], info["negative_original_height"]) == (48, 32)
+
+
+def test_size_conditioning_is_checked_before_any_work(ours):
+    from diffuse.models.configs import SD1
+
+    for bad in ({"crop_top": -1}, {"crop_left": 1.5}, {"crop_top": True}, {"crop_left": 16385}):
+        with pytest.raises(ValueError, match="crop_top, crop_left"):
+            ours.generate(diffuse.GenerationRequest(PROMPT, steps=1, **bad))
+    for name in ("negative_original_size", "negative_target_size", "negative_crop"):
+        for bad in ((64,), (0, 64) if "size" in name else (-1, 0), "64x64", (64, 64, 64), (64, None)):
+            with pytest.raises(ValueError, match=f"{name} .*: must be two whole numbers"):
+                ours.generate(diffuse.GenerationRequest(PROMPT, steps=1, **{name: bad}))
+    with pytest.raises(ValueError, match="this model reads no size conditioning"):
+        diffuse.GenerationRequest(PROMPT, negative_target_size=(512, 512)).resolve(SD1)
+    diffuse.GenerationRequest(PROMPT, crop_top=0, negative_crop=None).resolve(SD1)
 
 
 def picture() -> Image.Image:

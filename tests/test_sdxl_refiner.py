@@ -31,7 +31,7 @@ from test_sdxl_pipeline import (
 import diffuse
 from diffuse.checkpoints import single_file
 from diffuse.checkpoints.errors import CheckpointError
-from diffuse.conditioning_xl import size_conditioning
+from diffuse.conditioning_xl import SizeConditioning, size_conditioning
 from diffuse.metadata import parse_infotext
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import SDXL_REFINER, TextEncoderConfig, VAEConfig
@@ -115,7 +115,8 @@ def test_the_refiner_sees_diffusers_aesthetic_conditioning(scores, refiner, refe
     assert seen["ours"].shape == (2, 24 + 5 * 8)
     torch.testing.assert_close(seen["ours"].float(), seen["reference"].float(), atol=1e-4, rtol=0)
     assert torch.equal(
-        size_conditioning(1, 64, 64, 8, aesthetic_score=6.0)[:, :32], size_conditioning(1, 64, 64, 8)[:, :32]
+        size_conditioning(1, SizeConditioning.plain(64, 64), 8, aesthetic_score=6.0)[:, :32],
+        size_conditioning(1, SizeConditioning.plain(64, 64), 8)[:, :32],
     )
 
 
