@@ -9,14 +9,20 @@ at another batch size, and the image at the recorded position is kept. An A1111 
 again as far as its fields go (prompt, negative, steps, sampler and schedule type, CFG, seed,
 size, clip skip, eta, denoising strength with --image); it cannot match A1111's pixels.
 
+An SDXL base -> refiner hand-off records its refiner as A1111 does ("Refiner: name [hash]",
+"Refiner switch at"); the refiner is found by that hash among the models (those beside the
+model, or in the folder --refiner names), or taken from --refiner itself, and checked, and the
+base hands over to it at the same point.
+
 Everything is checked before the model loads; a field that makes a match impossible (another
-model, dtype, device or diffuse version, an A1111 image, another input image) is named, and
-under --check ends the command before any work.
+model or refiner, dtype, device or diffuse version, an A1111 image, another input image) is
+named, and under --check ends the command before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ from PIL import Image
 from diffuse import inputs
 from diffuse.adapters.library import AddonError, AddonLibrary
 from diffuse.adapters.prompt_tags import names_lora, rename_lora
+from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
 from diffuse.hashes import ModelHashes, model_hashes
 from diffuse.metadata import (
     INFO_LABELS,
@@ -61,6 +68,9 @@ TOLERANCE = {
     ("cuda", "float16"): 32,
     ("mps", "float16"): 32,
 }
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+_TITLE = re.compile(r"^(.+) \[([0-9a-fA-F]{10})\]$")  # A1111's short title of a model, "name [hash]"
 
 # Labels that describe an image without changing its pixels, or that `parse_infotext` fills in.
 _DESCRIPTIVE = {
@@ -145,10 +155,11 @@ def read_recipe(text: str) -> Recipe:
 
 def _check(recipe: Recipe) -> None:
     info = recipe.info
-    if "refiner" in info:  # the base alone would make another image
-        raise ValueError(
-            f"made by a base -> refiner hand-off (Refiner: {info['refiner']}), which regenerate does not remake yet"
-        )
+    if "refiner" in info or "refiner_switch_at" in info:
+        refiner_title(info)
+        switch_at = info.get("refiner_switch_at")
+        if switch_at is None or not 0 < switch_at < 1:
+            raise ValueError(f"Refiner switch at must be a fraction above 0 and below 1, got {switch_at}")
     inputs.prompt_list(info.get("prompt", ""), "Prompt")
     inputs.prompt_list(info.get("negative_prompt", ""), "Negative prompt")
     inputs.check_settings(
@@ -200,7 +211,50 @@ def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image 
         mask=mask,
         strength=info["denoising_strength"] if recipe.kind != "txt2img" else None,
         keep_unmasked=info.get("keep_unmasked", True),
+        refiner_switch_at=info.get("refiner_switch_at"),
         **sampler,
+    )
+
+
+def refiner_title(info: dict) -> tuple[str, str]:
+    """(name, short hash) of a hand-off's "Refiner: name [hash]"; ValueError without the hash to find it by."""
+    title = info.get("refiner")
+    if title is None:
+        raise ValueError("the parameters have a 'Refiner switch at' but no 'Refiner'")
+    found = _TITLE.match(title)
+    if found is None:
+        raise ValueError(f"Refiner {title!r} is not 'name [hash]': the refiner cannot be found by its hash")
+    return found.group(1), found.group(2).lower()
+
+
+def model_paths(folder: Path) -> list[Path]:
+    """The models in a folder, one level deep: .safetensors and .ckpt files and diffusers folders, by name."""
+    return [
+        path
+        for path in sorted(folder.iterdir())
+        if (path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
+        or (path.is_dir() and is_diffusers_folder(path))
+    ]
+
+
+def find_refiner(recipe: Recipe, given: str | None, model: Path) -> tuple[Path, ModelHashes, list[str]]:
+    """A hand-off's refiner, its hashes and what rules out a match: `given` itself when it is a model,
+    else the model with the recorded hash in the folder `given` names (default: the model's own
+    folder), those named as recorded hashed first. ValueError when none has it."""
+    name, short = refiner_title(recipe.info)
+    place = Path(given).expanduser() if given is not None else model.parent
+    if place.is_file() or is_diffusers_folder(place):
+        hashes = model_hashes(place)
+        wrong = [] if hashes.short == short else [f"Refiner hash {short} is not {place}'s ({hashes.short})"]
+        return place, hashes, wrong
+    if not place.is_dir():
+        raise ValueError(f"--refiner {place}: no such file or folder")
+    for path in sorted(model_paths(place), key=lambda path: path.stem != name):
+        hashes = model_hashes(path)
+        if hashes.short == short:
+            return path, hashes, []
+    raise ValueError(
+        f"the PNG's Refiner {name!r} (hash {short}) is none of the models in {place}; give it with --refiner"
     )
 
 
@@ -260,6 +314,12 @@ def add_regenerate_options(p: argparse.ArgumentParser, device_help: str) -> None
     p.add_argument("--mask", default=None, help="inpaint: the mask (checked against its hash)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the PNG's)")
     p.add_argument("--device", default=None, help=f"{device_help} (default: the PNG's)")
+    p.add_argument(
+        "--refiner",
+        default=None,
+        help="a base -> refiner image's refiner: the model, or a folder to find it in by its hash "
+        "(default: the model's own folder)",
+    )
     add_addon_options(p)
 
 
@@ -357,7 +417,8 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     inputs.check_output_folder(args.out, "--out")
     model = Path(args.model).expanduser() if args.model is not None else default_model
     hashes = model_hashes(model)  # the model's files only: nothing loads yet
-    problems = _match_problems(recipe, hashes, device, dtype) + problems
+    refiner = find_refiner(recipe, args.refiner, model) if "refiner" in recipe.info else None
+    problems = _match_problems(recipe, hashes, device, dtype) + (refiner[2] if refiner else []) + problems
     for problem in problems:
         print(f"diffuse regenerate: {'cannot match' if args.check else 'note'}: {problem}", file=sys.stderr)
     if args.check and problems:
@@ -365,9 +426,14 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
 
     from diffuse.loader import load_pipeline
 
-    pipe = load_pipeline(model, dtype=dtype, device=device, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir)
+    addons = {"lora_dirs": args.lora_dir, "embedding_dirs": args.embeddings_dir}
+    pipe = load_pipeline(model, dtype=dtype, device=device, **addons)
     pipe.model_hashes = hashes  # hashed above from the same files: no second read
-    result = pipe.generate(recipe_request(recipe, image, mask))
+    refiner_pipe = None
+    if refiner is not None:
+        refiner_pipe = load_pipeline(refiner[0], dtype=dtype, device=device, **addons)
+        refiner_pipe.model_hashes = refiner[1]
+    result = pipe.generate(recipe_request(recipe, image, mask), refiner=refiner_pipe)
     made, made_text = result.images[recipe.batch_pos], result.infotexts[recipe.batch_pos]
     print(save_png(made, numbered_path(args.out, recipe.info["seed"]), made_text, overwrite=False))
     return _compare(made, args.png, device, dtype) if args.check else 0

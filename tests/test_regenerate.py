@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_server_sdxl import write_sdxl_models
 
 import diffuse
 import diffuse.loader
@@ -281,3 +282,52 @@ def test_interrupted_server_images_carry_the_same_parameters():
     partial = _partial(pipe, request.generation, Step(1, 4, 500.0, latents, latents))
     assert partial.infotexts == finished.infotexts and partial.info == finished.info
     assert "Init image hash" in parse_infotext(partial.infotexts[1])
+
+
+# ---- an SDXL base -> refiner hand-off ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(tmp_path_factory, clip_vocab_dir) -> Path:
+    return write_sdxl_models(tmp_path_factory.mktemp("sdxl_models"), clip_vocab_dir)
+
+
+@pytest.fixture(scope="module")
+def handoff_png(sdxl_models, tmp_path_factory) -> Path:
+    """The second image of a batch of 2 that the tiny SDXL base handed over to its refiner at 0.6."""
+    base, refiner = (
+        diffuse.load_pipeline(sdxl_models / name, dtype="float32") for name in ("tiny_base", "tiny_refiner")
+    )
+    request = diffuse.GenerationRequest(
+        "a castle", "blurry", steps=5, guidance_scale=5, sampler="Euler", seed=9, batch_size=2, refiner_switch_at=0.6
+    )
+    result = base.generate(request, refiner=refiner)
+    return save_png(result.images[1], tmp_path_factory.mktemp("handoff") / "handoff.png", result.infotexts[1])
+
+
+def test_a_hand_off_is_made_again_exactly_with_its_refiner_found_by_hash(handoff_png, sdxl_models, capsys):
+    refiner = parse_infotext(read_parameters(handoff_png))["Refiner"]
+    assert refiner.startswith("tiny_refiner [")
+    # The refiner is found beside the model, then in a folder --refiner names, by its hash alone.
+    code, out, err = check(handoff_png, capsys, "--model", str(sdxl_models / "tiny_base"))
+    assert code == 0 and "largest pixel difference 0/255" in out, err
+    assert read_parameters(Path(out.splitlines()[0])) == read_parameters(handoff_png)
+    renamed = edited(handoff_png, handoff_png.parent / "renamed.png", refiner, refiner.replace("tiny_refiner", "xl_r"))
+    code, out, err = check(renamed, capsys, "--model", str(sdxl_models / "tiny_base"), "--refiner", str(sdxl_models))
+    assert code == 0 and "largest pixel difference 0/255" in out, err
+
+
+def test_a_hand_offs_refiner_missing_or_another_is_named_before_loading(
+    handoff_png, sdxl_models, tmp_path, capsys, no_loading
+):
+    model = ["--model", str(sdxl_models / "tiny_base")]
+    code, _, err = check(handoff_png, capsys, *model, "--refiner", str(tmp_path))
+    assert code == 2 and "Refiner 'tiny_refiner' (hash " in err and f"is none of the models in {tmp_path}" in err
+    code, _, err = check(handoff_png, capsys, *model, "--refiner", str(sdxl_models / "sd1"))
+    assert code == 1 and "cannot match: Refiner hash" in err and "sd1's" in err
+    for old, new, message in (
+        ("Refiner switch at: 0.6", "Refiner switch at: 1.0", "Refiner switch at must be a fraction"),
+        (" [", " (", "is not 'name [hash]'"),
+    ):
+        code, _, err = check(edited(handoff_png, tmp_path / "bad.png", old, new), capsys, *model)
+        assert code == 2 and message in err, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from test_sdxl_pipeline import build_sdxl_reference, picture
@@ -22,16 +23,19 @@ QUICK = {"prompt": "a castle on a hill", "negative_prompt": "blurry", "steps": 5
 QUICK = {**QUICK, "sampler_name": "Euler"}
 
 
-@pytest.fixture(scope="session")
-def sdxl_models(tmp_path_factory, clip_vocab_dir):
+def write_sdxl_models(folder: Path, clip_vocab_dir: Path) -> Path:
     """A models folder: the tiny SDXL base (80x80 by its own size), its refiner, and an SD1 model."""
-    folder = tmp_path_factory.mktemp("sdxl_models")
     base = build_sdxl_reference(clip_vocab_dir)
     base.unet.register_to_config(sample_size=BASE_SIZE // 2)
     base.save_pretrained(folder / "tiny_base", safe_serialization=True)
     build_refiner_reference(clip_vocab_dir).save_pretrained(folder / "tiny_refiner", safe_serialization=True)
     (folder / "sd1").symlink_to(DEFAULT_MODEL, target_is_directory=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(tmp_path_factory, clip_vocab_dir) -> Path:
+    return write_sdxl_models(tmp_path_factory.mktemp("sdxl_models"), clip_vocab_dir)
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,9 @@ def _add(made: Generated, round_made: Generated) -> None:
     made.info = made.info or round_made.info
 
 
-def _partial(pipe: Pipeline, request: GenerationRequest, step: Step | None, refiner: Pipeline | None) -> Generated:
+def _partial(
+    pipe: Pipeline, request: GenerationRequest, step: Step | None, refiner: Pipeline | None = None
+) -> Generated:
     """What an interrupted round had: its latest clean estimate, decoded (nothing before the first step);
     a hand-off's latents decode alike by either model's VAE (the refiner's takes the same latents)."""
     if step is None:

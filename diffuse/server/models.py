@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
 from diffuse.loader import load_pipeline
 from diffuse.metadata import model_hash, sha256_file
 from diffuse.pipeline import Pipeline
+from diffuse.regenerate import model_paths
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 T = TypeVar("T")
 
 
@@ -63,10 +62,7 @@ def find_models(default: Path, models_dir: Path | None) -> list[ModelEntry]:
     if models_dir is not None:
         if not models_dir.is_dir():
             raise ValueError(f"--models-dir {models_dir} is not a folder")
-        for path in sorted(models_dir.iterdir()):
-            is_file = path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
-            if (is_file or (path.is_dir() and is_diffusers_folder(path))) and path.resolve() != default.resolve():
-                paths.append(path)
+        paths += [path for path in model_paths(models_dir) if path.resolve() != default.resolve()]
     return [ModelEntry(path, path.stem if path.is_file() else path.name, model_hash(path)) for path in paths]
 
 
