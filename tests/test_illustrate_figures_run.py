@@ -62,7 +62,16 @@ def made(pipe, rec, out: Path, kind: str):
 
 
 def test_the_makers_in_the_issues_order():
-    assert list(MAKERS) == ["components", "tokens", "embeddings", "steps", "schedule", "guidance", "attention"]
+    assert list(MAKERS) == [
+        "components",
+        "tokens",
+        "embeddings",
+        "vector",
+        "steps",
+        "schedule",
+        "guidance",
+        "attention",
+    ]
 
 
 def test_decoded_steps_equal_the_callbacks_latents_decoded(pipe, rec, seen):

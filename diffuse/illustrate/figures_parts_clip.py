@@ -59,7 +59,11 @@ class Similarity:
 
 @torch.no_grad()
 def pooled_text(pipe: Pipeline, captions: list[str]) -> Tensor:
-    """The text encoder's final state at each caption's end-of-text token [N, width], float32."""
+    """The text encoder's final state at each caption's end-of-text token [N, width], float32; for SDXL
+    the second encoder's (bigG's), projected: the pooled vector its y carries."""
+    if pipe.text_encoder_2 is not None:
+        ids = pipe.tokenizer_2(captions)
+        return pipe.text_encoder_2.sdxl_outputs(ids.to(pipe.device), pipe.tokenizer_2.eos_token_id)[1].float().cpu()
     ids = pipe.tokenizer(captions)
     hidden = pipe.text_encoder(ids.to(pipe.device)).float().cpu()
     return pipe.text_encoder.pooled(hidden, ids, pipe.tokenizer.eos_token_id)
@@ -147,9 +151,14 @@ def clip_similarity(pipe: Pipeline, rec: Recording, out: Path) -> Figure:
         off = sim.matrix - 2 * torch.eye(n)  # the diagonal out of the running
         i, j = divmod(int(off.argmax()), n)
         fig.suptitle("Captions vs captions (no image tower in this model)", fontsize=9)
+        states = (
+            "the second text encoder's projected end-of-text states (the pooled vector of SDXL's y)"
+            if pipe.text_encoder_2 is not None
+            else "the text encoder's end-of-text states"
+        )
         caption = (
             f"This model carries no CLIP image tower, so captions are compared with captions: the cosine "
-            f"similarity of the text encoder's end-of-text states for the prompt and {n - 1} other captions. "
+            f"similarity of {states} for the prompt and {n - 1} other captions. "
             f"Off the diagonal the mean is {sim.off_diagonal_mean:.3f}; the closest pair is c{i + 1} and "
             f"c{j + 1} ({float(sim.matrix[i, j]):.3f})."
         )

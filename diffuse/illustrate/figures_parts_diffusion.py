@@ -119,11 +119,15 @@ class TrainingExample:
 
 
 @torch.no_grad()
-def predict(pipe: Pipeline, x: Tensor, t: int, context: Tensor) -> Tensor:
-    """The UNet's output [C, h, w] (float32) for latent x [C, h, w] at timestep t, text context [77, width]."""
+def predict(pipe: Pipeline, x: Tensor, t: int, context: Tensor, y: Tensor | None = None) -> Tensor:
+    """The UNet's output [C, h, w] (float32) for latent x [C, h, w] at timestep t, text context [77, width]
+    and, for SDXL, the vector conditioning y [adm]."""
     dtype = network_dtype(pipe.unet)
     out = pipe.unet(
-        x[None].to(pipe.device, dtype), torch.tensor([t], device=pipe.device), context[None].to(pipe.device, dtype)
+        x[None].to(pipe.device, dtype),
+        torch.tensor([t], device=pipe.device),
+        context[None].to(pipe.device, dtype),
+        None if y is None else y[None].to(pipe.device, dtype),
     )
     return out[0].float().cpu()
 
@@ -136,10 +140,15 @@ def training_examples(pipe: Pipeline, rec: Recording, fractions: tuple[float, ..
     for t, abar, x in zip(ex.timesteps, ex.alpha_bars, ex.latents):
         a = torch.tensor(abar)
         target = prediction_target(ex.x0, ex.noise, a.sqrt(), (1 - a).sqrt(), prediction_type)
-        prediction = predict(pipe, x, t, rec.text.output)
+        prediction = predict(pipe, x, t, text_context(rec), rec.vector)
         mse = float((prediction - target).pow(2).mean())
         examples.append(TrainingExample(t, abar, x, ex.noise, target, prediction, mse))
     return ex, examples
+
+
+def text_context(rec: Recording) -> Tensor:
+    """The prompt's first chunk as the UNet attends to it [77, width]: SDXL's two encoders side by side."""
+    return rec.text.output if rec.text_2 is None else torch.cat([rec.text.output, rec.text_2.output], dim=-1)
 
 
 def noise_prediction(pipe: Pipeline, rec: Recording, out: Path) -> Figure:

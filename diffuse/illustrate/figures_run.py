@@ -12,11 +12,13 @@ from collections.abc import Callable
 from diffuse.illustrate.figures_run_guidance import attention, guidance
 from diffuse.illustrate.figures_run_steps import decode_steps, schedule, steps
 from diffuse.illustrate.figures_run_text import components, embeddings, tokens
+from diffuse.illustrate.figures_run_vector import vector
 
 MAKERS: dict[str, Callable] = {
     "components": components,
     "tokens": tokens,
     "embeddings": embeddings,
+    "vector": vector,
     "steps": steps,
     "schedule": schedule,
     "guidance": guidance,

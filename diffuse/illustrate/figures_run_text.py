@@ -56,6 +56,12 @@ def _arrow(ax, start: tuple[float, float], end: tuple[float, float], label: str)
         ax.text(start[0], start[1] - 0.08, label, ha="center", va="top", fontsize=7)
 
 
+def encoder_lines(pipe) -> list[str]:
+    """Each text encoder's depth and width, one line each (SDXL has two, side by side in the context)."""
+    encoders = [e for e in (pipe.config.text_encoder, pipe.config.text_encoder_2) if e is not None]
+    return [f"{e.layers} layers, width {e.width}" for e in encoders]
+
+
 def components(pipe, rec: Recording, out: Path) -> Figure:
     """Text encoder -> UNet x steps -> VAE decoder, with the tensors' shapes on the arrows and the times in the boxes."""
     shapes, times, cfg = rec.shapes, rec.timings, pipe.config
@@ -69,8 +75,9 @@ def components(pipe, rec: Recording, out: Path) -> Figure:
     prompt = textwrap.shorten(rec.prompt, 90, placeholder=" …")
     ax.text(1.05, 1.9, "“" + "\n".join(textwrap.wrap(prompt, 20)) + "”", ha="center", va="center", fontsize=8.5)
     ax.text(1.05, 0.95, "prompt", ha="center", va="center", fontsize=7, color="#555555")
-    text_lines = [f"{cfg.text_encoder.layers} layers, width {cfg.text_encoder.width}", _seconds(times["text_encoder"])]
-    _box(ax, 3.0, 1.2, 2.0, 1.4, "Text encoder", text_lines, "#d8f3dc")
+    encoders = encoder_lines(pipe)
+    title = "Text encoder" if len(encoders) == 1 else f"{len(encoders)} text encoders"
+    _box(ax, 3.0, 1.2, 2.0, 1.4, title, [*encoders, _seconds(times["text_encoder"])], "#d8f3dc")
     unet_lines = [f"{steps} steps of {rec.sampler}", f"{_seconds(times['unet'])} ({_seconds(per_step)} a step)"]
     _box(ax, 6.4, 1.2, 2.4, 1.4, f"UNet × {steps}", unet_lines, "#dbe9f6")
     vae_lines = [
@@ -79,7 +86,8 @@ def components(pipe, rec: Recording, out: Path) -> Figure:
     ]
     _box(ax, 10.2, 1.2, 2.0, 1.4, "VAE decoder", vae_lines, "#fde2e4")
     _arrow(ax, (2.15, 1.9), (2.9, 1.9), "ids\n" + shape_text(shapes["token_ids"]))
-    _arrow(ax, (5.1, 1.9), (6.3, 1.9), "context\n" + shape_text(shapes["context"]))
+    vector = f"\ny {shape_text(shapes['vector'])}" if "vector" in shapes else ""
+    _arrow(ax, (5.1, 1.9), (6.3, 1.9), "context\n" + shape_text(shapes["context"]) + vector)
     _arrow(ax, (8.9, 1.9), (10.1, 1.9), "latents\n" + shape_text(shapes["latents"]))
     _arrow(ax, (7.6, 0.1), (7.6, 1.1), f"noise {shape_text(shapes['latents'])}, seed {rec.seed}")
     loop = dict(arrowstyle="-|>", connectionstyle="arc3,rad=-0.6", color="#333333")
@@ -89,9 +97,14 @@ def components(pipe, rec: Recording, out: Path) -> Figure:
     _arrow(ax, (12.3, 1.9), (12.7, 1.9), "")
     ax.text(13.35, 1.15, "image " + shape_text(shapes["image"]), ha="center", va="top", fontsize=7)
     ax.text(13.95, -0.45, f"{_seconds(times['total'])} in all", ha="right", va="bottom", fontsize=8, color="#555555")
+    made = f"a context {shape_text(shapes['context'])}"
+    if len(encoders) > 1:
+        made = f"{made} (their outputs side by side)"
+    if "vector" in shapes:
+        made = f"{made} and a vector y {shape_text(shapes['vector'])} (pooled text and size conditioning)"
     caption = (
-        f"The prompt became token ids {shape_text(shapes['token_ids'])}, the text encoder turned them into a context "
-        f"{shape_text(shapes['context'])} in {_seconds(times['text_encoder'])}, the UNet ran {steps} steps of "
+        f"The prompt became token ids {shape_text(shapes['token_ids'])}, the {title.lower()} turned them into "
+        f"{made} in {_seconds(times['text_encoder'])}, the UNet ran {steps} steps of "
         f"{rec.sampler} on latents {shape_text(shapes['latents'])} in {_seconds(times['unet'])} "
         f"({_seconds(per_step)} a step), and the VAE decoder painted the image {shape_text(shapes['image'])} in "
         f"{_seconds(times['vae_decode'])}; {_seconds(times['total'])} in all."
@@ -142,9 +155,10 @@ def tokens(pipe, rec: Recording, out: Path) -> Figure:
     )
     chunks = rec.shapes["context"][1] // len(text.ids)
     shown_part = f"The prompt's first of {chunks} chunks is" if chunks > 1 else "The prompt is"
+    reader = "the text encoder" if rec.text_2 is None else "each text encoder"
     caption = (
         f"{shown_part} {text.prompt_length} tokens, {', '.join(listed)}, between the start token ({text.ids[0]}) "
-        f"and the end token ({text.ids[text.prompt_length + 1]}); {rest}, and the text encoder reads all "
+        f"and the end token ({text.ids[text.prompt_length + 1]}); {rest}, and {reader} reads all "
         f"{len(text.ids)}."
     )
     numbers = {
@@ -154,43 +168,73 @@ def tokens(pipe, rec: Recording, out: Path) -> Figure:
         "pad_id": text.ids[-1] if padding else None,
         "chunks": chunks,
     }
+    if rec.text_2 is not None:
+        caption += " " + second_tokenizer_note(rec)
+        numbers["ids_2"] = list(rec.text_2.ids)
     return Figure("tokens", save(fig, out, "tokens.png"), caption, numbers)
+
+
+def second_tokenizer_note(rec: Recording) -> str:
+    """What SDXL's second tokenizer gave for the same prompt: the same ids up to the end token, its own padding."""
+    first, second = rec.text, rec.text_2
+    used = first.prompt_length + 2
+    same = "the same ids" if second.ids[:used] == first.ids[:used] else "other ids"
+    padding = f" and pads with id {second.ids[-1]}" if len(second.ids) > used else ""
+    return f"The second text encoder's tokenizer gives {same} up to the end token{padding}."
 
 
 # ---- embeddings ---------------------------------------------------------------------------------
 
 
 def embeddings(pipe, rec: Recording, out: Path) -> Figure:
-    """Token embeddings and the encoder's output as heat maps, positions x channels, for the prompt's positions."""
-    text = rec.text
-    rows = text.prompt_length + 2
-    width = text.output.shape[1]
-    channels = min(width, MAX_CHANNELS)
-    labels = [f"{p} {token_label(t)}" for p, t in enumerate(text.tokens[:rows])]
-    fig, axes = pyplot.subplots(1, 2, figsize=(12, 1.2 + 0.28 * rows), sharey=True)
-    parts = [("token embeddings (table rows)", text.token_embeddings), ("text encoder output (context)", text.output)]
-    ranges = []
-    for ax, (title, values) in zip(axes, parts):
-        shown = values[:rows, :channels].float().numpy()
-        limit = float(np.abs(shown).max()) or 1.0
-        image = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("channel" + (f" (first {channels} of {width})" if channels < width else ""), fontsize=8)
-        ax.set_yticks(range(rows), labels, fontsize=7)
-        fig.colorbar(image, ax=ax, fraction=0.04)
-        ranges.append((float(shown.min()), float(shown.max())))
-    subset = f"the first {channels} of {width} channels" if channels < width else f"all {width} channels"
-    (emb_lo, emb_hi), (out_lo, out_hi) = ranges
+    """Token embeddings and the encoder's output as heat maps, positions x channels, for the prompt's positions;
+    one row per text encoder (SDXL's two)."""
+    texts = [rec.text] if rec.text_2 is None else [rec.text, rec.text_2]
+    rows = rec.text.prompt_length + 2
+    labels = [f"{p} {token_label(t)}" for p, t in enumerate(rec.text.tokens[:rows])]
+    fig, axes = pyplot.subplots(len(texts), 2, figsize=(12, (1.2 + 0.28 * rows) * len(texts)), squeeze=False)
+    sentences, numbers = [], {"positions": rows}
+    for n, (text, row) in enumerate(zip(texts, axes)):
+        which = "" if len(texts) == 1 else f" {n + 1}"
+        parts = [("token embeddings (table rows)", text.token_embeddings), ("output (context)", text.output)]
+        ranges = [
+            _heat_map(fig, ax, f"text encoder{which}: {title}", values[:rows])
+            for ax, (title, values) in zip(row, parts)
+        ]
+        for ax in row:
+            ax.set_yticks(range(rows), labels, fontsize=7)
+        width = text.output.shape[1]
+        channels = min(width, MAX_CHANNELS)
+        subset = f"the first {channels} of {width} channels" if channels < width else f"all {width} channels"
+        (emb_lo, emb_hi), (out_lo, out_hi) = ranges
+        sentences.append(
+            f"text encoder{which} over {subset}: token embeddings from {emb_lo:.2f} to {emb_hi:.2f} (left) and its "
+            f"output, what the UNet attends to, from {out_lo:.2f} to {out_hi:.2f} (right)"
+        )
+        suffix = "" if n == 0 else f"_{n + 1}"
+        numbers |= {
+            f"channels_shown{suffix}": channels,
+            f"width{suffix}": width,
+            f"token_embedding_range{suffix}": list(ranges[0]),
+            f"output_range{suffix}": list(ranges[1]),
+        }
     caption = (
-        f"The {rows} positions of the start token, the prompt's {text.prompt_length} tokens and the end token over "
-        f"{subset}: token embeddings from {emb_lo:.2f} to {emb_hi:.2f} (left) and the text encoder's output, what "
-        f"the UNet attends to, from {out_lo:.2f} to {out_hi:.2f} (right)."
+        f"The {rows} positions of the start token, the prompt's {rec.text.prompt_length} tokens and the end token; "
+        + "; ".join(sentences)
+        + ("" if len(texts) == 1 else "; the UNet's context is the two outputs side by side")
+        + "."
     )
-    numbers = {
-        "positions": rows,
-        "channels_shown": channels,
-        "width": width,
-        "token_embedding_range": list(ranges[0]),
-        "output_range": list(ranges[1]),
-    }
     return Figure("embeddings", save(fig, out, "embeddings.png"), caption, numbers)
+
+
+def _heat_map(fig, ax, title: str, values) -> tuple[float, float]:
+    """Positions x channels (the first MAX_CHANNELS), coloured symmetrically about 0; the shown range."""
+    width = values.shape[1]
+    channels = min(width, MAX_CHANNELS)
+    shown = values[:, :channels].float().numpy()
+    limit = float(np.abs(shown).max()) or 1.0
+    image = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("channel" + (f" (first {channels} of {width})" if channels < width else ""), fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    return float(shown.min()), float(shown.max())

@@ -5,9 +5,11 @@ with batch size 1 and no speed-ups (deep cache and token merging skip or swap th
 forward, which the hooks watch). Everything else is seen through forward hooks on the networks'
 modules and the step callback, all removed when the run ends, however it ends:
 
-- the text encoder's inputs give the token ids the pipeline used; its pre- and post-hooks time it;
-- the UNet's hooks see each call's latents, timestep and context ([uncond, cond] when guided) and
-  its output, from which guidance is taken apart at the steps asked for;
+- each text encoder's embedding layer sees the token ids the pipeline gave it (SDXL: both
+  encoders, whose outputs lie side by side in the context); hooks around each encoder time it;
+- the UNet's hooks see each call's latents, timestep, context ([uncond, cond] when guided) and
+  SDXL's vector conditioning y, and its output, from which guidance is taken apart at the steps
+  asked for;
 - every cross-attention layer's hook recomputes its softmax(q k^T / sqrt(d)) rows for the
   conditional half of the batch (DAAM's maps; see CrossAttentionMaps);
 - the VAE's post_quant_conv and decoder bracket the decode.
@@ -170,26 +172,35 @@ class _Watch:
     guidance_steps: set[int]
     scale: float
     attention: CrossAttentionMaps | None = None
-    ids: Tensor | None = None  # [77] the prompt's first chunk, as the text encoder got it
-    token_vectors: Tensor | None = None  # [77, width] when embeddings stood in for the lookup
+    ids: list[Tensor | None] = field(default_factory=lambda: [None, None])  # [77] per encoder: the first chunk
+    token_vectors: list[Tensor | None] = field(default_factory=lambda: [None, None])  # [77, width] embeddings' own
     context: Tensor | None = None  # [1, 77k, width] the cond context the UNet attended to
+    vector: Tensor | None = None  # [adm] SDXL's y for the prompt (cond)
     steps: list[StepRecord] = field(default_factory=list)
     guidance: dict[int, GuidanceRecord] = field(default_factory=dict)
     step_began: float | None = None
 
-    def text_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.ids = args[0][0].detach().cpu()
-        vectors = kwargs.get("token_embeddings")
-        self.token_vectors = None if vectors is None else vectors[0].detach().float().cpu()
+    def embedding_input(self, encoder: int):
+        """A pre-hook on encoder `encoder`'s embedding layer; its first row is the prompt's first chunk
+        (prompts are encoded before negative prompts)."""
+
+        def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.ids[encoder] = args[0][0].detach().cpu()
+            vectors = args[1] if len(args) > 1 else kwargs.get("token_embeddings")
+            self.token_vectors[encoder] = None if vectors is None else vectors[0].detach().float().cpu()
+
+        return keep
 
     def unet_starts(self, module: nn.Module, args: tuple) -> None:
         if self.step_began is None:
             self.step_began = time.perf_counter()
 
-    def unet_done(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+    def unet_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         step, context = len(self.steps), args[2]
         if self.context is None:
             self.context = context[-1:].detach().float().cpu()
+            y = args[3] if len(args) > 3 else kwargs.get("y")
+            self.vector = None if y is None else y[-1].detach().float().cpu()
         # The first call of a guided step is the one at the step's own noise level; a non-finite
         # output is about to be made again in float32, and the retry is what the sampler uses.
         wanted = step in self.guidance_steps and step not in self.guidance and len(output) == 2
@@ -220,13 +231,6 @@ class _Watch:
 # ---- record -------------------------------------------------------------------------------------
 
 
-def check_supported(pipe) -> None:
-    """Refuse, in one line, a model the recording cannot watch yet: SDXL's two text encoders and its
-    vector conditioning y reach the UNet by another path than the one hooked here."""
-    if getattr(pipe, "is_xl", False):
-        raise ValueError("diffuse illustrate draws SD 1.x and 2.x models; SDXL models are not illustrated yet")
-
-
 def record(
     pipe: Pipeline,
     prompt: str,
@@ -252,7 +256,6 @@ def record(
     maps are gathered from `attention_layers` (names as cross_attention_layers gives them; None:
     all) over `attention_steps` (None: all), for the prompt's own tokens, or with `all_tokens` for
     all 77 positions of the first chunk (start, end and padding included)."""
-    check_supported(pipe)
     request = _request(prompt, negative_prompt, seed, steps, sampler, cfg_scale, width, height)
     job = request.resolve(pipe.config, pipe.scheduler_config)
     plan = job.sampler.plan(job.steps)
@@ -272,7 +275,8 @@ def record(
     finally:
         for handle in handles:
             handle.remove()
-    text = _text_record(pipe, watch)
+    texts = _text_records(pipe, watch)
+    text = texts[0]
     timings = {part: clock.seconds for part, clock in clocks.items()} | {"total": total}
     if watch.attention is not None:
         timings["attention_maps"] = watch.attention.seconds
@@ -291,6 +295,8 @@ def record(
         model=pipe.model_name,
         image=image,
         text=text,
+        text_2=texts[1] if len(texts) > 1 else None,
+        vector=watch.vector,
         step_records=watch.steps,
         final_latents=final,
         attention=None if watch.attention is None else _attention_record(watch.attention, text, all_tokens),
@@ -300,7 +306,8 @@ def record(
             "context": list(watch.context.shape),
             "latents": [1, *final.shape],
             "image": [1, len(image.getbands()), image.height, image.width],
-        },
+        }
+        | ({} if watch.vector is None else {"vector": [1, len(watch.vector)]}),
     )
 
 
@@ -319,35 +326,51 @@ def _guidance_steps(steps: int, asked: Iterable[int] | None) -> set[int]:
     return chosen
 
 
+def _encoders(pipe: Pipeline) -> list[tuple]:
+    """(tokenizer, text encoder) of each encoder the model has, in the order of the context's channels."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+
+
 def _hooks(pipe: Pipeline, watch: _Watch, clocks: dict[str, _Clock]) -> list[RemovableHandle]:
     """Every hook of one recorded run; the clocks' last, so that they time the forward alone."""
+    encoders = [encoder for _, encoder in _encoders(pipe)]
     handles = [
-        pipe.text_encoder.register_forward_pre_hook(watch.text_encoder_input, with_kwargs=True),
-        pipe.unet.register_forward_pre_hook(watch.unet_starts),
+        encoder.embeddings.register_forward_pre_hook(watch.embedding_input(n), with_kwargs=True)
+        for n, encoder in enumerate(encoders)
     ]
+    handles.append(pipe.unet.register_forward_pre_hook(watch.unet_starts))
     if watch.attention is not None:
         handles += watch.attention.hooks()
-    handles.append(pipe.unet.register_forward_hook(watch.unet_done))
-    handles += clocks["text_encoder"].hooks(pipe.text_encoder)
+    handles.append(pipe.unet.register_forward_hook(watch.unet_done, with_kwargs=True))
+    for encoder in encoders:  # from the embedding layer to the final norm, SD's pass and SDXL's alike
+        handles += clocks["text_encoder"].hooks(encoder.embeddings, encoder.final_layer_norm)
     handles += clocks["unet"].hooks(pipe.unet)
     return handles + clocks["vae_decode"].hooks(pipe.vae.post_quant_conv, pipe.vae.decoder)
 
 
-def _text_record(pipe: Pipeline, watch: _Watch) -> TextRecord:
-    ids = [int(i) for i in watch.ids]
-    eos = pipe.tokenizer.eos_token_id
-    length = ids.index(eos, 1) - 1 if eos in ids[1:] else len(ids) - 2
-    if watch.token_vectors is not None:
-        vectors = watch.token_vectors
-    else:
-        vectors = pipe.text_encoder.embeddings.token_embedding.weight[watch.ids].detach().float().cpu()
-    return TextRecord(
-        ids=ids,
-        tokens=[pipe.tokenizer.id_to_token[i] for i in ids],
-        prompt_length=length,
-        token_embeddings=vectors,
-        output=watch.context[0, : len(ids)].clone(),
-    )
+def _text_records(pipe: Pipeline, watch: _Watch) -> list[TextRecord]:
+    """One record per text encoder; each one's output is its own channels of the context."""
+    records, start = [], 0
+    for n, (tokenizer, encoder) in enumerate(_encoders(pipe)):
+        ids = [int(i) for i in watch.ids[n]]
+        eos = tokenizer.eos_token_id
+        length = ids.index(eos, 1) - 1 if eos in ids[1:] else len(ids) - 2
+        vectors = watch.token_vectors[n]
+        if vectors is None:
+            vectors = encoder.embeddings.token_embedding.weight[watch.ids[n]].detach().float().cpu()
+        width = encoder.cfg.width
+        records.append(
+            TextRecord(
+                ids=ids,
+                tokens=[tokenizer.id_to_token[i] for i in ids],
+                prompt_length=length,
+                token_embeddings=vectors,
+                output=watch.context[0, : len(ids), start : start + width].clone(),
+            )
+        )
+        start += width
+    return records
 
 
 def _attention_record(maps: CrossAttentionMaps, text: TextRecord, all_tokens: bool) -> AttentionRecord:

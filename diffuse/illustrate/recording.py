@@ -57,7 +57,7 @@ class TextRecord:
     tokens: list[str]  # 77 token strings, as the tokenizer spells them
     prompt_length: int  # how many of the 77 are the prompt's own tokens (start and end left out)
     token_embeddings: Tensor  # [77, width] the embedding table's rows for the ids (before positions)
-    output: Tensor  # [77, width] the text encoder's output the UNet attends to (cond)
+    output: Tensor  # [77, width] the text encoder's output the UNet attends to (cond); SDXL: its channels
 
 
 @dataclass
@@ -80,5 +80,7 @@ class Recording:
     step_records: list[StepRecord]
     final_latents: Tensor  # [C, h, w] what the VAE decoded
     attention: AttentionRecord | None
+    text_2: TextRecord | None = None  # SDXL's second encoder (bigG); the refiner's only one is `text`
+    vector: Tensor | None = None  # [adm] SDXL's vector conditioning y for the prompt: pooled text, size sinusoids
     timings: dict[str, float] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
