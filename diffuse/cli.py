@@ -40,8 +40,9 @@ def info(args: argparse.Namespace) -> int:
             f"  text encoder 2 {_count(pipe.text_encoder_2):>6}  width {second.width}, {second.layers} layers, "
             f"{second.activation}, pooled projection {second.projection_dim}, pad id {cfg.pad_token_id_2}"
         )
+    inpainting = " (inpainting: latents, mask, masked image)" if cfg.unet.in_channels == 9 else ""
     print(
-        f"  unet          {_count(pipe.unet):>7}  {cfg.unet.in_channels} in-channels, model channels "
+        f"  unet          {_count(pipe.unet):>7}  {cfg.unet.in_channels} in-channels{inpainting}, model channels "
         f"{cfg.unet.model_channels} x {cfg.unet.channel_mult}, context {cfg.unet.context_dim}, {cfg.prediction_type}"
     )
     print(

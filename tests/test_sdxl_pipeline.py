@@ -26,15 +26,16 @@ PROMPT = "A painting of a squirrel eating a burger"
 NEGATIVE = "blurry, green"
 
 
-def tiny_xl_unet(y_width: int, context_width: int):
-    """diffusers' tiny SDXL UNet (its tests' get_dummy_components) for a y and a context of these widths."""
+def tiny_xl_unet(y_width: int, context_width: int, in_channels: int = 4):
+    """diffusers' tiny SDXL UNet (its tests' get_dummy_components) for a y and a context of these
+    widths; 9 in-channels make it an inpainting UNet (latents, mask, masked image's latents)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         block_out_channels=(2, 4),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -106,13 +107,15 @@ def perturbed(*modules) -> None:
             module.eval()
 
 
-def build_sdxl_reference(vocab_dir, seed: int = 0):
-    """diffusers' tiny SDXL base: UNet and VAE as its tests build them, text encoders on CLIP's vocabulary."""
-    from diffusers import StableDiffusionXLPipeline
+def build_sdxl_reference(vocab_dir, seed: int = 0, in_channels: int = 4):
+    """diffusers' tiny SDXL base: UNet and VAE as its tests build them, text encoders on CLIP's
+    vocabulary; with a 9-channel UNet, its inpainting pipeline."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = tiny_xl_unet(24 + 6 * 8, 32 + 40)  # pooled + six 8-wide size sinusoids; the two encoders side by side
+    # y: pooled + six 8-wide size sinusoids; the context: the two encoders side by side.
+    unet = tiny_xl_unet(24 + 6 * 8, 32 + 40, in_channels)
     scheduler = tiny_xl_scheduler()
     torch.manual_seed(seed)
     vae = tiny_vae()
@@ -120,7 +123,8 @@ def build_sdxl_reference(vocab_dir, seed: int = 0):
     text_encoder = CLIPTextModel(tiny_text_config(hidden_size=32, intermediate_size=37, pad_token_id=49407))
     text_encoder_2 = tiny_big_g()
     perturbed(unet, vae, text_encoder, text_encoder_2)
-    return StableDiffusionXLPipeline(
+    pipeline_class = StableDiffusionXLInpaintPipeline if in_channels == 9 else StableDiffusionXLPipeline
+    return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
