@@ -12,6 +12,7 @@ import pytest
 from test_sdxl_pipeline import build_sdxl_reference, picture
 from test_sdxl_refiner import build_refiner_reference
 from test_server import DEFAULT_MODEL, Running, decode_png, png_data_url, settings
+from test_server_illustrate import page_result
 
 import diffuse
 import diffuse.server.models
@@ -187,3 +188,24 @@ def test_an_sd1_model_refuses_an_sdxl_refiner(server):
     status, body = generate(server, refiner_checkpoint=listed["tiny_refiner"], refiner_switch_at=0.8, **override)
     assert status == 422 and "both the model and its refiner must be SDXL" in body["detail"]
     assert server.call("GET", "/sdapi/v1/options")[1]["sd_model_checkpoint"] == listed["tiny_base"]
+
+
+def test_the_pages_routes_tell_the_models_size_and_hand_over_to_the_refiner(server):
+    assert server.call("GET", "/diffuse/v1/model")[1] == {
+        "title": titles(server)["tiny_base"],
+        "image_size": BASE_SIZE,
+        "sdxl": True,
+    }
+    refiner = titles(server)["tiny_refiner"]
+    image = page_result(server, {**QUICK, "refiner_checkpoint": refiner, "refiner_switch_at": 0.6})
+    params = parse_infotext(image["parameters"])
+    assert params["Refiner"] == refiner and params["Size-1"] == str(BASE_SIZE)
+    # The gallery's fields make it again with the refiner found by its hash, as the model is.
+    fields = image["fields"]
+    assert (fields["refiner_hash"], fields["refiner_switch_at"]) == (refiner[-11:-1], 0.6)
+    again = page_result(
+        server, {**{k: v for k, v in fields.items() if not k.endswith("_hash")}, "refiner_checkpoint": refiner}
+    )
+    assert again["parameters"] == image["parameters"]
+    plain = page_result(server, QUICK)
+    assert "refiner_hash" not in plain["fields"] and "Refiner" not in plain["parameters"]

@@ -7,6 +7,8 @@
                                         emerging), then "done" (the saved images, their
                                         parameters and, as the gallery gives them, the request
                                         fields that make them again) or "failed"
+    GET  /diffuse/v1/model              the current model as the form needs it: its own image size
+                                        (what a blank width and height draw) and whether it is SDXL
     GET  /diffuse/v1/gallery            diffuse's saved images, newest first, with their parameters
                                         and, for a txt2img image, the request fields that make it again
     GET  /outputs/{name}                one saved image
@@ -46,6 +48,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 
 from diffuse.metadata import PARAMETERS_KEY, info_from_infotext, numbered_path, parse_infotext, save_png
+from diffuse.regenerate import refiner_title
 from diffuse.server.a1111 import A1111Request, Limits, RequestError, read_generation
 from diffuse.server.generate import Generated, png_base64, processed_info
 from diffuse.server.jobs import Job
@@ -78,6 +81,11 @@ def _add_page_files(app: FastAPI) -> None:
 
 
 def _add_job_routes(app: FastAPI, server: Server) -> None:
+    @app.get("/diffuse/v1/model", tags=["page"])
+    def model() -> dict:
+        pipe, current = server.host.pipe, server.host.current
+        return {"title": current.title, "image_size": pipe.config.image_size, "sdxl": pipe.is_xl}
+
     @app.post("/diffuse/v1/jobs", status_code=202, tags=["page"])
     async def submit(request: Request) -> dict:
         wanted = _page_request(await read_json(request), server.settings.limits)
@@ -189,17 +197,15 @@ def remake_fields(text: str) -> dict | None:
         return None
     parsed = parse_infotext(text)
     needed = ("steps", "sampler", "cfg_scale", "seed", "width", "height")
-    foreign = (
-        "Denoising strength",
-        "Eta",
-        "Token merging ratio",
-        "Guidance cutoff",
-        "Deep cache",
-        "Mask blur",
-        "Refiner",
-    )
+    foreign = ("Denoising strength", "Eta", "Token merging ratio", "Guidance cutoff", "Deep cache", "Mask blur")
     if any(key not in info for key in needed) or any(label in parsed for label in foreign) or info["clip_skip"] != 1:
         return None
+    refiner = {}
+    if "refiner" in info:  # a hand-off: the page finds its refiner by the hash, as the model
+        try:
+            refiner = {"refiner_hash": refiner_title(info)[1], "refiner_switch_at": info["refiner_switch_at"]}
+        except (ValueError, KeyError):
+            return None
     return {
         "prompt": info.get("prompt", ""),
         "negative_prompt": info.get("negative_prompt", ""),
@@ -211,6 +217,7 @@ def remake_fields(text: str) -> dict | None:
         "width": info["width"],
         "height": info["height"],
         "model_hash": info.get("model_hash"),
+        **refiner,
     }
 
 

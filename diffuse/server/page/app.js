@@ -32,8 +32,17 @@ async function loadChoices() {
   for (const schedule of schedulers) $("scheduler").add(new Option(schedule.label, schedule.label));
   $("scheduler").value = "Automatic";
   for (const model of models) $("model").add(new Option(model.title, model.title));
+  for (const model of models) $("refiner_checkpoint").add(new Option(model.title, model.title));
   $("model").value = options.sd_model_checkpoint;
   $("model-line").textContent = options.sd_model_checkpoint;
+  await loadModel();
+}
+
+async function loadModel() {
+  // A blank width or height draws at the model's own size; only an SDXL model takes a refiner.
+  const model = await getJSON("/diffuse/v1/model");
+  for (const side of ["width", "height"]) $(side).placeholder = String(model.image_size);
+  for (const label of document.querySelectorAll(".refiner")) label.hidden = !model.sdxl;
 }
 
 // A1111's extra-networks pattern (as diffuse/adapters/prompt_tags.py reads it): <kind:NAME:args>.
@@ -222,6 +231,10 @@ function requestBody() {
     seed: numberOrNull("seed") ?? -1, batch_size: numberOrNull("batch_size") ?? 1,
   };
   for (const side of ["width", "height"]) if (numberOrNull(side) !== null) body[side] = numberOrNull(side);
+  if (!$("refiner_checkpoint").parentElement.hidden && $("refiner_checkpoint").value) {
+    body.refiner_checkpoint = $("refiner_checkpoint").value;
+    body.refiner_switch_at = numberOrNull("refiner_switch_at");
+  }
   if (kind === "img2img") {
     if (!$("init-canvas").dataset.loaded) throw new Error("choose an image first");
     body.init_images = [$("init-canvas").toDataURL("image/png")];
@@ -287,7 +300,7 @@ function figure(image, canRemake = false) {
   const caption = document.createElement("figcaption");
   caption.textContent = image.parameters || "";
   item.append(link, caption);
-  if (image.fields) {
+  if (image.fields && !image.fields.refiner_hash) {  // a report draws the model alone, not a hand-off
     item.append(actionButton("how-made", "How it was made",
       "draw this image again with every part recorded, and show the figures of that run",
       () => howItWasMade(image.fields)));
@@ -307,6 +320,12 @@ async function makeAgain(fields) {
     setStatus(`the model that made this image (hash ${fields.model_hash}) is not on this server`, true);
     return;
   }
+  const refiner = [...$("refiner_checkpoint").options].find((option) =>
+    fields.refiner_hash && option.value.endsWith(`[${fields.refiner_hash}]`));
+  if (fields.refiner_hash && !refiner) {
+    setStatus(`the refiner that made this image (hash ${fields.refiner_hash}) is not on this server`, true);
+    return;
+  }
   if (![...$("sampler_name").options].some((option) => option.value === fields.sampler_name)) {
     setStatus(`this server has no sampler ${fields.sampler_name}`, true);
     return;
@@ -319,6 +338,8 @@ async function makeAgain(fields) {
   $("sampler_name").value = fields.sampler_name;
   $("scheduler").value = fields.scheduler;
   $("batch_size").value = "1";
+  $("refiner_checkpoint").value = refiner ? refiner.value : "";
+  if (refiner) $("refiner_switch_at").value = String(fields.refiner_switch_at);
   if (model && $("model").value !== model.value) {
     $("model").value = model.value;
     if (!(await switchModel())) return;
@@ -484,6 +505,7 @@ async function switchModel() {
     $("model").value = (await getJSON("/sdapi/v1/options")).sd_model_checkpoint;
   }
   $("model-line").textContent = $("model").value;
+  await loadModel().catch(() => {});
   $("generate").disabled = false;
   loadAddons().catch(() => {});  // which embeddings fit depends on the model
   return loaded;
