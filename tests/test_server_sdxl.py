@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from test_sdxl_pipeline import build_sdxl_reference, picture
 from test_sdxl_refiner import build_refiner_reference
 from test_server import DEFAULT_MODEL, Running, decode_png, png_data_url, settings
@@ -209,3 +210,15 @@ def test_the_pages_routes_tell_the_models_size_and_hand_over_to_the_refiner(serv
     assert again["parameters"] == image["parameters"]
     plain = page_result(server, QUICK)
     assert "refiner_hash" not in plain["fields"] and "Refiner" not in plain["parameters"]
+
+
+def test_an_interrupted_hand_off_records_what_a_finished_one_does(pipes):
+    from diffuse.pipeline import Step
+    from diffuse.server.generate import _partial
+
+    base, refiner = pipes["tiny_base"], pipes["tiny_refiner"]
+    request = diffuse.GenerationRequest("a castle", steps=4, sampler="Euler", seed=2, refiner_switch_at=0.6)
+    finished = base.generate(request, refiner=refiner)
+    latents = torch.zeros(1, 4, BASE_SIZE // 2, BASE_SIZE // 2)
+    partial = _partial(base, request, Step(3, 4, 1.0, latents, latents), refiner)
+    assert partial.infotexts == finished.infotexts and partial.images[0].size == (BASE_SIZE, BASE_SIZE)
