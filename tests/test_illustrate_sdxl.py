@@ -8,13 +8,14 @@ import json
 import numpy as np
 import torch
 from test_sdxl_pipeline import ours, sdxl_folder
+from test_sdxl_refiner import refiner, refiner_folder
 
 import diffuse
 from diffuse.illustrate.figures_run_vector import read_back, vector
 from diffuse.illustrate.record import record
 from diffuse.models.unet import timestep_embedding
 
-__all__ = ["ours", "sdxl_folder"]  # fixtures
+__all__ = ["ours", "sdxl_folder", "refiner", "refiner_folder"]  # fixtures
 
 PROMPT = "a red squirrel eating a burger"
 
@@ -61,5 +62,24 @@ def test_illustrate_draws_every_figure_of_an_sdxl_model(sdxl_folder, tmp_path, c
     assert "2 text encoders" in captions["components"] and "vector y [1, 72]" in captions["components"]
     assert "pads with id 0" in captions["tokens"] and "text encoder 2 over all 40 channels" in captions["embeddings"]
     assert "zeros in place of the empty prompt" in captions["guidance"]
-    assert "projected end-of-text states" in captions["clip_similarity"]
+    assert "last text encoder's projected end-of-text states" in captions["clip_similarity"]
     assert all((out / f["file"]).is_file() for f in report["figures"])
+
+
+def test_the_refiner_is_illustrated_with_big_g_alone_and_its_aesthetic_score(refiner, tmp_path):
+    from diffuse.illustrate import illustrate
+
+    kinds = ["components", "tokens", "vector", "guidance", "unet"]  # those that differ from the base's
+    report = illustrate(refiner, PROMPT, out=tmp_path / "report", steps=2, seed=1, kinds=kinds)
+    assert report.errors == []
+    figures = {f["kind"]: f for f in report.report["figures"]}
+    assert figures["vector"]["scalars"] == {
+        "original height": 64,
+        "original width": 64,
+        "crop top": 0,
+        "crop left": 0,
+        "aesthetic score": 6,
+    }
+    assert "the text encoder turned" in figures["components"]["caption"]
+    assert figures["tokens"]["pad_id"] == 0 and "ids_2" not in figures["tokens"]
+    assert figures["unet"]["context_shape"] == [77, 40]

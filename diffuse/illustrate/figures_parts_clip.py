@@ -60,7 +60,7 @@ class Similarity:
 @torch.no_grad()
 def pooled_text(pipe: Pipeline, captions: list[str]) -> Tensor:
     """The text encoder's final state at each caption's end-of-text token [N, width], float32; for SDXL
-    the second encoder's (bigG's), projected: the pooled vector its y carries."""
+    the last encoder's (bigG's), projected: the pooled vector its y carries."""
     if pipe.text_encoder_2 is not None:
         ids = pipe.tokenizer_2(captions)
         return pipe.text_encoder_2.sdxl_outputs(ids.to(pipe.device), pipe.tokenizer_2.eos_token_id)[1].float().cpu()
@@ -152,7 +152,7 @@ def clip_similarity(pipe: Pipeline, rec: Recording, out: Path) -> Figure:
         i, j = divmod(int(off.argmax()), n)
         fig.suptitle("Captions vs captions (no image tower in this model)", fontsize=9)
         states = (
-            "the second text encoder's projected end-of-text states (the pooled vector of SDXL's y)"
+            "the last text encoder's projected end-of-text states (the pooled vector of SDXL's y)"
             if pipe.text_encoder_2 is not None
             else "the text encoder's end-of-text states"
         )

@@ -158,7 +158,8 @@ def unet(pipe: Pipeline, rec: Recording, out: Path) -> Figure:
     cfg, blocks = pipe.unet.cfg, unet_blocks(pipe.unet)
     table = level_table(pipe, rec)
     labels = [f"{row['channels']} ch, {row['latent_size'][0]}×{row['latent_size'][1]}" for row in table]
-    context_shape = f"{pipe.config.text_encoder.max_length}×{cfg.context_dim}"
+    positions = (pipe.config.text_encoder or pipe.config.text_encoder_2).max_length  # the refiner has bigG alone
+    context_shape = f"{positions}×{cfg.context_dim}"
     context = f"text: {context_shape} (the text encoder's output)"
     layers = sum(len(b.layers) for b in blocks)
     fig, axes = pyplot.subplots(2, 1, figsize=(max(8.0, 0.17 * layers + 2), 2.4 + 1.1 * len(table)))
@@ -196,7 +197,7 @@ def unet(pipe: Pipeline, rec: Recording, out: Path) -> Figure:
         "attention_blocks": count["attention"],
         "cross_attention_layers": cross,
         "skip_connections": len(skip_pairs(blocks)),
-        "context_shape": [pipe.config.text_encoder.max_length, cfg.context_dim],
+        "context_shape": [positions, cfg.context_dim],
         "parameters": parameters,
     }
     return Figure("unet", name, caption, numbers)

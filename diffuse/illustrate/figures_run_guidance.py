@@ -57,7 +57,7 @@ def guidance(pipe, rec: Recording, out: Path) -> Figure:
                 ax.set_title(titles[c], fontsize=8)
         row[0].set_ylabel(f"step {step.index + 1}\nt = {step.timestep:g}", fontsize=8)
     without = f"the negative prompt {rec.negative_prompt!r}" if rec.negative_prompt else "the empty prompt"
-    if not rec.negative_prompt and rec.text_2 is not None and pipe.zeros_for_empty_prompt:
+    if not rec.negative_prompt and rec.vector is not None and pipe.zeros_for_empty_prompt:  # SDXL alone zeros it
         without = "zeros in place of the empty prompt's encoding, as this SDXL model asks"
     listed = ", ".join(f"{d:.4f} at step {s.index + 1}" for d, s in zip(differences, guided_steps))
     caption = (
