@@ -4,16 +4,18 @@ refiner_switch_at) made exactly as the Python API makes it, with A1111's infotex
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_sdxl_pipeline import build_sdxl_reference, picture
 from test_sdxl_refiner import build_refiner_reference
 from test_server import DEFAULT_MODEL, Running, decode_png, png_data_url, settings
-from test_server_illustrate import page_result
+from test_server_illustrate import fetch, made, page_result
 
 import diffuse
 import diffuse.server.models
@@ -222,3 +224,16 @@ def test_an_interrupted_hand_off_records_what_a_finished_one_does(pipes):
     latents = torch.zeros(1, 4, BASE_SIZE // 2, BASE_SIZE // 2)
     partial = _partial(base, request, Step(3, 4, 1.0, latents, latents), refiner)
     assert partial.infotexts == finished.infotexts and partial.images[0].size == (BASE_SIZE, BASE_SIZE)
+
+
+def test_how_it_was_made_draws_an_sdxl_result_again(server):
+    image = page_result(server, QUICK)
+    status, answer, _ = server.call("POST", "/diffuse/v1/illustrate", image["fields"])
+    assert status == 202, answer
+    state = made(server, answer["id"])
+    assert state["state"] == "done", state
+    report = json.loads(fetch(server, state["files"] + "report.json")[1])
+    assert [entry for entry in report["figures"] if "error" in entry] == []
+    drawn = Image.open(io.BytesIO(fetch(server, state["files"] + report["image"])[1])).convert("RGB")
+    shown = Image.open(io.BytesIO(fetch(server, image["url"])[1])).convert("RGB")
+    assert drawn.tobytes() == shown.tobytes()

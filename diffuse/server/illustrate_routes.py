@@ -181,8 +181,6 @@ def _submit(server: Server, store: ReportStore, wanted: dict[str, Any]) -> str:
         model = None if entry == server.host.current else entry.title
     if model is None:
         server.host.pipe.check_addons(generation)  # an unknown LoRA: 422 now
-        if server.host.pipe.is_xl:
-            raise RequestError("model_hash", "this model is SDXL, which diffuse illustrate does not draw yet")
     sampler = server.host.pipe.get_sampler(generation.sampler, generation.schedule_type).label
     report_id, entry = store.new()
     folder = entry.folder
