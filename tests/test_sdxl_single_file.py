@@ -305,3 +305,14 @@ def original_layout(reference, big_g_prefix: str) -> dict[str, torch.Tensor]:
         }
         state.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()})
     return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def test_an_edm_trained_sdxl_file_is_refused_by_name(ours, tmp_path):
+    """Playground v2.5 holds SDXL's networks and its EDM latent statistics; drawn as SDXL it would be wrong."""
+    from diffuse.checkpoints.errors import CheckpointError
+
+    path = save_single_file_checkpoint(ours, tmp_path / "playground.safetensors")
+    state = {**single_file_state(path), "edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)}
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"playground.safetensors: .*EDM-trained SDXL model"):
+        diffuse.load_pipeline(path, dtype="float32", config=ours.config)

@@ -38,12 +38,17 @@ FAMILY_PRESETS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl_refiner": SDXL_REF
 SD1_UNET_HEADS = 8
 SD2_UNET_HEAD_DIM = 64
 
+EDM_KEYS = {"edm_mean", "edm_std"}
+
 # Tensors real checkpoints carry that no network here uses (the VAE's training loss).
 _UNUSED_VAE_PREFIXES = ("loss.",)
 
 
 def detect_family(state: dict[str, torch.Tensor], path: Path) -> str:
     """ "sd1", "sd2", "sdxl" or "sdxl_refiner", from which text encoders the checkpoint carries."""
+    if EDM_KEYS & state.keys():
+        # Playground v2.5: SDXL's networks trained for EDM sampling, which the samplers here do not do.
+        raise CheckpointError(path, "an EDM-trained SDXL model (edm_mean, edm_std: Playground v2.5) is not supported")
     if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
         return "sd2"
     if any(k.startswith(SD1_TEXT_PREFIX) for k in state):
