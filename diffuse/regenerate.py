@@ -70,6 +70,14 @@ TOLERANCE = {
 }
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# SDXL's crop and negative size conditioning: a request's setting and the two keys that record it
+# (written together, only away from the default: uncropped, the negative prompts' the prompts' own).
+SIZE_PAIRS = {
+    "crop": ("crop_top", "crop_left"),
+    "negative_original_size": ("negative_original_width", "negative_original_height"),
+    "negative_target_size": ("negative_target_width", "negative_target_height"),
+    "negative_crop": ("negative_crop_top", "negative_crop_left"),
+}
 _TITLE = re.compile(r"^(.+) \[([0-9a-fA-F]{10})\]$")  # A1111's short title of a model, "name [hash]"
 
 # Labels that describe an image without changing its pixels, or that `parse_infotext` fills in.
@@ -160,6 +168,9 @@ def _check(recipe: Recipe) -> None:
         switch_at = info.get("refiner_switch_at")
         if switch_at is None or not 0 < switch_at < 1:
             raise ValueError(f"Refiner switch at must be a fraction above 0 and below 1, got {switch_at}")
+    for first, second in SIZE_PAIRS.values():
+        if (first in info) != (second in info):
+            raise ValueError(f"the parameters record one of {first} and {second} without the other")
     inputs.prompt_list(info.get("prompt", ""), "Prompt")
     inputs.prompt_list(info.get("negative_prompt", ""), "Negative prompt")
     inputs.check_settings(
@@ -212,8 +223,16 @@ def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image 
         strength=info["denoising_strength"] if recipe.kind != "txt2img" else None,
         keep_unmasked=info.get("keep_unmasked", True),
         refiner_switch_at=info.get("refiner_switch_at"),
+        **size_conditioning(info),
         **sampler,
     )
+
+
+def size_conditioning(info: dict) -> dict:
+    """The request's SDXL crop and negative size conditioning as the parameters record them."""
+    pairs = {name: (info[first], info[second]) for name, (first, second) in SIZE_PAIRS.items() if first in info}
+    crop_top, crop_left = pairs.pop("crop", (0, 0))
+    return {"crop_top": crop_top, "crop_left": crop_left, **pairs}
 
 
 def refiner_title(info: dict) -> tuple[str, str]:

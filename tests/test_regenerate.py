@@ -331,3 +331,19 @@ def test_a_hand_offs_refiner_missing_or_another_is_named_before_loading(
     ):
         code, _, err = check(edited(handoff_png, tmp_path / "bad.png", old, new), capsys, *model)
         assert code == 2 and message in err, err
+
+
+def test_sdxl_crop_and_negative_size_conditioning_are_made_again(sdxl_models, tmp_path, capsys):
+    base = diffuse.load_pipeline(sdxl_models / "tiny_base", dtype="float32")
+    request = diffuse.GenerationRequest(
+        "a castle", "blurry", steps=3, guidance_scale=5, sampler="Euler", seed=4, crop_top=16, crop_left=8,
+        negative_original_size=(40, 48), negative_crop=(0, 24),
+    )  # fmt: skip
+    result = base.generate(request)
+    png = save_png(result.images[0], tmp_path / "cropped.png", result.infotexts[0])
+    params = parse_infotext(result.infotexts[0])
+    assert (params["Crop top"], params["Negative original size-1"], params["Negative crop left"]) == ("16", "40", "24")
+    code, out, err = check(png, capsys, "--model", str(sdxl_models / "tiny_base"))
+    assert code == 0 and "largest pixel difference 0/255" in out, err
+    code, _, err = check(edited(png, tmp_path / "half.png", "Crop left: 8, ", ""), capsys)
+    assert code == 2 and "one of crop_top and crop_left without the other" in err
