@@ -436,6 +436,8 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     inputs.check_output_folder(args.out, "--out")
     model = Path(args.model).expanduser() if args.model is not None else default_model
     hashes = model_hashes(model)  # the model's files only: nothing loads yet
+    if args.refiner is not None and "refiner" not in recipe.info:
+        raise ValueError("this PNG was made without a refiner, which takes no --refiner")
     refiner = find_refiner(recipe, args.refiner, model) if "refiner" in recipe.info else None
     problems = _match_problems(recipe, hashes, device, dtype) + (refiner[2] if refiner else []) + problems
     for problem in problems:

@@ -347,3 +347,5 @@ def test_sdxl_crop_and_negative_size_conditioning_are_made_again(sdxl_models, tm
     assert code == 0 and "largest pixel difference 0/255" in out, err
     code, _, err = check(edited(png, tmp_path / "half.png", "Crop left: 8, ", ""), capsys)
     assert code == 2 and "one of crop_top and crop_left without the other" in err
+    code, _, err = check(png, capsys, "--refiner", str(sdxl_models / "tiny_refiner"))
+    assert code == 2 and "made without a refiner, which takes no --refiner" in err
