@@ -438,10 +438,19 @@ class Pipeline:
         self, job: Job, plan: Plan, latents: torch.Tensor, generators: list, fallback: Fallback, callback
     ) -> list[Image.Image]:
         """The refiner's part of a hand-off: its own conditioning (bigG alone, the aesthetic scores),
-        the rest of the plan from the base's latents, and its VAE's decoding."""
+        the rest of the plan from the base's latents, and its VAE's decoding.
+
+        No noise is drawn for the start: the latents carry the base's. Inpainting puts the base's
+        latents back outside the mask after each step, noised to the next level with a slice drawn
+        now, as diffusers' SDXL inpainting pipeline does from denoising_start (the base's part
+        ends with the image's own latents there)."""
         context, vectors = self._conditioning_xl(job)
-        x = latents.to(self.device) * (1 + plan.sigmas[0] ** 2) ** 0.5  # back to the sampler's scale
-        start = Start(x, torch.zeros_like(x))  # no noise is drawn here: the latents carry the base's
+        latents = latents.to(self.device)
+        x = latents * (1 + plan.sigmas[0] ** 2) ** 0.5  # back to the sampler's scale
+        start = Start(x, torch.zeros_like(x))
+        if job.mask is not None:
+            noise = draw_noise(generators, self._latent_shape(job), self.device)
+            start = Start(x, noise, latents, self._latent_mask(job))
         return self._decode(job, self._denoise(job, plan, start, context, generators, fallback, callback, vectors))
 
     def _conditioning(self, job: Job) -> tuple[Pair, None]:
@@ -518,10 +527,14 @@ class Pipeline:
         sigmas = plan.sigmas.to(device)
         x = noise * plan.init_noise_scale if job.from_noise else image_latents + sigmas[0] * noise
         if job.mask is not None:
-            mask_latents = torch.nn.functional.interpolate(job.mask, size=shape[1:]).to(device)
+            mask_latents = self._latent_mask(job)
             if inpaint_unet:
                 masked_latents = self._encode_image(job.image * (job.mask < 0.5), generators, fallback)
         return Start(x, noise, image_latents, mask_latents, masked_latents)
+
+    def _latent_mask(self, job: Job) -> torch.Tensor:
+        """The mask at latent size (nearest pixel, as diffusers takes it)."""
+        return torch.nn.functional.interpolate(job.mask, size=self._latent_shape(job)[1:]).to(self.device)
 
     def _encode_image(
         self, pixels: torch.Tensor, generators: list[torch.Generator], fallback: Fallback

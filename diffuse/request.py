@@ -146,8 +146,6 @@ class GenerationRequest:
             return
         if not isinstance(switch, (int, float)) or isinstance(switch, bool) or not 0 < switch < 1:
             raise ValueError(f"refiner_switch_at {switch!r}: must be a fraction of the steps above 0 and below 1")
-        if self.mask is not None:
-            raise ValueError("the refiner hand-off does not take an inpainting mask yet")
 
     def _check_aesthetic_scores(self) -> None:
         # The refiner was trained on scores from 0 to 10; the bound also keeps the sinusoids finite.
