@@ -12,6 +12,7 @@ so diffuse reads these with the architecture given, as diffusers does.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import replace
 
@@ -154,6 +155,10 @@ def test_the_single_file_writer_refuses_before_writing(ours, tmp_path):
         save_single_file_checkpoint(ours, tmp_path / "taken.safetensors")
     assert (tmp_path / "taken.safetensors").read_bytes() == b"mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
+    written = save_single_file_checkpoint(ours, tmp_path / "mine.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not mkstemp's 0o600
 
 
 def test_a_v_prediction_model_gets_the_inference_yaml_readers_look_for(ours, tmp_path):

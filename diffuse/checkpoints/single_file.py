@@ -11,7 +11,7 @@ under `conditioner.embedders.{0,1}.`; the SDXL refiner bigG alone under `conditi
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import replace
 from pathlib import Path
 
@@ -189,8 +189,10 @@ def save_single_file(state: dict[str, torch.Tensor], path: str | Path, fmt: str 
     """
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # Mode 0o666 lets the umask decide the permissions, as for any file a user writes (mkstemp's are 0o600).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+    mode = os.stat(tmp).st_mode  # the writer below may create the file anew, with a mode of its own
     try:
         if fmt == "safetensors":
             save_file(tensors, tmp, metadata={"format": "pt"})
@@ -198,6 +200,7 @@ def save_single_file(state: dict[str, torch.Tensor], path: str | Path, fmt: str 
             torch.save({"state_dict": tensors}, tmp)
         else:
             raise ValueError(f"unknown checkpoint format {fmt!r}; use 'safetensors' or 'ckpt'")
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
