@@ -65,10 +65,12 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> Pipeline:
+def _load(args: argparse.Namespace, model: str | None = None) -> Pipeline:
+    """The model `args.model` names (or `model`, e.g. the refiner), with the run's dtype, device
+    and add-on folders."""
     from diffuse.loader import load_pipeline
 
-    model = args.model
+    model = model or args.model
     if model is None:
         if not DEFAULT_MODEL.exists():
             raise ValueError(
@@ -88,6 +90,7 @@ def _load(args: argparse.Namespace) -> Pipeline:
     return pipe
 
 
+DEFAULT_REFINER_SWITCH_AT = 0.8  # A1111's "Refiner switch at" default
 DEVICE_HELP = "where the networks run: cpu (default), cuda, cuda:N or mps; seeds give the same noise on any"
 AUTO_DTYPE_HELP = (
     "auto (default: bfloat16 where the CPU computes it natively, else float32), float32 (exact), bfloat16 or float16"
@@ -144,10 +147,12 @@ def generate(args: argparse.Namespace) -> int:
 
     checked = check_generation_args(args)  # before the model loads: a bad option costs no loading time
     _check_addon_folders(args)
+    switch_at = _check_refiner_args(args)
     pipe = _load(args)
-    request = _generation_request(args, checked)
+    refiner = None if args.refiner is None else _load(args, args.refiner)
+    request = _generation_request(args, checked, switch_at)
     for batch in range(args.n_iter):
-        result = _draw_batch(pipe, request, args, batch)
+        result = _draw_batch(pipe, request, args, batch, refiner)
         for image, image_seed, text in zip(result.images, result.seeds, result.infotexts):
             # overwrite=False: a second process writing the same number gets an error, not our file
             print(save_png(image, numbered_path(args.out, image_seed), text, overwrite=False))
@@ -163,7 +168,24 @@ def _check_addon_folders(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {folder} is not a folder")
 
 
-def _generation_request(args: argparse.Namespace, checked: Checked) -> GenerationRequest:
+def _check_refiner_args(args: argparse.Namespace) -> float | None:
+    """--refiner and --refiner-switch-at, before any model loads: the switch point for the request
+    (A1111's default 0.8 when only --refiner is given), None without a refiner."""
+    if args.refiner is None:
+        if args.refiner_switch_at is not None:
+            raise ValueError("--refiner-switch-at needs --refiner, the model that takes over")
+        return None
+    if not Path(args.refiner).expanduser().exists():
+        raise ValueError(f"--refiner {args.refiner}: no such file or folder")
+    switch_at = DEFAULT_REFINER_SWITCH_AT if args.refiner_switch_at is None else args.refiner_switch_at
+    if not 0 < switch_at < 1:
+        raise ValueError(f"--refiner-switch-at must be a fraction of the steps above 0 and below 1, got {switch_at}")
+    return switch_at
+
+
+def _generation_request(
+    args: argparse.Namespace, checked: Checked, refiner_switch_at: float | None = None
+) -> GenerationRequest:
     """The command line as one request: the seed resolved and the images opened by the preflight checks."""
     return GenerationRequest(
         prompt=args.prompt,
@@ -183,11 +205,15 @@ def _generation_request(args: argparse.Namespace, checked: Checked) -> Generatio
         mask=checked.mask,
         strength=getattr(args, "strength", None),
         keep_unmasked=not getattr(args, "no_keep_unmasked", False),
+        refiner_switch_at=refiner_switch_at,
     )
 
 
-def _draw_batch(pipe: Pipeline, request: GenerationRequest, args: argparse.Namespace, batch: int) -> Result:
-    """One batch of the request, with a progress bar and, with --save-steps, every step's image."""
+def _draw_batch(
+    pipe: Pipeline, request: GenerationRequest, args: argparse.Namespace, batch: int, refiner: Pipeline | None = None
+) -> Result:
+    """One batch of the request, with a progress bar and, with --save-steps, every step's image;
+    `refiner` takes over at the request's refiner_switch_at."""
     from tqdm import tqdm
 
     from diffuse.preview import StepRecorder, to_pil
@@ -207,7 +233,7 @@ def _draw_batch(pipe: Pipeline, request: GenerationRequest, args: argparse.Names
             recorder(step.index, step.timestep, step.latents)
 
     try:
-        result = pipe.generate(request, callback=on_step)
+        result = pipe.generate(request, callback=on_step, refiner=refiner)
     finally:
         if bar is not None:  # closed before an error is printed, so the message gets its own line
             bar.close()
@@ -433,6 +459,20 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
             default=0.75 if kind == "img2img" else 1.0,
             help="how much to change the image, 0..1",
         )
+    p.add_argument(
+        "--refiner",
+        metavar="MODEL",
+        default=None,
+        help="an SDXL refiner (diffusers folder, .safetensors or .ckpt) that takes over from the SDXL model "
+        "for the last steps",
+    )
+    p.add_argument(
+        "--refiner-switch-at",
+        type=float,
+        metavar="F",
+        default=None,
+        help=f"the fraction of the denoising after which --refiner takes over (default {DEFAULT_REFINER_SWITCH_AT})",
+    )
     p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     p.add_argument(
         "--save-steps",

@@ -130,7 +130,7 @@ def test_inpaint_options_become_one_request_per_batch(tmp_path, capsys, monkeypa
     class Recording:
         source, dtype = Path("recorded"), "float32"
 
-        def generate(self, request, callback=None):
+        def generate(self, request, callback=None, refiner=None):
             asked.append(request)
             seeds = [request.seed + i for i in range(request.batch_size)]
             return Result([Image.new("RGB", (8, 8))] * len(seeds), seeds, {}, ["Steps: 2"] * len(seeds))

@@ -413,3 +413,49 @@ def test_refiner_configs_are_checked_before_anything_is_built():
     for message, config in bad.items():
         with pytest.raises(ValueError, match=message):
             check_pipeline(config)
+
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img"])
+def test_the_cli_hands_over_to_a_refiner(kind, base, refiner, base_folder, refiner_folder, tmp_path, capsys):
+    """`diffuse txt2img|img2img ... --model BASE --refiner REFINER --refiner-switch-at F`: the image
+    the Python API makes with the same settings, and A1111's refiner fields in its parameters."""
+    from PIL import Image
+
+    from diffuse.cli import main
+    from diffuse.metadata import read_parameters
+
+    image = {}
+    if kind == "img2img":
+        picture().save(tmp_path / "in.png")
+        image = {"image": picture(), "strength": 0.8}
+    argv = [kind, PROMPT, "--model", str(base_folder), "--refiner", str(refiner_folder), "--refiner-switch-at", "0.7"]
+    argv += ["--image", str(tmp_path / "in.png"), "--strength", "0.8"] if image else []
+    settings = ["--steps", "4", "--sampler", "Euler", "--seed", "5", "--cfg-scale", "5", "-n", NEGATIVE]
+    assert main([*argv, *settings, "--dtype", "float32", "--out", str(tmp_path / "out")]) == 0
+    written = capsys.readouterr().out.strip()
+    request = diffuse.GenerationRequest(
+        PROMPT, negative_prompt=NEGATIVE, steps=4, sampler="Euler", seed=5, guidance_scale=5.0,
+        refiner_switch_at=0.7, **image,
+    )  # fmt: skip
+    expected = base.generate(request, refiner=refiner)
+    assert_same_images([Image.open(written).convert("RGB")], expected.images)
+    params = parse_infotext(read_parameters(written))
+    assert params["Refiner"] == f"{refiner.model_name} [{refiner.model_hash}]" and params["Refiner switch at"] == "0.7"
+
+
+def test_the_cli_checks_its_refiner_options_before_loading_a_model(base_folder, refiner_folder, tmp_path, capsys):
+    from diffuse.cli import main
+
+    common = ["txt2img", PROMPT, "--model", str(base_folder), "--steps", "2", "--out", str(tmp_path)]
+    cases = {
+        "--refiner-switch-at needs --refiner": ["--refiner-switch-at", "0.5"],
+        f"--refiner {tmp_path / 'none'}: no such file or folder": ["--refiner", str(tmp_path / "none")],
+        "--refiner-switch-at must be a fraction of the steps above 0 and below 1, got 1.0": [
+            "--refiner", str(refiner_folder), "--refiner-switch-at", "1",
+        ],
+    }  # fmt: skip
+    for message, options in cases.items():
+        assert main([*common, *options]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "loaded in" not in err
+    assert not any(tmp_path.iterdir())
