@@ -261,30 +261,18 @@ def test_the_unet_sees_diffusers_vector_conditioning_at_a_non_square_size(ours, 
     """y for the negative and the positive half, as diffusers builds it from text_embeds and
     add_time_ids: a swapped height and width or a wrong order of parts shows here, however
     little the tiny UNet's image changes."""
-    seen = {}
-
-    def keep_diffusers(module, args, kwargs):
-        added = kwargs["added_cond_kwargs"]
-        sizes = module.add_time_proj(added["time_ids"].flatten()).reshape(len(added["time_ids"]), -1)
-        seen.setdefault("reference", torch.cat([added["text_embeds"], sizes], dim=1))
-
-    def keep_ours(module, args, kwargs):
-        seen.setdefault("ours", args[3] if len(args) > 3 else kwargs["y"])
-
-    hooks = [
-        reference_pipe.unet.register_forward_pre_hook(keep_diffusers, with_kwargs=True),
-        ours.unet.register_forward_pre_hook(keep_ours, with_kwargs=True),
-    ]
-    try:
-        reference_pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=1, height=48, width=64, guidance_scale=5.0)
-        ours.txt2img(
+    y, expected = first_vectors(
+        reference_pipe.unet,
+        ours.unet,
+        lambda: reference_pipe(
+            PROMPT, negative_prompt=NEGATIVE, num_inference_steps=1, height=48, width=64, guidance_scale=5.0
+        ),
+        lambda: ours.txt2img(
             PROMPT, negative_prompt=NEGATIVE, steps=1, width=64, height=48, guidance_scale=5.0, sampler="Euler"
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert seen["ours"].shape == (2, 72)
-    torch.testing.assert_close(seen["ours"].float(), seen["reference"].float(), atol=1e-4, rtol=0)
+        ),
+    )
+    assert y.shape == (2, 72)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=0)
 
 
 def first_vectors(reference_unet, our_unet, run_reference, run_ours) -> tuple[torch.Tensor, torch.Tensor]:

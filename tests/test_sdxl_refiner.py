@@ -21,6 +21,7 @@ from test_sdxl_pipeline import (
     STEPS,
     assert_same_images,
     build_sdxl_reference,
+    first_vectors,
     perturbed,
     picture,
     tiny_big_g,
@@ -87,34 +88,31 @@ def test_a_refiner_folder_loads_with_big_g_alone(refiner):
     assert refiner.config.unet.context_dim == 40 and refiner.config.unet.adm_in_channels == 24 + 5 * 8
 
 
-@pytest.mark.parametrize("scores", [{}, {"aesthetic_score": 8.5, "negative_aesthetic_score": 1.0}])
-def test_the_refiner_sees_diffusers_aesthetic_conditioning(scores, refiner, reference_refiner):
+SCORES = {"aesthetic_score": 8.5, "negative_aesthetic_score": 1.0}
+# diffusers' arguments (sizes as (height, width)) and ours (sizes as (width, height)).
+SIZES = (
+    {"crops_coords_top_left": (8, 16), "negative_original_size": (32, 48), "negative_crops_coords_top_left": (4, 0)},
+    {"crop_top": 8, "crop_left": 16, "negative_original_size": (48, 32), "negative_crop": (4, 0)},
+)
+
+
+@pytest.mark.parametrize(
+    "theirs, ours", [({}, {}), (SCORES, SCORES), SIZES], ids=["defaults", "scores", "crop-and-negative-sizes"]
+)
+def test_the_refiner_sees_diffusers_aesthetic_conditioning(theirs, ours, refiner, reference_refiner):
     """y for the negative and positive halves: the aesthetic scores (2.5 and 6.0 unless asked) in
-    place of the target size."""
-    seen = {}
-
-    def keep_diffusers(module, args, kwargs):
-        added = kwargs["added_cond_kwargs"]
-        sizes = module.add_time_proj(added["time_ids"].flatten()).reshape(len(added["time_ids"]), -1)
-        seen.setdefault("reference", torch.cat([added["text_embeds"], sizes], dim=1))
-
-    def keep_ours(module, args, kwargs):
-        seen.setdefault("ours", args[3] if len(args) > 3 else kwargs["y"])
-
-    hooks = [
-        reference_refiner.unet.register_forward_pre_hook(keep_diffusers, with_kwargs=True),
-        refiner.unet.register_forward_pre_hook(keep_ours, with_kwargs=True),
-    ]
-    try:
-        common = dict(negative_prompt=NEGATIVE, strength=0.5)
-        reference_refiner(PROMPT, image=picture(), num_inference_steps=2, **common, **scores)
-        request = diffuse.GenerationRequest(PROMPT, image=picture(), steps=2, sampler="Euler", **common, **scores)
-        refiner.generate(request)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert seen["ours"].shape == (2, 24 + 5 * 8)
-    torch.testing.assert_close(seen["ours"].float(), seen["reference"].float(), atol=1e-4, rtol=0)
+    place of the target size, after the original sizes and crops asked for."""
+    common = dict(negative_prompt=NEGATIVE, strength=0.5)
+    y, expected = first_vectors(
+        reference_refiner.unet,
+        refiner.unet,
+        lambda: reference_refiner(PROMPT, image=picture(), num_inference_steps=2, **common, **theirs),
+        lambda: refiner.generate(
+            diffuse.GenerationRequest(PROMPT, image=picture(), steps=2, sampler="Euler", **common, **ours)
+        ),
+    )
+    assert y.shape == (2, 24 + 5 * 8)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=0)
     assert torch.equal(
         size_conditioning(1, SizeConditioning.plain(64, 64), 8, aesthetic_score=6.0)[:, :32],
         size_conditioning(1, SizeConditioning.plain(64, 64), 8)[:, :32],
