@@ -321,3 +321,95 @@ def test_an_edm_trained_sdxl_file_is_refused_by_name(ours, tmp_path):
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"playground.safetensors: .*EDM-trained SDXL model"):
         diffuse.load_pipeline(path, dtype="float32", config=ours.config)
+
+
+# ------------------------------------------------------------------ full size, on the meta device
+
+# sgm's configs/inference/sd_xl_base.yaml, the parts diffusers reads to build its networks' configs.
+SD_XL_BASE_YAML = {
+    "model": {
+        "params": {
+            "scale_factor": 0.13025,
+            "network_config": {
+                "params": {
+                    "adm_in_channels": 2816,
+                    "num_classes": "sequential",
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "model_channels": 320,
+                    "attention_resolutions": [4, 2],
+                    "num_res_blocks": 2,
+                    "channel_mult": [1, 2, 4],
+                    "num_head_channels": 64,
+                    "use_linear_in_transformer": True,
+                    "transformer_depth": [1, 2, 10],
+                    "context_dim": 2048,
+                }
+            },
+            "first_stage_config": {
+                "params": {
+                    "ddconfig": {
+                        "z_channels": 4,
+                        "in_channels": 3,
+                        "out_ch": 3,
+                        "ch": 128,
+                        "ch_mult": [1, 2, 4, 4],
+                        "num_res_blocks": 2,
+                    }
+                }
+            },
+        }
+    }
+}
+
+
+def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_a_full_size_sdxl_base_file_holds_every_tensor_diffusers_converts():
+    """diffuse's full-size SDXL base in the single-file layout (on meta: shapes, no memory) through
+    diffusers' own converters, its networks configured from sgm's yaml: every tensor of diffusers'
+    UNet, VAE and both transformers text encoders, at its shape, and nothing else."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffuse.models.clip import CLIPTextEncoder
+    from diffuse.models.configs import SDXL
+    from diffuse.models.unet import UNet
+    from diffuse.models.vae import AutoencoderKL as OurVAE
+
+    with torch.device("meta"):
+        ours = {
+            "unet": UNet(SDXL.unet).state_dict(),
+            "vae": OurVAE(SDXL.vae).state_dict(),
+            "text_encoder": CLIPTextEncoder(SDXL.text_encoder).state_dict(),
+            "text_encoder_2": CLIPTextEncoder(SDXL.text_encoder_2).state_dict(),
+        }
+        state = single_file.join_single_file("sdxl", **ours)
+        unet_config = sfu.create_unet_diffusers_config_from_ldm(SD_XL_BASE_YAML, state)
+        vae_config = sfu.create_vae_diffusers_config_from_ldm(SD_XL_BASE_YAML, state)
+        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12, hidden_act="quick_gelu"))  # fmt: skip
+        big_g = CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           hidden_act="gelu", projection_dim=1280)
+        )  # fmt: skip
+        expected = {
+            "unet": UNet2DConditionModel(**unet_config).state_dict(),
+            "vae": AutoencoderKL(**vae_config).state_dict(),
+            "text_encoder": clip_l.state_dict(),
+            "text_encoder_2": big_g.state_dict(),
+        }
+        clip_l_state = sfu.convert_ldm_clip_checkpoint(state)
+        converted = {
+            "unet": sfu.convert_ldm_unet_checkpoint(state, unet_config),
+            "vae": sfu.convert_ldm_vae_checkpoint(state, vae_config),
+            # transformers 5's CLIPTextModel has no "text_model." level; diffusers strips it likewise
+            "text_encoder": {k.removeprefix("text_model."): v for k, v in clip_l_state.items()},
+            "text_encoder_2": sfu.convert_open_clip_checkpoint(big_g, state, prefix="conditioner.embedders.1.model."),
+        }
+    assert unet_config["attention_head_dim"] == [5, 10, 20] and unet_config["addition_embed_type"] == "text_time"
+    for name in expected:
+        assert shapes(converted[name]) == shapes(expected[name]), name
