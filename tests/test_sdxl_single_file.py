@@ -363,33 +363,53 @@ SD_XL_BASE_YAML = {
 }
 
 
+# sd_xl_refiner.yaml differs in its UNet: wider, four levels, depth 4, bigG's context and five sinusoids in y.
+SD_XL_REFINER_UNET = {
+    "adm_in_channels": 2560,
+    "model_channels": 384,
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": 4,
+    "context_dim": 1280,
+}
+
+
+def sgm_yaml(family: str) -> dict:
+    if family == "sdxl":
+        return SD_XL_BASE_YAML
+    network = SD_XL_BASE_YAML["model"]["params"]["network_config"]["params"] | SD_XL_REFINER_UNET
+    params = SD_XL_BASE_YAML["model"]["params"] | {"network_config": {"params": network}}
+    return {"model": {"params": params}}
+
+
 def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def test_a_full_size_sdxl_base_file_holds_every_tensor_diffusers_converts():
-    """diffuse's full-size SDXL base in the single-file layout (on meta: shapes, no memory) through
+@pytest.mark.parametrize("family", ["sdxl", "sdxl_refiner"])
+def test_a_full_size_sdxl_file_holds_every_tensor_diffusers_converts(family):
+    """diffuse's full-size SDXL base (or refiner) in the single-file layout (on meta: shapes, no memory) through
     diffusers' own converters, its networks configured from sgm's yaml: every tensor of diffusers'
-    UNet, VAE and both transformers text encoders, at its shape, and nothing else."""
+    UNet, VAE and transformers text encoders, at its shape, and nothing else."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from diffuse.models.clip import CLIPTextEncoder
-    from diffuse.models.configs import SDXL
+    from diffuse.models.configs import SDXL, SDXL_REFINER
     from diffuse.models.unet import UNet
     from diffuse.models.vae import AutoencoderKL as OurVAE
 
+    preset, yaml = {"sdxl": SDXL, "sdxl_refiner": SDXL_REFINER}[family], sgm_yaml(family)
     with torch.device("meta"):
         ours = {
-            "unet": UNet(SDXL.unet).state_dict(),
-            "vae": OurVAE(SDXL.vae).state_dict(),
-            "text_encoder": CLIPTextEncoder(SDXL.text_encoder).state_dict(),
-            "text_encoder_2": CLIPTextEncoder(SDXL.text_encoder_2).state_dict(),
+            "unet": UNet(preset.unet).state_dict(),
+            "vae": OurVAE(preset.vae).state_dict(),
+            "text_encoder": None if preset.text_encoder is None else CLIPTextEncoder(preset.text_encoder).state_dict(),
+            "text_encoder_2": CLIPTextEncoder(preset.text_encoder_2).state_dict(),
         }
-        state = single_file.join_single_file("sdxl", **ours)
-        unet_config = sfu.create_unet_diffusers_config_from_ldm(SD_XL_BASE_YAML, state)
-        vae_config = sfu.create_vae_diffusers_config_from_ldm(SD_XL_BASE_YAML, state)
+        state = single_file.join_single_file(family, **ours)
+        unet_config = sfu.create_unet_diffusers_config_from_ldm(yaml, state)
+        vae_config = sfu.create_vae_diffusers_config_from_ldm(yaml, state)
         clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                               num_attention_heads=12, hidden_act="quick_gelu"))  # fmt: skip
         big_g = CLIPTextModelWithProjection(
@@ -402,14 +422,20 @@ def test_a_full_size_sdxl_base_file_holds_every_tensor_diffusers_converts():
             "text_encoder": clip_l.state_dict(),
             "text_encoder_2": big_g.state_dict(),
         }
-        clip_l_state = sfu.convert_ldm_clip_checkpoint(state)
+        big_g_prefix = "conditioner.embedders.1.model." if family == "sdxl" else "conditioner.embedders.0.model."
         converted = {
             "unet": sfu.convert_ldm_unet_checkpoint(state, unet_config),
             "vae": sfu.convert_ldm_vae_checkpoint(state, vae_config),
             # transformers 5's CLIPTextModel has no "text_model." level; diffusers strips it likewise
-            "text_encoder": {k.removeprefix("text_model."): v for k, v in clip_l_state.items()},
-            "text_encoder_2": sfu.convert_open_clip_checkpoint(big_g, state, prefix="conditioner.embedders.1.model."),
+            "text_encoder": {
+                k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(state).items()
+            },
+            "text_encoder_2": sfu.convert_open_clip_checkpoint(big_g, state, prefix=big_g_prefix),
         }
-    assert unet_config["attention_head_dim"] == [5, 10, 20] and unet_config["addition_embed_type"] == "text_time"
+    heads = [5, 10, 20] if family == "sdxl" else [6, 12, 24, 24]  # reference 3.2 and 3.3
+    assert unet_config["attention_head_dim"] == heads and unet_config["addition_embed_type"] == "text_time"
+    if family == "sdxl_refiner":
+        assert converted["text_encoder"] == {}  # the refiner has bigG alone
+        del expected["text_encoder"], converted["text_encoder"]
     for name in expected:
         assert shapes(converted[name]) == shapes(expected[name]), name
