@@ -16,7 +16,7 @@ import torch
 from diffuse.pipeline import Pipeline, Result, Step
 from diffuse.preflight import Checked, check_generation_args
 from diffuse.regenerate import add_addon_options
-from diffuse.request import GenerationRequest
+from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -206,6 +206,11 @@ def _generation_request(
         strength=getattr(args, "strength", None),
         keep_unmasked=not getattr(args, "no_keep_unmasked", False),
         refiner_switch_at=refiner_switch_at,
+        crop_top=args.crop_top,
+        crop_left=args.crop_left,
+        negative_original_size=args.negative_original_size,
+        negative_target_size=args.negative_target_size,
+        negative_crop=args.negative_crop,
     )
 
 
@@ -421,6 +426,64 @@ def _non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def _pixels(text: str, low: int) -> int:
+    value = int(text)
+    if not low <= value <= MAX_CONDITIONED_PIXELS:
+        raise argparse.ArgumentTypeError(f"must be from {low} to {MAX_CONDITIONED_PIXELS} pixels, got {value}")
+    return value
+
+
+def _crop_pixels(text: str) -> int:
+    return _pixels(text, 0)
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    """ "WxH" -> (width, height), as "Size" is written."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT in pixels, e.g. 512x512, got {text!r}")
+    return _pixels(match.group(1), 1), _pixels(match.group(2), 1)
+
+
+def _crop_pair(text: str) -> tuple[int, int]:
+    """ "TOP,LEFT" -> (top, left)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must be TOP,LEFT in pixels, e.g. 0,256, got {text!r}")
+    return _crop_pixels(parts[0]), _crop_pixels(parts[1])
+
+
+def _add_size_conditioning_options(p: argparse.ArgumentParser) -> None:
+    sizes = p.add_argument_group("SDXL size conditioning (what the model is told of its training image)")
+    sizes.add_argument(
+        "--crop-top", type=_crop_pixels, default=0, metavar="N", help="the crop's top edge (default 0: uncropped)"
+    )
+    sizes.add_argument(
+        "--crop-left", type=_crop_pixels, default=0, metavar="N", help="the crop's left edge (default 0: uncropped)"
+    )
+    sizes.add_argument(
+        "--negative-original-size",
+        type=_size_pair,
+        default=None,
+        metavar="WxH",
+        help="the original size the negative prompt is conditioned on (default: the image's size)",
+    )
+    sizes.add_argument(
+        "--negative-target-size",
+        type=_size_pair,
+        default=None,
+        metavar="WxH",
+        help="the target size the negative prompt is conditioned on (default: the image's size)",
+    )
+    sizes.add_argument(
+        "--negative-crop",
+        type=_crop_pair,
+        default=None,
+        metavar="TOP,LEFT",
+        help="the crop the negative prompt is conditioned on (default: --crop-top, --crop-left)",
+    )
+
+
 def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("prompt", help="what to draw; (word:1.3) and [word] weights and BREAK work as in A1111")
     if kind != "txt2img":
@@ -483,6 +546,7 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_addon_options(p)
+    _add_size_conditioning_options(p)
     _add_speedup_options(p)
     p.set_defaults(run=generate)
 

@@ -601,3 +601,24 @@ def test_info_and_illustrate_on_an_sdxl_model(sdxl_folder, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="not illustrated yet"):
         record(diffuse.load_pipeline(sdxl_folder, dtype="float32"), "a squirrel")
+
+
+def test_the_cli_takes_size_conditioning(sdxl_folder, ours, tmp_path, capsys):
+    from diffuse.cli import main
+    from diffuse.metadata import read_parameters
+
+    sizes = ["--crop-top", "16", "--negative-original-size", "48x32", "--negative-crop", "0,8"]
+    argv = ["txt2img", PROMPT, "--model", str(sdxl_folder), "--steps", "2", "--sampler", "Euler", "--seed", "3"]
+    assert main([*argv, *sizes, "-n", NEGATIVE, "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.strip()
+    request = diffuse.GenerationRequest(
+        PROMPT, negative_prompt=NEGATIVE, steps=2, sampler="Euler", seed=3, crop_top=16,
+        negative_original_size=(48, 32), negative_crop=(0, 8),
+    )  # fmt: skip
+    assert_same_images([Image.open(written).convert("RGB")], ours.generate(request).images)
+    text = read_parameters(written)
+    assert "Crop top: 16" in text and "Negative original size: 48x32" in text and "Negative crop left: 8" in text
+    for bad in (["--crop-left", "-1"], ["--negative-target-size", "64"], ["--negative-crop", "1,2,3"]):
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
+        assert "must be" in capsys.readouterr().err
