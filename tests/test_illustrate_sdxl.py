@@ -62,6 +62,7 @@ def test_illustrate_draws_every_figure_of_an_sdxl_model(sdxl_folder, tmp_path, c
     assert "2 text encoders" in captions["components"] and "vector y [1, 72]" in captions["components"]
     assert "pads with id 0" in captions["tokens"] and "text encoder 2 over all 40 channels" in captions["embeddings"]
     assert "zeros in place of the empty prompt" in captions["guidance"]
+    assert "each told the timestep with the vector y [72], embedded, added to it" in captions["unet"]
     assert "last text encoder's projected end-of-text states" in captions["clip_similarity"]
     assert all((out / f["file"]).is_file() for f in report["figures"])
 

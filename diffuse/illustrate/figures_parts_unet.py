@@ -185,9 +185,11 @@ def unet(pipe: Pipeline, rec: Recording, out: Path) -> Figure:
         + ("" if row["attention"] else " (no attention)")
         for row in table
     )
+    # SDXL's vector y goes through label_emb into the same embedding as the timestep.
+    told_y = f" with the vector y [{cfg.adm_in_channels}], embedded, added to it" if cfg.adm_in_channels else ""
     caption = (
         f"This model's UNet ({parameters / 1e6:.1f} M parameters): {levels}. "
-        f"{count['resnet']} ResNet blocks, each told the timestep, and {count['attention']} attention blocks "
+        f"{count['resnet']} ResNet blocks, each told the timestep{told_y}, and {count['attention']} attention blocks "
         f"holding {cross} cross-attention layers, through which the {context_shape} text "
         f"encoding enters; {len(skip_pairs(blocks))} skip connections join the down path to the up path."
     )
