@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 from test_page_browser import browser  # noqa: F401  (the headless Chromium fixture; skips without it)
 from test_server import Running, settings
-from test_server_sdxl import BASE_SIZE, write_sdxl_models
+from test_server_sdxl import BASE_SIZE, sdxl_models_folder
 
 from diffuse.metadata import parse_infotext, read_parameters
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, clip_vocab_dir):
-    models = write_sdxl_models(tmp_path_factory.mktemp("sdxl_models"), clip_vocab_dir)
+    models = sdxl_models_folder(tmp_path_factory, clip_vocab_dir)
     running = Running(settings(tmp_path_factory.mktemp("page"), model=models / "tiny_base", models_dir=models))
     yield running
     running.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_server_sdxl import write_sdxl_models
+from test_server_sdxl import sdxl_models_folder
 
 import diffuse
 import diffuse.loader
@@ -289,7 +289,7 @@ def test_interrupted_server_images_carry_the_same_parameters():
 
 @pytest.fixture(scope="module")
 def sdxl_models(tmp_path_factory, clip_vocab_dir) -> Path:
-    return write_sdxl_models(tmp_path_factory.mktemp("sdxl_models"), clip_vocab_dir)
+    return sdxl_models_folder(tmp_path_factory, clip_vocab_dir)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +299,7 @@ def handoff_png(sdxl_models, tmp_path_factory) -> Path:
         diffuse.load_pipeline(sdxl_models / name, dtype="float32") for name in ("tiny_base", "tiny_refiner")
     )
     request = diffuse.GenerationRequest(
-        "a castle", "blurry", steps=5, guidance_scale=5, sampler="Euler", seed=9, batch_size=2, refiner_switch_at=0.6
+        "a castle", "blurry", steps=3, guidance_scale=5, sampler="Euler", seed=9, batch_size=2, refiner_switch_at=0.6
     )
     result = base.generate(request, refiner=refiner)
     return save_png(result.images[1], tmp_path_factory.mktemp("handoff") / "handoff.png", result.infotexts[1])
