@@ -92,7 +92,8 @@ def components(pipe, rec: Recording, out: Path) -> Figure:
     _arrow(ax, (7.6, 0.1), (7.6, 1.1), f"noise {shape_text(shapes['latents'])}, seed {rec.seed}")
     loop = dict(arrowstyle="-|>", connectionstyle="arc3,rad=-0.6", color="#333333")
     ax.annotate("", xy=(8.4, 2.72), xytext=(6.8, 2.72), arrowprops=loop)
-    ax.text(7.6, 3.45, "x ← step(x, unet(x, t, context))", ha="center", va="top", fontsize=7, family="monospace")
+    update = "x ← step(x, unet(x, t, context, y))" if "vector" in shapes else "x ← step(x, unet(x, t, context))"
+    ax.text(7.6, 3.45, update, ha="center", va="top", fontsize=7, family="monospace")
     ax.imshow(np.asarray(rec.image.convert("RGB")), extent=(12.75, 13.95, 1.3, 2.5))
     _arrow(ax, (12.3, 1.9), (12.7, 1.9), "")
     ax.text(13.35, 1.15, "image " + shape_text(shapes["image"]), ha="center", va="top", fontsize=7)
@@ -192,7 +193,10 @@ def embeddings(pipe, rec: Recording, out: Path) -> Figure:
     texts = [rec.text] if rec.text_2 is None else [rec.text, rec.text_2]
     rows = rec.text.prompt_length + 2
     labels = [f"{p} {token_label(t)}" for p, t in enumerate(rec.text.tokens[:rows])]
-    fig, axes = pyplot.subplots(len(texts), 2, figsize=(12, (1.2 + 0.28 * rows) * len(texts)), squeeze=False)
+    fig, axes = pyplot.subplots(
+        len(texts), 2, figsize=(12, (1.2 + 0.28 * rows) * len(texts)), squeeze=False, sharey=True
+    )
+    fig.subplots_adjust(hspace=0.5)
     sentences, numbers = [], {"positions": rows}
     for n, (text, row) in enumerate(zip(texts, axes)):
         which = "" if len(texts) == 1 else f" {n + 1}"
@@ -201,8 +205,7 @@ def embeddings(pipe, rec: Recording, out: Path) -> Figure:
             _heat_map(fig, ax, f"text encoder{which}: {title}", values[:rows])
             for ax, (title, values) in zip(row, parts)
         ]
-        for ax in row:
-            ax.set_yticks(range(rows), labels, fontsize=7)
+        row[0].set_yticks(range(rows), labels, fontsize=7)  # shared with the right-hand panel
         width = text.output.shape[1]
         channels = min(width, MAX_CHANNELS)
         subset = f"the first {channels} of {width} channels" if channels < width else f"all {width} channels"

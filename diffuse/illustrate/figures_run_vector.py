@@ -47,6 +47,7 @@ def vector(pipe, rec: Recording, out: Path) -> Figure:
     pooled, sinusoids = rec.vector[:pooled_width], rec.vector[pooled_width:].reshape(len(names), dim)
     values = [read_back(s) for s in sinusoids]
     fig, (top, bottom) = pyplot.subplots(2, 1, figsize=(10, 1.6 + 0.35 * len(names) + 1.6), height_ratios=(1.6, 1))
+    fig.subplots_adjust(hspace=0.45)
     top.plot(np.arange(pooled_width), pooled.numpy(), lw=0.8, color="#2a6f97")
     top.set_title(f"pooled text vector ({pooled_width} channels): the last text encoder, projected", fontsize=9)
     top.set_xlim(0, pooled_width - 1)
