@@ -170,6 +170,7 @@ def reference_handoff(
 ):
     """diffusers' ensemble of experts: the base to denoising_end as latents, the refiner from
     denoising_start; `sampler` names both pipelines' scheduler (test_sdxl_pipeline.SCHEDULERS).
+    One generator goes on from the base's draws to the refiner's, as diffuse's do.
     The base's latents at the switch and the refiner's images (or what `extra` asks for)."""
     import diffusers
 
@@ -180,14 +181,10 @@ def reference_handoff(
         **{**reference_refiner.components, "scheduler": reference_base.scheduler}, requires_aesthetics_score=True
     )
     common = dict(negative_prompt=negative or None, num_inference_steps=STEPS, guidance_scale=5.0)
-    latents = reference_base(
-        PROMPT,
-        denoising_end=switch_at,
-        output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(seed),
-        **common,
-    ).images
     generator = torch.Generator("cpu").manual_seed(seed)
+    latents = reference_base(
+        PROMPT, denoising_end=switch_at, output_type="latent", generator=generator, **common
+    ).images
     return latents, refiner(PROMPT, image=latents, denoising_start=switch_at, generator=generator, **common, **extra)
 
 
@@ -234,6 +231,22 @@ def test_a_multistep_handoff_matches_diffusers_at_the_switch_and_after(
     base_steps = int(sampler_plan(base, sampler).timesteps.ge(1000 * (1 - switch_at)).sum())
     assert 0 < base_steps < STEPS
     torch.testing.assert_close(steps[base_steps - 1], at_switch, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(steps[-1], expected.images, atol=1e-3, rtol=1e-4)
+    assert_same_images(result.images, expected_images.images)
+
+
+def test_an_ancestral_handoff_matches_diffusers(base, refiner, base_folder, reference_refiner):
+    """Euler a: the refiner's fresh noise comes from each image's generator going on from the base's draws."""
+    _, expected = reference_handoff(
+        base_folder, reference_refiner, 0.7, NEGATIVE, seed=21, sampler="Euler a", output_type="latent"
+    )
+    _, expected_images = reference_handoff(base_folder, reference_refiner, 0.7, NEGATIVE, 21, "Euler a")
+    request = diffuse.GenerationRequest(
+        PROMPT, negative_prompt=NEGATIVE, steps=STEPS, guidance_scale=5.0, sampler="Euler a", seed=21,
+        refiner_switch_at=0.7,
+    )  # fmt: skip
+    steps = []
+    result = base.generate(request, callback=lambda step: steps.append(step.latents), refiner=refiner)
     torch.testing.assert_close(steps[-1], expected.images, atol=1e-3, rtol=1e-4)
     assert_same_images(result.images, expected_images.images)
 
