@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sdxl_inpaint import mask_picture
 from test_sdxl_pipeline import build_sdxl_reference, picture
 from test_sdxl_refiner import build_refiner_reference
 from test_server import DEFAULT_MODEL, Running, decode_png, png_data_url, settings
@@ -101,18 +102,23 @@ def pipes(sdxl_models):
     return {name: diffuse.load_pipeline(sdxl_models / name, dtype="float32") for name in ("tiny_base", "tiny_refiner")}
 
 
-@pytest.mark.parametrize("route", ["txt2img", "img2img"])
-def test_the_refiner_takes_over_as_in_the_python_api(server, pipes, route):
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])
+def test_the_refiner_takes_over_as_in_the_python_api(server, pipes, kind):
     refiner = titles(server)["tiny_refiner"]
-    images = {"init_images": [png_data_url(picture())], "denoising_strength": 0.9} if route == "img2img" else {}
-    status, body = generate(server, route, refiner_checkpoint=refiner, refiner_switch_at=0.6, **images)
-    assert status == 200, body
-    made = decode_png(body["images"][0])
     request = diffuse.GenerationRequest(
         QUICK["prompt"], QUICK["negative_prompt"], steps=5, guidance_scale=5, sampler="Euler", seed=3
     )
-    if route == "img2img":
+    images = {}
+    if kind != "txt2img":
+        images = {"init_images": [png_data_url(picture())], "denoising_strength": 0.9}
         request = replace(request, image=picture(), strength=0.9)
+    if kind == "inpaint":
+        images["mask"] = png_data_url(mask_picture())
+        request = replace(request, mask=mask_picture())
+    route = "txt2img" if kind == "txt2img" else "img2img"
+    status, body = generate(server, route, refiner_checkpoint=refiner, refiner_switch_at=0.6, **images)
+    assert status == 200, body
+    made = decode_png(body["images"][0])
     expected = pipes["tiny_base"].generate(replace(request, refiner_switch_at=0.6), refiner=pipes["tiny_refiner"])
     assert made.tobytes() == expected.images[0].tobytes()
     alone = pipes["tiny_base"].generate(request).images[0]
