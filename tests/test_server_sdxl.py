@@ -20,6 +20,7 @@ import diffuse
 import diffuse.server.models
 from diffuse.metadata import parse_infotext, read_parameters
 from diffuse.server.models import ModelHost, find_models
+from diffuse.server.page_routes import remake_fields
 
 BASE_SIZE = 80  # the base's own size: sample_size 40 x the tiny VAE's 2 (SD1's shipped model draws 64)
 QUICK = {"prompt": "a castle on a hill", "negative_prompt": "blurry", "steps": 5, "cfg_scale": 5, "seed": 3}
@@ -225,3 +226,18 @@ def test_an_interrupted_hand_off_records_what_a_finished_one_does(pipes):
     latents = torch.zeros(1, 4, BASE_SIZE // 2, BASE_SIZE // 2)
     partial = _partial(base, request, Step(3, 4, 1.0, latents, latents), refiner)
     assert partial.infotexts == finished.infotexts and partial.images[0].size == (BASE_SIZE, BASE_SIZE)
+
+
+def test_a1111s_sdxl_crop_settings_reach_the_size_conditioning(server, pipes):
+    crop = {"sdxl_crop_top": 16, "sdxl_crop_left": 8}
+    status, body = generate(server, steps=2, override_settings=crop)
+    assert status == 200, body
+    request = diffuse.GenerationRequest(
+        QUICK["prompt"], QUICK["negative_prompt"], steps=2, guidance_scale=5, sampler="Euler", seed=3
+    )
+    expected = pipes["tiny_base"].generate(replace(request, crop_top=16, crop_left=8))
+    assert decode_png(body["images"][0]).tobytes() == expected.images[0].tobytes()
+    assert infotext(body)["Crop top"] == "16" and body["parameters"]["override_settings"] == crop
+    assert remake_fields(json.loads(body["info"])["infotexts"][0]) is None  # the page's form holds no crop
+    status, body = generate(server, override_settings={"sdxl_crop_left": -8})
+    assert status == 422 and body["field"] == "override_settings.sdxl_crop_left", body

@@ -14,6 +14,8 @@ What differs from A1111, and why:
   - the features diffuse does not have here (hires fix, face restoration, tiling, scripts, subseeds,
     styles) are ignored when switched off and refused when asked for, never silently skipped;
   - a refiner_checkpoint needs its refiner_switch_at (A1111 would run the refiner from the first step);
+  - override_settings.sdxl_crop_top / sdxl_crop_left (A1111's settings) are refused by a model other
+    than SDXL rather than ignored;
   - an inpainting mask is used as sent: mask_blur, inpainting_fill and resize_mode are not applied.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from diffuse import inputs
-from diffuse.request import GenerationRequest
+from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest
 from diffuse.samplers import SCHEDULE_TYPES
 from diffuse.speedups import MAX_TOKEN_MERGING, Speedups
 
@@ -96,7 +98,9 @@ def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
     send_images, model = _bool(body, "send_images", True), _model_override(body)
     restore_model = _bool(body, "override_settings_restore_afterwards", True)
     refiner, switch_at = _refiner(body)
-    generation = replace(generation, clip_skip=_clip_skip(body), speedups=_speedups(body), refiner_switch_at=switch_at)
+    generation = replace(
+        generation, clip_skip=_clip_skip(body), speedups=_speedups(body), refiner_switch_at=switch_at, **_crop(body)
+    )
     if kind == "img2img":
         generation = _with_images(generation, body, limits)
     request = A1111Request(
@@ -195,6 +199,8 @@ def _echo(body: dict, request: A1111Request) -> dict[str, Any]:
         "sd_model_checkpoint": request.model,
         "CLIP_stop_at_last_layers": generation.clip_skip,
         "token_merging_ratio": generation.speedups.token_merging,
+        "sdxl_crop_top": generation.crop_top,
+        "sdxl_crop_left": generation.crop_left,
     }
     echo["override_settings"] = {key: value for key, value in used.items() if key in _override(body)}
     echo.update({name: body[name] for name in _OFF if name in body})  # checked above: each one off, small
@@ -375,6 +381,20 @@ def _refiner(body: dict) -> tuple[str | None, float | None]:
     if not 0 < switch_at < 1:
         raise RequestError("refiner_switch_at", f"must be above 0 and below 1, got {switch_at!r}")
     return name, switch_at
+
+
+def _crop(body: dict) -> dict[str, int]:
+    """override_settings.sdxl_crop_top and sdxl_crop_left: the corner SDXL is told its image was cut at."""
+    crop = {}
+    for name, setting in (("crop_top", "sdxl_crop_top"), ("crop_left", "sdxl_crop_left")):
+        value = _override(body).get(setting, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CONDITIONED_PIXELS:
+            raise RequestError(
+                f"override_settings.{setting}",
+                f"must be whole pixels from 0 to {MAX_CONDITIONED_PIXELS}, got {value!r}",
+            )
+        crop[name] = value
+    return crop
 
 
 def _model_override(body: dict) -> str | None:

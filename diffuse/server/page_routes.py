@@ -48,7 +48,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 
 from diffuse.metadata import PARAMETERS_KEY, info_from_infotext, numbered_path, parse_infotext, save_png
-from diffuse.regenerate import refiner_title
+from diffuse.regenerate import SIZE_PAIRS, refiner_title
 from diffuse.server.a1111 import A1111Request, Limits, RequestError, read_generation
 from diffuse.server.generate import Generated, png_base64, processed_info
 from diffuse.server.jobs import Job
@@ -200,6 +200,8 @@ def remake_fields(text: str) -> dict | None:
     foreign = ("Denoising strength", "Eta", "Token merging ratio", "Guidance cutoff", "Deep cache", "Mask blur")
     if any(key not in info for key in needed) or any(label in parsed for label in foreign) or info["clip_skip"] != 1:
         return None
+    if any(key in info for pair in SIZE_PAIRS.values() for key in pair):
+        return None  # SDXL's crop or negative sizes, which the page's form does not hold
     refiner = {}
     if "refiner" in info:  # a hand-off: the page finds its refiner by the hash, as the model
         try:
