@@ -39,6 +39,14 @@ def save(fig: pyplot.Figure, folder: Path, name: str) -> str:
     return name
 
 
+def note_figure(kind: str, out: Path, note: str) -> Figure:
+    """A figure that says why this run has nothing of its kind to draw, so the report still has its place."""
+    fig, ax = pyplot.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=10, wrap=True)
+    return Figure(kind, save(fig, out, f"{kind}.png"), note, {})
+
+
 def model_schedule(pipe) -> NoiseSchedule:
     """The noise schedule `pipe`'s model was trained with, as its samplers get it (scheduler config and
     prediction type); the same whichever sampler asks."""

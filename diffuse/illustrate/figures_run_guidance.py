@@ -9,20 +9,12 @@ import numpy as np
 import torch
 from matplotlib import pyplot
 
-from diffuse.illustrate.figure import Figure, save
+from diffuse.illustrate.figure import Figure, note_figure, save
 from diffuse.illustrate.figures_run_text import token_label
 from diffuse.illustrate.recording import Recording
 
 ATTENTION_COLUMNS = 6
 MAX_TOKENS = 23  # a long prompt's first tokens fill four rows with the image; each panel is drawn at image size
-
-
-def _note_figure(kind: str, out: Path, note: str) -> Figure:
-    """A figure that says why this run has nothing of its kind to draw, so the report still has its place."""
-    fig, ax = pyplot.subplots(figsize=(6, 1.2))
-    ax.axis("off")
-    ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=10, wrap=True)
-    return Figure(kind, save(fig, out, f"{kind}.png"), note, {})
 
 
 # ---- guidance -----------------------------------------------------------------------------------
@@ -33,7 +25,7 @@ def guidance(pipe, rec: Recording, out: Path) -> Figure:
     prediction uncond + scale * (cond - uncond), each as the mean over the latent channels."""
     guided_steps = [s for s in rec.step_records if s.guidance is not None]
     if not guided_steps:
-        return _note_figure(
+        return note_figure(
             "guidance", out, f"Guidance was off in this run (CFG scale {rec.cfg_scale:g}): one UNet pass per step."
         )
     scale = guided_steps[0].guidance.scale
@@ -88,7 +80,7 @@ def attention(pipe, rec: Recording, out: Path) -> Figure:
     """Per prompt token, its cross-attention map over the final image, in a grid titled by the tokens."""
     record = rec.attention
     if record is None or not record.tokens:
-        return _note_figure("attention", out, "Cross-attention was not recorded in this run.")
+        return note_figure("attention", out, "Cross-attention was not recorded in this run.")
     maps = upsampled_maps(rec).numpy()
     picture = np.asarray(rec.image.convert("RGB"))
     shown = min(len(record.tokens), MAX_TOKENS)

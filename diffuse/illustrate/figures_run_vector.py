@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffuse.illustrate.figure import Figure, pyplot, save
-from diffuse.illustrate.figures_run_guidance import _note_figure
+from diffuse.illustrate.figure import Figure, note_figure, pyplot, save
 from diffuse.illustrate.recording import Recording
 from diffuse.models.unet import timestep_embedding
 
@@ -37,7 +36,7 @@ def read_back(sinusoid: Tensor) -> float | None:
 def vector(pipe, rec: Recording, out: Path) -> Figure:
     """The pooled text vector as a line, then one heat-map row per size scalar, labelled with its value."""
     if rec.vector is None:
-        return _note_figure(
+        return note_figure(
             "vector",
             out,
             "This model's UNet takes no vector conditioning y: SD 1.x and 2.x tell it only the timestep and the text.",
