@@ -76,7 +76,7 @@ def test_sd_models_lists_the_sdxl_models_and_options_switch_to_sd1_and_back(serv
         assert status == 200 and decode_png(body["images"][0]).size == (64, 64)
         assert infotext(body)["Model"] == "sd1"
         status, body = generate(server, refiner_checkpoint=listed["tiny_refiner"], refiner_switch_at=0.8)
-        assert status == 422 and "both the model and its refiner must be SDXL" in body["detail"]
+        assert status == 422 and "the model sd1 [" in body["detail"] and "is not SDXL" in body["detail"]
     finally:
         assert server.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": listed["tiny_base"]})[0] == 200
     status, body = generate(server)
@@ -186,13 +186,19 @@ def test_the_host_holds_two_models_at_most_and_keeps_the_refiner(sdxl_models, mo
     assert refiner.is_xl and host.refiner("tiny_refiner") is refiner and host.refiner(None) is None
     assert host.refiner("tiny_base") is None  # the current model itself: A1111 hands over to nothing
     del refiner
-    host.switch("sd1")  # the kept refiner is let go first
-    assert host.refiner_entry is None and host.current.name == "sd1"
+    for _ in range(2):  # found not SDXL once, then refused without loading it again
+        with pytest.raises(ValueError, match="sd1 .* is not an SDXL model"):
+            host.refiner("sd1")
     kept = host.refiner("tiny_refiner")
     host.switch("tiny_refiner")  # moved over, not loaded again
     assert host.pipe is kept and host.refiner_entry is None
+    host.refiner("tiny_base")
+    host.switch("sd1")  # the kept refiner is let go first
+    assert host.refiner_entry is None and host.current.name == "sd1"
+    with pytest.raises(ValueError, match="the model sd1 .* is not SDXL"):
+        host.refiner("tiny_refiner")  # refused before any load
     # One model held beside each load, never two.
-    assert loads == [("tiny_refiner", 1), ("sd1", 1), ("tiny_refiner", 1)]
+    assert loads == [("tiny_refiner", 1), ("sd1", 1), ("tiny_refiner", 1), ("tiny_base", 1), ("sd1", 1)]
 
 
 def test_the_pages_routes_tell_the_models_size_and_hand_over_to_the_refiner(server):

@@ -67,7 +67,8 @@ def find_models(default: Path, models_dir: Path | None) -> list[ModelEntry]:
 
 
 class ModelHost:
-    """The listed models and the loaded pipeline; switch() is safe to call while others read `pipe`."""
+    """The listed models, the loaded pipeline and the kept refiner; switch() is safe to call while
+    others read `pipe`."""
 
     def __init__(
         self,
@@ -87,6 +88,7 @@ class ModelHost:
         self.pipe: Pipeline = self._load(self.current)
         self.refiner_entry: ModelEntry | None = None  # the refiner kept from the last request that named one
         self._refiner: Pipeline | None = None
+        self._not_sdxl: set[ModelEntry] = set()  # asked for as refiners and found not SDXL: not loaded again
 
     def find(self, wanted: str) -> ModelEntry:
         for entry in self.entries:
@@ -107,17 +109,22 @@ class ModelHost:
 
     def refiner(self, wanted: str | None) -> Pipeline | None:
         """The loaded refiner a request names; None for none, or for the current model itself, which
-        A1111 does not hand over to. NotARefiner (a ValueError) for a model that is not SDXL."""
+        A1111 does not hand over to. NotARefiner (a ValueError) when either model is not SDXL."""
         if wanted is None:
             return None
         entry = self.find(wanted)
         if entry == self.current:
             return None
+        if not self.pipe.is_xl:
+            raise NotARefiner(
+                f"refiner_checkpoint: the model {self.current.title} is not SDXL, which a refiner continues"
+            )
         with self._lock:
             if entry != self.refiner_entry:
                 self._refiner = self.refiner_entry = None  # let go first: two models at most while loading
-                pipe = self._load(entry)
-                if not pipe.is_xl:
+                pipe = None if entry in self._not_sdxl else self._load(entry)
+                if pipe is None or not pipe.is_xl:
+                    self._not_sdxl.add(entry)
                     raise NotARefiner(
                         f"refiner_checkpoint: {entry.title} is not an SDXL model; a refiner must be an SDXL "
                         "refiner or base"
