@@ -8,7 +8,7 @@ with those widths; every weight is perturbed so that no zero-initialised tensor 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -165,44 +165,70 @@ def base(base_folder):
     return diffuse.load_pipeline(base_folder, dtype="float32")
 
 
-def reference_handoff(
-    base_folder, reference_refiner, switch_at: float, negative: str, seed: int, sampler: str = "Euler", **extra
-):
-    """diffusers' ensemble of experts: the base to denoising_end as latents, the refiner from
-    denoising_start; `sampler` names both pipelines' scheduler (test_sdxl_pipeline.SCHEDULERS).
-    One generator goes on from the base's draws to the refiner's, as diffuse's do.
-    The base's latents at the switch and the refiner's images (or what `extra` asks for)."""
+@pytest.fixture(scope="module")
+def reference_base(base_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(base_folder, add_watermarker=False).to(torch.float32)
+
+
+def with_scheduler(pipeline_class, reference, sampler: str, **config):
+    """`reference`'s components as `pipeline_class` with the scheduler `sampler` names (test_sdxl_pipeline.SCHEDULERS)."""
     import diffusers
 
-    reference_base = diffusers.StableDiffusionXLPipeline.from_pretrained(base_folder, add_watermarker=False)
     class_name, options = SCHEDULERS[sampler]
-    reference_base.scheduler = getattr(diffusers, class_name).from_config(reference_base.scheduler.config, **options)
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
-        **{**reference_refiner.components, "scheduler": reference_base.scheduler}, requires_aesthetics_score=True
+    scheduler = getattr(diffusers, class_name).from_config(reference.scheduler.config, **options)
+    return pipeline_class(**{**reference.components, "scheduler": scheduler}, **config)
+
+
+@dataclass
+class Handoff:
+    at_switch: torch.Tensor  # the base's latents as handed over
+    latents: torch.Tensor  # the refiner's final latents
+    images: list
+
+
+def reference_handoff(reference_base, reference_refiner, switch_at: float, negative: str, seed: int, sampler="Euler"):
+    """diffusers' ensemble of experts: the base to denoising_end as latents, the refiner from
+    denoising_start, then the refiner's VAE decoding as its pipeline does. One generator goes on
+    from the base's draws to the refiner's, as diffuse's do."""
+    import diffusers
+
+    base = with_scheduler(diffusers.StableDiffusionXLPipeline, reference_base, sampler)
+    refiner = with_scheduler(
+        diffusers.StableDiffusionXLImg2ImgPipeline, reference_refiner, sampler, requires_aesthetics_score=True
     )
     common = dict(negative_prompt=negative or None, num_inference_steps=STEPS, guidance_scale=5.0)
     generator = torch.Generator("cpu").manual_seed(seed)
-    latents = reference_base(
-        PROMPT, denoising_end=switch_at, output_type="latent", generator=generator, **common
+    at_switch = base(PROMPT, denoising_end=switch_at, output_type="latent", generator=generator, **common).images
+    latents = refiner(
+        PROMPT, image=at_switch, denoising_start=switch_at, generator=generator, output_type="latent", **common
     ).images
-    return latents, refiner(PROMPT, image=latents, denoising_start=switch_at, generator=generator, **common, **extra)
+    return Handoff(at_switch, latents, decode_like_diffusers(refiner, latents))
+
+
+def decode_like_diffusers(pipe, latents: torch.Tensor) -> list:
+    with torch.no_grad():
+        pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def handoff_request(negative: str, sampler: str, seed: int, switch_at: float, **extra) -> diffuse.GenerationRequest:
+    return diffuse.GenerationRequest(
+        PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler=sampler, seed=seed,
+        refiner_switch_at=switch_at, **extra,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("switch_at, negative", [(0.8, NEGATIVE), (0.55, "")])
-def test_base_to_refiner_handoff_matches_diffusers(switch_at, negative, base, refiner, base_folder, reference_refiner):
-    expected = reference_handoff(base_folder, reference_refiner, switch_at, negative, seed=21)[1].images
+def test_base_to_refiner_handoff_matches_diffusers(
+    switch_at, negative, base, refiner, reference_base, reference_refiner
+):
+    expected = reference_handoff(reference_base, reference_refiner, switch_at, negative, seed=21)
     steps = []
-    request = diffuse.GenerationRequest(
-        PROMPT,
-        negative_prompt=negative,
-        steps=STEPS,
-        guidance_scale=5.0,
-        sampler="Euler",
-        seed=21,
-        refiner_switch_at=switch_at,
-    )
+    request = handoff_request(negative, "Euler", 21, switch_at)
     result = base.generate(request, callback=lambda step: steps.append((step.index, step.total)), refiner=refiner)
-    assert_same_images(result.images, expected)
+    assert_same_images(result.images, expected.images)
     # The step reports count over both models' steps.
     assert steps == [(i, STEPS) for i in range(STEPS)]
     alone = base.txt2img(PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler="Euler", seed=21)
@@ -211,87 +237,69 @@ def test_base_to_refiner_handoff_matches_diffusers(switch_at, negative, base, re
 
 @pytest.mark.parametrize("negative", [NEGATIVE, ""], ids=["negative", "no-negative"])
 def test_a_multistep_handoff_matches_diffusers_at_the_switch_and_after(
-    negative, base, refiner, base_folder, reference_refiner
+    negative, base, refiner, reference_base, reference_refiner
 ):
     """DPM++ 2M Karras: the base keeps second order up to the switch (its part does not end the
     schedule, so no first-order last step) and the refiner's history starts afresh there, as
     diffusers' denoising_end / denoising_start do. Latents are compared as well as images: the
     tiny VAE hides the difference a first-order step at the switch makes."""
     switch_at, sampler = 0.7, "DPM++ 2M Karras"
-    at_switch, expected = reference_handoff(
-        base_folder, reference_refiner, switch_at, negative, seed=13, sampler=sampler, output_type="latent"
-    )
-    _, expected_images = reference_handoff(base_folder, reference_refiner, switch_at, negative, 13, sampler)
+    expected = reference_handoff(reference_base, reference_refiner, switch_at, negative, 13, sampler)
     steps = []
-    request = diffuse.GenerationRequest(
-        PROMPT, negative_prompt=negative, steps=STEPS, guidance_scale=5.0, sampler=sampler, seed=13,
-        refiner_switch_at=switch_at,
-    )  # fmt: skip
+    request = handoff_request(negative, sampler, 13, switch_at)
     result = base.generate(request, callback=lambda step: steps.append(step.latents), refiner=refiner)
     base_steps = int(sampler_plan(base, sampler).timesteps.ge(1000 * (1 - switch_at)).sum())
     assert 0 < base_steps < STEPS
-    torch.testing.assert_close(steps[base_steps - 1], at_switch, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(steps[-1], expected.images, atol=1e-3, rtol=1e-4)
-    assert_same_images(result.images, expected_images.images)
+    torch.testing.assert_close(steps[base_steps - 1], expected.at_switch, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(steps[-1], expected.latents, atol=1e-3, rtol=1e-4)
+    assert_same_images(result.images, expected.images)
 
 
-def test_an_ancestral_handoff_matches_diffusers(base, refiner, base_folder, reference_refiner):
+def test_an_ancestral_handoff_matches_diffusers(base, refiner, reference_base, reference_refiner):
     """Euler a: the refiner's fresh noise comes from each image's generator going on from the base's draws."""
-    _, expected = reference_handoff(
-        base_folder, reference_refiner, 0.7, NEGATIVE, seed=21, sampler="Euler a", output_type="latent"
-    )
-    _, expected_images = reference_handoff(base_folder, reference_refiner, 0.7, NEGATIVE, 21, "Euler a")
-    request = diffuse.GenerationRequest(
-        PROMPT, negative_prompt=NEGATIVE, steps=STEPS, guidance_scale=5.0, sampler="Euler a", seed=21,
-        refiner_switch_at=0.7,
-    )  # fmt: skip
+    expected = reference_handoff(reference_base, reference_refiner, 0.7, NEGATIVE, 21, "Euler a")
     steps = []
+    request = handoff_request(NEGATIVE, "Euler a", 21, 0.7)
     result = base.generate(request, callback=lambda step: steps.append(step.latents), refiner=refiner)
-    torch.testing.assert_close(steps[-1], expected.images, atol=1e-3, rtol=1e-4)
-    assert_same_images(result.images, expected_images.images)
+    torch.testing.assert_close(steps[-1], expected.latents, atol=1e-3, rtol=1e-4)
+    assert_same_images(result.images, expected.images)
 
 
 @pytest.mark.parametrize("strength, negative", [(1.0, NEGATIVE), (0.8, "")], ids=["full-negative", "partial"])
-def test_an_inpainting_handoff_matches_diffusers(strength, negative, base, refiner, base_folder, reference_refiner):
+def test_an_inpainting_handoff_matches_diffusers(strength, negative, base, refiner, reference_base, reference_refiner):
     """diffusers' SDXL inpainting pipeline for both parts (DPM++ 2M Karras, whose latents are
     variance-preserving as ours are when handed over): the base puts the image back outside the
     mask up to the switch, ending with the image's own latents there; the refiner puts the base's
     latents back, noised with a slice it draws after the base's draws. diffusers also draws a
     posterior sample of the masked image, which a 4-channel UNet never reads and diffuse does not
     draw: the refiner's generator here goes on from the two draws diffuse made (image, noise)."""
-    import diffusers
+    from diffusers import StableDiffusionXLInpaintPipeline
     from test_sdxl_inpaint import mask_picture
 
-    sampler, (class_name, options) = "DPM++ 2M Karras", SCHEDULERS["DPM++ 2M Karras"]
-    reference_base = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(base_folder, add_watermarker=False)
-    reference_base.scheduler = getattr(diffusers, class_name).from_config(reference_base.scheduler.config, **options)
-    components = {**reference_refiner.components, "scheduler": reference_base.scheduler}
-    reference = diffusers.StableDiffusionXLInpaintPipeline(**components, requires_aesthetics_score=True)
+    sampler = "DPM++ 2M Karras"
+    reference = with_scheduler(StableDiffusionXLInpaintPipeline, reference_base, sampler)
+    reference_part_two = with_scheduler(
+        StableDiffusionXLInpaintPipeline, reference_refiner, sampler, requires_aesthetics_score=True
+    )
     common = dict(
         mask_image=mask_picture(), negative_prompt=negative or None, num_inference_steps=STEPS, guidance_scale=5.0,
-        height=SIZE, width=SIZE,
+        height=SIZE, width=SIZE, output_type="latent",
     )  # fmt: skip
-    latents = reference_base(
-        PROMPT, image=picture(), strength=strength, denoising_end=0.7, output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(17), **common,
-    ).images  # fmt: skip
-    expected = {}
-    for output_type in ("latent", "pil"):
-        generator = torch.Generator("cpu").manual_seed(17)
-        for _ in range(2):
-            torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=generator)
-        run = reference(
-            PROMPT, image=latents, denoising_start=0.7, generator=generator, output_type=output_type, **common
-        )
-        expected[output_type] = run.images
-    request = diffuse.GenerationRequest(
-        PROMPT, negative_prompt=negative, image=picture(), mask=mask_picture(), strength=strength, steps=STEPS,
-        guidance_scale=5.0, sampler=sampler, seed=17, keep_unmasked=False, refiner_switch_at=0.7,
-    )  # fmt: skip
+    generator = torch.Generator("cpu").manual_seed(17)
+    at_switch = reference(PROMPT, image=picture(), strength=strength, denoising_end=0.7, generator=generator, **common)
+    generator = torch.Generator("cpu").manual_seed(17)
+    for _ in range(2):
+        torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=generator)
+    expected = reference_part_two(
+        PROMPT, image=at_switch.images, denoising_start=0.7, generator=generator, **common
+    ).images
+    request = handoff_request(
+        negative, sampler, 17, 0.7, image=picture(), mask=mask_picture(), strength=strength, keep_unmasked=False
+    )
     steps = []
     result = base.generate(request, callback=lambda step: steps.append(step.latents), refiner=refiner)
-    torch.testing.assert_close(steps[-1], expected["latent"], atol=1e-3, rtol=1e-4)
-    assert_same_images(result.images, expected["pil"])
+    torch.testing.assert_close(steps[-1], expected, atol=1e-3, rtol=1e-4)
+    assert_same_images(result.images, decode_like_diffusers(reference_part_two, expected))
 
 
 def sampler_plan(pipe, sampler: str):
