@@ -315,13 +315,16 @@ def _slug(prompt: str, length: int = 48) -> str:
 
 
 def convert(args: argparse.Namespace) -> int:
-    """Write any loadable checkpoint as a diffusers folder (optionally cast, e.g. to float16)."""
-    from diffuse.checkpoints.export import save_diffusers_folder
+    """Write any loadable checkpoint as a diffusers folder, or as one original-layout file when the
+    output ends in .safetensors or .ckpt (optionally cast, e.g. to float16)."""
+    from diffuse.checkpoints import export
     from diffuse.runtime import resolve_dtype
 
     pipe = _load(args)
     dtype = resolve_dtype(args.dtype) if args.dtype else None
-    print(save_diffusers_folder(pipe, args.out, dtype=dtype, overwrite=args.overwrite))
+    one_file = Path(args.out).suffix.lower() in export.SINGLE_FILE_FORMATS
+    save = export.save_single_file_checkpoint if one_file else export.save_diffusers_folder
+    print(save(pipe, args.out, dtype=dtype, overwrite=args.overwrite))
     return 0
 
 
@@ -615,9 +618,9 @@ def _add_illustrate_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_model_folder_commands(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("convert", help="write a checkpoint as a diffusers folder")
+    p = commands.add_parser("convert", help="write a checkpoint as a diffusers folder or an original single file")
     p.add_argument("model", help="a diffusers folder, or a single-file .safetensors/.ckpt")
-    p.add_argument("out", help="the folder to write")
+    p.add_argument("out", help="the folder to write, or a .safetensors/.ckpt file (the original single-file layout)")
     p.add_argument("--dtype", default=None, help="cast the weights: float16, bfloat16 or float32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.set_defaults(run=convert)

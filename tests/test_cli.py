@@ -299,6 +299,23 @@ def test_convert_writes_a_loadable_diffusers_folder(reference_folders, tmp_path,
     assert code == 2 and "converted" in err  # an existing folder is not replaced without --overwrite
 
 
+def test_convert_to_a_safetensors_name_writes_one_original_layout_file(reference_folders, tmp_path, capsys):
+    import torch
+
+    import diffuse
+    from diffuse.checkpoints.safetensors_header import read_header
+
+    out = tmp_path / "model.safetensors"
+    code, printed, err = run(["convert", str(reference_folders["sd1"]), str(out)], capsys)
+    assert code == 0, err
+    assert printed.strip() == str(out) and out.is_file()
+    assert any(k.startswith("model.diffusion_model.") for k in read_header(out))
+    ours = diffuse.load_pipeline(reference_folders["sd1"])
+    back = diffuse.load_pipeline(out, config=ours.config)  # a single file does not record the tiny heads
+    for mine, theirs in zip(ours.unet.state_dict().values(), back.unet.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
 def test_train_is_reachable_from_the_main_command(tmp_path, capsys):
     code, _, err = run(
         ["train", "vae", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "run")], capsys
