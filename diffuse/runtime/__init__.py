@@ -8,8 +8,9 @@ plain PyTorch.
   networks need no overflow care; the sampler's arithmetic and the latents stay float32
   whatever the networks use (the pipeline converts at the network boundary).
 - prepare(module, device, dtype) (diffuse.runtime.layers) lays convolution weights out
-  channels-last on the CPU and swaps in: linear layers as oneDNN 1x1 convolutions,
-  attention as explicit chunked matmuls with a C softmax in bf16 (diffuse.kernels), the
+  channels-last on the CPU and swaps in: float32 linear layers as oneDNN 1x1 convolutions,
+  bf16 attention as explicit chunked matmuls with a C softmax (diffuse.kernels) where the
+  CPU has no AMX (PyTorch's fused kernel where it has), the
   2x upsample folded into 2x2 convolutions at the low resolution (diffuse.runtime.upsample),
   and the VAE's SiLU and residual add in place.
 - On Linux with glibc, freed memory is kept for the next allocation (keep_freed_memory).

@@ -1,9 +1,11 @@
 """Attention in bf16 on the CPU as two plain matmuls and a softmax per head.
 
-PyTorch's fused CPU kernel runs far under the bf16 matmul peak on SD's 40-wide heads, and
-the explicit form was faster on every SD1.5 shape measured (bench/RESULTS.md). Its scores
-are rounded to bf16 before the softmax, so it is less exact than the fused kernel, which
-stays the path for float32 (the exact one), for GPUs and under autograd.
+On a CPU without AMX, PyTorch's fused CPU kernel runs far under the bf16 matmul peak on
+SD's 40-wide heads, and the explicit form was faster on every SD1.5 shape measured
+(bench/RESULTS.md). With AMX the fused kernel computes its products on the tiles and was
+faster on every SD1.5 and SDXL shape measured, so it is used there. The explicit form's
+scores are rounded to bf16 before the softmax, so it is less exact than the fused kernel,
+which stays the path for float32 (the exact one), for GPUs and under autograd.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffuse import kernels
+from diffuse.runtime.device import cpu_has_amx
 
 # The most query x key scores one head's matmul makes at a time (4 MB in bf16): longer
 # queries go in row chunks, so memory stays bounded at any image size and the scores are
@@ -25,7 +28,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     and values (any strides), as [B, heads, N, d_v]; the softmax is diffuse.kernels' C
     kernel where this machine builds it, since PyTorch's spends its time on float32-exact
     exps for a bf16 result."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled():
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or cpu_has_amx():
         return F.scaled_dot_product_attention(q, k, v)
     batch, heads, n, d = q.shape
     q = q * d**-0.5

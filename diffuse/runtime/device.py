@@ -26,6 +26,14 @@ def cpu_has_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which PyTorch's fused CPU attention uses for its bf16
+    products (through oneDNN's brgemm) and otherwise emulates with AVX-512 loops."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 

@@ -26,18 +26,18 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class OneDNNLinear(nn.Linear):
-    """x W^T + b as a 1x1 convolution over the rows, on the CPU in float32 or bfloat16
-    without autograd.
+    """x W^T + b in float32 on the CPU as a 1x1 convolution over the rows, without autograd.
 
     PyTorch sends a float32 linear layer to MKL, which on AMD CPUs runs its AVX2 code even
     where the CPU has AVX-512, while oneDNN's convolutions pick their code by the CPU's
     features (bench/RESULTS.md). The convolution is the same product read in the same
     memory, accumulated in float32 either way: its results differ from MKL's in summation
-    order only.
+    order only. A bf16 linear layer already goes to oneDNN's matmul, which ran faster than
+    the convolution at SDXL's widths and no slower at SD's (bench/RESULTS.md).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        on_onednn = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        on_onednn = x.device.type == "cpu" and x.dtype == torch.float32
         if not on_onednn or torch.is_grad_enabled() or not x.numel():
             return F.linear(x, self.weight, self.bias)
         # [..., in] -> [1, in, rows, 1]: a channels-last view of the rows as they lie in memory.
