@@ -9,11 +9,13 @@ bf16 (about 7 GB), once, into bench/cache/sdxl-random; both implementations load
 Each contender runs in a fresh process of its own, one at a time, since two full SDXL models at
 once would crowd a 24 GB machine; the rounds alternate (diffusers, diffuse, diffusers, ...) so a
 change in the machine's load hits both alike. Each process loads the whole pipeline (both text
-encoders too), makes one untimed call of each network, then times one, and reports its peak
-resident memory. Nothing passes or fails: it prints medians and ratios.
+encoders too), makes one untimed call of each network, then times `--calls` of each, and reports
+its peak resident memory; the first round also counts each network's FLOPs (torch's counter), from
+which the share of the host's dense floor (the FLOPs at the bf16 GEMM peak measured in the run) is
+printed. Nothing passes or fails: it prints medians and ratios. `bench/speed.py --sdxl` runs the same.
 
     .venv/bin/python bench/sdxl.py              # builds the folder if missing, then 2 rounds
-    .venv/bin/python bench/sdxl.py --rounds 3
+    .venv/bin/python bench/sdxl.py --rounds 3 --calls 2
     .venv/bin/python bench/sdxl.py --tiles 512   # diffuse's tiled VAE decode against the whole one
 """
 
@@ -35,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 from sd15 import CACHE  # noqa: E402
-from speed import matmul_peak, peak_resident_mb, timed  # noqa: E402
+from speed import count_flops, matmul_peak, peak_resident_mb, timed  # noqa: E402
 
 FOLDER = CACHE / "sdxl-random"
 SIZE, SEED = 1024, 1234
@@ -112,9 +114,9 @@ def inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def contender(impl: str) -> dict:
-    """Runs in its own process: load the whole pipeline in bf16, then one untimed and one timed
-    call of the UNet step and of the VAE decode."""
+def contender(impl: str, calls: int, flops: bool) -> dict:
+    """Runs in its own process: load the whole pipeline in bf16, then one untimed and `calls` timed
+    calls of the UNet step and of the VAE decode (and, with `flops`, each one's FLOPs)."""
     folder, t, data = sdxl_folder(), torch.tensor([500, 500]), inputs()
     start = time.perf_counter()
     if impl == "diffusers":
@@ -145,14 +147,17 @@ def contender(impl: str) -> dict:
             return pipe.vae.decode(data["z"])
 
     load = time.perf_counter() - start
+    networks = {"unet step": step, "vae decode": decode}
     with torch.no_grad():
-        first = {"unet step": timed(step), "vae decode": timed(decode)}
-        seconds = {"unet step": timed(step), "vae decode": timed(decode)}
-    return {"load": load, "first": first, "seconds": seconds, "peak_rss_mb": peak_resident_mb()}
+        first = {what: timed(fn) for what, fn in networks.items()}
+        seconds = {what: statistics.median(timed(fn) for _ in range(calls)) for what, fn in networks.items()}
+        peak = peak_resident_mb()  # before the count, whose attention runs the math path's large scores
+        work = {what: count_flops(fn) / 1e12 for what, fn in networks.items()} if flops else None
+    return {"load": load, "first": first, "seconds": seconds, "peak_rss_mb": peak, "tflop": work}
 
 
-def run_contender(impl: str) -> dict:
-    command = [sys.executable, __file__, "--contender", impl]
+def run_contender(impl: str, calls: int, flops: bool) -> dict:
+    command = [sys.executable, __file__, "--contender", impl, "--calls", str(calls)] + ["--flops"] * flops
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
@@ -174,6 +179,7 @@ def report(peaks: dict, runs: dict[str, list[dict]]) -> None:
     print(f"4096^3 GEMM peak, measured now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(
         f"SDXL base, random bf16 weights, {SIZE}x{SIZE}; each contender in a fresh process, {len(runs['diffuse'])} rounds"
+        " (the times listed are each process's median)"
     )
     medians = {}
     for impl, rounds in runs.items():
@@ -193,6 +199,13 @@ def report(peaks: dict, runs: dict[str, list[dict]]) -> None:
             f"  {what}: diffuse {medians['diffuse'][what]:.1f} s, diffusers {medians['diffusers'][what]:.1f} s, "
             f"diffuse is {ratio:.2f}x diffusers (bar {bar}x)"
         )
+        for impl in runs:
+            tflop = runs[impl][0]["tflop"][what]
+            floor = tflop * 1e3 / peaks["bf16"]
+            print(
+                f"    {impl:9s} {tflop:.2f} TFLOP: dense floor {floor:.1f} s at the bf16 peak, "
+                f"{floor / medians[impl][what]:.0%} of it reached"
+            )
     ours, theirs = (max(r["peak_rss_mb"] for r in runs[impl]) for impl in ("diffuse", "diffusers"))
     print(f"  peak RSS: diffuse / diffusers = {ours / theirs:.2f} (bar <= 1)")
 
@@ -228,10 +241,25 @@ def tiles(size: int, tile: int, overlap: int) -> None:
     print(f"  tiled vs whole: max {diff.max():.2f}/255, mean {diff.mean():.3f}/255")
 
 
+def run(rounds: int, calls: int) -> None:
+    """The interleaved rounds and their report (also `bench/speed.py --sdxl`)."""
+    sdxl_folder()  # built once, before the processes that read it
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    runs: dict[str, list[dict]] = {"diffusers": [], "diffuse": []}
+    for round_ in range(rounds):
+        for impl in runs:
+            runs[impl].append(run_contender(impl, calls, flops=round_ == 0))
+            print(f"  round {round_ + 1} {impl} done", file=sys.stderr)
+    report(peaks, runs)
+    (CACHE / "sdxl-results.json").write_text(json.dumps({"peaks_gflops": peaks, "runs": runs}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per contender (default 2)")
+    parser.add_argument("--calls", type=int, default=2, help="timed calls of each network per process (default 2)")
     parser.add_argument("--contender", choices=("diffuse", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tiles", type=int, metavar="SIZE", help="time the tiled VAE decode at SIZE instead")
     parser.add_argument("--tile", type=int, default=40, help="with --tiles: tile side in latent pixels")
     parser.add_argument("--overlap", type=int, default=16, help="with --tiles: overlap in latent pixels")
@@ -240,17 +268,9 @@ def main() -> None:
         tiles(args.tiles, args.tile, args.overlap)
         return
     if args.contender:
-        print(json.dumps(contender(args.contender)))
+        print(json.dumps(contender(args.contender, args.calls, args.flops)))
         return
-    sdxl_folder()  # built once, before the processes that read it
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    runs: dict[str, list[dict]] = {"diffusers": [], "diffuse": []}
-    for round_ in range(args.rounds):
-        for impl in runs:
-            runs[impl].append(run_contender(impl))
-            print(f"  round {round_ + 1} {impl} done", file=sys.stderr)
-    report(peaks, runs)
-    (CACHE / "sdxl-results.json").write_text(json.dumps({"peaks_gflops": peaks, "runs": runs}, indent=1))
+    run(args.rounds, args.calls)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ prints times, ratios and differences.
     .venv/bin/python bench/speed.py                  # everything (about 25 minutes on 2 cores)
     .venv/bin/python bench/speed.py --skip-whole     # components only
     .venv/bin/python bench/speed.py --speedups-only  # the optional speed-ups on a whole image
+    .venv/bin/python bench/speed.py --sdxl           # SDXL's rows only (bench/sdxl.py; 1024x1024)
 
 Printed:
   - the matmul peak of this machine (fp32 and bf16 GEMM, 4096^3), measured now;
@@ -17,7 +18,8 @@ Printed:
     and bf16, with the share of the matmul peak each reaches (FLOPs counted by torch);
   - a whole 20-step 512x512 guided image (DPM++ 2M), each contender in a fresh process so
     its peak resident memory is its own, and how far its image is from the fp32 one;
-  - the shipped default model's bf16 images against its fp32 images (same seeds).
+  - the shipped default model's bf16 images against its fp32 images (same seeds);
+  - with --sdxl instead: SDXL's 1024x1024 UNet step and VAE decode in bf16 (bench/sdxl.py).
 """
 
 from __future__ import annotations
@@ -373,8 +375,16 @@ def main() -> None:
         action="store_true",
         help="give diffusers' component process diffuse's malloc setting too: what the setting alone is worth",
     )
+    parser.add_argument(
+        "--sdxl", type=int, metavar="ROUNDS", nargs="?", const=3, help="only SDXL's rows, ROUNDS processes each (3)"
+    )
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sdxl:
+        import sdxl
+
+        sdxl.run(args.sdxl, calls=2)
+        return
     if args.whole:  # the child process of whole_images
         impl, dtype_name, png, *speedup = args.whole
         print(json.dumps(whole_image(impl, dtype_name, Path(png), *speedup)))

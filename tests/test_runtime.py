@@ -118,6 +118,28 @@ def test_linear_as_a_convolution_is_the_linear_map(shape, bias):
         assert torch.equal(half, F.linear(x.bfloat16(), layer.weight, layer.bias))
 
 
+@torch.no_grad()
+def test_fused_geglu_and_biased_bf16_linear_are_the_plain_layers_within_bf16_rounding():
+    """oneDNN's epilogues (bias, gelu, the gate's product) give the plain layers' results to
+    within bf16 rounding of the output; float32 and autograd take the plain layers."""
+    from diffuse.models.unet import GEGLU
+    from diffuse.runtime.layers import FusedGEGLU
+
+    torch.manual_seed(0)
+    plain = GEGLU(24, 40)
+    plain.proj.bias.normal_()
+    fused, x = FusedGEGLU(24, 40), torch.randn(2, 7, 24)
+    fused.load_state_dict(plain.state_dict())
+    assert torch.equal(fused(x), plain(x))
+    exact = plain.double()(x.double())
+    got = fused.bfloat16()(x.bfloat16())
+    assert got.shape == (2, 7, 40) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2**-6, atol=2e-2)
+    linear = OneDNNLinear(24, 40).bfloat16()
+    exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    torch.testing.assert_close(linear(x.bfloat16()).double(), exact, rtol=2**-6, atol=2e-2)
+
+
 def test_linear_under_autograd_is_f_linear():
     """Training keeps PyTorch's own linear layer and its gradients."""
     torch.manual_seed(0)

@@ -25,8 +25,21 @@ from diffuse.runtime.upsample import upsample_conv
 M = TypeVar("M", bound=nn.Module)
 
 
+def onednn_bf16(x: Tensor) -> bool:
+    """Whether x is a bf16 CPU input outside autograd, which oneDNN's fused linear ops take."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, then: str = "none") -> Tensor:
+    """x W^T + b by oneDNN's matmul with the bias (and an activation, "gelu" being the exact erf
+    one) applied as the product is written; PyTorch's own linear layer first fills the output
+    with the bias and then adds the product into it, one more pass over the output."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, then, [], "none" if then == "gelu" else "")
+
+
 class OneDNNLinear(nn.Linear):
-    """x W^T + b in float32 on the CPU as a 1x1 convolution over the rows, without autograd.
+    """x W^T + b on the CPU without autograd by oneDNN: float32 as a 1x1 convolution over the
+    rows, bf16 with the bias added in the product's epilogue (fused_linear).
 
     PyTorch sends a float32 linear layer to MKL, which on AMD CPUs runs its AVX2 code even
     where the CPU has AVX-512, while oneDNN's convolutions pick their code by the CPU's
@@ -37,6 +50,8 @@ class OneDNNLinear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if onednn_bf16(x) and self.bias is not None and x.numel():
+            return fused_linear(x, self.weight, self.bias)
         on_onednn = x.device.type == "cpu" and x.dtype == torch.float32
         if not on_onednn or torch.is_grad_enabled() or not x.numel():
             return F.linear(x, self.weight, self.bias)
@@ -44,6 +59,21 @@ class OneDNNLinear(nn.Linear):
         rows = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)
         out = F.conv2d(rows, self.weight[:, :, None, None], self.bias)
         return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
+
+
+class FusedGEGLU(unet.GEGLU):
+    """value * gelu(gate) in bf16 as two products whose epilogues do the rest: the gate's applies
+    its bias and the gelu, the value's its bias and the multiplication by the gate. The halves of
+    the projection are contiguous row ranges of its weight, so nothing is copied, and the
+    2x-wide projection, its gelu and its product are never written out in full."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not onednn_bf16(x) or not x.numel():
+            return super().forward(x)
+        value_w, gate_w = self.proj.weight.chunk(2)
+        value_b, gate_b = self.proj.bias.chunk(2)
+        gate = fused_linear(x, gate_w, gate_b, then="gelu")
+        return torch.ops.mkldnn._linear_pointwise(x, gate, value_w, value_b, "mul")
 
 
 class ChunkedAttention(unet.Attention):
@@ -121,6 +151,7 @@ class InPlaceDecoder(vae.Decoder):
 FAST_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: OneDNNLinear,
     unet.Attention: ChunkedAttention,
+    unet.GEGLU: FusedGEGLU,
     unet.Upsample: FoldedUNetUpsample,
     vae.AttnBlock: ChunkedAttnBlock,
     vae.Upsample: FoldedVAEUpsample,
