@@ -131,8 +131,8 @@ def contender(impl: str, calls: int, flops: bool) -> dict:
         def step():
             return pipe.unet(data["x"], t, encoder_hidden_states=data["context"], added_cond_kwargs=added).sample
 
-        def decode():
-            return pipe.vae.decode(data["z"]).sample
+        def decode():  # as a generation decodes (diffuse.runtime.vae_tiles: whole at this size)
+            return pipe.decode_latents(data["z"] * pipe.config.vae.scaling_factor).sample
     else:
         import diffuse
 
@@ -143,8 +143,8 @@ def contender(impl: str, calls: int, flops: bool) -> dict:
         def step():
             return pipe.unet(data["x"], t, data["context"], y)
 
-        def decode():
-            return pipe.vae.decode(data["z"])
+        def decode():  # as a generation decodes (diffuse.runtime.vae_tiles: whole at this size)
+            return pipe.decode_latents(data["z"] * pipe.config.vae.scaling_factor)
 
     load = time.perf_counter() - start
     networks = {"unet step": step, "vae decode": decode}

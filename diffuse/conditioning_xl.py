@@ -137,3 +137,15 @@ def encode_prompt_pair_xl(
         uncond_context = torch.where(empty.to(context.device)[:, None, None], 0.0, uncond_context)
         uncond_pooled = torch.where(empty.to(pooled.device)[:, None], 0.0, uncond_pooled)
     return (context[:n], pooled[:n]), (uncond_context, uncond_pooled)
+
+
+def size_info(own: SizeConditioning, negative: SizeConditioning) -> dict:
+    """SDXL's crop and negative size conditioning, each where it differs from the default: the size
+    asked for, uncropped, and for the negative prompts the prompts' own."""
+    pairs = {
+        ("crop_top", "crop_left"): (own.crop, (0, 0)),
+        ("negative_original_height", "negative_original_width"): (negative.original, own.original),
+        ("negative_target_height", "negative_target_width"): (negative.target, own.target),
+        ("negative_crop_top", "negative_crop_left"): (negative.crop, own.crop),
+    }
+    return {key: value for keys, (pair, default) in pairs.items() if pair != default for key, value in zip(keys, pair)}

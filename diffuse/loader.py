@@ -220,3 +220,16 @@ def predicts_v(unet: UNet) -> bool:
     context = torch.full((1, 2, unet.cfg.context_dim), 0.5, dtype=param.dtype, device=param.device)
     out = unet(x, torch.tensor([999], device=param.device), context)
     return (out.float() - x[:, : out.shape[1]].float()).mean().item() < -1
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def model_paths(folder: Path) -> list[Path]:
+    """The models in a folder, one level deep: .safetensors and .ckpt files and diffusers folders, by name."""
+    return [
+        path
+        for path in sorted(folder.iterdir())
+        if (path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
+        or (path.is_dir() and is_diffusers_folder(path))
+    ]

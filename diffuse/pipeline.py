@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from diffuse import inputs
+from diffuse import handoff, inputs
 from diffuse.adapters.embeddings import embeddings_used, load_embeddings, load_sdxl_embeddings, per_encoder
 from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLoras
 from diffuse.conditioning_xl import (
@@ -28,6 +28,7 @@ from diffuse.conditioning_xl import (
     SizeConditioning,
     encode_prompt_pair_xl,
     encode_prompts_xl,
+    size_info,
     vector_conditioning,
 )
 from diffuse.generation import (
@@ -396,11 +397,11 @@ class Pipeline:
         start = self._initial_latents(job, plan, generators, fallback)
         sampler = job.sampler
         if refiner is not None:
-            plan, rest = split_plan(plan, job.request.refiner_switch_at, self._train_timesteps())
-            sampler = head_sampler(sampler)
+            plan, rest = handoff.split_plan(plan, job.request.refiner_switch_at, self._train_timesteps())
+            sampler = handoff.head_sampler(sampler)
             callback, refiner_callback = (
-                _counted(callback, 0, plan.steps + rest.steps),
-                _counted(callback, plan.steps, plan.steps + rest.steps),
+                handoff.counted(callback, 0, plan.steps + rest.steps),
+                handoff.counted(callback, plan.steps, plan.steps + rest.steps),
             )
         latents = self._denoise(job, plan, start, context, generators, fallback, callback, vectors, sampler)
         if refiner is not None:
@@ -429,7 +430,7 @@ class Pipeline:
             raise ValueError(f"the refiner {refiner.model_name!r} works on other latents than {self.model_name!r}")
         if refiner.config.unet.in_channels != refiner.config.vae.latent_channels:
             raise ValueError(f"the refiner {refiner.model_name!r} is an inpainting model, which cannot continue")
-        split_plan(self._plan(job), switch, self._train_timesteps())  # both parts must get steps
+        handoff.split_plan(self._plan(job), switch, self._train_timesteps())  # both parts must get steps
 
     def _train_timesteps(self) -> int:
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
@@ -627,8 +628,8 @@ class Pipeline:
             "clip_skip": job.clip_skip,
             "denoising_strength": job.strength if job.image is not None else None,
             "eta": job.eta,
-            **_refiner_info(refiner, job.request.refiner_switch_at),
-            **_size_info(job),
+            **handoff.refiner_info(refiner, job.request.refiner_switch_at),
+            **size_info(job.sizes, job.negative_sizes),
             **job.speedups.info(),
             "init_image_hash": inputs.image_sha256(job.image) if job.image is not None else None,
             "mask_hash": inputs.mask_sha256(job.mask) if job.mask is not None else None,
@@ -662,54 +663,6 @@ class Pipeline:
         loaded = self._embeddings[0]
         names = embeddings_used(self._tokenizers()[0], [*job.texts, *job.negative_texts], loaded)
         return [(name, loaded[name].short_hash) for name in names]
-
-
-def split_plan(plan: Plan, switch_at: float, train_timesteps: int) -> tuple[Plan, Plan]:
-    """The base's and the refiner's parts of a plan: the base takes the steps whose timestep is at
-    or above (1 - switch_at) of the training timesteps, the refiner the rest, as diffusers'
-    denoising_end and denoising_start cut them. ValueError when either part would be empty."""
-    cutoff = int(round(train_timesteps - switch_at * train_timesteps))
-    k = int((plan.timesteps >= cutoff).sum())
-    if not 0 < k < plan.steps:
-        part = "the model" if k == 0 else "the refiner"
-        raise ValueError(f"refiner_switch_at {switch_at} over {plan.steps} steps leaves none to {part}")
-    base = replace(plan, sigmas=plan.sigmas[: k + 1], timesteps=plan.timesteps[:k])
-    return base, replace(plan, sigmas=plan.sigmas[k:], timesteps=plan.timesteps[k:])
-
-
-def head_sampler(sampler: Sampler) -> Sampler:
-    """The sampler for the model's part of a hand-off: that part does not reach the schedule's end,
-    so a multistep solver keeps its full order there, as diffusers' denoising_end does (the steps
-    of lower order belong to the refiner's last steps, whose history starts afresh at the switch)."""
-    return replace(sampler, options=replace(sampler.options, lower_order_final=False))
-
-
-def _counted(callback: Callback | None, before: int, total: int) -> Callback | None:
-    """A hand-off's step reports numbered over both models' steps."""
-    if callback is None:
-        return None
-    return lambda step: callback(replace(step, index=step.index + before, total=total))
-
-
-def _refiner_info(refiner: Pipeline | None, switch_at: float | None) -> dict:
-    """A1111's "Refiner: name [hash]" and "Refiner switch at" for a hand-off (nothing without one)."""
-    if refiner is None:
-        return {}
-    name = refiner.model_name if refiner.model_hash is None else f"{refiner.model_name} [{refiner.model_hash}]"
-    return {"refiner": name, "refiner_switch_at": switch_at}
-
-
-def _size_info(job: Job) -> dict:
-    """SDXL's crop and negative size conditioning, each where it differs from the default: the size
-    asked for, uncropped, and for the negative prompts the prompts' own."""
-    own, negative = job.sizes, job.negative_sizes
-    pairs = {
-        ("crop_top", "crop_left"): (own.crop, (0, 0)),
-        ("negative_original_height", "negative_original_width"): (negative.original, own.original),
-        ("negative_target_height", "negative_target_width"): (negative.target, own.target),
-        ("negative_crop_top", "negative_crop_left"): (negative.crop, own.crop),
-    }
-    return {key: value for keys, (pair, default) in pairs.items() if pair != default for key, value in zip(keys, pair)}
 
 
 def _given(**pictures: object) -> None:

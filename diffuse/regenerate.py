@@ -69,7 +69,6 @@ TOLERANCE = {
     ("mps", "float16"): 32,
 }
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 # SDXL's crop and negative size conditioning: a request's setting and the two keys that record it
 # (written together, only away from the default: uncropped, the negative prompts' the prompts' own).
 SIZE_PAIRS = {
@@ -246,16 +245,6 @@ def refiner_title(info: dict) -> tuple[str, str]:
     return found.group(1), found.group(2).lower()
 
 
-def model_paths(folder: Path) -> list[Path]:
-    """The models in a folder, one level deep: .safetensors and .ckpt files and diffusers folders, by name."""
-    return [
-        path
-        for path in sorted(folder.iterdir())
-        if (path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
-        or (path.is_dir() and is_diffusers_folder(path))
-    ]
-
-
 def find_refiner(recipe: Recipe, given: str | None, model: Path) -> tuple[Path, ModelHashes, list[str]]:
     """A hand-off's refiner, its hashes and what rules out a match: `given` itself when it is a model,
     else the model with the recorded hash in the folder `given` names (default: the model's own
@@ -268,6 +257,8 @@ def find_refiner(recipe: Recipe, given: str | None, model: Path) -> tuple[Path, 
         return place, hashes, wrong
     if not place.is_dir():
         raise ValueError(f"--refiner {place}: no such file or folder")
+    from diffuse.loader import model_paths
+
     for path in sorted(model_paths(place), key=lambda path: path.stem != name):
         hashes = model_hashes(path)
         if hashes.short == short:

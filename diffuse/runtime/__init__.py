@@ -13,7 +13,8 @@ plain PyTorch.
   CPU has no AMX (PyTorch's fused kernel where it has), the
   2x upsample folded into 2x2 convolutions at the low resolution (diffuse.runtime.upsample),
   and the VAE's SiLU and residual add in place.
-- On Linux with glibc, freed memory is kept for the next allocation (keep_freed_memory).
+- On Linux with glibc, freed memory is kept for the next allocation (keep_freed_memory), and
+  its pages go back to the kernel before each VAE decode (give_back_freed_memory).
 """
 
 from diffuse.runtime.device import auto_dtype, cpu_has_bf16, keep_freed_memory, resolve_device, resolve_dtype

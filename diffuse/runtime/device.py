@@ -36,6 +36,7 @@ def cpu_has_amx() -> bool:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_kept_by: list[ctypes.CDLL] = []  # the C library, once keep_freed_memory has taken effect
 
 
 @functools.cache
@@ -58,7 +59,21 @@ def keep_freed_memory() -> bool:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
-    return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+    kept = all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+    if kept:
+        _kept_by.append(libc)
+    return kept
+
+
+def give_back_freed_memory() -> None:
+    """Hand the pages of the freed memory that keep_freed_memory keeps back to the kernel (glibc's
+    malloc_trim), where it took effect.
+
+    Called before a network whose activations come in other sizes than those of the one before
+    (the VAE's decode after the UNet's steps): the heap's free chunks would not fit them, so they
+    would be stacked on top of the kept memory, which then counts twice in the peak."""
+    for libc in _kept_by:
+        libc.malloc_trim(0)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.vae import AutoencoderKL
+from diffuse.runtime.device import give_back_freed_memory
 
 # A quarter of a 24 GB machine: an untiled 1024x1024 SDXL decode (about 2 GB in bf16, 4 GB in
 # float32 by the estimate below) stays whole, a 2048x2048 one tiles.
@@ -77,6 +78,7 @@ def decode(vae: AutoencoderKL, latents: Tensor, budget_bytes: int | None = None)
     budget (None: DEFAULT_BUDGET_BYTES) allows where `needs_tiles` says so (then within a fraction
     of a 1/255 step of it)."""
     budget_bytes = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    give_back_freed_memory()
     if needs_tiles(vae, latents, budget_bytes):
         return tiled_decode(vae, latents, tile_for_budget(vae, latents, budget_bytes))
     return vae.decode(latents)

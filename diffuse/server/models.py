@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from diffuse.loader import load_pipeline
+from diffuse.loader import load_pipeline, model_paths
 from diffuse.metadata import model_hash, sha256_file
 from diffuse.pipeline import Pipeline
-from diffuse.regenerate import model_paths
 
 T = TypeVar("T")
 
