@@ -131,8 +131,8 @@ def contender(impl: str, calls: int, flops: bool) -> dict:
         def step():
             return pipe.unet(data["x"], t, encoder_hidden_states=data["context"], added_cond_kwargs=added).sample
 
-        def decode():  # as a generation decodes (diffuse.runtime.vae_tiles: whole at this size)
-            return pipe.decode_latents(data["z"] * pipe.config.vae.scaling_factor).sample
+        def decode():
+            return pipe.vae.decode(data["z"]).sample
     else:
         import diffuse
 
