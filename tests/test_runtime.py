@@ -72,12 +72,13 @@ def test_phase_kernels_sum_the_taps_that_share_a_source_pixel():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("max_scores", [diffuse.runtime.attention.MAX_SCORES, 7 * 24])
+@pytest.mark.parametrize("max_scores", [diffuse.runtime.attention.MAX_SCORES, 2 * 50 * 24, 7 * 24])
 @pytest.mark.parametrize("softmax_kernel", [True, False])
 def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, max_scores, softmax_kernel):
-    """The explicit per-head form (in query chunks when the scores would pass max_scores;
-    with the C softmax where this machine builds it, and with PyTorch's), on the transposed
-    views the UNet hands it, against float64; float32 is the fused kernel."""
+    """The explicit form (heads together while their scores fit max_scores, two of three here in
+    the middle case, else one by one in query chunks; with the C softmax where this machine builds
+    it, and with PyTorch's), on the transposed views the UNet hands it, against float64; float32
+    is the fused kernel."""
     monkeypatch.setattr(diffuse.runtime.attention, "MAX_SCORES", max_scores)
     monkeypatch.setattr(diffuse.runtime.attention, "cpu_has_amx", lambda: False)
     if not softmax_kernel:
