@@ -398,19 +398,7 @@ def test_a_refiner_single_file_converts_to_a_folder_diffusers_runs_as_we_do(tmp_
     reference = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False).to(torch.float32)
     assert reference.text_encoder is None and reference.config.requires_aesthetics_score
     reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
-    expected = reference(
-        PROMPT,
-        image=picture(),
-        strength=0.5,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=6,
-        guidance_scale=5.0,
-        generator=torch.Generator("cpu").manual_seed(4),
-    ).images
-    result = ours.img2img(
-        picture(), PROMPT, strength=0.5, negative_prompt=NEGATIVE, steps=6, guidance_scale=5.0, sampler="Euler", seed=4
-    )
-    assert_same_images(result.images, expected)
+    assert_refines_as_diffusers(ours, reference)
     back = diffuse.load_pipeline(folder, dtype="float32")
     assert back.config == replace(ours.config, name="converted")
 
@@ -478,3 +466,21 @@ def test_the_cli_checks_its_refiner_options_before_loading_a_model(base_folder, 
         err = capsys.readouterr().err
         assert message in err and "loaded in" not in err
     assert not any(tmp_path.iterdir())
+
+
+def assert_refines_as_diffusers(ours, reference) -> None:
+    """A refiner's img2img at strength 0.5 (Euler, guided, a negative prompt) makes the images of
+    diffusers' SDXL img2img pipeline `reference` (its scheduler already Euler)."""
+    expected = reference(
+        PROMPT,
+        image=picture(),
+        strength=0.5,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(4),
+    ).images
+    result = ours.img2img(
+        picture(), PROMPT, strength=0.5, negative_prompt=NEGATIVE, steps=6, guidance_scale=5.0, sampler="Euler", seed=4
+    )
+    assert_same_images(result.images, expected)

@@ -19,8 +19,8 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, ours, picture, reference_pipe, sdxl_folder
-from test_sdxl_refiner import reference_refiner, refiner, refiner_folder
+from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, ours, reference_pipe, sdxl_folder
+from test_sdxl_refiner import assert_refines_as_diffusers, reference_refiner, refiner, refiner_folder
 
 import diffuse
 from diffuse.checkpoints import single_file
@@ -83,19 +83,7 @@ def test_diffusers_reads_the_refiner_diffuse_writes_as_a_single_file(refiner, re
     assert from_file.text_encoder is None and from_file.config.requires_aesthetics_score
     reference = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, add_watermarker=False)
     assert_same_weights(from_file, reference)
-    expected = from_file(
-        PROMPT,
-        image=picture(),
-        strength=0.5,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=6,
-        guidance_scale=5.0,
-        generator=torch.Generator("cpu").manual_seed(4),
-    ).images
-    result = refiner.img2img(
-        picture(), PROMPT, strength=0.5, negative_prompt=NEGATIVE, steps=6, guidance_scale=5.0, sampler="Euler", seed=4
-    )
-    assert_same_images(result.images, expected)
+    assert_refines_as_diffusers(refiner, from_file)
 
 
 def single_file_state(path) -> dict[str, torch.Tensor]:
