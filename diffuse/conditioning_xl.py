@@ -149,3 +149,12 @@ def size_info(own: SizeConditioning, negative: SizeConditioning) -> dict:
         ("negative_crop_top", "negative_crop_left"): (negative.crop, own.crop),
     }
     return {key: value for keys, (pair, default) in pairs.items() if pair != default for key, value in zip(keys, pair)}
+
+
+def aesthetic_info(score: float, negative_score: float) -> dict:
+    """The refiner's aesthetic scores, each where it differs from the default, for the record."""
+    pairs = {
+        "aesthetic_score": (score, AESTHETIC_SCORE),
+        "negative_aesthetic_score": (negative_score, NEGATIVE_AESTHETIC_SCORE),
+    }
+    return {key: value for key, (value, default) in pairs.items() if value != default}

@@ -64,6 +64,9 @@ _LABELS = {
     "mask_blur": "Mask blur",
     "refiner": "Refiner",  # SDXL's base -> refiner hand-off: "name [hash]" and the fraction it switched at
     "refiner_switch_at": "Refiner switch at",
+    # What the SDXL refiner is told of the prompts' and negative prompts' look, written only away from the defaults.
+    "aesthetic_score": "Aesthetic score",
+    "negative_aesthetic_score": "Negative aesthetic score",
     "lora_hashes": "Lora hashes",  # "name: hash, ...": each LoRA the prompts applied (diffuse.adapters.library)
     "ti_hashes": "TI hashes",  # "name: hash, ...": each embedding the prompts used
     "guidance_cutoff": "Guidance cutoff",  # diffuse's optional speed-ups, written only when used
@@ -262,6 +265,8 @@ _FROM_LABEL = {
     "Mask blur": ("mask_blur", int),
     "Refiner": ("refiner", str),
     "Refiner switch at": ("refiner_switch_at", float),
+    "Aesthetic score": ("aesthetic_score", float),
+    "Negative aesthetic score": ("negative_aesthetic_score", float),
     "Lora hashes": ("lora_hashes", str),
     "TI hashes": ("ti_hashes", str),
     "Guidance cutoff": ("guidance_cutoff", float),

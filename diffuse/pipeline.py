@@ -26,6 +26,7 @@ from diffuse.adapters.library import AddonLibrary, LoraFile, LoraUse, MergedLora
 from diffuse.conditioning_xl import (
     AESTHETIC_SCORE,
     SizeConditioning,
+    aesthetic_info,
     encode_prompt_pair_xl,
     encode_prompts_xl,
     size_info,
@@ -629,6 +630,7 @@ class Pipeline:
             "denoising_strength": job.strength if job.image is not None else None,
             "eta": job.eta,
             **handoff.refiner_info(refiner, job.request.refiner_switch_at),
+            **self._aesthetic_info(job, refiner),
             **size_info(job.sizes, job.negative_sizes),
             **job.speedups.info(),
             "init_image_hash": inputs.image_sha256(job.image) if job.image is not None else None,
@@ -650,6 +652,12 @@ class Pipeline:
             for i, (p, n, s) in enumerate(zip(job.prompts, job.negative_prompts, job.seeds))
         ]
         return info, texts
+
+    def _aesthetic_info(self, job: Job, refiner: Pipeline | None) -> dict:
+        """The aesthetic scores where a refiner reads them: the hand-off's, or this model's if it is one."""
+        if not (refiner or self).config.aesthetic_score:
+            return {}
+        return aesthetic_info(job.request.aesthetic_score, job.request.negative_aesthetic_score)
 
     def _addon_hashes(self, job: Job) -> dict:
         """A1111's "Lora hashes" and "TI hashes": each add-on the prompts used, by its name there."""

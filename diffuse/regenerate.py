@@ -35,6 +35,7 @@ from diffuse import inputs
 from diffuse.adapters.library import AddonError, AddonLibrary
 from diffuse.adapters.prompt_tags import names_lora, rename_lora
 from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
+from diffuse.conditioning_xl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 from diffuse.hashes import ModelHashes, model_hashes
 from diffuse.metadata import (
     INFO_LABELS,
@@ -222,6 +223,8 @@ def recipe_request(recipe: Recipe, image: Image.Image | None, mask: Image.Image 
         strength=info["denoising_strength"] if recipe.kind != "txt2img" else None,
         keep_unmasked=info.get("keep_unmasked", True),
         refiner_switch_at=info.get("refiner_switch_at"),
+        aesthetic_score=info.get("aesthetic_score", AESTHETIC_SCORE),
+        negative_aesthetic_score=info.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE),
         **size_conditioning(info),
         **sampler,
     )

@@ -294,20 +294,31 @@ def sdxl_models(tmp_path_factory, clip_vocab_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def handoff_png(sdxl_models, tmp_path_factory) -> Path:
-    """The second image of a batch of 2 that the tiny SDXL base handed over to its refiner at 0.6."""
+    """The second image of a batch of 2 that the tiny SDXL base handed over to its refiner at 0.6,
+    told an aesthetic score of 7.5."""
     base, refiner = (
         diffuse.load_pipeline(sdxl_models / name, dtype="float32") for name in ("tiny_base", "tiny_refiner")
     )
     request = diffuse.GenerationRequest(
-        "a castle", "blurry", steps=3, guidance_scale=5, sampler="Euler", seed=9, batch_size=2, refiner_switch_at=0.6
+        "a castle",
+        "blurry",
+        steps=3,
+        guidance_scale=5,
+        sampler="Euler",
+        seed=9,
+        batch_size=2,
+        refiner_switch_at=0.6,
+        aesthetic_score=7.5,  # off the default, so the remake must read it back
     )
     result = base.generate(request, refiner=refiner)
     return save_png(result.images[1], tmp_path_factory.mktemp("handoff") / "handoff.png", result.infotexts[1])
 
 
 def test_a_hand_off_is_made_again_exactly_with_its_refiner_found_by_hash(handoff_png, sdxl_models, capsys):
-    refiner = parse_infotext(read_parameters(handoff_png))["Refiner"]
-    assert refiner.startswith("tiny_refiner [")
+    recorded = parse_infotext(read_parameters(handoff_png))
+    refiner = recorded["Refiner"]
+    assert refiner.startswith("tiny_refiner [") and recorded["Aesthetic score"] == "7.5"
+    assert "Negative aesthetic score" not in recorded  # the default is not written
     # The refiner is found beside the model, then in a folder --refiner names, by its hash alone.
     code, out, err = check(handoff_png, capsys, "--model", str(sdxl_models / "tiny_base"))
     assert code == 0 and "largest pixel difference 0/255" in out, err

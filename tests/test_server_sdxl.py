@@ -133,6 +133,27 @@ def test_the_refiner_takes_over_as_in_the_python_api(server, pipes, kind):
     assert body["parameters"]["refiner_checkpoint"] == refiner and body["parameters"]["refiner_switch_at"] == 0.6
 
 
+def test_a1111s_aesthetic_score_settings_reach_the_refiner_and_the_record(server, pipes):
+    refiner = titles(server)["tiny_refiner"]
+    scores = {"sdxl_refiner_high_aesthetic_score": 8, "sdxl_refiner_low_aesthetic_score": 1.5}
+    status, body = generate(
+        server, steps=5, refiner_checkpoint=refiner, refiner_switch_at=0.6, override_settings=scores
+    )
+    assert status == 200, body
+    request = diffuse.GenerationRequest(
+        QUICK["prompt"], QUICK["negative_prompt"], steps=5, guidance_scale=5, sampler="Euler", seed=3
+    )
+    expected = pipes["tiny_base"].generate(
+        replace(request, refiner_switch_at=0.6, aesthetic_score=8.0, negative_aesthetic_score=1.5),
+        refiner=pipes["tiny_refiner"],
+    )
+    assert decode_png(body["images"][0]).tobytes() == expected.images[0].tobytes()
+    params = infotext(body)
+    assert params["Aesthetic score"] == "8.0" and params["Negative aesthetic score"] == "1.5"
+    status, body = generate(server, override_settings={"sdxl_refiner_low_aesthetic_score": 11})
+    assert status == 422 and "sdxl_refiner_low_aesthetic_score: must be a number from 0 to 10" in body["detail"]
+
+
 def test_no_refiner_and_the_current_model_as_its_own_refiner_hand_over_nothing(server):
     plain = generate(server, steps=2)[1]["images"][0]
     for off in (None, "", "None", titles(server)["tiny_base"]):

@@ -15,7 +15,8 @@ What differs from A1111, and why:
     styles) are ignored when switched off and refused when asked for, never silently skipped;
   - a refiner_checkpoint needs its refiner_switch_at (A1111 would run the refiner from the first step);
   - override_settings.sdxl_crop_top / sdxl_crop_left (A1111's settings) are refused by a model other
-    than SDXL rather than ignored;
+    than SDXL rather than ignored; sdxl_refiner_high/low_aesthetic_score (A1111's too) set the
+    refiner's aesthetic scores, and unlike A1111 the PNG records them when they are not the defaults;
   - an inpainting mask is used as sent: mask_blur, inpainting_fill and resize_mode are not applied.
 """
 
@@ -99,7 +100,12 @@ def read_generation(kind: str, body: Any, limits: Limits) -> A1111Request:
     restore_model = _bool(body, "override_settings_restore_afterwards", True)
     refiner, switch_at = _refiner(body)
     generation = replace(
-        generation, clip_skip=_clip_skip(body), speedups=_speedups(body), refiner_switch_at=switch_at, **_crop(body)
+        generation,
+        clip_skip=_clip_skip(body),
+        speedups=_speedups(body),
+        refiner_switch_at=switch_at,
+        **_crop(body),
+        **_aesthetic_scores(body),
     )
     if kind == "img2img":
         generation = _with_images(generation, body, limits)
@@ -201,6 +207,8 @@ def _echo(body: dict, request: A1111Request) -> dict[str, Any]:
         "token_merging_ratio": generation.speedups.token_merging,
         "sdxl_crop_top": generation.crop_top,
         "sdxl_crop_left": generation.crop_left,
+        "sdxl_refiner_high_aesthetic_score": generation.aesthetic_score,
+        "sdxl_refiner_low_aesthetic_score": generation.negative_aesthetic_score,
     }
     echo["override_settings"] = {key: value for key, value in used.items() if key in _override(body)}
     echo.update({name: body[name] for name in _OFF if name in body})  # checked above: each one off, small
@@ -395,6 +403,23 @@ def _crop(body: dict) -> dict[str, int]:
             )
         crop[name] = value
     return crop
+
+
+def _aesthetic_scores(body: dict) -> dict[str, float]:
+    """override_settings.sdxl_refiner_high_aesthetic_score and ..._low_...: what the SDXL refiner is
+    told of the prompts' and the negative prompts' look."""
+    scores = {}
+    for name, setting in (
+        ("aesthetic_score", "sdxl_refiner_high_aesthetic_score"),
+        ("negative_aesthetic_score", "sdxl_refiner_low_aesthetic_score"),
+    ):
+        if setting not in _override(body):
+            continue
+        value = _override(body)[setting]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10:
+            raise RequestError(f"override_settings.{setting}", f"must be a number from 0 to 10, got {value!r}")
+        scores[name] = float(value)
+    return scores
 
 
 def _model_override(body: dict) -> str | None:

@@ -197,7 +197,16 @@ def remake_fields(text: str) -> dict | None:
         return None
     parsed = parse_infotext(text)
     needed = ("steps", "sampler", "cfg_scale", "seed", "width", "height")
-    foreign = ("Denoising strength", "Eta", "Token merging ratio", "Guidance cutoff", "Deep cache", "Mask blur")
+    foreign = (
+        "Denoising strength",
+        "Eta",
+        "Token merging ratio",
+        "Guidance cutoff",
+        "Deep cache",
+        "Mask blur",
+        "Aesthetic score",
+        "Negative aesthetic score",
+    )
     if any(key not in info for key in needed) or any(label in parsed for label in foreign) or info["clip_skip"] != 1:
         return None
     if any(key in info for pair in SIZE_PAIRS.values() for key in pair):
