@@ -50,10 +50,11 @@ class OneDNNLinear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if onednn_bf16(x) and self.bias is not None and x.numel():
+        if x.device.type != "cpu" or torch.is_grad_enabled() or not x.numel():
+            return F.linear(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16 and self.bias is not None:
             return fused_linear(x, self.weight, self.bias)
-        on_onednn = x.device.type == "cpu" and x.dtype == torch.float32
-        if not on_onednn or torch.is_grad_enabled() or not x.numel():
+        if x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         # [..., in] -> [1, in, rows, 1]: a channels-last view of the rows as they lie in memory.
         rows = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)
