@@ -16,7 +16,7 @@ import torch
 from diffuse.pipeline import Pipeline, Result, Step
 from diffuse.preflight import Checked, check_generation_args
 from diffuse.regenerate import add_addon_options
-from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest
+from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest, whole_pixels
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -431,7 +431,7 @@ def _non_negative_int(text: str) -> int:
 
 def _pixels(text: str, low: int) -> int:
     value = int(text)
-    if not low <= value <= MAX_CONDITIONED_PIXELS:
+    if not whole_pixels(value, low):
         raise argparse.ArgumentTypeError(f"must be from {low} to {MAX_CONDITIONED_PIXELS} pixels, got {value}")
     return value
 

@@ -27,6 +27,8 @@ DEFAULT_STRENGTH = {"txt2img": 1.0, "img2img": 0.75, "inpaint": 1.0}
 # SDXL's size conditioning (original and target sizes, crop corners) in pixels: training images
 # reach a few thousand; the bound keeps every value one the sinusoids tell apart.
 MAX_CONDITIONED_PIXELS = 16384
+# The refiner was trained on aesthetic scores from 0 to 10; the bound also keeps the sinusoids finite.
+MAX_AESTHETIC_SCORE = 10
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,10 @@ class GenerationRequest:
             raise ValueError(f"refiner_switch_at {switch!r}: must be a fraction of the steps above 0 and below 1")
 
     def _check_aesthetic_scores(self) -> None:
-        # The refiner was trained on scores from 0 to 10; the bound also keeps the sinusoids finite.
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10:
-                raise ValueError(f"{name} {value!r}: must be a number from 0 to 10")
+            if not is_aesthetic_score(value):
+                raise ValueError(f"{name} {value!r}: must be a number from 0 to {MAX_AESTHETIC_SCORE}")
 
     def _check_size_conditioning(self, config: PipelineConfig) -> None:
         """Each value a whole number of pixels within MAX_CONDITIONED_PIXELS, pairs of two; set only
@@ -167,7 +168,7 @@ class GenerationRequest:
             if pair is None:
                 continue
             low = 0 if "crop" in name else 1
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_whole(v, low) for v in pair)):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(whole_pixels(v, low) for v in pair)):
                 raise ValueError(
                     f"{name} {pair!r}: must be two whole numbers of pixels from {low} to {MAX_CONDITIONED_PIXELS}"
                 )
@@ -234,8 +235,14 @@ class GenerationRequest:
         return self.sampler
 
 
-def _whole(value: object, low: int) -> bool:
+def whole_pixels(value: object, low: int) -> bool:
+    """Whether `value` is a whole number of pixels from `low` to MAX_CONDITIONED_PIXELS (SDXL's size conditioning)."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_CONDITIONED_PIXELS
+
+
+def is_aesthetic_score(value: object) -> bool:
+    """Whether `value` is a number the refiner can be told as an aesthetic score."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_AESTHETIC_SCORE
 
 
 def model_sampler(

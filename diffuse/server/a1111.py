@@ -31,7 +31,13 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from diffuse import inputs
-from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest
+from diffuse.request import (
+    MAX_AESTHETIC_SCORE,
+    MAX_CONDITIONED_PIXELS,
+    GenerationRequest,
+    is_aesthetic_score,
+    whole_pixels,
+)
 from diffuse.samplers import SCHEDULE_TYPES
 from diffuse.speedups import MAX_TOKEN_MERGING, Speedups
 
@@ -396,7 +402,7 @@ def _crop(body: dict) -> dict[str, int]:
     crop = {}
     for name, setting in (("crop_top", "sdxl_crop_top"), ("crop_left", "sdxl_crop_left")):
         value = _override(body).get(setting, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CONDITIONED_PIXELS:
+        if not whole_pixels(value, 0):
             raise RequestError(
                 f"override_settings.{setting}",
                 f"must be whole pixels from 0 to {MAX_CONDITIONED_PIXELS}, got {value!r}",
@@ -416,8 +422,10 @@ def _aesthetic_scores(body: dict) -> dict[str, float]:
         if setting not in _override(body):
             continue
         value = _override(body)[setting]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10:
-            raise RequestError(f"override_settings.{setting}", f"must be a number from 0 to 10, got {value!r}")
+        if not is_aesthetic_score(value):
+            raise RequestError(
+                f"override_settings.{setting}", f"must be a number from 0 to {MAX_AESTHETIC_SCORE}, got {value!r}"
+            )
         scores[name] = float(value)
     return scores
 
