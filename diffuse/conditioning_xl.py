@@ -139,16 +139,32 @@ def encode_prompt_pair_xl(
     return (context[:n], pooled[:n]), (uncond_context, uncond_pooled)
 
 
+# SDXL's crop and negative size conditioning as a request sets it and as the parameters record it:
+# each request field and its two record keys, (top, left) for a crop and (width, height) for a size,
+# written together and only away from the default (uncropped; the negative prompts' the prompts' own).
+SIZE_PAIRS = {
+    "crop": ("crop_top", "crop_left"),
+    "negative_original_size": ("negative_original_width", "negative_original_height"),
+    "negative_target_size": ("negative_target_width", "negative_target_height"),
+    "negative_crop": ("negative_crop_top", "negative_crop_left"),
+}
+
+
 def size_info(own: SizeConditioning, negative: SizeConditioning) -> dict:
-    """SDXL's crop and negative size conditioning, each where it differs from the default: the size
-    asked for, uncropped, and for the negative prompts the prompts' own."""
-    pairs = {
-        ("crop_top", "crop_left"): (own.crop, (0, 0)),
-        ("negative_original_height", "negative_original_width"): (negative.original, own.original),
-        ("negative_target_height", "negative_target_width"): (negative.target, own.target),
-        ("negative_crop_top", "negative_crop_left"): (negative.crop, own.crop),
+    """The record of SDXL's crop and negative size conditioning (SIZE_PAIRS' keys), each where it
+    differs from its default."""
+    values = {  # (as recorded, its default); sizes are held (height, width)
+        "crop": (own.crop, (0, 0)),
+        "negative_original_size": (negative.original[::-1], own.original[::-1]),
+        "negative_target_size": (negative.target[::-1], own.target[::-1]),
+        "negative_crop": (negative.crop, own.crop),
     }
-    return {key: value for keys, (pair, default) in pairs.items() if pair != default for key, value in zip(keys, pair)}
+    return {
+        key: value
+        for name, (pair, default) in values.items()
+        if pair != default
+        for key, value in zip(SIZE_PAIRS[name], pair)
+    }
 
 
 def aesthetic_info(score: float, negative_score: float) -> dict:

@@ -35,7 +35,7 @@ from diffuse import inputs
 from diffuse.adapters.library import AddonError, AddonLibrary
 from diffuse.adapters.prompt_tags import names_lora, rename_lora
 from diffuse.checkpoints.diffusers_folder import is_diffusers_folder
-from diffuse.conditioning_xl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
+from diffuse.conditioning_xl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SIZE_PAIRS
 from diffuse.hashes import ModelHashes, model_hashes
 from diffuse.metadata import (
     INFO_LABELS,
@@ -70,14 +70,6 @@ TOLERANCE = {
     ("mps", "float16"): 32,
 }
 
-# SDXL's crop and negative size conditioning: a request's setting and the two keys that record it
-# (written together, only away from the default: uncropped, the negative prompts' the prompts' own).
-SIZE_PAIRS = {
-    "crop": ("crop_top", "crop_left"),
-    "negative_original_size": ("negative_original_width", "negative_original_height"),
-    "negative_target_size": ("negative_target_width", "negative_target_height"),
-    "negative_crop": ("negative_crop_top", "negative_crop_left"),
-}
 _TITLE = re.compile(r"^(.+) \[([0-9a-fA-F]{10})\]$")  # A1111's short title of a model, "name [hash]"
 
 # Labels that describe an image without changing its pixels, or that `parse_infotext` fills in.

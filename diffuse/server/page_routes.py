@@ -47,8 +47,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 
+from diffuse.conditioning_xl import SIZE_PAIRS
 from diffuse.metadata import PARAMETERS_KEY, info_from_infotext, numbered_path, parse_infotext, save_png
-from diffuse.regenerate import SIZE_PAIRS, refiner_title
+from diffuse.regenerate import refiner_title
 from diffuse.server.a1111 import A1111Request, Limits, RequestError, read_generation
 from diffuse.server.generate import Generated, png_base64, processed_info
 from diffuse.server.jobs import Job
