@@ -63,12 +63,7 @@ def sd15_folder(seed: int = 0) -> Path:
             projection_dim=768,
         )
     )
-    # Random init leaves zeroed output convolutions: perturb everything, so the images
-    # compared between dtypes are not flat.
-    with torch.no_grad():
-        for module in (unet, vae, text_encoder):
-            for p in module.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+    perturb(unet, vae, text_encoder)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -78,8 +73,6 @@ def sd15_folder(seed: int = 0) -> Path:
         steps_offset=1,
     )
     CACHE.mkdir(parents=True, exist_ok=True)
-    partial = CACHE / "sd15-random.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     vocab = conftest.write_clip_vocab(CACHE / "clip-vocab")
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -91,10 +84,26 @@ def sd15_folder(seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(partial, safe_serialization=True)
-    partial.rename(FOLDER)
+    save_into(pipe, FOLDER)
     print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return FOLDER
+
+
+def perturb(*modules: torch.nn.Module) -> None:
+    """Random init leaves zeroed output convolutions: perturb every weight, so no activation (and no
+    image compared between dtypes) is flat."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+
+
+def save_into(pipe, folder: Path) -> None:
+    """A diffusers pipeline saved as `folder`, written beside it first so a build cut short leaves none."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial, safe_serialization=True)
+    partial.rename(folder)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
-from sd15 import CACHE  # noqa: E402
+from sd15 import CACHE, perturb, save_into  # noqa: E402
 from speed import count_flops, matmul_peak, peak_resident_mb, timed  # noqa: E402
 
 FOLDER = CACHE / "sdxl-random"
@@ -75,14 +74,8 @@ def sdxl_folder(seed: int = 0) -> Path:
         )
     finally:
         torch.set_default_dtype(torch.float32)
-    # Random init leaves zeroed output convolutions: perturb everything, so no activation is flat.
-    with torch.no_grad():
-        for module in (unet, vae, text_encoder, text_encoder_2):
-            for p in module.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+    perturb(unet, vae, text_encoder, text_encoder_2)
     CACHE.mkdir(parents=True, exist_ok=True)
-    partial = CACHE / "sdxl-random.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     vocab = conftest.write_clip_vocab(CACHE / "clip-vocab")
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -96,8 +89,7 @@ def sdxl_folder(seed: int = 0) -> Path:
         ),
         add_watermarker=False,
     )
-    pipe.save_pretrained(partial, safe_serialization=True)
-    partial.rename(FOLDER)
+    save_into(pipe, FOLDER)
     print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return FOLDER
 
