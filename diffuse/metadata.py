@@ -18,8 +18,8 @@ comes back exactly, but for the leading and trailing whitespace every reader str
 prompt that itself starts with "Negative prompt:", which A1111's layout cannot tell apart.
 
 After A1111's own keys come diffuse's, which say what is needed to make an image again and
-whether that can match: the model's full sha256, dtype, device, the sampler's settings, the
-batch and the image's place in it, the input image's and mask's hashes.
+whether that can match: the model's full sha256, dtype, quantization, device, the sampler's
+settings, the batch and the image's place in it, the input image's and mask's hashes.
 
 Also here: one atomic file writer used for every image we save.
 """
@@ -85,6 +85,7 @@ _LABELS = {
     "batch_pos": "Batch pos",
     "model_sha256": "Model sha256",  # diffuse.hashes: the file's, or a folder's every part's
     "dtype": "Dtype",
+    "quantize": "Quantize",  # the networks' int8 path (diffuse.runtime.prepare), written only when on
     "device": "Device",  # the device type: "cpu", "cuda", "mps"
     "sampler_settings": "Sampler settings",  # diffuse.recipe: every schedule and sampler option
     "version": "Version",
@@ -286,6 +287,7 @@ _FROM_LABEL = {
     "Batch pos": ("batch_pos", int),
     "Model sha256": ("model_sha256", str),
     "Dtype": ("dtype", str),
+    "Quantize": ("quantize", str),
     "Device": ("device", str),
     "Sampler settings": ("sampler_settings", str),
     "Version": ("version", str),

@@ -85,6 +85,9 @@ class Pipeline:
     `zeros_for_empty_prompt` is their folder's `force_zeros_for_empty_prompt` (diffuse.conditioning_xl).
     The SDXL refiner has the second alone (`tokenizer` and `text_encoder` None): it continues
     another model's generation (`generate(request, refiner=...)`) or repaints an image.
+
+    `quantize` is what the networks were prepared with (diffuse.runtime.prepare; None: not
+    quantized, "int8"): set by load_pipeline, recorded in every image's parameters.
     """
 
     tokenizer: CLIPTokenizer | None
@@ -99,6 +102,7 @@ class Pipeline:
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextEncoder | None = None
     zeros_for_empty_prompt: bool = True
+    quantize: str | None = None
     _merged: MergedLoras = field(init=False, repr=False)
     _embeddings: object = field(init=False, repr=False, default=None)
 
@@ -424,6 +428,10 @@ class Pipeline:
             )
         if not (self.is_xl and refiner.is_xl):
             raise ValueError("the refiner hand-off is for SDXL models: both the model and its refiner must be SDXL")
+        if refiner.quantize != self.quantize:  # the parameters record one Quantize for both
+            raise ValueError(
+                f"the refiner was loaded with quantize={refiner.quantize!r}, the model with {self.quantize!r}"
+            )
         if (refiner.config.vae.latent_channels, refiner.config.vae.downsample_factor) != (
             self.config.vae.latent_channels,
             self.config.vae.downsample_factor,
@@ -643,6 +651,7 @@ class Pipeline:
             "batch_pos": 0,
             "model_sha256": self.model_sha256,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": self.quantize,
             "device": self.device.type,
             "sampler_settings": sampler_settings(job.sampler),
             "version": VERSION,
