@@ -1,12 +1,13 @@
 """C kernels for what PyTorch's operations do slowly on this project's CPUs, compiled on
 first use with the machine's C compiler and loaded with ctypes.
 
-There is one: softmax_bf16.c, a bf16 softmax for the attention (see there for why). It is
-built once into the cache folder ($DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else
-~/.cache/diffuse) under a name that hashes its source and flags; later processes load the
-built file. Where it can't be used (no compiler, not
-Linux on x86-64, a CPU without AVX512-BF16, DIFFUSE_KERNELS=0), `softmax_bf16_` returns
-False and the caller uses PyTorch's softmax; `status()` says which and why.
+There are two: softmax_bf16.c, a bf16 softmax for the attention, and quantize_bf16.c, a bf16
+tensor to 8 bits for the int8 layers (see each for why). Each is built once into the cache
+folder ($DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse) under a name
+that hashes its source and flags; later processes load the built file. Where one can't be
+used (no compiler, not Linux on x86-64, a CPU without the instructions it needs,
+DIFFUSE_KERNELS=0), `softmax_bf16_` returns False and `quantize_bf16` None, and the caller
+uses PyTorch's operations; `status()` says which and why.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("softmax_bf16.c")
+QUANTIZE_SOURCE = Path(__file__).with_name("quantize_bf16.c")
 # -fopenmp: the kernel's threads. Its libgomp.so.1 resolves to the copy PyTorch already
 # loaded (same soname), so both share one OpenMP runtime and one pool of threads.
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -78,26 +81,32 @@ def openmp_runtimes() -> set[str]:
     return {path for path in paths if Path(path).name.startswith(("libgomp", "libiomp", "libomp"))}
 
 
-def load_softmax() -> tuple[ctypes.CDLL, Path]:
-    """The softmax kernel, built if need be, and its file; KernelUnavailable says why not."""
+def load_kernel(source: Path, cpu_needs: str) -> tuple[ctypes.CDLL, Path]:
+    """The kernel compiled from `source`, built if need be, and its file; KernelUnavailable says
+    why not (`cpu_needs` names what the kernel's cpu_supported() checks)."""
     if os.environ.get("DIFFUSE_KERNELS", "1") == "0":
         raise KernelUnavailable("turned off by DIFFUSE_KERNELS=0")
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelUnavailable(f"written for x86-64 Linux, not {sys.platform} on {platform.machine()}")
     runtimes_before = openmp_runtimes()
-    library = build(SOURCE, cache_folder(), os.environ.get("CC", "cc"))
+    library = build(source, cache_folder(), os.environ.get("CC", "cc"))
     try:
         loaded = ctypes.CDLL(str(library))
     except OSError as error:
         raise KernelUnavailable(f"could not load {library}: {error}") from None
     if not loaded.cpu_supported():
-        raise KernelUnavailable("this CPU lacks AVX512-BF16")
+        raise KernelUnavailable(f"this CPU lacks {cpu_needs}")
     added_runtimes = openmp_runtimes() - runtimes_before
     if runtimes_before and added_runtimes:
         # A second runtime's threads would compete with PyTorch's for the same cores.
         raise KernelUnavailable(
             f"it loaded OpenMP runtime {sorted(added_runtimes)} next to PyTorch's {sorted(runtimes_before)}"
         )
+    return loaded, library
+
+
+def load_softmax() -> tuple[ctypes.CDLL, Path]:
+    loaded, library = load_kernel(SOURCE, "AVX512-BF16")
     loaded.softmax_bf16_rows.restype = None
     loaded.softmax_bf16_rows.argtypes = [
         ctypes.c_void_p,
@@ -110,23 +119,49 @@ def load_softmax() -> tuple[ctypes.CDLL, Path]:
     return loaded, library
 
 
+def load_quantize() -> tuple[ctypes.CDLL, Path]:
+    loaded, library = load_kernel(QUANTIZE_SOURCE, "AVX-512")
+    loaded.quantize_bf16.restype = ctypes.c_int
+    loaded.quantize_bf16.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    return loaded, library
+
+
+def first_load(load: Callable[[], tuple[ctypes.CDLL, Path]], name: str) -> tuple[ctypes.CDLL | None, str]:
+    """load()'s answer, a failure included, and a line saying which. A kernel only makes things
+    faster, so an unforeseen failure of the machine (no home folder for the cache, an
+    unreadable /proc) also means PyTorch's operations, not an error."""
+    try:
+        library, path = load()
+        return library, f"{name} kernel: {path}"
+    except KernelUnavailable as reason:
+        return None, f"{name} kernel not used: {reason}"
+    except (OSError, RuntimeError) as error:
+        return None, f"{name} kernel not used: {type(error).__name__}: {error}"
+
+
 @functools.cache
 def _softmax_kernel() -> tuple[ctypes.CDLL | None, str]:
-    """load_softmax's answer for this process, a failure included (a build is tried once).
-    The kernel only makes things faster, so an unforeseen failure of the machine (no home
-    folder for the cache, an unreadable /proc) also means PyTorch's softmax, not an error."""
-    try:
-        library, path = load_softmax()
-        return library, f"bf16 softmax kernel: {path}"
-    except KernelUnavailable as reason:
-        return None, f"bf16 softmax kernel not used: {reason}"
-    except (OSError, RuntimeError) as error:
-        return None, f"bf16 softmax kernel not used: {type(error).__name__}: {error}"
+    """load_softmax's answer for this process (a build is tried once)."""
+    return first_load(load_softmax, "bf16 softmax")
+
+
+@functools.cache
+def _quantize_kernel() -> tuple[ctypes.CDLL | None, str]:
+    """load_quantize's answer for this process (a build is tried once)."""
+    return first_load(load_quantize, "bf16 quantize")
 
 
 def status() -> str:
-    """Whether the softmax kernel is in use here, and where from or why not."""
-    return _softmax_kernel()[1]
+    """Whether each kernel is in use here, and where from or why not."""
+    return f"{_softmax_kernel()[1]}; {_quantize_kernel()[1]}"
 
 
 def softmax_bf16_(scores: torch.Tensor) -> bool:
@@ -152,3 +187,32 @@ def softmax_bf16_(scores: torch.Tensor) -> bool:
         scratch = torch.empty(threads * cols, dtype=torch.float32)
         library.softmax_bf16_rows(scores.data_ptr(), rows, cols, scores.stride(0), scratch.data_ptr(), threads)
     return True
+
+
+def quantize_bf16(x: torch.Tensor, asymmetric: bool) -> tuple[torch.Tensor, float, int] | None:
+    """x (a bf16 CPU tensor, contiguous or channels-last) as 8-bit integers, laid out as x, with
+    one scale and zero point:
+    uint8 over [min(x, 0), max(x, 0)] if asymmetric, else int8 over [-max|x|, max|x|] with
+    zero point 0; x ~ (q - zero_point) * scale. None where the kernel is unavailable or x
+    holds a NaN or an infinity (the caller then computes in bf16, which carries them on)."""
+    library, _ = _quantize_kernel()
+    if library is None:
+        return None
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not dense or x.requires_grad:
+        raise ValueError(
+            f"needs a contiguous or channels-last bf16 CPU tensor outside autograd, got {x.dtype} {tuple(x.shape)} "
+            f"with strides {x.stride()} on {x.device}"
+        )
+    out = torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8)  # same layout as x
+    scale, zero_point = ctypes.c_float(1.0), ctypes.c_int32(0)
+    failed = library.quantize_bf16(
+        x.data_ptr(),
+        x.numel(),
+        int(asymmetric),
+        out.data_ptr(),
+        ctypes.byref(scale),
+        ctypes.byref(zero_point),
+        torch.get_num_threads(),
+    )
+    return None if failed else (out, scale.value, zero_point.value)

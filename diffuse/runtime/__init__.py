@@ -13,14 +13,19 @@ plain PyTorch.
   CPU has no AMX (PyTorch's fused kernel where it has), the
   2x upsample folded into 2x2 convolutions at the low resolution (diffuse.runtime.upsample),
   and the VAE's SiLU and residual add in place.
+- prepare(..., quantize="int8") also runs the UNet's products in 8-bit integers
+  (diffuse.runtime.int8), for bf16 on the CPU.
 - On Linux with glibc, freed memory is kept for the next allocation (keep_freed_memory), and
   its pages go back to the kernel before each VAE decode (give_back_freed_memory).
 """
 
 from diffuse.runtime.device import auto_dtype, cpu_has_bf16, keep_freed_memory, resolve_device, resolve_dtype
+from diffuse.runtime.int8 import QUANTIZE_CHOICES, check_quantize
 from diffuse.runtime.layers import inference_layout, prepare
 
 __all__ = [
+    "QUANTIZE_CHOICES",
+    "check_quantize",
     "auto_dtype",
     "cpu_has_bf16",
     "inference_layout",

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from diffuse.models import unet, vae
 from diffuse.runtime.attention import attention
+from diffuse.runtime.int8 import check_quantize, use_int8
 from diffuse.runtime.upsample import upsample_conv
 
 M = TypeVar("M", bound=nn.Module)
@@ -176,10 +177,12 @@ def inference_layout(weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def prepare(module: M, device: str | torch.device, dtype: torch.dtype) -> M:
+def prepare(module: M, device: str | torch.device, dtype: torch.dtype, quantize: str | None = None) -> M:
     """`module` (a text encoder, UNet or VAE, or anything holding them) made ready to run on
     `device` in `dtype`, in place: moved and cast (nothing to do for weights loaded so),
-    weights in the device's inference layout, fast layers swapped in. Idempotent."""
+    weights in the device's inference layout, fast layers swapped in, and with quantize="int8"
+    a UNet's products in int8 (diffuse.runtime.int8; bf16 on the CPU only). Idempotent."""
+    check_quantize(quantize, device, dtype)
     module.to(device=device, dtype=dtype)
     for param in module.parameters():
         param.data = inference_layout(param.data)
@@ -187,4 +190,6 @@ def prepare(module: M, device: str | torch.device, dtype: torch.dtype) -> M:
         fast = FAST_LAYERS.get(type(layer))
         if fast is not None:
             layer.__class__ = fast
+    if quantize == "int8":
+        use_int8(module)
     return module

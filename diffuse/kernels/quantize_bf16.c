@@ -1,0 +1,118 @@
+/* A bfloat16 tensor quantized to 8 bits with one scale for the whole tensor, in two passes.
+
+   The int8 layers (diffuse/runtime/int8.py) quantize each input as it arrives, so this
+   runs once per int8 product. PyTorch's own reductions over bf16 tensors and its chain of
+   elementwise operations (scale, round, shift, clamp, cast) each take a pass over memory
+   and several took longer than the int8 product itself (bench/RESULTS.md); here the first
+   pass finds the range and the second writes the bytes.
+
+   Asymmetric (uint8): the range [min(x, 0), max(x, 0)] maps onto 0..255, zero exactly at
+   the zero point, as oneDNN's u8 convolutions and matmuls take it. Symmetric (int8):
+   [-max|x|, max|x|] onto -127..127, zero point 0.
+
+   Compiled on first use by diffuse/kernels/__init__.py; the threads are OpenMP's, the
+   same runtime (and pool) as PyTorch's own. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define MAX_THREADS 256
+
+int cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
+/* 16 bf16 values (the lanes of `lanes`; the others read as 0) widened to float32. */
+AVX512 static inline __m512 load_bf16(const uint16_t *p, __mmask16 lanes) {
+    __m256i halves = _mm256_maskz_loadu_epi16(lanes, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+/* The range of x[begin, end): lows and highs start at 0, so the range always holds zero.
+   Returns whether the values are all finite: x * 0 is NaN for a NaN or an infinity, and a
+   sum of those stays NaN, where min and max would drop a NaN. */
+AVX512 static int range_of(const uint16_t *x, int64_t begin, int64_t end, float *low, float *high) {
+    __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps(), nans = _mm512_setzero_ps();
+    int64_t j = begin;
+    for (; j + 16 <= end; j += 16) {
+        __m512 v = load_bf16(x + j, 0xffff);
+        lows = _mm512_min_ps(lows, v);
+        highs = _mm512_max_ps(highs, v);
+        nans = _mm512_add_ps(nans, _mm512_mul_ps(v, _mm512_setzero_ps())); /* NaN or inf -> NaN */
+    }
+    if (j < end) {
+        const __mmask16 lanes = (__mmask16)((1u << (end - j)) - 1);
+        __m512 v = load_bf16(x + j, lanes);
+        lows = _mm512_min_ps(lows, v);
+        highs = _mm512_max_ps(highs, v);
+        nans = _mm512_add_ps(nans, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    }
+    *low = _mm512_reduce_min_ps(lows);
+    *high = _mm512_reduce_max_ps(highs);
+    return isfinite(_mm512_reduce_add_ps(nans));
+}
+
+AVX512 static void write_bytes(const uint16_t *x, int64_t begin, int64_t end, uint8_t *out, float inverse_scale,
+                               float zero_point, float lowest, float highest) {
+    const __m512 inv = _mm512_set1_ps(inverse_scale), zp = _mm512_set1_ps(zero_point);
+    const __m512 lo = _mm512_set1_ps(lowest), hi = _mm512_set1_ps(highest);
+    for (int64_t j = begin; j < end; j += 16) {
+        const __mmask16 lanes = j + 16 <= end ? 0xffff : (__mmask16)((1u << (end - j)) - 1);
+        __m512 q = _mm512_fmadd_ps(load_bf16(x + j, lanes), inv, zp);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        __m512i whole = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(out + j, lanes, _mm512_cvtepi32_epi8(whole));
+    }
+}
+
+/* Quantizes x[0, n) into out; writes the scale and zero point. Returns 0, or 1 (out not
+   written) where x holds a NaN or an infinity or spans more than float32 can, which the
+   caller then computes in bf16. */
+AVX512 int quantize_bf16(const uint16_t *x, int64_t n, int asymmetric, uint8_t *out, float *scale,
+                         int32_t *zero_point, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    float lows[MAX_THREADS], highs[MAX_THREADS];
+    int finite[MAX_THREADS], all_finite = 1;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        const int64_t chunk = (n + count - 1) / count, begin = t * chunk < n ? t * chunk : n;
+        const int64_t end = begin + chunk < n ? begin + chunk : n;
+        finite[t] = range_of(x, begin, end, &lows[t], &highs[t]);
+        #pragma omp barrier
+        float low = 0.0f, high = 0.0f;
+        int ok = 1;
+        for (int i = 0; i < count; i++) {
+            low = lows[i] < low ? lows[i] : low;
+            high = highs[i] > high ? highs[i] : high;
+            ok &= finite[i];
+        }
+        if (t == 0) all_finite = ok;
+        if (ok) {
+            float s, z, lowest, highest;
+            if (asymmetric) {
+                s = (high - low) / 255.0f;
+                s = s > 0.0f ? s : 1.0f;
+                z = nearbyintf(-low / s);
+                lowest = 0.0f, highest = 255.0f;
+            } else {
+                const float top = high > -low ? high : -low;
+                s = top > 0.0f ? top / 127.0f : 1.0f;
+                z = 0.0f, lowest = -127.0f, highest = 127.0f;
+            }
+            /* A range wider than float32's largest has no usable scale: bf16 computes that tensor. */
+            if (t == 0 && !isfinite(s)) all_finite = 0;
+            if (isfinite(s)) write_bytes(x, begin, end, out, 1.0f / s, z, lowest, highest);
+            if (t == 0) {
+                *scale = s;
+                *zero_point = (int32_t)z;
+            }
+        }
+    }
+    return !all_finite;
+}

@@ -1,0 +1,236 @@
+"""The UNet's products in 8-bit integers: quantize="int8".
+
+Each chosen linear layer and convolution keeps its bf16 weight (so LoRA merges, state
+dicts and the float32 retry see the plain layer) and beside it an int8 copy, one scale per
+output channel, packed for oneDNN. Its input is quantized as it arrives, one scale (and
+zero point) for the whole tensor, by the C kernel in diffuse.kernels; oneDNN multiplies
+the bytes, accumulating in int32, and writes bf16 with the bias added. AVX-512 VNNI and
+AMX do twice as many int8 multiply-adds per instruction as bf16 ones.
+
+Chosen are the products inside the UNet's blocks: the ResBlocks' convolutions, the
+downsampling convolutions, the transformers' projections, attention's queries, keys and
+values of the image and its output, and the feed-forward layers. Left in bf16: the first
+and last convolutions (4 channels, where one scale for all would cost the most), the
+timestep and vector embeddings (one row each), the keys and values computed from the
+text (77 rows), the folded upsampling convolutions, and everything that is not a product:
+norms, softmax, attention's own products.
+
+A layer falls back to its bf16 (or float32) forward outside bf16 CPU inference, and for an
+input holding a NaN or an infinity, which bf16 carries on to the pipeline's checks. The
+int8 copy is made again if the weight changes (a LoRA merged or taken out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffuse import kernels
+from diffuse.models import unet
+from diffuse.runtime.attention import attention
+
+QUANTIZE_CHOICES = ("int8",)
+
+# The UNet's parts whose products go int8 (the module docstring says which stay bf16 and why).
+BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")
+KEEP_BF16 = ("input_blocks.0.0", "emb_layers.1", "attn2.to_k", "attn2.to_v")
+# Self-attention runs its queries, keys and values as one stacked product (Int8Attention); the
+# three layers themselves run only where it falls back, so they get no int8 copy of their own.
+STACKED = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
+
+
+def check_quantize(quantize: str | None, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """quantize itself where it can run with this device and dtype; a one-line ValueError otherwise."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} or None, not {quantize!r}")
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        raise ValueError(
+            f"quantize={quantize!r} runs on the CPU with dtype bfloat16, not {torch.device(device).type} {dtype}"
+        )
+    return quantize
+
+
+def int8_ready(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and x.numel() > 0
+
+
+def weight_key(weights: tuple[Tensor, ...]) -> tuple:
+    """What identifies the values of these weights: an in-place change moves the version on,
+    a new tensor has another address."""
+    return tuple((w._version, w.data_ptr(), w.dtype, tuple(w.shape)) for w in weights)
+
+
+def per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight [out, ...] as int8 with one float32 scale per output channel, symmetric."""
+    rows = weight.detach().float().flatten(1)
+    scales = (rows.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(weight.detach().float() / scales.view(-1, *[1] * (weight.dim() - 1))).clamp_(-127, 127)
+    return q.to(torch.int8), scales
+
+
+@dataclass
+class Packed:
+    """An int8 weight packed for oneDNN, with what its products need beside it."""
+
+    key: tuple
+    weight: Tensor
+    scales: Tensor
+    zero_points: Tensor
+    bias: Tensor | None
+
+
+def pack_linear(weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) -> Packed:
+    """The linear layers' weights stacked by output rows (one product for them all)."""
+    q, scales = per_channel(torch.cat(weights) if len(weights) > 1 else weights[0])
+    bias = None if all(b is None for b in biases) else torch.cat([b.float() for b in biases])
+    packed = torch.ops.onednn.qlinear_prepack(q, None)
+    return Packed(weight_key(weights), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
+
+
+def pack_conv(conv: nn.Conv2d) -> Packed:
+    q, scales = per_channel(conv.weight)
+    packed = torch.ops.onednn.qconv_prepack(
+        q, scales, 1.0, 0, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, None
+    )
+    bias = None if conv.bias is None else conv.bias.detach().float()
+    return Packed(weight_key((conv.weight,)), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
+
+
+def quantized(x: Tensor, asymmetric: bool) -> tuple[Tensor, float, int] | None:
+    return kernels.quantize_bf16(x if x.is_contiguous() else x.contiguous(), asymmetric)
+
+
+def linear_product(q: tuple[Tensor, float, int], packed: Packed, then: str = "none") -> Tensor:
+    """The packed linear layers applied to the quantized input, bf16 out ("gelu" applies the exact one)."""
+    qx, scale, zero_point = q
+    return torch.ops.onednn.qlinear_pointwise(
+        qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias,
+        1.0, 0, torch.bfloat16, then, [], "none" if then == "gelu" else "",
+    )  # fmt: skip
+
+
+class Int8Linear(nn.Linear):
+    """A linear layer whose product runs in int8 (the module docstring)."""
+
+    packed: Packed | None = None
+
+    def int8_weight(self) -> Packed:
+        if self.packed is None or self.packed.key != weight_key((self.weight,)):
+            self.packed = pack_linear((self.weight,), (self.bias,))
+        return self.packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = quantized(x, asymmetric=True) if int8_ready(x) else None
+        if q is None:
+            return self.plain_forward(x)
+        return linear_product(q, self.int8_weight())
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Conv2d(nn.Conv2d):
+    """A convolution whose product runs in int8 on a channels-last input (the module docstring)."""
+
+    packed: Packed | None = None
+
+    def int8_weight(self) -> Packed:
+        if self.packed is None or self.packed.key != weight_key((self.weight,)):
+            self.packed = pack_conv(self)
+        return self.packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not int8_ready(x) or x.dim() != 4:
+            return super().forward(x)
+        q = kernels.quantize_bf16(x.contiguous(memory_format=torch.channels_last), asymmetric=True)
+        if q is None:
+            return super().forward(x)
+        qx, scale, zero_point = q
+        packed = self.int8_weight()
+        return torch.ops.onednn.qconv_pointwise(
+            qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias,
+            list(self.stride), list(self.padding), list(self.dilation), self.groups,
+            1.0, 0, torch.bfloat16, "none", [], "",
+        )  # fmt: skip
+
+
+class Int8Attention(unet.Attention):
+    """Self-attention's queries, keys and values as one int8 product of the input quantized once
+    (the three weights stacked). Cross-attention keeps its class: its queries and output are
+    Int8Linear layers, its keys and values from the text stay bf16."""
+
+    packed: Packed | None = None
+
+    def int8_weight(self) -> Packed:
+        weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        if self.packed is None or self.packed.key != weight_key(weights):
+            self.packed = pack_linear(weights, (None, None, None))
+        return self.packed
+
+    def qkv(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        q = quantized(x, asymmetric=True) if context is None and int8_ready(x) else None
+        if q is None:
+            return super().qkv(x, context)
+        stacked = linear_product(q, self.int8_weight()).unflatten(-1, (3, self.heads, -1))
+        return tuple(stacked[..., i, :, :].transpose(1, 2) for i in range(3))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        out = attention(*self.qkv(x, context))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class Int8GEGLU(unet.GEGLU):
+    """value * gelu(gate) from one quantized input: the gate's product applies the gelu as it is
+    written, the value's is multiplied by it in place."""
+
+    packed: tuple[Packed, Packed] | None = None
+
+    def int8_weight(self) -> tuple[Packed, Packed]:
+        value_w, gate_w = self.proj.weight.chunk(2)
+        value_b, gate_b = self.proj.bias.chunk(2)
+        if self.packed is None or self.packed[0].key != weight_key((value_w, gate_w)):
+            value, gate = pack_linear((value_w,), (value_b,)), pack_linear((gate_w,), (gate_b,))
+            value.key = gate.key = weight_key((value_w, gate_w))
+            self.packed = value, gate
+        return self.packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = quantized(x, asymmetric=True) if int8_ready(x) else None
+        if q is None:
+            return super().forward(x)
+        value, gate = self.int8_weight()
+        return linear_product(q, value).mul_(linear_product(q, gate, then="gelu"))
+
+
+def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
+    """The int8 class a UNet layer becomes under quantize="int8", or None to keep it."""
+    if not name.startswith(BLOCKS) or name.endswith(KEEP_BF16 + STACKED) or isinstance(parent, unet.Upsample):
+        return None
+    if isinstance(layer, unet.Attention):
+        return Int8Attention if name.endswith("attn1") else None
+    if isinstance(layer, unet.GEGLU):
+        return Int8GEGLU
+    if isinstance(layer, nn.Linear):
+        return Int8Linear
+    if isinstance(layer, nn.Conv2d):
+        return Int8Conv2d
+    return None
+
+
+def use_int8(module: nn.Module) -> None:
+    """Every UNet in `module` with its chosen products in int8 (the module docstring), in place;
+    the int8 weights are made now, so the memory they take shows at load time."""
+    for net in [m for m in module.modules() if isinstance(m, unet.UNet)]:
+        parents = {name: layer for name, layer in net.named_modules()}
+        for name, layer in list(net.named_modules()):
+            new_class = int8_class(name, layer, parents[name.rpartition(".")[0]])
+            if new_class is not None:
+                layer.__class__ = new_class
+        for layer in net.modules():
+            if isinstance(layer, (Int8Linear, Int8Conv2d, Int8Attention, Int8GEGLU)):
+                layer.int8_weight()
