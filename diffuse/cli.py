@@ -15,7 +15,7 @@ import torch
 
 from diffuse.pipeline import Pipeline, Result, Step
 from diffuse.preflight import Checked, check_generation_args
-from diffuse.regenerate import add_addon_options
+from diffuse.regenerate import add_addon_options, add_quantize_option
 from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest, whole_pixels
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
@@ -66,8 +66,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, model: str | None = None) -> Pipeline:
-    """The model `args.model` names (or `model`, e.g. the refiner), with the run's dtype, device
-    and add-on folders."""
+    """The model `args.model` names (or `model`, e.g. the refiner), with the run's dtype, quantization,
+    device and add-on folders."""
     from diffuse.loader import load_pipeline
 
     model = model or args.model
@@ -78,6 +78,7 @@ def _load(args: argparse.Namespace, model: str | None = None) -> Pipeline:
                 "pass --model PATH (a diffusers folder, .safetensors or .ckpt)"
             )
         model = DEFAULT_MODEL
+    quantize = getattr(args, "quantize", None)  # convert: never (it writes the weights as loaded)
     start = time.perf_counter()
     pipe = load_pipeline(
         model,
@@ -85,8 +86,10 @@ def _load(args: argparse.Namespace, model: str | None = None) -> Pipeline:
         device=getattr(args, "device", "cpu"),  # convert: always the CPU
         lora_dirs=getattr(args, "lora_dir", []),
         embedding_dirs=getattr(args, "embeddings_dir", []),
+        quantize=quantize,
     )
-    print(f"{pipe.source}: loaded in {time.perf_counter() - start:.1f} s ({pipe.dtype})", file=sys.stderr)
+    how = str(pipe.dtype) if quantize is None else f"{pipe.dtype}, {quantize}"
+    print(f"{pipe.source}: loaded in {time.perf_counter() - start:.1f} s ({how})", file=sys.stderr)
     return pipe
 
 
@@ -547,6 +550,7 @@ def _add_generation_options(p: argparse.ArgumentParser, kind: str) -> None:
         help="also write every step's decoded latents and a filmstrip.png here",
     )
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    add_quantize_option(p)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_addon_options(p)
     _add_size_conditioning_options(p)
@@ -612,6 +616,7 @@ def _add_illustrate_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not a previous report")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    add_quantize_option(p)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_addon_options(p)
     p.set_defaults(run=illustrate)
@@ -701,6 +706,7 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="float32 (default: the exact path the model card's figures use), auto, bfloat16 or float16",
     )
+    add_quantize_option(p)
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
     _add_speedup_options(p)
     p.set_defaults(run=evaluate)
@@ -725,6 +731,7 @@ def _add_serving_and_reading_commands(commands: argparse._SubParsersAction) -> N
     p = commands.add_parser("info", help="load a checkpoint and report its architecture")
     p.add_argument("model", nargs="?", default=None, help="a diffusers folder, or a single-file .safetensors/.ckpt")
     p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
+    add_quantize_option(p)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--prompt", default="a photo of a cat")
     p.set_defaults(run=info)

@@ -33,7 +33,7 @@ from diffuse.models.configs import PipelineConfig, check_pipeline
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.pipeline import Pipeline
-from diffuse.runtime import inference_layout, keep_freed_memory, prepare, resolve_device, resolve_dtype
+from diffuse.runtime import check_quantize, inference_layout, keep_freed_memory, prepare, resolve_device, resolve_dtype
 from diffuse.tokenizer import CLIPTokenizer
 
 
@@ -44,6 +44,7 @@ def load_pipeline(
     config: PipelineConfig | None = None,
     lora_dirs: Iterable[str | Path] = (),
     embedding_dirs: Iterable[str | Path] = (),
+    quantize: str | None = None,
 ) -> Pipeline:
     """Load a Stable Diffusion 1.x/2.x model from a diffusers folder or a single-file checkpoint.
 
@@ -52,6 +53,11 @@ def load_pipeline(
     inference once its weights are in); "float32" (or None) is the exact path that
     matches the reference implementations. `config` overrides architecture detection for
     single-file checkpoints (head counts and v-prediction are not stored in the weights).
+
+    `quantize` "int8" runs the networks' chosen layers on 8-bit integers (diffuse.runtime.prepare
+    decides which, per network; it needs bfloat16 on the CPU); None (the default) leaves them in
+    `dtype`. `pipe.quantize` says which, and every image's parameters record it. Any other value,
+    or int8 with another dtype or device, is a one-line ValueError before anything is read.
 
     `lora_dirs` and `embedding_dirs` are the folders whose add-ons the prompts may name
     (`<lora:NAME:0.8>`, an embedding's file name); `pipe.loras()` and `pipe.embeddings()` list
@@ -66,10 +72,11 @@ def load_pipeline(
     addons = AddonLibrary(lora_dirs, embedding_dirs) if lora_dirs or embedding_dirs else None
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    check_quantize(quantize, device, dtype)
     if device.type == "cpu":
         keep_freed_memory()
     try:
-        pipe = _load(path, dtype, device, config)
+        pipe = _load(path, dtype, device, config, quantize)
     except CheckpointError:
         raise
     except (
@@ -146,7 +153,9 @@ def _read_single_file(path: Path, config: PipelineConfig | None) -> _Read:
     return _Read(config, states, dict.fromkeys(states, path), tokenizer, probe_v=probe, tokenizer_2=tokenizer_2)
 
 
-def _load(path: Path, dtype: torch.dtype, device: torch.device, config: PipelineConfig | None) -> Pipeline:
+def _load(
+    path: Path, dtype: torch.dtype, device: torch.device, config: PipelineConfig | None, quantize: str | None
+) -> Pipeline:
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
     read = _read_folder(path, config) if path.is_dir() else _read_single_file(path, config)
@@ -167,7 +176,7 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         module = build_and_fill(
             make, read.states.pop(name), read.files[name], name, dtype=dtype, device=device, layout=inference_layout
         )
-        return prepare(module, device, dtype)
+        return prepare(module, device, dtype, quantize=quantize)
 
     unet = fill("unet", lambda: UNet(config.unet))
     if read.probe_v and predicts_v(unet):
@@ -189,6 +198,7 @@ def _load(path: Path, dtype: torch.dtype, device: torch.device, config: Pipeline
         tokenizer_2=read.tokenizer_2,
         text_encoder_2=text_encoder_2,
         zeros_for_empty_prompt=read.zeros_for_empty_prompt,
+        quantize=quantize,
     )
 
 

@@ -430,7 +430,8 @@ class Pipeline:
             raise ValueError("the refiner hand-off is for SDXL models: both the model and its refiner must be SDXL")
         if refiner.quantize != self.quantize:  # the parameters record one Quantize for both
             raise ValueError(
-                f"the refiner was loaded with quantize={refiner.quantize!r}, the model with {self.quantize!r}"
+                f"the refiner was loaded with quantize={refiner.quantize!r} and the model with "
+                f"quantize={self.quantize!r}: load both alike"
             )
         if (refiner.config.vae.latent_channels, refiner.config.vae.downsample_factor) != (
             self.config.vae.latent_channels,

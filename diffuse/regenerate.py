@@ -3,11 +3,12 @@ with --check say whether the pixels match.
 
 A diffuse PNG records everything its image depends on (diffuse.metadata): the prompts, the
 sampler with every setting its plan uses, the seed, the batch it was drawn in and its place
-there, the model's sha256, dtype, device, speed-ups and the input image's and mask's hashes. The
-whole batch is drawn again, because reduced-precision matrix products may round differently
-at another batch size, and the image at the recorded position is kept. An A1111 PNG is made
-again as far as its fields go (prompt, negative, steps, sampler and schedule type, CFG, seed,
-size, clip skip, eta, denoising strength with --image); it cannot match A1111's pixels.
+there, the model's sha256, dtype, quantization, device, speed-ups and the input image's and
+mask's hashes. The whole batch is drawn again, because reduced-precision matrix products may
+round differently at another batch size, and the image at the recorded position is kept. An
+A1111 PNG is made again as far as its fields go (prompt, negative, steps, sampler and schedule
+type, CFG, seed, size, clip skip, eta, denoising strength with --image); it cannot match
+A1111's pixels.
 
 An SDXL base -> refiner hand-off records its refiner as A1111 does ("Refiner: name [hash]",
 "Refiner switch at"); the refiner is found by that hash among the models (those beside the
@@ -15,8 +16,9 @@ model, or in the folder --refiner names), or taken from --refiner itself, and ch
 base hands over to it at the same point.
 
 Everything is checked before the model loads; a field that makes a match impossible (another
-model or refiner, dtype, device or diffuse version, an A1111 image, another input image) is
-named, and under --check ends the command before any work.
+model or refiner, dtype, quantization, device or diffuse version, an A1111 image, another input
+image) is named, and under --check ends the command before any work. The dtype, device and
+quantization are the PNG's unless --dtype, --device or --quantize (none: off) say otherwise.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from diffuse.metadata import (
 from diffuse.pipeline import VERSION
 from diffuse.recipe import sampler_from_record, speedups_from_info
 from diffuse.request import GenerationRequest
-from diffuse.runtime import resolve_device, resolve_dtype
+from diffuse.runtime import QUANTIZE_CHOICES, check_quantize, resolve_device, resolve_dtype
 
 # The largest pixel difference, in 1/255 levels, that --check accepts, by device type and dtype.
 # On one machine a CPU gives exactly 0 at the same dtype (the seed's noise is drawn on the CPU
@@ -57,7 +59,8 @@ from diffuse.runtime import resolve_device, resolve_dtype
 # only in summation order (another SIMD width or core count), about a level after the sampler
 # amplifies it; CUDA's cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default.
 # bfloat16 and float16 round every product to 8 or 11 bits, which alone moves pixels by tens of
-# levels across batch sizes on one CPU (bench/RESULTS.md), so another machine gets 32.
+# levels across batch sizes on one CPU (bench/RESULTS.md), so another machine gets 32; so does
+# int8 (quantize), whose activations are rounded to 8 bits at each quantized layer.
 TOLERANCE = {
     ("cpu", "float32"): 2,
     ("cuda", "float32"): 4,
@@ -293,8 +296,9 @@ def find_addons(recipe: Recipe, lora_dirs: list[str], embedding_dirs: list[str])
             )
 
 
-def tolerance(device: torch.device, dtype: torch.dtype) -> int:
-    return TOLERANCE[(device.type, str(dtype).removeprefix("torch."))]
+def tolerance(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> int:
+    limit = TOLERANCE[(device.type, str(dtype).removeprefix("torch."))]
+    return limit if quantize is None else max(limit, TOLERANCE[(device.type, "bfloat16")])
 
 
 def difference(made: Image.Image, original: Image.Image) -> tuple[int, float]:
@@ -319,6 +323,7 @@ def add_regenerate_options(p: argparse.ArgumentParser, device_help: str) -> None
     p.add_argument("--mask", default=None, help="inpaint: the mask (checked against its hash)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the PNG's)")
     p.add_argument("--device", default=None, help=f"{device_help} (default: the PNG's)")
+    add_quantize_option(p, regenerating=True)
     p.add_argument(
         "--refiner",
         default=None,
@@ -326,6 +331,21 @@ def add_regenerate_options(p: argparse.ArgumentParser, device_help: str) -> None
         "(default: the model's own folder)",
     )
     add_addon_options(p)
+
+
+def add_quantize_option(p: argparse.ArgumentParser, regenerating: bool = False) -> None:
+    """--quantize: int8 networks (diffuse.runtime.prepare), off by default; regenerate's default is the PNG's."""
+    if regenerating:
+        choices, default = (*QUANTIZE_CHOICES, "none"), "the PNG's; none: off"
+    else:
+        choices, default = QUANTIZE_CHOICES, "off"
+    p.add_argument(
+        "--quantize",
+        choices=choices,
+        default=None,
+        help=f"int8: run the networks' chosen layers on 8-bit integers (bfloat16 on the CPU), faster, the image "
+        f"a little different (default: {default})",
+    )
 
 
 def add_addon_options(p: argparse.ArgumentParser) -> None:
@@ -379,8 +399,10 @@ def _inputs(recipe: Recipe, args: argparse.Namespace) -> tuple[Image.Image | Non
     return image, mask, problems
 
 
-def _match_problems(recipe: Recipe, hashes: ModelHashes, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Every recorded fact that rules out an exact match with this model, device and dtype."""
+def _match_problems(
+    recipe: Recipe, hashes: ModelHashes, device: torch.device, dtype: torch.dtype, quantize: str | None
+) -> list[str]:
+    """Every recorded fact that rules out an exact match with this model, device, dtype and quantization."""
     info, problems = recipe.info, []
     if not recipe.by_diffuse:
         made_by = f"Version {info['version']}" if info.get("version") else "no Version"
@@ -403,6 +425,8 @@ def _match_problems(recipe: Recipe, hashes: ModelHashes, device: torch.device, d
             problems.append(f"the PNG records no {label}")
         elif info.get(key) is not None and info[key] != value:
             problems.append(f"{label} {info[key]} is not this run's ({value})")
+    if info.get("quantize") != quantize:  # no Quantize: made without
+        problems.append(f"Quantize {info.get('quantize') or 'off'} is not this run's ({quantize or 'off'})")
     if recipe.by_diffuse and info.get("sampler_settings") is None:
         problems.append("the PNG records no Sampler settings")
     if recipe.not_reproduced:
@@ -419,13 +443,15 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
     find_addons(recipe, args.lora_dir, args.embeddings_dir)  # a missing add-on is named before the model loads
     image, mask, problems = _inputs(recipe, args)
     device, dtype = _device_and_dtype(args, recipe.info)
+    quantize = _quantize(args, recipe.info)
+    check_quantize(quantize, device, dtype)  # int8 with another dtype or device: refused before any hashing
     inputs.check_output_folder(args.out, "--out")
     model = Path(args.model).expanduser() if args.model is not None else default_model
     hashes = model_hashes(model)  # the model's files only: nothing loads yet
     if args.refiner is not None and "refiner" not in recipe.info:
         raise ValueError("this PNG was made without a refiner, which takes no --refiner")
     refiner = find_refiner(recipe, args.refiner, model) if "refiner" in recipe.info else None
-    problems = _match_problems(recipe, hashes, device, dtype) + (refiner[2] if refiner else []) + problems
+    problems = _match_problems(recipe, hashes, device, dtype, quantize) + (refiner[2] if refiner else []) + problems
     for problem in problems:
         print(f"diffuse regenerate: {'cannot match' if args.check else 'note'}: {problem}", file=sys.stderr)
     if args.check and problems:
@@ -433,17 +459,19 @@ def run(args: argparse.Namespace, default_model: Path) -> int:
 
     from diffuse.loader import load_pipeline
 
+    # The refiner loads as the model does: the parameters record one dtype and one Quantize for both.
+    settings = {"dtype": dtype, "device": device, "quantize": quantize}
     addons = {"lora_dirs": args.lora_dir, "embedding_dirs": args.embeddings_dir}
-    pipe = load_pipeline(model, dtype=dtype, device=device, **addons)
+    pipe = load_pipeline(model, **settings, **addons)
     pipe.model_hashes = hashes  # hashed above from the same files: no second read
     refiner_pipe = None
     if refiner is not None:
-        refiner_pipe = load_pipeline(refiner[0], dtype=dtype, device=device, **addons)
+        refiner_pipe = load_pipeline(refiner[0], **settings, **addons)
         refiner_pipe.model_hashes = refiner[1]
     result = pipe.generate(recipe_request(recipe, image, mask), refiner=refiner_pipe)
     made, made_text = result.images[recipe.batch_pos], result.infotexts[recipe.batch_pos]
     print(save_png(made, numbered_path(args.out, recipe.info["seed"]), made_text, overwrite=False))
-    return _compare(made, args.png, device, dtype) if args.check else 0
+    return _compare(made, args.png, device, dtype, quantize) if args.check else 0
 
 
 def _device_and_dtype(args: argparse.Namespace, info: dict) -> tuple[torch.device, torch.dtype]:
@@ -457,7 +485,22 @@ def _device_and_dtype(args: argparse.Namespace, info: dict) -> tuple[torch.devic
     return device, resolve_dtype(args.dtype or info.get("dtype") or "auto", device)
 
 
-def _compare(made: Image.Image, original_path: str, device: torch.device, dtype: torch.dtype) -> int:
+def _quantize(args: argparse.Namespace, info: dict) -> str | None:
+    """The option's quantization ("none": off), else the PNG's (no Quantize: off)."""
+    if args.quantize is not None:
+        return None if args.quantize == "none" else args.quantize
+    recorded = info.get("quantize")
+    if recorded is not None and recorded not in QUANTIZE_CHOICES:
+        raise ValueError(
+            f"the PNG's Quantize {recorded!r} is not one this diffuse has ({', '.join(QUANTIZE_CHOICES)}); "
+            "pass --quantize to choose"
+        )
+    return recorded
+
+
+def _compare(
+    made: Image.Image, original_path: str, device: torch.device, dtype: torch.dtype, quantize: str | None
+) -> int:
     """Print how far the new image is from the original; 0 within the tolerance, 1 past it."""
     with Image.open(original_path) as original:
         if original.size != made.size:
@@ -467,10 +510,11 @@ def _compare(made: Image.Image, original_path: str, device: torch.device, dtype:
             )
             return 1
         largest, mean = difference(made, original)
-    limit = tolerance(device, dtype)
+    limit = tolerance(device, dtype, quantize)
     verdict = "matches" if largest <= limit else "DIFFERS"
+    how = str(dtype).removeprefix("torch.") + ("" if quantize is None else f" {quantize}")
     print(
         f"{verdict}: largest pixel difference {largest}/255, mean {mean:.3f}/255 "
-        f"(tolerance {limit}/255 for {str(dtype).removeprefix('torch.')} on {device.type})"
+        f"(tolerance {limit}/255 for {how} on {device.type})"
     )
     return 0 if largest <= limit else 1

@@ -55,6 +55,7 @@ def create_app(settings: ServerSettings, host: ModelHost | None = None) -> Guard
         settings.device,
         settings.lora_dirs,
         settings.embedding_dirs,
+        settings.quantize,
     )
     server = Server(settings, host, budget)
     reports = ReportStore()

@@ -117,12 +117,15 @@ def processed_info(request: A1111Request, generated: Generated, model_hash: str 
 
 
 def _extra_generation_params(info: dict) -> dict:
-    """A1111's extra_generation_params: the labels its infotext adds after the fixed ones."""
+    """A1111's extra_generation_params: the labels its infotext adds after the fixed ones (diffuse's
+    Quantize among them when on)."""
     if not info:
         return {}
     extra = {"Schedule type": info.get("schedule_type")}
     if info.get("refiner") is not None:
         extra.update({"Refiner": info["refiner"], "Refiner switch at": info["refiner_switch_at"]})
+    if info.get("quantize") is not None:
+        extra["Quantize"] = info["quantize"]
     return extra
 
 

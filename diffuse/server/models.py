@@ -13,6 +13,9 @@ A request may also name an SDXL refiner (A1111's refiner_checkpoint), from the s
 loaded by the same rules; it is kept for the next request that names it. The host holds at most
 two models at once, loads included: the kept refiner is let go before another model loads
 (a refiner that the new current model is, is moved over rather than loaded twice).
+
+Every model loads with the server's dtype, device and quantization (`serve --quantize int8`),
+so a switch or a refiner never changes them.
 """
 
 from __future__ import annotations
@@ -76,10 +79,11 @@ class ModelHost:
         device: str = "cpu",
         lora_dirs: tuple[Path, ...] = (),
         embedding_dirs: tuple[Path, ...] = (),
+        quantize: str | None = None,
     ) -> None:
         if not entries:
             raise ValueError("no model to serve")
-        self.entries, self.dtype, self.device = entries, dtype, device
+        self.entries, self.dtype, self.device, self.quantize = entries, dtype, device, quantize
         self.addon_dirs = {"lora_dirs": lora_dirs, "embedding_dirs": embedding_dirs}  # every model gets the same
         self._lock = threading.Lock()
         self._sha256: dict[ModelEntry, str | None] = {}
@@ -132,7 +136,9 @@ class ModelHost:
             return self._refiner
 
     def _load(self, entry: ModelEntry) -> Pipeline:
-        return load_pipeline(entry.path, dtype=self.dtype, device=self.device, **self.addon_dirs)
+        return load_pipeline(
+            entry.path, dtype=self.dtype, device=self.device, quantize=self.quantize, **self.addon_dirs
+        )
 
     def run_on(self, wanted: str | None, restore: bool, work: Callable[[Pipeline], T]) -> T:
         """work(pipe) on the named model (None: the current one); with `restore`, the model that was

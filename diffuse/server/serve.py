@@ -23,7 +23,7 @@ import os
 import socket
 from pathlib import Path
 
-from diffuse.regenerate import add_addon_options
+from diffuse.regenerate import add_addon_options, add_quantize_option
 from diffuse.server.a1111 import Limits
 
 AUTH_VARIABLE = "DIFFUSE_API_AUTH"
@@ -74,6 +74,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="most sampling steps per request")
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="most images per request")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it), float32, ...")
+    add_quantize_option(parser)  # every model the server loads, refiners and switches included
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     add_addon_options(parser)
 
@@ -123,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
         credentials=credentials,
         queue_capacity=args.queue,
         dtype=args.dtype,
+        quantize=args.quantize,
         device=args.device,
         limits=Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images),
         request_memory_bytes=args.request_memory * 2**20,

@@ -42,6 +42,7 @@ class ServerSettings:
     # Bodies being read plus images held by queued jobs, in total (guard.MemoryBudget).
     request_memory_bytes: int = 256 * 1024 * 1024
     dtype: str = "auto"
+    quantize: str | None = None  # every model loaded, as load_pipeline takes it: None (off) or "int8"
     device: str = "cpu"
     bound_host: str = "127.0.0.1"  # the address the server listens on: a Host it answers to
     allow_hosts: tuple[str, ...] = ()  # more names it answers to (--allow-host)
