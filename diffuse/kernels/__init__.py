@@ -124,6 +124,8 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
     loaded.quantize_bf16.restype = ctypes.c_int
     loaded.quantize_bf16.argtypes = [
         ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
         ctypes.c_int64,
         ctypes.c_int,
         ctypes.c_void_p,
@@ -159,6 +161,14 @@ def _quantize_kernel() -> tuple[ctypes.CDLL | None, str]:
     return first_load(load_quantize, "bf16 quantize")
 
 
+def quantize_available() -> bool:
+    return _quantize_kernel()[0] is not None
+
+
+def quantize_status() -> str:
+    return _quantize_kernel()[1]
+
+
 def status() -> str:
     """Whether each kernel is in use here, and where from or why not."""
     return f"{_softmax_kernel()[1]}; {_quantize_kernel()[1]}"
@@ -189,12 +199,18 @@ def softmax_bf16_(scores: torch.Tensor) -> bool:
     return True
 
 
-def quantize_bf16(x: torch.Tensor, asymmetric: bool) -> tuple[torch.Tensor, float, int] | None:
+# What quantize_bf16 quantizes (the C kernel's op codes).
+QUANTIZED_OPS = {"values": 0, "product": 1}
+
+
+def quantize_bf16(
+    x: torch.Tensor, asymmetric: bool, op: str = "values", y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float, int] | None:
     """x (a bf16 CPU tensor, contiguous or channels-last) as 8-bit integers, laid out as x, with
-    one scale and zero point:
-    uint8 over [min(x, 0), max(x, 0)] if asymmetric, else int8 over [-max|x|, max|x|] with
-    zero point 0; x ~ (q - zero_point) * scale. None where the kernel is unavailable or x
-    holds a NaN or an infinity (the caller then computes in bf16, which carries them on)."""
+    one scale and zero point: uint8 over [min(x, 0), max(x, 0)] if asymmetric, else int8 over
+    [-max|x|, max|x|] with zero point 0; x ~ (q - zero_point) * scale. With op "product" the
+    values quantized are x * y (y laid out as x), computed in float32 and never written in bf16. None where the kernel is unavailable or the values hold a NaN or an
+    infinity (the caller then computes in bf16, which carries them on)."""
     library, _ = _quantize_kernel()
     if library is None:
         return None
@@ -204,10 +220,16 @@ def quantize_bf16(x: torch.Tensor, asymmetric: bool) -> tuple[torch.Tensor, floa
             f"needs a contiguous or channels-last bf16 CPU tensor outside autograd, got {x.dtype} {tuple(x.shape)} "
             f"with strides {x.stride()} on {x.device}"
         )
+    if (op == "product") != (y is not None) or op not in QUANTIZED_OPS:
+        raise ValueError(f"op must be one of {sorted(QUANTIZED_OPS)}, with y exactly for 'product'; got {op!r}")
+    if y is not None and (y.dtype != x.dtype or y.shape != x.shape or y.stride() != x.stride() or y.requires_grad):
+        raise ValueError(f"y must be laid out as x: {y.dtype} {tuple(y.shape)} {y.stride()} against {x.stride()}")
     out = torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8)  # same layout as x
     scale, zero_point = ctypes.c_float(1.0), ctypes.c_int32(0)
     failed = library.quantize_bf16(
         x.data_ptr(),
+        None if y is None else y.data_ptr(),
+        QUANTIZED_OPS[op],
         x.numel(),
         int(asymmetric),
         out.data_ptr(),

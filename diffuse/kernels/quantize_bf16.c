@@ -6,6 +6,10 @@
    and several took longer than the int8 product itself (bench/RESULTS.md); here the first
    pass finds the range and the second writes the bytes.
 
+   What is quantized can be x itself or x * y (GEGLU's value times its gate, as the
+   feed-forward layer's output product takes it), the product computed in float32 in both
+   passes and never written out in bf16.
+
    Asymmetric (uint8): the range [min(x, 0), max(x, 0)] maps onto 0..255, zero exactly at
    the zero point, as oneDNN's u8 convolutions and matmuls take it. Symmetric (int8):
    [-max|x|, max|x|] onto -127..127, zero point 0.
@@ -33,21 +37,31 @@ AVX512 static inline __m512 load_bf16(const uint16_t *p, __mmask16 lanes) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
 }
 
+enum { VALUES = 0, PRODUCT = 1 };
+
+/* The values to quantize at x[j] (and y[j]). */
+AVX512 static inline __m512 load_values(const uint16_t *x, const uint16_t *y, int op, int64_t j, __mmask16 lanes) {
+    __m512 v = load_bf16(x + j, lanes);
+    if (op == PRODUCT) return _mm512_mul_ps(v, load_bf16(y + j, lanes));
+    return v;
+}
+
 /* The range of x[begin, end): lows and highs start at 0, so the range always holds zero.
    Returns whether the values are all finite: x * 0 is NaN for a NaN or an infinity, and a
    sum of those stays NaN, where min and max would drop a NaN. */
-AVX512 static int range_of(const uint16_t *x, int64_t begin, int64_t end, float *low, float *high) {
+AVX512 static int range_of(const uint16_t *x, const uint16_t *y, int op, int64_t begin, int64_t end, float *low,
+                           float *high) {
     __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps(), nans = _mm512_setzero_ps();
     int64_t j = begin;
     for (; j + 16 <= end; j += 16) {
-        __m512 v = load_bf16(x + j, 0xffff);
+        __m512 v = load_values(x, y, op, j, 0xffff);
         lows = _mm512_min_ps(lows, v);
         highs = _mm512_max_ps(highs, v);
         nans = _mm512_add_ps(nans, _mm512_mul_ps(v, _mm512_setzero_ps())); /* NaN or inf -> NaN */
     }
     if (j < end) {
         const __mmask16 lanes = (__mmask16)((1u << (end - j)) - 1);
-        __m512 v = load_bf16(x + j, lanes);
+        __m512 v = load_values(x, y, op, j, lanes);
         lows = _mm512_min_ps(lows, v);
         highs = _mm512_max_ps(highs, v);
         nans = _mm512_add_ps(nans, _mm512_mul_ps(v, _mm512_setzero_ps()));
@@ -57,24 +71,24 @@ AVX512 static int range_of(const uint16_t *x, int64_t begin, int64_t end, float 
     return isfinite(_mm512_reduce_add_ps(nans));
 }
 
-AVX512 static void write_bytes(const uint16_t *x, int64_t begin, int64_t end, uint8_t *out, float inverse_scale,
-                               float zero_point, float lowest, float highest) {
+AVX512 static void write_bytes(const uint16_t *x, const uint16_t *y, int op, int64_t begin, int64_t end, uint8_t *out,
+                               float inverse_scale, float zero_point, float lowest, float highest) {
     const __m512 inv = _mm512_set1_ps(inverse_scale), zp = _mm512_set1_ps(zero_point);
     const __m512 lo = _mm512_set1_ps(lowest), hi = _mm512_set1_ps(highest);
     for (int64_t j = begin; j < end; j += 16) {
         const __mmask16 lanes = j + 16 <= end ? 0xffff : (__mmask16)((1u << (end - j)) - 1);
-        __m512 q = _mm512_fmadd_ps(load_bf16(x + j, lanes), inv, zp);
+        __m512 q = _mm512_fmadd_ps(load_values(x, y, op, j, lanes), inv, zp);
         q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
         __m512i whole = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_mask_storeu_epi8(out + j, lanes, _mm512_cvtepi32_epi8(whole));
     }
 }
 
-/* Quantizes x[0, n) into out; writes the scale and zero point. Returns 0, or 1 (out not
+/* Quantizes op's values of x[0, n) (and y[0, n)) into out; writes the scale and zero point. Returns 0, or 1 (out not
    written) where x holds a NaN or an infinity or spans more than float32 can, which the
    caller then computes in bf16. */
-AVX512 int quantize_bf16(const uint16_t *x, int64_t n, int asymmetric, uint8_t *out, float *scale,
-                         int32_t *zero_point, int threads) {
+AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t n, int asymmetric, uint8_t *out,
+                         float *scale, int32_t *zero_point, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     float lows[MAX_THREADS], highs[MAX_THREADS];
     int finite[MAX_THREADS], all_finite = 1;
@@ -83,7 +97,7 @@ AVX512 int quantize_bf16(const uint16_t *x, int64_t n, int asymmetric, uint8_t *
         const int t = omp_get_thread_num(), count = omp_get_num_threads();
         const int64_t chunk = (n + count - 1) / count, begin = t * chunk < n ? t * chunk : n;
         const int64_t end = begin + chunk < n ? begin + chunk : n;
-        finite[t] = range_of(x, begin, end, &lows[t], &highs[t]);
+        finite[t] = range_of(x, y, op, begin, end, &lows[t], &highs[t]);
         #pragma omp barrier
         float low = 0.0f, high = 0.0f;
         int ok = 1;
@@ -107,7 +121,7 @@ AVX512 int quantize_bf16(const uint16_t *x, int64_t n, int asymmetric, uint8_t *
             }
             /* A range wider than float32's largest has no usable scale: bf16 computes that tensor. */
             if (t == 0 && !isfinite(s)) all_finite = 0;
-            if (isfinite(s)) write_bytes(x, begin, end, out, 1.0f / s, z, lowest, highest);
+            if (isfinite(s)) write_bytes(x, y, op, begin, end, out, 1.0f / s, z, lowest, highest);
             if (t == 0) {
                 *scale = s;
                 *zero_point = (int32_t)z;

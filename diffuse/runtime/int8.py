@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from diffuse import kernels
 from diffuse.models import unet
 from diffuse.runtime.attention import attention
+from diffuse.runtime.device import cpu_has_vnni
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -52,6 +53,11 @@ def check_quantize(quantize: str | None, device: torch.device | str, dtype: torc
         raise ValueError(
             f"quantize={quantize!r} runs on the CPU with dtype bfloat16, not {torch.device(device).type} {dtype}"
         )
+    # Refused rather than quietly run in bf16, since the images record that they were made in int8.
+    if not cpu_has_vnni():
+        raise ValueError(f"quantize={quantize!r} needs a CPU with AVX512-VNNI; on this one int8 is slower than bf16")
+    if not kernels.quantize_available():
+        raise ValueError(f"quantize={quantize!r} needs diffuse's C quantize kernel: {kernels.quantize_status()}")
     return quantize
 
 
@@ -184,15 +190,16 @@ class Int8Attention(unet.Attention):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
-class Int8GEGLU(unet.GEGLU):
-    """value * gelu(gate) from one quantized input: the gate's product applies the gelu as it is
-    written, the value's is multiplied by it in place."""
+class Int8FeedForward(unet.FeedForward):
+    """GEGLU and the output projection from one quantized input: the gate's product applies the
+    gelu as it is written, and the value times the gate is quantized straight from the two
+    products (diffuse.kernels), never written in bf16, for the output layer's int8 product."""
 
     packed: tuple[Packed, Packed] | None = None
 
     def int8_weight(self) -> tuple[Packed, Packed]:
-        value_w, gate_w = self.proj.weight.chunk(2)
-        value_b, gate_b = self.proj.bias.chunk(2)
+        value_w, gate_w = self.net[0].proj.weight.chunk(2)
+        value_b, gate_b = self.net[0].proj.bias.chunk(2)
         if self.packed is None or self.packed[0].key != weight_key((value_w, gate_w)):
             value, gate = pack_linear((value_w,), (value_b,)), pack_linear((gate_w,), (gate_b,))
             value.key = gate.key = weight_key((value_w, gate_w))
@@ -204,7 +211,11 @@ class Int8GEGLU(unet.GEGLU):
         if q is None:
             return super().forward(x)
         value, gate = self.int8_weight()
-        return linear_product(q, value).mul_(linear_product(q, gate, then="gelu"))
+        value, gate = linear_product(q, value), linear_product(q, gate, then="gelu")
+        hidden = kernels.quantize_bf16(value, True, "product", gate)
+        if hidden is None:
+            return self.net[2](value.mul_(gate))
+        return linear_product(hidden, self.net[2].int8_weight())
 
 
 def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
@@ -213,8 +224,8 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
         return None
     if isinstance(layer, unet.Attention):
         return Int8Attention if name.endswith("attn1") else None
-    if isinstance(layer, unet.GEGLU):
-        return Int8GEGLU
+    if isinstance(layer, unet.FeedForward):
+        return Int8FeedForward
     if isinstance(layer, nn.Linear):
         return Int8Linear
     if isinstance(layer, nn.Conv2d):
@@ -232,5 +243,5 @@ def use_int8(module: nn.Module) -> None:
             if new_class is not None:
                 layer.__class__ = new_class
         for layer in net.modules():
-            if isinstance(layer, (Int8Linear, Int8Conv2d, Int8Attention, Int8GEGLU)):
+            if isinstance(layer, (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward)):
                 layer.int8_weight()
