@@ -123,6 +123,7 @@ def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progres
             "width": size,
             "height": size,
             "dtype": str(pipe.dtype),
+            "quantize": pipe.quantize,
             "eval_data_seed": EVAL_DATA_SEED,
         },
         "prompt_adherence": adherence,
@@ -301,7 +302,8 @@ def format_report(results: dict) -> str:
         f"model: {results['model']} [{results['model_hash']}]",
         f"  {s['width']}x{s['height']}, {s['sampler']}, {s['steps']} steps, cfg {s['cfg_scale']}, "
         f"seed {s['seed']}, scene seed {s.get('scene_seed', 0)}, "  # absent from reports before it existed: 0
-        f"{s['dtype'].replace('torch.', '')}{_speedups_text(s.get('speedups'))}",
+        f"{s['dtype'].replace('torch.', '')}{', ' + s['quantize'] if s.get('quantize') else ''}"
+        f"{_speedups_text(s.get('speedups'))}",
         "",
         f"{'prompt adherence (held-out)':<30}{'singles':>10}{'pairs':>10}",
     ]
