@@ -127,6 +127,8 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
         ctypes.c_void_p,
         ctypes.c_int,
         ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
         ctypes.c_int,
         ctypes.c_void_p,
         ctypes.c_void_p,
@@ -204,18 +206,29 @@ QUANTIZED_OPS = {"values": 0, "product": 1}
 
 
 def quantize_bf16(
-    x: torch.Tensor, asymmetric: bool, op: str = "values", y: torch.Tensor | None = None
+    x: torch.Tensor,
+    asymmetric: bool,
+    op: str = "values",
+    y: torch.Tensor | None = None,
+    channels: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, float, int] | None:
     """x (a bf16 CPU tensor, contiguous or channels-last) as 8-bit integers, laid out as x, with
     one scale and zero point: uint8 over [min(x, 0), max(x, 0)] if asymmetric, else int8 over
     [-max|x|, max|x|] with zero point 0; x ~ (q - zero_point) * scale. With op "product" the
-    values quantized are x * y (y laid out as x), computed in float32 and never written in bf16. None where the kernel is unavailable or the values hold a NaN or an
-    infinity (the caller then computes in bf16, which carries them on)."""
+    values quantized are x * y (y laid out as x), computed in float32 and never written in bf16.
+    `channels` (start, stop) of a channels-last x quantizes those channels alone, into a
+    channels-last tensor of their own. None where the kernel is unavailable or the values hold a
+    NaN or an infinity (the caller then computes in bf16, which carries them on)."""
     library, _ = _quantize_kernel()
     if library is None:
         return None
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not dense or x.requires_grad:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if (
+        x.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or not (x.is_contiguous() or channels_last)
+        or x.requires_grad
+    ):
         raise ValueError(
             f"needs a contiguous or channels-last bf16 CPU tensor outside autograd, got {x.dtype} {tuple(x.shape)} "
             f"with strides {x.stride()} on {x.device}"
@@ -224,13 +237,24 @@ def quantize_bf16(
         raise ValueError(f"op must be one of {sorted(QUANTIZED_OPS)}, with y exactly for 'product'; got {op!r}")
     if y is not None and (y.dtype != x.dtype or y.shape != x.shape or y.stride() != x.stride() or y.requires_grad):
         raise ValueError(f"y must be laid out as x: {y.dtype} {tuple(y.shape)} {y.stride()} against {x.stride()}")
-    out = torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8)  # same layout as x
+    kind = torch.uint8 if asymmetric else torch.int8
+    if channels is None:
+        out, start, rows, width, row_stride = torch.empty_like(x, dtype=kind), 0, 1, x.numel(), x.numel()
+    else:
+        start, stop = channels
+        if not channels_last or not 0 <= start < stop <= x.shape[1]:
+            raise ValueError(f"channels {channels} need a channels-last x with them, got {tuple(x.shape)} {x.stride()}")
+        b, c, h, w = x.shape
+        out = torch.empty((b, stop - start, h, w), dtype=kind, memory_format=torch.channels_last)
+        rows, width, row_stride = b * h * w, stop - start, c
     scale, zero_point = ctypes.c_float(1.0), ctypes.c_int32(0)
     failed = library.quantize_bf16(
-        x.data_ptr(),
+        x.data_ptr() + start * x.element_size(),
         None if y is None else y.data_ptr(),
         QUANTIZED_OPS[op],
-        x.numel(),
+        rows,
+        width,
+        row_stride,
         int(asymmetric),
         out.data_ptr(),
         ctypes.byref(scale),

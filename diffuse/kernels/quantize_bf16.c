@@ -46,13 +46,12 @@ AVX512 static inline __m512 load_values(const uint16_t *x, const uint16_t *y, in
     return v;
 }
 
-/* The range of x[begin, end): lows and highs start at 0, so the range always holds zero.
+/* The range of x[0, end): lows and highs start at 0, so the range always holds zero.
    Returns whether the values are all finite: x * 0 is NaN for a NaN or an infinity, and a
    sum of those stays NaN, where min and max would drop a NaN. */
-AVX512 static int range_of(const uint16_t *x, const uint16_t *y, int op, int64_t begin, int64_t end, float *low,
-                           float *high) {
+AVX512 static int range_of(const uint16_t *x, const uint16_t *y, int op, int64_t end, float *low, float *high) {
     __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps(), nans = _mm512_setzero_ps();
-    int64_t j = begin;
+    int64_t j = 0;
     for (; j + 16 <= end; j += 16) {
         __m512 v = load_values(x, y, op, j, 0xffff);
         lows = _mm512_min_ps(lows, v);
@@ -71,11 +70,11 @@ AVX512 static int range_of(const uint16_t *x, const uint16_t *y, int op, int64_t
     return isfinite(_mm512_reduce_add_ps(nans));
 }
 
-AVX512 static void write_bytes(const uint16_t *x, const uint16_t *y, int op, int64_t begin, int64_t end, uint8_t *out,
+AVX512 static void write_bytes(const uint16_t *x, const uint16_t *y, int op, int64_t end, uint8_t *out,
                                float inverse_scale, float zero_point, float lowest, float highest) {
     const __m512 inv = _mm512_set1_ps(inverse_scale), zp = _mm512_set1_ps(zero_point);
     const __m512 lo = _mm512_set1_ps(lowest), hi = _mm512_set1_ps(highest);
-    for (int64_t j = begin; j < end; j += 16) {
+    for (int64_t j = 0; j < end; j += 16) {
         const __mmask16 lanes = j + 16 <= end ? 0xffff : (__mmask16)((1u << (end - j)) - 1);
         __m512 q = _mm512_fmadd_ps(load_values(x, y, op, j, lanes), inv, zp);
         q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
@@ -84,11 +83,23 @@ AVX512 static void write_bytes(const uint16_t *x, const uint16_t *y, int op, int
     }
 }
 
-/* Quantizes op's values of x[0, n) (and y[0, n)) into out; writes the scale and zero point. Returns 0, or 1 (out not
+/* Runs the code given last on x + offset (and y + offset), out + i, length for the pieces of logical elements
+   [begin, end) of `rows` rows of `width` values lying `row_stride` apart (out is dense). */
+#define FOR_PIECES(begin, end, width, row_stride, ...)                                   \
+    for (int64_t i = (begin); i < (end);) {                                                \
+        const int64_t r = i / (width), c = i % (width);                                    \
+        const int64_t length = (width) - c < (end) - i ? (width) - c : (end) - i;          \
+        const int64_t offset = r * (row_stride) + c;                                       \
+        __VA_ARGS__                                                                         \
+        i += length;                                                                        \
+    }
+
+/* Quantizes op's values of x (and y) into out; writes the scale and zero point. Returns 0, or 1 (out not
    written) where x holds a NaN or an infinity or spans more than float32 can, which the
    caller then computes in bf16. */
-AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t n, int asymmetric, uint8_t *out,
-                         float *scale, int32_t *zero_point, int threads) {
+AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t rows, int64_t width, int64_t row_stride,
+                         int asymmetric, uint8_t *out, float *scale, int32_t *zero_point, int threads) {
+    const int64_t n = rows * width;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     float lows[MAX_THREADS], highs[MAX_THREADS];
     int finite[MAX_THREADS], all_finite = 1;
@@ -97,7 +108,15 @@ AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t n
         const int t = omp_get_thread_num(), count = omp_get_num_threads();
         const int64_t chunk = (n + count - 1) / count, begin = t * chunk < n ? t * chunk : n;
         const int64_t end = begin + chunk < n ? begin + chunk : n;
-        finite[t] = range_of(x, y, op, begin, end, &lows[t], &highs[t]);
+        float low_here = 0.0f, high_here = 0.0f;
+        int finite_here = 1;
+        FOR_PIECES(begin, end, width, row_stride, {
+            float l, h;
+            finite_here &= range_of(x + offset, y ? y + offset : y, op, length, &l, &h);
+            low_here = l < low_here ? l : low_here;
+            high_here = h > high_here ? h : high_here;
+        })
+        lows[t] = low_here, highs[t] = high_here, finite[t] = finite_here;
         #pragma omp barrier
         float low = 0.0f, high = 0.0f;
         int ok = 1;
@@ -121,7 +140,10 @@ AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t n
             }
             /* A range wider than float32's largest has no usable scale: bf16 computes that tensor. */
             if (t == 0 && !isfinite(s)) all_finite = 0;
-            if (isfinite(s)) write_bytes(x, y, op, begin, end, out, 1.0f / s, z, lowest, highest);
+            if (isfinite(s))
+                FOR_PIECES(begin, end, width, row_stride, {
+                    write_bytes(x + offset, y ? y + offset : y, op, length, out + i, 1.0f / s, z, lowest, highest);
+                })
             if (t == 0) {
                 *scale = s;
                 *zero_point = (int32_t)z;

@@ -98,12 +98,13 @@ def pack_linear(weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) 
     return Packed(weight_key(weights), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
 
 
-def pack_conv(conv: nn.Conv2d) -> Packed:
-    q, scales = per_channel(conv.weight)
+def pack_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Packed:
+    """`weight` (the convolution's, or the input channels of it that one part reads) packed."""
+    q, scales = per_channel(weight)
     packed = torch.ops.onednn.qconv_prepack(
         q, scales, 1.0, 0, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, None
     )
-    bias = None if conv.bias is None else conv.bias.detach().float()
+    bias = None if bias is None else bias.detach().float()
     return Packed(weight_key((conv.weight,)), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
 
 
@@ -141,27 +142,53 @@ class Int8Linear(nn.Linear):
 
 
 class Int8Conv2d(nn.Conv2d):
-    """A convolution whose product runs in int8 on a channels-last input (the module docstring)."""
+    """A convolution whose product runs in int8 on a channels-last input (the module docstring).
 
-    packed: Packed | None = None
+    Where its input joins two maps along the channels (`split`: the up path's skip connections,
+    whose features span other ranges than the path's own), each part is quantized with a scale
+    of its own and convolved with its own input channels of the weight, the second product
+    added onto the first as it is written: the same sum, with one range per part."""
 
-    def int8_weight(self) -> Packed:
-        if self.packed is None or self.packed.key != weight_key((self.weight,)):
-            self.packed = pack_conv(self)
+    packed: tuple[Packed, ...] | None = None
+    split: int | None = None
+
+    def int8_weight(self) -> tuple[Packed, ...]:
+        if self.packed is None or self.packed[0].key != weight_key((self.weight,)):
+            if self.split is None:
+                self.packed = (pack_conv(self, self.weight, self.bias),)
+            else:
+                first, second = self.weight[:, : self.split], self.weight[:, self.split :]
+                self.packed = pack_conv(self, first, self.bias), pack_conv(self, second, None)
         return self.packed
 
     def forward(self, x: Tensor) -> Tensor:
         if not int8_ready(x) or x.dim() != 4:
             return super().forward(x)
-        q = kernels.quantize_bf16(x.contiguous(memory_format=torch.channels_last), asymmetric=True)
-        if q is None:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.split is None:
+            parts = [kernels.quantize_bf16(x, asymmetric=True)]
+        else:
+            ranges = ((0, self.split), (self.split, x.shape[1]))
+            parts = [kernels.quantize_bf16(x, asymmetric=True, channels=channels) for channels in ranges]
+        if any(part is None for part in parts):
             return super().forward(x)
+        out = None
+        for part, packed in zip(parts, self.int8_weight(), strict=True):
+            out = self.product(part, packed, onto=out)
+        return out
+
+    def product(self, q: tuple[Tensor, float, int], packed: Packed, onto: Tensor | None) -> Tensor:
+        """The packed convolution of the quantized input, bf16 out, added onto `onto` if given."""
         qx, scale, zero_point = q
-        packed = self.int8_weight()
-        return torch.ops.onednn.qconv_pointwise(
-            qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias,
-            list(self.stride), list(self.padding), list(self.dilation), self.groups,
-            1.0, 0, torch.bfloat16, "none", [], "",
+        shape = list(self.stride), list(self.padding), list(self.dilation), self.groups
+        if onto is None:
+            return torch.ops.onednn.qconv_pointwise(
+                qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias, *shape,
+                1.0, 0, torch.bfloat16, "none", [], "",
+            )  # fmt: skip
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, onto, packed.bias, *shape,
+            1.0, 0, torch.bfloat16, 1.0, 0, "sum", 1.0, "none", [], "",
         )  # fmt: skip
 
 
@@ -242,6 +269,19 @@ def use_int8(module: nn.Module) -> None:
             new_class = int8_class(name, layer, parents[name.rpartition(".")[0]])
             if new_class is not None:
                 layer.__class__ = new_class
+        mark_skip_joins(net)
         for layer in net.modules():
             if isinstance(layer, (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward)):
                 layer.int8_weight()
+
+
+def mark_skip_joins(net: unet.UNet) -> None:
+    """Tell each up-path ResBlock's first convolution and skip convolution where its input's
+    two maps meet: the path's own channels (the previous block's output width) come first."""
+    width = net.middle_block[-1].out_layers[-1].out_channels
+    for block in net.output_blocks:
+        resblock = block[0]
+        for conv in (resblock.in_layers[-1], resblock.skip_connection):
+            if isinstance(conv, Int8Conv2d) and 0 < width < conv.in_channels:
+                conv.split = width
+        width = resblock.out_layers[-1].out_channels
