@@ -1,21 +1,31 @@
-"""How fast diffuse runs Stable Diffusion 1.5 on this CPU, against diffusers, measured in one run.
+"""How fast diffuse runs Stable Diffusion 1.5 on this CPU, against diffusers and OpenVINO, measured in one run.
 
-Both load the same cached random weights of the full SD1.5 architecture (bench/sd15.py).
-Every figure is a median over repetitions, and the repetitions are interleaved (each
-one times every contender once), so a change in the machine's load hits all of them
-alike. Each implementation runs in a process of its own, as a user runs it: diffuse
-sets process-wide options when it loads a model. Nothing here passes or fails: it
-prints times, ratios and differences.
+All load the same cached random weights of the full SD1.5 architecture (bench/sd15.py;
+OpenVINO converts diffusers' modules, bench/openvino_contender.py). Every figure is a median
+over repetitions, and the repetitions are interleaved (each one times every contender once),
+so a change in the machine's load hits all of them alike. Each contender runs in a process of
+its own, as a user runs it: diffuse sets process-wide options when it loads a model, and each
+process's peak memory is its own. Nothing here passes or fails: it prints times, ratios and
+differences.
 
-    .venv/bin/python bench/speed.py                  # everything (about 25 minutes on 2 cores)
+    .venv/bin/python bench/speed.py                  # everything (about 25 minutes on 2 cores, more with OpenVINO)
     .venv/bin/python bench/speed.py --skip-whole     # components only
+    .venv/bin/python bench/speed.py --skip-whole --sizes 256 --repeats 1   # a quick look
+    .venv/bin/python bench/speed.py --no-openvino --no-int8               # the rows before int8
     .venv/bin/python bench/speed.py --speedups-only  # the optional speed-ups on a whole image
     .venv/bin/python bench/speed.py --sdxl           # SDXL's rows only (bench/sdxl.py; 1024x1024)
 
+OpenVINO's rows need the bench extra (`.venv/bin/pip install -e '.[bench]'`); without it a
+line says they are skipped. Its networks are converted (and the int8 UNet quantized by NNCF)
+once into bench/cache/openvino-sd15 before anything is timed.
+
 Printed:
-  - the matmul peak of this machine (fp32 and bf16 GEMM, 4096^3), measured now;
-  - a guided UNet step (batch 2) at 256x256 and 512x512 and a VAE decode at 512x512, fp32
-    and bf16, with the share of the matmul peak each reaches (FLOPs counted by torch);
+  - the CPU's model and the GEMM peaks of this machine (fp32, bf16 and int8, 4096^3), measured now;
+  - a guided UNet step (batch 2) at 256x256 and 512x512 and a VAE decode at 512x512 (bench/components.py):
+    diffusers, diffuse and OpenVINO in fp32 and bf16, diffuse (quantize="int8") and OpenVINO (NNCF) in
+    int8, with the share of its dtype's GEMM peak each reaches (FLOPs counted by torch), its ratio to
+    diffusers and OpenVINO in the same group, its output's largest difference from diffusers fp32,
+    and each contender's peak resident memory;
   - a whole 20-step 512x512 guided image (DPM++ 2M), each contender in a fresh process so
     its peak resident memory is its own, and how far its image is from the fp32 one;
   - the shipped default model's bf16 images against its fp32 images (same seeds);
@@ -39,6 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import openvino_contender  # noqa: E402
 from sd15 import CACHE, sd15_folder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,6 +82,29 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * 4096**3 / seconds / 1e9
 
 
+def int8_matmul_peak(repeats: int = 5) -> float:
+    """GOP/s of one large int8 x int8 GEMM by oneDNN (PyTorch's x86 quantized linear): activations with
+    one scale and zero point 0, weights packed once with a scale per output channel, bf16 out."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (4096, 4096), dtype=torch.int8, generator=generator)
+    w = torch.randint(-128, 128, (4096, 4096), dtype=torch.int8, generator=generator)
+    packed = torch.ops.onednn.qlinear_prepack(w, [4096, 4096])
+    scales, zeros = torch.full((4096,), 0.01), torch.zeros(4096, dtype=torch.long)
+
+    def gemm() -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(
+            x, 0.02, 0, packed, scales, zeros, None, 1.0, 0, torch.bfloat16, "none", [], ""
+        )
+
+    seconds = interleaved({"mm": lambda: timed(gemm)}, repeats)["mm"]
+    return 2 * 4096**3 / seconds / 1e9
+
+
+def peaks() -> dict[str, float]:
+    """The host's dense floors: fp32, bf16 and int8 GEMM peaks, measured now."""
+    return {**{name: matmul_peak(dtype) for name, dtype in DTYPES.items()}, "int8": int8_matmul_peak()}
+
+
 @functools.cache
 def count_fused_linears() -> None:
     """Teach torch's FLOP counter oneDNN's fused linear op (diffuse's bf16 linear layers and GEGLU),
@@ -93,103 +127,6 @@ def count_flops(fn: Callable[[], object]) -> float:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-# ---- UNet steps and VAE decodes, each implementation in a process of its own -------------------------
-# diffuse sets process-wide options when it loads a model (diffuse.runtime.keep_freed_memory:
-# malloc keeps freed memory); in a shared process they would speed diffusers up too.
-
-
-def component_worker(impl: str, connection, keep_freed: bool) -> None:
-    """Loads one implementation's UNet and VAE in fp32 and bf16, then times the calls asked for.
-    `keep_freed` applies diffuse's malloc setting in this process even for diffusers."""
-    import warnings
-
-    from diffuse import kernels
-    from diffuse.runtime import keep_freed_memory
-
-    warnings.filterwarnings("ignore")
-    if keep_freed:
-        keep_freed_memory()
-    folder = sd15_folder()
-    unets, vaes = {}, {}
-    if impl == "diffusers":  # each process imports only its own implementation
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from diffusers.utils import logging
-
-        logging.set_verbosity_error()
-        for name, dtype in DTYPES.items():
-            unets[name] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
-            vaes[name] = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
-    else:
-        import diffuse
-
-        for name, dtype in DTYPES.items():
-            ours = diffuse.load_pipeline(folder, dtype=dtype)
-            unets[name], vaes[name] = ours.unet, ours.vae
-    connection.send(
-        {
-            "freed_memory_kept": (keep_freed or impl == "diffuse") and keep_freed_memory(),
-            "kernels": kernels.status() if impl == "diffuse" else "none",
-        }
-    )
-    calls: dict[tuple, Callable[[], object]] = {}
-
-    def call(what: str, dtype_name: str, size: int) -> Callable[[], object]:
-        generator, dtype = torch.Generator().manual_seed(size), DTYPES[dtype_name]
-        if what == "vae decode":
-            vae, z = vaes[dtype_name], torch.randn(1, 4, size // 8, size // 8, generator=generator).to(dtype)
-            return (lambda: vae.decode(z).sample) if impl == "diffusers" else (lambda: vae.decode(z))
-        unet, t = unets[dtype_name], torch.tensor([500, 500])
-        x = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(dtype)
-        c = torch.randn(2, 77, 768, generator=generator).to(dtype)
-        return (lambda: unet(x, t, encoder_hidden_states=c).sample) if impl == "diffusers" else (lambda: unet(x, t, c))
-
-    with torch.no_grad():
-        while (request := connection.recv()) is not None:
-            kind, *key = request
-            if tuple(key) not in calls:
-                calls[tuple(key)] = call(*key)
-            fn = calls[tuple(key)]
-            connection.send(count_flops(fn) if kind == "flops" else timed(fn))
-
-
-def components(repeats: int, sizes: list[int], diffusers_keeps_freed: bool = False) -> tuple[dict, dict]:
-    """Guided UNet steps (batch 2) and a VAE decode at 512, four contenders each, interleaved
-    across the two processes; and what each process reported of its settings."""
-    import multiprocessing
-
-    spawn = multiprocessing.get_context("spawn")
-    workers, settings = {}, {}
-    for impl in ("diffusers", "diffuse"):
-        parent_end, child_end = spawn.Pipe()
-        keep_freed = impl == "diffusers" and diffusers_keeps_freed
-        process = spawn.Process(target=component_worker, args=(impl, child_end, keep_freed), daemon=True)
-        process.start()
-        workers[impl] = (process, parent_end)
-        settings[impl] = parent_end.recv()  # sent once loaded
-
-    def ask(impl: str, *request) -> float:
-        workers[impl][1].send(request)
-        return workers[impl][1].recv()
-
-    results = {}
-    try:
-        for what, size in [("unet step", size) for size in sizes] + [("vae decode", 512)]:
-            calls = {
-                f"{impl} {dtype}": functools.partial(ask, impl, "time", what, dtype, size)
-                for impl in workers
-                for dtype in DTYPES
-            }
-            # Each implementation's own count: diffuse computes the upsampling convolutions with fewer FLOPs.
-            work = {impl: ask(impl, "flops", what, "fp32", size) / 1e12 for impl in workers}
-            results[f"{what} {size}"] = {"seconds": interleaved(calls, repeats), "tflop": work}
-            print(f"  {what} {size} done", file=sys.stderr)
-    finally:
-        for process, connection in workers.values():
-            connection.send(None)
-            process.join()
-    return results, settings
 
 
 # ---- a whole image, one contender per process ---------------------------------------------------------
@@ -308,31 +245,48 @@ DEFAULT_MODEL_SPEEDUPS = {**SPEEDUPS, "deep-cache-2": dict(deep_cache_interval=2
 # ---- report -----------------------------------------------------------------------------------------
 
 
-def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, settings: dict | None = None) -> None:
+def report_components(peaks: dict, parts: dict) -> None:
+    """Each row's median, its share of its dtype's GEMM floor, its ratio to the bf16 (or fp32) rows of
+    diffusers and OpenVINO, its output's difference from diffusers fp32; each contender's peak memory."""
+    print("\neach contender in its own process (threads; malloc keeps freed memory; settings):")
+    for name, setting in parts["settings"].items():
+        print(f"  {name:15s} {setting['threads']}; {setting['freed_memory_kept']}; {setting['settings']}")
+    for what, rows in parts["rows"].items():
+        work = parts["tflop"].get(what, {})
+        counted = ", ".join(f"{impl} {tflop:.2f} TFLOP" for impl, tflop in work.items())
+        print(f"\n{what} ({counted}; OpenVINO's FLOPs counted as diffusers')")
+        for name, row in rows.items():
+            impl, dtype = name.split()
+            tflop = work.get("diffusers" if impl == "openvino" else impl, float("nan"))
+            share = tflop * 1e3 / row["seconds"] / peaks[dtype]
+            against = ["diffusers fp32", "openvino fp32"] if dtype == "fp32" else ["diffusers bf16", "openvino bf16"]
+            ratios = ", ".join(
+                f"{rows[other]['seconds'] / row['seconds']:.2f}x {other}"
+                for other in against
+                if other in rows and other != name
+            )
+            print(
+                f"  {name:15s} {row['seconds']:7.2f} s   {share:4.0%} of the {dtype} GEMM peak   "
+                f"vs diffusers fp32: max |diff| {row['max_abs_difference']:.3g} of max |y| {row['reference_max_abs']:.3g}"
+                f"   {ratios}"
+            )
+    print("\npeak resident memory of each contender's process (all its calls; one compiled network at a time)")
+    for name, megabytes in parts["memory_mb"].items():
+        print(f"  {name:15s} {megabytes:6.0f} MB")
+
+
+def report(peaks: dict, parts: dict | None, whole: dict | None, default: dict | None) -> None:
     print(
         f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"
     )
     if peaks:
-        print(f"matmul peak (4096^3 GEMM): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-    if settings:
-        kept = settings["diffuse"]["freed_memory_kept"]
         print(
-            f"each implementation in its own process; malloc keeps freed memory in diffuse's: {kept}, "
-            f"in diffusers': {settings['diffusers']['freed_memory_kept']}"
+            f"GEMM peak (4096^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s, "
+            f"int8 {peaks['int8']:.0f} GOP/s"
         )
-        print(f"diffuse's {settings['diffuse']['kernels']}")
-    for what, entry in parts.items():
-        s = entry["seconds"]
-        work = entry["tflop"]
-        print(f"\n{what} (diffusers {work['diffusers']:.2f} TFLOP, diffuse {work['diffuse']:.2f} TFLOP)")
-        for name, seconds in s.items():
-            impl, dtype = name.split()
-            share = work[impl] * 1e3 / seconds / peaks[dtype]
-            print(f"  {name:15s} {seconds:7.2f} s   {share:4.0%} of the {dtype} matmul peak")
-        for dtype in DTYPES:
-            print(f"  diffuse {dtype} is {s[f'diffusers {dtype}'] / s[f'diffuse {dtype}']:.2f}x diffusers {dtype}")
-        print(f"  diffuse bf16 is {s['diffusers fp32'] / s['diffuse bf16']:.2f}x diffusers fp32")
+    if parts:
+        report_components(peaks, parts)
     if whole and "diffusers fp32" not in whole:  # --speedups-only
         print(f"\nwhole {WHOLE_STEPS}-step 512x512 guided image (DPM++ 2M), one process each, diffuse bf16")
         plain = whole["diffuse bf16"]
@@ -368,7 +322,32 @@ def report(peaks: dict, parts: dict, whole: dict | None, default: dict | None, s
             print(f"  bf16 with {name}: mean abs difference {change:.2f}/255 from plain bf16")
 
 
+def contender_names(asked: list[str], openvino: bool, int8: bool) -> list[str]:
+    """The component rows asked for, less OpenVINO's where it is not installed (a line says so)."""
+    names = [name for name in asked if (int8 or "int8" not in name) and (openvino or "openvino" not in name)]
+    if any(name.startswith("openvino") for name in names) and not openvino_contender.version():
+        print("OpenVINO rows skipped: openvino does not import (pip install -e '.[bench]')", file=sys.stderr)
+        names = [name for name in names if not name.startswith("openvino")]
+    if "openvino int8" in names and not openvino_contender.nncf_version():
+        print("OpenVINO int8 row skipped: nncf does not import (pip install -e '.[bench]')", file=sys.stderr)
+        names.remove("openvino int8")
+    return names
+
+
+def cpu_model() -> str:
+    """lscpu's model name, CPU family and model, read from /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    fields = {}
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def main() -> None:
+    from components import GROUPS, components
+
+    every = [name for members in GROUPS.values() for name in members]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per component (default 3)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="UNet step image sizes")
@@ -391,6 +370,26 @@ def main() -> None:
     parser.add_argument(
         "--sdxl", type=int, metavar="ROUNDS", nargs="?", const=3, help="only SDXL's rows, ROUNDS processes each (3)"
     )
+    parser.add_argument(
+        "--openvino",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="OpenVINO's rows (the bench extra; on where openvino imports)",
+    )
+    parser.add_argument(
+        "--int8", action=argparse.BooleanOptionalAction, default=True, help="the int8 rows (diffuse's and OpenVINO's)"
+    )
+    parser.add_argument("--decode-size", type=int, default=512, help="the VAE decode's image size (default 512)")
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=every,
+        metavar="NAME",
+        help=f"only these component rows, of: {', '.join(every)} (diffusers fp32 is the outputs' reference)",
+    )
+    parser.add_argument(
+        "--calibration", type=int, default=8, help="guided steps NNCF calibrates OpenVINO's int8 UNet on (default 8)"
+    )
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sdxl:
@@ -406,18 +405,23 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     if args.default_model_only:
-        report({}, {}, None, default_model_precision())
+        report({}, None, None, default_model_precision())
         return
     if args.speedups_only:
-        report({}, {}, whole_images(speedups_only=True), None)
+        report({}, None, whole_images(speedups_only=True), None)
         return
-    sd15_folder()  # built once, before the processes that read it
-    peaks = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
+    names = contender_names(args.contenders or every, args.openvino, args.int8)
+    folder = sd15_folder()  # built once, before the processes that read it
+    if any(name.startswith("openvino") for name in names):
+        openvino_contender.export(folder, args.calibration if "openvino int8" in names else 0)
+    measured = peaks()
     whole = None if args.skip_whole else whole_images()  # first: this process is still small while they run
-    parts, settings = components(args.repeats, args.sizes, args.diffusers_keeps_freed_memory)
+    parts = components(
+        args.repeats, args.sizes, names, args.diffusers_keeps_freed_memory, args.calibration, args.decode_size
+    )
     default = default_model_precision()
-    report(peaks, parts, whole, default, settings)
-    results = {"peaks_gflops": peaks, "components": parts, "whole": whole, "default_model_bf16": default}
+    report(measured, parts, whole, default)
+    results = {"peaks_gflops": measured, "components": parts, "whole": whole, "default_model_bf16": default}
     (CACHE / "speed-results.json").write_text(json.dumps(results, indent=1))
 
 
