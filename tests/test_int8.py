@@ -104,14 +104,16 @@ def product_bound(x: Tensor, weight: Tensor, error: Tensor | float = 0.0) -> Ten
     return total + BF16_ROUNDING * (exact.abs() + total)
 
 
-def conv_bound(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """product_bound for a convolution: the sums run over each output's receptive field."""
+def conv_bound(x: Tensor, conv: nn.Conv2d, split: int | None = None) -> Tensor:
+    """product_bound for a convolution: the sums run over each output's receptive field. With
+    `split`, input channels before and after it are quantized with a step each."""
     x, weight = x.double(), conv.weight.double()
-    step_x = input_step(x)
+    parts = [(0, x.shape[1])] if split is None else [(0, split), (split, x.shape[1])]
+    steps = torch.cat([torch.full((b - a,), input_step(x[:, a:b]), dtype=torch.float64) for a, b in parts])
     window = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     ones = torch.ones(1, *weight.shape[1:], dtype=torch.float64)
-    from_inputs = step_x / 2 * weight.abs().flatten(1).sum(1).view(1, -1, 1, 1)
-    field = F.conv2d(x.abs() + step_x / 2, ones, **window)  # sum of |x'| over each receptive field
+    from_inputs = (weight.abs().flatten(2).sum(2) @ (steps / 2)).view(1, -1, 1, 1)
+    field = F.conv2d(x.abs() + steps.view(1, -1, 1, 1) / 2, ones, **window)  # sum of |x'| over each field
     from_weights = field * weight_steps(weight).view(1, -1, 1, 1) / 2
     exact = F.conv2d(x, weight, **window)
     total = from_inputs + from_weights
@@ -179,6 +181,32 @@ def test_convolution_is_float32s_within_the_8_bit_steps(pair, name, stride, kern
     bound = conv_bound(x, exact_layer) + exact_layer.bias.double().abs().view(1, -1, 1, 1) * BF16_ROUNDING
     bf16 = F.conv2d(x.bfloat16(), layer.weight, layer.bias, layer.stride, layer.padding)
     assert_int8_within(layer(x.bfloat16()), exact, bf16, bound)
+
+
+@needs_int8
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["output_blocks.0.0.in_layers.2", "output_blocks.3.0.skip_connection"])
+def test_an_up_path_join_is_quantized_part_by_part(pair, name):
+    """Where the up path's features meet a skip's (channels joined), each part is quantized with a
+    step of its own: the error stays within the bound of two ranges (tighter than one range's
+    when the parts' magnitudes differ as much as here), and below what one range over both gives."""
+    net = pair[0]
+    exact_layer, layer = net.get_submodule(name), quantized_copy(net).get_submodule(name)
+    width = layer.split
+    assert isinstance(layer, int8.Int8Conv2d) and 0 < width < layer.in_channels
+    x = torch.randn(2, layer.in_channels, 8, 8)
+    x[:, width:] *= 0.02  # a quiet skip beside loud features
+    x = bf16_exact(x).contiguous(memory_format=torch.channels_last)
+    exact = exact_layer(x).double()
+    bias = exact_layer.bias.double().abs().view(1, -1, 1, 1) * BF16_ROUNDING
+    bound = conv_bound(x, exact_layer, split=width) + bias
+    assert (bound < conv_bound(x, exact_layer) + bias).all()
+    bf16 = F.conv2d(x.bfloat16(), layer.weight, layer.bias, layer.stride, layer.padding)
+    got = layer(x.bfloat16())
+    assert_int8_within(got, exact, bf16, bound)
+    layer.split, layer.packed = None, None  # one range over both parts
+    one_range = layer(x.bfloat16()).double()
+    assert (got.double() - exact).pow(2).mean() < (one_range - exact).pow(2).mean()
 
 
 @needs_int8
@@ -510,3 +538,22 @@ def test_quantize_a_product_refuses_mismatched_factors():
         kernels.quantize_bf16(x, True, "product")
     with pytest.raises(ValueError, match="op must be one of"):
         kernels.quantize_bf16(x, True, "sum", x)
+
+
+@needs_kernel
+def test_quantize_a_channel_range_of_a_channels_last_map():
+    """The up path's joins quantize each part of a channels-last map alone: the part's own range,
+    into a channels-last tensor of the part's channels."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 3, 5)
+    x[:, 6:] *= 0.01
+    x = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    for start, stop in ((0, 6), (6, 10), (3, 4)):
+        q, scale, zero_point = kernels.quantize_bf16(x, True, channels=(start, stop))
+        assert q.shape == (2, stop - start, 3, 5) and q.is_contiguous(memory_format=torch.channels_last)
+        whole = kernels.quantize_bf16(x[:, start:stop].contiguous(memory_format=torch.channels_last), True)
+        assert (scale, zero_point) == whole[1:] and torch.equal(q, whole[0])
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.quantize_bf16(x.contiguous(), True, channels=(0, 6))
+    with pytest.raises(ValueError, match="channels"):
+        kernels.quantize_bf16(x, True, channels=(6, 11))
