@@ -183,6 +183,26 @@ def reference_pipes(reference_folders):
     }
 
 
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory, clip_vocab_dir) -> Path:
+    """The tiny SDXL base (test_sdxl_pipeline's reference), saved once per session for every module that reads it."""
+    from test_sdxl_pipeline import build_sdxl_reference
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    build_sdxl_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def refiner_folder(tmp_path_factory, clip_vocab_dir) -> Path:
+    """The tiny SDXL refiner (test_sdxl_refiner's reference), saved once per session."""
+    from test_sdxl_refiner import build_refiner_reference
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl_refiner")
+    build_refiner_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """Train in this process with the workers' thread count, leaving the global RNGs as found."""

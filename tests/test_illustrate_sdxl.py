@@ -7,15 +7,15 @@ import json
 
 import numpy as np
 import torch
-from test_sdxl_pipeline import ours, sdxl_folder
-from test_sdxl_refiner import refiner, refiner_folder
+from test_sdxl_pipeline import ours
+from test_sdxl_refiner import refiner
 
 import diffuse
 from diffuse.illustrate.figures_run_vector import read_back, vector
 from diffuse.illustrate.record import record
 from diffuse.models.unet import timestep_embedding
 
-__all__ = ["ours", "sdxl_folder", "refiner", "refiner_folder"]  # fixtures
+__all__ = ["ours", "refiner"]  # fixtures
 
 PROMPT = "a red squirrel eating a burger"
 

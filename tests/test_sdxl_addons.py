@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import save_file
 from test_lora import TEXT_TARGETS, UNET_TARGETS, _factors, _targets
 from test_lora_restore import random_lora
-from test_sdxl_pipeline import build_sdxl_reference
 
 import diffuse
 from diffuse.adapters import LoraError, LoraMerge, lora_from_state_dict
@@ -37,13 +36,6 @@ WEIGHT_TOL = 2e-5
 ATTENTION_TARGETS = UNET_TARGETS[:12]  # attention, feed-forward and the transformers' proj_in / proj_out
 LOCON_TARGETS = (*UNET_TARGETS, "add_embedding.linear_1", "add_embedding.linear_2", "time_embedding.linear_1")
 NETWORKS = ("unet", "text_encoder", "text_encoder_2")
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory, clip_vocab_dir):
-    folder = tmp_path_factory.mktemp("tiny_sdxl_addons")
-    build_sdxl_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture

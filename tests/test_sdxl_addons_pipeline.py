@@ -7,17 +7,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from test_sdxl_addons import NETWORKS, assert_bit_exact, kohya_sdxl_lora, sdxl_embedding_file, snapshot
-from test_sdxl_pipeline import assert_same_images, build_sdxl_reference
+from test_sdxl_pipeline import assert_same_images
 
 import diffuse
 
 
-def test_a_lora_tag_and_an_embedding_on_sdxl_draw_as_diffusers_with_both(tmp_path, clip_vocab_dir):
+def test_a_lora_tag_and_an_embedding_on_sdxl_draw_as_diffusers_with_both(tmp_path, sdxl_folder):
     """`<lora:NAME:W>` and an embedding's name in an SDXL prompt; the weights are the model's own afterwards."""
     from diffusers import StableDiffusionXLPipeline
 
-    sdxl_folder = tmp_path / "model"
-    build_sdxl_reference(clip_vocab_dir).save_pretrained(sdxl_folder, safe_serialization=True)
     reference = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, add_watermarker=False).to(torch.float32)
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()

@@ -20,7 +20,6 @@ from test_sdxl_pipeline import (
     SIZE,
     STEPS,
     assert_same_images,
-    build_sdxl_reference,
     first_vectors,
     perturbed,
     picture,
@@ -61,13 +60,6 @@ def build_refiner_reference(vocab_dir, seed: int = 1):
         requires_aesthetics_score=True,
         add_watermarker=False,
     )
-
-
-@pytest.fixture(scope="module")
-def refiner_folder(tmp_path_factory, clip_vocab_dir):
-    folder = tmp_path_factory.mktemp("tiny_sdxl_refiner")
-    build_refiner_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +146,8 @@ def test_a_refiner_folder_without_its_tokenizer_is_refused_naming_the_folder(ref
 
 
 @pytest.fixture(scope="module")
-def base_folder(tmp_path_factory, clip_vocab_dir):
-    folder = tmp_path_factory.mktemp("tiny_sdxl_base")
-    build_sdxl_reference(clip_vocab_dir).save_pretrained(folder, safe_serialization=True)
-    return folder
+def base_folder(sdxl_folder):
+    return sdxl_folder  # the session's tiny base, built by build_sdxl_reference
 
 
 @pytest.fixture(scope="module")

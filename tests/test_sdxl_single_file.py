@@ -19,14 +19,14 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, ours, reference_pipe, sdxl_folder
-from test_sdxl_refiner import assert_refines_as_diffusers, reference_refiner, refiner, refiner_folder
+from test_sdxl_pipeline import NEGATIVE, PROMPT, STEPS, assert_same_images, ours, reference_pipe
+from test_sdxl_refiner import assert_refines_as_diffusers, reference_refiner, refiner
 
 import diffuse
 from diffuse.checkpoints import single_file
 from diffuse.checkpoints.export import save_diffusers_folder, save_single_file_checkpoint
 
-__all__ = ["ours", "reference_pipe", "sdxl_folder", "reference_refiner", "refiner", "refiner_folder"]  # fixtures
+__all__ = ["ours", "reference_pipe", "reference_refiner", "refiner"]  # fixtures
 
 NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
