@@ -290,6 +290,12 @@ def test_the_outer_layers_and_the_texts_keys_stay_bf16(pair):
     stacked = {name for name in kept if name.rpartition(".")[2] in ("to_q", "to_k", "to_v") and ".attn1." in name}
     for name in stacked:
         assert isinstance(quantized.get_submodule(name.rpartition(".")[0]), int8.Int8Attention)
+    # The GEGLU projection runs as two int8 halves inside its feed-forward, never on its own.
+    in_ff = {name for name in kept if name.endswith("ff.net.0.proj")}
+    for name in in_ff:
+        assert isinstance(quantized.get_submodule(name.removesuffix(".net.0.proj")), int8.Int8FeedForward)
+        assert getattr(quantized.get_submodule(name), "packed", None) is None  # no unused int8 copy
+    stacked |= in_ff
     expected = {"input_blocks.0.0", "out.2", "time_embed.0", "time_embed.2", "output_blocks.2.2.conv"}
     for name, _ in net.named_modules():
         if name.endswith(("emb_layers.1", "attn2.to_k", "attn2.to_v")):
@@ -557,3 +563,15 @@ def test_quantize_a_channel_range_of_a_channels_last_map():
         kernels.quantize_bf16(x.contiguous(), True, channels=(0, 6))
     with pytest.raises(ValueError, match="channels"):
         kernels.quantize_bf16(x, True, channels=(6, 11))
+
+
+def test_a_range_too_narrow_for_a_normal_scale_is_left_to_bf16():
+    """Values within about 1e-36 of zero give a subnormal scale whose inverse overflows (or which
+    the CPU flushes to zero), so zero would leave the grid: the kernel declines instead."""
+    if not kernels.quantize_available():
+        pytest.skip(kernels.quantize_status())
+    tiny = torch.tensor([0.0, 1e-38, -1e-38, 5e-39]).bfloat16()
+    assert kernels.quantize_bf16(tiny, True) is None and kernels.quantize_bf16(tiny, False) is None
+    narrow = torch.tensor([0.0, 1e-30, -1e-30]).bfloat16()
+    q, scale, zero_point = kernels.quantize_bf16(narrow, True)
+    assert q[0] == zero_point and ((q.float() - zero_point) * scale - narrow.float()).abs().max() <= scale / 2

@@ -17,6 +17,7 @@
    Compiled on first use by diffuse/kernels/__init__.py; the threads are OpenMP's, the
    same runtime (and pool) as PyTorch's own. */
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -95,8 +96,8 @@ AVX512 static void write_bytes(const uint16_t *x, const uint16_t *y, int op, int
     }
 
 /* Quantizes op's values of x (and y) into out; writes the scale and zero point. Returns 0, or 1 (out not
-   written) where x holds a NaN or an infinity or spans more than float32 can, which the
-   caller then computes in bf16. */
+   written) where x holds a NaN or an infinity or spans more than float32's scales can, which
+   the caller then computes in bf16. */
 AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t rows, int64_t width, int64_t row_stride,
                          int asymmetric, uint8_t *out, float *scale, int32_t *zero_point, int threads) {
     const int64_t n = rows * width;
@@ -138,9 +139,11 @@ AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t r
                 s = top > 0.0f ? top / 127.0f : 1.0f;
                 z = 0.0f, lowest = -127.0f, highest = 127.0f;
             }
-            /* A range wider than float32's largest has no usable scale: bf16 computes that tensor. */
-            if (t == 0 && !isfinite(s)) all_finite = 0;
-            if (isfinite(s))
+            /* A range wider than float32's largest, or so narrow that its scale is subnormal (1 / scale
+               overflows, or the CPU flushes it to zero), has no usable scale: bf16 computes that tensor. */
+            const int usable = isfinite(s) && s >= FLT_MIN;
+            if (t == 0 && !usable) all_finite = 0;
+            if (usable)
                 FOR_PIECES(begin, end, width, row_stride, {
                     write_bytes(x + offset, y ? y + offset : y, op, length, out + i, 1.0f / s, z, lowest, highest);
                 })

@@ -41,6 +41,8 @@ KEEP_BF16 = ("input_blocks.0.0", "emb_layers.1", "attn2.to_k", "attn2.to_v")
 # Self-attention runs its queries, keys and values as one stacked product (Int8Attention); the
 # three layers themselves run only where it falls back, so they get no int8 copy of their own.
 STACKED = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
+# Likewise the feed-forward's GEGLU projection runs as its two halves inside Int8FeedForward.
+IN_FEED_FORWARD = ("ff.net.0.proj",)
 
 
 def check_quantize(quantize: str | None, device: torch.device | str, dtype: torch.dtype) -> str | None:
@@ -247,7 +249,11 @@ class Int8FeedForward(unet.FeedForward):
 
 def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
     """The int8 class a UNet layer becomes under quantize="int8", or None to keep it."""
-    if not name.startswith(BLOCKS) or name.endswith(KEEP_BF16 + STACKED) or isinstance(parent, unet.Upsample):
+    if (
+        not name.startswith(BLOCKS)
+        or name.endswith(KEEP_BF16 + STACKED + IN_FEED_FORWARD)
+        or isinstance(parent, unet.Upsample)
+    ):
         return None
     if isinstance(layer, unet.Attention):
         return Int8Attention if name.endswith("attn1") else None
