@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse import kernels
-from diffuse.models.configs import UNetConfig
+from diffuse.models.configs import UNetConfig, VAEConfig
 from diffuse.models.unet import UNet, Upsample
+from diffuse.models.vae import AutoencoderKL
 from diffuse.runtime import QUANTIZE_CHOICES, int8, prepare
 
 # The exact gelu's steepest slope, reached near x = 1.41: how far an error in the gate can grow.
@@ -273,6 +274,38 @@ def test_whole_unet_stays_close_to_float32(linear_projection):
     bf16_cos = F.cosine_similarity(half, exact, dim=0)
     assert int8_cos > 0.995
     assert 1 - int8_cos > 2 * (1 - bf16_cos)  # the int8 products ran
+
+
+@needs_int8
+def test_vae_decoder_goes_int8_and_stays_close_to_float32():
+    """The decoder's ResnetBlock and attention convolutions run int8; its first and last
+    convolutions, the upsampling and the whole encoder stay bf16. The decoded image stays within
+    a few 8-bit steps of float32's (bf16 alone is well inside one)."""
+    torch.manual_seed(3)
+    net = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(bf16_exact(p + 0.05 * torch.randn_like(p)))
+    quantized = prepare(copy.deepcopy(net), "cpu", torch.bfloat16, quantize="int8")
+    convs = {name: layer for name, layer in quantized.named_modules() if isinstance(layer, nn.Conv2d)}
+    int8_convs = {name for name, layer in convs.items() if is_int8(layer)}
+    upsampling = {name for name in convs if name.endswith("upsample.conv")}
+    assert int8_convs == {
+        name
+        for name in convs
+        if name.startswith("decoder.")
+        and name not in ("decoder.conv_in", "decoder.conv_out")
+        and name not in upsampling
+    }
+    assert upsampling and all(name.startswith("decoder.") for name in int8_convs)
+    z = bf16_exact(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)))
+    bf16 = prepare(copy.deepcopy(net), "cpu", torch.bfloat16)
+    with torch.no_grad():
+        exact = net.decode(z).clamp(-1, 1)
+        got = quantized.decode(z.bfloat16()).float().clamp(-1, 1)
+        half = bf16.decode(z.bfloat16()).float().clamp(-1, 1)
+    int8_error, bf16_error = ((got - exact).abs() * 127.5).mean(), ((half - exact).abs() * 127.5).mean()
+    assert int8_error < 4 and int8_error > 1.5 * bf16_error  # in 0-255 steps; the int8 products ran
 
 
 # ---- which layers go int8 ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The UNet's products in 8-bit integers: quantize="int8".
+"""The UNet's and the VAE decoder's products in 8-bit integers: quantize="int8".
 
 Each chosen linear layer and convolution keeps its bf16 weight (so LoRA merges, state
 dicts and the float32 retry see the plain layer) and beside it an int8 copy, one scale per
@@ -13,7 +13,9 @@ values of the image and its output, and the feed-forward layers. Left in bf16: t
 and last convolutions (4 channels, where one scale for all would cost the most), the
 timestep and vector embeddings (one row each), the keys and values computed from the
 text (77 rows), the folded upsampling convolutions, and everything that is not a product:
-norms, softmax, attention's own products.
+norms, softmax, attention's own products. In the VAE decoder: its ResnetBlocks' and its
+attention's convolutions, again without the first and last (4 and 3 channels) and the
+upsampling. The text encoders and the VAE encoder stay bf16.
 
 A layer falls back to its bf16 (or float32) forward outside bf16 CPU inference, and for an
 input holding a NaN or an infinity, which bf16 carries on to the pipeline's checks. The
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse import kernels
-from diffuse.models import unet
+from diffuse.models import unet, vae
 from diffuse.runtime.attention import attention
 from diffuse.runtime.device import cpu_has_vnni
 
@@ -266,16 +268,27 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
     return None
 
 
+def decoder_int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
+    """The int8 class a VAE decoder layer becomes: its ResnetBlocks' and mid attention's
+    convolutions; the first and last (4 and 3 channels) and the folded upsampling stay bf16."""
+    if not isinstance(layer, nn.Conv2d) or name in ("conv_in", "conv_out") or isinstance(parent, vae.Upsample):
+        return None
+    return Int8Conv2d
+
+
 def use_int8(module: nn.Module) -> None:
-    """Every UNet in `module` with its chosen products in int8 (the module docstring), in place;
-    the int8 weights are made now, so the memory they take shows at load time."""
-    for net in [m for m in module.modules() if isinstance(m, unet.UNet)]:
+    """Every UNet and VAE decoder in `module` with its chosen products in int8 (the module
+    docstring), in place; the int8 weights are made now, so the memory they take shows at load time."""
+    nets = [(m, int8_class) for m in module.modules() if isinstance(m, unet.UNet)]
+    nets += [(m.decoder, decoder_int8_class) for m in module.modules() if isinstance(m, vae.AutoencoderKL)]
+    for net, choose in nets:
         parents = {name: layer for name, layer in net.named_modules()}
         for name, layer in list(net.named_modules()):
-            new_class = int8_class(name, layer, parents[name.rpartition(".")[0]])
+            new_class = choose(name, layer, parents[name.rpartition(".")[0]])
             if new_class is not None:
                 layer.__class__ = new_class
-        mark_skip_joins(net)
+        if isinstance(net, unet.UNet):
+            mark_skip_joins(net)
         for layer in net.modules():
             if isinstance(layer, (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward)):
                 layer.int8_weight()
