@@ -128,7 +128,7 @@ def contender(impl: str, calls: int, flops: bool) -> dict:
     else:
         import diffuse
 
-        pipe = diffuse.load_pipeline(folder, dtype=torch.bfloat16)
+        pipe = diffuse.load_pipeline(folder, dtype=torch.bfloat16, quantize="int8" if impl == "diffuse-int8" else None)
         y = torch.cat([data["pooled"], torch.randn(2, 2816 - 1280, generator=torch.Generator().manual_seed(1))], 1)
         y = y.to(torch.bfloat16)
 
@@ -186,13 +186,15 @@ def report(peaks: dict, runs: dict[str, list[dict]]) -> None:
         print(f"  {impl:9s} load {statistics.median(r['load'] for r in rounds):5.1f} s; {each}; peak RSS {peak:.0f} MB")
     bars = {"unet step": 1.5, "vae decode": 1.4}
     for what, bar in bars.items():
-        ratio = medians["diffusers"][what] / medians["diffuse"][what]
-        print(
-            f"  {what}: diffuse {medians['diffuse'][what]:.1f} s, diffusers {medians['diffusers'][what]:.1f} s, "
-            f"diffuse is {ratio:.2f}x diffusers (bar {bar}x)"
-        )
+        for ours in (impl for impl in runs if impl != "diffusers"):
+            ratio = medians["diffusers"][what] / medians[ours][what]
+            print(
+                f"  {what}: {ours} {medians[ours][what]:.1f} s, diffusers {medians['diffusers'][what]:.1f} s, "
+                f"{ours} is {ratio:.2f}x diffusers (bar {bar}x)"
+            )
         for impl in runs:
-            tflop = runs[impl][0]["tflop"][what]
+            # torch's FLOP counter knows no int8 products: the int8 run does the bf16 run's work.
+            tflop = runs["diffuse" if impl == "diffuse-int8" else impl][0]["tflop"][what]
             floor = tflop * 1e3 / peaks["bf16"]
             print(
                 f"    {impl:9s} {tflop:.2f} TFLOP: dense floor {floor:.1f} s at the bf16 peak, "
@@ -233,14 +235,15 @@ def tiles(size: int, tile: int, overlap: int) -> None:
     print(f"  tiled vs whole: max {diff.max():.2f}/255, mean {diff.mean():.3f}/255")
 
 
-def run(rounds: int, calls: int) -> None:
-    """The interleaved rounds and their report (also `bench/speed.py --sdxl`)."""
+def run(rounds: int, calls: int, int8: bool = False) -> None:
+    """The interleaved rounds and their report (also `bench/speed.py --sdxl`); with int8 a third
+    contender, diffuse with quantize="int8" (its share of the floor counted on the bf16 run's FLOPs)."""
     sdxl_folder()  # built once, before the processes that read it
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    runs: dict[str, list[dict]] = {"diffusers": [], "diffuse": []}
+    runs: dict[str, list[dict]] = {"diffusers": [], "diffuse": []} | ({"diffuse-int8": []} if int8 else {})
     for round_ in range(rounds):
         for impl in runs:
-            runs[impl].append(run_contender(impl, calls, flops=round_ == 0))
+            runs[impl].append(run_contender(impl, calls, flops=round_ == 0 and impl != "diffuse-int8"))
             print(f"  round {round_ + 1} {impl} done", file=sys.stderr)
     report(peaks, runs)
     (CACHE / "sdxl-results.json").write_text(json.dumps({"peaks_gflops": peaks, "runs": runs}, indent=1))
@@ -250,7 +253,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per contender (default 2)")
     parser.add_argument("--calls", type=int, default=2, help="timed calls of each network per process (default 2)")
-    parser.add_argument("--contender", choices=("diffuse", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--contender", choices=("diffuse", "diffusers", "diffuse-int8"), help=argparse.SUPPRESS)
+    parser.add_argument("--int8", action="store_true", help='also diffuse with quantize="int8"')
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tiles", type=int, metavar="SIZE", help="time the tiled VAE decode at SIZE instead")
     parser.add_argument("--tile", type=int, default=40, help="with --tiles: tile side in latent pixels")
@@ -262,7 +266,7 @@ def main() -> None:
     if args.contender:
         print(json.dumps(contender(args.contender, args.calls, args.flops)))
         return
-    run(args.rounds, args.calls)
+    run(args.rounds, args.calls, args.int8)
 
 
 if __name__ == "__main__":

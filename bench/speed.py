@@ -158,8 +158,9 @@ def whole_image(impl: str, dtype_name: str, out: Path, speedup: str | None = Non
     else:
         import diffuse
 
-        pipe = diffuse.load_pipeline(folder, dtype=dtype)
-        speedups = diffuse.Speedups(**SPEEDUPS[speedup]) if speedup else None
+        # "int8" runs the bf16 networks with quantize="int8"; the other names are diffuse.Speedups.
+        pipe = diffuse.load_pipeline(folder, dtype=dtype, quantize="int8" if speedup == "int8" else None)
+        speedups = diffuse.Speedups(**SPEEDUPS[speedup]) if speedup in SPEEDUPS else None
 
         def generate():
             return pipe.txt2img(
@@ -184,21 +185,26 @@ def peak_resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: kB on Linux, bytes on macOS
 
 
-def whole_images(speedups_only: bool = False) -> dict:
-    runs = (
-        [("diffuse", "bf16", None)]
-        if speedups_only
-        else [(impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
-    )
-    runs += [("diffuse", "bf16", speedup) for speedup in SPEEDUPS]
+def whole_images(speedups_only: bool = False, int8_rounds: int = 0) -> dict:
+    """One process per image. With int8_rounds, only diffuse bf16 and diffuse bf16 int8, alternating
+    for that many rounds, each entry holding the median seconds and the seconds of every round."""
+    if int8_rounds:
+        runs = [("diffuse", "bf16", speedup) for _ in range(int8_rounds) for speedup in (None, "int8")]
+    elif speedups_only:
+        runs = [("diffuse", "bf16", None)] + [("diffuse", "bf16", speedup) for speedup in [*SPEEDUPS, "int8"]]
+    else:
+        runs = [(impl, dtype, None) for impl in ("diffusers", "diffuse") for dtype in DTYPES]
+        runs += [("diffuse", "bf16", speedup) for speedup in [*SPEEDUPS, "int8"]]
     results = {}
     for impl, dtype_name, speedup in runs:
         name = f"{impl} {dtype_name}" + (f" {speedup}" if speedup else "")
         png = CACHE / f"whole-{name.replace(' ', '-')}.png"
         command = [sys.executable, __file__, "--whole", impl, dtype_name, str(png)] + ([speedup] if speedup else [])
         done = subprocess.run(command, capture_output=True, text=True, check=True)
-        results[name] = {**json.loads(done.stdout.strip().splitlines()[-1]), "png": str(png)}
-        print(f"  whole image {name} done", file=sys.stderr)
+        entry = json.loads(done.stdout.strip().splitlines()[-1])
+        rounds = results.get(name, {}).get("rounds", []) + [entry["seconds"]]
+        results[name] = {**entry, "seconds": statistics.median(rounds), "rounds": rounds, "png": str(png)}
+        print(f"  whole image {name} done: {entry['seconds']:.1f} s", file=sys.stderr)
     return results
 
 
@@ -294,6 +300,7 @@ def report(peaks: dict, parts: dict | None, whole: dict | None, default: dict | 
             diff = np.abs(pixels(entry["png"]) - pixels(plain["png"]))
             print(
                 f"  {name:34s} {entry['seconds']:6.1f} s   {plain['seconds'] / entry['seconds']:4.2f}x plain   "
+                f"(rounds: {', '.join(f'{t:.1f}' for t in entry['rounds'])} s)   "
                 f"peak RSS {entry['peak_rss_mb']:6.0f} MB   image vs plain bf16: mean {diff.mean():5.2f}/255"
             )
     elif whole:
@@ -390,6 +397,13 @@ def main() -> None:
     parser.add_argument(
         "--calibration", type=int, default=8, help="guided steps NNCF calibrates OpenVINO's int8 UNet on (default 8)"
     )
+    parser.add_argument(
+        "--whole-int8",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only the whole 512x512 image in diffuse bf16 and with quantize=int8, alternating for ROUNDS rounds",
+    )
     parser.add_argument("--whole", nargs="+", metavar="IMPL DTYPE PNG [SPEEDUP]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sdxl:
@@ -407,8 +421,8 @@ def main() -> None:
     if args.default_model_only:
         report({}, None, None, default_model_precision())
         return
-    if args.speedups_only:
-        report({}, None, whole_images(speedups_only=True), None)
+    if args.speedups_only or args.whole_int8:
+        report({}, None, whole_images(speedups_only=True, int8_rounds=args.whole_int8), None)
         return
     names = contender_names(args.contenders or every, args.openvino, args.int8)
     folder = sd15_folder()  # built once, before the processes that read it
