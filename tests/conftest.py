@@ -213,3 +213,25 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
     restore_rng_state(rng)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """diffuse's command line on args: its exit code, stdout and stderr (this command's only: a
+    fixture may have made an image inside the test)."""
+    from diffuse.cli import main
+
+    capsys.readouterr()
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: for refusals that must come before loading."""
+    import diffuse.loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(diffuse.loader, "load_pipeline", refuse)

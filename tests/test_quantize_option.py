@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 from test_server_sdxl import sdxl_models_folder
 
@@ -33,21 +34,6 @@ RECORD = {
     "device": "cpu",
     "version": VERSION,
 }
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(diffuse.loader, "load_pipeline", refuse)
 
 
 @pytest.fixture
@@ -150,7 +136,9 @@ def test_an_unknown_quantize_on_the_command_line_names_the_choices(capsys):
 def test_the_command_line_loads_the_model_and_its_refiner_with_quantize(loads, tmp_path, capsys):
     refiner = tmp_path / "refiner"
     refiner.mkdir()
-    code, _, err = run(["txt2img", "p", "--quantize", "int8", "--dtype", "bfloat16", "--refiner", str(refiner)], capsys)
+    code, _, err = run_cli(
+        ["txt2img", "p", "--quantize", "int8", "--dtype", "bfloat16", "--refiner", str(refiner)], capsys
+    )
     assert code == 2 and "loading is not part of this test" in err
     assert [call["quantize"] for call in loads] == ["int8"]  # the model; the refiner loads next, as here
     args = argparse.Namespace(model=str(DEFAULT_MODEL), dtype="bfloat16", device="cpu", quantize="int8")
@@ -160,7 +148,7 @@ def test_the_command_line_loads_the_model_and_its_refiner_with_quantize(loads, t
 
 
 def test_convert_never_quantizes(loads, tmp_path, capsys):
-    code, _, _ = run(["convert", str(DEFAULT_MODEL), str(tmp_path / "out")], capsys)
+    code, _, _ = run_cli(["convert", str(DEFAULT_MODEL), str(tmp_path / "out")], capsys)
     assert code == 2 and loads[0]["quantize"] is None
 
 
@@ -173,7 +161,7 @@ def test_an_int8_image_records_it(int8_png):
 
 
 def check(png: Path, capsys, *extra: str) -> tuple[int, str, str]:
-    return run(["regenerate", str(png), "--check", "--out", str(png.parent / "again"), *extra], capsys)
+    return run_cli(["regenerate", str(png), "--check", "--out", str(png.parent / "again"), *extra], capsys)
 
 
 def edited(png: Path, out: Path, old: str, new: str) -> Path:
@@ -191,7 +179,7 @@ def test_an_int8_image_is_made_again_exactly_with_int8(int8_png, capsys):
 
 
 def test_regenerate_loads_with_the_pngs_quantize(int8_png, loads, capsys):
-    code, _, err = run(["regenerate", str(int8_png), "--out", str(int8_png.parent / "again")], capsys)
+    code, _, err = run_cli(["regenerate", str(int8_png), "--out", str(int8_png.parent / "again")], capsys)
     assert code == 2 and "loading is not part of this test" in err
     assert loads[0]["quantize"] == "int8" and str(loads[0]["dtype"]) == "torch.bfloat16"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from test_server_sdxl import sdxl_models_folder
 
@@ -24,23 +25,8 @@ PROMPT = "a red circle above a blue square"
 QUICK = ["--steps", "2", "--cfg-scale", "4", "--sampler", "Euler a"]
 
 
-def run(args, capsys):
-    capsys.readouterr()  # only this command's output (a fixture may have made an image inside the test)
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(diffuse.loader, "load_pipeline", refuse)
-
-
 def check(png: Path, capsys, *extra: str) -> tuple[int, str, str]:
-    return run(["regenerate", str(png), "--check", "--out", str(png.parent / "again"), *extra], capsys)
+    return run_cli(["regenerate", str(png), "--check", "--out", str(png.parent / "again"), *extra], capsys)
 
 
 def edited(png: Path, out: Path, old: str, new: str) -> Path:
@@ -157,7 +143,7 @@ A1111_TEXT = (
 
 def test_an_a1111_png_is_made_again_as_far_as_its_fields_go(tmp_path, capsys):
     png = save_png(Image.new("RGB", (64, 64)), tmp_path / "a1111.png", A1111_TEXT)
-    code, out, err = run(["regenerate", str(png), "--out", str(tmp_path / "again"), "--dtype", "float32"], capsys)
+    code, out, err = run_cli(["regenerate", str(png), "--out", str(tmp_path / "again"), "--dtype", "float32"], capsys)
     assert code == 0, err
     assert "note: an A1111-style image (Version v1.10.1)" in err and "Model hash 0123456789" in err
     again = parse_infotext(read_parameters(Path(out.strip())))
@@ -180,7 +166,7 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
     mask_image.save(mask)
     common = [*QUICK, "--seed", "4", "--dtype", "float32"]
     assert (
-        run(
+        run_cli(
             [
                 "img2img",
                 PROMPT,
@@ -208,7 +194,7 @@ def test_img2img_and_inpaint_need_their_inputs_and_check_them(tmp_path, capsys):
     assert code == 0 and "largest pixel difference 0/255" in out, err
 
     assert (
-        run(
+        run_cli(
             ["inpaint", PROMPT, "--image", str(picture), "--mask", str(mask), *common, "--out", str(tmp_path / "p")],
             capsys,
         )[0]
@@ -245,7 +231,7 @@ def test_a_png_without_parameters_or_not_a_png_is_one_line(tmp_path, capsys, no_
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     (tmp_path / "text.png").write_text("hello")
     for name, message in (("plain.png", "no generation parameters"), ("text.png", "not a PNG")):
-        code, _, err = run(["regenerate", str(tmp_path / name)], capsys)
+        code, _, err = run_cli(["regenerate", str(tmp_path / name)], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
