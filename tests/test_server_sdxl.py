@@ -227,6 +227,7 @@ def test_the_pages_routes_tell_the_models_size_and_hand_over_to_the_refiner(serv
         "title": titles(server)["tiny_base"],
         "image_size": BASE_SIZE,
         "sdxl": True,
+        "quantize": None,
     }
     refiner = titles(server)["tiny_refiner"]
     image = page_result(server, {**QUICK, "refiner_checkpoint": refiner, "refiner_switch_at": 0.6})

@@ -9,7 +9,7 @@
                                         fields that make them again) or "failed"
     GET  /diffuse/v1/model              the current model as the form needs it: its own image size
                                         (what a blank width and height draw), whether it is SDXL,
-                                        and "quantize": "int8" where the server quantizes (absent: off)
+                                        and "quantize" ("int8", or null when off)
     GET  /diffuse/v1/gallery            diffuse's saved images, newest first, with their parameters
                                         and, for a txt2img image, the request fields that make it again
     GET  /outputs/{name}                one saved image
@@ -86,8 +86,12 @@ def _add_job_routes(app: FastAPI, server: Server) -> None:
     @app.get("/diffuse/v1/model", tags=["page"])
     def model() -> dict:
         pipe, current = server.host.pipe, server.host.current
-        quantized = {} if pipe.quantize is None else {"quantize": pipe.quantize}  # as the PNG's Quantize
-        return {"title": current.title, "image_size": pipe.config.image_size, "sdxl": pipe.is_xl, **quantized}
+        return {
+            "title": current.title,
+            "image_size": pipe.config.image_size,
+            "sdxl": pipe.is_xl,
+            "quantize": pipe.quantize,
+        }
 
     @app.post("/diffuse/v1/jobs", status_code=202, tags=["page"])
     async def submit(request: Request) -> dict:
