@@ -13,7 +13,7 @@ plain PyTorch.
   CPU has no AMX (PyTorch's fused kernel where it has), the
   2x upsample folded into 2x2 convolutions at the low resolution (diffuse.runtime.upsample),
   and the VAE's SiLU and residual add in place.
-- prepare(..., quantize="int8") also runs the UNet's products in 8-bit integers
+- prepare(..., quantize="int8") also runs the UNet's and the VAE decoder's products in 8-bit integers
   (diffuse.runtime.int8), for bf16 on the CPU.
 - On Linux with glibc, freed memory is kept for the next allocation (keep_freed_memory), and
   its pages go back to the kernel before each VAE decode (give_back_freed_memory).
