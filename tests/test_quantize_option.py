@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli
 from PIL import Image
+from test_regenerate import check, edited
 from test_server_sdxl import sdxl_models_folder
 
 import diffuse
@@ -158,17 +159,6 @@ def test_an_int8_image_records_it(int8_png):
 
 
 # ---- regenerate ------------------------------------------------------------------------------
-
-
-def check(png: Path, capsys, *extra: str) -> tuple[int, str, str]:
-    return run_cli(["regenerate", str(png), "--check", "--out", str(png.parent / "again"), *extra], capsys)
-
-
-def edited(png: Path, out: Path, old: str, new: str) -> Path:
-    text = read_parameters(png)
-    assert old in text
-    with Image.open(png) as image:
-        return save_png(image, out, text.replace(old, new))
 
 
 def test_an_int8_image_is_made_again_exactly_with_int8(int8_png, capsys):
