@@ -7,7 +7,7 @@ plain PyTorch.
   float16 on an older GPU, float32 otherwise. bf16 keeps float32's range, so the
   networks need no overflow care; the sampler's arithmetic and the latents stay float32
   whatever the networks use (the pipeline converts at the network boundary).
-- prepare(module, device, dtype) (diffuse.runtime.layers) lays convolution weights out
+- prepare(module, device, dtype) (diffuse.runtime.preparation) lays convolution weights out
   channels-last on the CPU and swaps in: float32 linear layers as oneDNN 1x1 convolutions,
   bf16 attention as explicit chunked matmuls with a C softmax (diffuse.kernels) where the
   CPU has no AMX (PyTorch's fused kernel where it has), the
@@ -21,7 +21,8 @@ plain PyTorch.
 
 from diffuse.runtime.device import auto_dtype, cpu_has_bf16, keep_freed_memory, resolve_device, resolve_dtype
 from diffuse.runtime.int8 import QUANTIZE_CHOICES, check_quantize
-from diffuse.runtime.layers import inference_layout, prepare
+from diffuse.runtime.layers import inference_layout
+from diffuse.runtime.preparation import prepare
 
 __all__ = [
     "QUANTIZE_CHOICES",

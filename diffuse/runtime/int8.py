@@ -27,13 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse import kernels
 from diffuse.models import unet, vae
-from diffuse.runtime.attention import attention
 from diffuse.runtime.device import cpu_has_vnni
+from diffuse.runtime.layers import ChunkedAttention, OneDNNLinear
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -125,8 +124,9 @@ def linear_product(q: tuple[Tensor, float, int], packed: Packed, then: str = "no
     )  # fmt: skip
 
 
-class Int8Linear(nn.Linear):
-    """A linear layer whose product runs in int8 (the module docstring)."""
+class Int8Linear(OneDNNLinear):
+    """A linear layer whose product runs in int8 (the module docstring); where it falls back, the
+    layer computes what a prepared bf16 or float32 one does."""
 
     packed: Packed | None = None
 
@@ -138,11 +138,8 @@ class Int8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         q = quantized(x, asymmetric=True) if int8_ready(x) else None
         if q is None:
-            return self.plain_forward(x)
+            return super().forward(x)
         return linear_product(q, self.int8_weight())
-
-    def plain_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class Int8Conv2d(nn.Conv2d):
@@ -196,7 +193,7 @@ class Int8Conv2d(nn.Conv2d):
         )  # fmt: skip
 
 
-class Int8Attention(unet.Attention):
+class Int8Attention(ChunkedAttention):
     """Self-attention's queries, keys and values as one int8 product of the input quantized once
     (the three weights stacked). Cross-attention keeps its class: its queries and output are
     Int8Linear layers, its keys and values from the text stay bf16."""
@@ -216,10 +213,6 @@ class Int8Attention(unet.Attention):
         stacked = linear_product(q, self.int8_weight()).unflatten(-1, (3, self.heads, -1))
         return tuple(stacked[..., i, :, :].transpose(1, 2) for i in range(3))
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        out = attention(*self.qkv(x, context))
-        return self.to_out(out.transpose(1, 2).flatten(2))
-
 
 class Int8FeedForward(unet.FeedForward):
     """GEGLU and the output projection from one quantized input: the gate's product applies the
@@ -231,10 +224,9 @@ class Int8FeedForward(unet.FeedForward):
     def int8_weight(self) -> tuple[Packed, Packed]:
         value_w, gate_w = self.net[0].proj.weight.chunk(2)
         value_b, gate_b = self.net[0].proj.bias.chunk(2)
-        if self.packed is None or self.packed[0].key != weight_key((value_w, gate_w)):
-            value, gate = pack_linear((value_w,), (value_b,)), pack_linear((gate_w,), (gate_b,))
-            value.key = gate.key = weight_key((value_w, gate_w))
-            self.packed = value, gate
+        # The halves are views of one weight, sharing its version and storage: one key tells both.
+        if self.packed is None or self.packed[0].key != weight_key((value_w,)):
+            self.packed = pack_linear((value_w,), (value_b,)), pack_linear((gate_w,), (gate_b,))
         return self.packed
 
     def forward(self, x: Tensor) -> Tensor:

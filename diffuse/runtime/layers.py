@@ -1,4 +1,4 @@
-"""prepare(): the networks made fast for inference on this machine, once, at load time.
+"""The fast layers prepare() (diffuse.runtime.preparation) swaps in at load time.
 
 The model files are plain PyTorch as the papers describe them. prepare() changes the
 class of chosen layers in place (`layer.__class__ = FastLayer`) to subclasses that only
@@ -12,18 +12,13 @@ calls prepare.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models import unet, vae
 from diffuse.runtime.attention import attention
-from diffuse.runtime.int8 import check_quantize, use_int8
 from diffuse.runtime.upsample import upsample_conv
-
-M = TypeVar("M", bound=nn.Module)
 
 
 def onednn_bf16(x: Tensor) -> bool:
@@ -174,22 +169,3 @@ def inference_layout(weight: Tensor) -> Tensor:
     """
     channels_last = weight.dim() == 4 and weight.device.type == "cpu"
     return weight.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-@torch.no_grad()
-def prepare(module: M, device: str | torch.device, dtype: torch.dtype, quantize: str | None = None) -> M:
-    """`module` (a text encoder, UNet or VAE, or anything holding them) made ready to run on
-    `device` in `dtype`, in place: moved and cast (nothing to do for weights loaded so),
-    weights in the device's inference layout, fast layers swapped in, and with quantize="int8"
-    a UNet's products in int8 (diffuse.runtime.int8; bf16 on the CPU only). Idempotent."""
-    check_quantize(quantize, device, dtype)
-    module.to(device=device, dtype=dtype)
-    for param in module.parameters():
-        param.data = inference_layout(param.data)
-    for layer in module.modules():
-        fast = FAST_LAYERS.get(type(layer))
-        if fast is not None:
-            layer.__class__ = fast
-    if quantize == "int8":
-        use_int8(module)
-    return module
