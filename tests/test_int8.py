@@ -16,14 +16,16 @@ perturbed, so that a mis-mapped tensor cannot hide behind an initial constant.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUNTIME_UNET
 from torch import Tensor, nn
 
 from diffuse import kernels
-from diffuse.models.configs import UNetConfig, VAEConfig
+from diffuse.models.configs import VAEConfig
 from diffuse.models.unet import UNet, Upsample
 from diffuse.models.vae import AutoencoderKL
 from diffuse.runtime import QUANTIZE_CHOICES, int8, prepare
@@ -56,14 +58,7 @@ def bf16_exact(t: Tensor) -> Tensor:
 
 def tiny_unet(seed: int = 0, linear_projection: bool = False) -> UNet:
     """A UNet with two levels (attention on both), every weight perturbed and bf16-exact."""
-    cfg = UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
-        heads=(2, 2),
-        context_dim=16,
-        norm_groups=8,
-        use_linear_projection=linear_projection,
-    )
+    cfg = replace(TINY_RUNTIME_UNET, use_linear_projection=linear_projection)
     torch.manual_seed(seed)
     net = UNet(cfg).eval()
     with torch.no_grad():
@@ -447,7 +442,7 @@ def test_a_weight_changed_in_place_is_packed_again(pair, name, weight):
     ],
 )
 def test_prepare_refuses_int8_off_the_bf16_cpu_in_one_line(device, dtype, message):
-    net = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8))
+    net = UNet(TINY_RUNTIME_UNET)
     with pytest.raises(ValueError, match=message) as refused:
         prepare(net, device, dtype, quantize="int8")
     assert "\n" not in str(refused.value)

@@ -9,17 +9,19 @@ import ctypes
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUNTIME_UNET
 
 import diffuse.kernels
 import diffuse.models
 import diffuse.runtime.attention
 from diffuse.models.clip import CLIPTextEncoder
-from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
+from diffuse.models.configs import TextEncoderConfig, VAEConfig
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.runtime import auto_dtype, cpu_has_bf16, inference_layout, layers, prepare, resolve_device, resolve_dtype
@@ -167,14 +169,7 @@ def test_layout_and_folding_are_cpu_choices():
 
 def test_unet_keeps_odd_sizes_on_the_plain_path():
     """A latent side that halves to an odd size upsamples to 2x-1: not the folded map's shape."""
-    cfg = UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
-        heads=(2, 2),
-        context_dim=16,
-        norm_groups=8,
-        attention_levels=(False, True),
-    )
+    cfg = replace(TINY_RUNTIME_UNET, attention_levels=(False, True))
     torch.manual_seed(0)
     unet = prepare(UNet(cfg).eval(), "cpu", torch.float64)
     x, context = torch.randn(1, 4, 7, 9, dtype=torch.float64), torch.randn(1, 3, 16, dtype=torch.float64)
@@ -186,7 +181,7 @@ def test_unet_keeps_odd_sizes_on_the_plain_path():
 def test_channels_last_changes_nothing_but_the_layout():
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)).eval()
-    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), heads=(2, 2), context_dim=16, norm_groups=8)
+    cfg = TINY_RUNTIME_UNET
     unet = UNet(cfg).eval()
     latents, image = torch.randn(2, 4, 8, 8), torch.rand(1, 3, 16, 16) * 2 - 1
     context = torch.randn(2, 5, 16)
@@ -239,14 +234,7 @@ def tiny_networks(linear_projection: bool = False) -> dict[str, torch.nn.Module]
     """Plain networks of every kind prepare() touches, with random weights (SD1's conv
     projections or SD2's linear ones in the UNet's transformers)."""
     torch.manual_seed(0)
-    unet_cfg = UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
-        heads=(2, 2),
-        context_dim=16,
-        norm_groups=8,
-        use_linear_projection=linear_projection,
-    )
+    unet_cfg = replace(TINY_RUNTIME_UNET, use_linear_projection=linear_projection)
     text_cfg = TextEncoderConfig(vocab_size=100, max_length=12, width=32, layers=3, heads=4, mlp_width=64)
     networks = {
         "unet": UNet(unet_cfg),
