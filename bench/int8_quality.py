@@ -45,6 +45,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from sd15 import CACHE, sd15_folder  # noqa: E402
+from speed import cpu_model  # noqa: E402
 
 import diffuse  # noqa: E402
 import diffuse.kernels  # noqa: E402
@@ -174,11 +175,6 @@ def adherence(singles: int, pairs: int, reuse: bool) -> dict:
 
 
 def host() -> dict:
-    fields = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
     try:
         commit = subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=BENCH, capture_output=True, text=True, check=False
@@ -186,7 +182,7 @@ def host() -> dict:
     except OSError:
         commit = "?"
     return {
-        "cpu": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})",
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "kernels": diffuse.kernels.status(),

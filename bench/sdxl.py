@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 from sd15 import CACHE, perturb, save_into  # noqa: E402
-from speed import count_flops, matmul_peak, peak_resident_mb, timed  # noqa: E402
+from speed import count_flops, cpu_model, matmul_peak, peak_resident_mb, timed  # noqa: E402
 
 FOLDER = CACHE / "sdxl-random"
 SIZE, SEED = 1024, 1234
@@ -156,18 +157,8 @@ def run_contender(impl: str, calls: int, flops: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    get = lambda key: fields.get(key, "?").strip()  # noqa: E731
-    return f"{get('Model name')} (family {get('CPU family')}, model {get('Model')}), {get('CPU(s)')} CPUs"
-
-
 def report(peaks: dict, runs: dict[str, list[dict]]) -> None:
-    print(f"host: {cpu_model()}, torch {torch.__version__} on {torch.get_num_threads()} threads")
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads")
     print(f"4096^3 GEMM peak, measured now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(
         f"SDXL base, random bf16 weights, {SIZE}x{SIZE}; each contender in a fresh process, {len(runs['diffuse'])} rounds"
@@ -226,7 +217,7 @@ def tiles(size: int, tile: int, overlap: int) -> None:
         hook.remove()
     count = len(spans(size // 8, tile, overlap)) ** 2
     diff = (tiled.clamp(-1, 1) - whole.clamp(-1, 1)).abs() * 127.5
-    print(f"host: {cpu_model()}, torch {torch.__version__} on {torch.get_num_threads()} threads")
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads")
     print(f"SDXL VAE (random bf16 weights) at {size}x{size}, {count} tiles of {tile} latent pixels, overlap {overlap}")
     print(f"  whole decode {whole_seconds:.1f} s, tiled {tiled_seconds:.1f} s ({tiled_seconds / whole_seconds:.1f}x)")
     print(f"  largest activation: whole {whole_largest * 2 / 2**20:.0f} MB, tiled {tiled_largest * 2 / 2**20:.0f} MB")
