@@ -1,8 +1,9 @@
 """The UNet's and the VAE decoder's products in 8-bit integers: quantize="int8".
 
 Each chosen linear layer and convolution keeps its bf16 weight (so LoRA merges, state
-dicts and the float32 retry see the plain layer) and beside it an int8 copy, one scale per
-output channel, packed for oneDNN. Its input is quantized as it arrives, one scale (and
+dicts and the float32 retry see the plain layer), moved to a file on disk
+(diffuse.runtime.weights_on_disk), and in memory an int8 copy, one scale per output
+channel, packed for oneDNN. Its input is quantized as it arrives, one scale (and
 zero point) for the whole tensor, by the C kernel in diffuse.kernels; oneDNN multiplies
 the bytes, accumulating in int32, and writes bf16 with the bias added. AVX-512 VNNI and
 AMX do twice as many int8 multiply-adds per instruction as bf16 ones.
@@ -33,6 +34,7 @@ from diffuse import kernels
 from diffuse.models import unet, vae
 from diffuse.runtime.device import cpu_has_vnni
 from diffuse.runtime.layers import ChunkedAttention, OneDNNLinear
+from diffuse.runtime.weights_on_disk import WeightsOnDisk
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -268,11 +270,27 @@ def decoder_int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[n
     return Int8Conv2d
 
 
-def use_int8(module: nn.Module) -> None:
+INT8_LAYERS = (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward)
+
+
+def packed_from(layer: nn.Module) -> tuple[Tensor, ...]:
+    """The weights an int8 layer's copies are made from."""
+    if isinstance(layer, Int8Attention):
+        return layer.to_q.weight, layer.to_k.weight, layer.to_v.weight
+    if isinstance(layer, Int8FeedForward):
+        return (layer.net[0].proj.weight,)
+    return (layer.weight,)
+
+
+def use_int8(module: nn.Module) -> WeightsOnDisk | None:
     """Every UNet and VAE decoder in `module` with its chosen products in int8 (the module
-    docstring), in place; the int8 weights are made now, so the memory they take shows at load time."""
+    docstring), in place. The int8 weights are made now, so the memory they take shows at load
+    time, and the bf16 weights they are made from move to a file on disk (WeightsOnDisk) where
+    its folder has room, their pages dropped from memory layer by layer as each copy is packed;
+    returned is that file's holder, or None where they stayed in memory."""
     nets = [(m, int8_class) for m in module.modules() if isinstance(m, unet.UNet)]
     nets += [(m.decoder, decoder_int8_class) for m in module.modules() if isinstance(m, vae.AutoencoderKL)]
+    layers = []
     for net, choose in nets:
         parents = {name: layer for name, layer in net.named_modules()}
         for name, layer in list(net.named_modules()):
@@ -281,9 +299,14 @@ def use_int8(module: nn.Module) -> None:
                 layer.__class__ = new_class
         if isinstance(net, unet.UNet):
             mark_skip_joins(net)
-        for layer in net.modules():
-            if isinstance(layer, (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward)):
-                layer.int8_weight()
+        layers += [layer for layer in net.modules() if isinstance(layer, INT8_LAYERS)]
+    weights = [w for layer in layers for w in packed_from(layer) if w.device.type == "cpu"]
+    on_disk = WeightsOnDisk(weights) if weights and WeightsOnDisk.fits(weights) else None
+    for layer in layers:
+        layer.int8_weight()
+        if on_disk is not None:
+            on_disk.drop(packed_from(layer))
+    return on_disk
 
 
 def mark_skip_joins(net: unet.UNet) -> None:
