@@ -57,13 +57,18 @@ def in_float32(module: nn.Module) -> Iterator[nn.Module]:
     identity (only .data changes), so anything holding a parameter still holds the live one."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.dtype in (torch.bfloat16, torch.float16)]
     dtypes = [t.dtype for t in tensors]
+    # Memory PyTorch did not allocate (a file mapping: diffuse.runtime.weights_on_disk) is given
+    # back afterwards rather than a new copy, so those weights stay on disk: the values are the
+    # same, a cast up and back down being exact, unless something wrote to the tensor meanwhile.
+    mapped = [None if t.untyped_storage().resizable() else (t.data, t._version) for t in tensors]
     try:
         for t in tensors:
             t.data = t.data.float()  # .float() keeps the strides: channels-last stays channels-last
         yield module
     finally:
-        for t, dtype in zip(tensors, dtypes):
-            t.data = t.data.to(dtype)
+        for t, dtype, original in zip(tensors, dtypes, mapped):
+            unchanged = original is not None and t._version == original[1]
+            t.data = original[0] if unchanged else t.data.to(dtype)
 
 
 class Fallback:

@@ -16,7 +16,6 @@ them back; a failure midway restores what was touched before it re-raises.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -30,20 +29,12 @@ from diffuse.adapters.lora_keys import SINGLE_ENCODER_PREFIX, module_index
 from diffuse.adapters.lora_math import DELTAS, Patch, bias_contribution, contribution
 from diffuse.models.configs import UNetConfig
 from diffuse.numerics import all_finite
+from diffuse.runtime.weights_on_disk import spill_folder
 
 # Originals of the touched weights stay in memory up to this many bytes in all (a few LoRA'd
 # layers of a small model); beyond, they go to a temporary file, since for SD 1.5 an attention
 # LoRA touches hundreds of MB of weights and keeping them would grow the process by as much.
 SPILL_ABOVE = 16 << 20
-
-
-def spill_folder() -> str:
-    """Where spilled originals go: $DIFFUSE_SPILL_DIR, else /var/tmp, which systems keep on disk
-    (/tmp is often a RAM-backed tmpfs, where a spill would cost the memory it is meant to save)."""
-    chosen = os.environ.get("DIFFUSE_SPILL_DIR")
-    if chosen:
-        return chosen
-    return "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
 
 
 _WIDENED_IN_ADD = (torch.float16, torch.bfloat16, torch.float32)

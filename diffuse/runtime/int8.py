@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from diffuse import kernels
 from diffuse.models import unet, vae
-from diffuse.runtime.device import cpu_has_vnni
+from diffuse.runtime.device import cpu_has_vnni, give_back_freed_memory
 from diffuse.runtime.layers import ChunkedAttention, OneDNNLinear
 from diffuse.runtime.weights_on_disk import WeightsOnDisk
 
@@ -286,7 +286,7 @@ def use_int8(module: nn.Module) -> WeightsOnDisk | None:
     """Every UNet and VAE decoder in `module` with its chosen products in int8 (the module
     docstring), in place. The int8 weights are made now, so the memory they take shows at load
     time, and the bf16 weights they are made from move to a file on disk (WeightsOnDisk) where
-    its folder has room, their pages dropped from memory layer by layer as each copy is packed;
+    its folder has room, layer by layer, their pages dropped from memory once its copy is packed;
     returned is that file's holder, or None where they stayed in memory."""
     nets = [(m, int8_class) for m in module.modules() if isinstance(m, unet.UNet)]
     nets += [(m.decoder, decoder_int8_class) for m in module.modules() if isinstance(m, vae.AutoencoderKL)]
@@ -303,9 +303,12 @@ def use_int8(module: nn.Module) -> WeightsOnDisk | None:
     weights = [w for layer in layers for w in packed_from(layer) if w.device.type == "cpu"]
     on_disk = WeightsOnDisk(weights) if weights and WeightsOnDisk.fits(weights) else None
     for layer in layers:
+        if on_disk is not None:
+            on_disk.move(packed_from(layer))
         layer.int8_weight()
         if on_disk is not None:
             on_disk.drop(packed_from(layer))
+    give_back_freed_memory()  # the moved weights' memory, which malloc would otherwise keep
     return on_disk
 
 

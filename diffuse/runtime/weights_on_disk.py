@@ -6,7 +6,8 @@ back to bf16 or float32. Kept in RAM, those weights would be most of the process
 5 GB of bf16 beside its 2.6 GB of int8). They move into an unlinked file in the spill folder,
 mapped shared: each parameter stays the same tensor with the same shape, strides and dtype,
 only its memory is the file's. Once its int8 copy is packed, a weight's pages are dropped from
-the process (`drop`); a later read brings them back from the page cache or the disk.
+the process (`drop`); a later read brings them back from the page cache or the disk, and
+the kernel writes them out and frees the cache as it needs the memory.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from diffuse.runtime.device import give_back_freed_memory
+
 # Left free on the spill folder's disk, so moving weights there never fills it.
 DISK_MARGIN = 1 << 30
+# The memory moved weights leave is given back to the kernel each time this much has been freed,
+# since malloc may keep it (diffuse.runtime.device.keep_freed_memory) and the int8 copies made
+# meanwhile rarely fit the holes.
+GIVE_BACK_EVERY = 256 << 20
 
 
 def spill_folder() -> str:
@@ -38,7 +45,8 @@ def _page_aligned(nbytes: int) -> int:
 
 
 class WeightsOnDisk:
-    """Parameters whose memory is one shared mapping of an unlinked file (the module docstring)."""
+    """Room in one shared mapping of an unlinked file for these parameters; `move` gives them
+    its memory, `drop` takes their pages out of the process (the module docstring)."""
 
     def __init__(self, params: Iterable[Tensor], folder: str | None = None):
         unique = {id(p): p for p in params}
@@ -49,27 +57,36 @@ class WeightsOnDisk:
             nbytes = param.numel() * param.element_size()
             self.ranges[key] = (param, total, nbytes)
             total += _page_aligned(nbytes)
-        self.nbytes = total
-        self.map, self.base = None, 0
-        if not total:
-            return
-        with tempfile.TemporaryFile(prefix="diffuse-weights-", dir=folder or spill_folder()) as file:
-            os.ftruncate(file.fileno(), total)
-            self.map = mmap.mmap(file.fileno(), total, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        whole = torch.frombuffer(self.map, dtype=torch.uint8)
-        self.base = whole.data_ptr()
-        for param, offset, nbytes in self.ranges.values():
-            self._move(param, whole[offset : offset + nbytes])
+        self.map, self.whole, self.file = None, None, None
+        self.freed = 0
+        if total:
+            self.file = tempfile.TemporaryFile(prefix="diffuse-weights-", dir=folder or spill_folder())
+            os.ftruncate(self.file.fileno(), total)
+            self.map = mmap.mmap(self.file.fileno(), total, flags=mmap.MAP_SHARED)
+            self.whole = torch.frombuffer(self.map, dtype=torch.uint8)
 
-    @staticmethod
     @torch.no_grad()
-    def _move(param: Tensor, raw: Tensor) -> None:
-        """param's values into raw, and param's memory raw, with its shape and strides as they were."""
-        if not param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError(f"a weight of shape {tuple(param.shape)} with strides {param.stride()} is not dense")
-        on_disk = raw.view(param.dtype).as_strided(param.shape, param.stride())
-        on_disk.copy_(param.data)
-        param.data = on_disk
+    def move(self, params: Iterable[Tensor]) -> None:
+        """These parameters' values written to the file, and their memory made the file's, with
+        shapes and strides as they were. Written with pwrite, not through the mapping, so the
+        pages land in the page cache without ever counting in the process's memory."""
+        for param in params:
+            _, offset, nbytes = self.ranges[id(param)]
+            if self.holds(param):
+                continue
+            if not param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
+                raise ValueError(f"a weight of shape {tuple(param.shape)} with strides {param.stride()} is not dense")
+            # A dense tensor's values lie in one run of its storage, in the order its strides give.
+            span = param.data.as_strided((param.numel(),), (1,)).view(torch.uint8)
+            data, done = memoryview(span.numpy()), 0
+            while done < nbytes:  # a write may take fewer bytes than asked (Linux: at most 2 GB)
+                done += os.pwrite(self.file.fileno(), data[done:], offset + done)
+            raw = self.whole[offset : offset + nbytes]
+            param.data = raw.view(param.dtype).as_strided(param.shape, param.stride())
+            self.freed += nbytes
+            if self.freed >= GIVE_BACK_EVERY:
+                give_back_freed_memory()
+                self.freed = 0
 
     @classmethod
     def fits(cls, params: Iterable[Tensor], folder: str | None = None) -> bool:
@@ -81,9 +98,9 @@ class WeightsOnDisk:
     def holds(self, param: Tensor) -> bool:
         """Whether param's memory is still this file's (a cast, as in a float32 retry, gives it new memory)."""
         known = self.ranges.get(id(param))
-        if known is None or self.map is None:
+        if known is None or self.whole is None:
             return False
-        return param.data_ptr() == self.base + known[1]
+        return param.data_ptr() == self.whole.data_ptr() + known[1]
 
     def drop(self, params: Iterable[Tensor]) -> None:
         """These parameters' pages out of the process's memory; their values stay in the file."""
