@@ -181,3 +181,27 @@ def test_files_names_and_hashes(sd1, tmp_path):
     lora = read_lora(pickled)
     assert lora.short_hash == hashlib.sha256(pickled.read_bytes()).hexdigest()[:12]
     assert lora.metadata == {} and len(lora.patches) == len(state) // 3
+
+
+@pytest.mark.skipif(not diffuse.kernels.quantize_available(), reason=diffuse.kernels.status())
+def test_restore_is_bit_exact_on_int8_with_its_weights_on_disk(reference_folders):
+    """Under quantize="int8" the merged weights live in a file (diffuse.runtime.weights_on_disk):
+    the merge writes through it, the int8 copies are packed again from it, and the restore puts
+    the original values back in the same memory, so the first image comes back exactly."""
+    try:
+        pipe = diffuse.load_pipeline(reference_folders["sd1"], dtype="bfloat16", quantize="int8")
+    except ValueError as refused:  # a CPU without AVX512-VNNI
+        pytest.skip(str(refused))
+    on_disk = {k: p.data_ptr() for k, p in pipe.unet.named_parameters() if not p.untyped_storage().resizable()}
+    assert on_disk
+    before = snapshot(pipe)
+    plain = pipe.txt2img("a red circle", steps=2, width=32, height=32, seed=1, sampler="Euler").images[0]
+    merge = LoraMerge(networks(pipe))
+    merge.apply([(lora_from_state_dict(random_lora(pipe, 0), "a"), 0.8, 1.0)])
+    changed = pipe.txt2img("a red circle", steps=2, width=32, height=32, seed=1, sampler="Euler").images[0]
+    assert changed.tobytes() != plain.tobytes()
+    merge.restore()
+    assert_unchanged(pipe, before)
+    assert {k: p.data_ptr() for k, p in pipe.unet.named_parameters() if k in on_disk} == on_disk
+    again = pipe.txt2img("a red circle", steps=2, width=32, height=32, seed=1, sampler="Euler").images[0]
+    assert again.tobytes() == plain.tobytes()
