@@ -114,3 +114,43 @@ def test_int8_keeps_weights_in_memory_where_the_disk_is_full(monkeypatch, tmp_pa
     monkeypatch.setattr(weights_on_disk, "DISK_MARGIN", 1 << 62)
     net = prepare(UNet(TINY_RUNTIME_UNET).eval(), "cpu", torch.bfloat16, quantize="int8")
     assert all(param.untyped_storage().resizable() for param in net.parameters())
+
+
+def file_backed_param(path, *shape: int) -> nn.Parameter:
+    """A bf16 weight read straight from a file's private memory map, as the loader keeps a bf16
+    tensor of a bf16 checkpoint."""
+    values = torch.randn(*shape).bfloat16()
+    values.view(torch.int16).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.bfloat16)
+    return nn.Parameter(mapped.view(*shape), requires_grad=False)
+
+
+def test_a_weight_a_file_already_backs_stays_and_its_pages_are_dropped(tmp_path):
+    weight = file_backed_param(tmp_path / "weights.bin", 4096, 4096)  # 32 MiB
+    size = weight.numel() * weight.element_size()
+    pointer, values = weight.data_ptr(), weight[:64].clone()
+    held = WeightsOnDisk([weight], folder=str(tmp_path / "spill"))  # no folder needed: nothing moves
+    assert held.nbytes == 0 and held.file is None
+    held.move([weight])
+    assert weight.data_ptr() == pointer
+    weight.sum()  # read: its pages come in
+    give_back_freed_memory()
+    start = resident_bytes()
+    held.drop([weight])
+    assert resident_bytes() < start - size * 3 // 4
+    assert torch.equal(weight[:64], values)  # read again from the file
+
+
+def test_a_file_backed_weight_written_since_is_not_dropped(tmp_path):
+    weight = file_backed_param(tmp_path / "weights.bin", 64, 1024)  # 32 pages
+    held = WeightsOnDisk([weight], folder=str(tmp_path))
+    with torch.no_grad():
+        weight.add_(1)  # a private mapping's written page is the process's own: dropping would lose it
+    changed = weight.clone()
+    held.drop([weight])
+    assert torch.equal(weight, changed)
+
+
+def test_a_missing_spill_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"missing \(\$DIFFUSE_SPILL_DIR\), does not exist"):
+        WeightsOnDisk([bf16_param(4, 4)], folder=str(tmp_path / "missing"))

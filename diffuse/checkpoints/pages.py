@@ -67,9 +67,16 @@ class PageReturner:
             return
         start = tensor.data_ptr()
         end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
-        if not any(low <= start and end <= high for low, high in self.ranges):
-            return
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour may share the edges
-        last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            _madvise()(first, last - first, _MADV_DONTNEED)  # a hint: a failure leaves the pages resident
+        if any(low <= start and end <= high for low, high in self.ranges):
+            give_back_pages(tensor, end)
+
+
+def give_back_pages(tensor: torch.Tensor, end: int | None = None) -> None:
+    """The whole pages of a tensor read from a file's memory map, up to `end` (by default its last
+    value), unmapped from the process; only for memory a file backs and nothing has written."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size() if end is None else end
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour may share the edges
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and sys.platform.startswith("linux"):
+        _madvise()(first, last - first, _MADV_DONTNEED)  # a hint: a failure leaves the pages resident

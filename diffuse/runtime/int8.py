@@ -282,12 +282,11 @@ def packed_from(layer: nn.Module) -> tuple[Tensor, ...]:
     return (layer.weight,)
 
 
-def use_int8(module: nn.Module) -> WeightsOnDisk | None:
+def use_int8(module: nn.Module) -> WeightsOnDisk:
     """Every UNet and VAE decoder in `module` with its chosen products in int8 (the module
     docstring), in place. The int8 weights are made now, so the memory they take shows at load
-    time, and the bf16 weights they are made from move to a file on disk (WeightsOnDisk) where
-    its folder has room, layer by layer, their pages dropped from memory once its copy is packed;
-    returned is that file's holder, or None where they stayed in memory."""
+    time, and the bf16 weights they are made from go to disk (WeightsOnDisk, where the spill
+    folder has room), layer by layer, their pages dropped from memory once its copy is packed."""
     nets = [(m, int8_class) for m in module.modules() if isinstance(m, unet.UNet)]
     nets += [(m.decoder, decoder_int8_class) for m in module.modules() if isinstance(m, vae.AutoencoderKL)]
     layers = []
@@ -301,13 +300,11 @@ def use_int8(module: nn.Module) -> WeightsOnDisk | None:
             mark_skip_joins(net)
         layers += [layer for layer in net.modules() if isinstance(layer, INT8_LAYERS)]
     weights = [w for layer in layers for w in packed_from(layer) if w.device.type == "cpu"]
-    on_disk = WeightsOnDisk(weights) if weights and WeightsOnDisk.fits(weights) else None
+    on_disk = WeightsOnDisk(weights)
     for layer in layers:
-        if on_disk is not None:
-            on_disk.move(packed_from(layer))
+        on_disk.move(packed_from(layer))
         layer.int8_weight()
-        if on_disk is not None:
-            on_disk.drop(packed_from(layer))
+        on_disk.drop(packed_from(layer))
     give_back_freed_memory()  # the moved weights' memory, which malloc would otherwise keep
     return on_disk
 

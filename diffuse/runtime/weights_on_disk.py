@@ -3,11 +3,15 @@
 Under quantize="int8" a layer's products run from its int8 copy, so its bf16 weight is read
 again only to pack a new copy (after a LoRA is merged or taken out) or where the layer falls
 back to bf16 or float32. Kept in RAM, those weights would be most of the process (SDXL's UNet:
-5 GB of bf16 beside its 2.6 GB of int8). They move into an unlinked file in the spill folder,
-mapped shared: each parameter stays the same tensor with the same shape, strides and dtype,
-only its memory is the file's. Once its int8 copy is packed, a weight's pages are dropped from
-the process (`drop`); a later read brings them back from the page cache or the disk, and
-the kernel writes them out and frees the cache as it needs the memory.
+5 GB of bf16 beside its 2.6 GB of int8). So once its int8 copy is packed, a weight's pages are
+dropped from the process (`drop`); a later read brings them back from the page cache or the
+disk, and the kernel writes them out and frees the cache as it needs the memory.
+
+A weight read straight from the checkpoint's memory map (bf16 in the file, loaded as bf16) is
+already on disk, unwritten: its whole pages are simply dropped, as diffuse.checkpoints.pages
+drops them during the load. Any other weight (cast, or copied to channels-last) first moves
+into an unlinked file in the spill folder, mapped shared (`move`): each parameter stays the
+same tensor with the same shape, strides and dtype; only its memory is the file's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from diffuse.checkpoints.pages import give_back_pages
 from diffuse.runtime.device import give_back_freed_memory
 
 # Left free on the spill folder's disk, so moving weights there never fills it.
@@ -44,23 +49,59 @@ def _page_aligned(nbytes: int) -> int:
     return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """[start, end) address ranges this process maps from files (/proc/self/maps; none elsewhere than Linux)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[4] != "0" and not fields[5].startswith("["):  # an inode: a file
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def _span(param: Tensor) -> tuple[int, int]:
+    """The [start, end) addresses of a dense parameter's values."""
+    start = param.data_ptr()
+    return start, start + param.numel() * param.element_size()
+
+
 class WeightsOnDisk:
-    """Room in one shared mapping of an unlinked file for these parameters; `move` gives them
-    its memory, `drop` takes their pages out of the process (the module docstring)."""
+    """These parameters on disk: those a file already backs as they are, the rest given room in one
+    shared mapping of an unlinked file; `move` puts them there, `drop` takes their pages out of the
+    process (the module docstring)."""
 
     def __init__(self, params: Iterable[Tensor], folder: str | None = None):
         unique = {id(p): p for p in params}
-        # Each weight starts on a page of its own, so dropping one never drops part of another.
+        mapped = file_mapped_ranges()
+        # A file's own pages, with the version counter they had then: written since, a private
+        # mapping's page is the process's own copy, which dropping would lose.
+        self.in_place: dict[int, tuple[Tensor, int]] = {}
+        # Each moved weight starts on a page of its own, so dropping one never drops part of another.
         self.ranges: dict[int, tuple[Tensor, int, int]] = {}
         total = 0
         for key, param in unique.items():
-            nbytes = param.numel() * param.element_size()
+            start, end = _span(param)
+            if not param.untyped_storage().resizable() and any(lo <= start and end <= hi for lo, hi in mapped):
+                self.in_place[key] = (param, param._version)
+                continue
+            nbytes = end - start
             self.ranges[key] = (param, total, nbytes)
             total += _page_aligned(nbytes)
+        folder = folder or spill_folder()
+        if total and not os.path.isdir(folder):
+            raise ValueError(f"the folder for weights on disk, {folder} ($DIFFUSE_SPILL_DIR), does not exist")
+        if total and total + DISK_MARGIN > (stats := os.statvfs(folder)).f_bavail * stats.f_frsize:
+            self.ranges, total = {}, 0  # no room on the disk: those weights stay in memory
+        self.nbytes = total
         self.map, self.whole, self.file = None, None, None
         self.freed = 0
         if total:
-            self.file = tempfile.TemporaryFile(prefix="diffuse-weights-", dir=folder or spill_folder())
+            self.file = tempfile.TemporaryFile(prefix="diffuse-weights-", dir=folder)
             os.ftruncate(self.file.fileno(), total)
             self.map = mmap.mmap(self.file.fileno(), total, flags=mmap.MAP_SHARED)
             self.whole = torch.frombuffer(self.map, dtype=torch.uint8)
@@ -68,12 +109,13 @@ class WeightsOnDisk:
     @torch.no_grad()
     def move(self, params: Iterable[Tensor]) -> None:
         """These parameters' values written to the file, and their memory made the file's, with
-        shapes and strides as they were. Written with pwrite, not through the mapping, so the
-        pages land in the page cache without ever counting in the process's memory."""
+        shapes and strides as they were (those a file already backs stay as they are). Written
+        with pwrite, not through the mapping, so the pages land in the page cache without ever
+        counting in the process's memory."""
         for param in params:
-            _, offset, nbytes = self.ranges[id(param)]
-            if self.holds(param):
+            if id(param) in self.in_place or id(param) not in self.ranges or self.holds(param):
                 continue
+            _, offset, nbytes = self.ranges[id(param)]
             if not param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
                 raise ValueError(f"a weight of shape {tuple(param.shape)} with strides {param.stride()} is not dense")
             # A dense tensor's values lie in one run of its storage, in the order its strides give.
@@ -88,23 +130,18 @@ class WeightsOnDisk:
                 give_back_freed_memory()
                 self.freed = 0
 
-    @classmethod
-    def fits(cls, params: Iterable[Tensor], folder: str | None = None) -> bool:
-        """Whether the spill folder's disk has room for these parameters and the margin."""
-        needed = sum(_page_aligned(p.numel() * p.element_size()) for p in {id(p): p for p in params}.values())
-        stats = os.statvfs(folder or spill_folder())
-        return stats.f_bavail * stats.f_frsize >= needed + DISK_MARGIN
-
     def holds(self, param: Tensor) -> bool:
-        """Whether param's memory is still this file's (a cast, as in a float32 retry, gives it new memory)."""
+        """Whether param's memory is this file's (a cast, as in a float32 retry, gives it new memory)."""
         known = self.ranges.get(id(param))
         if known is None or self.whole is None:
             return False
         return param.data_ptr() == self.whole.data_ptr() + known[1]
 
     def drop(self, params: Iterable[Tensor]) -> None:
-        """These parameters' pages out of the process's memory; their values stay in the file."""
+        """These parameters' pages out of the process's memory; their values stay in their file."""
         for param in params:
-            known = self.ranges.get(id(param))
-            if known is not None and self.holds(param):
-                self.map.madvise(mmap.MADV_DONTNEED, known[1], _page_aligned(known[2]))
+            moved, in_place = self.ranges.get(id(param)), self.in_place.get(id(param))
+            if moved is not None and self.holds(param):
+                self.map.madvise(mmap.MADV_DONTNEED, moved[1], _page_aligned(moved[2]))
+            elif in_place is not None and param._version == in_place[1]:
+                give_back_pages(param)
