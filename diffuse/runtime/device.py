@@ -73,14 +73,26 @@ def keep_freed_memory() -> bool:
     return kept
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library this process runs on where it is glibc (whose malloc_trim the others lack)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim") else None
+
+
 def give_back_freed_memory() -> None:
-    """Hand the pages of the freed memory that keep_freed_memory keeps back to the kernel (glibc's
-    malloc_trim), where it took effect.
+    """Hand the pages of the freed memory malloc keeps back to the kernel (glibc's malloc_trim).
 
     Called before a network whose activations come in other sizes than those of the one before
     (the VAE's decode after the UNet's steps): the heap's free chunks would not fit them, so they
-    would be stacked on top of the kept memory, which then counts twice in the peak."""
-    for libc in _kept_by:
+    would be stacked on top of the kept memory, which then counts twice in the peak. And after
+    weights leave memory (diffuse.runtime.weights_on_disk): even without keep_freed_memory, glibc
+    keeps freed chunks under its mmap threshold (which grows to 32 MB as large blocks are freed)
+    inside the heap, where the int8 copies made meanwhile rarely fit."""
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
 
 

@@ -32,7 +32,7 @@ DISK_MARGIN = 1 << 30
 # The memory moved weights leave is given back to the kernel each time this much has been freed,
 # since malloc may keep it (diffuse.runtime.device.keep_freed_memory) and the int8 copies made
 # meanwhile rarely fit the holes.
-GIVE_BACK_EVERY = 256 << 20
+GIVE_BACK_EVERY = 64 << 20
 
 
 def spill_folder() -> str:
