@@ -113,6 +113,13 @@ def test_generate_from_the_page(browser, server):
     )
     assert read_parameters(second) == read_parameters(first)
     assert second.convert("RGB").tobytes() == first.convert("RGB").tobytes()
+    # An image made with int8 is not made again on a server without it: the page says why instead.
+    fields = next(entry["fields"] for entry in page.evaluate("getJSON('/diffuse/v1/gallery')") if entry["fields"])
+    page.evaluate("fields => makeAgain(fields)", {**fields, "quantize": "int8"})
+    assert page.inner_text("#status") == (
+        "this image was made with --quantize int8; this server runs without --quantize, so it would not come out the same"
+    )
+    assert page.get_attribute("#result figure a", "href") == again
     # The page's own posts are JSON: Interrupt, when idle, is answered.
     assert page.evaluate("postJSON('/sdapi/v1/interrupt', {})") == {"interrupted": False, "job": None}
     assert errors == []

@@ -76,6 +76,7 @@ def test_the_gallery_skips_the_rest_and_sorts_by_number(running):
         "width": 8,
         "height": 8,
         "model_hash": "0123456789",
+        "quantize": None,
     }
     assert [entry["url"] for entry in running.call("GET", "/diffuse/v1/gallery?limit=2")[1]] == [
         "/outputs/100000-5.png",
@@ -85,6 +86,8 @@ def test_the_gallery_skips_the_rest_and_sorts_by_number(running):
 
 def test_make_again_only_what_the_form_can_hold():
     assert remake_fields(ours(3))["seed"] == 3
+    assert remake_fields(ours(3))["quantize"] is None
+    assert remake_fields(ours(3).replace("Size: 8x8", "Size: 8x8, Quantize: int8"))["quantize"] == "int8"
     assert remake_fields(ours(3).replace("Size: 8x8", "Size: 8x8, Denoising strength: 0.5")) is None  # img2img
     assert remake_fields(ours(3).replace("Size: 8x8", "Size: 8x8, Clip skip: 2")) is None
     assert remake_fields("just a prompt") is None

@@ -235,6 +235,7 @@ def remake_fields(text: str) -> dict | None:
         "width": info["width"],
         "height": info["height"],
         "model_hash": info.get("model_hash"),
+        "quantize": info.get("quantize"),  # the page refuses to remake an image a server would draw otherwise
         **refiner,
     }
 

@@ -38,9 +38,12 @@ async function loadChoices() {
   await loadModel();
 }
 
+let serverQuantize = null;  // how this server runs every model: "int8", or null when off
+
 async function loadModel() {
   // A blank width or height draws at the model's own size; only an SDXL model takes a refiner.
   const model = await getJSON("/diffuse/v1/model");
+  serverQuantize = model.quantize;
   for (const side of ["width", "height"]) $(side).placeholder = String(model.image_size);
   for (const label of document.querySelectorAll(".refiner")) label.hidden = !model.sdxl;
 }
@@ -328,6 +331,13 @@ async function makeAgain(fields) {
   }
   if (![...$("sampler_name").options].some((option) => option.value === fields.sampler_name)) {
     setStatus(`this server has no sampler ${fields.sampler_name}`, true);
+    return;
+  }
+  if ((fields.quantize ?? null) !== serverQuantize) {
+    // Another arithmetic draws another image: say so rather than make a different one.
+    const made = fields.quantize ? `with --quantize ${fields.quantize}` : "without --quantize";
+    const runs = serverQuantize ? `with --quantize ${serverQuantize}` : "without --quantize";
+    setStatus(`this image was made ${made}; this server runs ${runs}, so it would not come out the same`, true);
     return;
   }
   selectTab(document.querySelector('.tab[data-kind="txt2img"]'));
