@@ -191,8 +191,10 @@ def report(peaks: dict, runs: dict[str, list[dict]]) -> None:
                 f"    {impl:9s} {tflop:.2f} TFLOP: dense floor {floor:.1f} s at the bf16 peak, "
                 f"{floor / medians[impl][what]:.0%} of it reached"
             )
-    ours, theirs = (max(r["peak_rss_mb"] for r in runs[impl]) for impl in ("diffuse", "diffusers"))
-    print(f"  peak RSS: diffuse / diffusers = {ours / theirs:.2f} (bar <= 1)")
+    theirs = max(r["peak_rss_mb"] for r in runs["diffusers"])
+    for impl in (impl for impl in runs if impl != "diffusers"):
+        ours = max(r["peak_rss_mb"] for r in runs[impl])
+        print(f"  peak RSS: {impl} / diffusers = {ours / theirs:.2f} (bar <= 1)")
 
 
 def tiles(size: int, tile: int, overlap: int) -> None:

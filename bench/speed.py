@@ -29,7 +29,8 @@ Printed:
   - a whole 20-step 512x512 guided image (DPM++ 2M), each contender in a fresh process so
     its peak resident memory is its own, and how far its image is from the fp32 one;
   - the shipped default model's bf16 images against its fp32 images (same seeds);
-  - with --sdxl instead: SDXL's 1024x1024 UNet step and VAE decode in bf16 (bench/sdxl.py).
+  - with --sdxl instead: SDXL's 1024x1024 UNet step and VAE decode in bf16, and with int8 unless
+    --no-int8 (bench/sdxl.py).
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ def main() -> None:
     if args.sdxl:
         import sdxl
 
-        sdxl.run(args.sdxl, calls=2)
+        sdxl.run(args.sdxl, calls=2, int8=args.int8)
         return
     if args.whole:  # the child process of whole_images
         impl, dtype_name, png, *speedup = args.whole
