@@ -1,11 +1,14 @@
-"""Attention in bf16 on the CPU as two plain matmuls and a softmax per head (or group of heads).
+"""Attention in bf16 on the CPU: diffuse's AMX kernel, or two plain matmuls and a softmax per
+head (or group of heads).
 
-On a CPU without AMX, PyTorch's fused CPU kernel runs far under the bf16 matmul peak on
-SD's 40-wide heads, and the explicit form was faster on every SD1.5 shape measured
-(bench/RESULTS.md). With AMX the fused kernel computes its products on the tiles and was
-faster on every SD1.5 and SDXL shape measured, so it is used there. The explicit form's
-scores are rounded to bf16 before the softmax, so it is less exact than the fused kernel,
-which stays the path for float32 (the exact one), for GPUs and under autograd.
+With AMX, self-attention with heads up to 64 wide (SD1.5's first level, all of SDXL's) runs in
+diffuse.kernels.attention's C kernel, which was faster than PyTorch's fused kernel on those
+shapes (bench/RESULTS.md); the other shapes (cross-attention's 77 keys, wider heads) stay with
+the fused kernel, which computes its products on the tiles too. On a CPU without AMX, PyTorch's
+fused kernel runs far under the bf16 matmul peak on SD's 40-wide heads, and the explicit form
+was faster on every SD1.5 shape measured. The explicit form's scores are rounded to bf16
+before the softmax, so it is less exact than the fused kernel, which stays the path for
+float32 (the exact one), for GPUs and under autograd.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffuse import kernels
+from diffuse.kernels import attention as amx_attention
 from diffuse.runtime.device import cpu_has_amx
 
 # The most query x key scores one head's matmul makes at a time (4 MB in bf16): longer
@@ -28,6 +32,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     and values (any strides), as [B, heads, N, d_v]; the softmax is diffuse.kernels' C
     kernel where this machine builds it, since PyTorch's spends its time on float32-exact
     exps for a bf16 result."""
+    if amx_attention.takes(q, k, v):
+        return amx_attention.attention_bf16(q, k, v)
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or cpu_has_amx():
         return F.scaled_dot_product_attention(q, k, v)
     batch, heads, n, d = q.shape

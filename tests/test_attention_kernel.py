@@ -1,0 +1,105 @@
+"""diffuse's AMX attention kernel (diffuse/kernels/attention_amx.c) against float32 attention.
+
+Its output is rounded to bf16 like PyTorch's fused bf16 kernel's, and its softmax weights are
+rounded to bf16 before they multiply the values, as that kernel's are; so the bound is PyTorch's
+own bf16 error on the same inputs, with a quarter more room for the cubic exp (relative error
+1.7e-4) and a different order of summation. A mis-packed key or value, a lost row, a block of
+keys dropped or a wrong rescale moves the error by orders of magnitude, not by a quarter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffuse.kernels import attention as amx_attention
+from diffuse.runtime import attention as runtime_attention
+
+pytestmark = pytest.mark.skipif(amx_attention._attention_kernel()[0] is None, reason=amx_attention.attention_status())
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((out.float() - exact).norm() / exact.norm())
+
+
+def stacked_qkv(batch: int, tokens: int, heads: int, width: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values as the UNet's stacked projection leaves them: strided views."""
+    qkv = torch.randn(batch, tokens, 3, heads, width, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        assert amx_attention.takes(q, k, v)
+        out = amx_attention.attention_bf16(q, k, v)
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        theirs = F.scaled_dot_product_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert relative_error(out, exact) <= 1.25 * relative_error(theirs, exact)
+    return out
+
+
+@pytest.mark.parametrize(
+    "batch, tokens, heads, width",
+    [
+        (2, 1024, 2, 40),  # SD1.5's first level
+        (1, 1024, 2, 64),  # SDXL's
+        (1, 300, 3, 8),  # keys not a whole number of 32-key blocks, queries not of 16-row blocks
+        (1, 257, 1, 33),  # an odd width, padded inside the kernel
+    ],
+)
+def test_self_attention_matches_float32(batch, tokens, heads, width):
+    check(*stacked_qkv(batch, tokens, heads, width))
+
+
+def test_contiguous_inputs_and_more_queries_than_keys():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 500, 40, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 256, 40, generator=g).bfloat16() for _ in range(2))
+    check(q, k, v)
+
+
+def test_scores_that_rise_past_the_running_maximum_are_rescaled():
+    """Keys growing along the sequence make each block's scores pass the first block's maximum
+    by far more than the kernel's headroom, so rows are rescaled many times."""
+    q, k, v = stacked_qkv(1, 512, 2, 64, seed=2)
+    k = k * torch.linspace(0.1, 6.0, 512).view(1, 1, -1, 1).bfloat16()
+    out = check(q * 4, k, v)
+    assert torch.isfinite(out).all()
+
+
+def test_a_nan_in_the_queries_reaches_the_output():
+    q, k, v = stacked_qkv(1, 256, 1, 40)
+    q = q.clone()
+    q[0, 0, 5, 3] = float("nan")
+    with torch.no_grad():
+        out = amx_attention.attention_bf16(q, k, v)
+    assert torch.isnan(out[0, 0, 5]).all() and torch.isfinite(out[0, 0, :5]).all()
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda q, k, v: (q, k[:, :, :77], v[:, :, :77]), "cross-attention's few keys"),
+        (lambda q, k, v: tuple(t.float() for t in (q, k, v)), "float32"),
+        (lambda q, k, v: stacked_qkv(1, 256, 1, 80), "heads wider than 64"),
+        (lambda q, k, v: (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v), "rows not contiguous"),
+    ],
+)
+def test_what_the_kernel_leaves_to_pytorch(change, why):
+    with torch.no_grad():
+        assert not amx_attention.takes(*change(*stacked_qkv(1, 256, 1, 40))), why
+    with torch.enable_grad():
+        assert not amx_attention.takes(*stacked_qkv(1, 256, 1, 40)), "autograd"
+
+
+def test_the_runtime_uses_it_for_self_attention_and_not_for_cross_attention(monkeypatch):
+    calls = []
+    real = amx_attention.attention_bf16
+    monkeypatch.setattr(amx_attention, "attention_bf16", lambda *qkv: calls.append(qkv) or real(*qkv))
+    q, k, v = stacked_qkv(1, 256, 2, 40)
+    with torch.no_grad():
+        runtime_attention.attention(q, k, v)
+        runtime_attention.attention(q, k[:, :, :77], v[:, :, :77])
+    assert len(calls) == 1 and calls[0][1].shape[2] == 256
