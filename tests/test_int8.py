@@ -25,6 +25,7 @@ from conftest import TINY_RUNTIME_UNET
 from torch import Tensor, nn
 
 from diffuse import kernels
+from diffuse.models import unet
 from diffuse.models.configs import VAEConfig
 from diffuse.models.unet import UNet, Upsample
 from diffuse.models.vae import AutoencoderKL
@@ -209,11 +210,13 @@ def test_an_up_path_join_is_quantized_part_by_part(pair, name):
 @torch.no_grad()
 def test_self_attention_stacks_queries_keys_and_values(pair):
     """One product of the stacked weights gives each of q, k, v within its own layer's bound;
-    cross-attention keeps the plain class (its keys and values come from the text)."""
+    cross-attention keeps its keys and values (from the text) in bf16."""
     name = "input_blocks.1.1.transformer_blocks.0"
     exact_layer, layer = layer_pair(pair, f"{name}.attn1")
     assert isinstance(layer, int8.Int8Attention)
-    assert not is_int8(pair[1].get_submodule(f"{name}.attn2"))
+    cross = pair[1].get_submodule(f"{name}.attn2")
+    assert isinstance(cross, int8.Int8CrossAttention) and isinstance(cross.to_q, int8.Int8Linear)
+    assert not is_int8(cross.to_k) and not is_int8(cross.to_v)
     x = bf16_exact(torch.randn(2, 50, 32))
     exact = exact_layer.qkv(x, None)
     got = layer.qkv(x.bfloat16(), None)
@@ -250,6 +253,81 @@ def test_feed_forward_is_float32s_within_the_propagated_steps(pair):
     exact = exact_ff(x)
     bf16 = copy.deepcopy(exact_ff).bfloat16()(x.bfloat16())
     assert_int8_within(ff(x.bfloat16()), exact, bf16, bound)
+
+
+@needs_int8
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(5, 64), (2, 77, 64)])
+def test_linear_adds_onto_a_residual_as_it_writes(pair, shape):
+    """add_onto: the product plus a residual, the sum made in the product's epilogue: within the
+    product's bound of float32's sum (one bf16 rounding of the sum beside it); the residual is left
+    as it was, and one laid out otherwise takes the plain sum."""
+    exact_layer, layer = layer_pair(pair, "middle_block.1.transformer_blocks.0.attn1.to_out.0")
+    x = bf16_exact(torch.randn(shape) * 3 + 1)
+    residual = bf16_exact(torch.randn(shape) * 4)
+    exact = exact_layer(x) + residual
+    bound = product_bound(x, exact_layer.weight) + (exact_layer.bias.double().abs() + residual.abs()) * BF16_ROUNDING
+    kept = residual.bfloat16()
+    bf16 = F.linear(x.bfloat16(), layer.weight, layer.bias) + kept
+    assert_int8_within(layer.add_onto(x.bfloat16(), kept), exact, bf16, bound)
+    assert torch.equal(kept, residual.bfloat16())
+    strided = torch.randn(shape[-1], *shape[:-1]).bfloat16().movedim(0, -1)
+    assert torch.equal(layer.add_onto(x.bfloat16(), strided), layer(x.bfloat16()) + strided)
+
+
+@needs_int8
+@torch.no_grad()
+def test_transformer_block_quantizes_its_norms_and_adds_in_the_products(pair, monkeypatch):
+    """Int8TransformerBlock quantizes each norm's output straight from the C kernel and adds each
+    residual in the product before it: from float32 its output is no further than the int8 block
+    that writes those out in bf16 (the same products, only the roundings between them gone), and
+    further than bf16's, so the int8 products ran."""
+    name = "middle_block.1.transformer_blocks.0"
+    exact_block, block = layer_pair(pair, name)
+    assert isinstance(block, int8.Int8TransformerBlock)
+    calls = []
+    fused = kernels.layer_norm_quantize_bf16
+    monkeypatch.setattr(kernels, "layer_norm_quantize_bf16", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    bf16_block = prepare(copy.deepcopy(exact_block), "cpu", torch.bfloat16)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x, context = (
+            bf16_exact(torch.randn(2, 50, 64, generator=g) * 2 + 0.5),
+            bf16_exact(torch.randn(2, 7, 16, generator=g)),
+        )
+        exact = exact_block(x, context).double()
+        got = block(x.bfloat16(), context.bfloat16())
+        block.__class__ = unet.BasicTransformerBlock  # the same int8 sublayers, each writing bf16
+        try:
+            unfused = block(x.bfloat16(), context.bfloat16())
+        finally:
+            block.__class__ = int8.Int8TransformerBlock
+        rms = {k: float((v.double() - exact).pow(2).mean().sqrt()) for k, v in (("got", got), ("unfused", unfused))}
+        rms["bf16"] = float((bf16_block(x.bfloat16(), context.bfloat16()).double() - exact).pow(2).mean().sqrt())
+        assert got.dtype == torch.bfloat16 and rms["got"] <= 1.05 * rms["unfused"], rms
+        assert rms["got"] > 1.5 * rms["bf16"], rms
+    assert len(calls) == 3 * 3
+
+
+@needs_int8
+@torch.no_grad()
+def test_spatial_transformer_adds_the_residual_in_its_output_projection():
+    """With linear projections the output projection adds the block's input as it writes: the
+    plain class's answer to within its bf16 roundings, in the channels-last layout it came in."""
+    quantized = quantized_copy(tiny_unet(linear_projection=True))
+    layer = quantized.get_submodule("middle_block.1")
+    assert isinstance(layer, int8.Int8SpatialTransformer) and layer.linear
+    x = torch.randn(2, 64, 5, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 7, 16).bfloat16()
+    got = layer(x, context)
+    layer.__class__ = unet.SpatialTransformer
+    plain = layer(x, context)
+    assert got.shape == plain.shape and got.is_contiguous(memory_format=torch.channels_last)
+    # The product p = plain - x was rounded once more in the plain class: |p| <= |plain| + |x|.
+    assert (
+        (got.double() - plain.double()).abs() <= 2 * BF16_ROUNDING * (plain.double().abs() + x.double().abs())
+    ).all()
+    assert F.cosine_similarity(got.double().flatten(), plain.double().flatten(), dim=0) > 0.99999
 
 
 @needs_int8
@@ -591,6 +669,50 @@ def test_quantize_a_channel_range_of_a_channels_last_map():
         kernels.quantize_bf16(x.contiguous(), True, channels=(0, 6))
     with pytest.raises(ValueError, match="channels"):
         kernels.quantize_bf16(x, True, channels=(6, 11))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, width", [(1, 1), (3, 15), (4, 16), (2, 17), (50, 64), (6, 1280)])
+def test_layer_norm_quantized_is_within_half_a_step_of_float32s(rows, width):
+    """The transformer block's norms quantized as they are computed: the LayerNorm in float32,
+    never rounded to bf16, so the round trip is within half a step of float64's LayerNorm (and a
+    float32 rounding of the statistics)."""
+    torch.manual_seed(rows * width)
+    x = (torch.randn(rows, width) * 3 + 1.5).bfloat16()
+    weight, bias = (torch.randn(width) * 0.5 + 1).bfloat16(), (torch.randn(width) * 0.3).bfloat16()
+    q, scale, zero_point = kernels.layer_norm_quantize_bf16(x, weight, bias, 1e-5, asymmetric=True)
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    exact = F.layer_norm(x.double(), (width,), weight.double(), bias.double(), 1e-5)
+    low, high = min(float(exact.min()), 0.0), max(float(exact.max()), 0.0)
+    assert scale == pytest.approx((high - low) / 255, rel=1e-4, abs=1e-6)
+    back = (q.double() - zero_point) * scale
+    assert ((back - exact).abs() <= scale / 2 + 1e-5 * exact.abs().max()).all()
+    x3 = x.view(1, rows, width)
+    assert torch.equal(kernels.layer_norm_quantize_bf16(x3, weight, bias, 1e-5, True)[0], q.view(1, rows, width))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e38])
+def test_layer_norm_quantized_declines_what_float32_cannot_hold(bad):
+    """A NaN or an infinity, or a row whose variance overflows float32, is left to bf16."""
+    x, weight, bias = torch.randn(4, 40).bfloat16(), torch.ones(40).bfloat16(), torch.zeros(40).bfloat16()
+    x[2, 7] = bad
+    if bad == 1e38:
+        x[2, 8] = -bad
+    assert kernels.layer_norm_quantize_bf16(x, weight, bias, 1e-5, True) is None
+
+
+@needs_kernel
+def test_layer_norm_quantized_refuses_what_it_cannot_read():
+    x, weight, bias = torch.randn(4, 8).bfloat16(), torch.ones(8).bfloat16(), torch.zeros(8).bfloat16()
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        kernels.layer_norm_quantize_bf16(x.t(), weight, bias, 1e-5, True)
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        kernels.layer_norm_quantize_bf16(x.float(), weight, bias, 1e-5, True)
+    with pytest.raises(ValueError, match="weight and bias"):
+        kernels.layer_norm_quantize_bf16(x, weight[:4], bias, 1e-5, True)
+    with pytest.raises(ValueError, match="autograd"):
+        kernels.layer_norm_quantize_bf16(x.clone().requires_grad_(), weight, bias, 1e-5, True)
 
 
 def test_a_range_too_narrow_for_a_normal_scale_is_left_to_bf16():

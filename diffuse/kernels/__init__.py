@@ -2,7 +2,7 @@
 first use with the machine's C compiler and loaded with ctypes.
 
 There are two: softmax_bf16.c, a bf16 softmax for the attention, and quantize_bf16.c, a bf16
-tensor to 8 bits for the int8 layers (see each for why). Each is built once into the cache
+tensor (or its LayerNorm) to 8 bits for the int8 layers (see each for why). Each is built once into the cache
 folder ($DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse) under a name
 that hashes its source and flags; later processes load the built file. Where one can't be
 used (no compiler, not Linux on x86-64, a CPU without the instructions it needs,
@@ -135,6 +135,21 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
         ctypes.c_void_p,
         ctypes.c_int,
     ]
+    loaded.layer_norm_quantize_bf16.restype = ctypes.c_int
+    loaded.layer_norm_quantize_bf16.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return loaded, library
 
 
@@ -257,6 +272,51 @@ def quantize_bf16(
         row_stride,
         int(asymmetric),
         out.data_ptr(),
+        ctypes.byref(scale),
+        ctypes.byref(zero_point),
+        torch.get_num_threads(),
+    )
+    return None if failed else (out, scale.value, zero_point.value)
+
+
+def layer_norm_quantize_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, asymmetric: bool
+) -> tuple[torch.Tensor, float, int] | None:
+    """layer_norm(x, [C], weight, bias, eps) (x a contiguous bf16 CPU tensor [..., C], weight and bias
+    bf16 [C]) quantized as quantize_bf16 quantizes a tensor, the normalized values computed in
+    float32 and never written in bf16. None where the kernel is unavailable or the values hold a
+    NaN or an infinity."""
+    library, _ = _quantize_kernel()
+    if library is None:
+        return None
+    width = x.shape[-1] if x.dim() else 0
+    tensors = (x, weight, bias)
+    if (
+        any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        or x.requires_grad
+        or weight.shape != (width,)
+        or bias.shape != (width,)
+    ):
+        raise ValueError(
+            "needs contiguous bf16 CPU tensors, x [..., C] outside autograd with weight and bias [C]; got "
+            + ", ".join(f"{t.dtype} {tuple(t.shape)} {t.stride()} on {t.device}" for t in tensors)
+        )
+    rows = x.numel() // width if width else 0
+    out = torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8)
+    if not rows:
+        return None
+    stats = torch.empty(2 * rows, dtype=torch.float32)
+    scale, zero_point = ctypes.c_float(1.0), ctypes.c_int32(0)
+    failed = library.layer_norm_quantize_bf16(
+        x.data_ptr(),
+        rows,
+        width,
+        weight.data_ptr(),
+        bias.data_ptr(),
+        eps,
+        int(asymmetric),
+        out.data_ptr(),
+        stats.data_ptr(),
         ctypes.byref(scale),
         ctypes.byref(zero_point),
         torch.get_num_threads(),

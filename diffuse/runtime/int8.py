@@ -18,6 +18,10 @@ norms, softmax, attention's own products. In the VAE decoder: its ResnetBlocks' 
 attention's convolutions, again without the first and last (4 and 3 channels) and the
 upsampling. The text encoders and the VAE encoder stay bf16.
 
+Around the products, the transformer blocks quantize their LayerNorms' outputs as the norms are
+computed (one C kernel), and residuals are added in the products' epilogues as they write their
+outputs (Int8TransformerBlock, Int8SpatialTransformer), so neither is written out in bf16 first.
+
 A layer falls back to its bf16 (or float32) forward outside bf16 CPU inference, and for an
 input holding a NaN or an infinity, which bf16 carries on to the pipeline's checks. The
 int8 copy is made again if the weight changes (a LoRA merged or taken out).
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 
 from diffuse import kernels
 from diffuse.models import unet, vae
+from diffuse.runtime.attention import attention
 from diffuse.runtime.device import cpu_has_vnni, give_back_freed_memory
 from diffuse.runtime.layers import ChunkedAttention, OneDNNLinear
 from diffuse.runtime.weights_on_disk import WeightsOnDisk
@@ -117,9 +122,18 @@ def quantized(x: Tensor, asymmetric: bool) -> tuple[Tensor, float, int] | None:
     return kernels.quantize_bf16(x if x.is_contiguous() else x.contiguous(), asymmetric)
 
 
-def linear_product(q: tuple[Tensor, float, int], packed: Packed, then: str = "none") -> Tensor:
-    """The packed linear layers applied to the quantized input, bf16 out ("gelu" applies the exact one)."""
+def linear_product(
+    q: tuple[Tensor, float, int], packed: Packed, then: str = "none", onto: Tensor | None = None
+) -> Tensor:
+    """The packed linear layers applied to the quantized input, bf16 out ("gelu" applies the exact
+    one); `onto` (a contiguous bf16 tensor shaped as the output, left as it is) is added as the
+    output is written, which spares a residual addition its own pass over memory."""
     qx, scale, zero_point = q
+    if onto is not None:
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, onto, packed.bias,
+            1.0, 0, torch.bfloat16, 1.0, 0, "add", 1.0, "none", [], "",
+        )  # fmt: skip
     return torch.ops.onednn.qlinear_pointwise(
         qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias,
         1.0, 0, torch.bfloat16, then, [], "none" if then == "gelu" else "",
@@ -142,6 +156,18 @@ class Int8Linear(OneDNNLinear):
         if q is None:
             return super().forward(x)
         return linear_product(q, self.int8_weight())
+
+    def add_onto(self, x: Tensor, residual: Tensor) -> Tensor:
+        """self(x) + residual, the sum made as the int8 product is written where it can be."""
+        q = quantized(x, asymmetric=True) if int8_ready(x) and fits_onto(residual, x.shape[:-1]) else None
+        if q is None:
+            return self(x) + residual
+        return linear_product(q, self.int8_weight(), onto=residual)
+
+
+def fits_onto(residual: Tensor, rows: torch.Size) -> bool:
+    """Whether a linear layer's output over `rows` can be added onto `residual` as it is written."""
+    return residual.dtype == torch.bfloat16 and residual.is_contiguous() and residual.shape[:-1] == rows
 
 
 class Int8Conv2d(nn.Conv2d):
@@ -212,8 +238,31 @@ class Int8Attention(ChunkedAttention):
         q = quantized(x, asymmetric=True) if context is None and int8_ready(x) else None
         if q is None:
             return super().qkv(x, context)
+        return self.stacked_qkv(q)
+
+    def stacked_qkv(self, q: tuple[Tensor, float, int]) -> tuple[Tensor, Tensor, Tensor]:
         stacked = linear_product(q, self.int8_weight()).unflatten(-1, (3, self.heads, -1))
         return tuple(stacked[..., i, :, :].transpose(1, 2) for i in range(3))
+
+    def attend(self, q: tuple[Tensor, float, int], onto: Tensor) -> Tensor:
+        """self(x) + onto for x given quantized (Int8TransformerBlock)."""
+        out = attention(*self.stacked_qkv(q))
+        return self.to_out[0].add_onto(out.transpose(1, 2).flatten(2), onto)
+
+
+class Int8CrossAttention(ChunkedAttention):
+    """Cross-attention as ChunkedAttention computes it (its queries and output are Int8Linear layers,
+    its keys and values from the text bf16), which can also start from its input quantized
+    beforehand and add the residual as its output is written (Int8TransformerBlock)."""
+
+    def attend(self, q: tuple[Tensor, float, int], context: Tensor, onto: Tensor) -> Tensor:
+        """self(x, context) + onto for x given quantized."""
+        queries = linear_product(q, self.to_q.int8_weight())
+        heads = (
+            t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (queries, self.to_k(context), self.to_v(context))
+        )
+        out = attention(*heads)
+        return self.to_out[0].add_onto(out.transpose(1, 2).flatten(2), onto)
 
 
 class Int8FeedForward(unet.FeedForward):
@@ -235,12 +284,69 @@ class Int8FeedForward(unet.FeedForward):
         q = quantized(x, asymmetric=True) if int8_ready(x) else None
         if q is None:
             return super().forward(x)
+        return self.feed(q)
+
+    def feed(self, q: tuple[Tensor, float, int], onto: Tensor | None = None) -> Tensor:
+        """self(x) for x given quantized, plus `onto` (as linear_product takes it) if given."""
         value, gate = self.int8_weight()
         value, gate = linear_product(q, value), linear_product(q, gate, then="gelu")
         hidden = kernels.quantize_bf16(value, True, "product", gate)
         if hidden is None:
-            return self.net[2](value.mul_(gate))
-        return linear_product(hidden, self.net[2].int8_weight())
+            out = self.net[2](value.mul_(gate))
+            return out if onto is None else out + onto
+        return linear_product(hidden, self.net[2].int8_weight(), onto=onto)
+
+
+class Int8TransformerBlock(unet.BasicTransformerBlock):
+    """The block as BasicTransformerBlock computes it, with its three norms quantized as they are
+    computed (each feeds only int8 products) and each residual added as the product before it is
+    written: neither the norms' outputs nor the sublayers' are written out in bf16 on their own."""
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        if not self.runs_int8(x):
+            return super().forward(x, context)
+        q = normalized(self.norm1, x)
+        x = self.attn1(self.norm1(x)) + x if q is None else self.attn1.attend(q, onto=x)
+        q = normalized(self.norm2, x)
+        x = self.attn2(self.norm2(x), context) + x if q is None else self.attn2.attend(q, context, onto=x)
+        q = normalized(self.norm3, x)
+        return self.ff(self.norm3(x)) + x if q is None else self.ff.feed(q, onto=x)
+
+    def runs_int8(self, x: Tensor) -> bool:
+        return (
+            int8_ready(x)
+            and x.is_contiguous()
+            and isinstance(self.attn1, Int8Attention)
+            and isinstance(self.attn2, Int8CrossAttention)
+            and isinstance(self.attn2.to_q, Int8Linear)
+            and isinstance(self.ff, Int8FeedForward)
+        )
+
+
+def normalized(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, float, int] | None:
+    """norm(x) quantized as Int8Linear quantizes its input, by one C kernel (diffuse.kernels);
+    None where the kernel declines (a NaN or an infinity) or the norm is not an affine bf16 one."""
+    affine = norm.weight is not None and norm.bias is not None and norm.weight.dtype == torch.bfloat16
+    if not affine or norm.normalized_shape != (x.shape[-1],):
+        return None
+    return kernels.layer_norm_quantize_bf16(x, norm.weight, norm.bias, norm.eps, asymmetric=True)
+
+
+class Int8SpatialTransformer(unet.SpatialTransformer):
+    """With linear projections on a channels-last map, the output projection adds the residual as
+    its product is written: the positions-by-channels rows are the map's memory, so neither side
+    is copied back into a map."""
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        channels_last = unet.memory_format_of(x) == torch.channels_last
+        if not (self.linear and channels_last and int8_ready(x) and isinstance(self.proj_out, Int8Linear)):
+            return super().forward(x, context)
+        b, c, h, w = x.shape
+        rows = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
+        for block in self.transformer_blocks:
+            rows = block(rows, context)
+        out = self.proj_out.add_onto(rows, x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
@@ -252,9 +358,13 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
     ):
         return None
     if isinstance(layer, unet.Attention):
-        return Int8Attention if name.endswith("attn1") else None
+        return Int8Attention if name.endswith("attn1") else Int8CrossAttention
     if isinstance(layer, unet.FeedForward):
         return Int8FeedForward
+    if isinstance(layer, unet.BasicTransformerBlock):
+        return Int8TransformerBlock
+    if isinstance(layer, unet.SpatialTransformer):
+        return Int8SpatialTransformer
     if isinstance(layer, nn.Linear):
         return Int8Linear
     if isinstance(layer, nn.Conv2d):
