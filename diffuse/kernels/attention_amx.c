@@ -53,10 +53,10 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* 2^t, t <= 64: 2^floor(t) * 2^frac(t), the fraction's power from a cubic fitted for relative
-   error on [0, 1) (1.7e-4 at most, a 24th of bf16's rounding). Below -200 it is 0, as for -inf. */
+/* 2^t for finite t <= 64 (NaN stays NaN): 2^floor(t) * 2^frac(t), the fraction's power from a
+   cubic fitted for relative error on [0, 1) (1.7e-4 at most, a 24th of bf16's rounding); far
+   below 0 the power of 2 underflows to 0. */
 AMX static inline __m512 exp2_approx(__m512 t) {
-    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
     __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 frac = _mm512_sub_ps(t, whole);
     __m512 p = _mm512_set1_ps(0.07632546f);
@@ -160,22 +160,23 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
         const __mmask16 lm = kb == blocks - 1 ? lo_mask : 0xffff, hm = kb == blocks - 1 ? hi_mask : 0xffff;
         int rescale = 0;
         for (int r = 0; r < 16; r++) {
-            __m512 shift = _mm512_set1_ps(maxima[r]);
-            __m512 lo = _mm512_mask_mov_ps(neg_inf, lm, _mm512_fmsub_ps(_mm512_load_ps(sbuf + r * 32), cv, shift));
-            __m512 hi = _mm512_mask_mov_ps(neg_inf, hm, _mm512_fmsub_ps(_mm512_load_ps(sbuf + r * 32 + 16), cv, shift));
-            factors[r] = 1.0f;
-            if (_mm512_cmp_ps_mask(lo, headroom, _CMP_GT_OQ) | _mm512_cmp_ps_mask(hi, headroom, _CMP_GT_OQ)) {
-                const float rise = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
+            /* Past the last key the packed keys are zeros: those lanes (lm, hm) are left out. */
+            const __m512 shift = _mm512_set1_ps(maxima[r]);
+            __m512 lo = _mm512_fmsub_ps(_mm512_load_ps(sbuf + r * 32), cv, shift);
+            __m512 hi = _mm512_fmsub_ps(_mm512_load_ps(sbuf + r * 32 + 16), cv, shift);
+            if (_mm512_mask_cmp_ps_mask(lm, lo, headroom, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(hm, hi, headroom, _CMP_GT_OQ)) {
+                const float rise = _mm512_reduce_max_ps(
+                    _mm512_max_ps(_mm512_mask_mov_ps(neg_inf, lm, lo), _mm512_mask_mov_ps(neg_inf, hm, hi)));
                 maxima[r] += rise;
                 factors[r] = exp2f(-rise);
-                rescale = 1;
+                rescale |= 1 << r;
                 const __m512 by = _mm512_set1_ps(rise);
                 lo = _mm512_sub_ps(lo, by);
                 hi = _mm512_sub_ps(hi, by);
                 _mm512_store_ps(sums + r * 16, _mm512_mul_ps(_mm512_load_ps(sums + r * 16), _mm512_set1_ps(factors[r])));
             }
-            lo = exp2_approx(lo);
-            hi = exp2_approx(hi);
+            lo = _mm512_maskz_mov_ps(lm, exp2_approx(lo));
+            hi = _mm512_maskz_mov_ps(hm, exp2_approx(hi));
             _mm512_store_ps(sums + r * 16, _mm512_add_ps(_mm512_load_ps(sums + r * 16), _mm512_add_ps(lo, hi)));
             _mm512_store_si512((__m512i *)(pbuf + r * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
@@ -185,7 +186,7 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
             if (outs > 2) _tile_stored(6, obuf + 32, dv * 4);
             if (outs > 3) _tile_stored(7, obuf + 48, dv * 4);
             for (int r = 0; r < 16; r++)
-                for (int64_t j = 0; j < dv; j += 16)
+                for (int64_t j = 0; (rescale >> r & 1) && j < dv; j += 16)
                     _mm512_store_ps(obuf + r * dv + j, _mm512_mul_ps(_mm512_load_ps(obuf + r * dv + j), _mm512_set1_ps(factors[r])));
             if (outs > 0) _tile_loadd(4, obuf, dv * 4);
             if (outs > 1) _tile_loadd(5, obuf + 16, dv * 4);
