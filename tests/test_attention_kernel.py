@@ -47,6 +47,8 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         (1, 1024, 2, 64),  # SDXL's
         (1, 300, 3, 8),  # keys not a whole number of 32-key blocks, queries not of 16-row blocks
         (1, 257, 1, 33),  # an odd width, padded inside the kernel
+        (1, 1024, 2, 80),  # SD1.5's second level: a fifth output tile, kept in memory
+        (2, 320, 1, 160),  # as wide as its third: ten output tiles, six in memory
     ],
 )
 def test_self_attention_matches_float32(batch, tokens, heads, width):
@@ -81,9 +83,9 @@ def test_a_nan_in_the_queries_reaches_the_output():
 @pytest.mark.parametrize(
     "change, why",
     [
-        (lambda q, k, v: (q, k[:, :, :77], v[:, :, :77]), "cross-attention's few keys"),
+        (lambda q, k, v: (q, k[:, :, :77], v[:, :, :77]), "too few scores: 256 x 77"),
         (lambda q, k, v: tuple(t.float() for t in (q, k, v)), "float32"),
-        (lambda q, k, v: stacked_qkv(1, 256, 1, 80), "heads wider than 64"),
+        (lambda q, k, v: stacked_qkv(1, 256, 1, 192), "heads wider than 160"),
         (lambda q, k, v: (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v), "rows not contiguous"),
     ],
 )
@@ -94,12 +96,19 @@ def test_what_the_kernel_leaves_to_pytorch(change, why):
         assert not amx_attention.takes(*stacked_qkv(1, 256, 1, 40)), "autograd"
 
 
-def test_the_runtime_uses_it_for_self_attention_and_not_for_cross_attention(monkeypatch):
+def test_cross_attention_over_the_text():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 1024, 40, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 77, 40, generator=g).bfloat16() for _ in range(2))
+    check(q, k, v)
+
+
+def test_the_runtime_uses_it_where_it_takes_the_shapes(monkeypatch):
     calls = []
     real = amx_attention.attention_bf16
     monkeypatch.setattr(amx_attention, "attention_bf16", lambda *qkv: calls.append(qkv) or real(*qkv))
-    q, k, v = stacked_qkv(1, 256, 2, 40)
+    q, k, v = stacked_qkv(1, 1024, 2, 40)
     with torch.no_grad():
         runtime_attention.attention(q, k, v)
-        runtime_attention.attention(q, k[:, :, :77], v[:, :, :77])
-    assert len(calls) == 1 and calls[0][1].shape[2] == 256
+        runtime_attention.attention(q[:, :, :256], k[:, :, :256], v[:, :, :256])
+    assert len(calls) == 1 and calls[0][1].shape[2] == 1024

@@ -13,9 +13,10 @@ import torch
 from diffuse.kernels import first_load, load_kernel
 
 SOURCE = Path(__file__).with_name("attention_amx.c")
-MAX_WIDTH = 64  # the widest head the kernel's tiles hold (attention_amx.c)
-# Fewer keys than this (cross-attention's 77 text tokens) ran no faster than PyTorch's kernel.
-MIN_KEYS = 256
+MAX_WIDTH = 160  # the widest head the kernel takes (attention_amx.c)
+# Per head, at most this many scores (queries x keys: SD1.5's third level and middle block) ran
+# no faster than PyTorch's kernel; every larger SD1.5 and SDXL shape, cross-attention included, did.
+MAX_SCORES_LEFT = 256 * 256
 
 
 def load_attention() -> tuple[ctypes.CDLL, Path]:
@@ -38,8 +39,8 @@ def attention_status() -> str:
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel computes attention for these [B, heads, N, d] queries and [B, heads, M, d]
-    keys and values: bf16 on the CPU outside autograd, heads up to 64 wide, each row contiguous,
-    at least MIN_KEYS keys, and the kernel built for this machine."""
+    keys and values: bf16 on the CPU outside autograd, heads up to 160 wide, each row contiguous,
+    more than MAX_SCORES_LEFT scores per head, and the kernel built for this machine."""
     tensors = (q, k, v)
     return (
         all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4 for t in tensors)
@@ -47,8 +48,8 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and all(t.stride(-1) == 1 for t in tensors)
         and q.shape[-1] == k.shape[-1] == v.shape[-1] <= MAX_WIDTH
         and q.shape[:2] == k.shape[:2] == v.shape[:2]
-        and k.shape[2] == v.shape[2] >= MIN_KEYS
-        and q.shape[2] > 0
+        and k.shape[2] == v.shape[2]
+        and q.shape[2] * k.shape[2] > MAX_SCORES_LEFT
         and _attention_kernel()[0] is not None
     )
 

@@ -7,15 +7,16 @@
    - the scores of 32 keys at a time land in two 16x16 float32 tiles, stored to a small buffer;
    - each row's exp(score - running max) is taken with a cubic for 2^frac (relative error
      1.7e-4, a 24th of bf16's rounding), summed in float32 and rounded to bf16;
-   - those bf16 rows times the values accumulate in up to four float32 output tiles, which
-     stay in the tile registers from the first block of keys to the last.
+   - those bf16 rows times the values accumulate in float32 output tiles, the first four of
+     which stay in the tile registers from the first block of keys to the last (a head wider
+     than 64 keeps the rest in memory).
    The running maximum is the first block's; a later score more than 2^8 above it (rare once
    the first blocks are seen) rescales that row's sum and output, so they stay in range without
    the per-block rescaling.
 
    The keys and values of each head are first packed into the tiles' pair-interleaved layout
-   (zero-padded to whole tiles: head width to 32 for q k^T, to 16 for the output), so head
-   widths up to 64 fit: SD1.5's 40 at the first level and SDXL's 64 everywhere.
+   (zero-padded to whole tiles: head width to 32 for q k^T, to 16 for the output), for head
+   widths up to 160: SD1.5's 40, 80 and 160, SD2's and SDXL's 64.
 
    Compiled on first use by diffuse/kernels/__init__.py; the threads are OpenMP's, the same
    runtime (and pool) as PyTorch's own. Each thread configures its tiles and asks Linux for
@@ -33,7 +34,8 @@
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define MAX_WIDTH 64
+#define MAX_WIDTH 160
+#define IN_TILES 4 /* output tiles kept in tile registers 4-7; the rest of a wider head's in memory */
 
 /* AMX-BF16 and AMX-TILE (CPUID leaf 7: EDX bits 22 and 24), AVX-512 with bf16, and Linux's
    permission to use the tiles' state. */
@@ -131,7 +133,7 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
     uint16_t qbuf[16 * MAX_WIDTH] __attribute__((aligned(64)));
     float sbuf[16 * 32] __attribute__((aligned(64)));
     uint16_t pbuf[16 * 32] __attribute__((aligned(64)));
-    float obuf[16 * 64] __attribute__((aligned(64)));
+    float obuf[16 * MAX_WIDTH] __attribute__((aligned(64)));
     float sums[16 * 16] __attribute__((aligned(64)));
     float maxima[16], factors[16];
     const int64_t chunks = dp / 32, outs = dv / 16, blocks = (m + 31) / 32;
@@ -155,6 +157,8 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
     if (outs > 1) _tile_zero(5);
     if (outs > 2) _tile_zero(6);
     if (outs > 3) _tile_zero(7);
+    for (int r = 0; r < 16; r++)
+        for (int64_t j = IN_TILES * 16; j < dv; j += 16) _mm512_store_ps(obuf + r * dv + j, _mm512_setzero_ps());
     for (int64_t kb = 0; kb < blocks; kb++) {
         if (kb > 0) SCORES(kb);
         const __mmask16 lm = kb == blocks - 1 ? lo_mask : 0xffff, hm = kb == blocks - 1 ? hi_mask : 0xffff;
@@ -195,6 +199,12 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
         }
         _tile_loadd(2, pbuf, 64);
         PV_TILE(0, 4) PV_TILE(1, 5) PV_TILE(2, 6) PV_TILE(3, 7)
+        for (int64_t o = IN_TILES; o < outs; o++) {  /* through tile 0, free once the scores are stored */
+            _tile_loadd(0, obuf + o * 16, dv * 4);
+            _tile_loadd(3, vp + (kb * outs + o) * 512, 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_stored(0, obuf + o * 16, dv * 4);
+        }
     }
     if (outs > 0) _tile_stored(4, obuf, dv * 4);
     if (outs > 1) _tile_stored(5, obuf + 16, dv * 4);
@@ -212,7 +222,7 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
 
 /* out[b, h, n, :] = softmax(q k^T * scale) v for every b and h: q [batch, heads, n, d], k and v
    [batch, heads, m, d], out like q; strides (batch, head, row) in elements, each row's d values
-   contiguous; d <= 64. kp and vp: room for every head's packed keys and values,
+   contiguous; d <= 160. kp and vp: room for every head's packed keys and values,
    ceil(m / 32) * dp * 32 and ceil(m / 32) * dv * 32 values per head (dp, dv: d rounded up to
    32 and 16). */
 AMX void attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,

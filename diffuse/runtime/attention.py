@@ -1,10 +1,10 @@
 """Attention in bf16 on the CPU: diffuse's AMX kernel, or two plain matmuls and a softmax per
 head (or group of heads).
 
-With AMX, self-attention with heads up to 64 wide (SD1.5's first level, all of SDXL's) runs in
-diffuse.kernels.attention's C kernel, which was faster than PyTorch's fused kernel on those
-shapes (bench/RESULTS.md); the other shapes (cross-attention's 77 keys, wider heads) stay with
-the fused kernel, which computes its products on the tiles too. On a CPU without AMX, PyTorch's
+With AMX, attention with heads up to 160 wide (all of SD1.5's, SD2's and SDXL's) and more than
+256 x 256 scores per head runs in diffuse.kernels.attention's C kernel, which was faster than
+PyTorch's fused kernel on those shapes (bench/RESULTS.md); the smallest stay with the fused
+kernel, which computes its products on the tiles too. On a CPU without AMX, PyTorch's
 fused kernel runs far under the bf16 matmul peak on SD's 40-wide heads, and the explicit form
 was faster on every SD1.5 shape measured. The explicit form's scores are rounded to bf16
 before the softmax, so it is less exact than the fused kernel, which stays the path for
