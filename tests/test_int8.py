@@ -311,6 +311,43 @@ def test_transformer_block_quantizes_its_norms_and_adds_in_the_products(pair, mo
 
 @needs_int8
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["input_blocks.1.0", "input_blocks.4.0", "output_blocks.0.0"])
+def test_resblock_quantizes_its_norms_and_adds_onto_the_skip(pair, name, monkeypatch):
+    """Int8ResBlock quantizes each GroupNorm-SiLU straight from the C kernel (the second with the
+    timestep embedding added first; an up-path join's first norm keeps the part-by-part quantizing)
+    and adds the residual in the second convolution: from float32 no further than the ResBlock
+    that writes those out in bf16, further than bf16's."""
+    exact_block, block = layer_pair(pair, name)
+    assert isinstance(block, int8.Int8ResBlock)
+    calls = []
+    fused = kernels.group_norm_silu_quantize_bf16
+    monkeypatch.setattr(kernels, "group_norm_silu_quantize_bf16", lambda *a, **k: calls.append(a[-1]) or fused(*a, **k))
+    bf16_block = prepare(copy.deepcopy(exact_block), "cpu", torch.bfloat16)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = bf16_exact(torch.randn(2, exact_block.in_layers[0].num_channels, 8, 8, generator=g) * 2 + 0.3)
+        emb = bf16_exact(torch.randn(2, exact_block.emb_layers[1].in_features, generator=g))
+        exact = exact_block(x, emb).double()
+        x, emb = x.bfloat16().contiguous(memory_format=torch.channels_last), emb.bfloat16()
+        before = x.clone()
+        got = block(x, emb)
+        assert torch.equal(x, before)  # the identity skip's input is never summed into
+        block.__class__ = unet.ResBlock  # the same int8 convolutions, norms and SiLUs in bf16
+        try:
+            unfused = block(x, emb)
+        finally:
+            block.__class__ = int8.Int8ResBlock
+        rms = {k: float((v.double() - exact).pow(2).mean().sqrt()) for k, v in (("got", got), ("unfused", unfused))}
+        rms["bf16"] = float((bf16_block(x, emb).double() - exact).pow(2).mean().sqrt())
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert rms["got"] <= 1.05 * rms["unfused"] and rms["got"] > 1.5 * rms["bf16"], rms
+    # Each call: the first norm (no shift) unless the block joins a skip, then the second (shifted).
+    expected = [True] * 3 if block.in_layers[2].split is not None else [False, True] * 3
+    assert [shift is not None for shift in calls] == expected
+
+
+@needs_int8
+@torch.no_grad()
 def test_spatial_transformer_adds_the_residual_in_its_output_projection():
     """With linear projections the output projection adds the block's input as it writes: the
     plain class's answer to within its bf16 roundings, in the channels-last layout it came in."""
@@ -713,6 +750,86 @@ def test_layer_norm_quantized_refuses_what_it_cannot_read():
         kernels.layer_norm_quantize_bf16(x, weight[:4], bias, 1e-5, True)
     with pytest.raises(ValueError, match="autograd"):
         kernels.layer_norm_quantize_bf16(x.clone().requires_grad_(), weight, bias, 1e-5, True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, groups", [((2, 64, 9, 10), 32), ((1, 48, 3, 5), 8), ((2, 24, 1, 1), 4)])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_group_norm_silu_quantized_is_within_half_a_step_of_float32s(shape, groups, shifted):
+    """The ResBlocks' GroupNorm-SiLUs quantized as they are computed, from a channels-last map, into
+    a channels-last one: within half a step of float64's (plus the statistics' float32 rounding and
+    the SiLU's exp, 2.6e-6 relative), the shift added per image and channel before the norm."""
+    torch.manual_seed(shape[1])
+    x = (torch.randn(shape) * 2 + 0.7).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(shape[1]) * 0.5 + 1).bfloat16(), (torch.randn(shape[1]) * 0.3).bfloat16()
+    shift = torch.randn(shape[0], shape[1]).bfloat16() if shifted else None
+    q, scale, zero_point = kernels.group_norm_silu_quantize_bf16(x, weight, bias, groups, 1e-5, True, shift)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and q.is_contiguous(memory_format=torch.channels_last)
+    moved = x.double() + (0 if shift is None else shift.double()[:, :, None, None])
+    exact = F.silu(F.group_norm(moved, groups, weight.double(), bias.double(), 1e-5))
+    low, high = min(float(exact.min()), 0.0), max(float(exact.max()), 0.0)
+    assert scale == pytest.approx((high - low) / 255, rel=1e-5)
+    back = (q.double() - zero_point) * scale
+    assert ((back - exact).abs() <= scale / 2 + 1e-5 * exact.abs().max()).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_group_norm_silu_quantized_declines_a_nan_or_infinity(bad):
+    x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
+    x[1, 3, 2, 2] = bad
+    ones, zeros = torch.ones(16).bfloat16(), torch.zeros(16).bfloat16()
+    assert kernels.group_norm_silu_quantize_bf16(x, ones, zeros, 4, 1e-5, True) is None
+
+
+@needs_kernel
+def test_group_norm_silu_quantized_refuses_what_it_cannot_read():
+    x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
+    ones, zeros = torch.ones(16).bfloat16(), torch.zeros(16).bfloat16()
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.group_norm_silu_quantize_bf16(x.contiguous(), ones, zeros, 4, 1e-5, True)
+    with pytest.raises(ValueError, match="divisible"):
+        kernels.group_norm_silu_quantize_bf16(x, ones, zeros, 5, 1e-5, True)
+    with pytest.raises(ValueError, match="shift"):
+        kernels.group_norm_silu_quantize_bf16(x, ones, zeros, 4, 1e-5, True, torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.group_norm_silu_quantize_bf16(x.float(), ones, zeros, 4, 1e-5, True)
+
+
+def float32_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The int8 weights as PyTorch's float32 operations make them (what per_channel computed before
+    the C kernel): max|row| / 127 per output channel, values divided, rounded half to even, clamped."""
+    scales = (weight.float().flatten(1).abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(weight.float() / scales.view(-1, *[1] * (weight.dim() - 1))).clamp_(-127, 127)
+    return q.to(torch.int8), scales
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((40, 33), None), ((3, 1), None), ((64, 32, 3, 3), torch.channels_last), ((16, 8, 1, 1), None)],
+)
+def test_weights_quantized_per_channel_are_the_same_bytes(shape, layout):
+    """per_channel's C kernel writes the very bytes and scales PyTorch's float32 chain wrote,
+    halves (x.5 after the division) rounded to even, rows of zeros or of subnormals included, in
+    the weight's layout; a slice of input channels (the up path's joins) too."""
+    torch.manual_seed(len(shape))
+    weight = torch.randn(shape) * torch.rand(shape[0]).view(-1, *[1] * (len(shape) - 1)) * 4
+    weight[0] = 0.0
+    weight[1] = 1e-39
+    weight = weight.bfloat16()
+    if weight.shape[1] > 2:
+        weight.view(shape[0], -1)[2, :2] = torch.tensor([127.0, 62.5]).bfloat16()  # a half: to 62, even
+    weight = weight if layout is None else weight.contiguous(memory_format=layout)
+    q, scales = kernels.quantize_rows_bf16(weight)
+    expected_q, expected_scales = float32_per_channel(weight)
+    assert torch.equal(q, expected_q) and torch.equal(scales, expected_scales) and q.stride() == weight.stride()
+    assert all(torch.equal(a, b) for a, b in zip(int8.per_channel(weight), (expected_q, expected_scales)))
+    if weight.dim() == 4:
+        part = weight[:, weight.shape[1] // 2 :]
+        assert all(torch.equal(a, b) for a, b in zip(int8.per_channel(part), float32_per_channel(part)))
+    with pytest.raises(ValueError, match="contiguous or channels-last"):
+        kernels.quantize_rows_bf16(weight.float())
 
 
 def test_a_range_too_narrow_for_a_normal_scale_is_left_to_bf16():

@@ -2,7 +2,8 @@
 first use with the machine's C compiler and loaded with ctypes.
 
 There are two: softmax_bf16.c, a bf16 softmax for the attention, and quantize_bf16.c, a bf16
-tensor (or its LayerNorm) to 8 bits for the int8 layers (see each for why). Each is built once into the cache
+tensor (or its LayerNorm, or its GroupNorm and SiLU) to 8 bits for the int8 layers, and their
+weights to int8 at load time (see each for why). Each is built once into the cache
 folder ($DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse) under a name
 that hashes its source and flags; later processes load the built file. Where one can't be
 used (no compiler, not Linux on x86-64, a CPU without the instructions it needs,
@@ -146,6 +147,23 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
         ctypes.c_int,
         ctypes.c_void_p,
         ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    loaded.group_norm_silu_quantize_bf16.restype = ctypes.c_int
+    loaded.group_norm_silu_quantize_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 3]
+    loaded.group_norm_silu_quantize_bf16.argtypes += [
+        ctypes.c_float,
+        ctypes.c_int,
+        *[ctypes.c_void_p] * 5,
+        ctypes.c_int,
+    ]
+    loaded.quantize_rows_bf16.restype = None
+    loaded.quantize_rows_bf16.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
         ctypes.c_void_p,
         ctypes.c_void_p,
         ctypes.c_int,
@@ -320,5 +338,99 @@ def layer_norm_quantize_bf16(
         ctypes.byref(scale),
         ctypes.byref(zero_point),
         torch.get_num_threads(),
+    )
+    return None if failed else (out, scale.value, zero_point.value)
+
+
+def quantize_rows_bf16(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [out, ...] (bf16 on the CPU, each output channel's values one dense block, as in a
+    contiguous or channels-last tensor) as int8 laid out as weight, with one float32 scale per
+    output channel: max|row| / 127 (at least float32's smallest normal), values divided by it,
+    rounded half to even and clamped to +-127, as PyTorch's float32 operations compute them. None
+    where the kernel is unavailable."""
+    library, _ = _quantize_kernel()
+    if library is None:
+        return None
+    rows = weight.shape[0] if weight.dim() else 0
+    width = weight.numel() // rows if rows else 0
+    dense = weight.is_contiguous() or (weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last))
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not dense or weight.dim() < 2:
+        raise ValueError(
+            f"needs a contiguous or channels-last bf16 CPU weight [out, ...], got {weight.dtype} "
+            f"{tuple(weight.shape)} with strides {weight.stride()} on {weight.device}"
+        )
+    out = torch.empty_like(weight, dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float32)
+    if rows and width:
+        library.quantize_rows_bf16(
+            weight.data_ptr(), rows, width, out.data_ptr(), scales.data_ptr(), torch.get_num_threads()
+        )
+    return out, scales
+
+
+def group_norm_silu_quantize_bf16(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float,
+    asymmetric: bool,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, int] | None:
+    """silu(group_norm(x + shift[:, :, None, None], groups, weight, bias, eps)) for a channels-last
+    bf16 CPU map x [B, C, H, W] (weight and bias bf16 [C], shift [B, C] or None), quantized as
+    quantize_bf16 quantizes a tensor into a channels-last one; everything in float32 (the SiLU's
+    exp to 2.6e-6), never written in bf16. None where the kernel is unavailable or the values hold
+    a NaN or an infinity."""
+    library, _ = _quantize_kernel()
+    if library is None:
+        return None
+    channels = x.shape[1] if x.dim() == 4 else 0
+    tensors = (x, weight, bias)
+    if (
+        x.dim() != 4
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
+        or x.requires_grad
+        or not weight.is_contiguous()
+        or not bias.is_contiguous()
+        or weight.shape != (channels,)
+        or bias.shape != (channels,)
+        or groups < 1
+        or channels % groups
+        or (shift is not None and shift.shape != (x.shape[0], channels))
+    ):
+        raise ValueError(
+            f"needs a channels-last bf16 CPU map outside autograd, weight and bias [C] in bf16, C divisible by "
+            f"groups ({groups}) and shift [B, C]; got "
+            + ", ".join(f"{t.dtype} {tuple(t.shape)} {t.stride()} on {t.device}" for t in tensors)
+            + ("" if shift is None else f", shift {tuple(shift.shape)}")
+        )
+    batch, _, height, width = x.shape
+    out = torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8, memory_format=torch.channels_last)
+    if not x.numel():
+        return None
+    threads = torch.get_num_threads()
+    sums = torch.empty(threads * batch * channels * 2, dtype=torch.float64)
+    coefs = torch.empty(batch * channels * 2, dtype=torch.float32)
+    shift = None if shift is None else shift.detach().float().contiguous()
+    scale, zero_point = ctypes.c_float(1.0), ctypes.c_int32(0)
+    failed = library.group_norm_silu_quantize_bf16(
+        x.data_ptr(),
+        batch,
+        height * width,
+        channels,
+        groups,
+        weight.data_ptr(),
+        bias.data_ptr(),
+        None if shift is None else shift.data_ptr(),
+        eps,
+        int(asymmetric),
+        out.data_ptr(),
+        sums.data_ptr(),
+        coefs.data_ptr(),
+        ctypes.byref(scale),
+        ctypes.byref(zero_point),
+        threads,
     )
     return None if failed else (out, scale.value, zero_point.value)

@@ -18,9 +18,10 @@ norms, softmax, attention's own products. In the VAE decoder: its ResnetBlocks' 
 attention's convolutions, again without the first and last (4 and 3 channels) and the
 upsampling. The text encoders and the VAE encoder stay bf16.
 
-Around the products, the transformer blocks quantize their LayerNorms' outputs as the norms are
-computed (one C kernel), and residuals are added in the products' epilogues as they write their
-outputs (Int8TransformerBlock, Int8SpatialTransformer), so neither is written out in bf16 first.
+Around the products, the transformer blocks quantize their LayerNorms' outputs and the ResBlocks
+their GroupNorm-SiLUs' as the norms are computed (C kernels), and residuals are added in the
+products' epilogues as they write their outputs (Int8TransformerBlock, Int8SpatialTransformer,
+Int8ResBlock), so neither is written out in bf16 first.
 
 A layer falls back to its bf16 (or float32) forward outside bf16 CPU inference, and for an
 input holding a NaN or an infinity, which bf16 carries on to the pipeline's checks. The
@@ -82,7 +83,13 @@ def weight_key(weights: tuple[Tensor, ...]) -> tuple:
 
 
 def per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """weight [out, ...] as int8 with one float32 scale per output channel, symmetric."""
+    """weight [out, ...] as int8 with one float32 scale per output channel, symmetric. A bf16 weight
+    goes through the C kernel (the same bytes, without float32 copies of the whole weight)."""
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() >= 2:
+        layout = torch.channels_last if weight.dim() == 4 else torch.contiguous_format
+        made = kernels.quantize_rows_bf16(weight.detach().contiguous(memory_format=layout))
+        if made is not None:
+            return made
     rows = weight.detach().float().flatten(1)
     scales = (rows.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
     q = torch.round(weight.detach().float() / scales.view(-1, *[1] * (weight.dim() - 1))).clamp_(-127, 127)
@@ -206,7 +213,7 @@ class Int8Conv2d(nn.Conv2d):
             out = self.product(part, packed, onto=out)
         return out
 
-    def product(self, q: tuple[Tensor, float, int], packed: Packed, onto: Tensor | None) -> Tensor:
+    def product(self, q: tuple[Tensor, float, int], packed: Packed, onto: Tensor | None = None) -> Tensor:
         """The packed convolution of the quantized input, bf16 out, added onto `onto` if given."""
         qx, scale, zero_point = q
         shape = list(self.stride), list(self.padding), list(self.dilation), self.groups
@@ -297,6 +304,47 @@ class Int8FeedForward(unet.FeedForward):
         return linear_product(hidden, self.net[2].int8_weight(), onto=onto)
 
 
+class Int8ResBlock(unet.ResBlock):
+    """The ResBlock as unet.ResBlock computes it, with each GroupNorm and SiLU quantized as they are
+    computed for the convolution after them (one C kernel; the second norm also adds the timestep
+    embedding first), and the residual added onto the skip convolution's fresh output as the second
+    convolution writes: the activations in between are never written out in bf16."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        first, second = self.in_layers[2], self.out_layers[3]
+        if not self.runs_int8(x):
+            return super().forward(x, emb)
+        q = None if first.split is not None else norm_silu_quantized(self.in_layers[0], x)
+        h = first(self.in_layers[1](self.in_layers[0](x))) if q is None else first.product(q, first.int8_weight()[0])
+        shift = self.emb_layers(emb)
+        q = norm_silu_quantized(self.out_layers[0], h, shift)
+        skip = self.skip_connection(x)
+        if q is None:
+            return skip + self.out_layers(h + shift[:, :, None, None])
+        if skip is x or not skip.is_contiguous(memory_format=torch.channels_last):
+            return second.product(q, second.int8_weight()[0]) + skip
+        return second.product(q, second.int8_weight()[0], onto=skip)
+
+    def runs_int8(self, x: Tensor) -> bool:
+        return (
+            int8_ready(x)
+            and unet.memory_format_of(x) == torch.channels_last
+            and isinstance(self.in_layers[1], nn.SiLU)
+            and isinstance(self.out_layers[1], nn.SiLU)
+            and isinstance(self.in_layers[2], Int8Conv2d)
+            and isinstance(self.out_layers[3], Int8Conv2d)
+            and self.out_layers[3].split is None
+        )
+
+
+def norm_silu_quantized(norm: nn.GroupNorm, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, float, int] | None:
+    """silu(norm(x + shift per image and channel)) quantized as Int8Conv2d quantizes its input, by
+    one C kernel (diffuse.kernels); None where the kernel declines or the norm is not an affine bf16 one."""
+    if norm.weight is None or norm.bias is None or norm.weight.dtype != torch.bfloat16:
+        return None
+    return kernels.group_norm_silu_quantize_bf16(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True, shift)
+
+
 class Int8TransformerBlock(unet.BasicTransformerBlock):
     """The block as BasicTransformerBlock computes it, with its three norms quantized as they are
     computed (each feeds only int8 products) and each residual added as the product before it is
@@ -365,6 +413,8 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
         return Int8TransformerBlock
     if isinstance(layer, unet.SpatialTransformer):
         return Int8SpatialTransformer
+    if isinstance(layer, unet.ResBlock):
+        return Int8ResBlock
     if isinstance(layer, nn.Linear):
         return Int8Linear
     if isinstance(layer, nn.Conv2d):
