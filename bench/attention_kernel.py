@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import cpu_model  # noqa: E402
 
+from diffuse import kernels
 from diffuse.kernels import attention as amx_attention  # noqa: E402
 
 # (model, what, batch, heads, queries, keys, width): each level's self- and cross-attention.
@@ -58,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"host: {cpu_model()}, torch {torch.__version__} on {args.threads} threads")
-    print(amx_attention.attention_status())
+    print(kernels.attention_status())
     print(
         f"{'':24} {'shape (B, heads, N, M, d)':28} {'ours':>9} {'PyTorch':>9} {'ratio':>6}   error vs float32: ours, PyTorch's"
     )

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffuse import kernels
 from diffuse.kernels import attention as amx_attention
 from diffuse.runtime import attention as runtime_attention
 
-pytestmark = pytest.mark.skipif(amx_attention._attention_kernel()[0] is None, reason=amx_attention.attention_status())
+pytestmark = pytest.mark.skipif(kernels.attention_library() is None, reason=kernels.attention_status())
 
 
 def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:

@@ -1,9 +1,10 @@
 """C kernels for what PyTorch's operations do slowly on this project's CPUs, compiled on
 first use with the machine's C compiler and loaded with ctypes.
 
-There are two: softmax_bf16.c, a bf16 softmax for the attention, and quantize_bf16.c, a bf16
-tensor (or its LayerNorm, or its GroupNorm and SiLU) to 8 bits for the int8 layers, and their
-weights to int8 at load time (see each for why). Each is built once into the cache
+There are three: attention_amx.c, bf16 attention on CPUs with AMX (used through
+diffuse.kernels.attention); softmax_bf16.c, a bf16 softmax for the attention elsewhere; and
+quantize_bf16.c, a bf16 tensor (or its LayerNorm, or its GroupNorm and SiLU) to 8 bits for
+the int8 layers, and their weights to int8 at load time (see each for why). Each is built once into the cache
 folder ($DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse) under a name
 that hashes its source and flags; later processes load the built file. Where one can't be
 used (no compiler, not Linux on x86-64, a CPU without the instructions it needs,
@@ -29,6 +30,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("softmax_bf16.c")
 QUANTIZE_SOURCE = Path(__file__).with_name("quantize_bf16.c")
+ATTENTION_SOURCE = Path(__file__).with_name("attention_amx.c")
 # -fopenmp: the kernel's threads. Its libgomp.so.1 resolves to the copy PyTorch already
 # loaded (same soname), so both share one OpenMP runtime and one pool of threads.
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -171,6 +173,14 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
     return loaded, library
 
 
+def load_attention() -> tuple[ctypes.CDLL, Path]:
+    loaded, library = load_kernel(ATTENTION_SOURCE, "AMX-BF16 and AVX512-BF16, or Linux's permission to use AMX")
+    loaded.attention_amx.restype = None
+    loaded.attention_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
+    loaded.attention_amx.argtypes += [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return loaded, library
+
+
 def first_load(load: Callable[[], tuple[ctypes.CDLL, Path]], name: str) -> tuple[ctypes.CDLL | None, str]:
     """load()'s answer, a failure included, and a line saying which. A kernel only makes things
     faster, so an unforeseen failure of the machine (no home folder for the cache, an
@@ -196,6 +206,21 @@ def _quantize_kernel() -> tuple[ctypes.CDLL | None, str]:
     return first_load(load_quantize, "bf16 quantize")
 
 
+@functools.cache
+def _attention_kernel() -> tuple[ctypes.CDLL | None, str]:
+    """load_attention's answer for this process (a build is tried once)."""
+    return first_load(load_attention, "bf16 AMX attention")
+
+
+def attention_library() -> ctypes.CDLL | None:
+    """The AMX attention kernel (diffuse.kernels.attention calls it), or None where it is not used."""
+    return _attention_kernel()[0]
+
+
+def attention_status() -> str:
+    return _attention_kernel()[1]
+
+
 def quantize_available() -> bool:
     return _quantize_kernel()[0] is not None
 
@@ -206,7 +231,7 @@ def quantize_status() -> str:
 
 def status() -> str:
     """Whether each kernel is in use here, and where from or why not."""
-    return f"{_softmax_kernel()[1]}; {_quantize_kernel()[1]}"
+    return f"{_softmax_kernel()[1]}; {_quantize_kernel()[1]}; {_attention_kernel()[1]}"
 
 
 def softmax_bf16_(scores: torch.Tensor) -> bool:

@@ -1,40 +1,17 @@
-"""Self-attention in bf16 on CPUs with AMX by diffuse's C kernel (attention_amx.c, which says
-why it is faster than PyTorch's fused kernel); built and loaded like the other kernels of
-diffuse.kernels, and used by diffuse.runtime.attention where it takes the shapes."""
+"""Attention in bf16 on CPUs with AMX by diffuse's C kernel (attention_amx.c, which says why it
+is faster than PyTorch's fused kernel), built and loaded by diffuse.kernels; used by
+diffuse.runtime.attention where it takes the shapes."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from pathlib import Path
-
 import torch
 
-from diffuse.kernels import first_load, load_kernel
+from diffuse.kernels import attention_library
 
-SOURCE = Path(__file__).with_name("attention_amx.c")
 MAX_WIDTH = 160  # the widest head the kernel takes (attention_amx.c)
 # Per head, at most this many scores (queries x keys: SD1.5's third level and middle block) ran
 # no faster than PyTorch's kernel; every larger SD1.5 and SDXL shape, cross-attention included, did.
 MAX_SCORES_LEFT = 256 * 256
-
-
-def load_attention() -> tuple[ctypes.CDLL, Path]:
-    loaded, library = load_kernel(SOURCE, "AMX-BF16 and AVX512-BF16, or Linux's permission to use AMX")
-    loaded.attention_amx.restype = None
-    loaded.attention_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
-    loaded.attention_amx.argtypes += [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return loaded, library
-
-
-@functools.cache
-def _attention_kernel() -> tuple[ctypes.CDLL | None, str]:
-    """load_attention's answer for this process (a build is tried once)."""
-    return first_load(load_attention, "bf16 AMX attention")
-
-
-def attention_status() -> str:
-    return _attention_kernel()[1]
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -50,14 +27,14 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[:2] == k.shape[:2] == v.shape[:2]
         and k.shape[2] == v.shape[2]
         and q.shape[2] * k.shape[2] > MAX_SCORES_LEFT
-        and _attention_kernel()[0] is not None
+        and attention_library() is not None
     )
 
 
 def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for inputs `takes` accepts, as [B, heads, N, d] laid out
     [B, N, heads, d] in memory (the layout the caller flattens the heads back into)."""
-    library, _ = _attention_kernel()
+    library = attention_library()
     batch, heads, n, d = q.shape
     m = k.shape[2]
     blocks = -(-m // 32)
