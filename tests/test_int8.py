@@ -261,7 +261,8 @@ def test_feed_forward_is_float32s_within_the_propagated_steps(pair):
 def test_linear_adds_onto_a_residual_as_it_writes(pair, shape):
     """add_onto: the product plus a residual, the sum made in the product's epilogue: within the
     product's bound of float32's sum (one bf16 rounding of the sum beside it); the residual is left
-    as it was, and one laid out otherwise takes the plain sum."""
+    as it was (with `into`, the same sum in the residual's memory), and one laid out otherwise takes
+    the plain sum."""
     exact_layer, layer = layer_pair(pair, "middle_block.1.transformer_blocks.0.attn1.to_out.0")
     x = bf16_exact(torch.randn(shape) * 3 + 1)
     residual = bf16_exact(torch.randn(shape) * 4)
@@ -269,8 +270,10 @@ def test_linear_adds_onto_a_residual_as_it_writes(pair, shape):
     bound = product_bound(x, exact_layer.weight) + (exact_layer.bias.double().abs() + residual.abs()) * BF16_ROUNDING
     kept = residual.bfloat16()
     bf16 = F.linear(x.bfloat16(), layer.weight, layer.bias) + kept
-    assert_int8_within(layer.add_onto(x.bfloat16(), kept), exact, bf16, bound)
+    got = layer.add_onto(x.bfloat16(), kept)
+    assert_int8_within(got, exact, bf16, bound)
     assert torch.equal(kept, residual.bfloat16())
+    assert torch.equal(layer.add_onto(x.bfloat16(), kept, into=True), got)  # summed in kept's memory
     strided = torch.randn(shape[-1], *shape[:-1]).bfloat16().movedim(0, -1)
     assert torch.equal(layer.add_onto(x.bfloat16(), strided), layer(x.bfloat16()) + strided)
 
@@ -296,7 +299,9 @@ def test_transformer_block_quantizes_its_norms_and_adds_in_the_products(pair, mo
             bf16_exact(torch.randn(2, 7, 16, generator=g)),
         )
         exact = exact_block(x, context).double()
-        got = block(x.bfloat16(), context.bfloat16())
+        given = x.bfloat16()
+        got = block(given, context.bfloat16())
+        assert torch.equal(given, x.bfloat16())  # only the block's own tensors are summed into
         block.__class__ = unet.BasicTransformerBlock  # the same int8 sublayers, each writing bf16
         try:
             unfused = block(x.bfloat16(), context.bfloat16())

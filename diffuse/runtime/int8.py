@@ -130,16 +130,22 @@ def quantized(x: Tensor, asymmetric: bool) -> tuple[Tensor, float, int] | None:
 
 
 def linear_product(
-    q: tuple[Tensor, float, int], packed: Packed, then: str = "none", onto: Tensor | None = None
+    q: tuple[Tensor, float, int],
+    packed: Packed,
+    then: str = "none",
+    onto: Tensor | None = None,
+    into: bool = False,
 ) -> Tensor:
     """The packed linear layers applied to the quantized input, bf16 out ("gelu" applies the exact
-    one); `onto` (a contiguous bf16 tensor shaped as the output, left as it is) is added as the
-    output is written, which spares a residual addition its own pass over memory."""
+    one); `onto` (a contiguous bf16 tensor shaped as the output) is added as the output is written,
+    which spares a residual addition its own pass over memory: into a new tensor, or with `into`
+    into onto itself (for a residual its caller made and reads no more; oneDNN's sum reads and
+    writes one buffer, which ran faster)."""
     qx, scale, zero_point = q
     if onto is not None:
         return torch.ops.onednn.qlinear_pointwise.binary(
             qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, onto, packed.bias,
-            1.0, 0, torch.bfloat16, 1.0, 0, "add", 1.0, "none", [], "",
+            1.0, 0, torch.bfloat16, 1.0, 0, "sum" if into else "add", 1.0, "none", [], "",
         )  # fmt: skip
     return torch.ops.onednn.qlinear_pointwise(
         qx, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias,
@@ -164,12 +170,13 @@ class Int8Linear(OneDNNLinear):
             return super().forward(x)
         return linear_product(q, self.int8_weight())
 
-    def add_onto(self, x: Tensor, residual: Tensor) -> Tensor:
-        """self(x) + residual, the sum made as the int8 product is written where it can be."""
+    def add_onto(self, x: Tensor, residual: Tensor, into: bool = False) -> Tensor:
+        """self(x) + residual, the sum made as the int8 product is written where it can be (with
+        `into`, possibly in residual's memory: the caller no longer needs residual)."""
         q = quantized(x, asymmetric=True) if int8_ready(x) and fits_onto(residual, x.shape[:-1]) else None
         if q is None:
             return self(x) + residual
-        return linear_product(q, self.int8_weight(), onto=residual)
+        return linear_product(q, self.int8_weight(), onto=residual, into=into)
 
 
 def fits_onto(residual: Tensor, rows: torch.Size) -> bool:
@@ -262,14 +269,14 @@ class Int8CrossAttention(ChunkedAttention):
     its keys and values from the text bf16), which can also start from its input quantized
     beforehand and add the residual as its output is written (Int8TransformerBlock)."""
 
-    def attend(self, q: tuple[Tensor, float, int], context: Tensor, onto: Tensor) -> Tensor:
-        """self(x, context) + onto for x given quantized."""
+    def attend(self, q: tuple[Tensor, float, int], context: Tensor, onto: Tensor, into: bool = False) -> Tensor:
+        """self(x, context) + onto for x given quantized (with `into`, possibly in onto's memory)."""
         queries = linear_product(q, self.to_q.int8_weight())
         heads = (
             t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (queries, self.to_k(context), self.to_v(context))
         )
         out = attention(*heads)
-        return self.to_out[0].add_onto(out.transpose(1, 2).flatten(2), onto)
+        return self.to_out[0].add_onto(out.transpose(1, 2).flatten(2), onto, into)
 
 
 class Int8FeedForward(unet.FeedForward):
@@ -293,15 +300,15 @@ class Int8FeedForward(unet.FeedForward):
             return super().forward(x)
         return self.feed(q)
 
-    def feed(self, q: tuple[Tensor, float, int], onto: Tensor | None = None) -> Tensor:
-        """self(x) for x given quantized, plus `onto` (as linear_product takes it) if given."""
+    def feed(self, q: tuple[Tensor, float, int], onto: Tensor | None = None, into: bool = False) -> Tensor:
+        """self(x) for x given quantized, plus `onto` (as linear_product takes it, `into` too) if given."""
         value, gate = self.int8_weight()
         value, gate = linear_product(q, value), linear_product(q, gate, then="gelu")
         hidden = kernels.quantize_bf16(value, True, "product", gate)
         if hidden is None:
             out = self.net[2](value.mul_(gate))
             return out if onto is None else out + onto
-        return linear_product(hidden, self.net[2].int8_weight(), onto=onto)
+        return linear_product(hidden, self.net[2].int8_weight(), onto=onto, into=into)
 
 
 class Int8ResBlock(unet.ResBlock):
@@ -356,9 +363,10 @@ class Int8TransformerBlock(unet.BasicTransformerBlock):
         q = normalized(self.norm1, x)
         x = self.attn1(self.norm1(x)) + x if q is None else self.attn1.attend(q, onto=x)
         q = normalized(self.norm2, x)
-        x = self.attn2(self.norm2(x), context) + x if q is None else self.attn2.attend(q, context, onto=x)
+        # From here x is the block's own tensor, so the residual sums may write into it.
+        x = self.attn2(self.norm2(x), context) + x if q is None else self.attn2.attend(q, context, onto=x, into=True)
         q = normalized(self.norm3, x)
-        return self.ff(self.norm3(x)) + x if q is None else self.ff.feed(q, onto=x)
+        return self.ff(self.norm3(x)) + x if q is None else self.ff.feed(q, onto=x, into=True)
 
     def runs_int8(self, x: Tensor) -> bool:
         return (
