@@ -107,6 +107,20 @@ static int choose_scale(float low, float high, int asymmetric, float *s, float *
     return isfinite(*s) && *s >= FLT_MIN;
 }
 
+/* The threads' ranges merged into the tensor's scale (choose_scale). Returns 0 where a thread saw a
+   value that is not finite, or the scale is not usable. */
+static int merged_scale(const float *lows, const float *highs, const int *finite, int count, int asymmetric,
+                        float *s, float *z, float *lowest, float *highest) {
+    float low = 0.0f, high = 0.0f;
+    int ok = 1;
+    for (int i = 0; i < count; i++) {
+        low = lows[i] < low ? lows[i] : low;
+        high = highs[i] > high ? highs[i] : high;
+        ok &= finite[i];
+    }
+    return ok && choose_scale(low, high, asymmetric, s, z, lowest, highest);
+}
+
 /* Runs the code given last on x + offset (and y + offset), out + i, length for the pieces of logical elements
    [begin, end) of `rows` rows of `width` values lying `row_stride` apart (out is dense). */
 #define FOR_PIECES(begin, end, width, row_stride, ...)                                   \
@@ -142,22 +156,13 @@ AVX512 int quantize_bf16(const uint16_t *x, const uint16_t *y, int op, int64_t r
         })
         lows[t] = low_here, highs[t] = high_here, finite[t] = finite_here;
         #pragma omp barrier
-        float low = 0.0f, high = 0.0f;
-        int ok = 1;
-        for (int i = 0; i < count; i++) {
-            low = lows[i] < low ? lows[i] : low;
-            high = highs[i] > high ? highs[i] : high;
-            ok &= finite[i];
-        }
-        if (t == 0) all_finite = ok;
-        if (ok) {
-            float s, z, lowest, highest;
-            const int usable = choose_scale(low, high, asymmetric, &s, &z, &lowest, &highest);
-            if (t == 0 && !usable) all_finite = 0;
-            if (usable)
-                FOR_PIECES(begin, end, width, row_stride, {
-                    write_bytes(x + offset, y ? y + offset : y, op, length, out + i, 1.0f / s, z, lowest, highest);
-                })
+        float s, z, lowest, highest;
+        const int usable = merged_scale(lows, highs, finite, count, asymmetric, &s, &z, &lowest, &highest);
+        if (t == 0) all_finite = usable;
+        if (usable) {
+            FOR_PIECES(begin, end, width, row_stride, {
+                write_bytes(x + offset, y ? y + offset : y, op, length, out + i, 1.0f / s, z, lowest, highest);
+            })
             if (t == 0) {
                 *scale = s;
                 *zero_point = (int32_t)z;
@@ -230,15 +235,8 @@ AVX512 int layer_norm_quantize_bf16(const uint16_t *x, int64_t rows, int64_t wid
                                      &low_here, &high_here);
         lows[t] = low_here, highs[t] = high_here, finite[t] = finite_here;
         #pragma omp barrier
-        float low = 0.0f, high = 0.0f;
-        int ok = 1;
-        for (int i = 0; i < count; i++) {
-            low = lows[i] < low ? lows[i] : low;
-            high = highs[i] > high ? highs[i] : high;
-            ok &= finite[i];
-        }
         float s, z, lowest, highest;
-        const int usable = ok && choose_scale(low, high, asymmetric, &s, &z, &lowest, &highest);
+        const int usable = merged_scale(lows, highs, finite, count, asymmetric, &s, &z, &lowest, &highest);
         if (t == 0) all_finite = usable;
         if (usable) {
             const __m512 inv = _mm512_set1_ps(1.0f / s), zp = _mm512_set1_ps(z);
@@ -406,15 +404,9 @@ AVX512 int group_norm_silu_quantize_bf16(const uint16_t *x, int64_t batch, int64
         lows[t] = _mm512_reduce_min_ps(low_lanes), highs[t] = _mm512_reduce_max_ps(high_lanes);
         finite[t] = isfinite(_mm512_reduce_add_ps(nans));
         #pragma omp barrier
-        float low = 0.0f, high = 0.0f;
-        int ok = stats_finite;
-        for (int i = 0; i < count; i++) {
-            low = lows[i] < low ? lows[i] : low;
-            high = highs[i] > high ? highs[i] : high;
-            ok &= finite[i];
-        }
         float s, z, lowest, highest;
-        const int usable = ok && choose_scale(low, high, asymmetric, &s, &z, &lowest, &highest);
+        const int usable =
+            stats_finite && merged_scale(lows, highs, finite, count, asymmetric, &s, &z, &lowest, &highest);
         if (t == 0) all_finite = usable;
         if (usable) {
             const __m512 inv = _mm512_set1_ps(1.0f / s), zp = _mm512_set1_ps(z);
