@@ -84,6 +84,15 @@ def result(server):
     return image, answer["id"], made(server, answer["id"])
 
 
+def test_an_image_made_with_another_quantize_is_refused(server, result):
+    """A gallery image's fields carry its quantize; a server running another would draw another image."""
+    image, _, _ = result
+    assert image["fields"]["quantize"] is None
+    status, answer, _ = server.call("POST", "/diffuse/v1/illustrate", {**image["fields"], "quantize": "int8"})
+    assert status == 422 and answer["field"] == "quantize"
+    assert answer["detail"] == "quantize: the image was made with quantize int8; this server runs with off"
+
+
 def test_a_result_is_drawn_again_with_every_figure(server, result):
     image, report_id, state = result
     assert state["state"] == "done", state

@@ -137,7 +137,7 @@ class ReportStore:
 def add_illustrate_routes(app: FastAPI, server: Server, store: ReportStore) -> None:
     @app.post("/diffuse/v1/illustrate", status_code=202, tags=["page"])
     async def submit(request: Request) -> dict:
-        wanted = read_illustration(await read_json(request), server.settings.limits)
+        wanted = read_illustration(await read_json(request), server.settings.limits, server.settings.quantize)
         return {"id": _submit(server, store, wanted)}
 
     @app.get("/diffuse/v1/illustrate/{report_id}", tags=["page"])
@@ -158,14 +158,19 @@ def add_illustrate_routes(app: FastAPI, server: Server, store: ReportStore) -> N
         return stream_file(file, MEDIA_TYPES[Path(name).suffix], {"Content-Security-Policy": REPORT_POLICY})
 
 
-def read_illustration(body: Any, limits: Limits) -> dict[str, Any]:
+def read_illustration(body: Any, limits: Limits, quantize: str | None = None) -> dict[str, Any]:
     """The checked parameters of a report: the txt2img fields as a generation request reads them
-    (the same checks, the same limits), one image, no setting the command does not take."""
+    (the same checks, the same limits), one image, no setting the command does not take. A
+    gallery image's fields may say how it was quantized: it must be how this server runs
+    (`quantize`), since another arithmetic would draw another image."""
     if not isinstance(body, dict):
         raise RequestError("body", f"must be a JSON object, not {type(body).__name__}")
-    extra = sorted(set(body) - FIELDS - {"model_hash"})
+    extra = sorted(set(body) - FIELDS - {"model_hash", "quantize"})
     if extra:
         raise RequestError(extra[0], "is not a setting a report is drawn with")
+    if body.get("quantize", quantize) != quantize:
+        made, runs = body["quantize"] or "off", quantize or "off"
+        raise RequestError("quantize", f"the image was made with quantize {made!s}; this server runs with {runs}")
     generation = read_generation("txt2img", {key: body[key] for key in FIELDS if key in body}, limits).generation
     model = body.get("model_hash")
     if model is not None and not isinstance(model, str):
