@@ -39,16 +39,23 @@ def _madvise():
     return libc.madvise
 
 
-def file_mappings(path: str | Path) -> list[tuple[int, int]]:
-    """[start, end) address ranges this process maps from the file at `path` (/proc/self/maps)."""
+def file_mappings(path: str | Path | None = None) -> list[tuple[int, int]]:
+    """[start, end) address ranges this process maps from the file at `path`, or from any file
+    (a mapping with an inode; /proc/self/maps)."""
     maps = Path("/proc/self/maps")
     if not sys.platform.startswith("linux") or not maps.is_file():
         return []
-    target = os.path.realpath(path)
+    target = None if path is None else os.path.realpath(path)
     ranges = []
     for line in maps.read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target:
+        if len(fields) < 6:
+            continue  # an anonymous mapping
+        if target is None:
+            wanted = fields[4] != "0" and not fields[5].startswith("[")  # an inode: a file
+        else:
+            wanted = fields[5] == target
+        if wanted:
             start, end = (int(x, 16) for x in fields[0].split("-"))
             ranges.append((start, end))
     return ranges

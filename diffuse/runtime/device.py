@@ -44,7 +44,16 @@ def cpu_has_vnni() -> bool:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_kept_by: list[ctypes.CDLL] = []  # the C library, once keep_freed_memory has taken effect
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library this process already runs on, where it is glibc (another libc, such as
+    musl, numbers mallopt's parameters otherwise and has no malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim") else None
 
 
 @functools.cache
@@ -60,26 +69,12 @@ def keep_freed_memory() -> bool:
     it), for a heap that keeps its high-water mark (bench/RESULTS.md). It is process-wide
     and lasting, which is why it can be turned off.
     """
-    if os.environ.get("DIFFUSE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs on
-    if not hasattr(libc, "gnu_get_libc_version"):  # another libc (musl): other parameter numbers
+    libc = _glibc()
+    if os.environ.get("DIFFUSE_KEEP_FREED_MEMORY", "1") == "0" or libc is None:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
-    kept = all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
-    if kept:
-        _kept_by.append(libc)
-    return kept
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    """The C library this process runs on where it is glibc (whose malloc_trim the others lack)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None)
-    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim") else None
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 def give_back_freed_memory() -> None:

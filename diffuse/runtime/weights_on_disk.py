@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from diffuse.checkpoints.pages import give_back_pages
+from diffuse.checkpoints.pages import file_mappings, give_back_pages
 from diffuse.runtime.device import give_back_freed_memory
 
 # Left free on the spill folder's disk, so moving weights there never fills it.
@@ -49,21 +49,6 @@ def _page_aligned(nbytes: int) -> int:
     return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
-def file_mapped_ranges() -> list[tuple[int, int]]:
-    """[start, end) address ranges this process maps from files (/proc/self/maps; none elsewhere than Linux)."""
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[4] != "0" and not fields[5].startswith("["):  # an inode: a file
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end))
-    except OSError:
-        pass
-    return ranges
-
-
 def _span(param: Tensor) -> tuple[int, int]:
     """The [start, end) addresses of a dense parameter's values."""
     start = param.data_ptr()
@@ -77,7 +62,7 @@ class WeightsOnDisk:
 
     def __init__(self, params: Iterable[Tensor], folder: str | None = None):
         unique = {id(p): p for p in params}
-        mapped = file_mapped_ranges()
+        mapped = file_mappings()
         # A file's own pages, with the version counter they had then: written since, a private
         # mapping's page is the process's own copy, which dropping would lose.
         self.in_place: dict[int, tuple[Tensor, int]] = {}
@@ -113,7 +98,7 @@ class WeightsOnDisk:
         with pwrite, not through the mapping, so the pages land in the page cache without ever
         counting in the process's memory."""
         for param in params:
-            if id(param) in self.in_place or id(param) not in self.ranges or self.holds(param):
+            if id(param) not in self.ranges or self.holds(param):  # left in place, or moved already
                 continue
             _, offset, nbytes = self.ranges[id(param)]
             if not param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):

@@ -170,7 +170,7 @@ def read_illustration(body: Any, limits: Limits, quantize: str | None = None) ->
         raise RequestError(extra[0], "is not a setting a report is drawn with")
     if body.get("quantize", quantize) != quantize:
         made, runs = body["quantize"] or "off", quantize or "off"
-        raise RequestError("quantize", f"the image was made with quantize {made!s}; this server runs with {runs}")
+        raise RequestError("quantize", f"the image was made with quantize {made}; this server runs with {runs}")
     generation = read_generation("txt2img", {key: body[key] for key in FIELDS if key in body}, limits).generation
     model = body.get("model_hash")
     if model is not None and not isinstance(model, str):
