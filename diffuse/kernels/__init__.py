@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from diffuse.user_cache import cache_folder
+
 SOURCE = Path(__file__).with_name("softmax_bf16.c")
 QUANTIZE_SOURCE = Path(__file__).with_name("quantize_bf16.c")
 ATTENTION_SOURCE = Path(__file__).with_name("attention_amx.c")
@@ -39,12 +41,6 @@ COMPILE_SECONDS = 120
 
 class KernelUnavailable(Exception):
     """Why the kernel is not used here; the message is status()'s."""
-
-
-def cache_folder() -> Path:
-    if os.environ.get("DIFFUSE_CACHE"):
-        return Path(os.environ["DIFFUSE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffuse"
 
 
 def build(source: Path, folder: Path, compiler: str) -> Path:
