@@ -45,13 +45,13 @@ from diffuse.pipeline import Pipeline
 from diffuse.preview import fit_preview_matrix
 from diffuse.runtime import prepare
 from diffuse.samplers.schedule import NoiseSchedule
-from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.tokenizer import CLIPTokenizer
 from diffuse.train.components import IMAGE_TOWER_DIR, final_files, load_final, read_final_info, weights_sha256
-from diffuse.train.config_files import config_from_dict
+from diffuse.train.config_files import config_from_dict, world_data_from_dict
+from diffuse.train.worlds import DEFAULT_DATA, WorldData, make_dataset
 
 PREVIEW_SAMPLES = 256  # dataset images the preview matrix is fitted on
-PREVIEW_DATA_SEED = 0  # which images: any shapes will do, the fit is of the VAE, not of the data
+PREVIEW_DATA_SEED = 0  # which images of the world: any will do, the fit is of the VAE, not of the data
 
 
 class AssemblyWarning(UserWarning):
@@ -137,7 +137,9 @@ def build_pipeline(
         vae=vae,
         config=config,
         source=source,
-        preview_matrix=fit_vae_preview(vae, vae_config, config.image_size, preview_samples),
+        preview_matrix=fit_vae_preview(
+            vae, vae_config, preview_data(unet_dir, vae_dir, config.image_size), preview_samples
+        ),
     )
     pipe.scheduler_config = trained_scheduler_config(pipe, unet_dir)
     return pipe
@@ -155,13 +157,28 @@ def trained_scheduler_config(pipe: Pipeline, unet_dir: Path) -> dict:
     return {**scheduler_config(pipe), **dataclasses.asdict(schedule)}
 
 
+def preview_data(unet_dir: Path, vae_dir: Path, image_size: int) -> WorldData:
+    """The world the UNet was trained on (or else the VAE), at PREVIEW_DATA_SEED and the model's image
+    size: the preview is fitted on the colours the model draws. A stage that records no training data
+    (one diffuse.train.unpack wrote) leaves the shapes world."""
+    for folder, component in ((unet_dir, "unet"), (vae_dir, "vae")):
+        section = read_final_info(folder, component).get("trained_with", {}).get("data")
+        if isinstance(section, dict):
+            where = f"{final_files(folder, component)[1]}: trained_with.data"
+            data = world_data_from_dict(section, where)
+            break
+    else:
+        data = DEFAULT_DATA
+    return dataclasses.replace(data, seed=PREVIEW_DATA_SEED, image_size=image_size)
+
+
 @torch.no_grad()
-def fit_vae_preview(vae: AutoencoderKL, config: VAEConfig, image_size: int, samples: int) -> torch.Tensor:
+def fit_vae_preview(vae: AutoencoderKL, config: VAEConfig, data: WorldData, samples: int) -> torch.Tensor:
     """The latent -> RGB matrix (with bias) that best maps this VAE's latents (posterior means, UNet
-    scale) to its own decodes, on `samples` rendered shape images."""
+    scale) to its own decodes, on `samples` images of the world `data` describes."""
     if samples < 1:
         raise ValueError(f"the preview matrix needs at least one image to be fitted on, not {samples}")
-    dataset = ShapesDataset(DataConfig(seed=PREVIEW_DATA_SEED, image_size=image_size))
+    dataset = make_dataset(data)
     latents, decodes = [], []
     for start in range(0, samples, 32):
         images, _, _ = dataset.batch(start, min(32, samples - start))

@@ -45,6 +45,7 @@ from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.shapes.image_encoder import ImageTower, ImageTowerConfig
 from diffuse.train.config_files import config_from_dict, read_json
+from diffuse.train.worlds import config_fields
 
 FINAL_WEIGHTS = "final.safetensors"
 FINAL_INFO = "final.json"
@@ -107,7 +108,7 @@ def save_final(
         "component": component,
         "config": dataclasses.asdict(model_config),
         "extra": dict(extra or {}),
-        "trained_with": dict(train_config) if isinstance(train_config, dict) else dataclasses.asdict(train_config),
+        "trained_with": dict(train_config) if isinstance(train_config, dict) else config_fields(train_config),
     }
     text = json.dumps(info, indent=2) + "\n"
     return atomic_write(info_path, lambda f: f.write(text.encode("utf-8")))

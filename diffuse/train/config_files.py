@@ -1,8 +1,9 @@
 """Training config files: a JSON object whose keys are a frozen config dataclass's fields.
 
 Nested objects fill nested configs, lists fill tuples, and a preset's name (such as "tiny")
-stands for a whole architecture config. Unknown keys and wrong types are refused by name, so
-a typo never silently trains with a default.
+stands for a whole architecture config. A stage's data section builds the data config of the
+world its "world" key names (diffuse.train.worlds; the shapes world without one). Unknown keys
+and wrong types are refused by name, so a typo never silently trains with a default.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from diffuse.shapes.image_encoder import ImageEncoderConfig
 from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT, TINY_UNET, TINY_VAE
+from diffuse.train.worlds import WorldData, world_config_class
 
 # Names a config file may use in place of a whole architecture config.
 PRESETS_BY_TYPE: dict[type, dict[str, Any]] = {
@@ -57,7 +59,17 @@ def config_from_dict(cls: type, values: Any, where: str = "config") -> Any:
         raise ValueError(f"{where}: {error}") from None
 
 
+def world_data_from_dict(values: Any, where: str = "data") -> WorldData:
+    """The data config of the world a data section names ("world", the shapes world without it)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a JSON object (a world's data section), got {values!r}")
+    config_class, fields = world_config_class(values, where)
+    return config_from_dict(config_class, fields, where)
+
+
 def _from_json(hint: Any, value: Any, where: str) -> Any:
+    if hint == WorldData:
+        return world_data_from_dict(value, where)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, str):
             presets = PRESETS_BY_TYPE.get(hint, {})

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from diffuse.metadata import atomic_write, sha256_file
+from diffuse.train.worlds import config_fields
 
 FORMAT = "diffuse-train-checkpoint"
 VERSION = 1
@@ -138,7 +139,7 @@ def save_checkpoint(
         "version": VERSION,
         "step": int(step),
         "data_position": int(data_position),
-        "config": {"class": type(config).__qualname__, "fields": dataclasses.asdict(config)},
+        "config": {"class": type(config).__qualname__, "fields": config_fields(config)},
         "models": {name: model.state_dict() for name, model in models.items()},
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
         "generators": {name: generator.get_state() for name, generator in (generators or {}).items()},
@@ -281,7 +282,7 @@ def config_differences(saved: dict, config: Any) -> list[str]:
     if saved["class"] != class_now:
         lines.append(f"config class: checkpoint {saved['class']}, now {class_now}")
     old = _flatten(saved["fields"])
-    new = _flatten(dataclasses.asdict(config))
+    new = _flatten(config_fields(config))
     defaults = _default_fields(config) if saved["class"] == class_now else {}
     may_change = _resumable_names(config)
     for name in list(new) + [name for name in old if name not in new]:
@@ -297,7 +298,7 @@ def config_differences(saved: dict, config: Any) -> list[str]:
 
 def _default_fields(config: Any) -> dict[str, Any]:
     try:
-        return _flatten(dataclasses.asdict(type(config)()))
+        return _flatten(config_fields(type(config)()))
     except TypeError:  # a config class with required fields has no defaults to fall back on
         return {}
 

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from diffuse.models.clip import CLIPTextEncoder
 from diffuse.models.configs import TextEncoderConfig
-from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.shapes.image_encoder import (
     ImageEncoder,
     ImageEncoderConfig,
@@ -40,13 +39,14 @@ from diffuse.train.components import is_main_process, save_final, stage_inputs, 
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import contrastive_loss
 from diffuse.train.presets import TINY_IMAGE_ENCODER, TINY_TEXT
+from diffuse.train.worlds import DEFAULT_DATA, Dataset, WorldData, data_inputs, make_dataset
 
 
 @dataclass(frozen=True)
 class CLIPTrainConfig(LoopConfig):
     text_encoder: TextEncoderConfig = TINY_TEXT
     image_encoder: ImageEncoderConfig = TINY_IMAGE_ENCODER  # its embed_dim is the joint space's size
-    data: DataConfig = DataConfig()
+    data: WorldData = DEFAULT_DATA  # which world and how (diffuse.train.worlds); the shapes by default
     # How captions are padded to 77 tokens: 49407 (<|endoftext|>) as SD1, 0 ("!") as SD2.
     # The UNet stage and the shipped pipeline read it from the finished encoder.
     pad_token_id: int = 49407
@@ -110,7 +110,7 @@ def image_tower(config: CLIPTrainConfig, models: dict[str, nn.Module]) -> ImageT
 
 
 def make_batch(
-    dataset: ShapesDataset, tokenizer: CLIPTokenizer, start: int, count: int, hard_negatives: bool = False
+    dataset: Dataset, tokenizer: CLIPTokenizer, start: int, count: int, hard_negatives: bool = False
 ) -> dict[str, Tensor]:
     images, captions, _ = dataset.batch(start, count)
     batch = {"images": images, "ids": tokenizer(captions)}
@@ -186,13 +186,11 @@ def train_clip(
     tower as final_image_tower.*); returns every step's loss."""
     models = build_models(config)
     tokenizer = CLIPTokenizer.from_bpe_gz(pad_token_id=config.pad_token_id)
-    dataset = ShapesDataset(config.data)
-    inputs = {}
+    dataset = make_dataset(config.data)
+    inputs = data_inputs(config.data)
     if config.init_from is not None:
-        inputs = {
-            **stage_inputs("init_from", config.init_from, "text_encoder"),
-            **stage_inputs("init_from", config.init_from, "image_tower"),
-        }
+        inputs.update(stage_inputs("init_from", config.init_from, "text_encoder"))
+        inputs.update(stage_inputs("init_from", config.init_from, "image_tower"))
     losses = train(
         config,
         models,

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from diffuse.models.configs import UNetConfig
 from diffuse.models.unet import UNet
 from diffuse.samplers.schedule import NoiseSchedule
-from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.tokenizer import CLIPTokenizer
 from diffuse.train.components import (
     is_main_process,
@@ -37,6 +36,7 @@ from diffuse.train.components import (
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import drop_captions, encode_latents, unet_loss
 from diffuse.train.presets import TINY_UNET
+from diffuse.train.worlds import DEFAULT_DATA, Dataset, WorldData, data_inputs, make_dataset
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class UNetTrainConfig(LoopConfig):
     unet: UNetConfig = TINY_UNET
     vae_dir: str = "runs/vae"  # a finished VAE stage's folder (its final.safetensors / final.json)
     text_encoder_dir: str = "runs/clip"  # a finished CLIP stage's folder
-    data: DataConfig = DataConfig()
+    data: WorldData = DEFAULT_DATA  # which world and how (diffuse.train.worlds); the shapes by default
     caption_dropout: float = 0.1  # SD's rate of empty prompts
     min_snr_gamma: float | None = None  # Min-SNR loss weighting (see objectives.unet_loss); None: SD's plain MSE
     schedule: NoiseSchedule = NoiseSchedule()
@@ -99,10 +99,11 @@ def load_conditioning(config: UNetTrainConfig) -> Conditioning:
 
 
 def unet_inputs(config: UNetTrainConfig) -> dict[str, Path]:
-    """The files of other stages this stage depends on: the frozen VAE and text encoder, and init_from."""
+    """The files this stage reads besides its config: the frozen VAE and text encoder, init_from, the world's data."""
     inputs = {
         **stage_inputs("vae_dir", config.vae_dir, "vae"),
         **stage_inputs("text_encoder_dir", config.text_encoder_dir, "text_encoder"),
+        **data_inputs(config.data),
     }
     if config.init_from is not None:
         inputs.update(stage_inputs("init_from", config.init_from, "unet"))
@@ -118,7 +119,7 @@ def build_models(config: UNetTrainConfig, conditioning: Conditioning) -> dict[st
     return {"unet": unet, "vae": conditioning.vae, "text_encoder": conditioning.text_encoder}
 
 
-def make_batch(dataset: ShapesDataset, start: int, count: int) -> dict:
+def make_batch(dataset: Dataset, start: int, count: int) -> dict:
     # Captions stay text here: dropping them needs the step's random draws, which loss_fn holds.
     images, captions, _ = dataset.batch(start, count)
     return {"images": images, "captions": captions}
@@ -144,7 +145,7 @@ def train_unet(
     """Train the UNet in `out_dir` on the frozen stages, then write final.safetensors / final.json; returns every loss."""
     conditioning = load_conditioning(config)
     models = build_models(config, conditioning)
-    dataset = ShapesDataset(config.data)
+    dataset = make_dataset(config.data)
     losses = train(
         config,
         models,

@@ -1,4 +1,4 @@
-"""Stage 1: the autoencoder, trained on shape images alone (no captions).
+"""Stage 1: the autoencoder, trained on the world's images alone (no captions).
 
 Each step reconstructs a batch of images through a posterior sample (diffuse.train.objectives.
 vae_loss). When training ends, the scaling factor that brings the latents to unit variance
@@ -18,17 +18,17 @@ from torch import Tensor, nn
 
 from diffuse.models.configs import VAEConfig
 from diffuse.models.vae import AutoencoderKL
-from diffuse.shapes.data import DataConfig, ShapesDataset
 from diffuse.train.components import is_main_process, save_final, stage_inputs, starting_weights
 from diffuse.train.loop import BatchRandom, LoopConfig, train
 from diffuse.train.objectives import DEFAULT_KL_WEIGHT, scaling_factor_for, vae_loss
 from diffuse.train.presets import TINY_VAE
+from diffuse.train.worlds import DEFAULT_DATA, Dataset, WorldData, data_inputs, make_dataset
 
 
 @dataclass(frozen=True)
 class VAETrainConfig(LoopConfig):
     vae: VAEConfig = TINY_VAE
-    data: DataConfig = DataConfig()
+    data: WorldData = DEFAULT_DATA  # which world and how (diffuse.train.worlds); the shapes by default
     kl_weight: float = DEFAULT_KL_WEIGHT
     l1_weight: float = 1.0  # reconstruction terms; see diffuse.train.objectives.vae_loss for why both exist
     l2_weight: float = 0.0
@@ -73,7 +73,7 @@ def build_models(config: VAETrainConfig) -> dict[str, nn.Module]:
     return {"vae": vae}
 
 
-def make_batch(dataset: ShapesDataset, start: int, count: int) -> Tensor:
+def make_batch(dataset: Dataset, start: int, count: int) -> Tensor:
     images, _, _ = dataset.batch(start, count)
     return images
 
@@ -87,9 +87,7 @@ def loss_fn(
 
 
 @torch.no_grad()
-def measure_scaling_factor(
-    vae: AutoencoderKL, dataset: ShapesDataset, samples: int, seed: int, chunk: int = 32
-) -> float:
+def measure_scaling_factor(vae: AutoencoderKL, dataset: Dataset, samples: int, seed: int, chunk: int = 32) -> float:
     """1 / std of posterior samples of the first `samples` images: SD's scale_by_std, on a fixed set."""
     device = next(vae.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -105,8 +103,10 @@ def train_vae(
 ) -> list[float]:
     """Train the autoencoder in `out_dir`, then write final.safetensors / final.json there; returns every step's loss."""
     models = build_models(config)
-    dataset = ShapesDataset(config.data)
-    inputs = stage_inputs("init_from", config.init_from, "vae") if config.init_from is not None else {}
+    dataset = make_dataset(config.data)
+    inputs = data_inputs(config.data)
+    if config.init_from is not None:
+        inputs.update(stage_inputs("init_from", config.init_from, "vae"))
     losses = train(
         config,
         models,
