@@ -6,10 +6,13 @@
    each exp to float32 accuracy for a bf16 result. Here, for each block of 16 queries:
    - the scores of 32 keys at a time land in two 16x16 float32 tiles, stored to a small buffer;
    - each row's exp(score - running max) is taken with a cubic for 2^frac (relative error
-     1.7e-4, a 24th of bf16's rounding), summed in float32 and rounded to bf16;
+     1.7e-4, a 24th of bf16's rounding) and rounded to bf16, while the tiles already compute
+     the next block's scores;
    - those bf16 rows times the values accumulate in float32 output tiles, the first four of
      which stay in the tile registers from the first block of keys to the last (a head wider
-     than 64 keeps the rest in memory).
+     than 64 keeps the rest in memory). Where the head's width leaves a padding column in
+     them (SD1.5's 40), the packed values hold ones there, so the tiles also sum each row's
+     weights, exactly as they were multiplied; elsewhere the rows are summed in float32.
    The running maximum is the first block's; a later score more than 2^8 above it (rare once
    the first blocks are seen) rescales that row's sum and output, so they stay in range without
    the per-block rescaling.
@@ -93,15 +96,17 @@ static void pack_head(const uint16_t *k, const uint16_t *v, int64_t ks, int64_t 
                     const int64_t key = kb * 32 + 2 * p + e;
                     for (int64_t j = 0; j < 16; j++) {
                         const int64_t dim = o * 16 + j;
-                        tile[(p * 16 + j) * 2 + e] = (key < m && dim < d) ? v[key * vs + dim] : 0;
+                        /* bf16 1.0 in the first padding column: the row sums (query_block) */
+                        const uint16_t pad = dim == d ? 0x3f80 : 0;
+                        tile[(p * 16 + j) * 2 + e] = key >= m ? 0 : dim < d ? v[key * vs + dim] : pad;
                     }
                 }
         }
     }
 }
 
-/* The 16 x 32 scores of the query block against key block kb, into sbuf (row stride 32). */
-#define SCORES(kb)                                                              \
+/* The 16 x 32 scores of the query block against key block kb, into s (row stride 32). */
+#define SCORES(kb, s)                                                           \
     do {                                                                        \
         _tile_zero(0);                                                          \
         _tile_zero(1);                                                          \
@@ -112,8 +117,8 @@ static void pack_head(const uint16_t *k, const uint16_t *v, int64_t ks, int64_t 
             _tile_loadd(3, kp + (((kb) * chunks + c) * 2 + 1) * 512, 64);       \
             _tile_dpbf16ps(1, 2, 3);                                            \
         }                                                                       \
-        _tile_stored(0, sbuf, 128);                                             \
-        _tile_stored(1, sbuf + 16, 128);                                        \
+        _tile_stored(0, (s), 128);                                              \
+        _tile_stored(1, (s) + 16, 128);                                         \
     } while (0)
 
 /* Output tile i (tile register t: the intrinsics take its number as a constant) += p v. */
@@ -128,28 +133,73 @@ static void pack_head(const uint16_t *k, const uint16_t *v, int64_t ks, int64_t 
    only on such a jump (rare after the first blocks) keeps the output in the tiles. */
 #define HEADROOM 8.0f
 
+/* One block's 16 x 32 scores s to bf16 weights exp2(score * cv - running max) in p, the rows'
+   sums added to sums unless the output tiles sum them (sum_in_tiles); returns a bit per row
+   whose maximum rose past the headroom (its sum already rescaled, its factor in factors).
+   Inlined with masked a constant, so every block but the last runs without lane masks. */
+AMX static inline __attribute__((always_inline)) int block_weights(
+    const float *s, uint16_t *p, float *maxima, float *sums, float *factors, __m512 cv, __mmask16 lm,
+    __mmask16 hm, int masked, int sum_in_tiles) {
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), headroom = _mm512_set1_ps(HEADROOM);
+    int rescale = 0;
+    for (int r = 0; r < 16; r++) {
+        /* Past the last key the packed keys are zeros: those lanes (lm, hm) are left out. */
+        const __m512 shift = _mm512_set1_ps(maxima[r]);
+        __m512 lo = _mm512_fmsub_ps(_mm512_load_ps(s + r * 32), cv, shift);
+        __m512 hi = _mm512_fmsub_ps(_mm512_load_ps(s + r * 32 + 16), cv, shift);
+        const __mmask16 over = masked ? _mm512_mask_cmp_ps_mask(lm, lo, headroom, _CMP_GT_OQ) |
+                                            _mm512_mask_cmp_ps_mask(hm, hi, headroom, _CMP_GT_OQ)
+                                      : _mm512_cmp_ps_mask(_mm512_max_ps(lo, hi), headroom, _CMP_GT_OQ);
+        if (__builtin_expect(over != 0, 0)) {
+            const __m512 lo_in = masked ? _mm512_mask_mov_ps(neg_inf, lm, lo) : lo;
+            const __m512 hi_in = masked ? _mm512_mask_mov_ps(neg_inf, hm, hi) : hi;
+            const float rise = _mm512_reduce_max_ps(_mm512_max_ps(lo_in, hi_in));
+            maxima[r] += rise;
+            factors[r] = exp2f(-rise);
+            rescale |= 1 << r;
+            const __m512 by = _mm512_set1_ps(rise);
+            lo = _mm512_sub_ps(lo, by);
+            hi = _mm512_sub_ps(hi, by);
+            if (!sum_in_tiles)
+                _mm512_store_ps(sums + r * 16, _mm512_mul_ps(_mm512_load_ps(sums + r * 16), _mm512_set1_ps(factors[r])));
+        }
+        lo = exp2_approx(lo);
+        hi = exp2_approx(hi);
+        if (masked) {
+            lo = _mm512_maskz_mov_ps(lm, lo);
+            hi = _mm512_maskz_mov_ps(hm, hi);
+        }
+        if (!sum_in_tiles)
+            _mm512_store_ps(sums + r * 16, _mm512_add_ps(_mm512_load_ps(sums + r * 16), _mm512_add_ps(lo, hi)));
+        _mm512_store_si512((__m512i *)(p + r * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return rescale;
+}
+
 AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const uint16_t *kp, const uint16_t *vp,
                             int64_t m, int64_t d, int64_t dp, int64_t dv, float scale, uint16_t *out, int64_t os) {
     uint16_t qbuf[16 * MAX_WIDTH] __attribute__((aligned(64)));
-    float sbuf[16 * 32] __attribute__((aligned(64)));
+    float sbuf[2][16 * 32] __attribute__((aligned(64)));
     uint16_t pbuf[16 * 32] __attribute__((aligned(64)));
     float obuf[16 * MAX_WIDTH] __attribute__((aligned(64)));
     float sums[16 * 16] __attribute__((aligned(64)));
     float maxima[16], factors[16];
     const int64_t chunks = dp / 32, outs = dv / 16, blocks = (m + 31) / 32;
+    /* Where the output has a padding column, the packed values hold ones there (pack_head), so
+       the tiles sum each row's weights as they are multiplied. */
+    const int sum_in_tiles = dv > d;
     memset(qbuf, 0, 16 * dp * 2);
     for (int64_t r = 0; r < rows; r++) memcpy(qbuf + r * dp, q + r * qs, d * 2);
     const int64_t tail = m - (blocks - 1) * 32; /* keys in the last block, 1..32 */
     const __mmask16 lo_mask = tail >= 16 ? 0xffff : (__mmask16)((1u << tail) - 1);
     const __mmask16 hi_mask = tail >= 32 ? 0xffff : tail <= 16 ? 0 : (__mmask16)((1u << (tail - 16)) - 1);
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), cv = _mm512_set1_ps(scale * 1.44269504f);
-    const __m512 headroom = _mm512_set1_ps(HEADROOM);
 
-    SCORES(0);
+    SCORES(0, sbuf[0]);
     for (int r = 0; r < 16; r++) {  /* the first block's maxima start the running ones */
         const __mmask16 lm = blocks == 1 ? lo_mask : 0xffff, hm = blocks == 1 ? hi_mask : 0xffff;
-        __m512 lo = _mm512_mask_mov_ps(neg_inf, lm, _mm512_mul_ps(_mm512_load_ps(sbuf + r * 32), cv));
-        __m512 hi = _mm512_mask_mov_ps(neg_inf, hm, _mm512_mul_ps(_mm512_load_ps(sbuf + r * 32 + 16), cv));
+        __m512 lo = _mm512_mask_mov_ps(neg_inf, lm, _mm512_mul_ps(_mm512_load_ps(sbuf[0] + r * 32), cv));
+        __m512 hi = _mm512_mask_mov_ps(neg_inf, hm, _mm512_mul_ps(_mm512_load_ps(sbuf[0] + r * 32 + 16), cv));
         maxima[r] = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
         _mm512_store_ps(sums + r * 16, _mm512_setzero_ps());
     }
@@ -160,30 +210,13 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
     for (int r = 0; r < 16; r++)
         for (int64_t j = IN_TILES * 16; j < dv; j += 16) _mm512_store_ps(obuf + r * dv + j, _mm512_setzero_ps());
     for (int64_t kb = 0; kb < blocks; kb++) {
-        if (kb > 0) SCORES(kb);
-        const __mmask16 lm = kb == blocks - 1 ? lo_mask : 0xffff, hm = kb == blocks - 1 ? hi_mask : 0xffff;
-        int rescale = 0;
-        for (int r = 0; r < 16; r++) {
-            /* Past the last key the packed keys are zeros: those lanes (lm, hm) are left out. */
-            const __m512 shift = _mm512_set1_ps(maxima[r]);
-            __m512 lo = _mm512_fmsub_ps(_mm512_load_ps(sbuf + r * 32), cv, shift);
-            __m512 hi = _mm512_fmsub_ps(_mm512_load_ps(sbuf + r * 32 + 16), cv, shift);
-            if (_mm512_mask_cmp_ps_mask(lm, lo, headroom, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(hm, hi, headroom, _CMP_GT_OQ)) {
-                const float rise = _mm512_reduce_max_ps(
-                    _mm512_max_ps(_mm512_mask_mov_ps(neg_inf, lm, lo), _mm512_mask_mov_ps(neg_inf, hm, hi)));
-                maxima[r] += rise;
-                factors[r] = exp2f(-rise);
-                rescale |= 1 << r;
-                const __m512 by = _mm512_set1_ps(rise);
-                lo = _mm512_sub_ps(lo, by);
-                hi = _mm512_sub_ps(hi, by);
-                _mm512_store_ps(sums + r * 16, _mm512_mul_ps(_mm512_load_ps(sums + r * 16), _mm512_set1_ps(factors[r])));
-            }
-            lo = _mm512_maskz_mov_ps(lm, exp2_approx(lo));
-            hi = _mm512_maskz_mov_ps(hm, exp2_approx(hi));
-            _mm512_store_ps(sums + r * 16, _mm512_add_ps(_mm512_load_ps(sums + r * 16), _mm512_add_ps(lo, hi)));
-            _mm512_store_si512((__m512i *)(pbuf + r * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+        /* The next block's scores are asked of the tiles before this block's exps, so the two
+           can run at once. */
+        if (kb + 1 < blocks) SCORES(kb + 1, sbuf[(kb + 1) & 1]);
+        const float *s = sbuf[kb & 1];
+        const int rescale = kb == blocks - 1
+            ? block_weights(s, pbuf, maxima, sums, factors, cv, lo_mask, hi_mask, 1, sum_in_tiles)
+            : block_weights(s, pbuf, maxima, sums, factors, cv, 0xffff, 0xffff, 0, sum_in_tiles);
         if (rescale) {  /* the rows whose maximum rose: their output so far scaled down to match */
             if (outs > 0) _tile_stored(4, obuf, dv * 4);
             if (outs > 1) _tile_stored(5, obuf + 16, dv * 4);
@@ -211,7 +244,8 @@ AMX static void query_block(const uint16_t *q, int64_t qs, int64_t rows, const u
     if (outs > 2) _tile_stored(6, obuf + 32, dv * 4);
     if (outs > 3) _tile_stored(7, obuf + 48, dv * 4);
     for (int64_t r = 0; r < rows; r++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_load_ps(sums + r * 16)));
+        const float sum = sum_in_tiles ? obuf[r * dv + d] : _mm512_reduce_add_ps(_mm512_load_ps(sums + r * 16));
+        const __m512 inv = _mm512_set1_ps(1.0f / sum);
         for (int64_t j = 0; j < d; j += 16) {
             const __mmask16 lanes = j + 16 <= d ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
             __m256bh b = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, obuf + r * dv + j), inv));
