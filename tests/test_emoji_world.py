@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from diffuse.emoji.catalogue import CATALOGUE_FILE, PICTURE_SIZE
+from diffuse.emoji.captions import caption, parse_caption
+from diffuse.emoji.catalogue import CATALOGUE_FILE, EVALUATED_CATEGORIES, PICTURE_SIZE
+from diffuse.emoji.data import (
+    BORDER_MARGIN,
+    MIN_GAP,
+    RELATIONS,
+    EmojiDataConfig,
+    EmojiDataset,
+    HoldoutConfig,
+    heldout_pair_scenes,
+    heldout_single_scenes,
+)
 from diffuse.emoji.scenes import (
     BACKGROUNDS,
+    INVERSE_RELATION,
     MIN_VISIBLE,
     SIZES,
     Picture,
@@ -19,6 +35,8 @@ from diffuse.emoji.scenes import (
     backgrounds_for,
     box,
     cell_centre,
+    cell_of,
+    relation_between,
     render,
 )
 
@@ -146,3 +164,201 @@ def test_picture_cache_travels_without_its_pictures(cache):
     assert not copy._decoded and copy.emoji == cache.emoji
     assert box((0.5, 0.5), "large", 64) == (21, 21, 23)
     assert np.array_equal(np.asarray(copy.resized("cat", 15)), np.asarray(cache.resized("cat", 15)))
+
+
+# ---- captions --------------------------------------------------------------------------------------
+
+
+def agrees(parsed: Scene, scene: Scene) -> bool:
+    """Whether everything a parsed caption states holds in the scene it was made from."""
+    by_name = {o.name: o for o in scene.objects}
+    if sorted(o.name for o in parsed.objects) != sorted(by_name):
+        return False
+    for said in parsed.objects:
+        shown = by_name[said.name]
+        if (said.size or shown.size) != shown.size or (said.position or shown.position) != shown.position:
+            return False
+    if parsed.background not in (None, scene.background):
+        return False
+    if parsed.relation is None:
+        return len(scene.objects) == 1
+    a, rel, b = parsed.relation
+    return relation_between(by_name[parsed.objects[a].name].centre, by_name[parsed.objects[b].name].centre) == rel
+
+
+def test_captions_parse_back_to_their_scenes(folder):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder), two_object_fraction=0.5))
+    stated = Counter()
+    for i in range(1500):
+        scene, text = dataset.describe(i)
+        parsed = parse_caption(text, dataset.all_names)
+        assert agrees(parsed, scene), (text, scene, parsed)
+        stated.update(
+            ["position"] * any(o.position for o in parsed.objects)
+            + ["size"] * any(o.size for o in parsed.objects)
+            + ["background"] * (parsed.background is not None)
+            + [o.name for o in parsed.objects]
+        )
+        swapped = dataset.swapped_caption(i)
+        if swapped is not None:
+            reversed_ = parse_caption(swapped, dataset.all_names)
+            assert [o.name for o in reversed_.objects] == [o.name for o in parsed.objects]
+            assert reversed_.relation[1] == INVERSE_RELATION[parsed.relation[1]]
+    # Every optional part is said sometimes and left out sometimes; a small airplane is told from an airplane.
+    assert 300 < stated["position"] < 1000 and 300 < stated["size"] < 1200 and 400 < stated["background"] < 1100
+    assert stated["airplane"] > 50 and stated["small airplane"] > 50
+
+
+def test_parse_caption_reads_longest_names_and_hand_written_prompts():
+    names = ["dog", "dog face", "airplane", "small airplane", "airplane departure", "top hat", "red apple"]
+    scene = parse_caption("A Small  dog face in the top-left corner, grey background", names)
+    assert scene.objects == (Picture("dog face", "small", "top left"),) and scene.background == "gray"
+    assert parse_caption("a small airplane", names).objects == (Picture("small airplane"),)
+    assert parse_caption("a large small airplane", names).objects == (Picture("small airplane", "large"),)
+    assert parse_caption("a small airplane departure", names).objects == (Picture("airplane departure", "small"),)
+    hat = parse_caption("a top hat at the top on a light blue background", names)
+    assert hat.objects == (Picture("top hat", None, "top"),) and hat.background == "light blue"
+    pair = parse_caption("a dog to the left of a dog face", names)
+    assert [o.name for o in pair.objects] == ["dog", "dog face"] and pair.relation == (0, "left of", 1)
+    assert parse_caption("a red apple beneath a top hat", names).relation == (0, "below", 1)
+    assert parse_caption("a dog in the middle", names).objects[0].position == "center"
+    with pytest.raises(ValueError, match="one or two picture names"):
+        parse_caption("a wolf at the top", names)
+    with pytest.raises(ValueError, match="found 3"):
+        parse_caption("a dog, a red apple and a top hat", names)
+    with pytest.raises(ValueError, match="no relation"):
+        parse_caption("a dog and a red apple", names)
+
+
+def test_caption_states_the_position_when_asked():
+    scene = Scene((Picture("cat", "small", "bottom", (0.5, 0.8)),), "beige")
+    for seed in range(40):
+        text = caption(scene, random.Random(seed), state_position=True)
+        assert parse_caption(text, ["cat"]).objects[0].position == "bottom", text
+
+
+# ---- the dataset -----------------------------------------------------------------------------------
+
+
+def test_samples_are_a_function_of_seed_and_index(folder):
+    config = EmojiDataConfig(folder=str(folder), seed=3, image_size=32)
+    first, second = EmojiDataset(config), EmojiDataset(config)
+    images, captions, scenes = first.batch(40, 6)
+    assert images.shape == (6, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    again = [second.sample(i) for i in (45, 40)]  # any order, another dataset object
+    assert torch.equal(again[1][0], images[0]) and again[0][1:] == (captions[5], scenes[5])
+    other = EmojiDataset(EmojiDataConfig(folder=str(folder), seed=4, image_size=32))
+    assert [other.describe(i) for i in range(20)] != [first.describe(i) for i in range(20)]
+    with pytest.raises(ValueError, match="non-negative"):
+        first.describe(-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        first.batch(0, 0)
+
+
+def test_the_holdout_is_never_in_training_and_its_pictures_still_are(folder):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder), holdout=HoldoutConfig(picture_positions=2, pairs=1)))
+    holdout = dataset.holdout
+    assert len(holdout.picture_positions) == 8 and len(holdout.pairs) == 4  # per evaluated category
+    assert all(dataset.category(name) in EVALUATED_CATEGORIES for pair in holdout.pairs for name in pair)
+    seen_pictures, seen_pairs = Counter(), Counter()
+    for i in range(3000):
+        scene, _ = dataset.describe(i)
+        assert not holdout.contains(scene), scene
+        seen_pictures.update(o.name for o in scene.objects)
+        seen_pairs.update([frozenset(o.name for o in scene.objects)] if len(scene.objects) == 2 else [])
+    held = {name for name, _ in holdout.picture_positions} | {name for pair in holdout.pairs for name in pair}
+    assert all(seen_pictures[name] > 20 for name in held)
+    singles = heldout_single_scenes(dataset, 20, category="Food & Drink")
+    assert all(holdout.contains(s) and dataset.category(s.objects[0].name) == "Food & Drink" for s in singles)
+    food = [c for c in holdout.picture_positions if dataset.category(c[0]) == "Food & Drink"]
+    assert [(s.objects[0].name, s.objects[0].position) for s in singles[:4]] == food * 2  # cycling through them
+    pairs = heldout_pair_scenes(dataset, 40)
+    assert [frozenset(o.name for o in s.objects) for s in pairs[:4]] == [frozenset(p) for p in holdout.pairs]
+    for scene in pairs:
+        assert holdout.pair_held_out(scene.objects[0].name, scene.objects[1].name)
+        assert not any(holdout.picture_held_out(o.name, o.position) for o in scene.objects)
+    assert {s.relation[1] for s in pairs} == set(RELATIONS)
+
+
+def test_the_holdout_is_drawn_from_the_catalogue_alone(folder, tmp_path):
+    config = EmojiDataConfig(folder=str(folder))
+    assert EmojiDataset(config).holdout == EmojiDataset(config).holdout
+    reseeded = EmojiDataset(dataclasses.replace(config, holdout=HoldoutConfig(seed=1))).holdout
+    assert reseeded != EmojiDataset(config).holdout
+    # A category's draw does not move when another category changes.
+    fewer = dict(FAKE)
+    del fewer["pizza"]
+    make_catalogue(tmp_path / "fewer", fewer)
+    smaller = EmojiDataset(EmojiDataConfig(folder=str(tmp_path / "fewer"))).holdout
+    animals = {"dog face", "dog", "cat"}
+    assert [c for c in smaller.picture_positions if c[0] in animals] == [
+        c for c in EmojiDataset(config).holdout.picture_positions if c[0] in animals
+    ]
+    no_evaluated = EmojiDataset(EmojiDataConfig(folder=str(folder), categories=["Smileys & Emotion", "Objects"]))
+    assert {dataset_name for pair in no_evaluated.holdout.pairs for dataset_name in pair} <= {"top hat", "key"}
+    with pytest.raises(ValueError, match="no pairings in 'Food & Drink'"):
+        heldout_pair_scenes(no_evaluated, 2, category="Food & Drink")
+
+
+def test_pair_scenes_keep_their_relation_apart_and_inside_the_image(folder):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder), two_object_fraction=1.0, position_jitter=0.05))
+    for i in range(400):
+        scene, _ = dataset.describe(i)
+        a, rel, b = scene.relation
+        first, second = scene.objects[a], scene.objects[b]
+        assert relation_between(first.centre, second.centre) == rel
+        assert cell_of(*first.centre) == first.position and cell_of(*second.centre) == second.position
+        boxes = [(o.centre, SIZES[o.size] / 2) for o in scene.objects]
+        (ax, ay), ha = boxes[0]
+        (bx, by), hb = boxes[1]
+        assert max(abs(ax - bx), abs(ay - by)) - ha - hb >= MIN_GAP - 1e-9  # apart along the relation's axis
+        for (x, y), half in boxes:
+            assert BORDER_MARGIN - 1e-9 <= min(x, y) - half and max(x, y) + half <= 1 - BORDER_MARGIN + 1e-9
+        assert all(cache_visible(dataset, o.name, scene.background) for o in scene.objects)
+
+
+def cache_visible(dataset, name, background) -> bool:
+    return background in backgrounds_for(dataset.pictures, [name])
+
+
+def test_names_a_caption_cannot_tell_apart_are_left_out(tmp_path):
+    make_catalogue(tmp_path / "odd", {**FAKE, "top": ("Objects", (0, 200, 200)), "light blue": ("Objects", (9, 9, 9))})
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(tmp_path / "odd")))
+    assert "top" not in dataset.names and "light blue" not in dataset.names and "top hat" in dataset.names
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image_size": 8}, "image_size must be an integer from 16"),
+        ({"image_size": 4096}, "image_size must be an integer from 16"),
+        ({"two_object_fraction": 1.5}, "two_object_fraction"),
+        ({"position_jitter": 0.2}, "position_jitter"),
+        ({"seed": -1}, "seed"),
+        ({"categories": "Objects"}, "categories must be a list"),
+        ({"categories": ("Objects", "Objects")}, "names one twice"),
+        ({"holdout": {"pairs": -1}}, "holdout pairs"),
+    ],
+)
+def test_bad_data_configs_are_refused_in_one_line(fields, message):
+    if isinstance(fields.get("holdout"), dict):
+        with pytest.raises(ValueError, match=message):
+            HoldoutConfig(**fields["holdout"])
+        return
+    with pytest.raises(ValueError, match=message):
+        EmojiDataConfig(folder="x", **fields)
+
+
+def test_bad_selections_are_refused_when_the_dataset_is_made(folder, tmp_path):
+    with pytest.raises(ValueError, match="unknown category 'Pets'"):
+        EmojiDataset(EmojiDataConfig(folder=str(folder), categories=("Pets",)))
+    with pytest.raises(ValueError, match="need two pictures"):
+        EmojiDataset(EmojiDataConfig(folder=str(folder), categories=("Smileys & Emotion",)))
+    assert EmojiDataset(EmojiDataConfig(folder=str(folder), categories=("Smileys & Emotion",), two_object_fraction=0))
+    with pytest.raises(ValueError, match="names no folder"):
+        EmojiDataset(EmojiDataConfig())
+    with pytest.raises(ValueError, match="no emoji catalogue here"):
+        EmojiDataset(EmojiDataConfig(folder=str(tmp_path)))
+    make_catalogue(tmp_path / "two", {"dog": FAKE["dog"], "cat": FAKE["cat"]})
+    with pytest.raises(ValueError, match="every pairing of the 2 pictures is held out"):
+        EmojiDataset(EmojiDataConfig(folder=str(tmp_path / "two")))

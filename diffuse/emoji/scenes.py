@@ -190,8 +190,11 @@ class PictureCache:
 
 
 def backgrounds_for(pictures: PictureCache, names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The backgrounds every one of these pictures stands out on."""
-    return tuple(bg for bg in BACKGROUNDS if all(pictures.visibility(name)[bg] >= MIN_VISIBLE for name in names))
+    """The backgrounds every one of these pictures stands out on; where there is none, the one the
+    least visible of them stands out on most (never empty, so every pair can be drawn)."""
+    least = {bg: min(pictures.visibility(name)[bg] for name in names) for bg in BACKGROUNDS}
+    fitting = tuple(bg for bg, share in least.items() if share >= MIN_VISIBLE)
+    return fitting or (max(least, key=least.get),)
 
 
 def _background_image(name: str, side: int) -> Image.Image:
