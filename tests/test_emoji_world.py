@@ -24,6 +24,18 @@ from diffuse.emoji.data import (
     heldout_pair_scenes,
     heldout_single_scenes,
 )
+from diffuse.emoji.evaluate import (
+    HeldoutPrompt,
+    Reading,
+    as_reading,
+    evaluate_adherence,
+    format_report,
+    heldout_prompts,
+    relation_holds,
+    renders,
+    score,
+    write_report,
+)
 from diffuse.emoji.scenes import (
     BACKGROUNDS,
     INVERSE_RELATION,
@@ -362,3 +374,109 @@ def test_bad_selections_are_refused_when_the_dataset_is_made(folder, tmp_path):
     make_catalogue(tmp_path / "two", {"dog": FAKE["dog"], "cat": FAKE["cat"]})
     with pytest.raises(ValueError, match="every pairing of the 2 pictures is held out"):
         EmojiDataset(EmojiDataConfig(folder=str(tmp_path / "two")))
+
+
+# ---- the evaluation --------------------------------------------------------------------------------
+
+
+class ColourJudge:
+    """Reads the fake catalogue's opaque squares back by their exact colours: a judge that is right
+    about every clean render, to check the evaluation's plumbing end to end."""
+
+    def __init__(self, names) -> None:
+        self.colours = {name: np.array(FAKE[name][1]) for name in names if name != "ghost"}
+
+    def read(self, image):
+        pixels = np.asarray(image, dtype=np.int32)
+        side = pixels.shape[0]
+        found = []
+        for name, colour in self.colours.items():
+            ys, xs = np.nonzero(np.abs(pixels - colour).max(axis=2) <= 3)
+            if len(xs) >= 16:
+                width = np.sqrt(len(xs)) / side
+                size = min(SIZES, key=lambda s: abs(SIZES[s] - width))
+                found.append((len(xs), (name, cell_of((xs.mean() + 0.5) / side, (ys.mean() + 0.5) / side), size)))
+        return [reading for _, reading in sorted(found, reverse=True)]
+
+
+def test_heldout_prompts_ask_for_held_out_scenes_by_category(folder):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder), holdout=HoldoutConfig(picture_positions=2, pairs=1)))
+    prompts = heldout_prompts(dataset, singles=3, pairs=2)
+    assert [(p.category, p.kind) for p in prompts[:5]] == [("Animals & Nature", "singles")] * 3 + [
+        ("Animals & Nature", "pairs")
+    ] * 2
+    assert Counter(p.category for p in prompts) == {c: 5 for c in EVALUATED_CATEGORIES}
+    for p in prompts:
+        assert dataset.holdout.contains(p.scene) and agrees(p.stated, p.scene)
+        assert dataset.category(p.scene.objects[0].name) == p.category
+        if p.kind == "singles":
+            assert p.stated.objects[0].position == p.scene.objects[0].position  # always stated
+    assert heldout_prompts(dataset, 3, 2) == prompts
+    assert [p.prompt for p in heldout_prompts(dataset, 3, 2, scene_seed=1)] != [p.prompt for p in prompts]
+    with pytest.raises(ValueError, match="singles must be a non-negative integer"):
+        heldout_prompts(dataset, singles=-1)
+
+
+def test_clean_renders_score_perfectly_through_the_whole_evaluation(folder, tmp_path):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder)))
+    prompts = heldout_prompts(dataset, singles=6, pairs=6)
+    seeds = []
+    draw = renders(dataset, prompts)
+
+    def generate(prompt, seed):
+        seeds.append(seed)
+        return draw(prompt, seed)
+
+    results = evaluate_adherence(generate, ColourJudge(dataset.names), prompts, seed=7)
+    assert seeds == list(range(7, 7 + len(prompts)))
+    rates = results["rates"]
+    assert list(rates) == [*EVALUATED_CATEGORIES, "all"]
+    for group in rates.values():
+        assert group["singles"]["named"] == group["singles"]["position"] == group["singles"]["all"] == 1.0
+        assert group["pairs"]["found"] == group["pairs"]["relation"] == 1.0
+    assert rates["all"]["singles"]["prompts"] == 24 and rates["all"]["pairs"]["prompts"] == 24
+    assert results["readings"][0]["read"][0][0] == prompts[0].scene.objects[0].name
+    table = format_report(rates)
+    assert "Travel & Places" in table and ">= 0.85" in table and "relation" in table
+    path = write_report(results, tmp_path / "eval.json")
+    assert json.loads(path.read_text())["rates"]["all"]["pairs"]["relation"] == 1.0
+
+
+def test_the_rates_count_what_the_judge_read():
+    single = Scene((Picture("cat", None, "top"),), None)
+    sized = Scene((Picture("dog", "small", "left"),), None)
+    pair = Scene((Picture("cat"), Picture("dog")), None, (0, "above", 1))
+    prompts = [
+        HeldoutPrompt("Animals & Nature", "singles", "p0", single, single),
+        HeldoutPrompt("Animals & Nature", "singles", "p1", sized, sized),
+        HeldoutPrompt("Objects", "singles", "p2", single, single),
+        HeldoutPrompt("Objects", "singles", "p3", sized, sized),
+        HeldoutPrompt("Objects", "pairs", "p4", pair, pair),
+        HeldoutPrompt("Objects", "pairs", "p5", pair, pair),
+        HeldoutPrompt("Objects", "pairs", "p6", pair, pair),
+    ]
+    readings = [
+        [("cat", "top", "large")],  # all right (no size asked)
+        [("dog", "left", "large"), ("cat", "top", "small")],  # named and placed, wrong size
+        [("dog", "top", "small"), ("cat", "top", "small")],  # top-1 is another picture: placed only
+        [],  # nothing found
+        [("dog", "bottom right", "small"), ("cat", "top left", "large")],  # cat above dog, diagonally
+        [("cat", "center", "small"), ("dog", "top", "large")],  # both found, cat below dog
+        [("cat", "top", "small"), ("key", "bottom", "large")],  # dog missing
+    ]
+    rates = score(prompts, readings)
+    animals, objects, everything = rates["Animals & Nature"], rates["Objects"], rates["all"]
+    assert animals == {"singles": {"prompts": 2, "named": 1.0, "position": 1.0, "size": 0.0, "all": 0.5}}
+    assert objects["singles"] == {"prompts": 2, "named": 0.0, "position": 0.5, "size": 0.0, "all": 0.0}
+    assert objects["pairs"] == {"prompts": 3, "found": 2 / 3, "relation": 1 / 3}
+    assert everything["singles"] == {"prompts": 4, "named": 0.5, "position": 0.75, "size": 0.0, "all": 0.25}
+    assert "-" in format_report(rates)  # Animals & Nature has no two-picture prompts
+    with pytest.raises(ValueError, match="7 prompts but 6 readings"):
+        score(prompts, readings[:6])
+
+
+def test_relations_between_cells():
+    assert relation_holds("left of", "left", "right") and not relation_holds("right of", "left", "right")
+    assert relation_holds("above", "top left", "bottom right") and relation_holds("left of", "top left", "bottom right")
+    assert not relation_holds("above", "top left", "right") and not relation_holds("below", "center", "center")
+    assert as_reading(Reading("cat", "top", None)) == as_reading(("cat", "top", None, 0.9))

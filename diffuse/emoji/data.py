@@ -68,11 +68,12 @@ MAX_IMAGE_SIZE = 512
 
 @dataclass(frozen=True)
 class HoldoutConfig:
-    """How many combinations to hold out per evaluated category (fewer where a category is smaller)."""
+    """How many combinations to hold out per evaluated category (fewer where a category is smaller):
+    as many as the evaluation asks for per category, so each of its prompts is another combination."""
 
     seed: int = 0
-    picture_positions: int = 16  # pictures each kept out of one cell
-    pairs: int = 8  # pairings of two of the category's pictures, never shown together
+    picture_positions: int = 25  # pictures each kept out of one cell
+    pairs: int = 25  # pairings of two of the category's pictures, never shown together
 
     def __post_init__(self) -> None:
         for name in ("seed", "picture_positions", "pairs"):
