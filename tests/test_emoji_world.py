@@ -480,3 +480,13 @@ def test_relations_between_cells():
     assert relation_holds("above", "top left", "bottom right") and relation_holds("left of", "top left", "bottom right")
     assert not relation_holds("above", "top left", "right") and not relation_holds("below", "center", "center")
     assert as_reading(Reading("cat", "top", None)) == as_reading(("cat", "top", None, 0.9))
+
+
+def test_the_picture_cache_keeps_a_bounded_number_of_bytes():
+    from diffuse.emoji.scenes import _Kept
+
+    kept = _Kept(limit=3 * 8 * 8 * 4)
+    for i in range(5):
+        kept.get_or_make(i, lambda: Image.new("RGBA", (8, 8)))
+        kept.get_or_make(0, lambda: pytest.fail("picture 0 was made twice"))  # used most recently: kept
+    assert list(kept) == [3, 4, 0] and kept.held == 3 * 8 * 8 * 4

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,9 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 CONTRAST_DISTANCE = 60.0
 MIN_VISIBLE = 0.6
 
-PICTURES_KEPT = 4096  # decoded and resized pictures kept per cache: the whole catalogue at two sizes
+# Bytes of decoded pictures, and of resized ones, a cache keeps: a catalogue of ~1,900 at 64 px
+# (31 MB) and both its sizes up to 128 px images, in each data worker.
+PICTURE_BYTES_KEPT = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -110,20 +113,25 @@ def _check_name(what: str, value: str, allowed) -> None:
 
 
 class _Kept(OrderedDict):
-    """A dict that forgets its least recently used entries past `limit`."""
+    """Images by key, forgetting the least recently used once they hold more than `limit` bytes."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
-        self.limit = limit
+        self.limit, self.held = limit, 0
 
-    def get_or_make(self, key, make):
+    def get_or_make(self, key, make: Callable[[], Image.Image]) -> Image.Image:
         if key in self:
             self.move_to_end(key)
             return self[key]
-        value = self[key] = make()
-        if len(self) > self.limit:
-            self.popitem(last=False)
-        return value
+        image = self[key] = make()
+        self.held += _bytes(image)
+        while self.held > self.limit and len(self) > 1:
+            self.held -= _bytes(self.popitem(last=False)[1])
+        return image
+
+
+def _bytes(image: Image.Image) -> int:
+    return image.width * image.height * len(image.getbands())
 
 
 class PictureCache:
@@ -142,8 +150,8 @@ class PictureCache:
         self._reset()
 
     def _reset(self) -> None:
-        self._decoded = _Kept(PICTURES_KEPT)
-        self._resized = _Kept(PICTURES_KEPT)
+        self._decoded = _Kept(PICTURE_BYTES_KEPT)
+        self._resized = _Kept(PICTURE_BYTES_KEPT)
         self._visible: dict[str, dict[str, float]] = {}
         self._backgrounds: dict[tuple[str, int], Image.Image] = {}
 
