@@ -6,6 +6,7 @@ import dataclasses
 import json
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,10 +26,13 @@ from diffuse.emoji.data import (
     heldout_single_scenes,
 )
 from diffuse.emoji.evaluate import (
+    EvalSettings,
     HeldoutPrompt,
     Reading,
     as_reading,
+    evaluate,
     evaluate_adherence,
+    format_rates,
     format_report,
     heldout_prompts,
     relation_holds,
@@ -436,7 +440,7 @@ def test_clean_renders_score_perfectly_through_the_whole_evaluation(folder, tmp_
         assert group["pairs"]["found"] == group["pairs"]["relation"] == 1.0
     assert rates["all"]["singles"]["prompts"] == 24 and rates["all"]["pairs"]["prompts"] == 24
     assert results["readings"][0]["read"][0][0] == prompts[0].scene.objects[0].name
-    table = format_report(rates)
+    table = format_rates(rates, "held-out prompts")
     assert "Travel & Places" in table and ">= 0.85" in table and "relation" in table
     path = write_report(results, tmp_path / "eval.json")
     assert json.loads(path.read_text())["rates"]["all"]["pairs"]["relation"] == 1.0
@@ -470,7 +474,7 @@ def test_the_rates_count_what_the_judge_read():
     assert objects["singles"] == {"prompts": 2, "named": 0.0, "position": 0.5, "size": 0.0, "all": 0.0}
     assert objects["pairs"] == {"prompts": 3, "found": 2 / 3, "relation": 1 / 3}
     assert everything["singles"] == {"prompts": 4, "named": 0.5, "position": 0.75, "size": 0.0, "all": 0.25}
-    assert "-" in format_report(rates)  # Animals & Nature has no two-picture prompts
+    assert "-" in format_rates(rates, "rates")  # Animals & Nature has no two-picture prompts
     with pytest.raises(ValueError, match="7 prompts but 6 readings"):
         score(prompts, readings[:6])
 
@@ -490,3 +494,47 @@ def test_the_picture_cache_keeps_a_bounded_number_of_bytes():
         kept.get_or_make(i, lambda: Image.new("RGBA", (8, 8)))
         kept.get_or_make(0, lambda: pytest.fail("picture 0 was made twice"))  # used most recently: kept
     assert list(kept) == [3, 4, 0] and kept.held == 3 * 8 * 8 * 4
+
+
+class FakePipeline:
+    """What evaluate() uses of a Pipeline; it draws the held-out scene a prompt was written from,
+    except for the prompts in `wrong`, which get an empty background."""
+
+    def __init__(self, dataset, prompts, wrong=()) -> None:
+        self.scenes, self.wrong, self.dataset = {p.prompt: p.scene for p in prompts}, set(wrong), dataset
+        self.config = SimpleNamespace(image_size=48)
+        self.model_name, self.model_hash, self.dtype = "fake", "0123456789", torch.float32
+        self.calls = []
+
+    def get_sampler(self, name):
+        if name != "Euler a":
+            raise ValueError(f"unknown sampler {name!r}")
+
+    def txt2img(self, prompt, width, height, steps, guidance_scale, sampler, seed):
+        self.calls.append((prompt, width, height, steps, guidance_scale, seed))
+        scene = self.scenes[prompt]
+        if prompt in self.wrong:
+            return SimpleNamespace(images=[Image.new("RGB", (width, height), BACKGROUNDS["white"][0])])
+        return SimpleNamespace(images=[render(scene, width, self.dataset.pictures)])
+
+
+def test_evaluate_a_model_against_its_clean_renders(folder):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder)))
+    settings = EvalSettings(singles=2, pairs=2, steps=3, seed=5)
+    prompts = heldout_prompts(dataset, 2, 2)
+    wrong = [p.prompt for p in prompts if p.category == "Objects" and p.kind == "singles"][:1]
+    pipe = FakePipeline(dataset, prompts, wrong)
+    results = evaluate(pipe, dataset, ColourJudge(dataset.names), settings)
+    assert [call[-1] for call in pipe.calls] == list(range(5, 5 + len(prompts)))
+    assert all(call[1:5] == (48, 48, 3, 7.5) for call in pipe.calls)
+    assert results["prompt_adherence"]["Objects"]["singles"]["named"] == 0.5
+    assert results["prompt_adherence"]["Food & Drink"]["pairs"]["relation"] == 1.0
+    assert results["clean_renders"]["Objects"]["singles"]["named"] == 1.0
+    assert results["settings"]["width"] == 48 and results["settings"]["holdout"]["pairs"] == 25
+    report = format_report(results)
+    assert report.startswith("model: fake [0123456789]") and "clean renders" in report
+    json.dumps(results)  # JSON-ready
+    with pytest.raises(ValueError, match="unknown sampler"):
+        evaluate(pipe, dataset, ColourJudge(dataset.names), EvalSettings(sampler="Heun"))
+    with pytest.raises(ValueError, match="steps"):
+        EvalSettings(steps=0)
