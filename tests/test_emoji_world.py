@@ -147,6 +147,8 @@ def test_render_reads_a_folder_and_refuses_incomplete_scenes(folder, cache):
         render(Scene((Picture("cat", "small"),), "gray"), 32, cache)
     with pytest.raises(ValueError, match="without a background"):
         render(Scene((Picture("cat", "small", "left", (0.2, 0.5)),), None), 32, cache)
+    with pytest.raises(ValueError, match="image size must be an integer from 8 to 512"):
+        render(Scene((Picture("cat", "small", "left", (0.2, 0.5)),), "gray"), 100_000, cache)
     with pytest.raises(ValueError, match="no emoji named 'wolf'"):
         render(Scene((Picture("wolf", "small", "left", (0.2, 0.5)),), "gray"), 32, cache)
 

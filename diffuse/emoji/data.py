@@ -28,6 +28,7 @@ from diffuse.emoji.catalogue import EVALUATED_CATEGORIES, load_catalogue
 from diffuse.emoji.scenes import (
     BACKGROUNDS,
     INVERSE_RELATION,
+    MAX_IMAGE_SIZE,
     POSITIONS,
     RELATIONS,
     SIZES,
@@ -63,7 +64,6 @@ __all__ = [
 
 BORDER_MARGIN = 0.03  # a picture's box keeps at least this far (2 px at 64) from the image border
 MIN_GAP = 0.05  # two boxes keep at least this far apart (3 px at 64): separate pictures, a clear relation
-MAX_IMAGE_SIZE = 512
 
 
 @dataclass(frozen=True)

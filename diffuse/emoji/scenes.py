@@ -64,6 +64,9 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 CONTRAST_DISTANCE = 60.0
 MIN_VISIBLE = 0.6
 
+# The largest image drawn: a large picture is then 184 px, its 64 px source upsampled ~3x already.
+MAX_IMAGE_SIZE = 512
+
 # Bytes of decoded pictures, and of resized ones, a cache keeps: a catalogue of ~1,900 at 64 px
 # (31 MB) and both its sizes up to 128 px images, in each data worker.
 PICTURE_BYTES_KEPT = 64 * 2**20
@@ -218,13 +221,13 @@ def box(centre: tuple[float, float], size: str, side: int) -> tuple[int, int, in
     return math.floor(centre[0] * side - width / 2 + 0.5), math.floor(centre[1] * side - width / 2 + 0.5), width
 
 
-def render(scene: Scene, size: int = 64, pictures: PictureCache | str | Path = ".") -> Image.Image:
+def render(scene: Scene, size: int, pictures: PictureCache | str | Path) -> Image.Image:
     """Draw a fully specified scene as a size x size RGB image: each picture resized and alpha-composited.
 
     `pictures` is a PictureCache, or a data folder (read afresh on each call: pass a cache to draw many).
     """
-    if size < 8:
-        raise ValueError(f"image size must be at least 8 pixels, got {size}")
+    if not isinstance(size, int) or not 8 <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image size must be an integer from 8 to {MAX_IMAGE_SIZE} pixels, got {size!r}")
     if scene.background is None:
         raise ValueError("cannot render a scene without a background")
     cache = pictures if isinstance(pictures, PictureCache) else PictureCache(pictures)
