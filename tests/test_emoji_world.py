@@ -259,7 +259,8 @@ def test_caption_states_the_position_when_asked():
 
 
 def test_samples_are_a_function_of_seed_and_index(folder):
-    config = EmojiDataConfig(folder=str(folder), seed=3, image_size=32)
+    config = EmojiDataConfig(folder=folder, seed=3, image_size=32)
+    assert config.folder == str(folder)
     first, second = EmojiDataset(config), EmojiDataset(config)
     images, captions, scenes = first.batch(40, 6)
     assert images.shape == (6, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
@@ -353,6 +354,7 @@ def test_names_a_caption_cannot_tell_apart_are_left_out(tmp_path):
         ({"two_object_fraction": 1.5}, "two_object_fraction"),
         ({"position_jitter": 0.2}, "position_jitter"),
         ({"seed": -1}, "seed"),
+        ({"folder": 3}, "folder must be a path"),
         ({"categories": "Objects"}, "categories must be a list"),
         ({"categories": ("Objects", "Objects")}, "names one twice"),
         ({"holdout": {"pairs": -1}}, "holdout pairs"),
@@ -364,7 +366,7 @@ def test_bad_data_configs_are_refused_in_one_line(fields, message):
             HoldoutConfig(**fields["holdout"])
         return
     with pytest.raises(ValueError, match=message):
-        EmojiDataConfig(folder="x", **fields)
+        EmojiDataConfig(**{"folder": "x", **fields})
 
 
 def test_bad_selections_are_refused_when_the_dataset_is_made(folder, tmp_path):

@@ -17,6 +17,7 @@ needs are re-exported here, so `diffuse.emoji.data` is the one import it needs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -141,8 +142,9 @@ class EmojiDataConfig:
     holdout: HoldoutConfig = HoldoutConfig()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.folder, str):
-            raise ValueError(f"folder must be a path string, got {self.folder!r}")
+        if not isinstance(self.folder, (str, os.PathLike)):
+            raise ValueError(f"folder must be a path, got {self.folder!r}")
+        object.__setattr__(self, "folder", os.fspath(self.folder))  # a string: the config is written as JSON
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.image_size, int) or not 16 <= self.image_size <= MAX_IMAGE_SIZE:
