@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from collections import Counter
 from types import SimpleNamespace
@@ -542,3 +543,27 @@ def test_evaluate_a_model_against_its_clean_renders(folder):
         evaluate(pipe, dataset, ColourJudge(dataset.names), EvalSettings(sampler="Heun"))
     with pytest.raises(ValueError, match="steps"):
         EvalSettings(steps=0)
+
+
+def test_samples_are_the_same_in_another_process(folder):
+    """Data workers are other processes, with other string hashes: they must draw the same samples."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from diffuse.emoji.data import EmojiDataConfig, EmojiDataset; "
+        "d = EmojiDataset(EmojiDataConfig(folder=sys.argv[1])); "
+        "print(repr([d.describe(i) for i in range(200)]), repr(d.holdout))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(folder)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder)))
+    assert runs[0] == runs[1] == f"{[dataset.describe(i) for i in range(200)]!r} {dataset.holdout!r}\n"
