@@ -32,6 +32,24 @@ reading the weights alone would assume SD's 32 groups and 8 heads.
 The VAE's scaling factor is SD's until the autoencoder is trained; it is then
 measured with diffuse.train.objectives.scaling_factor_for and set with
 dataclasses.replace(TINY_VAE, scaling_factor=...).
+
+The emoji presets (EMOJI_*, spelled out field by field in configs/emoji/) draw the emoji world (diffuse.emoji):
+about 1,900 detailed pictures instead of four flat shapes, still at 64x64. Parameters / fp16:
+
+    text encoder  15.83 M  31.7 MB
+    UNet          22.89 M  45.8 MB
+    VAE            2.70 M   5.4 MB
+    total         41.42 M  82.9 MB   (the limit is 150 MB)
+
+  - VAE: f=4 (3 levels), 64x64 -> 16x16x4. At f=8 a small picture (about 20 px) would be two or
+    three latent cells wide, too few for a face's eyes or a car's wheels; at f=4 it keeps 12x
+    the pixels' size in the latent (SD keeps 48x at 512 px, whose images are far more redundant).
+  - UNet: 16x16, 8x8, 4x4 latents, 96/192/192 channels. Attention at 8x8 and 4x4 only: at
+    16x16 it tripled a training step (256 tokens), while 8x8 still places a picture in its cell.
+  - Text encoder: width 256, 4 layers: 1,900 names, two of them per caption with a relation,
+    to tell apart where the shapes world had 4 shapes and 7 colours. The vocabulary stays CLIP's
+    BPE, which spells every word of every name (no name is out of vocabulary).
+  - Image tower: a 256-wide last stage and joint space, for as many pictures to tell apart.
 """
 
 from __future__ import annotations
@@ -80,6 +98,48 @@ TINY_IMAGE_ENCODER = ImageEncoderConfig(
     blocks_per_stage=1,
     norm_groups=8,
     embed_dim=128,
+)
+
+EMOJI_TEXT = TextEncoderConfig(
+    vocab_size=49408,
+    max_length=77,
+    width=256,
+    layers=4,
+    heads=4,  # 64 channels per head, as CLIP's
+    mlp_width=1024,
+    activation="quick_gelu",
+)
+
+EMOJI_UNET = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=96,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=2,
+    attention_levels=(False, True, True),
+    heads=(3, 6, 6),  # 32 channels per head
+    transformer_depth=1,
+    context_dim=EMOJI_TEXT.width,
+    use_linear_projection=False,
+    norm_groups=16,
+)
+
+EMOJI_VAE = VAEConfig(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    base_channels=32,
+    channel_mult=(1, 2, 4),
+    num_res_blocks=1,
+    norm_groups=8,
+)
+
+EMOJI_IMAGE_ENCODER = ImageEncoderConfig(
+    image_size=64,
+    stage_channels=(32, 64, 128, 256),
+    blocks_per_stage=1,
+    norm_groups=8,
+    embed_dim=256,
 )
 
 TINY = PipelineConfig(

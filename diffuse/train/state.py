@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from diffuse.metadata import atomic_write, sha256_file
-from diffuse.train.worlds import config_fields
+from diffuse.train.worlds import config_fields, world_change
 
 FORMAT = "diffuse-train-checkpoint"
 VERSION = 1
@@ -194,6 +194,9 @@ def load_checkpoint(
     """
     path = Path(path)
     payload = read_checkpoint(path)
+    changed_world = world_change(payload["config"]["fields"], config)
+    if changed_world is not None:
+        raise ValueError(f"checkpoint {path}: refusing to resume: {changed_world}; train it in another folder")
     differences = config_differences(payload["config"], config)
     if differences:
         listed = "\n  ".join(differences)

@@ -20,6 +20,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from diffuse.emoji.catalogue import CATALOGUE_FILE, SOURCES_FILE
+from diffuse.emoji.data import EmojiDataConfig, EmojiDataset
 from diffuse.shapes.data import DataConfig, ShapesDataset
 
 DEFAULT_WORLD = "shapes"
@@ -27,10 +29,11 @@ DEFAULT_WORLD = "shapes"
 # world name -> (its data config class, the dataset that config builds)
 WORLDS: dict[str, tuple[type, type]] = {
     "shapes": (DataConfig, ShapesDataset),
+    "emoji": (EmojiDataConfig, EmojiDataset),
 }
 
-WorldData = DataConfig  # the type of a stage config's `data` field: any world's data config
-Dataset = ShapesDataset
+WorldData = DataConfig | EmojiDataConfig  # the type of a stage config's `data` field: any world's data config
+Dataset = ShapesDataset | EmojiDataset
 DEFAULT_DATA = DataConfig()
 
 
@@ -61,8 +64,38 @@ def make_dataset(data: WorldData) -> Dataset:
 
 def data_inputs(data: WorldData) -> dict[str, Path]:
     """The files a world's dataset reads (loop.train's `inputs`): a run resumed after they changed
-    would draw other images for the same sample indices, so their content is recorded."""
-    return {}
+    would draw other images for the same sample indices, so their content is recorded. The shapes
+    world is drawn by code alone; the emoji world from its folder's catalogue, whose pictures
+    SOURCES.json pins by hash where the data step wrote one."""
+    if not isinstance(data, EmojiDataConfig):
+        return {}
+    folder = Path(data.folder)
+    inputs = {"data catalogue": folder / CATALOGUE_FILE}
+    if (folder / SOURCES_FILE).is_file():
+        inputs["data sources"] = folder / SOURCES_FILE
+    return inputs
+
+
+def world_change(saved_fields: dict, config: Any) -> str | None:
+    """What changed in the world a run draws from, against a checkpoint's recorded config fields:
+    its world, or its folder of pictures (None when neither did). A record from before worlds were
+    named drew the shapes world."""
+    for field in dataclasses.fields(config):
+        data, saved = getattr(config, field.name), saved_fields.get(field.name)
+        if not is_world_data(data) or not isinstance(saved, dict):
+            continue
+        before, now = (
+            _world_and_folder(saved.get("world", DEFAULT_WORLD), saved),
+            _world_and_folder(world_name(data), dataclasses.asdict(data)),
+        )
+        if before != now:
+            return f"{field.name}: the checkpoint's run drew {before}, this run draws {now}"
+    return None
+
+
+def _world_and_folder(world: str, fields: dict) -> str:
+    folder = fields.get("folder")
+    return f"the {world} world" + (f" from {folder}" if folder is not None else "")
 
 
 def config_fields(config: Any) -> dict:
