@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -216,6 +217,15 @@ def test_the_clip_stage_ranks_relation_swapped_emoji_captions(stages):
     assert all(math.isfinite(r["loss"]) for r in records)
     _, config, extra = load_final(stages["root"] / "clip", "text_encoder")
     assert config == MICRO_TEXT and extra["pad_token_id"] == 49407
+
+
+def test_the_emoji_dataset_travels_to_data_workers(stages):
+    """--data-workers hands each spawned worker the dataset by pickle: it must draw the same batches."""
+    dataset = make_dataset(stages["data"])
+    dataset.batch(0, 4)  # with pictures in its cache
+    copy = pickle.loads(pickle.dumps(dataset))
+    (images, captions, scenes), (images2, captions2, scenes2) = dataset.batch(4, 6), copy.batch(4, 6)
+    assert torch.equal(images, images2) and captions == captions2 and scenes == scenes2
 
 
 def test_the_unet_stage_on_the_emoji_world_resumes_bit_for_bit(stages, tmp_path):

@@ -39,13 +39,13 @@ about 1,900 detailed pictures instead of four flat shapes, still at 64x64. Param
     text encoder  15.83 M  31.7 MB
     UNet          22.89 M  45.8 MB
     VAE            2.70 M   5.4 MB
-    total         41.42 M  82.9 MB   (the limit is 150 MB)
+    total         41.42 M  82.8 MB   (the limit is 150 MB)
 
-  - VAE: f=4 (3 levels), 64x64 -> 16x16x4. At f=8 a small picture (about 20 px) would be two or
-    three latent cells wide, too few for a face's eyes or a car's wheels; at f=4 it keeps 12x
-    the pixels' size in the latent (SD keeps 48x at 512 px, whose images are far more redundant).
+  - VAE: f=4 (3 levels), 64x64 -> 16x16x4. At f=8 a small picture (15 px of 64) would be two
+    latent cells wide, too few for a face's eyes or a car's wheels; at f=4 the latent keeps
+    one number per 12 pixel values (SD's one per 48, at 512 px, whose images are far more redundant).
   - UNet: 16x16, 8x8, 4x4 latents, 96/192/192 channels. Attention at 8x8 and 4x4 only: at
-    16x16 it tripled a training step (256 tokens), while 8x8 still places a picture in its cell.
+    16x16 (256 tokens) it made a training step 1.7x as long, while 8x8 still places a picture in its cell.
   - Text encoder: width 256, 4 layers: 1,900 names, two of them per caption with a relation,
     to tell apart where the shapes world had 4 shapes and 7 colours. The vocabulary stays CLIP's
     BPE, which spells every word of every name (no name is out of vocabulary).
