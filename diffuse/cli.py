@@ -1,5 +1,6 @@
 """The `diffuse` command line: txt2img, img2img, inpaint, illustrate, convert, pnginfo, regenerate, info, and
-for diffuse's own model: train, assemble (three trained stages -> the model folder) and eval (measure a model)."""
+for diffuse's own model: train, assemble (three trained stages -> the model folder), eval (measure a model)
+and data (fetch a training world's pinned pictures)."""
 
 from __future__ import annotations
 
@@ -397,6 +398,23 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def data(args: argparse.Namespace) -> int:
+    """Fetch, check and unpack a pinned picture set into a data folder (the emoji world's pictures)."""
+    from diffuse.emoji.source import PIN, make_data_folder
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    folder = make_data_folder(args.out, tarball=args.tarball, overwrite=args.overwrite, log=log)
+    source = f"{PIN.package} {PIN.version}"
+    if folder.already_there:
+        print(f"{folder.path}: already there ({folder.pictures} pictures, {source})")
+    else:
+        print(f"wrote {folder.path}: {folder.pictures} pictures ({source}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def pnginfo(args: argparse.Namespace) -> int:
     """Print the generation parameters a PNG carries."""
     from diffuse.metadata import read_parameters
@@ -591,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_folder_commands(commands)
     _add_eval_command(commands)
+    _add_data_command(commands)
     _add_serving_and_reading_commands(commands)
     return parser
 
@@ -710,6 +729,26 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
     _add_speedup_options(p)
     p.set_defaults(run=evaluate)
+
+
+def _add_data_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("data", help="fetch a training world's pictures at their pinned version (emoji)")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser(
+        "emoji",
+        help="the Noto emoji pictures and names (npm emoji-datasource-google, pinned), checked and unpacked",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="the data folder to write (e.g. data/emoji)")
+    p.add_argument(
+        "--tarball",
+        default=None,
+        metavar="FILE",
+        help="a local copy of the pinned package tarball instead of the download (checked the same way)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing data folder of another version or a damaged one"
+    )
+    p.set_defaults(run=data)
 
 
 def _add_serving_and_reading_commands(commands: argparse._SubParsersAction) -> None:
