@@ -11,7 +11,9 @@ through make_dataset, so a stage never names a world.
 
 The data config classes do not carry their world's name; config_fields writes it into the data
 section of every record of a training config (checkpoints, final.json), so a record read back
-builds the same world, and resuming a run with another world differs in "data.world".
+builds the same world. A run resumed with another world or another folder of pictures is refused
+in one line (world_change), and one whose folder holds another catalogue by its recorded
+content (data_inputs).
 """
 
 from __future__ import annotations
