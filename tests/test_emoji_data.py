@@ -343,5 +343,8 @@ def test_the_data_command_end_to_end(tmp_path, tarball, capsys):
     error = capsys.readouterr().err
     assert error.startswith("diffuse: error: ") and error.count("\n") == 1 and "expected sha256" in error
     assert not (tmp_path / "other").exists()
+    assert main(["data", "emoji", "--out", str(tmp_path / "other"), "--tarball", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"diffuse: error: {tmp_path}: not a file\n"
+    assert not (tmp_path / "other").exists()
     with pytest.raises(SystemExit):
         main(["data", "emoji"])  # --out is required
