@@ -131,7 +131,8 @@ def make_data_folder(
     unless `overwrite`, and even then only a data folder (one with a catalogue or SOURCES.json)
     is replaced, never an unrelated folder.
     """
-    pin, out, log = PIN, Path(out), log or (lambda _: None)
+    # Absolute, so that "." or "data/" still name the folder and its staging sibling.
+    pin, out, log = PIN, Path(os.path.abspath(out)), log or (lambda _: None)
     existing = _existing(out, pin, overwrite)
     if existing is not None:
         return existing
