@@ -39,6 +39,7 @@ from diffuse.emoji.evaluate import (
     relation_holds,
     renders,
     score,
+    score_pair,
     write_report,
 )
 from diffuse.emoji.scenes import (
@@ -488,7 +489,23 @@ def test_relations_between_cells():
     assert relation_holds("left of", "left", "right") and not relation_holds("right of", "left", "right")
     assert relation_holds("above", "top left", "bottom right") and relation_holds("left of", "top left", "bottom right")
     assert not relation_holds("above", "top left", "right") and not relation_holds("below", "center", "center")
-    assert as_reading(Reading("cat", "top", None)) == as_reading(("cat", "top", None, 0.9))
+    judged = SimpleNamespace(name="cat", probability=0.9, position="top", size="small", centre=[0.5, 0.2], extent=0.2)
+    assert (
+        as_reading(judged)
+        == as_reading(("cat", "top", "small", (0.5, 0.2)))
+        == Reading("cat", "top", "small", (0.5, 0.2))
+    )
+
+
+def test_relations_by_measured_centres_where_the_judge_gives_them():
+    pair = Scene((Picture("cat"), Picture("dog")), None, (0, "left of", 1))
+    # Both in the centre cell, side by side: by cells no relation, by centres the cat is left of the dog.
+    side_by_side = [("dog", "center", "small", (0.6, 0.5)), ("cat", "center", "small", (0.4, 0.52))]
+    assert score_pair(pair, side_by_side) == {"found": True, "relation": True}
+    assert score_pair(pair, [r[:3] for r in side_by_side]) == {"found": True, "relation": False}
+    # Farther apart vertically than across: by centres it is "above", not "left of".
+    steep = [("cat", "top left", "small", (0.3, 0.2)), ("dog", "bottom", "small", (0.4, 0.8))]
+    assert score_pair(pair, steep)["relation"] is False
 
 
 def test_the_picture_cache_keeps_a_bounded_number_of_bytes():

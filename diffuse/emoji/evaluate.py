@@ -7,7 +7,8 @@ one-picture prompt always states its position, and prompt i of a category and ki
 from its own seeded generator, so the same catalogue gives the same prompts.
 
 A judge reads each generated image back: judge.read(image) -> the pictures it finds, most
-confident first, each a (name, position, size) triple (or an object with those attributes).
+confident first, each a (name, position, size[, centre]) tuple or an object with those
+attributes (diffuse.emoji.judge.Reading).
 The judge is an argument, never built here: the one diffuse.emoji.judge trains decides what
 counts as drawn, and a test can pass a fake one. The rates, by category and over all:
 
@@ -17,7 +18,8 @@ counts as drawn, and a test can pass a fake one. The rates, by category and over
                   all        named, position and any stated size right
     two pictures  found      both named pictures are among the readings
                   relation   both found, and the first is where the prompt says relative to the
-                             second (along the relation's axis, by their cells' centres)
+                             second: by their measured centres, along the axis that separates
+                             them more, where the judge gives centres; else by their cells
 
 Issue 26's acceptance asks for named >= 0.60, position >= 0.85 and relation >= 0.40 (TARGETS).
 """
@@ -41,7 +43,7 @@ from diffuse import inputs
 from diffuse.emoji.captions import caption, parse_caption
 from diffuse.emoji.catalogue import EVALUATED_CATEGORIES
 from diffuse.emoji.data import EmojiDataset, heldout_pair_scenes, heldout_single_scenes
-from diffuse.emoji.scenes import Scene, cell_centre, render
+from diffuse.emoji.scenes import Scene, cell_centre, relation_between, render
 from diffuse.metadata import atomic_write
 from diffuse.pipeline import Pipeline
 
@@ -73,6 +75,7 @@ class Reading:
     name: str
     position: str
     size: str | None
+    centre: tuple[float, float] | None = None  # where the judge measured it, when it says
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,12 @@ def _has(dataset: EmojiDataset, kind: str, category: str) -> bool:
 
 
 def as_reading(value: Any) -> Reading:
-    """A judge's reading as a Reading: a (name, position, size[, ...]) tuple or an object with those attributes."""
+    """A judge's reading as a Reading: a (name, position, size[, centre]) tuple or an object with
+    those attributes (diffuse.emoji.judge.Reading)."""
     if isinstance(value, (tuple, list)):
-        return Reading(*value[:3])
-    return Reading(value.name, value.position, getattr(value, "size", None))
+        return Reading(*value[:4])
+    centre = getattr(value, "centre", None)
+    return Reading(value.name, value.position, getattr(value, "size", None), None if centre is None else tuple(centre))
 
 
 def relation_holds(rel: str, a: str, b: str) -> bool:
@@ -194,7 +199,15 @@ def score_pair(stated: Scene, readings: list[Any]) -> dict[str, bool]:
         found.setdefault(reading.name, reading)  # the most confident reading of each name
     first, second = found.get(stated.objects[a].name), found.get(stated.objects[b].name)
     both = first is not None and second is not None
-    return {"found": both, "relation": both and relation_holds(rel, first.position, second.position)}
+    return {"found": both, "relation": both and _related(rel, first, second)}
+
+
+def _related(rel: str, a: Reading, b: Reading) -> bool:
+    """By the measured centres where the judge gives them (the axis that separates them more,
+    as the training scenes are laid out), else by their cells."""
+    if a.centre is not None and b.centre is not None:
+        return relation_between(a.centre, b.centre) == rel
+    return relation_holds(rel, a.position, b.position)
 
 
 def score(prompts: list[HeldoutPrompt], readings: list[list[Any]]) -> dict:
