@@ -210,3 +210,18 @@ def test_the_command_line_trains_saves_and_reports(catalogue, tmp_path, capsys):
     with pytest.raises(SystemExit):
         judge_module.main(["train", "--data", str(tmp_path / "none"), "--out", str(out), "--steps", "2"])
     assert "no emoji catalogue here" in capsys.readouterr().err
+
+
+def test_the_evaluation_scores_the_judges_readings(trained, catalogue):
+    from diffuse.emoji.evaluate import as_reading, score_pair
+    from diffuse.emoji.scenes import cell_centre
+
+    judge, _ = trained
+    objects = (
+        Picture("green tree", "large", "left", cell_centre("left")),
+        Picture("blue box", "small", "right", (0.8, 0.5)),
+    )
+    scene = Scene(objects, "beige", (0, "left of", 1))
+    readings = judge.read(render(scene, 64, PictureCache(catalogue)))
+    assert {as_reading(r).name for r in readings} == {"green tree", "blue box"}
+    assert score_pair(scene, readings) == {"found": True, "relation": True}
