@@ -20,6 +20,8 @@ from diffuse.regenerate import add_addon_options, add_quantize_option
 from diffuse.request import MAX_CONDITIONED_PIXELS, GenerationRequest, whole_pixels
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+DEFAULT_EMOJI_JUDGE = DEFAULT_MODEL.parent / "emoji-judge"
+DEFAULT_EMOJI_DATA = "runs/emoji-data"  # where configs/emoji's recipes read the pictures
 
 
 def _count(module: torch.nn.Module) -> str:
@@ -376,9 +378,13 @@ def evaluate(args: argparse.Namespace) -> int:
     from diffuse.shapes.evaluate import EvalSettings, format_report, write_report
     from diffuse.shapes.evaluate import evaluate as evaluate_model
 
+    if args.json is not None and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give the file to write")
+    if args.world == "emoji":
+        return evaluate_emoji(args)
     settings = EvalSettings(
-        singles=args.singles,
-        pairs=args.pairs,
+        singles=EvalSettings.singles if args.singles is None else args.singles,
+        pairs=EvalSettings.pairs if args.pairs is None else args.pairs,
         images=args.images,
         steps=args.steps,
         sampler=args.sampler,
@@ -388,10 +394,37 @@ def evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         speedups=_speedups(args),
     )
-    if args.json is not None and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder; give the file to write")
     pipe = _load(args)
     results = evaluate_model(pipe, settings, progress=True)
+    print(format_report(results))
+    if args.json is not None:
+        print(f"wrote {write_report(results, args.json)}", file=sys.stderr)
+    return 0
+
+
+def evaluate_emoji(args: argparse.Namespace) -> int:
+    """The emoji world's held-out prompts (per evaluated category), read back by the judge."""
+    from diffuse.emoji.data import EmojiDataConfig, EmojiDataset
+    from diffuse.emoji.evaluate import EvalSettings, format_report, write_report
+    from diffuse.emoji.evaluate import evaluate as evaluate_model
+    from diffuse.emoji.judge import EmojiJudge
+    from diffuse.speedups import Speedups
+
+    if _speedups(args) != Speedups():
+        raise ValueError("--world emoji measures the model as it runs by default: leave out the speed-up options")
+    settings = EvalSettings(
+        singles=EvalSettings.singles if args.singles is None else args.singles,
+        pairs=EvalSettings.pairs if args.pairs is None else args.pairs,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        scene_seed=args.scene_seed,
+    )
+    dataset = EmojiDataset(EmojiDataConfig(folder=args.data))
+    judge = EmojiJudge.load(args.judge)
+    pipe = _load(args)
+    results = evaluate_model(pipe, dataset, judge, settings, progress=True)
     print(format_report(results))
     if args.json is not None:
         print(f"wrote {write_report(results, args.json)}", file=sys.stderr)
@@ -672,16 +705,32 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="a model folder or file (default: the shipped model)")
     p.add_argument(
+        "--world",
+        choices=("shapes", "emoji"),
+        default="shapes",
+        help="the world the model was trained on (default shapes); emoji reads its images with --judge",
+    )
+    p.add_argument(
+        "--data",
+        default=DEFAULT_EMOJI_DATA,
+        help=f"emoji: the data folder `diffuse data emoji` wrote (default {DEFAULT_EMOJI_DATA})",
+    )
+    p.add_argument(
+        "--judge",
+        default=str(DEFAULT_EMOJI_JUDGE),
+        help="emoji: the trained judge's folder (default: the one in models/emoji-judge)",
+    )
+    p.add_argument(
         "--singles",
         type=_non_negative_int,
-        default=EvalSettings.singles,
-        help=f"held-out one-object prompts (default {EvalSettings.singles})",
+        default=None,
+        help=f"held-out one-object prompts (default {EvalSettings.singles}; emoji: 25 per category)",
     )
     p.add_argument(
         "--pairs",
         type=_non_negative_int,
-        default=EvalSettings.pairs,
-        help=f"held-out two-object prompts (default {EvalSettings.pairs})",
+        default=None,
+        help=f"held-out two-object prompts (default {EvalSettings.pairs}; emoji: 25 per category)",
     )
     p.add_argument(
         "--images",

@@ -476,3 +476,30 @@ def test_cli_errors_are_one_line(stages, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "missing" in err
     code, _, err = run(["eval", "--model", str(stages["root"]), "--json", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1 and "is a folder" in err
+
+
+def test_cli_eval_in_the_emoji_world(stages, folder32, tmp_path, capsys):
+    """`eval --world emoji` draws the held-out emoji prompts and reads them with the given judge
+    (an untrained one here: the plumbing is checked, not the rates)."""
+    from test_emoji_world import make_catalogue
+
+    from diffuse.emoji.catalogue import load_catalogue
+    from diffuse.emoji.judge import EmojiJudge
+    from diffuse.emoji.judge_train import JudgeNet
+
+    make_catalogue(tmp_path / "data")
+    names = [emoji.name for emoji in load_catalogue(tmp_path / "data")]
+    EmojiJudge(names, [(0.0, 0.0, 1.0, 1.0)] * len(names), JudgeNet(len(names), (8, 8))).save(tmp_path / "judge")
+    report = tmp_path / "eval.json"
+    common = ["eval", "--world", "emoji", "--model", str(folder32), "--data", str(tmp_path / "data")]
+    code, printed, err = run(
+        common + ["--judge", str(tmp_path / "judge"), "--singles", "1", "--pairs", "1", "--steps", "1"]
+        + ["--json", str(report)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "held-out prompts" in printed and "clean renders" in printed
+    results = json.loads(report.read_text())
+    assert results["settings"]["data_folder"] == str(tmp_path / "data") and results["settings"]["steps"] == 1
+    code, _, err = run(common + ["--judge", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "nowhere" in err
