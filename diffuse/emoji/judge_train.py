@@ -47,6 +47,7 @@ CROP_SIZE = 24  # the network's input side: a small picture at 64 px (a 17 px cr
 CROP_MARGIN = 1.2  # a crop's side over its blob's longer side, so the outline is inside
 WIDTHS = (32, 48, 96, 192)
 REPORT_FILE = "report.json"
+MEASURED = ("top1", "position", "size")  # of a one-picture render's first reading, as the evaluation scores
 DRAWN_ALPHA = 0.25  # a pixel counts as drawn (for a picture's bounds) from this opacity
 SMALLEST_CROP, LARGEST_CROP = 14, 72  # crop sides in scene pixels a training crop is brought down to
 GROUPS = 4  # parts of a batch, each brought to its own crop side
@@ -318,9 +319,12 @@ def _count(counts: dict[str, Counter], category: str, wanted: Picture, readings:
 
 
 def _rates(counts: dict[str, Counter]) -> dict:
+    """Each group's rates: all names, the evaluated ones, then each category by name."""
+    order = ["all", "evaluated"] + sorted(set(counts) - {"all", "evaluated"})
     return {
-        group: {"n": c["n"], **{k: round(c[k] / c["n"], 4) for k in ("top1", "position", "size")}}
-        for group, c in counts.items()
+        group: {"n": counts[group]["n"], **{k: round(counts[group][k] / counts[group]["n"], 4) for k in MEASURED}}
+        for group in order
+        if group in counts
     }
 
 
@@ -329,7 +333,7 @@ def format_measure(results: dict) -> str:
     lines.append(f"{'':24} {'n':>5}  {'top1':>6} {'pos':>6} {'size':>6} | degraded {'top1':>6} {'pos':>6} {'size':>6}")
     for group, clean in results["clean"].items():
         worn = results["degraded"][group]
-        cells = " ".join(f"{clean[k]:6.3f}" for k in ("top1", "position", "size"))
-        worn_cells = " ".join(f"{worn[k]:6.3f}" for k in ("top1", "position", "size"))
+        cells = " ".join(f"{clean[k]:6.3f}" for k in MEASURED)
+        worn_cells = " ".join(f"{worn[k]:6.3f}" for k in MEASURED)
         lines.append(f"{group:24} {clean['n']:5d}  {cells} |          {worn_cells}")
     return "\n".join(lines)
