@@ -225,3 +225,15 @@ def test_the_evaluation_scores_the_judges_readings(trained, catalogue):
     readings = judge.read(render(scene, 64, PictureCache(catalogue)))
     assert {as_reading(r).name for r in readings} == {"green tree", "blue box"}
     assert score_pair(scene, readings) == {"found": True, "relation": True}
+
+
+def test_parts_drawn_apart_join_into_one_picture_and_pictures_stay_apart():
+    from diffuse.emoji.judge import find_blobs
+
+    pixels = np.full((128, 128, 3), 250, dtype=np.uint8)
+    pixels[20:40, 10:25] = (200, 0, 0)  # two parts of one picture, 3 px apart (paw prints)
+    pixels[20:40, 28:45] = (200, 0, 0)
+    pixels[20:50, 52:80] = (0, 0, 200)  # another picture, 7 px (0.055 of the side) beyond them
+    pixels[100, 100] = (0, 0, 0)  # a speck of noise
+    blobs = find_blobs(pixels)
+    assert [(b.left, b.top, b.right, b.bottom) for b in blobs] == [(52, 20, 80, 50), (10, 20, 45, 40)]

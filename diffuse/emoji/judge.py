@@ -59,8 +59,10 @@ MAX_BLOBS = 8  # the largest blobs read; a scene holds at most two pictures
 # this far, or this many times the border ring's own spread (a noisy generated background).
 MIN_DISTANCE = 40.0
 SPREAD_FACTOR = 4.0
-MIN_BLOB = 0.06  # a blob's longer side as a fraction of the image side, below which it is a fragment
-MERGE_GAP = 0.03  # how near a fragment must be to a picture's blob to join it (pictures keep 0.05 apart)
+MIN_BLOB = 0.06  # a blob's longer side as a fraction of the image side, below which it is noise
+MERGE_GAP = 0.03  # parts nearer than this (a fraction of the image side) are one picture's; pictures keep 0.05 apart
+MIN_PART_PIXELS = 3  # smaller specks are left out before parts are joined
+MAX_PARTS = 256  # the largest parts joined (a noisy image has thousands of specks)
 # The box side halfway (geometrically) between the two sizes: below it a picture reads as small.
 SIZE_SPLIT = math.sqrt(SIZES["small"] * SIZES["large"])
 
@@ -163,22 +165,30 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 def find_blobs(pixels: np.ndarray) -> list[Blob]:
     """The picture-sized blobs of an RGB image [H, W, 3], largest first.
 
-    Components are taken on the mask grown by a pixel, so parts of one picture a pixel or two
-    apart (an outline broken where it matches the background) are one blob; two pictures of a
-    scene stay further apart than that. A fragment too small to be a picture joins a picture-sized
-    blob it lies within MERGE_GAP of, or is dropped as noise.
+    Components are taken on the mask grown by a pixel, so an outline broken where it matches
+    the background stays whole. Parts of one picture drawn apart (paw prints, a bell and its
+    stroke) join when their boxes lie within MERGE_GAP of each other: a scene keeps its pictures
+    further apart than that. What is left smaller than MIN_BLOB is noise.
     """
     mask = picture_mask(pixels)
     labels, count = label(_dilate(mask))
     side = max(pixels.shape[:2])
-    parts = sorted(_components(np.where(mask, labels, 0), count), key=lambda b: -b.pixels)
-    blobs = [b for b in parts if b.side >= MIN_BLOB * side]
-    gap = MERGE_GAP * side
-    for fragment in (b for b in parts if b.side < MIN_BLOB * side):
-        near = [i for i, b in enumerate(blobs) if _apart(b, fragment) <= gap]
-        if len(near) == 1:  # a fragment between two pictures belongs to neither for sure
-            blobs[near[0]] = _joined(blobs[near[0]], fragment)
-    return blobs[:MAX_BLOBS]
+    parts = [b for b in _components(np.where(mask, labels, 0), count) if b.pixels >= MIN_PART_PIXELS]
+    blobs = _merged(sorted(parts, key=lambda b: -b.pixels)[:MAX_PARTS], MERGE_GAP * side)
+    blobs = [b for b in blobs if b.side >= MIN_BLOB * side]
+    return sorted(blobs, key=lambda b: -b.pixels)[:MAX_BLOBS]
+
+
+def _merged(parts: list[Blob], gap: float) -> list[Blob]:
+    """The parts joined wherever two boxes lie within `gap` of each other, until none do."""
+    blobs: list[Blob] = []
+    for part in parts:
+        while near := [b for b in blobs if _apart(b, part) <= gap]:
+            for b in near:
+                blobs.remove(b)
+                part = _joined(part, b)
+        blobs.append(part)
+    return blobs
 
 
 def _components(labels: np.ndarray, count: int) -> list[Blob]:
