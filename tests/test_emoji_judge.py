@@ -169,6 +169,8 @@ def test_weights_that_do_not_fit_the_class_list_are_refused(trained, tmp_path):
     (tmp_path / CLASSES_FILE).write_text((out / CLASSES_FILE).read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(ValueError, match="weights do not fit"):
         EmojiJudge.load(tmp_path)
+    with pytest.raises(ValueError, match="no judge here"):
+        EmojiJudge.load(tmp_path / "elsewhere")
     (tmp_path / CLASSES_FILE).write_text('{"names": ["a"], "bounds": []}', encoding="utf-8")
     with pytest.raises(ValueError, match="not a judge's class list"):
         EmojiJudge.load(tmp_path)

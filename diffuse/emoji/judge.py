@@ -330,6 +330,8 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 def _read_classes(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: no judge here (train one with `python -m diffuse.emoji.judge train`)")
     try:
         classes = json.loads(path.read_text(encoding="utf-8"))
         names, bounds, widths = classes["names"], classes["bounds"], classes["widths"]
@@ -388,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
+        if not 1 <= args.threads <= 256:
+            raise ValueError(f"--threads must be from 1 to 256, got {args.threads}")
         torch.set_num_threads(args.threads)
         settings = TrainSettings(steps=args.steps, minutes=args.minutes, batch=args.batch, seed=args.seed)
         start = time.monotonic()

@@ -4,9 +4,10 @@ The network sees what judge.read gives it: a picture's square crop, CROP_MARGIN 
 drawn part, at CROP_SIZE. Training crops are made in torch, a batch at a time, from the
 catalogue's 64 px pictures: each picture placed with a little scale and shift (a blob's box is
 never exact), over one of the world's backgrounds or a random colour, brought down to the
-pixels it would cover in a scene (a small picture at 64 px is ~17 px of crop, a large one at
-512 px ~220) and back up, then, for some, blurred, softened the way a VAE decoder softens,
-colour-jittered and noised, so generated images still read.
+pixels it would cover in a scene (14 to 72: a small picture at 64 px is a ~17 px crop, a large
+one at 128 px ~54; larger crops hold no more than the 64 px source) and on to CROP_SIZE, then,
+for some, blurred, softened the way a VAE decoder softens, colour-jittered and noised, so
+generated images still read.
 
 The report reads whole scenes through judge.read, as the evaluation will: each name rendered
 alone at both sizes, at a random cell, on a background it stands out on, from a generator
