@@ -239,3 +239,32 @@ def test_parts_drawn_apart_join_into_one_picture_and_pictures_stay_apart():
     pixels[100, 100] = (0, 0, 0)  # a speck of noise
     blobs = find_blobs(pixels)
     assert [(b.left, b.top, b.right, b.bottom) for b in blobs] == [(52, 20, 80, 50), (10, 20, 45, 40)]
+
+
+def test_training_goes_on_from_a_saved_judge_of_the_same_names_only(trained, catalogue, tmp_path):
+    judge, out = trained
+    settings = TrainSettings(steps=1, batch=8, learning_rate=1e-9, widths=(16, 32, 32, 64), degrade=2.0)
+    again = train_judge(catalogue, tmp_path / "more", settings, start=out, log_every=0)
+    assert torch.allclose(again.net.classify.weight, judge.net.classify.weight, atol=1e-6)
+    assert (tmp_path / "more" / WEIGHTS_FILE).is_file()
+    fewer = make_catalogue(tmp_path / "fewer")
+    records = json.loads((fewer / "catalogue.json").read_text(encoding="utf-8"))
+    (fewer / "catalogue.json").write_text(json.dumps(records[:5]), encoding="utf-8")
+    with pytest.raises(ValueError, match="trained on 6 names, not these 5"):
+        train_judge(fewer, tmp_path / "other", settings, start=out, log_every=0)
+
+
+def test_degrade_scales_how_many_crops_are_worn(catalogue):
+    bank = PictureBank(catalogue)
+    classes = torch.arange(6).repeat(8)
+
+    def crops(degrade: float) -> torch.Tensor:
+        return training_crops(bank, classes, torch.Generator().manual_seed(3), degrade)
+
+    clean, usual, most = crops(0.0), crops(1.0), crops(4.0)
+    changed = [int(((c - clean).abs().amax(dim=(1, 2, 3)) > 1e-6).sum()) for c in (usual, most)]
+    assert 0 < changed[0] < changed[1] == len(classes)  # at 4x every share reaches all crops
+    with pytest.raises(ValueError, match="degrade must be"):
+        TrainSettings(steps=1, degrade=5.0)
+    with pytest.raises(ValueError, match="learning_rate must be"):
+        TrainSettings(steps=1, learning_rate=0.0)

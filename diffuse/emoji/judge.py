@@ -355,10 +355,19 @@ def _differ(trained: list[str], asked: list[str]) -> str:
     return f"another name list ({trained[i]!r} where this one has {asked[i]!r}, name {i})"
 
 
-def train_judge(folder: str | Path, out: str | Path, settings: TrainSettings, *, log_every: int = 100) -> EmojiJudge:
-    """Train a judge on every name of a data folder's catalogue (judge_train.fit) and save it in `out`."""
+def train_judge(
+    folder: str | Path,
+    out: str | Path,
+    settings: TrainSettings,
+    *,
+    start: str | Path | None = None,
+    log_every: int = 100,
+) -> EmojiJudge:
+    """Train a judge on every name of a data folder's catalogue (judge_train.fit) and save it in `out`;
+    from the saved judge in `start` where given (trained on the same names, else refused)."""
     bank = PictureBank(folder)
-    judge = EmojiJudge(bank.names, bank.bounds, fit(bank, settings, log_every=log_every))
+    net = EmojiJudge.load(start, names=bank.names).net if start is not None else None
+    judge = EmojiJudge(bank.names, bank.bounds, fit(bank, settings, net, log_every=log_every))
     judge.save(out)
     return judge
 
@@ -374,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--steps", type=int, help="training steps (or --minutes)")
     train.add_argument("--minutes", type=float, help="training time (or --steps)")
     train.add_argument("--batch", type=int, default=TrainSettings.batch)
+    train.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init", help="a saved judge's folder to go on training from (the same names)")
+    train.add_argument("--degrade", type=float, default=1.0, help="how often crops are worn (1: the usual shares)")
     train.add_argument("--threads", type=int, default=2, help="torch threads (the 2-core machine's)")
     check = commands.add_parser("measure", help="measure a saved judge on held-out renders")
     check.add_argument("--data", required=True)
@@ -393,9 +405,11 @@ def _run(args: argparse.Namespace) -> int:
         if not 1 <= args.threads <= 256:
             raise ValueError(f"--threads must be from 1 to 256, got {args.threads}")
         torch.set_num_threads(args.threads)
-        settings = TrainSettings(steps=args.steps, minutes=args.minutes, batch=args.batch, seed=args.seed)
+        settings = TrainSettings(
+            args.steps, args.minutes, args.batch, args.learning_rate, args.seed, degrade=args.degrade
+        )
         start = time.monotonic()
-        judge = train_judge(args.data, args.out, settings)
+        judge = train_judge(args.data, args.out, settings, start=args.init)
         print(f"trained in {time.monotonic() - start:.0f} s; saved in {args.out}")
         folder = Path(args.out)
     else:

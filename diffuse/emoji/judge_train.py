@@ -67,6 +67,9 @@ class TrainSettings:
     learning_rate: float = 3e-3
     seed: int = 0
     widths: tuple[int, ...] = WIDTHS
+    # How often crops are degraded: 1 gives each degradation its usual share, 2 doubles the shares
+    # (at most all crops), for a judge of worn generated images; 0 trains on clean crops only.
+    degrade: float = 1.0
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.minutes is None):
@@ -77,6 +80,10 @@ class TrainSettings:
             raise ValueError(f"minutes must be above 0 and at most a day, got {self.minutes!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"learning_rate must be above 0 and at most 1, got {self.learning_rate!r}")
+        if not 0 <= self.degrade <= 4:
+            raise ValueError(f"degrade must be from 0 to 4, got {self.degrade!r}")
         if not isinstance(self.batch, int) or not 2 <= self.batch <= 4096:
             raise ValueError(f"batch must be an integer from 2 to 4096, got {self.batch!r}")
 
@@ -131,9 +138,10 @@ class JudgeNet(nn.Module):
 
 
 def training_crops(
-    bank: PictureBank, classes: torch.Tensor, rng: torch.Generator, augment: bool = True
+    bank: PictureBank, classes: torch.Tensor, rng: torch.Generator, degrade: float = 1.0
 ) -> torch.Tensor:
-    """Crops [B, 3, CROP_SIZE, CROP_SIZE] in [-1, 1] of the pictures `classes` names, as read would cut them."""
+    """Crops [B, 3, CROP_SIZE, CROP_SIZE] in [-1, 1] of the pictures `classes` names, as read would
+    cut them; `degrade` scales how many are blurred, softened, jittered and noised (TrainSettings)."""
     framed = _framed(bank, classes, rng)  # [B, 4, 64, 64] premultiplied, in the crop's frame
     images = framed[:, :3] + (1 - framed[:, 3:]) * _backgrounds(len(classes), rng)
     parts = []
@@ -143,8 +151,8 @@ def training_crops(
         part = torch.round(part.clamp(0, 1) * 255) / 255  # 8-bit pixels, as an image holds them
         parts.append(F.interpolate(part, size=(CROP_SIZE,) * 2, mode="bilinear", antialias=True, align_corners=False))
     crops = torch.cat(parts)
-    if augment:
-        crops = _degrade(crops, rng)
+    if degrade > 0:
+        crops = _degrade(crops, rng, degrade)
     return crops.clamp(0, 1) * 2 - 1
 
 
@@ -184,12 +192,12 @@ def _backgrounds(n: int, rng: torch.Generator) -> torch.Tensor:
     return colour.clamp(0, 1)[..., None].expand(n, 3, PICTURE_SIZE, PICTURE_SIZE)
 
 
-def _degrade(crops: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+def _degrade(crops: torch.Tensor, rng: torch.Generator, strength: float) -> torch.Tensor:
     """Blur, a VAE-like softening, colour jitter and noise, each to a random share of the crops."""
     n = len(crops)
 
     def some(p: float) -> torch.Tensor:
-        return (torch.rand(n, generator=rng) < p)[:, None, None, None]
+        return (torch.rand(n, generator=rng) < min(1.0, p * strength))[:, None, None, None]
 
     sigma = _uniform(rng, n, 0.3, 1.0)
     taps = torch.exp(-(torch.arange(-1.0, 2.0)[None] ** 2) / (2 * sigma[:, None] ** 2))
@@ -213,10 +221,11 @@ def _degrade(crops: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------- training
 
 
-def fit(bank: PictureBank, settings: TrainSettings, *, log_every: int = 100) -> JudgeNet:
-    """A network trained to name every picture of the bank from its training crops."""
+def fit(bank: PictureBank, settings: TrainSettings, net: JudgeNet | None = None, *, log_every: int = 100) -> JudgeNet:
+    """A network trained to name every picture of the bank from its training crops (from `net`'s
+    weights where given, else from random ones)."""
     torch.manual_seed(settings.seed)
-    net = JudgeNet(len(bank.names), settings.widths).to(memory_format=torch.channels_last)
+    net = (net or JudgeNet(len(bank.names), settings.widths)).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=5e-4)
     rng = torch.Generator().manual_seed(settings.seed)
     start, step, order = time.monotonic(), 0, []
@@ -224,7 +233,7 @@ def fit(bank: PictureBank, settings: TrainSettings, *, log_every: int = 100) -> 
         for group in optimizer.param_groups:  # a short warm-up, then a cosine decay to zero
             group["lr"] = settings.learning_rate * min(1.0, done * 30) * 0.5 * (1 + math.cos(math.pi * done))
         classes = _next_classes(order, len(bank.names), settings.batch, rng)
-        crops = training_crops(bank, classes, rng).contiguous(memory_format=torch.channels_last)
+        crops = training_crops(bank, classes, rng, settings.degrade).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(net(crops), classes, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
