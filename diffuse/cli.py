@@ -422,7 +422,7 @@ def evaluate_emoji(args: argparse.Namespace) -> int:
         scene_seed=args.scene_seed,
     )
     dataset = EmojiDataset(EmojiDataConfig(folder=args.data))
-    judge = EmojiJudge.load(args.judge)
+    judge = EmojiJudge.load(args.judge, names=list(dataset.pictures.emoji))  # the same names, in order
     pipe = _load(args)
     results = evaluate_model(pipe, dataset, judge, settings, progress=True)
     print(format_report(results))

@@ -503,3 +503,7 @@ def test_cli_eval_in_the_emoji_world(stages, folder32, tmp_path, capsys):
     assert results["settings"]["data_folder"] == str(tmp_path / "data") and results["settings"]["steps"] == 1
     code, _, err = run(common + ["--judge", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and err.count("\n") == 1 and "nowhere" in err
+    other = names[::-1]  # a judge of another catalogue (here: the names in another order) is refused
+    EmojiJudge(other, [(0.0, 0.0, 1.0, 1.0)] * len(other), JudgeNet(len(other), (8, 8))).save(tmp_path / "other")
+    code, _, err = run(common + ["--judge", str(tmp_path / "other")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "trained on" in err

@@ -6,6 +6,7 @@ catalogue.py   the pictures a data folder holds: names, categories, image files
 scenes.py      a scene (pictures at the shapes world's positions, two sizes, a background), its rendering
 captions.py    scene -> caption, caption -> the names, positions and relation it states
 data.py        the endless seeded dataset, with picture positions and pairings held out
-judge.py       the judge: a classifier over the names plus position and size reading (trained on renders)
+judge.py       the judge: pictures found against the background, each named by a small CNN, its
+               cell and size read from its drawn bounds; judge_train.py trains it on augmented renders
 evaluate.py    held-out prompt adherence by category, scored by the judge
 """
