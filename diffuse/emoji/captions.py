@@ -22,7 +22,7 @@ from collections.abc import Collection
 from functools import lru_cache
 
 from diffuse.emoji.scenes import BACKGROUNDS, INVERSE_RELATION, POSITIONS, SIZES, Picture, Scene
-from diffuse.shapes.captions import POSITION_PHRASES, RELATION_PHRASES
+from diffuse.shapes.captions import POSITION_PHRASES, RELATION_PHRASES, cut_apart
 
 SIZE_MENTION_PROBABILITY = 0.5
 POSITION_MENTION_PROBABILITY = 0.75
@@ -171,11 +171,7 @@ def parse_caption(text: str, names: Collection[str]) -> Scene:
     if not 1 <= len(found) <= 2:
         raise ValueError(f"expected one or two picture names in caption {text!r}, found {len(found)}")
     # Cut the names out, so words inside them ("top hat", "black heart") are not read as the scene's.
-    pieces, last = [], 0
-    for match in found:
-        pieces.append(normalised[last : match.start()])
-        last = match.end()
-    pieces.append(normalised[last:])
+    pieces = cut_apart(normalised, found)
     rest = " | ".join(pieces)
     background = _BACKGROUND.search(rest)
     background_name = background.group(1) if background else None

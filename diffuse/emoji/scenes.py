@@ -23,7 +23,16 @@ import numpy as np
 from PIL import Image
 
 from diffuse.emoji.catalogue import Emoji, load_catalogue, picture
-from diffuse.shapes.scenes import INVERSE_RELATION, POSITIONS, RELATIONS, cell_centre, cell_of, relation_between
+from diffuse.shapes.scenes import (
+    INVERSE_RELATION,
+    POSITIONS,
+    RELATIONS,
+    cell_centre,
+    cell_of,
+    check_name,
+    check_scene,
+    relation_between,
+)
 
 __all__ = [
     "BACKGROUNDS",
@@ -85,9 +94,9 @@ class Picture:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"a picture needs a name, got {self.name!r}")
         if self.size is not None:
-            _check_name("size", self.size, SIZES)
+            check_name("size", self.size, SIZES)
         if self.position is not None:
-            _check_name("position", self.position, POSITIONS)
+            check_name("position", self.position, POSITIONS)
 
 
 @dataclass(frozen=True)
@@ -99,20 +108,7 @@ class Scene:
     relation: tuple[int, str, int] | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.objects) <= 2:
-            raise ValueError(f"a scene holds one or two pictures, got {len(self.objects)}")
-        if self.background is not None:
-            _check_name("background", self.background, BACKGROUNDS)
-        if self.relation is not None:
-            a, rel, b = self.relation
-            _check_name("relation", rel, RELATIONS)
-            if len(self.objects) != 2 or {a, b} != {0, 1}:
-                raise ValueError(f"relation {self.relation} must relate pictures 0 and 1 of a two-picture scene")
-
-
-def _check_name(what: str, value: str, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+        check_scene(self, BACKGROUNDS, "picture")
 
 
 class _Kept(OrderedDict):

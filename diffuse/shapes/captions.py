@@ -140,11 +140,7 @@ def parse_caption(text: str) -> Scene:
     if not 1 <= len(found) <= 2:
         raise ValueError(f"expected one or two '<colour> <shape>' phrases in caption {text!r}, found {len(found)}")
     # Cut the object phrases out, so their colour words are not taken for the background.
-    pieces, last = [], 0
-    for match in found:
-        pieces.append(normalised[last : match.start()])
-        last = match.end()
-    pieces.append(normalised[last:])
+    pieces = cut_apart(normalised, found)
     rest = " | ".join(pieces)
     background = _BACKGROUND.search(rest)
     objects = [Shape(kind=m.group(3), colour=m.group(2), size=m.group(1)) for m in found]
@@ -163,3 +159,13 @@ def parse_caption(text: str) -> Scene:
         background=background.group(1) if background else None,
         relation=(0, _RELATION_WORDS[between.group(1)], 1),
     )
+
+
+def cut_apart(text: str, matches: list[re.Match]) -> list[str]:
+    """The pieces of text before, between and after the matched spans."""
+    pieces, last = [], 0
+    for match in matches:
+        pieces.append(text[last : match.start()])
+        last = match.end()
+    pieces.append(text[last:])
+    return pieces

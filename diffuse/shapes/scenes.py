@@ -86,12 +86,12 @@ class Shape:
     centre: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        _check_name("shape", self.kind, SHAPES)
-        _check_name("colour", self.colour, COLOURS)
+        check_name("shape", self.kind, SHAPES)
+        check_name("colour", self.colour, COLOURS)
         if self.size is not None:
-            _check_name("size", self.size, SIZES)
+            check_name("size", self.size, SIZES)
         if self.position is not None:
-            _check_name("position", self.position, POSITIONS)
+            check_name("position", self.position, POSITIONS)
 
 
 @dataclass(frozen=True)
@@ -103,20 +103,25 @@ class Scene:
     relation: tuple[int, str, int] | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.objects) <= 2:
-            raise ValueError(f"a scene holds one or two objects, got {len(self.objects)}")
-        if self.background is not None:
-            _check_name("background", self.background, BACKGROUNDS)
-        if self.relation is not None:
-            a, rel, b = self.relation
-            _check_name("relation", rel, RELATIONS)
-            if len(self.objects) != 2 or {a, b} != {0, 1}:
-                raise ValueError(f"relation {self.relation} must relate objects 0 and 1 of a two-object scene")
+        check_scene(self, BACKGROUNDS, "object")
 
 
-def _check_name(what: str, value: str, allowed) -> None:
+def check_name(what: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def check_scene(scene, backgrounds, what: str) -> None:
+    """A scene of either world: one or two `what`s, a known background, a relation between the two."""
+    if not 1 <= len(scene.objects) <= 2:
+        raise ValueError(f"a scene holds one or two {what}s, got {len(scene.objects)}")
+    if scene.background is not None:
+        check_name("background", scene.background, backgrounds)
+    if scene.relation is not None:
+        a, rel, b = scene.relation
+        check_name("relation", rel, RELATIONS)
+        if len(scene.objects) != 2 or {a, b} != {0, 1}:
+            raise ValueError(f"relation {scene.relation} must relate {what}s 0 and 1 of a two-{what} scene")
 
 
 def contrast(colour: str, background: str) -> float:
