@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from emoji_catalogues import write_catalogue
 from PIL import Image, ImageDraw
 
 from diffuse.emoji import judge as judge_module
@@ -49,22 +50,8 @@ def _draw(kind: str, colour: tuple[int, int, int]) -> Image.Image:
 
 
 def make_catalogue(folder: Path) -> Path:
-    (folder / "google").mkdir(parents=True)
-    records = []
-    for i, (name, (category, kind, colour)) in enumerate(SHAPES.items()):
-        _draw(kind, colour).save(folder / "google" / f"{i}.png")
-        records.append(
-            {
-                "name": name,
-                "short_names": [name.replace(" ", "_")],
-                "category": category,
-                "subcategory": "test",
-                "unified": f"{i:04X}",
-                "image": f"google/{i}.png",
-            }
-        )
-    (folder / "catalogue.json").write_text(json.dumps(records), encoding="utf-8")
-    return folder
+    pictures = {name: (category, _draw(kind, colour)) for name, (category, kind, colour) in SHAPES.items()}
+    return write_catalogue(folder, pictures)
 
 
 @pytest.fixture(scope="module")

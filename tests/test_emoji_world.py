@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from emoji_catalogues import write_catalogue
 from PIL import Image
 
 from diffuse.emoji.captions import caption, parse_caption
-from diffuse.emoji.catalogue import CATALOGUE_FILE, EVALUATED_CATEGORIES, PICTURE_SIZE
+from diffuse.emoji.catalogue import EVALUATED_CATEGORIES, PICTURE_SIZE
 from diffuse.emoji.data import (
     BORDER_MARGIN,
     MIN_GAP,
@@ -77,26 +78,14 @@ FAKE = {
 
 
 def make_catalogue(folder, fake=FAKE) -> None:
-    """A data folder in the catalogue's layout: catalogue.json and one PNG per record."""
-    (folder / "google").mkdir(parents=True)
-    records = []
-    for i, (name, (category, colour)) in enumerate(fake.items()):
+    """A data folder of flat squares, one per record."""
+    pictures = {}
+    for name, (category, colour) in fake.items():
         pixels = np.zeros((PICTURE_SIZE, PICTURE_SIZE, 4), dtype=np.uint8)
         pixels[..., :3] = colour
         pixels[..., 3] = 128 if name == "ghost" else 255
-        image = f"google/{i:04x}.png"
-        Image.fromarray(pixels, "RGBA").save(folder / image)
-        records.append(
-            {
-                "name": name,
-                "short_names": [name.replace(" ", "_")],
-                "category": category,
-                "subcategory": "test",
-                "unified": f"{i:04X}",
-                "image": image,
-            }
-        )
-    (folder / CATALOGUE_FILE).write_text(json.dumps(records), encoding="utf-8")
+        pictures[name] = (category, Image.fromarray(pixels, "RGBA"))
+    write_catalogue(folder, pictures)
 
 
 @pytest.fixture

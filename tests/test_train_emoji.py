@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from emoji_catalogues import write_catalogue
 from PIL import Image
 
 from diffuse.emoji.catalogue import CATALOGUE_FILE, PICTURE_SIZE
@@ -114,28 +115,15 @@ LOOP = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "checkpo
 
 
 def make_catalogue(folder: Path) -> Path:
-    """A data folder in the catalogue's layout: catalogue.json and one 64 px RGBA picture per record."""
-    (folder / "google").mkdir(parents=True)
-    records = []
+    """A data folder of discs, each of its own size and colour."""
+    pictures = {}
     for i, (name, (category, colour)) in enumerate(FAKE.items()):
         pixels = np.zeros((PICTURE_SIZE, PICTURE_SIZE, 4), dtype=np.uint8)
         y, x = np.mgrid[:PICTURE_SIZE, :PICTURE_SIZE]
         inside = (x - 31.5) ** 2 + (y - 31.5) ** 2 < (28 - 2 * i) ** 2  # each a disc of its own size
         pixels[inside] = (*colour, 255)
-        image = f"google/{i:04x}.png"
-        Image.fromarray(pixels, "RGBA").save(folder / image)
-        records.append(
-            {
-                "name": name,
-                "short_names": [name.replace(" ", "_")],
-                "category": category,
-                "subcategory": "test",
-                "unified": f"{i:04X}",
-                "image": image,
-            }
-        )
-    (folder / CATALOGUE_FILE).write_text(json.dumps(records), encoding="utf-8")
-    return folder
+        pictures[name] = (category, Image.fromarray(pixels, "RGBA"))
+    return write_catalogue(folder, pictures)
 
 
 def emoji_data(folder: Path, **changes) -> EmojiDataConfig:
