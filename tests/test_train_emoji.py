@@ -17,15 +17,14 @@ import pytest
 import torch
 from emoji_catalogues import write_catalogue
 from PIL import Image
+from test_train_trainers import LOOP, MICRO_IMAGE, MICRO_TEXT, MICRO_UNET, MICRO_VAE
 
 from diffuse.emoji.catalogue import CATALOGUE_FILE, PICTURE_SIZE
 from diffuse.emoji.data import EmojiDataConfig, EmojiDataset, HoldoutConfig
 from diffuse.models.clip import CLIPTextEncoder
-from diffuse.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from diffuse.models.unet import UNet
 from diffuse.models.vae import AutoencoderKL
 from diffuse.shapes.data import DataConfig, ShapesDataset
-from diffuse.shapes.image_encoder import ImageEncoderConfig
 from diffuse.tokenizer import CLIPTokenizer, normalize
 from diffuse.train.__main__ import main_train
 from diffuse.train.assemble import PREVIEW_DATA_SEED, preview_data
@@ -99,19 +98,6 @@ FAKE = {
     "key": ("Objects", (230, 190, 20)),
     "côte d’ivoire flag": ("Flags", (250, 130, 0)),
 }
-MICRO_VAE = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)  # f = 4: 8x8 latents
-MICRO_TEXT = TextEncoderConfig(width=32, layers=1, heads=2, mlp_width=64)  # CLIP's vocabulary and 77 positions
-MICRO_IMAGE = ImageEncoderConfig(image_size=32, stage_channels=(8, 16), norm_groups=4, embed_dim=16)
-MICRO_UNET = UNetConfig(
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_levels=(False, True),
-    heads=(2, 2),
-    context_dim=32,
-    norm_groups=8,
-)
-LOOP = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2}
 
 
 def make_catalogue(folder: Path) -> Path:
