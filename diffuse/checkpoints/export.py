@@ -338,12 +338,13 @@ def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], dtype: torc
     atomic_write(path, lambda f: f.write(data))
 
 
-def move_into_place(staging: Path, folder: Path, overwrite: bool) -> None:
+def move_into_place(staging: Path, folder: Path, overwrite: bool, refusal: str | None = None) -> None:
     """Rename the finished folder to its name; with `overwrite`, the old one is set aside
-    first and deleted only after the new one is in place."""
+    first and deleted only after the new one is in place. Without it, a non-empty folder is
+    refused with `refusal` (or a message saying it exists)."""
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
-            raise ValueError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
+            raise ValueError(refusal or f"{folder} already exists and is not empty; pass overwrite=True to replace it")
         old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
         os.rename(folder, old)
         try:

@@ -37,6 +37,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from diffuse.checkpoints.export import move_into_place
 from diffuse.emoji.catalogue import CATALOGUE_FILE, PICTURE_SIZE, SOURCES_FILE
 
 LICENCES_FILE = "LICENCES.md"
@@ -145,7 +146,8 @@ def make_data_folder(
         package = read_package(download, pin)
         download.unlink()
         count = _write_folder(staging, package, pin, found)
-        _move_into_place(staging, out, overwrite)
+        refusal = f"{out} appeared while the data folder was being written; pass --overwrite to replace it"
+        move_into_place(staging, out, overwrite, refusal)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -181,24 +183,6 @@ def _same_pin(sources: dict, pin: Pin) -> bool:
         return False
     keys = ("set", "package", "version", "url", "size", "sha256", "integrity")
     return all(recorded[0].get(k) == getattr(pin, k) for k in keys)
-
-
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder to its name; the old one (overwrite) is set aside first and deleted
-    only once the new one is in place, so `out` is never missing nor half written."""
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out} appeared while the data folder was being written; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
-        os.rename(out, old)
-        try:
-            os.rename(staging, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 # ---- the download ------------------------------------------------------------------------------
