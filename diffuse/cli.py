@@ -718,7 +718,7 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--judge",
         default=str(DEFAULT_EMOJI_JUDGE),
-        help="emoji: the trained judge's folder (default: the one in models/emoji-judge)",
+        help="emoji: the trained judge's folder (default models/emoji-judge, where its card trains it)",
     )
     p.add_argument(
         "--singles",
