@@ -378,8 +378,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from diffuse.shapes.evaluate import EvalSettings, format_report, write_report
     from diffuse.shapes.evaluate import evaluate as evaluate_model
 
-    if args.json is not None and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder; give the file to write")
+    for option, path in (("--json", args.json), ("--grid", args.grid)):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{option} {path} is a folder; give the file to write")
+    if args.grid is not None and args.world != "emoji":
+        raise ValueError("--grid draws the emoji world's evaluation: give --world emoji")
     if args.world == "emoji":
         return evaluate_emoji(args)
     settings = EvalSettings(
@@ -407,6 +410,7 @@ def evaluate_emoji(args: argparse.Namespace) -> int:
     from diffuse.emoji.data import EmojiDataConfig, EmojiDataset
     from diffuse.emoji.evaluate import EvalSettings, format_report, write_report
     from diffuse.emoji.evaluate import evaluate as evaluate_model
+    from diffuse.emoji.grid import example_grid
     from diffuse.emoji.judge import EmojiJudge
     from diffuse.speedups import Speedups
 
@@ -424,10 +428,13 @@ def evaluate_emoji(args: argparse.Namespace) -> int:
     dataset = EmojiDataset(EmojiDataConfig(folder=args.data))
     judge = EmojiJudge.load(args.judge, names=list(dataset.pictures.emoji))  # the same names, in order
     pipe = _load(args)
-    results = evaluate_model(pipe, dataset, judge, settings, progress=True)
+    images: list = []
+    results = evaluate_model(pipe, dataset, judge, settings, progress=True, images=images)
     print(format_report(results))
     if args.json is not None:
         print(f"wrote {write_report(results, args.json)}", file=sys.stderr)
+    if args.grid is not None:
+        print(f"wrote {example_grid(results, images, args.grid, args.grid_columns)}", file=sys.stderr)
     return 0
 
 
@@ -776,6 +783,18 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     )
     add_quantize_option(p)
     p.add_argument("--json", default=None, metavar="OUT", help="also write every number and the settings here")
+    p.add_argument(
+        "--grid",
+        default=None,
+        metavar="PNG",
+        help="emoji: also draw the first images of each category and kind, with what the judge read, into PNG",
+    )
+    p.add_argument(
+        "--grid-columns",
+        type=_positive_int,
+        default=6,
+        help="emoji: images per category and kind in --grid (default 6)",
+    )
     _add_speedup_options(p)
     p.set_defaults(run=evaluate)
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from PIL import Image
 from test_export import assert_diffusers_agrees
 
 import diffuse
@@ -494,13 +495,21 @@ def test_cli_eval_in_the_emoji_world(stages, folder32, tmp_path, capsys):
     common = ["eval", "--world", "emoji", "--model", str(folder32), "--data", str(tmp_path / "data")]
     code, printed, err = run(
         common + ["--judge", str(tmp_path / "judge"), "--singles", "1", "--pairs", "1", "--steps", "1"]
-        + ["--json", str(report)],
+        + ["--json", str(report), "--grid", str(tmp_path / "grid.png"), "--grid-columns", "1"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert "held-out prompts" in printed and "clean renders" in printed
+    assert "held-out prompts" in printed and "clean renders" in printed and "through the VAE" in printed
     results = json.loads(report.read_text())
     assert results["settings"]["data_folder"] == str(tmp_path / "data") and results["settings"]["steps"] == 1
+    assert (
+        results["through_autoencoder"]["all"]["singles"]["prompts"]
+        == results["clean_renders"]["all"]["singles"]["prompts"]
+    )
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.height > grid.width  # one column, a row per category and kind
+    code, _, err = run(["eval", "--model", str(folder32), "--grid", str(tmp_path / "shapes.png")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--world emoji" in err
     code, _, err = run(common + ["--judge", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and err.count("\n") == 1 and "nowhere" in err
     other = names[::-1]  # a judge of another catalogue (here: the names in another order) is refused

@@ -43,6 +43,7 @@ from diffuse.emoji.evaluate import (
     score_pair,
     write_report,
 )
+from diffuse.emoji.grid import example_grid, outcome
 from diffuse.emoji.scenes import (
     BACKGROUNDS,
     INVERSE_RELATION,
@@ -507,15 +508,30 @@ def test_the_picture_cache_keeps_a_bounded_number_of_bytes():
     assert list(kept) == [3, 4, 0] and kept.held == 3 * 8 * 8 * 4
 
 
+class IdentityAutoencoder(torch.nn.Module):
+    """Latents are the pixels: only a scale applied and not undone (or the reverse) changes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, pixels):
+        return SimpleNamespace(mean=pixels)
+
+
 class FakePipeline:
     """What evaluate() uses of a Pipeline; it draws the held-out scene a prompt was written from,
     except for the prompts in `wrong`, which get an empty background."""
 
     def __init__(self, dataset, prompts, wrong=()) -> None:
         self.scenes, self.wrong, self.dataset = {p.prompt: p.scene for p in prompts}, set(wrong), dataset
-        self.config = SimpleNamespace(image_size=48)
+        self.config = SimpleNamespace(image_size=48, vae=SimpleNamespace(scaling_factor=0.5))
         self.model_name, self.model_hash, self.dtype = "fake", "0123456789", torch.float32
+        self.vae, self.device = IdentityAutoencoder(), torch.device("cpu")
         self.calls = []
+
+    def decode_latents(self, latents):
+        return latents / self.config.vae.scaling_factor
 
     def get_sampler(self, name):
         if name != "Euler a":
@@ -541,14 +557,37 @@ def test_evaluate_a_model_against_its_clean_renders(folder):
     assert results["prompt_adherence"]["Objects"]["singles"]["named"] == 0.5
     assert results["prompt_adherence"]["Food & Drink"]["pairs"]["relation"] == 1.0
     assert results["clean_renders"]["Objects"]["singles"]["named"] == 1.0
+    assert results["through_autoencoder"] == results["clean_renders"]
     assert results["settings"]["width"] == 48 and results["settings"]["holdout"]["pairs"] == 25
     report = format_report(results)
-    assert report.startswith("model: fake [0123456789]") and "clean renders" in report
+    assert report.startswith("model: fake [0123456789]") and "clean renders" in report and "the VAE" in report
     json.dumps(results)  # JSON-ready
     with pytest.raises(ValueError, match="unknown sampler"):
         evaluate(pipe, dataset, ColourJudge(dataset.names), EvalSettings(sampler="Heun"))
     with pytest.raises(ValueError, match="steps"):
         EvalSettings(steps=0)
+
+
+def test_the_grid_shows_each_category_and_kind_with_the_judges_verdict(folder, tmp_path):
+    dataset = EmojiDataset(EmojiDataConfig(folder=str(folder)))
+    prompts = heldout_prompts(dataset, 3, 2)
+    wrong = [p.prompt for p in prompts if p.category == "Objects" and p.kind == "singles"][:1]
+    images = []
+    pipe, settings = FakePipeline(dataset, prompts, wrong), EvalSettings(singles=3, pairs=2)
+    results = evaluate(pipe, dataset, ColourJudge(dataset.names), settings, images=images)
+    assert len(images) == len(results["readings"]) == len(prompts)
+    assert all(image.size == (48, 48) for image in images)
+    outcomes = [outcome(e["kind"], e["verdict"]) for e in results["readings"]]
+    assert outcomes.count("wrong") == 1 and outcomes[[p.prompt for p in prompts].index(wrong[0])] == "wrong"
+    assert outcome("singles", {"named": True, "position": False, "all": False}) == "part"
+    assert outcome("pairs", {"found": True, "relation": False}) == "part"
+    path = example_grid(results, images, tmp_path / "grid.png", columns=2)
+    rows = len({(p.category, p.kind) for p in prompts})
+    with Image.open(path) as grid:
+        assert grid.format == "PNG" and grid.height > grid.width * rows / 4
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # written atomically, nothing left
+    with pytest.raises(ValueError, match="readings but"):
+        example_grid(results, images[:-1], tmp_path / "short.png")
 
 
 def test_samples_are_the_same_in_another_process(folder):

@@ -6,6 +6,10 @@ shows it in, each two-picture prompt pairs two pictures no training image shows 
 one-picture prompt always states its position, and prompt i of a category and kind is drawn
 from its own seeded generator, so the same catalogue gives the same prompts.
 
+Beside the generated images' rates stand the judge's on clean renders of the same scenes (what a
+perfect model would give) and on those renders through the model's autoencoder (what its UNet
+could at most give back).
+
 A judge reads each generated image back: judge.read(image) -> the pictures it finds, most
 confident first, each a (name, position, size[, centre]) tuple or an object with those
 attributes (diffuse.emoji.judge.Reading).
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -45,7 +50,9 @@ from diffuse.emoji.catalogue import EVALUATED_CATEGORIES
 from diffuse.emoji.data import EmojiDataset, heldout_pair_scenes, heldout_single_scenes
 from diffuse.emoji.scenes import Scene, cell_centre, relation_between, render
 from diffuse.metadata import atomic_write
+from diffuse.numerics import network_dtype
 from diffuse.pipeline import Pipeline
+from diffuse.preview import to_pil
 
 KINDS = ("singles", "pairs")
 MEASURES = {"singles": ("named", "position", "size", "all"), "pairs": ("found", "relation")}
@@ -106,13 +113,16 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
     *,
     progress: bool = False,
+    images: list[Image.Image] | None = None,
 ) -> dict:
     """Held-out prompt adherence of `pipe` as one JSON-ready dict, with the judge's rates on clean
-    renders of the same scenes beside it (the most the model could show)."""
+    renders of the same scenes beside it (the most the model could show). `images`, when given,
+    receives each generated image in the order of the results' "readings"."""
     generate = txt2img(pipe, settings.steps, settings.cfg_scale, settings.sampler)
     prompts = heldout_prompts(dataset, settings.singles, settings.pairs, settings.scene_seed)
-    drawn = evaluate_adherence(generate, judge, prompts, settings.seed, progress=progress)
+    drawn = evaluate_adherence(generate, judge, prompts, settings.seed, progress=progress, images=images)
     clean = evaluate_adherence(renders(dataset, prompts), judge, prompts)
+    encoded = evaluate_adherence(through_autoencoder(pipe, renders(dataset, prompts)), judge, prompts)
     return {
         # The name and A1111's hash identify the weights wherever the folder is (a path would not).
         "model": pipe.model_name,
@@ -127,6 +137,7 @@ def evaluate(
         },
         "prompt_adherence": drawn["rates"],
         "clean_renders": clean["rates"],
+        "through_autoencoder": encoded["rates"],
         "readings": drawn["readings"],
     }
 
@@ -210,6 +221,11 @@ def _related(rel: str, a: Reading, b: Reading) -> bool:
     return relation_holds(rel, a.position, b.position)
 
 
+def verdict(prompt: HeldoutPrompt, readings: list[Any]) -> dict[str, bool]:
+    """Per measure of the prompt's kind, whether its image got it right."""
+    return (score_single if prompt.kind == "singles" else score_pair)(prompt.stated, readings)
+
+
 def score(prompts: list[HeldoutPrompt], readings: list[list[Any]]) -> dict:
     """The rates by category and over all, from each prompt's image's readings."""
     if len(prompts) != len(readings):
@@ -217,10 +233,10 @@ def score(prompts: list[HeldoutPrompt], readings: list[list[Any]]) -> dict:
     right: dict[tuple[str, str], Counter] = {}
     stated: dict[tuple[str, str], Counter] = {}
     for prompt, found in zip(prompts, readings):
-        verdict = (score_single if prompt.kind == "singles" else score_pair)(prompt.stated, found)
+        got = verdict(prompt, found)
         for group in (prompt.category, "all"):
-            stated.setdefault((group, prompt.kind), Counter()).update(verdict.keys())
-            right.setdefault((group, prompt.kind), Counter()).update(k for k, ok in verdict.items() if ok)
+            stated.setdefault((group, prompt.kind), Counter()).update(got.keys())
+            right.setdefault((group, prompt.kind), Counter()).update(k for k, ok in got.items() if ok)
     categories = [c for c in EVALUATED_CATEGORIES if any((c, kind) in stated for kind in KINDS)]
     return {
         group: {
@@ -236,12 +252,22 @@ def _rates(right: Counter, stated: Counter, kind: str) -> dict:
 
 
 def evaluate_adherence(
-    generate: Generate, judge: Judge, prompts: Iterable[HeldoutPrompt], seed: int = 0, *, progress: bool = False
+    generate: Generate,
+    judge: Judge,
+    prompts: Iterable[HeldoutPrompt],
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    images: list[Image.Image] | None = None,
 ) -> dict:
-    """Image i from generate(prompt i, seed + i), read by the judge and scored: {"rates": ..., "readings": ...}."""
+    """Image i from generate(prompt i, seed + i), read by the judge and scored: {"rates": ..., "readings": ...}.
+    `images`, when given, receives each image in turn."""
     prompts, readings = list(prompts), []
     for i, prompt in enumerate(tqdm(prompts, unit="image", file=sys.stderr, disable=not progress)):
-        readings.append([as_reading(r) for r in judge.read(generate(prompt.prompt, seed + i))])
+        image = generate(prompt.prompt, seed + i)
+        if images is not None:
+            images.append(image)
+        readings.append([as_reading(r) for r in judge.read(image)])
     return {
         "rates": score(prompts, readings),
         "readings": [
@@ -250,6 +276,7 @@ def evaluate_adherence(
                 "kind": p.kind,
                 "prompt": p.prompt,
                 "read": [list(vars(r).values()) for r in found],
+                "verdict": verdict(p, found),
             }
             for p, found in zip(prompts, readings)
         ],
@@ -261,6 +288,22 @@ def renders(dataset: EmojiDataset, prompts: list[HeldoutPrompt]) -> Generate:
     the judge's rates on it are the most the evaluation can show."""
     scenes = {p.prompt: p.scene for p in prompts}
     return lambda prompt, seed: render(scenes[prompt], dataset.config.image_size, dataset.pictures)
+
+
+def through_autoencoder(pipe: Pipeline, generate: Generate) -> Generate:
+    """Each image of `generate` encoded by the model's autoencoder and decoded again (the
+    posterior's mean): the most of it a UNet could give back, so the judge's rates on it show
+    whether the autoencoder or the UNet holds the model back."""
+    scale = pipe.config.vae.scaling_factor
+
+    def roundtrip(prompt: str, seed: int) -> Image.Image:
+        image = generate(prompt, seed)
+        pixels = inputs.image_to_tensor(image, *image.size).to(pipe.device, network_dtype(pipe.vae))
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).mean.float() * scale
+        return to_pil(pipe.decode_latents(latents))[0]
+
+    return roundtrip
 
 
 def txt2img(pipe: Pipeline, steps: int = 20, cfg_scale: float = 7.5, sampler: str = "Euler a") -> Generate:
@@ -311,6 +354,8 @@ def format_report(results: dict) -> str:
             format_rates(results["prompt_adherence"], "held-out prompts"),
             "",
             format_rates(results["clean_renders"], "the same, clean renders"),
+            "",
+            format_rates(results["through_autoencoder"], "clean, through the VAE"),
         ]
     )
 
