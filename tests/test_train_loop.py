@@ -326,6 +326,38 @@ def test_ema_run_ends_with_the_average_and_resumes_it_exactly(tmp_path, one_thre
         assert torch.equal(resumed_net.state_dict()[name], tensor), name
 
 
+def test_bf16_autocast_runs_the_products_in_bf16_keeps_float32_weights_and_resumes_exactly(tmp_path, one_thread):
+    outputs = []
+
+    def run(folder: Path, autocast: str | None) -> tuple[list[float], nn.Module]:
+        config = dataclasses.replace(train_worker.config(steps=8, checkpoint_every=4), autocast=autocast)
+        net = train_worker.make_net(0.0)
+        net[-1].register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+        return train(config, {"net": net}, train_worker.loss_fn, train_worker.make_batch, folder, progress=False), net
+
+    plain, _ = run(tmp_path / "plain", None)
+    assert set(outputs) == {torch.float32}
+    outputs.clear()
+    mixed, net = run(tmp_path / "mixed", "bfloat16")
+    assert set(outputs) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert all(
+        p.dtype == torch.float32
+        for p in read_checkpoint(tmp_path / "mixed" / "checkpoint-00000008.pt")["models"]["net"].values()
+    )
+    assert mixed != plain and max(abs(a - b) for a, b in zip(mixed, plain)) < 0.05 * max(plain)
+    shutil.copytree(tmp_path / "mixed", tmp_path / "cut")
+    (tmp_path / "cut" / "checkpoint-00000008.pt").unlink()
+    resumed, resumed_net = run(tmp_path / "cut", "bfloat16")
+    assert resumed == mixed
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(resumed_net.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match=r"autocast: checkpoint 'bfloat16', now None"):
+        run(tmp_path / "mixed", None)
+    with pytest.raises(ValueError, match="autocast must be one of bfloat16 or null, not 'float16'"):
+        LoopConfig(autocast="float16")
+
+
 def test_a_field_added_since_the_checkpoint_is_accepted_at_its_default(tmp_path, one_thread):
     model, optimizer = tiny_model_and_optimizer()
     models, optimizers = {"net": model}, {"adamw": optimizer}

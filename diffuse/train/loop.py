@@ -26,6 +26,7 @@ bit as a run that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from diffuse.train.state import (
 )
 
 OPTIMIZER_NAME = "adamw"
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 GENERATOR_NAME = "batch"
 
 
@@ -73,6 +75,10 @@ class LoopConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.0  # 0: off; else the finished models hold this moving average of their weights (ema.py)
+    # "bfloat16": the forward pass's products in bf16 under torch.autocast (CPUs with AMX or
+    # AVX512-BF16, GPUs with bf16 tensor cores); weights, gradients, optimizer and loss stay
+    # float32. None: float32 throughout.
+    autocast: str | None = None
     seed: int = 0
     log_every: int = resumable(10)  # progress-bar refresh and log flush, in steps
     checkpoint_every: int = resumable(500)
@@ -95,6 +101,8 @@ class LoopConfig:
             )
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), not {self.betas}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)} or null, not {self.autocast!r}")
 
 
 def learning_rate(config: LoopConfig, step: int) -> float:
@@ -344,7 +352,8 @@ def _train_step(run: _Run, wrapped: dict[str, nn.Module], loss_fn: LossFn, batch
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch_random = BatchRandom(run.generator, shard.offset, shard.count, loop.batch_size, device)
-    loss, logs = loss_fn(wrapped, _to_device(batch, device), batch_random)
+    with _autocast(loop, device):
+        loss, logs = loss_fn(wrapped, _to_device(batch, device), batch_random)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return the batch's mean loss as a scalar tensor, not {what}")
@@ -364,6 +373,12 @@ def _train_step(run: _Run, wrapped: dict[str, nn.Module], loss_fn: LossFn, batch
     run.step += 1
     run.data_position += loop.batch_size
     return {"step": run.step, **means, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def _autocast(loop: LoopConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if loop.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[loop.autocast])
 
 
 def _show(record: dict, log: IO[str] | None, bar: tqdm, log_every: int) -> None:
