@@ -537,7 +537,7 @@ class FakePipeline:
         if name != "Euler a":
             raise ValueError(f"unknown sampler {name!r}")
 
-    def txt2img(self, prompt, width, height, steps, guidance_scale, sampler, seed):
+    def txt2img(self, prompt, width, height, steps, guidance_scale, sampler, seed, speedups=None):
         self.calls.append((prompt, width, height, steps, guidance_scale, seed))
         scene = self.scenes[prompt]
         if prompt in self.wrong:
@@ -552,8 +552,11 @@ def test_evaluate_a_model_against_its_clean_renders(folder):
     wrong = [p.prompt for p in prompts if p.category == "Objects" and p.kind == "singles"][:1]
     pipe = FakePipeline(dataset, prompts, wrong)
     results = evaluate(pipe, dataset, ColourJudge(dataset.names), settings)
-    assert [call[-1] for call in pipe.calls] == list(range(5, 5 + len(prompts)))
-    assert all(call[1:5] == (48, 48, 3, 7.5) for call in pipe.calls)
+    drawn, timed = pipe.calls[: len(prompts)], pipe.calls[len(prompts) :]
+    assert [call[-1] for call in drawn] == list(range(5, 5 + len(prompts)))
+    assert all(call[1:5] == (48, 48, 3, 7.5) for call in drawn)
+    assert [call[1] for call in timed] == [48] * 4 + [96] * 4  # a warm-up and three timed runs per size
+    assert [t["size"] for t in results["generation_time"]] == [48, 96]
     assert results["prompt_adherence"]["Objects"]["singles"]["named"] == 0.5
     assert results["prompt_adherence"]["Food & Drink"]["pairs"]["relation"] == 1.0
     assert results["clean_renders"]["Objects"]["singles"]["named"] == 1.0
@@ -561,6 +564,7 @@ def test_evaluate_a_model_against_its_clean_renders(folder):
     assert results["settings"]["width"] == 48 and results["settings"]["holdout"]["pairs"] == 25
     report = format_report(results)
     assert report.startswith("model: fake [0123456789]") and "clean renders" in report and "the VAE" in report
+    assert "generation time: 48x48" in report and "96x96" in report
     json.dumps(results)  # JSON-ready
     with pytest.raises(ValueError, match="unknown sampler"):
         evaluate(pipe, dataset, ColourJudge(dataset.names), EvalSettings(sampler="Heun"))

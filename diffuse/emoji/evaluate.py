@@ -8,7 +8,7 @@ from its own seeded generator, so the same catalogue gives the same prompts.
 
 Beside the generated images' rates stand the judge's on clean renders of the same scenes (what a
 perfect model would give) and on those renders through the model's autoencoder (what its UNet
-could at most give back).
+could at most give back), and the time of one image at the model's size and at twice it.
 
 A judge reads each generated image back: judge.read(image) -> the pictures it finds, most
 confident first, each a (name, position, size[, centre]) tuple or an object with those
@@ -53,6 +53,7 @@ from diffuse.metadata import atomic_write
 from diffuse.numerics import network_dtype
 from diffuse.pipeline import Pipeline
 from diffuse.preview import to_pil
+from diffuse.shapes.evaluate import generation_time
 
 KINDS = ("singles", "pairs")
 MEASURES = {"singles": ("named", "position", "size", "all"), "pairs": ("found", "relation")}
@@ -123,6 +124,9 @@ def evaluate(
     drawn = evaluate_adherence(generate, judge, prompts, settings.seed, progress=progress, images=images)
     clean = evaluate_adherence(renders(dataset, prompts), judge, prompts)
     encoded = evaluate_adherence(through_autoencoder(pipe, renders(dataset, prompts)), judge, prompts)
+    timing = dict(steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler, seed=settings.seed)
+    native = pipe.config.image_size
+    times = [generation_time(pipe, prompts[0].prompt, size=size, **timing) for size in (native, 2 * native)]
     return {
         # The name and A1111's hash identify the weights wherever the folder is (a path would not).
         "model": pipe.model_name,
@@ -138,6 +142,7 @@ def evaluate(
         "prompt_adherence": drawn["rates"],
         "clean_renders": clean["rates"],
         "through_autoencoder": encoded["rates"],
+        "generation_time": times,  # at the model's size and twice it (issue 26 asks for both)
         "readings": drawn["readings"],
     }
 
@@ -356,6 +361,11 @@ def format_report(results: dict) -> str:
             format_rates(results["clean_renders"], "the same, clean renders"),
             "",
             format_rates(results["through_autoencoder"], "clean, through the VAE"),
+            "",
+            "generation time: "
+            + ", ".join(f"{t['size']}x{t['size']} {t['median_s']:.2f} s" for t in results["generation_time"])
+            + f" (medians of {len(results['generation_time'][0]['runs_s'])}, "
+            + f"{results['generation_time'][0]['torch_threads']} torch threads)",
         ]
     )
 

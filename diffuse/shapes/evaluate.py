@@ -129,7 +129,15 @@ def evaluate(pipe: Pipeline, settings: EvalSettings = EvalSettings(), *, progres
         "prompt_adherence": adherence,
         "vae_reconstruction": vae_reconstruction(pipe, settings.images),
         "caption_retrieval": retrieval,
-        "generation_time": generation_time(pipe, settings, timing_prompt),
+        "generation_time": generation_time(
+            pipe,
+            timing_prompt,
+            steps=settings.steps,
+            cfg_scale=settings.cfg_scale,
+            sampler=settings.sampler,
+            seed=settings.seed,
+            speedups=settings.speedups,
+        ),
     }
 
 
@@ -263,9 +271,20 @@ def _text_embeddings(pipe: Pipeline, tower: ImageTower, captions: list[str]) -> 
     return tower.text_embeddings(pipe.text_encoder.pooled(hidden, ids, pipe.tokenizer.eos_token_id))
 
 
-def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict:
-    """Seconds for one native-size txt2img at the evaluation's settings: median of TIMED_RUNS after a warm-up."""
-    size = pipe.config.image_size
+def generation_time(
+    pipe: Pipeline,
+    prompt: str,
+    *,
+    steps: int,
+    cfg_scale: float,
+    sampler: str,
+    seed: int,
+    speedups: Speedups = Speedups(),
+    size: int | None = None,
+) -> dict:
+    """Seconds for one txt2img of `size` (default: the model's own) at these settings: the median
+    of TIMED_RUNS after a warm-up."""
+    size = size or pipe.config.image_size
 
     def run() -> float:
         start = time.perf_counter()
@@ -273,17 +292,17 @@ def generation_time(pipe: Pipeline, settings: EvalSettings, prompt: str) -> dict
             prompt,
             width=size,
             height=size,
-            steps=settings.steps,
-            guidance_scale=settings.cfg_scale,
-            sampler=settings.sampler,
-            seed=settings.seed,
-            speedups=settings.speedups,
+            steps=steps,
+            guidance_scale=cfg_scale,
+            sampler=sampler,
+            seed=seed,
+            speedups=speedups,
         )
         return time.perf_counter() - start
 
     run()  # the first run pays for allocations and lazy set-up
     runs = [run() for _ in range(TIMED_RUNS)]
-    return {"median_s": statistics.median(runs), "runs_s": runs, "torch_threads": torch.get_num_threads()}
+    return {"size": size, "median_s": statistics.median(runs), "runs_s": runs, "torch_threads": torch.get_num_threads()}
 
 
 # ---- the report ------------------------------------------------------------------------------------
