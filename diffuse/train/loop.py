@@ -352,7 +352,7 @@ def _train_step(run: _Run, wrapped: dict[str, nn.Module], loss_fn: LossFn, batch
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch_random = BatchRandom(run.generator, shard.offset, shard.count, loop.batch_size, device)
-    with _autocast(loop, device):
+    with forward_precision(loop, device):
         loss, logs = loss_fn(wrapped, _to_device(batch, device), batch_random)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
@@ -375,7 +375,8 @@ def _train_step(run: _Run, wrapped: dict[str, nn.Module], loss_fn: LossFn, batch
     return {"step": run.step, **means, "lr": lr, "grad_norm": float(grad_norm)}
 
 
-def _autocast(loop: LoopConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def forward_precision(loop: LoopConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """What a step's forward pass runs under: torch.autocast to the config's dtype, or nothing."""
     if loop.autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[loop.autocast])
