@@ -25,7 +25,7 @@ from conftest import TINY_RUNTIME_UNET
 from torch import Tensor, nn
 
 from diffuse import kernels
-from diffuse.models import unet
+from diffuse.models import unet, vae
 from diffuse.models.configs import VAEConfig
 from diffuse.models.unet import UNet, Upsample
 from diffuse.models.vae import AutoencoderKL
@@ -421,6 +421,45 @@ def test_vae_decoder_goes_int8_and_stays_close_to_float32():
         half = bf16.decode(z.bfloat16()).float().clamp(-1, 1)
     int8_error, bf16_error = ((got - exact).abs() * 127.5).mean(), ((half - exact).abs() * 127.5).mean()
     assert int8_error < 4 and int8_error > 1.5 * bf16_error  # in 0-255 steps; the int8 products ran
+
+
+@needs_int8
+@torch.no_grad()
+@pytest.mark.parametrize("channels", [(32, 32), (64, 32)])
+def test_decoder_resnet_block_quantizes_its_norms_and_adds_onto_the_shortcut(channels, monkeypatch):
+    """Int8DecoderResnetBlock quantizes both GroupNorm-SiLUs straight from the C kernel and adds the
+    residual (the input, or the 1x1 shortcut's output) as the second convolution writes: from
+    float32 no further than the same int8 convolutions with the norms in bf16, further than bf16's."""
+    torch.manual_seed(5)
+    net = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), norm_groups=8)).eval()
+    net.decoder.mid.block_1 = vae.ResnetBlock(*channels, groups=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(bf16_exact(p + 0.05 * torch.randn_like(p)))
+    exact_block = net.decoder.mid.block_1
+    block = prepare(copy.deepcopy(net), "cpu", torch.bfloat16, quantize="int8").decoder.mid.block_1
+    bf16_block = prepare(copy.deepcopy(exact_block), "cpu", torch.bfloat16)
+    assert isinstance(block, int8.Int8DecoderResnetBlock) and is_int8(block.conv1) and is_int8(block.conv2)
+    calls = []
+    fused = kernels.group_norm_silu_quantize_bf16
+    monkeypatch.setattr(kernels, "group_norm_silu_quantize_bf16", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    for seed in range(3):
+        x = bf16_exact(torch.randn(2, channels[0], 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3)
+        exact = exact_block(x).double()
+        x = x.bfloat16().contiguous(memory_format=torch.channels_last)
+        before = x.clone()
+        got = block(x)
+        assert torch.equal(x, before)  # the identity shortcut's input is never summed into
+        block.__class__ = vae.ResnetBlock  # the same int8 convolutions, norms and SiLUs in bf16
+        try:
+            unfused = block(x)
+        finally:
+            block.__class__ = int8.Int8DecoderResnetBlock
+        rms = {k: float((v.double() - exact).pow(2).mean().sqrt()) for k, v in (("got", got), ("unfused", unfused))}
+        rms["bf16"] = float((bf16_block(x).double() - exact).pow(2).mean().sqrt())
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert rms["got"] <= 1.05 * rms["unfused"] and rms["got"] > 1.5 * rms["bf16"], rms
+    assert len(calls) == 2 * 3
 
 
 # ---- which layers go int8 ---------------------------------------------------------------------

@@ -21,7 +21,8 @@ upsampling. The text encoders and the VAE encoder stay bf16.
 Around the products, the transformer blocks quantize their LayerNorms' outputs and the ResBlocks
 their GroupNorm-SiLUs' as the norms are computed (C kernels), and residuals are added in the
 products' epilogues as they write their outputs (Int8TransformerBlock, Int8SpatialTransformer,
-Int8ResBlock), so neither is written out in bf16 first.
+Int8ResBlock), so neither is written out in bf16 first. The VAE decoder's ResnetBlocks do the same
+(Int8DecoderResnetBlock).
 
 A layer falls back to its bf16 (or float32) forward outside bf16 CPU inference, and for an
 input holding a NaN or an infinity, which bf16 carries on to the pipeline's checks. The
@@ -33,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse import kernels
@@ -118,8 +120,14 @@ def pack_linear(weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) 
 def pack_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Packed:
     """`weight` (the convolution's, or the input channels of it that one part reads) packed."""
     q, scales = per_channel(weight)
+    # Packed as the products will read it, so that oneDNN does not repack a copy of the weight at every
+    # call: for inputs with a zero point (any nonzero one stands for the one each call brings), which
+    # puts the sums its correction needs beside the weights; and a 1x1 convolution for an example
+    # input shape, without which its packed layout was not the one its products took (a 3x3 one's
+    # was, and an example shape changed it for some).
+    example_input = [1, weight.shape[1] * conv.groups, 8, 8] if conv.kernel_size == (1, 1) else None
     packed = torch.ops.onednn.qconv_prepack(
-        q, scales, 1.0, 0, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, None
+        q, scales, 1.0, 128, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, example_input
     )
     bias = None if bias is None else bias.detach().float()
     return Packed(weight_key((conv.weight,)), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
@@ -344,6 +352,36 @@ class Int8ResBlock(unet.ResBlock):
         )
 
 
+class Int8DecoderResnetBlock(vae.ResnetBlock):
+    """The VAE decoder's ResnetBlock as vae.ResnetBlock computes it, with each GroupNorm and SiLU
+    quantized as they are computed for the convolution after them (one C kernel) and the residual
+    added onto the shortcut convolution's fresh output as the second convolution writes: at the
+    decoder's full-resolution levels, the largest maps of an image's making are never written out
+    in bf16 between the norms and the convolutions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.runs_int8(x):
+            return super().forward(x)
+        q = norm_silu_quantized(self.norm1, x)
+        h = self.conv1(F.silu(self.norm1(x))) if q is None else self.conv1.product(q, self.conv1.int8_weight()[0])
+        q = norm_silu_quantized(self.norm2, h)
+        skip = self.nin_shortcut(x)
+        if q is None:
+            return skip + self.conv2(F.silu(self.norm2(h)))
+        if skip is x or not skip.is_contiguous(memory_format=torch.channels_last):
+            return self.conv2.product(q, self.conv2.int8_weight()[0]) + skip
+        return self.conv2.product(q, self.conv2.int8_weight()[0], onto=skip)
+
+    def runs_int8(self, x: Tensor) -> bool:
+        return (
+            int8_ready(x)
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and isinstance(self.conv1, Int8Conv2d)
+            and isinstance(self.conv2, Int8Conv2d)
+        )
+
+
 def norm_silu_quantized(norm: nn.GroupNorm, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, float, int] | None:
     """silu(norm(x + shift per image and channel)) quantized as Int8Conv2d quantizes its input, by
     one C kernel (diffuse.kernels); None where the kernel declines or the norm is not an affine bf16 one."""
@@ -431,8 +469,11 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
 
 
 def decoder_int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
-    """The int8 class a VAE decoder layer becomes: its ResnetBlocks' and mid attention's
-    convolutions; the first and last (4 and 3 channels) and the folded upsampling stay bf16."""
+    """The int8 class a VAE decoder layer becomes: its ResnetBlocks (Int8DecoderResnetBlock) and
+    their and the mid attention's convolutions; the first and last convolutions (4 and 3 channels)
+    and the folded upsampling stay bf16."""
+    if isinstance(layer, vae.ResnetBlock):
+        return Int8DecoderResnetBlock
     if not isinstance(layer, nn.Conv2d) or name in ("conv_in", "conv_out") or isinstance(parent, vae.Upsample):
         return None
     return Int8Conv2d
