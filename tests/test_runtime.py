@@ -95,6 +95,21 @@ def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, m
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("width", [8, 12])
+def test_bf16_attention_with_padded_values_is_the_same(monkeypatch, width):
+    """Values padded with zero columns for a faster product give the same attention, unpadded."""
+    monkeypatch.setattr(diffuse.runtime.attention, "cpu_has_amx", lambda: False)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3 * width).unflatten(-1, (3, width)).transpose(1, 2).bfloat16() for n in (50, 24, 24))
+    monkeypatch.setattr(diffuse.runtime.attention, "PADDED_VALUE_WIDTH", {})
+    plain = attention(q, k, v)
+    monkeypatch.setattr(diffuse.runtime.attention, "PADDED_VALUE_WIDTH", {width: 16})
+    padded = attention(q, k, v)
+    assert padded.shape == plain.shape == (2, 3, 50, width)
+    torch.testing.assert_close(padded, plain, rtol=2**-7, atol=1e-3)
+
+
+@torch.no_grad()
 def test_bf16_attention_with_amx_is_the_fused_kernel(monkeypatch):
     """Where the CPU has AMX the fused kernel runs on the tiles and the explicit form is not used."""
     monkeypatch.setattr(diffuse.runtime.attention, "cpu_has_amx", lambda: True)

@@ -26,6 +26,11 @@ from diffuse.runtime.device import cpu_has_amx
 # fastest, bench/RESULTS.md).
 MAX_SCORES = 2**21
 
+# Value widths whose product with the scores ran faster padded with zero columns to the width
+# beside them (SD1.5's 40- and 80-wide heads on AVX-512 without AMX, bench/RESULTS.md); the
+# padding's columns of the output are dropped, so the result is the same.
+PADDED_VALUE_WIDTH = {40: 48, 80: 96}
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for [B, heads, N, d] queries and [B, heads, M, d] keys
@@ -44,13 +49,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     # Heads whose scores fit the same budget together go in one call: each call is a parallel
     # region of its own, and when another program holds a core every region waits for it.
     group = max(1, MAX_SCORES // (min(rows, n) * k.shape[2]))
+    width = v.shape[-1]
+    padding = PADDED_VALUE_WIDTH.get(width, width) - width
     for b in range(batch):
         for h in range(0, heads, group):
             some = slice(h, h + group)
-            keys_t, values = k[b, some].transpose(1, 2), v[b, some]
+            # Copied once per head group, the keys' transpose is read by every row chunk's product
+            # as one dense block, which ran faster than reading across the stacked projections.
+            keys_t = k[b, some].transpose(1, 2).contiguous()
+            values = F.pad(v[b, some], (0, padding)) if padding else v[b, some]
             for start in range(0, n, rows):
                 scores = torch.matmul(q[b, some, start : start + rows], keys_t)
                 if not kernels.softmax_bf16_(scores.view(-1, scores.shape[-1])):
                     scores = scores.softmax(-1)
-                out[b, some, start : start + rows] = torch.matmul(scores, values)
+                out[b, some, start : start + rows] = torch.matmul(scores, values)[..., :width]
     return out
