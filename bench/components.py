@@ -65,7 +65,11 @@ class TorchContender:
         dtype, diffusers = self.dtype, self.impl == "diffusers"
         if what == "vae decode":
             vae, z = self.vae, tensors[0].to(dtype)
-            return (lambda: vae.decode(z).sample) if diffusers else (lambda: vae.decode(z))
+            if diffusers:
+                return lambda: vae.decode(z).sample
+            from diffuse.runtime import vae_tiles
+
+            return lambda: vae_tiles.decode(vae, z)  # the pipeline's decode (whole at this size)
         unet, (x, t, c) = self.unet, tensors
         x, c = x.to(dtype), c.to(dtype)
         return (lambda: unet(x, t, encoder_hidden_states=c).sample) if diffusers else (lambda: unet(x, t, c))
@@ -96,7 +100,7 @@ def component_worker(name: str, connection, keep_freed: bool, calibration: int) 
             if kind == "memory":
                 connection.send(peak_resident_mb())
                 continue
-            if key != tuple(asked):  # one call held at a time: an OpenVINO contender holds one compiled network
+            if key != tuple(asked):  # one call's inputs and function held at a time
                 key, fn = tuple(asked), None
                 fn = contender.call(*asked, inputs(*asked))
             if kind == "flops":
@@ -116,7 +120,8 @@ def components(
     decode_size: int = 512,
 ) -> dict:
     """Times, outputs' differences from diffusers fp32, FLOPs (each implementation's own count, from its
-    fp32 process) and peak memory of the contenders in `names`, group by group."""
+    fp32 process, or its bf16 one where no fp32 one runs) and peak memory of the contenders in
+    `names`, group by group."""
     import multiprocessing
 
     spawn = multiprocessing.get_context("spawn")
@@ -173,8 +178,9 @@ def _time_group(workers: dict, keys: list[tuple[str, int]], repeats: int, result
         print(f"  {what} {size}: {done}", file=sys.stderr)
     for name in workers:  # read before counting FLOPs, whose math attention would raise the peak
         results["memory_mb"][name] = ask(name, "memory")
-    for name in workers:
+    for name in workers:  # each implementation's count once: from its fp32 process, else its bf16 one
         impl, dtype_name = name.split()
-        if dtype_name == "fp32" and impl != "openvino":
+        counted = any(impl in row for row in results["tflop"].values())
+        if dtype_name in ("fp32", "bf16") and impl != "openvino" and not counted:
             for what, size in keys:
                 results["tflop"].setdefault(f"{what} {size}", {})[impl] = ask(name, "flops", what, size) / 1e12

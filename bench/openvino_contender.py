@@ -7,8 +7,9 @@ dynamic shapes) into bench/cache/openvino-sd15, beside the random-weights folder
 (bench/sd15.py; delete the IR folder when that one is rebuilt). Each contender's process reads the
 IR, fixes its shapes to the size being timed (static shapes, as OpenVINO's Stable Diffusion
 pipelines compile) and compiles it for the CPU with INFERENCE_PRECISION_HINT f32 or bf16 and as
-many threads as the process may use. Only one compiled network is held at a time, so a process's
-peak resident memory is that of one network at one size.
+many threads as the process may use. The UNet and the VAE decoder stay compiled side by side, as
+a pipeline holds them, so a process's peak resident memory is that of both networks, each at the
+size last timed, like diffuse's process, which holds its whole pipeline.
 
 The int8 UNet is post-training quantization by NNCF (`nncf.quantize`, transformer preset: 8-bit
 weights per output channel and 8-bit activations with static scales at the convolutions and
@@ -170,8 +171,9 @@ def threads() -> int:
 
 
 class Contender:
-    """One precision's networks in this process; call(what, size) compiles for that shape and drops
-    the network compiled before it, so one compiled network is held at a time."""
+    """One precision's networks in this process. call(what, size) compiles that network for that shape
+    and keeps it beside the other network, as a pipeline holds its UNet and its VAE decoder at once
+    (a network compiled again for another size replaces its own earlier compilation)."""
 
     def __init__(self, dtype_name: str, calibration: int = 8) -> None:
         import openvino as ov
@@ -185,19 +187,18 @@ class Contender:
             "INFERENCE_NUM_THREADS": threads(),
             "PERFORMANCE_HINT": "LATENCY",
         }
-        self.key, self.request = None, None
+        self.compiled: dict[str, tuple[int, object]] = {}  # network -> (size, infer request)
 
     def settings(self) -> str:
         return f"{self.unet_xml.name}, {self.config}"
 
     def call(self, what: str, size: int, inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """A call of the network at this size on these inputs (float32), returning float32."""
-        if self.key != (what, size):
-            self.request = None  # freed before the next one is compiled
+        if self.compiled.get(what, (None,))[0] != size:
+            self.compiled.pop(what, None)  # freed before it is compiled again
             names = ["z"] if what == "vae decode" else ["x", "t", "c"]
             model = self.core.read_model(IR / "vae_decoder.xml" if what == "vae decode" else self.unet_xml)
             model.reshape({name: list(tensor.shape) for name, tensor in zip(names, inputs)})
-            self.request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
-            self.key = (what, size)
-        request, arrays = self.request, [tensor.numpy() for tensor in inputs]
+            self.compiled[what] = size, self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        request, arrays = self.compiled[what][1], [tensor.numpy() for tensor in inputs]
         return lambda: torch.from_numpy(request.infer(arrays, share_inputs=True)[0].copy())
