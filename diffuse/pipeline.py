@@ -547,16 +547,23 @@ class Pipeline:
         """The mask at latent size (nearest pixel, as diffusers takes it)."""
         return torch.nn.functional.interpolate(job.mask, size=self._latent_shape(job)[1:]).to(self.device)
 
-    def _encode_image(
-        self, pixels: torch.Tensor, generators: list[torch.Generator], fallback: Fallback
-    ) -> torch.Tensor:
-        """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
-        posterior = fallback.run(
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor, fallback: Fallback | None = None):
+        """The VAE encoder's Gaussian over raw (unscaled) latents for pixels [B, 3, H, W] in [-1, 1], as
+        img2img draws from it; retried in float32 where a half precision gives a non-finite mean or
+        spread (recorded in `fallback`, a fresh one if None)."""
+        return (fallback or Fallback()).run(
             self.vae,
             "VAE encoder",
             lambda: self.vae.encode(pixels.to(self.device, network_dtype(self.vae))),
             outputs=lambda p: (p.mean, p.std),
         )
+
+    def _encode_image(
+        self, pixels: torch.Tensor, generators: list[torch.Generator], fallback: Fallback
+    ) -> torch.Tensor:
+        """One picture [1, 3, H, W] → latents [B, ...]: a posterior sample per image, from its own generator."""
+        posterior = self.encode_posterior(pixels, fallback)
         return torch.cat([posterior.sample(g).float() for g in generators]) * self.config.vae.scaling_factor
 
     def _denoise(

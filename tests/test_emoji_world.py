@@ -508,17 +508,6 @@ def test_the_picture_cache_keeps_a_bounded_number_of_bytes():
     assert list(kept) == [3, 4, 0] and kept.held == 3 * 8 * 8 * 4
 
 
-class IdentityAutoencoder(torch.nn.Module):
-    """Latents are the pixels: only a scale applied and not undone (or the reverse) changes them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def encode(self, pixels):
-        return SimpleNamespace(mean=pixels)
-
-
 class FakePipeline:
     """What evaluate() uses of a Pipeline; it draws the held-out scene a prompt was written from,
     except for the prompts in `wrong`, which get an empty background."""
@@ -527,8 +516,11 @@ class FakePipeline:
         self.scenes, self.wrong, self.dataset = {p.prompt: p.scene for p in prompts}, set(wrong), dataset
         self.config = SimpleNamespace(image_size=48, vae=SimpleNamespace(scaling_factor=0.5))
         self.model_name, self.model_hash, self.dtype = "fake", "0123456789", torch.float32
-        self.vae, self.device = IdentityAutoencoder(), torch.device("cpu")
         self.calls = []
+
+    def encode_posterior(self, pixels):
+        """Latents are the pixels: only a scale applied and not undone (or the reverse) changes them."""
+        return SimpleNamespace(mean=pixels)
 
     def decode_latents(self, latents):
         return latents / self.config.vae.scaling_factor

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -50,7 +49,6 @@ from diffuse.emoji.catalogue import EVALUATED_CATEGORIES
 from diffuse.emoji.data import EmojiDataset, heldout_pair_scenes, heldout_single_scenes
 from diffuse.emoji.scenes import Scene, cell_centre, relation_between, render
 from diffuse.metadata import atomic_write
-from diffuse.numerics import network_dtype
 from diffuse.pipeline import Pipeline
 from diffuse.preview import to_pil
 from diffuse.shapes.evaluate import generation_time
@@ -303,9 +301,7 @@ def through_autoencoder(pipe: Pipeline, generate: Generate) -> Generate:
 
     def roundtrip(prompt: str, seed: int) -> Image.Image:
         image = generate(prompt, seed)
-        pixels = inputs.image_to_tensor(image, *image.size).to(pipe.device, network_dtype(pipe.vae))
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels).mean.float() * scale
+        latents = pipe.encode_posterior(inputs.image_to_tensor(image, *image.size)).mean.float() * scale
         return to_pil(pipe.decode_latents(latents))[0]
 
     return roundtrip

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from diffuse.illustrate.figure import Figure, pyplot, save
-from diffuse.illustrate.figures_parts_common import decode, parts_pixels, posterior, psnr_db, shape_text, show_image
+from diffuse.illustrate.figures_parts_common import decode, parts_pixels, psnr_db, shape_text, show_image
 from diffuse.illustrate.recording import Recording
 from diffuse.pipeline import Pipeline
 from diffuse.preview import to_pil
@@ -52,7 +52,7 @@ def round_trip(pipe: Pipeline, image: Image.Image) -> RoundTrip:
     """`image` (at the parts' size) through the encoder's posterior mean and back through the decoder."""
     pixels = parts_pixels(pipe, image)
     original = to_pil(pixels)[0]
-    latents = posterior(pipe, pixels).mean.float().cpu() * pipe.config.vae.scaling_factor
+    latents = pipe.encode_posterior(pixels).mean.float().cpu() * pipe.config.vae.scaling_factor
     rebuilt = decode(pipe, latents)[0]
     mean_abs, psnr = reconstruction_error(original, rebuilt)
     ratio = compression_ratio(tuple(pixels.shape[1:]), tuple(latents.shape[1:]))

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from diffuse import inputs
 from diffuse.generation import draw_noise
-from diffuse.numerics import Fallback, network_dtype
 from diffuse.pipeline import Pipeline
 from diffuse.preview import to_pil
 
@@ -37,22 +36,12 @@ def parts_pixels(pipe: Pipeline, image: Image.Image) -> Tensor:
 
 
 @torch.no_grad()
-def posterior(pipe: Pipeline, pixels: Tensor):
-    """The VAE encoder's Gaussian over raw latents for pixels [1, 3, H, W], as img2img computes it."""
-    return Fallback().run(
-        pipe.vae,
-        "VAE encoder",
-        lambda: pipe.vae.encode(pixels.to(pipe.device, network_dtype(pipe.vae))),
-        outputs=lambda p: (p.mean, p.std),
-    )
-
-
 @torch.no_grad()
 def encode_with_noise(pipe: Pipeline, pixels: Tensor, seed: int) -> tuple[Tensor, Tensor]:
     """(x0, noise), each [C, h, w] float32: the latent img2img makes of `pixels` with `seed` (a posterior
     sample times the scaling factor) and the standard-normal noise drawn next from the same generator."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    x0 = posterior(pipe, pixels).sample(generator).float().cpu() * pipe.config.vae.scaling_factor
+    x0 = pipe.encode_posterior(pixels).sample(generator).float().cpu() * pipe.config.vae.scaling_factor
     noise = draw_noise([generator], tuple(x0.shape[1:]), torch.device("cpu"))
     return x0[0], noise[0]
 
