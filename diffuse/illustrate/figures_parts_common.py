@@ -36,7 +36,6 @@ def parts_pixels(pipe: Pipeline, image: Image.Image) -> Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def encode_with_noise(pipe: Pipeline, pixels: Tensor, seed: int) -> tuple[Tensor, Tensor]:
     """(x0, noise), each [C, h, w] float32: the latent img2img makes of `pixels` with `seed` (a posterior
     sample times the scaling factor) and the standard-normal noise drawn next from the same generator."""
