@@ -242,6 +242,15 @@ class Int8Conv2d(nn.Conv2d):
             1.0, 0, torch.bfloat16, 1.0, 0, "sum", 1.0, "none", [], "",
         )  # fmt: skip
 
+    def product_onto_skip(self, q: tuple[Tensor, float, int], skip: Tensor, block_input: Tensor) -> Tensor:
+        """A residual block's last product plus its skip branch: summed into `skip` as the product is
+        written where that is a fresh channels-last map, else added after (the block's own input, which
+        its caller still holds, is never written into)."""
+        packed = self.int8_weight()[0]
+        if skip is block_input or not skip.is_contiguous(memory_format=torch.channels_last):
+            return self.product(q, packed) + skip
+        return self.product(q, packed, onto=skip)
+
 
 class Int8Attention(ChunkedAttention):
     """Self-attention's queries, keys and values as one int8 product of the input quantized once
@@ -336,9 +345,7 @@ class Int8ResBlock(unet.ResBlock):
         skip = self.skip_connection(x)
         if q is None:
             return skip + self.out_layers(h + shift[:, :, None, None])
-        if skip is x or not skip.is_contiguous(memory_format=torch.channels_last):
-            return second.product(q, second.int8_weight()[0]) + skip
-        return second.product(q, second.int8_weight()[0], onto=skip)
+        return second.product_onto_skip(q, skip, x)
 
     def runs_int8(self, x: Tensor) -> bool:
         return (
@@ -368,9 +375,7 @@ class Int8DecoderResnetBlock(vae.ResnetBlock):
         skip = self.nin_shortcut(x)
         if q is None:
             return skip + self.conv2(F.silu(self.norm2(h)))
-        if skip is x or not skip.is_contiguous(memory_format=torch.channels_last):
-            return self.conv2.product(q, self.conv2.int8_weight()[0]) + skip
-        return self.conv2.product(q, self.conv2.int8_weight()[0], onto=skip)
+        return self.conv2.product_onto_skip(q, skip, x)
 
     def runs_int8(self, x: Tensor) -> bool:
         return (
