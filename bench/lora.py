@@ -116,13 +116,11 @@ def write_lora(path: Path, modules: dict[str, list[int]], rank: int, seed: int) 
 
 def host_line(peak_repeats: int) -> str:
     """The CPU (lscpu), cores, threads and the fp32 and bf16 4096^3 GEMM peak measured now."""
-    from speed import matmul_peak
+    from speed import dense_peaks
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lscpu.splitlines())}
-    peaks = {
-        name: matmul_peak(dtype, peak_repeats) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-    }
+    peaks = dense_peaks(peak_repeats)
     return (
         f"host: {fields.get('Model name', 'unknown')} (family {fields.get('CPU family')}, model {fields.get('Model')}), "
         f"{fields.get('CPU(s)')} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads; "

@@ -507,7 +507,7 @@ def starting_picture(first: dict) -> np.ndarray:
 
 def host(peak_repeats: int) -> dict:
     """The CPU (lscpu), cores, torch's threads and the fp32 and bf16 GEMM peak measured now."""
-    from speed import matmul_peak  # here, not at the top: the workers never import the bench helpers
+    from speed import dense_peaks  # here, not at the top: the workers never import the bench helpers
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lscpu.splitlines())}
@@ -518,7 +518,7 @@ def host(peak_repeats: int) -> dict:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "gemm_gflops": {name: matmul_peak(dtype, peak_repeats) for name, dtype in DTYPES.items()},
+        "gemm_gflops": dense_peaks(peak_repeats),
     }
 
 

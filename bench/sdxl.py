@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 from sd15 import CACHE, perturb, save_into  # noqa: E402
-from speed import count_flops, cpu_model, matmul_peak, peak_resident_mb, timed  # noqa: E402
+from speed import count_flops, cpu_model, dense_peaks, peak_resident_mb, timed  # noqa: E402
 
 FOLDER = CACHE / "sdxl-random"
 SIZE, SEED = 1024, 1234
@@ -232,7 +232,7 @@ def run(rounds: int, calls: int, int8: bool = False) -> None:
     """The interleaved rounds and their report (also `bench/speed.py --sdxl`); with int8 a third
     contender, diffuse with quantize="int8" (its share of the floor counted on the bf16 run's FLOPs)."""
     sdxl_folder()  # built once, before the processes that read it
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = dense_peaks()
     runs: dict[str, list[dict]] = {"diffusers": [], "diffuse": []} | ({"diffuse-int8": []} if int8 else {})
     for round_ in range(rounds):
         for impl in runs:

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import DTYPES, cpu_model, interleaved, matmul_peak, timed  # noqa: E402
+from speed import cpu_model, dense_peaks, interleaved, timed  # noqa: E402
 
 from diffuse.models.clip import CLIPTextEncoder  # noqa: E402
 from diffuse.models.unet import UNet  # noqa: E402
@@ -75,8 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # fp32 and bf16 only: the training step does no int8 arithmetic.
-    peak = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
+    peak = dense_peaks()  # no int8 peak: the training step does no int8 arithmetic
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"GEMM peak (4096^3): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     for name, folder in RECIPES.items():
