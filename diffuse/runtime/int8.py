@@ -247,11 +247,11 @@ class Int8Conv2d(nn.Conv2d):
 
     def product_onto_skip(self, q: tuple[Tensor, float, int], skip: Tensor, block_input: Tensor) -> Tensor:
         """A residual block's last product plus its skip branch: summed into `skip` as the product is
-        written where that is a fresh channels-last map, else added after (the block's own input, which
-        its caller still holds, is never written into)."""
+        written where that is a fresh channels-last map, else added after into the product's own fresh
+        output (the block's own input, which its caller still holds, is never written into)."""
         packed = self.int8_weight()[0]
         if skip is block_input or not skip.is_contiguous(memory_format=torch.channels_last):
-            return self.product(q, packed) + skip
+            return self.product(q, packed).add_(skip)
         return self.product(q, packed, onto=skip)
 
 
