@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,11 +143,9 @@ def cost(pipe, prompts: list[str], settings: dict, rounds: int) -> dict:
 
 
 def host() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    name = fields.get("Model name", platform.processor()).strip()
-    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
-    return f"{name} (family {family}, model {model}), torch {torch.__version__} on {torch.get_num_threads()} thread(s)"
+    from speed import cpu_model
+
+    return f"{cpu_model()}, torch {torch.__version__} on {torch.get_num_threads()} thread(s)"
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -116,14 +117,11 @@ def write_lora(path: Path, modules: dict[str, list[int]], rank: int, seed: int) 
 
 def host_line(peak_repeats: int) -> str:
     """The CPU (lscpu), cores, threads and the fp32 and bf16 4096^3 GEMM peak measured now."""
-    from speed import dense_peaks
+    from speed import cpu_model, dense_peaks
 
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lscpu.splitlines())}
     peaks = dense_peaks(peak_repeats)
     return (
-        f"host: {fields.get('Model name', 'unknown')} (family {fields.get('CPU family')}, model {fields.get('Model')}), "
-        f"{fields.get('CPU(s)')} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads; "
+        f"host: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads; "
         f"4096^3 GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s"
     )
 

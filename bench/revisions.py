@@ -507,14 +507,13 @@ def starting_picture(first: dict) -> np.ndarray:
 
 def host(peak_repeats: int) -> dict:
     """The CPU (lscpu), cores, torch's threads and the fp32 and bf16 GEMM peak measured now."""
-    from speed import dense_peaks  # here, not at the top: the workers never import the bench helpers
+    from speed import cpu_fields, dense_peaks  # here, not at the top: the workers never import the bench helpers
 
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lscpu.splitlines())}
+    cpu = cpu_fields()
     return {
-        "cpu": fields.get("Model name", "unknown"),
-        "family": fields.get("CPU family"),
-        "model": fields.get("Model"),
+        "cpu": cpu["name"],
+        "family": cpu["family"],
+        "model": cpu["model"],
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

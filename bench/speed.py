@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -286,11 +287,11 @@ def report_components(peaks: dict, parts: dict) -> None:
                 for other in against
                 if other in rows and other != name
             )
-            print(
-                f"  {name:15s} {row['seconds']:7.2f} s   {share:4.0%} of the {dtype} GEMM peak   "
-                f"vs diffusers fp32: max |diff| {row['max_abs_difference']:.3g} of max |y| {row['reference_max_abs']:.3g}"
-                f"   {ratios}"
-            )
+            # Without a diffusers fp32 row there is no reference output (nan), and the column is left out.
+            difference, reference = row["max_abs_difference"], row["reference_max_abs"]
+            compared = f"vs diffusers fp32: max |diff| {difference:.3g} of max |y| {reference:.3g}   "
+            compared = "" if math.isnan(difference) else compared
+            print(f"  {name:15s} {row['seconds']:7.2f} s   {share:4.0%} of the {dtype} GEMM peak   {compared}{ratios}")
     print("\npeak resident memory of each contender's process (all its calls, both networks held)")
     for name, megabytes in parts["memory_mb"].items():
         print(f"  {name:15s} {megabytes:6.0f} MB")
@@ -356,14 +357,23 @@ def contender_names(asked: list[str], openvino: bool, int8: bool) -> list[str]:
     return names
 
 
-def cpu_model() -> str:
-    """lscpu's model name, CPU family and model, read from /proc/cpuinfo."""
+def cpu_fields() -> dict[str, str]:
+    """lscpu's model name, CPU family and model (the first CPU's), read from /proc/cpuinfo."""
     cpuinfo = Path("/proc/cpuinfo")
     fields = {}
     for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    return {
+        "name": fields.get("model name", "?"),
+        "family": fields.get("cpu family", "?"),
+        "model": fields.get("model", "?"),
+    }
+
+
+def cpu_model() -> str:
+    cpu = cpu_fields()
+    return f"{cpu['name']} (family {cpu['family']}, model {cpu['model']})"
 
 
 def main() -> None:
