@@ -94,7 +94,7 @@ def load_kernel(source: Path, cpu_needs: str) -> tuple[ctypes.CDLL, Path]:
     except OSError as error:
         raise KernelUnavailable(f"could not load {library}: {error}") from None
     if not loaded.cpu_supported():
-        raise KernelUnavailable(f"this CPU lacks {cpu_needs}")
+        raise KernelUnavailable(f"it needs {cpu_needs}, which this CPU does not offer")
     added_runtimes = openmp_runtimes() - runtimes_before
     if runtimes_before and added_runtimes:
         # A second runtime's threads would compete with PyTorch's for the same cores.
@@ -170,7 +170,7 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
 
 
 def load_attention() -> tuple[ctypes.CDLL, Path]:
-    loaded, library = load_kernel(ATTENTION_SOURCE, "AMX-BF16 and AVX512-BF16, or Linux's permission to use AMX")
+    loaded, library = load_kernel(ATTENTION_SOURCE, "AMX-BF16 (and Linux's permission to use AMX) beside AVX512-BF16")
     loaded.attention_amx.restype = None
     loaded.attention_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
     loaded.attention_amx.argtypes += [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
