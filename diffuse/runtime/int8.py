@@ -9,14 +9,14 @@ the bytes, accumulating in int32, and writes bf16 with the bias added. AVX-512 V
 AMX do twice as many int8 multiply-adds per instruction as bf16 ones.
 
 Chosen are the products inside the UNet's blocks: the ResBlocks' convolutions, the
-downsampling convolutions, the folded upsampling convolutions, the transformers' projections,
-attention's queries, keys and values of the image and its output, and the feed-forward layers.
-Left in bf16: the first and last convolutions (4 channels, where one scale for all would cost
-the most), the timestep and vector embeddings (one row each), the keys and values computed
-from the text (77 rows), and everything that is not a product: norms, softmax, attention's own
-products. In the VAE decoder: its ResnetBlocks', its attention's and its folded upsampling's
-convolutions, again without the first and last (4 and 3 channels). The text encoders and the
-VAE encoder stay bf16.
+downsampling convolutions, the transformers' projections, attention's queries, keys and
+values of the image and its output, and the feed-forward layers. Left in bf16: the first
+and last convolutions (4 channels, where one scale for all would cost the most), the
+timestep and vector embeddings (one row each), the keys and values computed from the
+text (77 rows), the folded upsampling convolutions, and everything that is not a product:
+norms, softmax, attention's own products. In the VAE decoder: its ResnetBlocks' and its
+attention's convolutions, again without the first and last (4 and 3 channels) and the
+upsampling. The text encoders and the VAE encoder stay bf16.
 
 Around the products, the transformer blocks quantize their LayerNorms' outputs and the ResBlocks
 their GroupNorm-SiLUs' as the norms are computed (C kernels), and residuals are added in the
@@ -41,8 +41,7 @@ from diffuse import kernels
 from diffuse.models import unet, vae
 from diffuse.runtime.attention import attention
 from diffuse.runtime.device import cpu_has_vnni, give_back_freed_memory
-from diffuse.runtime.layers import ChunkedAttention, FoldedUNetUpsample, FoldedVAEUpsample, OneDNNLinear
-from diffuse.runtime.upsample import foldable, interleaved_phases, phase_kernels
+from diffuse.runtime.layers import ChunkedAttention, OneDNNLinear
 from diffuse.runtime.weights_on_disk import WeightsOnDisk
 
 QUANTIZE_CHOICES = ("int8",)
@@ -118,19 +117,17 @@ def pack_linear(weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) 
     return Packed(weight_key(weights), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
 
 
-def pack_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None, padding: int | None = None) -> Packed:
-    """`weight` (the convolution's, the input channels of it that one part reads, or its folded
-    phase kernels with their own padding) packed."""
+def pack_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Packed:
+    """`weight` (the convolution's, or the input channels of it that one part reads) packed."""
     q, scales = per_channel(weight)
     # Packed as the products will read it, so that oneDNN does not repack a copy of the weight at every
     # call: for inputs with a zero point (any nonzero one stands for the one each call brings), which
     # puts the sums its correction needs beside the weights; and a 1x1 convolution for an example
     # input shape, without which its packed layout was not the one its products took (a 3x3 one's
     # was, and an example shape changed it for some).
-    example_input = [1, weight.shape[1] * conv.groups, 8, 8] if weight.shape[-2:] == (1, 1) else None
-    padding = list(conv.padding) if padding is None else [padding, padding]
+    example_input = [1, weight.shape[1] * conv.groups, 8, 8] if conv.kernel_size == (1, 1) else None
     packed = torch.ops.onednn.qconv_prepack(
-        q, scales, 1.0, 128, list(conv.stride), padding, list(conv.dilation), conv.groups, example_input
+        q, scales, 1.0, 128, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, example_input
     )
     bias = None if bias is None else bias.detach().float()
     return Packed(weight_key((conv.weight,)), packed, scales, torch.zeros_like(scales, dtype=torch.int64), bias)
@@ -253,54 +250,6 @@ class Int8Conv2d(nn.Conv2d):
         if skip is block_input or not skip.is_contiguous(memory_format=torch.channels_last):
             return self.product(q, packed).add_(skip)
         return self.product(q, packed, onto=skip)
-
-
-class Int8Upsampling:
-    """The UNet's and the VAE decoder's 2x upsampling convolution, folded as
-    diffuse.runtime.upsample computes it, with the product of the phase kernels in int8: the
-    kernels are folded in float32 and quantized per output channel (phase and channel), the
-    source quantized as it arrives."""
-
-    packed: Packed | None = None
-
-    def int8_weight(self) -> Packed:
-        conv = self.conv
-        if self.packed is None or self.packed.key != weight_key((conv.weight,)):
-            bias = None if conv.bias is None else conv.bias.repeat(4)
-            self.packed = pack_conv(conv, phase_kernels(conv.weight.detach().float()), bias, padding=0)
-        return self.packed
-
-    def upsampled(self, x: Tensor) -> Tensor | None:
-        """conv(2x nearest upsample of x) with the folded product in int8; None where it does not apply.
-        Folded at any size: in int8 it ran faster than the plain bf16 path even on SD1.5's 8x8 maps,
-        where bf16's folding does not pay (bench/RESULTS.md)."""
-        if not int8_ready(x) or x.dim() != 4 or not foldable(self.conv):
-            return None
-        q = kernels.quantize_bf16(x.contiguous(memory_format=torch.channels_last), asymmetric=True)
-        if q is None:
-            return None
-        qx, scale, zero_point = q
-        # The border is the zero point's bytes (the value 0), padded here: oneDNN's int8 convolution
-        # ran its own padding of an input with a zero point far slower on the decoder's large maps.
-        padded = F.pad(qx, (1, 1, 1, 1), value=zero_point).contiguous(memory_format=torch.channels_last)
-        packed = self.int8_weight()
-        all_phases = torch.ops.onednn.qconv_pointwise(
-            padded, scale, zero_point, packed.weight, packed.scales, packed.zero_points, packed.bias,
-            [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.bfloat16, "none", [], "",
-        )  # fmt: skip
-        return interleaved_phases(all_phases)
-
-
-class Int8UNetUpsample(Int8Upsampling, FoldedUNetUpsample):
-    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
-        out = self.upsampled(x) if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]) else None
-        return super().forward(x, size) if out is None else out
-
-
-class Int8VAEUpsample(Int8Upsampling, FoldedVAEUpsample):
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.upsampled(x)
-        return super().forward(x) if out is None else out
 
 
 class Int8Attention(ChunkedAttention):
@@ -507,8 +456,6 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
         or isinstance(parent, unet.Upsample)
     ):
         return None
-    if isinstance(layer, unet.Upsample):
-        return Int8UNetUpsample
     if isinstance(layer, unet.Attention):
         return Int8Attention if name.endswith("attn1") else Int8CrossAttention
     if isinstance(layer, unet.FeedForward):
@@ -527,19 +474,17 @@ def int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module
 
 
 def decoder_int8_class(name: str, layer: nn.Module, parent: nn.Module) -> type[nn.Module] | None:
-    """The int8 class a VAE decoder layer becomes: its ResnetBlocks (Int8DecoderResnetBlock), their
-    and the mid attention's convolutions, and the upsampling (Int8VAEUpsample, which folds its own
-    convolution); the first and last convolutions (4 and 3 channels) stay bf16."""
+    """The int8 class a VAE decoder layer becomes: its ResnetBlocks (Int8DecoderResnetBlock) and
+    their and the mid attention's convolutions; the first and last convolutions (4 and 3 channels)
+    and the folded upsampling stay bf16."""
     if isinstance(layer, vae.ResnetBlock):
         return Int8DecoderResnetBlock
-    if isinstance(layer, vae.Upsample):
-        return Int8VAEUpsample
     if not isinstance(layer, nn.Conv2d) or name in ("conv_in", "conv_out") or isinstance(parent, vae.Upsample):
         return None
     return Int8Conv2d
 
 
-INT8_LAYERS = (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward, Int8Upsampling)
+INT8_LAYERS = (Int8Linear, Int8Conv2d, Int8Attention, Int8FeedForward)
 
 
 def packed_from(layer: nn.Module) -> tuple[Tensor, ...]:
@@ -548,8 +493,6 @@ def packed_from(layer: nn.Module) -> tuple[Tensor, ...]:
         return layer.to_q.weight, layer.to_k.weight, layer.to_v.weight
     if isinstance(layer, Int8FeedForward):
         return (layer.net[0].proj.weight,)
-    if isinstance(layer, Int8Upsampling):
-        return (layer.conv.weight,)
     return (layer.weight,)
 
 

@@ -46,33 +46,19 @@ MIN_SOURCE_PIXELS = 256
 FOLD_ON_DEVICES = ("cpu",)
 
 
-def foldable(conv: nn.Conv2d) -> bool:
-    """Whether the phase kernels compute conv after a 2x nearest upsample: a 3x3, stride-1, padding-1 one."""
-    return conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
-
-
-def folds(x: Tensor, conv: nn.Conv2d) -> bool:
-    """Whether upsample_conv computes conv(2x nearest upsample of x) folded: a foldable conv on a
-    map large enough, on a device where it pays."""
-    large = x.shape[-2] * x.shape[-1] >= MIN_SOURCE_PIXELS
-    return foldable(conv) and large and x.device.type in FOLD_ON_DEVICES
-
-
 def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, stride-1, padding-1 conv."""
-    if not folds(x, conv):
+    foldable = conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
+    small = x.shape[-2] * x.shape[-1] < MIN_SOURCE_PIXELS
+    if not foldable or small or x.device.type not in FOLD_ON_DEVICES:
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    b, _, h, w = x.shape
+    c_out = conv.out_channels
     kernels, bias = _folded(conv)
     # One 2x2 convolution computes all four phases at every position of the source padded
-    # by one pixel (padding inside the convolution: no padded copy of x).
-    return interleaved_phases(F.conv2d(x, kernels, bias, padding=1))
-
-
-def interleaved_phases(all_phases: Tensor) -> Tensor:
-    """The upsampled map from the phase kernels' convolution of the source padded by one pixel,
-    [B, 4 * C, H + 1, W + 1]: phase (row, col) of output pixel (2i + row, 2j + col) is channel
-    (2 * row + col) * C + c at (i + row, j + col)."""
-    b, c_out, h, w = all_phases.shape[0], all_phases.shape[1] // 4, all_phases.shape[2] - 1, all_phases.shape[3] - 1
+    # by one pixel (padding inside the convolution: no padded copy of x). Phase (row, col)
+    # of output pixel (2i + row, 2j + col) is channel (2 * row + col) * C + c at (i + row, j + col).
+    all_phases = F.conv2d(x, kernels, bias, padding=1)
     # Interleaving the phases is one copy: that address is linear in (c, i, row, j, col),
     # so a strided view of all_phases lists the output's elements in the output's order.
     s_b, s_c, s_h, s_w = all_phases.stride()
@@ -83,10 +69,7 @@ def interleaved_phases(all_phases: Tensor) -> Tensor:
     )
     # The output keeps the layout the convolution chose (channels-last when its weights are).
     out = torch.empty(
-        (b, c_out, 2 * h, 2 * w),
-        dtype=all_phases.dtype,
-        device=all_phases.device,
-        memory_format=memory_format_of(all_phases),
+        (b, c_out, 2 * h, 2 * w), dtype=all_phases.dtype, device=x.device, memory_format=memory_format_of(all_phases)
     )
     out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).copy_(phases_in_output_order)
     return out
