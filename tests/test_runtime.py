@@ -51,6 +51,31 @@ def test_upsample_conv_is_the_plain_map(monkeypatch, shape, channels_last):
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_in_bf16_packs_its_kernels_and_keeps_the_values(monkeypatch, channels_last):
+    """Outside autograd a bf16 CPU upsampling with the runtime's channels-last weights keeps its
+    phase kernels packed for oneDNN: the same values, bit for bit, as the plain kernels give (used
+    where autograd is on), for either layout of the input, and packed again once the weight
+    changes in place (a LoRA merged)."""
+    monkeypatch.setattr(diffuse.runtime.upsample, "MIN_SOURCE_PIXELS", 0)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1).bfloat16().requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 9, 7).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        with torch.no_grad():
+            got = upsample_conv(x, conv)
+        assert conv._phase_cache[1].is_mkldnn
+        with torch.enable_grad():  # frozen weights: the plain kernels, kept
+            plain = upsample_conv(x, conv)
+        assert not conv._phase_cache[1].is_mkldnn
+        assert torch.equal(got, plain)
+        exact = plain_upsample_conv(x.float(), copy.deepcopy(conv).float())
+        assert (got.float() - exact).norm() / exact.norm() < 0.01  # bf16's rounding, and the values are these
+        conv.weight.add_(0.5)  # an in-place change: packed again at the next call
+
+
 def test_upsample_conv_gradients_match():
     """The VAE trains through it: weights, bias and input get the same gradients."""
     torch.manual_seed(0)

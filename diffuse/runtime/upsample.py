@@ -58,7 +58,12 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     # One 2x2 convolution computes all four phases at every position of the source padded
     # by one pixel (padding inside the convolution: no padded copy of x). Phase (row, col)
     # of output pixel (2i + row, 2j + col) is channel (2 * row + col) * C + c at (i + row, j + col).
-    all_phases = F.conv2d(x, kernels, bias, padding=1)
+    if kernels.is_mkldnn:
+        all_phases = torch.ops.mkldnn._convolution_pointwise(
+            x, kernels, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+        )
+    else:
+        all_phases = F.conv2d(x, kernels, bias, padding=1)
     # Interleaving the phases is one copy: that address is linear in (c, i, row, j, col),
     # so a strided view of all_phases lists the output's elements in the output's order.
     s_b, s_c, s_h, s_w = all_phases.stride()
@@ -79,21 +84,36 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     """The phase kernels and repeated bias. Folding a large kernel costs about as much as the
     convolution, so for inference they are kept on the module until its weights change
     (in-place edits bump the tensor's version, loading replaces the tensor). Under autograd
-    they are folded on every call, so gradients flow to the 3x3 weights."""
+    they are folded on every call, so gradients flow to the 3x3 weights. Kept for bf16 on the
+    CPU outside autograd, they are packed in oneDNN's own layout (an opaque mkldnn tensor):
+    passed as a plain tensor, oneDNN repacked a copy of the kernels at every call."""
     weight, bias = conv.weight, conv.bias
     if torch.is_grad_enabled() and weight.requires_grad:
         return phase_kernels(weight), None if bias is None else bias.repeat(4)
+    packed = (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.is_contiguous(memory_format=torch.channels_last)  # the runtime's layout (inference_layout)
+        and not torch.is_grad_enabled()
+    )
     key = (
         weight.data_ptr(),
         weight._version,
         weight.dtype,
         weight.device,
         None if bias is None else (bias.data_ptr(), bias._version),
+        packed,
     )
     cached = getattr(conv, "_phase_cache", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
             kernels = phase_kernels(weight).contiguous(memory_format=memory_format_of(weight))
+            if packed:
+                # Packed for a 64x64 source; the layout it gets was the one the products took at every size tried.
+                example_input = [1, weight.shape[1], 64, 64]
+                kernels = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    kernels.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, example_input
+                )
             cached = (key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
     return cached[1], cached[2]
