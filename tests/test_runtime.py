@@ -66,13 +66,15 @@ def test_upsample_conv_in_bf16_packs_its_kernels_and_keeps_the_values(monkeypatc
     for _ in range(2):
         with torch.no_grad():
             got = upsample_conv(x, conv)
-        assert conv._phase_cache[1].is_mkldnn
+        assert conv._phase_cache.kernels.is_mkldnn
         with torch.enable_grad():  # frozen weights: the plain kernels, kept
             plain = upsample_conv(x, conv)
-        assert not conv._phase_cache[1].is_mkldnn
+        assert not conv._phase_cache.kernels.is_mkldnn
         assert torch.equal(got, plain)
         exact = plain_upsample_conv(x.float(), copy.deepcopy(conv).float())
         assert (got.float() - exact).norm() / exact.norm() < 0.01  # bf16's rounding, and the values are these
+        twin = copy.deepcopy(conv)  # a copy starts without the cache, which cannot be copied
+        assert twin._phase_cache is None and torch.equal(upsample_conv(x, twin), plain)
         conv.weight.add_(0.5)  # an in-place change: packed again at the next call
 
 

@@ -15,6 +15,8 @@ Rows of a 3x3 kernel w (columns alike), for output row 2i + phase:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,6 +82,22 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return out
 
 
+@dataclass
+class FoldedKernels:
+    """A convolution's phase kernels and repeated bias, kept on it as a cache: a copy or pickle of
+    the module starts without it (oneDNN's packed tensors can be neither copied nor pickled)."""
+
+    key: tuple
+    kernels: Tensor
+    bias: Tensor | None
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return type(None), ()
+
+
 def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     """The phase kernels and repeated bias. Folding a large kernel costs about as much as the
     convolution, so for inference they are kept on the module until its weights change
@@ -105,7 +123,7 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
         packed,
     )
     cached = getattr(conv, "_phase_cache", None)
-    if cached is None or cached[0] != key:
+    if cached is None or cached.key != key:
         with torch.no_grad():
             kernels = phase_kernels(weight).contiguous(memory_format=memory_format_of(weight))
             if packed:
@@ -114,6 +132,6 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
                 kernels = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     kernels.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, example_input
                 )
-            cached = (key, kernels, None if bias is None else bias.repeat(4))
+            cached = FoldedKernels(key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
-    return cached[1], cached[2]
+    return cached.kernels, cached.bias
