@@ -113,6 +113,7 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
         and weight.device.type == "cpu"
         and weight.is_contiguous(memory_format=torch.channels_last)  # the runtime's layout (inference_layout)
         and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
     )
     key = (
         weight.data_ptr(),
