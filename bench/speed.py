@@ -115,14 +115,23 @@ def peaks() -> dict[str, float]:
 
 
 @functools.cache
-def count_fused_linears() -> None:
-    """Teach torch's FLOP counter oneDNN's fused linear op (diffuse's bf16 linear layers and GEGLU),
-    which it does not know: 2 x rows x in x out, the epilogue's few operations per output not counted."""
+def count_onednn_ops() -> None:
+    """Teach torch's FLOP counter the oneDNN ops diffuse calls, which it does not know: the fused
+    linear op (bf16 linear layers and GEGLU), 2 x rows x in x out, and the convolution with a
+    packed weight (the folded upsampling), 2 x outputs x the weight's inputs per output; their
+    epilogues' few operations per output not counted."""
     from torch.utils.flop_counter import register_flop_formula
 
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * int(np.prod(x_shape)) * out_shape[-1]
+
+    @register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+    def convolution_flops(x_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
+        # (x, weight, bias, ...), or with a binary epilogue (x, other, weight, bias, ...)
+        binary = bool(args) and args[0] is not None and len(args[0]) == 4
+        w_shape = args[0] if binary else second_shape
+        return 2 * int(np.prod(out_shape)) * int(np.prod(w_shape[1:]))
 
 
 def count_flops(fn: Callable[[], object]) -> float:
@@ -134,7 +143,7 @@ def count_flops(fn: Callable[[], object]) -> float:
 
     from diffuse.kernels import attention as amx_attention
 
-    count_fused_linears()
+    count_onednn_ops()
     left = amx_attention.MAX_SCORES_LEFT
     amx_attention.MAX_SCORES_LEFT = float("inf")  # every attention to PyTorch's, for the count only
     try:
