@@ -78,6 +78,21 @@ def test_upsample_conv_in_bf16_packs_its_kernels_and_keeps_the_values(monkeypatc
         conv.weight.add_(0.5)  # an in-place change: packed again at the next call
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_small_maps_fold_with_packed_kernels_where_the_cpu_has_no_amx(monkeypatch, amx):
+    """Packed bf16 kernels folded faster than the plain path at every size on a CPU without AMX
+    (bench/RESULTS.md), so there small maps fold too; AMX hosts keep MIN_SOURCE_PIXELS."""
+    monkeypatch.setattr(diffuse.runtime.upsample, "cpu_has_amx", lambda: amx)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 8, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = upsample_conv(x, conv)
+        plain = plain_upsample_conv(x, conv)
+    assert (getattr(conv, "_phase_cache", None) is not None) == (not amx)
+    assert (got.float() - plain.float()).norm() / plain.float().norm() < 0.01
+
+
 def test_upsample_conv_gradients_match():
     """The VAE trains through it: weights, bias and input get the same gradients."""
     torch.manual_seed(0)

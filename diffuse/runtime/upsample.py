@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.unet import memory_format_of
+from diffuse.runtime.device import cpu_has_amx
 
 
 def _fold_rows(weight: Tensor, phase: int, dim: int) -> Tensor:
@@ -40,8 +41,8 @@ def phase_kernels(weight: Tensor) -> Tensor:
     return torch.cat(kernels).to(weight.dtype)
 
 
-# Below this many source pixels the 2x2 convolution's kernels run so far under the CPU's
-# peak that the plain path is faster (bench/RESULTS.md).
+# Below this many source pixels the 2x2 convolution's kernels ran so far under the CPU's
+# peak that the plain path was faster (bench/RESULTS.md: kernels not packed, on the AMX host).
 MIN_SOURCE_PIXELS = 256
 
 # Where the folding pays: on a GPU, cuDNN ran the plain path as fast or faster (bench/RESULTS.md).
@@ -51,7 +52,10 @@ FOLD_ON_DEVICES = ("cpu",)
 def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, stride-1, padding-1 conv."""
     foldable = conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
-    small = x.shape[-2] * x.shape[-1] < MIN_SOURCE_PIXELS
+    # With packed kernels, a CPU without AMX (Zen 4) folded faster than the plain path at every
+    # size measured, 1x1 sources included (bench/RESULTS.md); AMX hosts keep the threshold until measured.
+    anywhere = _packs(conv.weight) and not cpu_has_amx()
+    small = x.shape[-2] * x.shape[-1] < MIN_SOURCE_PIXELS and not anywhere
     if not foldable or small or x.device.type not in FOLD_ON_DEVICES:
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     b, _, h, w = x.shape
@@ -98,6 +102,17 @@ class FoldedKernels:
         return type(None), ()
 
 
+def _packs(weight: Tensor) -> bool:
+    """Whether the phase kernels of this weight are kept packed for oneDNN (_folded)."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.is_contiguous(memory_format=torch.channels_last)  # the runtime's layout (inference_layout)
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+    )
+
+
 def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     """The phase kernels and repeated bias. Folding a large kernel costs about as much as the
     convolution, so for inference they are kept on the module until its weights change
@@ -108,13 +123,7 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     weight, bias = conv.weight, conv.bias
     if torch.is_grad_enabled() and weight.requires_grad:
         return phase_kernels(weight), None if bias is None else bias.repeat(4)
-    packed = (
-        weight.dtype == torch.bfloat16
-        and weight.device.type == "cpu"
-        and weight.is_contiguous(memory_format=torch.channels_last)  # the runtime's layout (inference_layout)
-        and not torch.is_grad_enabled()
-        and torch.backends.mkldnn.is_available()
-    )
+    packed = _packs(weight)
     key = (
         weight.data_ptr(),
         weight._version,
