@@ -136,21 +136,23 @@ def count_onednn_ops() -> None:
 
 def count_flops(fn: Callable[[], object]) -> float:
     """FLOPs of one call. Attention runs on PyTorch's math backend here, whose matmuls the
-    counter sees (the fused CPU kernel and diffuse's AMX kernel are invisible to it); the count
-    is the same work."""
+    counter sees (the fused CPU kernel and diffuse's attention kernels are invisible to it, and
+    the explicit form pads some heads' values); the count is the same work."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffuse.kernels import attention as amx_attention
+    from diffuse.kernels import attention as attention_kernel
+    from diffuse.runtime import attention as runtime_attention
 
     count_onednn_ops()
-    left = amx_attention.MAX_SCORES_LEFT
-    amx_attention.MAX_SCORES_LEFT = float("inf")  # every attention to PyTorch's, for the count only
+    takes, has_amx = attention_kernel.takes, runtime_attention.cpu_has_amx
+    # every attention to PyTorch's, for the count only
+    attention_kernel.takes, runtime_attention.cpu_has_amx = (lambda *qkv: False), (lambda: True)
     try:
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             fn()
     finally:
-        amx_attention.MAX_SCORES_LEFT = left
+        attention_kernel.takes, runtime_attention.cpu_has_amx = takes, has_amx
     return counter.get_total_flops()
 
 

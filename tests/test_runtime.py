@@ -127,6 +127,7 @@ def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, m
     is the fused kernel."""
     monkeypatch.setattr(diffuse.runtime.attention, "MAX_SCORES", max_scores)
     monkeypatch.setattr(diffuse.runtime.attention, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(diffuse.runtime.attention.attention_kernel, "takes", lambda *qkv: False)
     if not softmax_kernel:
         monkeypatch.setattr(diffuse.kernels, "softmax_bf16_", lambda scores: False)
     torch.manual_seed(0)
@@ -143,6 +144,7 @@ def test_bf16_attention_is_the_fused_kernels_within_bf16_rounding(monkeypatch, m
 def test_bf16_attention_with_padded_values_is_the_same(monkeypatch, width):
     """Values padded with zero columns for a faster product give the same attention, unpadded."""
     monkeypatch.setattr(diffuse.runtime.attention, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(diffuse.runtime.attention.attention_kernel, "takes", lambda *qkv: False)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, n, 3 * width).unflatten(-1, (3, width)).transpose(1, 2).bfloat16() for n in (50, 24, 24))
     monkeypatch.setattr(diffuse.runtime.attention, "PADDED_VALUE_WIDTH", {})
@@ -155,8 +157,10 @@ def test_bf16_attention_with_padded_values_is_the_same(monkeypatch, width):
 
 @torch.no_grad()
 def test_bf16_attention_with_amx_is_the_fused_kernel(monkeypatch):
-    """Where the CPU has AMX the fused kernel runs on the tiles and the explicit form is not used."""
+    """Where the CPU has AMX, what diffuse's kernel leaves goes to PyTorch's fused kernel, which
+    runs on the tiles too, and the explicit form is not used."""
     monkeypatch.setattr(diffuse.runtime.attention, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(diffuse.runtime.attention.attention_kernel, "takes", lambda *qkv: False)
     monkeypatch.setattr(diffuse.kernels, "softmax_bf16_", lambda scores: pytest.fail("explicit form used"))
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, n, 3 * 8).unflatten(-1, (3, 8)).transpose(1, 2).bfloat16() for n in (50, 24, 24))

@@ -1,7 +1,8 @@
 """C kernels for what PyTorch's operations do slowly on this project's CPUs, compiled on
 first use with the machine's C compiler and loaded with ctypes.
 
-There are three: attention_amx.c, bf16 attention on CPUs with AMX (used through
+There are four: attention_amx.c, bf16 attention on CPUs with AMX, and attention_avx512.c, the
+same on CPUs with AVX512-BF16 but no AMX (one of the two is used, through
 diffuse.kernels.attention); softmax_bf16.c, a bf16 softmax for the attention elsewhere; and
 quantize_bf16.c, a bf16 tensor (or its LayerNorm, or its GroupNorm and SiLU) to 8 bits for
 the int8 layers, and their weights to int8 at load time (see each for why). Each is built once into the cache
@@ -32,7 +33,8 @@ from diffuse.user_cache import cache_folder
 
 SOURCE = Path(__file__).with_name("softmax_bf16.c")
 QUANTIZE_SOURCE = Path(__file__).with_name("quantize_bf16.c")
-ATTENTION_SOURCE = Path(__file__).with_name("attention_amx.c")
+AMX_ATTENTION_SOURCE = Path(__file__).with_name("attention_amx.c")
+AVX512_ATTENTION_SOURCE = Path(__file__).with_name("attention_avx512.c")
 # -fopenmp: the kernel's threads. Its libgomp.so.1 resolves to the copy PyTorch already
 # loaded (same soname), so both share one OpenMP runtime and one pool of threads.
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -170,10 +172,23 @@ def load_quantize() -> tuple[ctypes.CDLL, Path]:
 
 
 def load_attention() -> tuple[ctypes.CDLL, Path]:
-    loaded, library = load_kernel(ATTENTION_SOURCE, "AMX-BF16 (and Linux's permission to use AMX) beside AVX512-BF16")
-    loaded.attention_amx.restype = None
-    loaded.attention_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
-    loaded.attention_amx.argtypes += [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    """The AMX attention kernel where the CPU has AMX, else the AVX512-BF16 one; KernelUnavailable
+    gives both reasons where neither can be used. The library's `kind` says which it is."""
+    try:
+        loaded, library = load_kernel(
+            AMX_ATTENTION_SOURCE, "AMX-BF16 (and Linux's permission to use AMX) beside AVX512-BF16"
+        )
+        loaded.kind, entry = "amx", loaded.attention_amx
+    except KernelUnavailable as no_amx:
+        try:
+            loaded, library = load_kernel(AVX512_ATTENTION_SOURCE, "AVX512-BF16")
+        except KernelUnavailable as no_avx512:
+            raise KernelUnavailable(f"the AMX one: {no_amx}; the AVX512-BF16 one: {no_avx512}") from None
+        loaded.kind, entry = "avx512", loaded.attention_avx512
+    entry.restype = None
+    entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
+    entry.argtypes += [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    loaded.attention_bf16 = entry
     return loaded, library
 
 
@@ -205,11 +220,11 @@ def _quantize_kernel() -> tuple[ctypes.CDLL | None, str]:
 @functools.cache
 def _attention_kernel() -> tuple[ctypes.CDLL | None, str]:
     """load_attention's answer for this process (a build is tried once)."""
-    return first_load(load_attention, "bf16 AMX attention")
+    return first_load(load_attention, "bf16 attention")
 
 
 def attention_library() -> ctypes.CDLL | None:
-    """The AMX attention kernel (diffuse.kernels.attention calls it), or None where it is not used."""
+    """The attention kernel (diffuse.kernels.attention calls it), or None where none is used."""
     return _attention_kernel()[0]
 
 

@@ -1,14 +1,16 @@
-"""Attention in bf16 on the CPU: diffuse's AMX kernel, or two plain matmuls and a softmax per
-head (or group of heads).
+"""Attention in bf16 on the CPU: one of diffuse's C kernels, or two plain matmuls and a softmax
+per head (or group of heads).
 
 With AMX, attention with heads up to 160 wide (all of SD1.5's, SD2's and SDXL's) and more than
-256 x 256 scores per head runs in diffuse.kernels.attention's C kernel, which was faster than
-PyTorch's fused kernel on those shapes (bench/RESULTS.md); the smallest stay with the fused
-kernel, which computes its products on the tiles too. On a CPU without AMX, PyTorch's
-fused kernel runs far under the bf16 matmul peak on SD's 40-wide heads, and the explicit form
-was faster on every SD1.5 shape measured. The explicit form's scores are rounded to bf16
-before the softmax, so it is less exact than the fused kernel, which stays the path for
-float32 (the exact one), for GPUs and under autograd.
+256 x 256 scores per head runs in diffuse's AMX kernel, which was faster than PyTorch's fused
+kernel on those shapes (bench/RESULTS.md); the smallest stay with the fused kernel, which
+computes its products on the tiles too. On a CPU without AMX but with AVX512-BF16, the same
+heads run in diffuse's AVX512-BF16 kernel, faster than the explicit form below at every SD
+shape measured. Elsewhere (wider heads, such as the VAE's one of 512; CPUs without AVX512-BF16)
+PyTorch's fused kernel runs far under the bf16 matmul peak on SD's 40-wide heads, and the
+explicit form was faster on every SD1.5 shape measured. The explicit form's scores are rounded
+to bf16 before the softmax, so it is less exact than the fused kernels, and PyTorch's stays the
+path for float32 (the exact one), for GPUs and under autograd.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from diffuse import kernels
-from diffuse.kernels import attention as amx_attention
+from diffuse.kernels import attention as attention_kernel
 from diffuse.runtime.device import cpu_has_amx
 
 # The most query x key scores one head's matmul makes at a time (4 MB in bf16): longer
@@ -37,8 +39,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     and values (any strides), as [B, heads, N, d_v]; the softmax is diffuse.kernels' C
     kernel where this machine builds it, since PyTorch's spends its time on float32-exact
     exps for a bf16 result."""
-    if amx_attention.takes(q, k, v):
-        return amx_attention.attention_bf16(q, k, v)
+    if attention_kernel.takes(q, k, v):
+        return attention_kernel.attention_bf16(q, k, v)
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or cpu_has_amx():
         return F.scaled_dot_product_attention(q, k, v)
     batch, heads, n, d = q.shape
