@@ -1,6 +1,7 @@
 """The C kernels: the bf16 softmax against float32's within one bf16 rounding, its edge
 values, and how building them fails or is reused."""
 
+import ctypes
 import functools
 import shutil
 import subprocess
@@ -114,6 +115,18 @@ def test_a_built_kernel_is_reused_and_a_changed_source_rebuilt(tmp_path, monkeyp
     source.write_text("int answer(void) { return 43; }\n")
     with pytest.raises(AssertionError, match="compiled again"):
         kernels.build(source, tmp_path / "cache", "cc")
+
+
+@needs_compiler
+def test_a_changed_header_beside_the_source_rebuilds_it(tmp_path, monkeypatch):
+    source, header = tmp_path / "k.c", tmp_path / "shared.h"
+    header.write_text("#define ANSWER 42\n")
+    source.write_text('#include "shared.h"\nint answer(void) { return ANSWER; }\n')
+    built = kernels.build(source, tmp_path / "cache", "cc")
+    assert ctypes.CDLL(str(built)).answer() == 42
+    header.write_text("#define ANSWER 43\n")
+    rebuilt = kernels.build(source, tmp_path / "cache", "cc")
+    assert rebuilt != built and ctypes.CDLL(str(rebuilt)).answer() == 43
 
 
 def test_turned_off_by_the_environment(monkeypatch):

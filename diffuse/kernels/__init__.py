@@ -46,9 +46,11 @@ class KernelUnavailable(Exception):
 
 
 def build(source: Path, folder: Path, compiler: str) -> Path:
-    """The shared library compiled from `source` into `folder` (reused if built before),
-    written atomically so a concurrent process never loads half a file."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    """The shared library compiled from `source` into `folder` (reused if built before: its name
+    hashes the source, the headers beside it, which it may include, and the flags), written
+    atomically so a concurrent process never loads half a file."""
+    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode() + platform.machine().encode())
     library = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library

@@ -5,8 +5,8 @@
    between them (bench/RESULTS.md): it rescales its output for every block of keys and computes
    each exp to float32 accuracy for a bf16 result. Here, for each block of 16 queries:
    - the scores of 32 keys at a time land in two 16x16 float32 tiles, stored to a small buffer;
-   - each row's exp(score - running max) is taken with a cubic for 2^frac (relative error
-     1.7e-4, a 24th of bf16's rounding) and rounded to bf16, while the tiles already compute
+   - each row's exp(score - running max) is taken with a cubic for 2^frac (exp2_cubic.h;
+     relative error 1.7e-4, a 24th of bf16's rounding) and rounded to bf16, while the tiles already compute
      the next block's scores;
    - those bf16 rows times the values accumulate in float32 output tiles, the first four of
      which stay in the tile registers from the first block of keys to the last (a head wider
@@ -34,6 +34,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "exp2_cubic.h"
+
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -57,19 +59,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } TileConfig;
-
-/* 2^t for finite t <= 64 (NaN stays NaN): 2^floor(t) * 2^frac(t), the fraction's power from a
-   cubic fitted for relative error on [0, 1) (1.7e-4 at most, a 24th of bf16's rounding); far
-   below 0 the power of 2 underflows to 0. */
-AMX static inline __m512 exp2_approx(__m512 t) {
-    __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 frac = _mm512_sub_ps(t, whole);
-    __m512 p = _mm512_set1_ps(0.07632546f);
-    p = _mm512_fmadd_ps(p, frac, _mm512_set1_ps(0.22830825f));
-    p = _mm512_fmadd_ps(p, frac, _mm512_set1_ps(0.69503617f));
-    p = _mm512_fmadd_ps(p, frac, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, whole);
-}
 
 /* Packs one head's keys as AMX B tiles for q k^T and its values as B tiles for p v.
    kp: [blocks][dp/32][2][16 pairs][16 keys][2]; vp: [blocks][dv/16][16 pairs][16 dims][2]. */

@@ -9,8 +9,8 @@
    - each register holds one key's scores for the 16 queries, summed over the head's width two
      values at a time by vdpbf16ps (the keys' pairs broadcast to every lane);
    - with a query in every lane, the softmax's running maximum, its exp and its sum are plain
-     vector operations, no reduction across lanes; the exp is a cubic for 2^frac (relative
-     error 1.7e-4, a 24th of bf16's rounding);
+     vector operations, no reduction across lanes; the exp is exp2_cubic.h's, to the accuracy
+     bf16 keeps;
    - two keys' weights, rounded to bf16 and interleaved, multiply the values' pairs of those keys
      (broadcast) into the output, kept transposed (one vector per output column) in a small
      float32 buffer.
@@ -31,6 +31,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "exp2_cubic.h"
+
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define MAX_WIDTH 160
 #define KEYS 32     /* keys per block: two halves of 16 scores, then their 16 pairs times the values */
@@ -40,18 +42,6 @@ int cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
-
-/* 2^t for finite t <= 64 (NaN stays NaN): 2^floor(t) * 2^frac(t), the fraction's power from a
-   cubic fitted for relative error on [0, 1) (1.7e-4 at most); far below 0 it underflows to 0. */
-AVX512_BF16 static inline __m512 exp2_approx(__m512 t) {
-    __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 frac = _mm512_sub_ps(t, whole);
-    __m512 p = _mm512_set1_ps(0.07632546f);
-    p = _mm512_fmadd_ps(p, frac, _mm512_set1_ps(0.22830825f));
-    p = _mm512_fmadd_ps(p, frac, _mm512_set1_ps(0.69503617f));
-    p = _mm512_fmadd_ps(p, frac, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, whole);
 }
 
 static inline uint32_t pair(uint16_t low, uint16_t high) { return (uint32_t)low | (uint32_t)high << 16; }
@@ -64,8 +54,8 @@ static void pack_head(const uint16_t *k, const uint16_t *v, int64_t ks, int64_t 
     const int64_t d2 = (d + 1) / 2;
     for (int64_t j = 0; j < mp; j++)
         for (int64_t c = 0; c < d2; c++) {
-            const uint16_t *row = k + j * ks;
-            kp[(j / 16 * d2 + c) * 16 + j % 16] = j >= m ? 0 : pair(row[2 * c], 2 * c + 1 < d ? row[2 * c + 1] : 0);
+            const uint16_t low = j < m ? k[j * ks + 2 * c] : 0, high = j < m && 2 * c + 1 < d ? k[j * ks + 2 * c + 1] : 0;
+            kp[(j / 16 * d2 + c) * 16 + j % 16] = pair(low, high);
         }
     for (int64_t p = 0; p < mp / 2; p++)
         for (int64_t c = 0; c < d; c++) {

@@ -29,7 +29,8 @@ from diffuse.runtime.device import cpu_has_amx
 MAX_SCORES = 2**21
 
 # Value widths whose product with the scores ran faster padded with zero columns to the width
-# beside them (SD1.5's 40- and 80-wide heads on AVX-512 without AMX, bench/RESULTS.md); the
+# beside them (SD1.5's 40- and 80-wide heads on Zen 4, measured before its attention kernel, so
+# now for CPUs with AVX-512 but no BF16, or with the kernels off; bench/RESULTS.md); the
 # padding's columns of the output are dropped, so the result is the same.
 PADDED_VALUE_WIDTH = {40: 48, 80: 96}
 
