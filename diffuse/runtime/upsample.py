@@ -54,13 +54,13 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     foldable = conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
     # With packed kernels, a CPU without AMX (Zen 4) folded faster than the plain path at every
     # size measured, 1x1 sources included (bench/RESULTS.md); AMX hosts keep the threshold until measured.
-    anywhere = _packs(conv.weight) and not cpu_has_amx()
-    small = x.shape[-2] * x.shape[-1] < MIN_SOURCE_PIXELS and not anywhere
+    packs = _packs(conv.weight)
+    small = x.shape[-2] * x.shape[-1] < MIN_SOURCE_PIXELS and not (packs and not cpu_has_amx())
     if not foldable or small or x.device.type not in FOLD_ON_DEVICES:
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     b, _, h, w = x.shape
     c_out = conv.out_channels
-    kernels, bias = _folded(conv)
+    kernels, bias = _folded(conv, packs)
     # One 2x2 convolution computes all four phases at every position of the source padded
     # by one pixel (padding inside the convolution: no padded copy of x). Phase (row, col)
     # of output pixel (2i + row, 2j + col) is channel (2 * row + col) * C + c at (i + row, j + col).
@@ -103,7 +103,7 @@ class FoldedKernels:
 
 
 def _packs(weight: Tensor) -> bool:
-    """Whether the phase kernels of this weight are kept packed for oneDNN (_folded)."""
+    """Whether the phase kernels of this weight are kept packed for oneDNN (_folded's `packed`)."""
     return (
         weight.dtype == torch.bfloat16
         and weight.device.type == "cpu"
@@ -113,7 +113,7 @@ def _packs(weight: Tensor) -> bool:
     )
 
 
-def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
+def _folded(conv: nn.Conv2d, packed: bool) -> tuple[Tensor, Tensor | None]:
     """The phase kernels and repeated bias. Folding a large kernel costs about as much as the
     convolution, so for inference they are kept on the module until its weights change
     (in-place edits bump the tensor's version, loading replaces the tensor). Under autograd
@@ -123,7 +123,6 @@ def _folded(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     weight, bias = conv.weight, conv.bias
     if torch.is_grad_enabled() and weight.requires_grad:
         return phase_kernels(weight), None if bias is None else bias.repeat(4)
-    packed = _packs(weight)
     key = (
         weight.data_ptr(),
         weight._version,
